@@ -1,0 +1,48 @@
+"""A small cache for values derived from tensors (tile plans, packed masks, validated groups).
+
+Entries are keyed by the identity of the source tensors and remembered with their version
+counters, so an in-place change or a new tensor at a recycled address never returns a stale
+value. Under ``torch.compile`` tracing nothing is cached (tensors are fakes); the value is
+recomputed inside the graph instead.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class TensorMemo:
+    def __init__(self, max_entries: int = 64):
+        self._entries: OrderedDict = OrderedDict()
+        self._max_entries = max_entries
+
+    def get(self, sources: Sequence[torch.Tensor | None], extra: Hashable,
+            compute: Callable[[], T]) -> T:
+        if torch.compiler.is_compiling():
+            return compute()
+        key = (tuple(id(t) for t in sources), extra)
+        versions = tuple(None if t is None else t._version for t in sources)
+        entry = self._entries.get(key)
+        if entry is not None:
+            refs, cached_versions, value = entry
+            alive = all((r is None and t is None) or (r is not None and r() is t)
+                        for r, t in zip(refs, sources, strict=True))
+            if alive and cached_versions == versions:
+                self._entries.move_to_end(key)
+                return value
+        value = compute()
+        refs = tuple(None if t is None else weakref.ref(t) for t in sources)
+        self._entries[key] = (refs, versions, value)
+        if len(self._entries) > self._max_entries:
+            self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()

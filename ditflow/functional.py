@@ -1,0 +1,171 @@
+"""The public op: :func:`flow_attention`."""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import ops
+from ._memo import TensorMemo
+from .rules import MAX_GROUPS, FlowRules
+
+_checked_groups = TensorMemo()
+_packed_masks = TensorMemo()
+
+
+class FlowAttentionOutput(NamedTuple):
+    """``out`` [B, Nq, H, D]; ``lse`` [B, H, Nq] fp32 (natural log) when asked;
+    ``mass`` [B, H, Nq, G] fp32 when asked."""
+
+    out: Tensor
+    lse: Tensor | None
+    mass: Tensor | None
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The implementation to run: the argument, else ``DITFLOW_BACKEND``, else the best for
+    the device (Triton on CUDA, the reference on CPU)."""
+    name = backend or os.environ.get("DITFLOW_BACKEND") or (
+        "triton" if device.type == "cuda" else "reference")
+    if name not in ops.BACKENDS:
+        raise ValueError(f"backend={name!r}: expected one of {', '.join(ops.BACKENDS)}")
+    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' with CPU tensors runs the kernels in Triton's "
+                         "interpreter: set TRITON_INTERPRET=1 before importing ditflow")
+    if name == "triton" and device.type not in ("cuda", "cpu"):
+        raise ValueError(f"backend='triton' does not run on {device.type} tensors")
+    return name
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected shape [B, N, H, D], got {tuple(t.shape)}")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, "
+                            f"got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    b, _, h, d = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[0] != b or t.shape[2] != h or t.shape[3] != d:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not match q {tuple(q.shape)} "
+                             "in batch, heads or head_dim ([B, N, H, D])")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v differ in length: {k.shape[1]} vs {v.shape[1]}")
+    if not 1 <= d <= 256:
+        raise ValueError(f"head_dim {d} is not supported (1..256)")
+
+
+def _normalise_groups(name: str, groups: Tensor, batch: int, n: int, num_groups: int,
+                      device: torch.device) -> Tensor:
+    if not isinstance(groups, Tensor):
+        raise TypeError(f"{name}: expected an integer tensor [N] or [B, N], "
+                        f"got {type(groups).__name__}")
+    if groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer dtype, got {groups.dtype}")
+    if groups.device != device:
+        raise ValueError(f"{name} is on {groups.device} but q is on {device}")
+    if groups.dim() == 1:
+        groups = groups.unsqueeze(0)
+    if groups.dim() != 2 or groups.shape[1] != n or groups.shape[0] not in (1, batch):
+        raise ValueError(f"{name}: expected shape [{n}] or [1 or {batch}, {n}], "
+                         f"got {tuple(groups.shape)}")
+
+    def checked() -> Tensor:
+        if not torch.compiler.is_compiling():
+            low, high = torch.stack([groups.min(), groups.max()]).tolist()
+            if low < 0 or high >= num_groups:
+                raise ValueError(f"{name}: group ids span [{low}, {high}] but the rules have "
+                                 f"{num_groups} groups (ids must be in [0, {num_groups}))")
+        return groups.to(torch.int32).contiguous()
+
+    return _checked_groups.get((groups,), num_groups, checked)
+
+
+def _pack_mask(pair_mask: Tensor, batch: int, nq: int, nk: int, device) -> Tensor:
+    if not isinstance(pair_mask, Tensor) or pair_mask.dtype != torch.bool:
+        raise TypeError("pair_mask: expected a bool tensor [Nq, Nk] or [B, Nq, Nk] "
+                        "(True = blocked)")
+    if pair_mask.device != device:
+        raise ValueError(f"pair_mask is on {pair_mask.device} but q is on {device}")
+    mask = pair_mask.unsqueeze(0) if pair_mask.dim() == 2 else pair_mask
+    if mask.dim() != 3 or mask.shape[1:] != (nq, nk) or mask.shape[0] not in (1, batch):
+        raise ValueError(f"pair_mask: expected shape [{nq}, {nk}] or [1 or {batch}, {nq}, {nk}],"
+                         f" got {tuple(pair_mask.shape)}")
+    return _packed_masks.get((pair_mask,), None, lambda: ops.pack_pair_mask(mask))
+
+
+def flow_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_groups: Tensor | None = None,
+    k_groups: Tensor | None = None,
+    rules: FlowRules | None = None,
+    pair_mask: Tensor | None = None,
+    scale: float | None = None,
+    return_lse: bool = False,
+    return_mass: bool = False,
+    backend: str | None = None,
+) -> FlowAttentionOutput:
+    """Attention with group rules and attention statistics, differentiable in q, k, v.
+
+    Args:
+        q: [B, Nq, H, D]; k, v: [B, Nk, H, D]; fp16, bf16, fp32 (fp64 on the reference).
+            Any strides.
+        q_groups, k_groups: integer group id of every token, [N] or [B, N], in [0, G).
+            ``k_groups`` defaults to ``q_groups`` when Nq == Nk (joint self-attention).
+            Without groups every token is in group 0.
+        rules: :class:`FlowRules` with G groups (G <= 16); None = plain attention, G = 1.
+            Use ``FlowRules(num_groups=G)`` to get per-group mass without changing attention.
+        pair_mask: bool [Nq, Nk] or [B, Nq, Nk], True blocks the pair (query i, key j).
+        scale: softmax scale tau; default 1/sqrt(D).
+        return_lse, return_mass: also return the row log-sum-exp / the per-group mass.
+        backend: ``"triton"`` or ``"reference"``; default ``DITFLOW_BACKEND`` or the best
+            for the device.
+
+    For query i (group a) and key j (group b)::
+
+        s'_ij = scale[a,b] * tau * <q_i, k_j> + bias[a,b]     (-inf if the pair is blocked)
+        P_ij  = softmax_j(s'_ij);  w_ij = weight[a,b] * P_ij   (no renormalisation)
+        out_i = sum_j w_ij v_j;    lse_i = log sum_j exp(s'_ij)
+        mass_ic = sum over keys j of group c of w_ij
+
+    A row with every key blocked gives out = 0, mass = 0, lse = -inf and zero gradients.
+    """
+    _check_qkv(q, k, v)
+    batch, nq, heads, head_dim = q.shape
+    nk = k.shape[1]
+    if rules is not None and not isinstance(rules, FlowRules):
+        raise TypeError(f"rules: expected FlowRules, got {type(rules).__name__}")
+    num_groups = 1 if rules is None else rules.num_groups
+    if num_groups > MAX_GROUPS:
+        raise ValueError(f"{num_groups} groups; ditflow supports at most {MAX_GROUPS}")
+    if rules is not None and rules.num_heads not in (1, heads):
+        raise ValueError(f"rules are per head for {rules.num_heads} heads but q has {heads}")
+    if k_groups is None and q_groups is not None:
+        if nq != nk:
+            raise ValueError("k_groups is required when Nq != Nk (cross-attention)")
+        k_groups = q_groups
+    if q_groups is None and k_groups is not None:
+        raise ValueError("q_groups is required when k_groups is given")
+    if q_groups is not None:
+        q_groups = _normalise_groups("q_groups", q_groups, batch, nq, num_groups, q.device)
+        k_groups = _normalise_groups("k_groups", k_groups, batch, nk, num_groups, q.device)
+    pair_bits = None if pair_mask is None else _pack_mask(pair_mask, batch, nq, nk, q.device)
+    tables = (None, None, None) if rules is None else rules.tables_on(q.device)
+    name = resolve_backend(backend, q.device)
+    if scale is None:
+        scale = head_dim**-0.5
+    out, lse, mass = ops.flow_attention_fwd(
+        q, k, v, q_groups, k_groups, *tables, pair_bits, float(scale), num_groups, return_mass,
+        name)
+    return FlowAttentionOutput(out, lse if return_lse else None, mass if return_mass else None)

@@ -1,0 +1,206 @@
+"""Registered torch.library ops for flow attention, their fake impls and autograd.
+
+``ditflow::flow_attention_fwd`` / ``ditflow::flow_attention_bwd`` are opaque custom ops, so
+``torch.compile`` treats them as single nodes on CPU and GPU alike. Each picks its
+implementation from the ``backend`` argument:
+
+* ``triton``: the fused kernels in ``ditflow.kernels`` (CUDA tensors, or CPU tensors under
+  ``TRITON_INTERPRET=1``);
+* ``reference``: :mod:`ditflow.reference` computed in fp32 (at least).
+
+Inputs arrive validated and normalised by :mod:`ditflow.functional`: groups int32
+``[1 or B, N]``, tables fp32 ``[1 or H, G, G]``, the pair mask packed to int32 bits
+``[1 or B, Nq, ceil(Nk/32)]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+from ._memo import TensorMemo
+
+BACKENDS = ("triton", "reference")
+
+_plans = TensorMemo(max_entries=128)
+
+
+def unpack_pair_bits(bits: Tensor, nk: int) -> Tensor:
+    """int32 [P, Nq, ceil(Nk/32)] -> bool [P, Nq, Nk] (True = blocked)."""
+    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :nk].bool()
+
+
+def pack_pair_mask(mask: Tensor) -> Tensor:
+    """bool [P, Nq, Nk] -> int32 [P, Nq, ceil(Nk/32)], bit j%32 of word j//32 = key j."""
+    nk = mask.shape[-1]
+    words = -(-nk // 32)
+    padded = torch.zeros(*mask.shape[:-1], words * 32, dtype=torch.int32, device=mask.device)
+    padded[..., :nk] = mask.to(torch.int32)
+    shifts = torch.arange(32, device=mask.device, dtype=torch.int32)
+    return (padded.view(*mask.shape[:-1], words, 32) << shifts).sum(-1, dtype=torch.int32)
+
+
+# ------------------------------------------------------------------------------------------------
+# triton path
+# ------------------------------------------------------------------------------------------------
+
+
+def _kernels():
+    try:
+        from . import kernels
+    except ImportError as exc:  # triton missing (not Linux) or a broken install
+        raise RuntimeError(
+            "backend='triton' needs the Triton kernels (pip install triton); "
+            f"importing ditflow.kernels failed: {exc}") from exc
+    return kernels
+
+
+def _unit_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _flow_inputs(kernels, num_groups, q_groups, k_groups, scale, bias, weight, pair_bits):
+    return kernels.FlowInputs(num_groups, q_groups, k_groups, scale, bias, weight, pair_bits)
+
+
+def _plan(kernels, inputs, nq: int, nk: int, cfg, device):
+    sources = (inputs.q_groups, inputs.k_groups, inputs.bias, inputs.pair_bits)
+    extra = (nq, nk, cfg.block_m, cfg.block_n, str(device))
+    return _plans.get(sources, extra, lambda: kernels.plan_for(inputs, nq, nk, cfg, device))
+
+
+def _triton_forward(q, k, v, inputs, softmax_scale, return_mass):
+    kernels = _kernels()
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    configs = kernels.select_configs(q.shape[-1], q.dtype, q.device)
+    plan = _plan(kernels, inputs, q.shape[1], k.shape[1], configs.forward, q.device)
+    return kernels.flow_attention_forward(q, k, v, inputs, softmax_scale, return_mass, plan,
+                                          configs.forward)
+
+
+def _triton_backward(dout, dlse, dmass, q, k, v, out, lse, mass, inputs, softmax_scale):
+    kernels = _kernels()
+    q, k, v, dout = _unit_stride(q), _unit_stride(k), _unit_stride(v), _unit_stride(dout)
+    configs = kernels.select_configs(q.shape[-1], q.dtype, q.device)
+    nq, nk = q.shape[1], k.shape[1]
+    dkdv_plan = _plan(kernels, inputs, nq, nk, configs.backward_dkdv, q.device)
+    dq_plan = _plan(kernels, inputs, nq, nk, configs.backward_dq, q.device)
+    return kernels.flow_attention_backward(dout, dlse, dmass, q, k, v, out, lse, mass, inputs,
+                                           softmax_scale, dkdv_plan, dq_plan, configs)
+
+
+# ------------------------------------------------------------------------------------------------
+# reference path
+# ------------------------------------------------------------------------------------------------
+
+
+def _upcast(*tensors):
+    return [t if t is None or t.dtype == torch.float64 else t.float() for t in tensors]
+
+
+def _reference_kwargs(q_groups, k_groups, scale, bias, weight, pair_bits, nk, softmax_scale,
+                      num_groups):
+    return dict(
+        q_groups=q_groups, k_groups=k_groups, scale_table=scale, bias_table=bias,
+        weight_table=weight,
+        pair_mask=None if pair_bits is None else unpack_pair_bits(pair_bits, nk),
+        softmax_scale=softmax_scale, num_groups=num_groups,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# the ops
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("ditflow::flow_attention_fwd", mutates_args=())
+def flow_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor,
+    q_groups: Tensor | None, k_groups: Tensor | None,
+    scale_table: Tensor | None, bias_table: Tensor | None, weight_table: Tensor | None,
+    pair_bits: Tensor | None,
+    softmax_scale: float, num_groups: int, return_mass: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (out [B,Nq,H,D], lse [B,H,Nq] fp32, mass [B,H,Nq,G] fp32 or an empty tensor)."""
+    if backend == "triton":
+        inputs = _flow_inputs(_kernels(), num_groups, q_groups, k_groups, scale_table,
+                              bias_table, weight_table, pair_bits)
+        return _triton_forward(q, k, v, inputs, softmax_scale, return_mass)
+    qf, kf, vf = _upcast(q, k, v)
+    out, lse, mass = reference.flow_attention_reference(
+        qf, kf, vf, return_mass=return_mass,
+        **_reference_kwargs(q_groups, k_groups, scale_table, bias_table, weight_table, pair_bits,
+                            k.shape[1], softmax_scale, num_groups))
+    empty = lse.new_empty(0, dtype=torch.float32)
+    return (out.to(q.dtype), lse.float(), mass.float() if return_mass else empty)
+
+
+@flow_attention_fwd.register_fake
+def _(q, k, v, q_groups, k_groups, scale_table, bias_table, weight_table, pair_bits,
+      softmax_scale, num_groups, return_mass, backend):
+    batch, nq, heads, _ = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = q.new_empty(batch, heads, nq, dtype=torch.float32)
+    mass = (q.new_empty(batch, heads, nq, num_groups, dtype=torch.float32) if return_mass
+            else q.new_empty(0, dtype=torch.float32))
+    return out, lse, mass
+
+
+@torch.library.custom_op("ditflow::flow_attention_bwd", mutates_args=())
+def flow_attention_bwd(
+    dout: Tensor, dlse: Tensor | None, dmass: Tensor | None,
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mass: Tensor | None,
+    q_groups: Tensor | None, k_groups: Tensor | None,
+    scale_table: Tensor | None, bias_table: Tensor | None, weight_table: Tensor | None,
+    pair_bits: Tensor | None,
+    softmax_scale: float, num_groups: int, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv) given dO and the optional LSE / mass cotangents."""
+    dout = dout.to(q.dtype)
+    if backend == "triton":
+        inputs = _flow_inputs(_kernels(), num_groups, q_groups, k_groups, scale_table,
+                              bias_table, weight_table, pair_bits)
+        return _triton_backward(dout, dlse, dmass, q, k, v, out, lse, mass, inputs,
+                                softmax_scale)
+    qf, kf, vf, doutf = _upcast(q, k, v, dout)
+    dq, dk, dv = reference.flow_attention_reference_backward(
+        doutf, dlse, dmass, qf, kf, vf,
+        **_reference_kwargs(q_groups, k_groups, scale_table, bias_table, weight_table, pair_bits,
+                            k.shape[1], softmax_scale, num_groups))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@flow_attention_bwd.register_fake
+def _(dout, dlse, dmass, q, k, v, out, lse, mass, q_groups, k_groups, scale_table, bias_table,
+      weight_table, pair_bits, softmax_scale, num_groups, backend):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, q_groups, k_groups, scale_table, bias_table, weight_table, pair_bits,
+     softmax_scale, num_groups, return_mass, backend) = inputs
+    out, lse, mass = output
+    ctx.save_for_backward(q, k, v, out, lse, mass, q_groups, k_groups, scale_table, bias_table,
+                          weight_table, pair_bits)
+    ctx.softmax_scale = softmax_scale
+    ctx.num_groups = num_groups
+    ctx.return_mass = return_mass
+    ctx.backend = backend
+
+
+def _backward(ctx, dout, dlse, dmass):
+    (q, k, v, out, lse, mass, q_groups, k_groups, scale_table, bias_table, weight_table,
+     pair_bits) = ctx.saved_tensors
+    if not ctx.return_mass:
+        dmass, mass = None, None
+    dq, dk, dv = flow_attention_bwd(
+        dout, dlse, dmass, q, k, v, out, lse, mass, q_groups, k_groups, scale_table,
+        bias_table, weight_table, pair_bits, ctx.softmax_scale, ctx.num_groups, ctx.backend)
+    return (dq, dk, dv) + (None,) * 10
+
+
+flow_attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,174 @@
+"""FlowRules: what flows between token groups, as three small tables.
+
+For a query in group ``a`` and a key in group ``b`` (optionally per head ``h``):
+
+* ``scale[h, a, b]`` multiplies the logit (default 1),
+* ``bias[h, a, b]`` is added to the logit (default 0; ``-inf`` blocks the pair),
+* ``weight[h, a, b]`` multiplies the softmax probability afterwards, without renormalising
+  (default 1).
+
+Rules are immutable; the readable constructors return new rules::
+
+    rules = (FlowRules(num_groups=3)
+             .block(src=TARGET, dst=CONTEXT)          # target queries never see context keys
+             .scale_logits(src=TARGET, dst=TEXT, factor=1.2)
+             .weight_probs(src=[TEXT, TARGET], dst=CONTEXT, factor=0.2))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+MAX_GROUPS = 16
+
+Groups = int | Iterable[int]
+Heads = int | Iterable[int] | None
+
+
+def _as_index(groups: Groups, limit: int, what: str) -> list[int]:
+    items = [groups] if isinstance(groups, int) else list(groups)
+    for g in items:
+        if not isinstance(g, int) or not 0 <= g < limit:
+            raise ValueError(f"{what}={groups!r}: expected group ids in [0, {limit})")
+    return items
+
+
+def _check_table(name: str, table: torch.Tensor) -> torch.Tensor:
+    if not isinstance(table, torch.Tensor):
+        raise TypeError(f"FlowRules {name}: expected a tensor of shape [G, G] or [H, G, G], "
+                        f"got {type(table).__name__}")
+    if not table.is_floating_point():
+        raise TypeError(f"FlowRules {name}: expected a floating tensor, got {table.dtype}")
+    if table.dim() not in (2, 3) or table.shape[-1] != table.shape[-2]:
+        raise ValueError(f"FlowRules {name}: expected shape [G, G] or [H, G, G], "
+                         f"got {tuple(table.shape)}")
+    table = table.detach().to("cpu", torch.float32).reshape(-1, *table.shape[-2:]).contiguous()
+    if torch.isnan(table).any():
+        raise ValueError(f"FlowRules {name}: contains NaN")
+    if name == "bias":
+        if (table == float("inf")).any():
+            raise ValueError("FlowRules bias: +inf is not allowed (use -inf to block a pair)")
+    elif not torch.isfinite(table).all():
+        raise ValueError(f"FlowRules {name}: must be finite")
+    return table
+
+
+class FlowRules:
+    """Group-pair rules for :func:`ditflow.flow_attention`.
+
+    Args:
+        scale, bias, weight: raw tables, ``[G, G]`` or per head ``[H, G, G]``; None = default.
+        num_groups: G; required when no table is given, checked against the tables otherwise.
+    """
+
+    def __init__(self, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 weight: torch.Tensor | None = None, *, num_groups: int | None = None):
+        tables = {name: _check_table(name, t) for name, t in
+                  (("scale", scale), ("bias", bias), ("weight", weight)) if t is not None}
+        sizes = {t.shape[-1] for t in tables.values()}
+        if num_groups is not None:
+            sizes.add(num_groups)
+        if len(sizes) != 1:
+            raise ValueError(
+                "FlowRules: tables and num_groups disagree on the number of groups "
+                f"({sorted(sizes)})" if sizes else "FlowRules: give num_groups or a table")
+        (groups,) = sizes
+        if not 1 <= groups <= MAX_GROUPS:
+            raise ValueError(f"FlowRules: {groups} groups; ditflow supports 1..{MAX_GROUPS}")
+        heads = {t.shape[0] for t in tables.values()} - {1}
+        if len(heads) > 1:
+            raise ValueError(f"FlowRules: per-head tables disagree on the head count ({heads})")
+        self._num_groups = groups
+        self._tables: dict[str, torch.Tensor] = tables
+        self._on_device: dict[torch.device, tuple] = {}
+
+    @property
+    def num_groups(self) -> int:
+        return self._num_groups
+
+    @property
+    def num_heads(self) -> int:
+        """1 when the rules are shared by all heads, H for per-head rules."""
+        return max((t.shape[0] for t in self._tables.values()), default=1)
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        return self._tables.get("scale")
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self._tables.get("bias")
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        return self._tables.get("weight")
+
+    def __repr__(self) -> str:
+        parts = [f"num_groups={self._num_groups}"]
+        parts += [f"{name}=[{'x'.join(map(str, t.shape))}]" for name, t in self._tables.items()]
+        return f"FlowRules({', '.join(parts)})"
+
+    # -- readable constructors -----------------------------------------------------------------
+
+    def _edited(self, name: str, src: Groups, dst: Groups, heads: Heads, num_heads: int | None,
+                op: str, value: float) -> FlowRules:
+        g = self._num_groups
+        rows = _as_index(src, g, "src")
+        cols = _as_index(dst, g, "dst")
+        default = 0.0 if name == "bias" else 1.0
+        table = self._tables.get(name, torch.full((1, g, g), default))
+        if heads is not None:
+            table_heads = max(self.num_heads, num_heads or 1)
+            if table_heads == 1:
+                raise ValueError("FlowRules: per-head edits need num_heads=H (the model's heads)")
+            head_idx = _as_index(heads, table_heads, "heads")
+            table = table.expand(table_heads, g, g).clone()
+        else:
+            head_idx = list(range(table.shape[0]))
+            table = table.clone()
+        sel = (torch.tensor(head_idx)[:, None, None], torch.tensor(rows)[None, :, None],
+               torch.tensor(cols)[None, None, :])
+        if op == "set":
+            table[sel] = value
+        elif op == "mul":
+            table[sel] *= value
+        else:
+            table[sel] += value
+        tables = dict(self._tables)
+        tables[name] = table
+        return FlowRules(**tables, num_groups=g)
+
+    def block(self, src: Groups, dst: Groups, *, heads: Heads = None,
+              num_heads: int | None = None) -> FlowRules:
+        """Queries in ``src`` groups never attend to keys in ``dst`` groups (bias = -inf)."""
+        return self._edited("bias", src, dst, heads, num_heads, "set", float("-inf"))
+
+    def add_bias(self, src: Groups, dst: Groups, value: float, *, heads: Heads = None,
+                 num_heads: int | None = None) -> FlowRules:
+        """Add ``value`` to the logits of (src, dst) pairs."""
+        return self._edited("bias", src, dst, heads, num_heads, "add", value)
+
+    def scale_logits(self, src: Groups, dst: Groups, factor: float, *, heads: Heads = None,
+                     num_heads: int | None = None) -> FlowRules:
+        """Multiply the logits of (src, dst) pairs by ``factor`` before the softmax."""
+        return self._edited("scale", src, dst, heads, num_heads, "mul", factor)
+
+    def weight_probs(self, src: Groups, dst: Groups, factor: float, *, heads: Heads = None,
+                     num_heads: int | None = None) -> FlowRules:
+        """Multiply the probabilities of (src, dst) pairs by ``factor`` after the softmax
+        (no renormalisation)."""
+        return self._edited("weight", src, dst, heads, num_heads, "mul", factor)
+
+    # -- kernel side ---------------------------------------------------------------------------
+
+    def tables_on(self, device: torch.device) -> tuple[torch.Tensor | None, ...]:
+        """(scale, bias, weight) as fp32 [1 or H, G, G] on ``device``, copied once per device."""
+        device = torch.device(device)
+        cached = self._on_device.get(device)
+        if cached is None:
+            cached = tuple(None if t is None else t.to(device)
+                           for t in (self.scale, self.bias, self.weight))
+            self._on_device[device] = cached
+        return cached

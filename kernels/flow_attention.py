@@ -1,0 +1,774 @@
+"""Flow attention: Triton kernels (forward, backward preprocess, dk/dv, dq) and their launchers.
+
+Math (see DESIGN.md): ``s' = scale[gi,gj] * tau * q.k + bias[gi,gj]`` (-inf where the pair mask
+blocks), ``P = softmax(s')``, ``w = weight[gi,gj] * P``, ``out = w @ v``, ``mass[:, c] = sum of w over
+key group c``. Scores live in the log2 domain (log2(e) folded into the scales) so the kernels use
+exp2. The backward folds the mass and LSE cotangents into the per-row ``delta`` term:
+``dS' = P * (weight * (dO.v + dmass[i, gj]) - delta)``, ``delta = dO.O + dmass.mass - dlse``.
+
+Tiles are visited through a :class:`TilePlan`: uniform tiles read the rules as three scalars and
+skip bounds checks, mixed tiles gather per element, blocked tiles are never visited.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from .tile_plan import TilePlan, build_tile_plan
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MAX_GROUPS = 16
+GROUP_PAD = 16  # mass accumulators are [BLOCK_M, 16]: the smallest width tl.dot accepts
+
+
+# ----------------------------------------------------------------------------------------------
+# shared helpers
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_rows(ptrs, rows, n_rows, offs_d, head_dim, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    if MASK_ROWS:
+        if EVEN_D:
+            return tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+        return tl.load(ptrs, mask=(rows < n_rows)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=(offs_d < head_dim)[None, :], other=0.0)
+
+
+@triton.jit
+def _rules(
+    Scale, Bias, Weight, table_base, gq, gk, q_grp, k_grp, NUM_GROUPS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    MIXED: tl.constexpr,
+):
+    """Rule values for a tile: scalars on uniform tiles, per-element gathers on mixed ones.
+
+    ``q_grp``/``k_grp`` are broadcastable group-id tiles; absent tables give 1 / 0 / 1.
+    """
+    if MIXED:
+        idx = table_base + q_grp * NUM_GROUPS + k_grp
+    else:
+        idx = table_base + gq * NUM_GROUPS + gk
+    scale = tl.load(Scale + idx) if HAS_SCALE else 1.0
+    bias = tl.load(Bias + idx) * LOG2E if HAS_BIAS else 0.0
+    weight = tl.load(Weight + idx) if HAS_WEIGHT else 1.0
+    return scale, bias, weight
+
+
+@triton.jit
+def _pair_blocked(PairBits, bits_base, stride_bits_n, q_idx, k_idx):
+    """True where the packed pair mask blocks (query q_idx, key k_idx); out-of-range reads 0."""
+    words = tl.load(PairBits + bits_base + q_idx * stride_bits_n + (k_idx >> 5))
+    return ((words >> (k_idx & 31)) & 1) != 0
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tile(
+    acc, l_i, m_i, mass, q, q_grp, offs_m, n_start, gq, gk,
+    K, V, KG, Scale, Bias, Weight, PairBits,
+    k_base, v_base, kg_base, table_base, bits_base,
+    stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
+    NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
+    RETURN_MASS: tl.constexpr, MIXED: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, Nk,
+                   offs_d, head_dim, MIXED, EVEN_D)
+    v = _load_rows(V + v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, Nk,
+                   offs_d, head_dim, MIXED, EVEN_D)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MIXED and HAS_GROUPS:
+        k_grp = tl.load(KG + kg_base + offs_n, mask=offs_n < Nk, other=0)
+    else:
+        k_grp = tl.zeros([BLOCK_N], dtype=tl.int32)
+    scale, bias, weight = _rules(Scale, Bias, Weight, table_base, gq, gk, q_grp[:, None],
+                                 k_grp[None, :], NUM_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT,
+                                 MIXED)
+    s = qk * (scale * qk_scale) + bias
+    if MIXED:
+        keep = (offs_n < Nk)[None, :]
+        if HAS_PAIR_MASK:
+            keep = keep & ~_pair_blocked(PairBits, bits_base, stride_bits_n,
+                                         tl.minimum(offs_m, Nq - 1)[:, None],
+                                         tl.minimum(offs_n, Nk - 1)[None, :])
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row blocked so far stays at zero
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    w = p * weight
+    acc = tl.dot(w.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    if RETURN_MASS:
+        cols = tl.arange(0, 16)
+        if MIXED:
+            one_hot = (k_grp[:, None] == cols[None, :]).to(tl.float32)
+            mass = tl.dot(w, one_hot, mass * alpha[:, None], input_precision="ieee")
+        else:
+            mass = mass * alpha[:, None] + tl.where(cols[None, :] == gk, tl.sum(w, 1)[:, None], 0.0)
+    return acc, l_i, m_new, mass
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse, Mass, QG, KG, Scale, Bias, Weight, PairBits,
+    QUniform, KUniform, RowCounts, RowTiles,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_on, stride_oh,
+    stride_qgb, stride_kgb, stride_table_h, stride_bits_b, stride_bits_n,
+    plan_batch, H, Nq, Nk, head_dim, qk_scale,
+    NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
+    RETURN_MASS: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    n_row_tiles = tl.num_programs(0)
+    n_col_tiles = tl.cdiv(Nk, BLOCK_N)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                   offs_m, Nq, offs_d, head_dim, True, EVEN_D)
+    if HAS_GROUPS:
+        q_grp = tl.load(QG + b * stride_qgb + offs_m, mask=offs_m < Nq, other=0)
+    else:
+        q_grp = tl.zeros([BLOCK_M], dtype=tl.int32)
+
+    pb = b * plan_batch
+    plan_row = pb * n_row_tiles + pid_m
+    gq = tl.load(QUniform + plan_row)
+    n_uniform = tl.load(RowCounts + plan_row * 2)
+    n_mixed = tl.load(RowCounts + plan_row * 2 + 1)
+    tiles = RowTiles + plan_row * n_col_tiles
+
+    k_base = b * stride_kb + h * stride_kh
+    v_base = b * stride_vb + h * stride_vh
+    kg_base = b * stride_kgb
+    table_base = h * stride_table_h
+    bits_base = b * stride_bits_b
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    mass = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    for i in range(0, n_uniform):
+        n = tl.load(tiles + i)
+        gk = tl.load(KUniform + pb * n_col_tiles + n)
+        acc, l_i, m_i, mass = _fwd_tile(
+            acc, l_i, m_i, mass, q, q_grp, offs_m, n * BLOCK_N, gq, gk,
+            K, V, KG, Scale, Bias, Weight, PairBits,
+            k_base, v_base, kg_base, table_base, bits_base,
+            stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
+            NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK,
+            RETURN_MASS, False, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    for i in range(n_uniform, n_uniform + n_mixed):
+        n = tl.load(tiles + i)
+        acc, l_i, m_i, mass = _fwd_tile(
+            acc, l_i, m_i, mass, q, q_grp, offs_m, n * BLOCK_N, 0, 0,
+            K, V, KG, Scale, Bias, Weight, PairBits,
+            k_base, v_base, kg_base, table_base, bits_base,
+            stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
+            NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK,
+            RETURN_MASS, True, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION)
+
+    # Rows with every key blocked have l_i == 0: out = 0, mass = 0, lse = -inf.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    row_ok = offs_m < Nq
+    out = acc / l_safe[:, None]
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < head_dim)[None, :])
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    tl.store(Lse + pid_bh * Nq + offs_m, lse, mask=row_ok)
+    if RETURN_MASS:
+        cols = tl.arange(0, 16)
+        m_ptrs = Mass + (pid_bh * Nq + offs_m[:, None]) * NUM_GROUPS + cols[None, :]
+        tl.store(m_ptrs, mass / l_safe[:, None], mask=row_ok[:, None] & (cols < NUM_GROUPS)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    Out, DOut, Lse, DLse, Mass, DMass, Delta, Lse2,
+    stride_ob, stride_on, stride_oh, stride_dob, stride_don, stride_doh,
+    H, Nq, head_dim,
+    NUM_GROUPS: tl.constexpr, HAS_DMASS: tl.constexpr, HAS_DLSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta = dO.O + dmass.mass - dlse, and the LSE in log2 units (+inf for blocked rows)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Nq
+    mask = row_ok[:, None] & (offs_d < head_dim)[None, :]
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
+                 + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    row = pid_bh * Nq + offs_m
+    if HAS_DMASS:
+        cols = tl.arange(0, 16)
+        gmask = row_ok[:, None] & (cols < NUM_GROUPS)[None, :]
+        offs = row[:, None] * NUM_GROUPS + cols[None, :]
+        mass = tl.load(Mass + offs, mask=gmask, other=0.0)
+        dmass = tl.load(DMass + offs, mask=gmask, other=0.0)
+        delta += tl.sum(mass * dmass, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLse + row, mask=row_ok, other=0.0)
+    lse = tl.load(Lse + row, mask=row_ok, other=float("-inf"))
+    tl.store(Delta + row, delta, mask=row_ok)
+    tl.store(Lse2 + row, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E), mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv_tile(
+    dk, dv, k, v, k_grp, offs_n, m_start, gq, gk,
+    Q, DOut, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
+    q_base, do_base, row_base, qg_base, table_base, bits_base,
+    stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
+    NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
+    HAS_DMASS: tl.constexpr, MIXED: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, Nq,
+                   offs_d, head_dim, MIXED, EVEN_D)
+    do = _load_rows(DOut + do_base + offs_m[:, None] * stride_don + offs_d[None, :], offs_m, Nq,
+                    offs_d, head_dim, MIXED, EVEN_D)
+    if MIXED:
+        lse2 = tl.load(Lse2 + row_base + offs_m, mask=offs_m < Nq, other=float("inf"))
+        delta = tl.load(Delta + row_base + offs_m, mask=offs_m < Nq, other=0.0)
+    else:
+        lse2 = tl.load(Lse2 + row_base + offs_m)
+        delta = tl.load(Delta + row_base + offs_m)
+    if MIXED and HAS_GROUPS:
+        q_grp = tl.load(QG + qg_base + offs_m, mask=offs_m < Nq, other=0)
+    else:
+        q_grp = tl.zeros([BLOCK_M], dtype=tl.int32)
+    scale, bias, weight = _rules(Scale, Bias, Weight, table_base, gq, gk, q_grp[None, :],
+                                 k_grp[:, None], NUM_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT,
+                                 MIXED)
+    # Transposed tile: rows are keys, columns are queries.
+    s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * (scale * qk_scale) + bias
+    if MIXED:
+        keep = (offs_n < Nk)[:, None]
+        if HAS_PAIR_MASK:
+            keep = keep & ~_pair_blocked(PairBits, bits_base, stride_bits_n,
+                                         tl.minimum(offs_m, Nq - 1)[None, :],
+                                         tl.minimum(offs_n, Nk - 1)[:, None])
+        s = tl.where(keep, s, float("-inf"))
+    p = tl.exp2(s - lse2[None, :])
+    w = p * weight
+    dv = tl.dot(w.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dw = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if HAS_DMASS:
+        if MIXED:
+            cols = tl.arange(0, 16)
+            dmass = tl.load(DMass + (row_base + offs_m[:, None]) * NUM_GROUPS + cols[None, :],
+                            mask=(offs_m < Nq)[:, None] & (cols < NUM_GROUPS)[None, :], other=0.0)
+            one_hot = (k_grp[:, None] == cols[None, :]).to(tl.float32)
+            dw = tl.dot(one_hot, tl.trans(dmass), dw, input_precision="ieee")
+        else:
+            dw += tl.load(DMass + (row_base + offs_m) * NUM_GROUPS + gk)[None, :]
+    ds = p * (weight * dw - delta[None, :]) * scale
+    dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DOut, DK, DV, Lse2, Delta, DMass, QG, KG, Scale, Bias, Weight, PairBits,
+    QUniform, KUniform, ColCounts, ColTiles,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don, stride_doh,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_qgb, stride_kgb, stride_table_h, stride_bits_b, stride_bits_n,
+    plan_batch, H, Nq, Nk, head_dim, qk_scale, sm_scale,
+    NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
+    HAS_DMASS: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    n_col_tiles = tl.num_programs(0)
+    n_row_tiles = tl.cdiv(Nq, BLOCK_M)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                   offs_n, Nk, offs_d, head_dim, True, EVEN_D)
+    v = _load_rows(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                   offs_n, Nk, offs_d, head_dim, True, EVEN_D)
+    if HAS_GROUPS:
+        k_grp = tl.load(KG + b * stride_kgb + offs_n, mask=offs_n < Nk, other=0)
+    else:
+        k_grp = tl.zeros([BLOCK_N], dtype=tl.int32)
+
+    pb = b * plan_batch
+    plan_col = pb * n_col_tiles + pid_n
+    gk = tl.load(KUniform + plan_col)
+    n_uniform = tl.load(ColCounts + plan_col * 2)
+    n_mixed = tl.load(ColCounts + plan_col * 2 + 1)
+    tiles = ColTiles + plan_col * n_row_tiles
+
+    q_base = b * stride_qb + h * stride_qh
+    do_base = b * stride_dob + h * stride_doh
+    row_base = pid_bh * Nq
+    qg_base = b * stride_qgb
+    table_base = h * stride_table_h
+    bits_base = b * stride_bits_b
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for i in range(0, n_uniform):
+        m = tl.load(tiles + i)
+        gq = tl.load(QUniform + pb * n_row_tiles + m)
+        dk, dv = _bwd_dkdv_tile(
+            dk, dv, k, v, k_grp, offs_n, m * BLOCK_M, gq, gk,
+            Q, DOut, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
+            q_base, do_base, row_base, qg_base, table_base, bits_base,
+            stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
+            NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
+            False, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION)
+    for i in range(n_uniform, n_uniform + n_mixed):
+        m = tl.load(tiles + i)
+        dk, dv = _bwd_dkdv_tile(
+            dk, dv, k, v, k_grp, offs_n, m * BLOCK_M, 0, 0,
+            Q, DOut, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
+            q_base, do_base, row_base, qg_base, table_base, bits_base,
+            stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
+            NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
+            True, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION)
+
+    mask = (offs_n < Nk)[:, None] & (offs_d < head_dim)[None, :]
+    base = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    tl.store(DK + base, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + base, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_dq_tile(
+    dq, q, do, lse2, delta, dmass, q_grp, offs_m, n_start, gq, gk,
+    K, V, KG, Scale, Bias, Weight, PairBits,
+    k_base, v_base, kg_base, table_base, bits_base,
+    stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
+    NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
+    HAS_DMASS: tl.constexpr, MIXED: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, Nk,
+                   offs_d, head_dim, MIXED, EVEN_D)
+    v = _load_rows(V + v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, Nk,
+                   offs_d, head_dim, MIXED, EVEN_D)
+    if MIXED and HAS_GROUPS:
+        k_grp = tl.load(KG + kg_base + offs_n, mask=offs_n < Nk, other=0)
+    else:
+        k_grp = tl.zeros([BLOCK_N], dtype=tl.int32)
+    scale, bias, weight = _rules(Scale, Bias, Weight, table_base, gq, gk, q_grp[:, None],
+                                 k_grp[None, :], NUM_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT,
+                                 MIXED)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (scale * qk_scale) + bias
+    if MIXED:
+        keep = (offs_n < Nk)[None, :]
+        if HAS_PAIR_MASK:
+            keep = keep & ~_pair_blocked(PairBits, bits_base, stride_bits_n,
+                                         tl.minimum(offs_m, Nq - 1)[:, None],
+                                         tl.minimum(offs_n, Nk - 1)[None, :])
+        s = tl.where(keep, s, float("-inf"))
+    p = tl.exp2(s - lse2[:, None])
+    dw = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if HAS_DMASS:
+        cols = tl.arange(0, 16)
+        if MIXED:
+            one_hot = (k_grp[:, None] == cols[None, :]).to(tl.float32)
+            dw = tl.dot(dmass, tl.trans(one_hot), dw, input_precision="ieee")
+        else:
+            dw += tl.sum(tl.where(cols[None, :] == gk, dmass, 0.0), 1)[:, None]
+    ds = p * (weight * dw - delta[:, None]) * scale
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DOut, DQ, Lse2, Delta, DMass, QG, KG, Scale, Bias, Weight, PairBits,
+    QUniform, KUniform, RowCounts, RowTiles,
+    stride_qb, stride_qn, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_don, stride_doh,
+    stride_dqb, stride_dqn, stride_dqh,
+    stride_qgb, stride_kgb, stride_table_h, stride_bits_b, stride_bits_n,
+    plan_batch, H, Nq, Nk, head_dim, qk_scale, sm_scale,
+    NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
+    HAS_DMASS: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    n_row_tiles = tl.num_programs(0)
+    n_col_tiles = tl.cdiv(Nk, BLOCK_N)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Nq
+    q = _load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                   offs_m, Nq, offs_d, head_dim, True, EVEN_D)
+    do = _load_rows(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
+                    + offs_d[None, :], offs_m, Nq, offs_d, head_dim, True, EVEN_D)
+    row = pid_bh * Nq + offs_m
+    lse2 = tl.load(Lse2 + row, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + row, mask=row_ok, other=0.0)
+    if HAS_DMASS:
+        cols = tl.arange(0, 16)
+        dmass = tl.load(DMass + row[:, None] * NUM_GROUPS + cols[None, :],
+                        mask=row_ok[:, None] & (cols < NUM_GROUPS)[None, :], other=0.0)
+    else:
+        dmass = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    if HAS_GROUPS:
+        q_grp = tl.load(QG + b * stride_qgb + offs_m, mask=row_ok, other=0)
+    else:
+        q_grp = tl.zeros([BLOCK_M], dtype=tl.int32)
+
+    pb = b * plan_batch
+    plan_row = pb * n_row_tiles + pid_m
+    gq = tl.load(QUniform + plan_row)
+    n_uniform = tl.load(RowCounts + plan_row * 2)
+    n_mixed = tl.load(RowCounts + plan_row * 2 + 1)
+    tiles = RowTiles + plan_row * n_col_tiles
+
+    k_base = b * stride_kb + h * stride_kh
+    v_base = b * stride_vb + h * stride_vh
+    kg_base = b * stride_kgb
+    table_base = h * stride_table_h
+    bits_base = b * stride_bits_b
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for i in range(0, n_uniform):
+        n = tl.load(tiles + i)
+        gk = tl.load(KUniform + pb * n_col_tiles + n)
+        dq = _bwd_dq_tile(
+            dq, q, do, lse2, delta, dmass, q_grp, offs_m, n * BLOCK_N, gq, gk,
+            K, V, KG, Scale, Bias, Weight, PairBits,
+            k_base, v_base, kg_base, table_base, bits_base,
+            stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
+            NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
+            False, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION)
+    for i in range(n_uniform, n_uniform + n_mixed):
+        n = tl.load(tiles + i)
+        dq = _bwd_dq_tile(
+            dq, q, do, lse2, delta, dmass, q_grp, offs_m, n * BLOCK_N, 0, 0,
+            K, V, KG, Scale, Bias, Weight, PairBits,
+            k_base, v_base, kg_base, table_base, bits_base,
+            stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
+            NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
+            True, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION)
+
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < head_dim)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class FlowConfigs:
+    forward: KernelConfig
+    backward_dkdv: KernelConfig
+    backward_dq: KernelConfig
+
+
+def _parse_config(spec: str) -> KernelConfig:
+    blocks, *rest = spec.split(":")
+    block_m, block_n = (int(x) for x in blocks.lower().split("x"))
+    num_warps = int(rest[0]) if rest else 4
+    num_stages = int(rest[1]) if len(rest) > 1 else 1
+    return KernelConfig(block_m, block_n, num_warps, num_stages)
+
+
+def _default_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> FlowConfigs:
+    if device.type != "cuda":  # the interpreter: small tiles exercise multi-tile loops cheaply
+        cfg = KernelConfig(32, 32, 4, 1)
+        return FlowConfigs(cfg, cfg, cfg)
+    if head_dim > 128 or dtype == torch.float32:
+        return FlowConfigs(KernelConfig(64, 32, 4, 2), KernelConfig(32, 32, 4, 2),
+                           KernelConfig(32, 32, 4, 2))
+    return FlowConfigs(
+        forward=KernelConfig(128, 64, 8, 3),
+        backward_dkdv=KernelConfig(64, 128, 8, 2),
+        backward_dq=KernelConfig(128, 64, 8, 2),
+    )
+
+
+def select_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> FlowConfigs:
+    """Block shapes for the three kernels.
+
+    Plans are built per block shape, so this is a small table rather than a Triton autotuner.
+    ``DITFLOW_TRITON_CONFIG`` pins it: ``BMxBN[:warps[:stages]]`` for every kernel, or
+    ``forward=...,backward_dkdv=...,backward_dq=...`` per kernel (unnamed ones keep the table).
+    """
+    configs = _default_configs(head_dim, dtype, device)
+    pinned = os.environ.get("DITFLOW_TRITON_CONFIG")
+    if not pinned:
+        return configs
+    if "=" not in pinned:
+        cfg = _parse_config(pinned)
+        return FlowConfigs(cfg, cfg, cfg)
+    chosen = {}
+    for item in pinned.split(","):
+        name, _, spec = item.partition("=")
+        if name not in FlowConfigs.__dataclass_fields__:
+            raise ValueError(f"DITFLOW_TRITON_CONFIG: unknown kernel {name!r} "
+                             "(forward, backward_dkdv, backward_dq)")
+        chosen[name] = _parse_config(spec)
+    return replace(configs, **chosen)
+
+
+@dataclass(frozen=True)
+class FlowInputs:
+    """Everything but q/k/v that shapes the computation, already on the inputs' device.
+
+    ``q_groups``/``k_groups`` int32 [1 or B, N]; tables fp32 [1 or H, G, G]; ``pair_bits`` int32
+    [1 or B, Nq, ceil(Nk/32)]. Absent entries mean: one group / no rule of that kind / no mask.
+    """
+
+    num_groups: int = 1
+    q_groups: torch.Tensor | None = None
+    k_groups: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    pair_bits: torch.Tensor | None = None
+
+    def flags(self) -> dict:
+        return dict(
+            NUM_GROUPS=self.num_groups,
+            HAS_GROUPS=self.q_groups is not None,
+            HAS_SCALE=self.scale is not None,
+            HAS_BIAS=self.bias is not None,
+            HAS_WEIGHT=self.weight is not None,
+            HAS_PAIR_MASK=self.pair_bits is not None,
+        )
+
+    def allowed_pairs(self) -> torch.Tensor | None:
+        """[G, G] bool: group pairs that at least one head does not block."""
+        if self.bias is None:
+            return None
+        return (self.bias > float("-inf")).any(dim=0)
+
+    def table_head_stride(self) -> int:
+        tables = [t for t in (self.scale, self.bias, self.weight) if t is not None]
+        heads = max((t.shape[0] for t in tables), default=1)
+        return self.num_groups * self.num_groups if heads > 1 else 0
+
+
+def _table_args(inputs: FlowInputs, like: torch.Tensor):
+    """Tables expanded to a common head count; a dummy pointer for absent ones."""
+    tables = [inputs.scale, inputs.bias, inputs.weight]
+    heads = max((t.shape[0] for t in tables if t is not None), default=1)
+    dummy = like.new_empty(1, dtype=torch.float32)
+    return [dummy if t is None else t.expand(heads, -1, -1).contiguous() for t in tables]
+
+
+def _batch_stride(t: torch.Tensor | None) -> int:
+    return 0 if t is None or t.shape[0] == 1 else t.stride(0)
+
+
+def plan_for(inputs: FlowInputs, nq: int, nk: int, cfg: KernelConfig, device) -> TilePlan:
+    return build_tile_plan(nq, nk, cfg.block_m, cfg.block_n, device, inputs.num_groups,
+                           inputs.q_groups, inputs.k_groups, inputs.allowed_pairs(), inputs.pair_bits)
+
+
+def _common_args(inputs: FlowInputs, q: torch.Tensor):
+    dummy_int = q.new_empty(1, dtype=torch.int32)
+    scale, bias, weight = _table_args(inputs, q)
+    groups = [dummy_int if g is None else g for g in (inputs.q_groups, inputs.k_groups)]
+    bits = dummy_int if inputs.pair_bits is None else inputs.pair_bits
+    return groups, (scale, bias, weight), bits
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _plan_batch(plan: TilePlan) -> int:
+    return 1 if plan.batched else 0
+
+
+def flow_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inputs: FlowInputs,
+    softmax_scale: float,
+    return_mass: bool,
+    plan: TilePlan,
+    cfg: KernelConfig,
+):
+    """q [B, Nq, H, D], k/v [B, Nk, H, D] with unit stride on D. Returns out, lse, mass."""
+    batch, nq, heads, head_dim = q.shape
+    nk = k.shape[1]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(batch, heads, nq, device=q.device, dtype=torch.float32)
+    mass = (torch.empty(batch, heads, nq, inputs.num_groups, device=q.device, dtype=torch.float32)
+            if return_mass else lse.new_empty(0))
+    mass_arg = mass if return_mass else lse.new_empty(1)  # kernels get a real pointer
+    (qg, kg), (scale, bias, weight), bits = _common_args(inputs, q)
+    block_d = _block_d(head_dim)
+    grid = (triton.cdiv(nq, cfg.block_m), batch * heads)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, mass_arg, qg, kg, scale, bias, weight, bits,
+        plan.q_uniform_group, plan.k_uniform_group, plan.row_counts, plan.row_tiles,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        _batch_stride(inputs.q_groups), _batch_stride(inputs.k_groups),
+        inputs.table_head_stride(), _batch_stride(inputs.pair_bits),
+        0 if inputs.pair_bits is None else inputs.pair_bits.stride(1),
+        _plan_batch(plan), heads, nq, nk, head_dim, softmax_scale * LOG2E,
+        **inputs.flags(), RETURN_MASS=return_mass, EVEN_D=head_dim == block_d,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse, mass
+
+
+def flow_attention_backward(
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    dmass: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mass: torch.Tensor | None,
+    inputs: FlowInputs,
+    softmax_scale: float,
+    dkdv_plan: TilePlan,
+    dq_plan: TilePlan,
+    configs: FlowConfigs,
+):
+    """Gradients dq, dk, dv from dO and the optional mass / LSE cotangents."""
+    batch, nq, heads, head_dim = q.shape
+    nk = k.shape[1]
+    block_d = _block_d(head_dim)
+    delta = torch.empty(batch, heads, nq, device=q.device, dtype=torch.float32)
+    lse2 = torch.empty_like(delta)
+    has_dmass = dmass is not None
+    dummy = delta.new_empty(1)
+    pre_block = 64
+    _bwd_preprocess_kernel[(triton.cdiv(nq, pre_block), batch * heads)](
+        out, dout, lse, dummy if dlse is None else dlse.contiguous(),
+        mass if has_dmass else dummy, dmass.contiguous() if has_dmass else dummy, delta, lse2,
+        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        heads, nq, head_dim,
+        NUM_GROUPS=inputs.num_groups, HAS_DMASS=has_dmass, HAS_DLSE=dlse is not None,
+        BLOCK_M=pre_block, BLOCK_D=block_d,
+    )
+    dmass_arg = dmass.contiguous() if has_dmass else dummy
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    (qg, kg), (scale, bias, weight), bits = _common_args(inputs, q)
+    shared = dict(
+        **inputs.flags(), HAS_DMASS=has_dmass, EVEN_D=head_dim == block_d, BLOCK_D=block_d,
+        DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    group_and_mask_strides = (
+        _batch_stride(inputs.q_groups), _batch_stride(inputs.k_groups),
+        inputs.table_head_stride(), _batch_stride(inputs.pair_bits),
+        0 if inputs.pair_bits is None else inputs.pair_bits.stride(1),
+    )
+    cfg = configs.backward_dkdv
+    _bwd_dkdv_kernel[(triton.cdiv(nk, cfg.block_n), batch * heads)](
+        q, k, v, dout, dk, dv, lse2, delta, dmass_arg, qg, kg, scale, bias, weight, bits,
+        dkdv_plan.q_uniform_group, dkdv_plan.k_uniform_group, dkdv_plan.col_counts,
+        dkdv_plan.col_tiles,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        *group_and_mask_strides,
+        _plan_batch(dkdv_plan), heads, nq, nk, head_dim, softmax_scale * LOG2E, softmax_scale,
+        **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    cfg = configs.backward_dq
+    _bwd_dq_kernel[(triton.cdiv(nq, cfg.block_m), batch * heads)](
+        q, k, v, dout, dq, lse2, delta, dmass_arg, qg, kg, scale, bias, weight, bits,
+        dq_plan.q_uniform_group, dq_plan.k_uniform_group, dq_plan.row_counts, dq_plan.row_tiles,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        *group_and_mask_strides,
+        _plan_batch(dq_plan), heads, nq, nk, head_dim, softmax_scale * LOG2E, softmax_scale,
+        **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return dq, dk, dv

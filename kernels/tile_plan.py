@@ -1,0 +1,138 @@
+"""Tile classification for flow attention.
+
+Every (query tile, key tile) pair of one batch element is put in one of three classes:
+
+* ``UNIFORM``: one query group and one key group and no pair-mask bit inside the tile; the rules
+  are three scalars and the tile is full (no bounds checks).
+* ``MIXED``: anything else that is not blocked (group boundaries inside the tile, pair-mask bits,
+  the ragged last tile of either dimension); the rules are gathered per element.
+* ``BLOCKED``: every pair is blocked for every head (bias ``-inf`` or pair mask); the tile is
+  skipped in forward and backward.
+
+The kernels do not scan the class map: they walk per-tile lists of the tiles to visit, uniform
+tiles first, so their loops carry no branches. Plans depend only on the layout (groups, blocked
+group pairs, pair mask) and the block shape, so callers cache them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+UNIFORM, MIXED, BLOCKED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Visit lists for one block shape. Tensors are int32 on the inputs' device.
+
+    ``row_*`` lists key tiles per query tile (forward and dq), ``col_*`` lists query tiles per
+    key tile (dk/dv). ``*_counts[..., 0]`` is the number of uniform tiles, ``[..., 1]`` the
+    number of mixed ones; the tile indices follow in that order. The leading dimension is 1
+    when the layout is shared by the whole batch.
+    """
+
+    block_m: int
+    block_n: int
+    q_uniform_group: torch.Tensor  # [P, Mt], -1 where the query tile holds several groups
+    k_uniform_group: torch.Tensor  # [P, Nt]
+    row_counts: torch.Tensor  # [P, Mt, 2]
+    row_tiles: torch.Tensor  # [P, Mt, Nt]
+    col_counts: torch.Tensor  # [P, Nt, 2]
+    col_tiles: torch.Tensor  # [P, Nt, Mt]
+
+    @property
+    def batched(self) -> bool:
+        return self.row_tiles.shape[0] > 1
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _tile_groups(groups: torch.Tensor | None, n: int, block: int, num_groups: int, device):
+    """Which groups each tile holds ([P, T, G] bool) and its single group or -1 ([P, T])."""
+    tiles = _cdiv(n, block)
+    if groups is None:
+        present = torch.ones(1, tiles, 1, dtype=torch.bool, device=device)
+        uniform = torch.zeros(1, tiles, dtype=torch.int32, device=device)
+    else:
+        padded = torch.full((groups.shape[0], tiles * block), -1, dtype=torch.int32, device=device)
+        padded[:, :n] = groups
+        padded = padded.view(groups.shape[0], tiles, block)
+        present = (padded.unsqueeze(-1) == torch.arange(num_groups, device=device)).any(dim=2)
+        single = present.sum(-1) == 1
+        uniform = torch.where(single, present.int().argmax(-1), -1).to(torch.int32)
+    if n % block:
+        uniform[:, -1] = -1  # the ragged tile needs bounds checks
+    return present, uniform
+
+
+def _pair_mask_tile_counts(pair_bits: torch.Tensor, nq: int, nk: int, block_m: int, block_n: int):
+    """Number of blocked pairs per tile, [Pm, Mt, Nt], from the packed mask."""
+    shifts = torch.arange(32, device=pair_bits.device, dtype=torch.int32)
+    dense = ((pair_bits.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :nk]
+    mt, nt = _cdiv(nq, block_m), _cdiv(nk, block_n)
+    padded = torch.zeros(pair_bits.shape[0], mt * block_m, nt * block_n, dtype=torch.int32,
+                         device=pair_bits.device)
+    padded[:, :nq, :nk] = dense
+    return padded.view(-1, mt, block_m, nt, block_n).sum(dim=(2, 4))
+
+
+def _visit_lists(tile_class: torch.Tensor):
+    """Per row of ``tile_class`` [P, R, C]: counts [P, R, 2] and tile indices [P, R, C]."""
+    columns = tile_class.shape[-1]
+    order = tile_class.long() * columns + torch.arange(columns, device=tile_class.device)
+    tiles = (order.sort(dim=-1).values % columns).to(torch.int32)
+    counts = torch.stack([(tile_class == UNIFORM).sum(-1), (tile_class == MIXED).sum(-1)], dim=-1)
+    return counts.to(torch.int32).contiguous(), tiles.contiguous()
+
+
+def build_tile_plan(
+    nq: int,
+    nk: int,
+    block_m: int,
+    block_n: int,
+    device: torch.device,
+    num_groups: int = 1,
+    q_groups: torch.Tensor | None = None,
+    k_groups: torch.Tensor | None = None,
+    allowed_pairs: torch.Tensor | None = None,
+    pair_bits: torch.Tensor | None = None,
+) -> TilePlan:
+    """Classify tiles and build the kernels' visit lists.
+
+    ``num_groups`` is G; ``q_groups`` [Pq, Nq] / ``k_groups`` [Pk, Nk] are int32 group ids (None: one group),
+    ``allowed_pairs`` [G, G] bool says which group pairs some head does not block (None: all),
+    ``pair_bits`` [Pm, Nq, ceil(Nk/32)] int32 is the packed pair mask (bit set = blocked).
+    """
+    q_present, q_uniform = _tile_groups(q_groups, nq, block_m, num_groups, device)
+    k_present, k_uniform = _tile_groups(k_groups, nk, block_n, num_groups, device)
+    if allowed_pairs is None:
+        allowed_pairs = torch.ones(num_groups, num_groups, dtype=torch.bool, device=device)
+    reach = q_present.float() @ allowed_pairs.float() @ k_present.float().transpose(1, 2)
+    blocked = reach == 0
+    uniform = (q_uniform.unsqueeze(-1) >= 0) & (k_uniform.unsqueeze(-2) >= 0)
+    if pair_bits is not None:
+        counts = _pair_mask_tile_counts(pair_bits, nq, nk, block_m, block_n)
+        rows = torch.full((_cdiv(nq, block_m),), block_m, device=device)
+        rows[-1] = nq - block_m * (rows.numel() - 1)
+        cols = torch.full((_cdiv(nk, block_n),), block_n, device=device)
+        cols[-1] = nk - block_n * (cols.numel() - 1)
+        blocked = blocked | (counts == rows[:, None] * cols[None, :])
+        uniform = uniform & (counts == 0)
+    tile_class = torch.where(blocked, BLOCKED, torch.where(uniform, UNIFORM, MIXED))
+    row_counts, row_tiles = _visit_lists(tile_class)
+    col_counts, col_tiles = _visit_lists(tile_class.transpose(1, 2))
+    batch = tile_class.shape[0]
+    return TilePlan(
+        block_m=block_m,
+        block_n=block_n,
+        q_uniform_group=q_uniform.expand(batch, -1).contiguous(),
+        k_uniform_group=k_uniform.expand(batch, -1).contiguous(),
+        row_counts=row_counts,
+        row_tiles=row_tiles,
+        col_counts=col_counts,
+        col_tiles=col_tiles,
+    )

@@ -1,0 +1,79 @@
+"""Shared test helpers: random layouts, the tolerance rule, a loss over all outputs."""
+
+from __future__ import annotations
+
+import torch
+
+from ditflow import FlowRules
+
+
+def random_qkv(batch, nq, nk, heads, head_dim, dtype, device, requires_grad=True):
+    def make(n):
+        return torch.randn(batch, n, heads, head_dim, device=device).to(dtype).requires_grad_(
+            requires_grad)
+
+    return make(nq), make(nk), make(nk)
+
+
+def segment_groups(n: int, num_groups: int, device, shuffle: bool = False) -> torch.Tensor:
+    """Contiguous segments of random lengths (MM-DiT-like), or scattered ids when shuffle.
+    Every group is non-empty when n >= num_groups."""
+    if shuffle:
+        return torch.randint(0, num_groups, (n,), device=device)
+    if n >= num_groups:
+        cuts = torch.sort(torch.randperm(n - 1)[: num_groups - 1] + 1).values
+    else:
+        cuts = torch.sort(torch.randint(0, n + 1, (num_groups - 1,))).values
+    ids = torch.zeros(n, dtype=torch.long)
+    for cut in cuts:
+        ids[cut:] += 1
+    return ids.to(device)
+
+
+def random_rules(num_groups: int, kinds: set[str], heads: int | None = None) -> FlowRules:
+    """Random tables of the requested kinds ('scale', 'bias', 'block', 'weight')."""
+    shape = (num_groups, num_groups) if heads is None else (heads, num_groups, num_groups)
+    tables = {}
+    if "scale" in kinds:
+        tables["scale"] = torch.rand(shape) * 1.5 + 0.25
+    if "bias" in kinds or "block" in kinds:
+        bias = torch.randn(shape) if "bias" in kinds else torch.zeros(shape)
+        if "block" in kinds:
+            bias = bias.masked_fill(torch.rand(shape) < 0.3, float("-inf"))
+        tables["bias"] = bias
+    if "weight" in kinds:
+        tables["weight"] = torch.rand(shape) * 2
+    return FlowRules(**tables, num_groups=num_groups)
+
+
+def max_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
+    """Max abs error; infinities must sit at the same places with the same sign."""
+    actual, truth = actual.double(), truth.double()
+    assert not torch.isnan(actual).any(), "NaN in result"
+    finite = torch.isfinite(truth)
+    assert torch.equal(torch.isfinite(actual), finite), "infinities differ from the truth"
+    assert torch.equal(actual[~finite], truth[~finite]), "infinities differ in sign"
+    return (actual[finite] - truth[finite]).abs().max().item() if finite.any() else 0.0
+
+
+def assert_within_rule(name, actual, lowprec, truth, floor):
+    """flash-attention's rule: error <= 2x the error of plain low-precision PyTorch + floor."""
+    err = max_error(actual, truth)
+    bound = 2 * max_error(lowprec, truth) + floor
+    assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e}"
+
+
+def floor_for(dtype: torch.dtype) -> float:
+    return {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+
+
+def weighted_loss(result, cotangents):
+    """A scalar whose gradient feeds random cotangents into out, lse (finite rows) and mass."""
+    dout, dlse, dmass = cotangents
+    loss = (result.out.double() * dout).sum()
+    if result.lse is not None:
+        lse = result.lse.double()
+        loss = loss + (torch.where(torch.isinf(lse), 0.0, lse) * dlse).sum()
+    if result.mass is not None:
+        loss = loss + (result.mass.double() * dmass).sum()
+    return loss

@@ -1,0 +1,205 @@
+"""The Triton kernels against the reference, forward and backward, on fresh random inputs.
+
+Truth is the reference in fp64 with autograd; the kernel's error must stay within 2x the error of
+the same reference computed in the low-precision dtype, plus a small floor. On a machine without
+a GPU the kernels run in Triton's interpreter (fp32/fp16; its bf16 dot is broken).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from helpers import (
+    assert_within_rule,
+    floor_for,
+    max_error,
+    random_qkv,
+    random_rules,
+    segment_groups,
+    weighted_loss,
+)
+
+from ditflow import FlowRules, flow_attention
+from ditflow.functional import FlowAttentionOutput
+from ditflow.reference import flow_attention_reference
+
+
+@dataclass
+class Case:
+    nq: int
+    nk: int | None = None  # None: self-attention (k_groups = q_groups)
+    head_dim: int = 32
+    groups: int = 1
+    kinds: frozenset = field(default_factory=frozenset)
+    batch: int = 2
+    heads: int = 2
+    pair_mask: bool = False
+    per_head: bool = False
+    per_batch_groups: bool = False
+    shuffle: bool = False
+
+    def __str__(self):
+        parts = [f"{self.nq}x{self.nk or self.nq}", f"d{self.head_dim}", f"g{self.groups}"]
+        parts += sorted(self.kinds)
+        parts += [flag for flag in ("pair_mask", "per_head", "per_batch_groups", "shuffle")
+                  if getattr(self, flag)]
+        return "-".join(parts)
+
+
+ALL = frozenset({"scale", "bias", "block", "weight"})
+CASES = [
+    Case(1, head_dim=16),
+    Case(17, head_dim=64),
+    Case(97, head_dim=32, groups=3, kinds=ALL),
+    Case(130, head_dim=16, groups=3, kinds=ALL),
+    Case(64, head_dim=32, groups=3, kinds=frozenset({"scale"})),
+    Case(64, head_dim=32, groups=3, kinds=frozenset({"bias"})),
+    Case(64, head_dim=32, groups=3, kinds=frozenset({"block"})),
+    Case(64, head_dim=32, groups=3, kinds=frozenset({"weight"})),
+    Case(97, head_dim=32, groups=16, kinds=ALL, shuffle=True),
+    Case(96, head_dim=64, groups=1, kinds=ALL, batch=1),
+    Case(17, 130, head_dim=32, groups=3, kinds=ALL),
+    Case(130, 17, head_dim=16, groups=3, kinds=ALL),
+    Case(97, head_dim=32, groups=3, kinds=ALL, pair_mask=True),
+    Case(97, head_dim=32, groups=4, kinds=ALL, per_head=True, heads=3),
+    Case(70, head_dim=32, groups=3, kinds=ALL, per_batch_groups=True),
+    Case(50, head_dim=40, groups=3, kinds=ALL),  # head_dim that is not a power of two
+]
+
+
+def _inputs(case: Case, dtype, device):
+    nk = case.nk or case.nq
+    q, k, v = random_qkv(case.batch, case.nq, nk, case.heads, case.head_dim, dtype, device)
+    shape_q = (case.batch, case.nq) if case.per_batch_groups else (case.nq,)
+    if case.per_batch_groups:
+        q_groups = torch.stack([segment_groups(case.nq, case.groups, device, case.shuffle)
+                                for _ in range(case.batch)])
+    else:
+        q_groups = segment_groups(shape_q[-1], case.groups, device, case.shuffle)
+    k_groups = None if case.nk is None else segment_groups(nk, case.groups, device, case.shuffle)
+    rules = random_rules(case.groups, set(case.kinds), case.heads if case.per_head else None)
+    pair_mask = None
+    if case.pair_mask:
+        pair_mask = torch.rand(case.batch, case.nq, nk, device=device) < 0.2
+        pair_mask[:, : case.nq // 5] = True  # some rows fully blocked by the mask alone
+    return q, k, v, q_groups, k_groups, rules, pair_mask
+
+
+def _reference(q, k, v, q_groups, k_groups, rules, pair_mask, dtype):
+    """The spec run in ``dtype`` (fp64 = truth), as a FlowAttentionOutput."""
+    k_groups = q_groups if k_groups is None else k_groups
+    out, lse, mass = flow_attention_reference(
+        q.to(dtype), k.to(dtype), v.to(dtype), q_groups, k_groups, rules.scale, rules.bias,
+        rules.weight, pair_mask, None, rules.num_groups, True)
+    tables = [t for t in (rules.scale, rules.bias, rules.weight) if t is not None]
+    del tables
+    return FlowAttentionOutput(out, lse, mass)
+
+
+def _with_tables_on(rules: FlowRules, device) -> FlowRules:
+    return FlowRules(*(None if t is None else t.to(device)
+                       for t in (rules.scale, rules.bias, rules.weight)),
+                     num_groups=rules.num_groups)
+
+
+def run_case(case: Case, dtype, device, backend="triton"):
+    q, k, v, q_groups, k_groups, rules, pair_mask = _inputs(case, dtype, device)
+    nk = k.shape[1]
+    G = case.groups
+    cotangents = (
+        torch.randn(case.batch, case.nq, case.heads, case.head_dim, device=device,
+                    dtype=torch.float64),
+        torch.randn(case.batch, case.heads, case.nq, device=device, dtype=torch.float64),
+        torch.randn(case.batch, case.heads, case.nq, G, device=device, dtype=torch.float64),
+    )
+    del nk
+    results = {}
+    for name in ("kernel", "lowprec", "truth"):
+        leaves = [t.detach().to(torch.float64 if name == "truth" else dtype).requires_grad_()
+                  for t in (q, k, v)]
+        if name == "kernel":
+            res = flow_attention(*leaves, q_groups, k_groups, rules=rules, pair_mask=pair_mask,
+                                 return_lse=True, return_mass=True, backend=backend)
+        else:
+            ref_rules = _with_tables_on(rules, device)
+            res = _reference(*leaves, q_groups, k_groups, ref_rules, pair_mask, leaves[0].dtype)
+        grads = torch.autograd.grad(weighted_loss(res, cotangents), leaves)
+        results[name] = (*res, *grads)
+    names = ("out", "lse", "mass", "dq", "dk", "dv")
+    for i, name in enumerate(names):
+        assert_within_rule(f"{case} {dtype} {name}", results["kernel"][i], results["lowprec"][i],
+                           results["truth"][i], floor_for(dtype))
+    return results
+
+
+# The interpreter mis-computes bf16 dots; bf16 is checked on a GPU.
+DTYPES_HERE = [torch.float32, torch.float16] + (
+    [torch.bfloat16] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_kernel_matches_reference(case, dtype, device):
+    run_case(case, dtype, device)
+
+
+def test_fully_blocked_rows_are_zero_with_zero_gradients(device):
+    """Queries of a group blocked from every key: out 0, mass 0, lse -inf, no NaN anywhere."""
+    n, G = 80, 3
+    q, k, v = random_qkv(1, n, n, 2, 32, torch.float32, device)
+    groups = torch.tensor([0] * 30 + [1] * 30 + [2] * 20, device=device)
+    rules = FlowRules(num_groups=G).block(src=2, dst=[0, 1, 2]).scale_logits(0, 1, 2.0)
+    res = flow_attention(q, k, v, groups, rules=rules, return_lse=True, return_mass=True,
+                         backend="triton")
+    blocked = groups == 2
+    assert torch.equal(res.out[:, blocked], torch.zeros_like(res.out[:, blocked]))
+    assert torch.isneginf(res.lse[:, :, blocked]).all()
+    assert torch.isfinite(res.lse[:, :, ~blocked]).all()
+    assert (res.mass[:, :, blocked] == 0).all()
+    dq, dk, dv = torch.autograd.grad(res.out.sum() + res.mass.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+    assert (dq[:, blocked] == 0).all()
+
+
+def test_every_key_blocked_everywhere(device):
+    q, k, v = random_qkv(1, 33, 33, 1, 16, torch.float32, device)
+    mask = torch.ones(33, 33, dtype=torch.bool, device=device)
+    res = flow_attention(q, k, v, pair_mask=mask, return_lse=True, backend="triton")
+    assert (res.out == 0).all() and torch.isneginf(res.lse).all()
+    grads = torch.autograd.grad(res.out.sum(), (q, k, v))
+    assert all((g == 0).all() for g in grads)
+
+
+def test_noncontiguous_inputs(device):
+    """Views with odd strides (a transposed [B, H, N, D] tensor, a slice of a fused qkv)."""
+    b, n, h, d = 2, 45, 3, 32
+    qkv = torch.randn(b, n, 3, h, d, device=device)
+    q, k, v = qkv.unbind(2)
+    v = torch.randn(b, h, n, d, device=device).transpose(1, 2)
+    assert not q.is_contiguous() and not v.is_contiguous()
+    groups = segment_groups(n, 3, device)
+    rules = random_rules(3, {"scale", "bias", "weight"})
+    got = flow_attention(q, k, v, groups, rules=rules, return_mass=True, backend="triton")
+    want = flow_attention(q.contiguous(), k.contiguous(), v.contiguous(), groups, rules=rules,
+                          return_mass=True, backend="reference")
+    assert max_error(got.out, want.out) < 1e-5
+    assert max_error(got.mass, want.mass) < 1e-5
+
+
+def test_plain_attention_equals_sdpa(device):
+    q, k, v = random_qkv(2, 77, 77, 2, 32, torch.float32, device, requires_grad=False)
+    got = flow_attention(q, k, v, backend="triton").out
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    assert max_error(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("block", ["16x32", "32x16", "64x64"])
+def test_block_shapes(block, monkeypatch, device):
+    """The same case through other tile shapes (the plan is rebuilt per shape)."""
+    if device.type == "cuda":
+        block += ":4:2"
+    monkeypatch.setenv("DITFLOW_TRITON_CONFIG", block)
+    run_case(Case(97, head_dim=32, groups=3, kinds=ALL, pair_mask=True), torch.float32, device)
