@@ -21,10 +21,13 @@ import triton.language as tl
 
 from .tile_plan import TilePlan, build_tile_plan
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E_FLOAT = 1.4426950408889634
+LOG2E = tl.constexpr(LOG2E_FLOAT)  # globals read inside @triton.jit must be constexpr
+LN2 = tl.constexpr(0.6931471805599453)
 MAX_GROUPS = 16
-GROUP_PAD = 16  # mass accumulators are [BLOCK_M, 16]: the smallest width tl.dot accepts
+# Mass accumulators are [BLOCK_M, 16] (the narrowest tl.dot output) and filled by a dot of the
+# weights with the keys' one-hot groups, so they live in the same layout as the output tile.
+GROUP_PAD = tl.constexpr(16)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,22 +47,43 @@ def _load_rows(ptrs, rows, n_rows, offs_d, head_dim, MASK_ROWS: tl.constexpr, EV
 
 
 @triton.jit
-def _rules(
-    Scale, Bias, Weight, table_base, gq, gk, q_grp, k_grp, NUM_GROUPS: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-    MIXED: tl.constexpr,
-):
-    """Rule values for a tile: scalars on uniform tiles, per-element gathers on mixed ones.
+def _rule_vectors(Scale, Bias, Weight, offsets, valid, HAS_SCALE: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """The table row (or column) a program's uniform tiles draw from, kept in registers so a
+    tile's rules cost a register select instead of a dependent memory load. (A program with
+    no uniform tiles loads row 0 and never reads it.)"""
+    unused = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    scale = tl.load(Scale + offsets, mask=valid, other=1.0) if HAS_SCALE else unused
+    bias = tl.load(Bias + offsets, mask=valid, other=0.0) * LOG2E if HAS_BIAS else unused
+    weight = tl.load(Weight + offsets, mask=valid, other=1.0) if HAS_WEIGHT else unused
+    return scale, bias, weight
 
-    ``q_grp``/``k_grp`` are broadcastable group-id tiles; absent tables give 1 / 0 / 1.
+
+@triton.jit
+def _select(vector, index):
+    return tl.sum(tl.where(tl.arange(0, GROUP_PAD) == index, vector, 0.0), 0)
+
+
+@triton.jit
+def _rules(
+    Scale, Bias, Weight, table_base, q_grp, k_grp, scale_vec, bias_vec, weight_vec, tile_group,
+    NUM_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, MIXED: tl.constexpr,
+):
+    """Rule values for a tile (bias in log2 units); absent tables give 1 / 0 / 1.
+
+    Uniform tiles select scalars from the preloaded vectors by ``tile_group``; mixed tiles
+    gather per element with the broadcastable group-id tiles ``q_grp``/``k_grp``.
     """
     if MIXED:
         idx = table_base + q_grp * NUM_GROUPS + k_grp
+        scale = tl.load(Scale + idx) if HAS_SCALE else 1.0
+        bias = tl.load(Bias + idx) * LOG2E if HAS_BIAS else 0.0
+        weight = tl.load(Weight + idx) if HAS_WEIGHT else 1.0
     else:
-        idx = table_base + gq * NUM_GROUPS + gk
-    scale = tl.load(Scale + idx) if HAS_SCALE else 1.0
-    bias = tl.load(Bias + idx) * LOG2E if HAS_BIAS else 0.0
-    weight = tl.load(Weight + idx) if HAS_WEIGHT else 1.0
+        scale = _select(scale_vec, tile_group) if HAS_SCALE else 1.0
+        bias = _select(bias_vec, tile_group) if HAS_BIAS else 0.0
+        weight = _select(weight_vec, tile_group) if HAS_WEIGHT else 1.0
     return scale, bias, weight
 
 
@@ -77,7 +101,7 @@ def _pair_blocked(PairBits, bits_base, stride_bits_n, q_idx, k_idx):
 
 @triton.jit
 def _fwd_tile(
-    acc, l_i, m_i, mass, q, q_grp, offs_m, n_start, gq, gk,
+    acc, l_i, m_i, mass, q, q_grp, offs_m, n_start, gk, scale_vec, bias_vec, weight_vec,
     K, V, KG, Scale, Bias, Weight, PairBits,
     k_base, v_base, kg_base, table_base, bits_base,
     stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
@@ -96,10 +120,10 @@ def _fwd_tile(
     if MIXED and HAS_GROUPS:
         k_grp = tl.load(KG + kg_base + offs_n, mask=offs_n < Nk, other=0)
     else:
-        k_grp = tl.zeros([BLOCK_N], dtype=tl.int32)
-    scale, bias, weight = _rules(Scale, Bias, Weight, table_base, gq, gk, q_grp[:, None],
-                                 k_grp[None, :], NUM_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT,
-                                 MIXED)
+        k_grp = tl.zeros([BLOCK_N], dtype=tl.int32) + gk
+    scale, bias, weight = _rules(Scale, Bias, Weight, table_base, q_grp[:, None], k_grp[None, :],
+                                 scale_vec, bias_vec, weight_vec, gk, NUM_GROUPS, HAS_SCALE,
+                                 HAS_BIAS, HAS_WEIGHT, MIXED)
     s = qk * (scale * qk_scale) + bias
     if MIXED:
         keep = (offs_n < Nk)[None, :]
@@ -116,19 +140,21 @@ def _fwd_tile(
     w = p * weight
     acc = tl.dot(w.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     if RETURN_MASS:
-        cols = tl.arange(0, 16)
+        cols = tl.arange(0, GROUP_PAD)[None, :]
+        mass = mass * alpha[:, None]
         if MIXED:
-            one_hot = (k_grp[:, None] == cols[None, :]).to(tl.float32)
-            mass = tl.dot(w, one_hot, mass * alpha[:, None], input_precision="ieee")
+            for c in tl.static_range(NUM_GROUPS):
+                in_c = tl.sum(tl.where(k_grp[None, :] == c, w, 0.0), 1)
+                mass += tl.where(cols == c, in_c[:, None], 0.0)
         else:
-            mass = mass * alpha[:, None] + tl.where(cols[None, :] == gk, tl.sum(w, 1)[:, None], 0.0)
+            mass += tl.where(cols == gk, tl.sum(w, 1)[:, None], 0.0)
     return acc, l_i, m_new, mass
 
 
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, Lse, Mass, QG, KG, Scale, Bias, Weight, PairBits,
-    QUniform, KUniform, RowCounts, RowTiles,
+    QUniform, RowCounts, RowTiles, RowGroups,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -157,37 +183,41 @@ def _fwd_kernel(
     else:
         q_grp = tl.zeros([BLOCK_M], dtype=tl.int32)
 
-    pb = b * plan_batch
-    plan_row = pb * n_row_tiles + pid_m
+    plan_row = b * plan_batch * n_row_tiles + pid_m
     gq = tl.load(QUniform + plan_row)
     n_uniform = tl.load(RowCounts + plan_row * 2)
     n_mixed = tl.load(RowCounts + plan_row * 2 + 1)
     tiles = RowTiles + plan_row * n_col_tiles
+    tile_groups = RowGroups + plan_row * n_col_tiles
 
     k_base = b * stride_kb + h * stride_kh
     v_base = b * stride_vb + h * stride_vh
     kg_base = b * stride_kgb
     table_base = h * stride_table_h
     bits_base = b * stride_bits_b
+    cols = tl.arange(0, GROUP_PAD)
+    scale_vec, bias_vec, weight_vec = _rule_vectors(
+        Scale, Bias, Weight, table_base + tl.maximum(gq, 0) * NUM_GROUPS + cols,
+        cols < NUM_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    mass = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    mass = tl.zeros([BLOCK_M, GROUP_PAD], dtype=tl.float32)
     for i in range(0, n_uniform):
         n = tl.load(tiles + i)
-        gk = tl.load(KUniform + pb * n_col_tiles + n)
+        gk = tl.load(tile_groups + i)
         acc, l_i, m_i, mass = _fwd_tile(
-            acc, l_i, m_i, mass, q, q_grp, offs_m, n * BLOCK_N, gq, gk,
+            acc, l_i, m_i, mass, q, q_grp, offs_m, n * BLOCK_N, gk, scale_vec, bias_vec, weight_vec,
             K, V, KG, Scale, Bias, Weight, PairBits,
             k_base, v_base, kg_base, table_base, bits_base,
             stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK,
             RETURN_MASS, False, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION)
-    for i in range(n_uniform, n_uniform + n_mixed):
+    for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=1):  # rare: not pipelined
         n = tl.load(tiles + i)
         acc, l_i, m_i, mass = _fwd_tile(
-            acc, l_i, m_i, mass, q, q_grp, offs_m, n * BLOCK_N, 0, 0,
+            acc, l_i, m_i, mass, q, q_grp, offs_m, n * BLOCK_N, 0, scale_vec, bias_vec, weight_vec,
             K, V, KG, Scale, Bias, Weight, PairBits,
             k_base, v_base, kg_base, table_base, bits_base,
             stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
@@ -204,7 +234,6 @@ def _fwd_kernel(
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     tl.store(Lse + pid_bh * Nq + offs_m, lse, mask=row_ok)
     if RETURN_MASS:
-        cols = tl.arange(0, 16)
         m_ptrs = Mass + (pid_bh * Nq + offs_m[:, None]) * NUM_GROUPS + cols[None, :]
         tl.store(m_ptrs, mass / l_safe[:, None], mask=row_ok[:, None] & (cols < NUM_GROUPS)[None, :])
 
@@ -238,7 +267,7 @@ def _bwd_preprocess_kernel(
     delta = tl.sum(o * do, 1)
     row = pid_bh * Nq + offs_m
     if HAS_DMASS:
-        cols = tl.arange(0, 16)
+        cols = tl.arange(0, GROUP_PAD)
         gmask = row_ok[:, None] & (cols < NUM_GROUPS)[None, :]
         offs = row[:, None] * NUM_GROUPS + cols[None, :]
         mass = tl.load(Mass + offs, mask=gmask, other=0.0)
@@ -253,7 +282,7 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dkdv_tile(
-    dk, dv, k, v, k_grp, offs_n, m_start, gq, gk,
+    dk, dv, k, v, k_grp, offs_n, m_start, gq, gk, scale_vec, bias_vec, weight_vec,
     Q, DOut, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
     q_base, do_base, row_base, qg_base, table_base, bits_base,
     stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
@@ -278,9 +307,9 @@ def _bwd_dkdv_tile(
         q_grp = tl.load(QG + qg_base + offs_m, mask=offs_m < Nq, other=0)
     else:
         q_grp = tl.zeros([BLOCK_M], dtype=tl.int32)
-    scale, bias, weight = _rules(Scale, Bias, Weight, table_base, gq, gk, q_grp[None, :],
-                                 k_grp[:, None], NUM_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT,
-                                 MIXED)
+    scale, bias, weight = _rules(Scale, Bias, Weight, table_base, q_grp[None, :], k_grp[:, None],
+                                 scale_vec, bias_vec, weight_vec, gq, NUM_GROUPS, HAS_SCALE,
+                                 HAS_BIAS, HAS_WEIGHT, MIXED)
     # Transposed tile: rows are keys, columns are queries.
     s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * (scale * qk_scale) + bias
     if MIXED:
@@ -294,13 +323,10 @@ def _bwd_dkdv_tile(
     w = p * weight
     dv = tl.dot(w.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dw = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    if HAS_DMASS:
+    if HAS_DMASS:  # dw_ij += dmass[i, group of j]
         if MIXED:
-            cols = tl.arange(0, 16)
-            dmass = tl.load(DMass + (row_base + offs_m[:, None]) * NUM_GROUPS + cols[None, :],
-                            mask=(offs_m < Nq)[:, None] & (cols < NUM_GROUPS)[None, :], other=0.0)
-            one_hot = (k_grp[:, None] == cols[None, :]).to(tl.float32)
-            dw = tl.dot(one_hot, tl.trans(dmass), dw, input_precision="ieee")
+            dw += tl.load(DMass + (row_base + offs_m[None, :]) * NUM_GROUPS + k_grp[:, None],
+                          mask=(offs_m < Nq)[None, :], other=0.0)
         else:
             dw += tl.load(DMass + (row_base + offs_m) * NUM_GROUPS + gk)[None, :]
     ds = p * (weight * dw - delta[None, :]) * scale
@@ -311,7 +337,7 @@ def _bwd_dkdv_tile(
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DOut, DK, DV, Lse2, Delta, DMass, QG, KG, Scale, Bias, Weight, PairBits,
-    QUniform, KUniform, ColCounts, ColTiles,
+    KUniform, ColCounts, ColTiles, ColGroups,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -343,12 +369,12 @@ def _bwd_dkdv_kernel(
     else:
         k_grp = tl.zeros([BLOCK_N], dtype=tl.int32)
 
-    pb = b * plan_batch
-    plan_col = pb * n_col_tiles + pid_n
+    plan_col = b * plan_batch * n_col_tiles + pid_n
     gk = tl.load(KUniform + plan_col)
     n_uniform = tl.load(ColCounts + plan_col * 2)
     n_mixed = tl.load(ColCounts + plan_col * 2 + 1)
     tiles = ColTiles + plan_col * n_row_tiles
+    tile_groups = ColGroups + plan_col * n_row_tiles
 
     q_base = b * stride_qb + h * stride_qh
     do_base = b * stride_dob + h * stride_doh
@@ -356,23 +382,27 @@ def _bwd_dkdv_kernel(
     qg_base = b * stride_qgb
     table_base = h * stride_table_h
     bits_base = b * stride_bits_b
+    cols = tl.arange(0, GROUP_PAD)
+    scale_vec, bias_vec, weight_vec = _rule_vectors(
+        Scale, Bias, Weight, table_base + cols * NUM_GROUPS + tl.maximum(gk, 0),
+        cols < NUM_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for i in range(0, n_uniform):
         m = tl.load(tiles + i)
-        gq = tl.load(QUniform + pb * n_row_tiles + m)
+        gq = tl.load(tile_groups + i)
         dk, dv = _bwd_dkdv_tile(
-            dk, dv, k, v, k_grp, offs_n, m * BLOCK_M, gq, gk,
+            dk, dv, k, v, k_grp, offs_n, m * BLOCK_M, gq, gk, scale_vec, bias_vec, weight_vec,
             Q, DOut, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
             q_base, do_base, row_base, qg_base, table_base, bits_base,
             stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
             False, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION)
-    for i in range(n_uniform, n_uniform + n_mixed):
+    for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=1):  # rare: not pipelined
         m = tl.load(tiles + i)
         dk, dv = _bwd_dkdv_tile(
-            dk, dv, k, v, k_grp, offs_n, m * BLOCK_M, 0, 0,
+            dk, dv, k, v, k_grp, offs_n, m * BLOCK_M, 0, 0, scale_vec, bias_vec, weight_vec,
             Q, DOut, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
             q_base, do_base, row_base, qg_base, table_base, bits_base,
             stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
@@ -387,9 +417,9 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_tile(
-    dq, q, do, lse2, delta, dmass, q_grp, offs_m, n_start, gq, gk,
-    K, V, KG, Scale, Bias, Weight, PairBits,
-    k_base, v_base, kg_base, table_base, bits_base,
+    dq, q, do, lse2, delta, q_grp, offs_m, n_start, gk, scale_vec, bias_vec, weight_vec,
+    K, V, KG, DMass, Scale, Bias, Weight, PairBits,
+    k_base, v_base, kg_base, row_base, table_base, bits_base,
     stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
     NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
@@ -406,9 +436,9 @@ def _bwd_dq_tile(
         k_grp = tl.load(KG + kg_base + offs_n, mask=offs_n < Nk, other=0)
     else:
         k_grp = tl.zeros([BLOCK_N], dtype=tl.int32)
-    scale, bias, weight = _rules(Scale, Bias, Weight, table_base, gq, gk, q_grp[:, None],
-                                 k_grp[None, :], NUM_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT,
-                                 MIXED)
+    scale, bias, weight = _rules(Scale, Bias, Weight, table_base, q_grp[:, None], k_grp[None, :],
+                                 scale_vec, bias_vec, weight_vec, gk, NUM_GROUPS, HAS_SCALE,
+                                 HAS_BIAS, HAS_WEIGHT, MIXED)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (scale * qk_scale) + bias
     if MIXED:
         keep = (offs_n < Nk)[None, :]
@@ -419,13 +449,13 @@ def _bwd_dq_tile(
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dw = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    if HAS_DMASS:
-        cols = tl.arange(0, 16)
+    if HAS_DMASS:  # dw_ij += dmass[i, group of j]
+        rows = row_base + offs_m
         if MIXED:
-            one_hot = (k_grp[:, None] == cols[None, :]).to(tl.float32)
-            dw = tl.dot(dmass, tl.trans(one_hot), dw, input_precision="ieee")
+            dw += tl.load(DMass + rows[:, None] * NUM_GROUPS + k_grp[None, :],
+                          mask=(offs_m < Nq)[:, None], other=0.0)
         else:
-            dw += tl.sum(tl.where(cols[None, :] == gk, dmass, 0.0), 1)[:, None]
+            dw += tl.load(DMass + rows * NUM_GROUPS + gk, mask=offs_m < Nq, other=0.0)[:, None]
     ds = p * (weight * dw - delta[:, None]) * scale
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
@@ -433,7 +463,7 @@ def _bwd_dq_tile(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DOut, DQ, Lse2, Delta, DMass, QG, KG, Scale, Bias, Weight, PairBits,
-    QUniform, KUniform, RowCounts, RowTiles,
+    QUniform, RowCounts, RowTiles, RowGroups,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -461,50 +491,48 @@ def _bwd_dq_kernel(
                    offs_m, Nq, offs_d, head_dim, True, EVEN_D)
     do = _load_rows(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
                     + offs_d[None, :], offs_m, Nq, offs_d, head_dim, True, EVEN_D)
-    row = pid_bh * Nq + offs_m
-    lse2 = tl.load(Lse2 + row, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + row, mask=row_ok, other=0.0)
-    if HAS_DMASS:
-        cols = tl.arange(0, 16)
-        dmass = tl.load(DMass + row[:, None] * NUM_GROUPS + cols[None, :],
-                        mask=row_ok[:, None] & (cols < NUM_GROUPS)[None, :], other=0.0)
-    else:
-        dmass = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    row_base = pid_bh * Nq
+    lse2 = tl.load(Lse2 + row_base + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
     if HAS_GROUPS:
         q_grp = tl.load(QG + b * stride_qgb + offs_m, mask=row_ok, other=0)
     else:
         q_grp = tl.zeros([BLOCK_M], dtype=tl.int32)
 
-    pb = b * plan_batch
-    plan_row = pb * n_row_tiles + pid_m
+    plan_row = b * plan_batch * n_row_tiles + pid_m
     gq = tl.load(QUniform + plan_row)
     n_uniform = tl.load(RowCounts + plan_row * 2)
     n_mixed = tl.load(RowCounts + plan_row * 2 + 1)
     tiles = RowTiles + plan_row * n_col_tiles
+    tile_groups = RowGroups + plan_row * n_col_tiles
 
     k_base = b * stride_kb + h * stride_kh
     v_base = b * stride_vb + h * stride_vh
     kg_base = b * stride_kgb
     table_base = h * stride_table_h
     bits_base = b * stride_bits_b
+    cols = tl.arange(0, GROUP_PAD)
+    scale_vec, bias_vec, weight_vec = _rule_vectors(
+        Scale, Bias, Weight, table_base + tl.maximum(gq, 0) * NUM_GROUPS + cols,
+        cols < NUM_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for i in range(0, n_uniform):
         n = tl.load(tiles + i)
-        gk = tl.load(KUniform + pb * n_col_tiles + n)
+        gk = tl.load(tile_groups + i)
         dq = _bwd_dq_tile(
-            dq, q, do, lse2, delta, dmass, q_grp, offs_m, n * BLOCK_N, gq, gk,
-            K, V, KG, Scale, Bias, Weight, PairBits,
-            k_base, v_base, kg_base, table_base, bits_base,
+            dq, q, do, lse2, delta, q_grp, offs_m, n * BLOCK_N, gk, scale_vec, bias_vec, weight_vec,
+            K, V, KG, DMass, Scale, Bias, Weight, PairBits,
+            k_base, v_base, kg_base, row_base, table_base, bits_base,
             stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
             False, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION)
-    for i in range(n_uniform, n_uniform + n_mixed):
+    for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=1):  # rare: not pipelined
         n = tl.load(tiles + i)
         dq = _bwd_dq_tile(
-            dq, q, do, lse2, delta, dmass, q_grp, offs_m, n * BLOCK_N, 0, 0,
-            K, V, KG, Scale, Bias, Weight, PairBits,
-            k_base, v_base, kg_base, table_base, bits_base,
+            dq, q, do, lse2, delta, q_grp, offs_m, n * BLOCK_N, 0, scale_vec, bias_vec, weight_vec,
+            K, V, KG, DMass, Scale, Bias, Weight, PairBits,
+            k_base, v_base, kg_base, row_base, table_base, bits_base,
             stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
             True, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION)
@@ -549,10 +577,12 @@ def _default_configs(head_dim: int, dtype: torch.dtype, device: torch.device) ->
     if head_dim > 128 or dtype == torch.float32:
         return FlowConfigs(KernelConfig(64, 32, 4, 2), KernelConfig(32, 32, 4, 2),
                            KernelConfig(32, 32, 4, 2))
+    # Measured on an H100 at the Kontext 1024² shape (bf16, D=128, rules + mass), see
+    # benchmarks/results/sweep-*.json: 128x128/8 warps/2 stages forward, 64x64/4/3 backward.
     return FlowConfigs(
-        forward=KernelConfig(128, 64, 8, 3),
-        backward_dkdv=KernelConfig(64, 128, 8, 2),
-        backward_dq=KernelConfig(128, 64, 8, 2),
+        forward=KernelConfig(128, 128, 8, 2),
+        backward_dkdv=KernelConfig(64, 64, 4, 3),
+        backward_dq=KernelConfig(64, 64, 4, 3),
     )
 
 
@@ -678,7 +708,7 @@ def flow_attention_forward(
     grid = (triton.cdiv(nq, cfg.block_m), batch * heads)
     _fwd_kernel[grid](
         q, k, v, out, lse, mass_arg, qg, kg, scale, bias, weight, bits,
-        plan.q_uniform_group, plan.k_uniform_group, plan.row_counts, plan.row_tiles,
+        plan.q_uniform_group, plan.row_counts, plan.row_tiles, plan.row_groups,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -686,7 +716,7 @@ def flow_attention_forward(
         _batch_stride(inputs.q_groups), _batch_stride(inputs.k_groups),
         inputs.table_head_stride(), _batch_stride(inputs.pair_bits),
         0 if inputs.pair_bits is None else inputs.pair_bits.stride(1),
-        _plan_batch(plan), heads, nq, nk, head_dim, softmax_scale * LOG2E,
+        _plan_batch(plan), heads, nq, nk, head_dim, softmax_scale * LOG2E_FLOAT,
         **inputs.flags(), RETURN_MASS=return_mass, EVEN_D=head_dim == block_d,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         DOT_PRECISION=_dot_precision(q.dtype),
@@ -745,29 +775,29 @@ def flow_attention_backward(
     cfg = configs.backward_dkdv
     _bwd_dkdv_kernel[(triton.cdiv(nk, cfg.block_n), batch * heads)](
         q, k, v, dout, dk, dv, lse2, delta, dmass_arg, qg, kg, scale, bias, weight, bits,
-        dkdv_plan.q_uniform_group, dkdv_plan.k_uniform_group, dkdv_plan.col_counts,
-        dkdv_plan.col_tiles,
+        dkdv_plan.k_uniform_group, dkdv_plan.col_counts, dkdv_plan.col_tiles,
+        dkdv_plan.col_groups,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         *group_and_mask_strides,
-        _plan_batch(dkdv_plan), heads, nq, nk, head_dim, softmax_scale * LOG2E, softmax_scale,
+        _plan_batch(dkdv_plan), heads, nq, nk, head_dim, softmax_scale * LOG2E_FLOAT, softmax_scale,
         **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     cfg = configs.backward_dq
     _bwd_dq_kernel[(triton.cdiv(nq, cfg.block_m), batch * heads)](
         q, k, v, dout, dq, lse2, delta, dmass_arg, qg, kg, scale, bias, weight, bits,
-        dq_plan.q_uniform_group, dq_plan.k_uniform_group, dq_plan.row_counts, dq_plan.row_tiles,
+        dq_plan.q_uniform_group, dq_plan.row_counts, dq_plan.row_tiles, dq_plan.row_groups,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         *group_and_mask_strides,
-        _plan_batch(dq_plan), heads, nq, nk, head_dim, softmax_scale * LOG2E, softmax_scale,
+        _plan_batch(dq_plan), heads, nq, nk, head_dim, softmax_scale * LOG2E_FLOAT, softmax_scale,
         **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -29,8 +29,10 @@ class TilePlan:
 
     ``row_*`` lists key tiles per query tile (forward and dq), ``col_*`` lists query tiles per
     key tile (dk/dv). ``*_counts[..., 0]`` is the number of uniform tiles, ``[..., 1]`` the
-    number of mixed ones; the tile indices follow in that order. The leading dimension is 1
-    when the layout is shared by the whole batch.
+    number of mixed ones; the tile indices follow in that order, and ``*_groups`` holds the
+    single group of each listed tile (-1 for mixed ones), so a kernel reads it by list position
+    instead of through the tile index. The leading dimension is 1 when the layout is shared by
+    the whole batch.
     """
 
     block_m: int
@@ -39,8 +41,10 @@ class TilePlan:
     k_uniform_group: torch.Tensor  # [P, Nt]
     row_counts: torch.Tensor  # [P, Mt, 2]
     row_tiles: torch.Tensor  # [P, Mt, Nt]
+    row_groups: torch.Tensor  # [P, Mt, Nt]
     col_counts: torch.Tensor  # [P, Nt, 2]
     col_tiles: torch.Tensor  # [P, Nt, Mt]
+    col_groups: torch.Tensor  # [P, Nt, Mt]
 
     @property
     def batched(self) -> bool:
@@ -126,13 +130,19 @@ def build_tile_plan(
     row_counts, row_tiles = _visit_lists(tile_class)
     col_counts, col_tiles = _visit_lists(tile_class.transpose(1, 2))
     batch = tile_class.shape[0]
+    q_uniform = q_uniform.expand(batch, -1).contiguous()
+    k_uniform = k_uniform.expand(batch, -1).contiguous()
     return TilePlan(
         block_m=block_m,
         block_n=block_n,
-        q_uniform_group=q_uniform.expand(batch, -1).contiguous(),
-        k_uniform_group=k_uniform.expand(batch, -1).contiguous(),
+        q_uniform_group=q_uniform,
+        k_uniform_group=k_uniform,
         row_counts=row_counts,
         row_tiles=row_tiles,
+        row_groups=torch.gather(k_uniform[:, None, :].expand_as(row_tiles), 2,
+                                row_tiles.long()).contiguous(),
         col_counts=col_counts,
         col_tiles=col_tiles,
+        col_groups=torch.gather(q_uniform[:, None, :].expand_as(col_tiles), 2,
+                                col_tiles.long()).contiguous(),
     )

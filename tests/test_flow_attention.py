@@ -87,26 +87,17 @@ def _inputs(case: Case, dtype, device):
     return q, k, v, q_groups, k_groups, rules, pair_mask
 
 
-def _reference(q, k, v, q_groups, k_groups, rules, pair_mask, dtype):
-    """The spec run in ``dtype`` (fp64 = truth), as a FlowAttentionOutput."""
+def _reference(q, k, v, q_groups, k_groups, rules, pair_mask):
+    """The spec run in q's dtype (fp64 = truth), as a FlowAttentionOutput."""
     k_groups = q_groups if k_groups is None else k_groups
     out, lse, mass = flow_attention_reference(
-        q.to(dtype), k.to(dtype), v.to(dtype), q_groups, k_groups, rules.scale, rules.bias,
-        rules.weight, pair_mask, None, rules.num_groups, True)
-    tables = [t for t in (rules.scale, rules.bias, rules.weight) if t is not None]
-    del tables
+        q, k, v, q_groups, k_groups, *rules.tables_on(q.device), pair_mask, None,
+        rules.num_groups, True)
     return FlowAttentionOutput(out, lse, mass)
-
-
-def _with_tables_on(rules: FlowRules, device) -> FlowRules:
-    return FlowRules(*(None if t is None else t.to(device)
-                       for t in (rules.scale, rules.bias, rules.weight)),
-                     num_groups=rules.num_groups)
 
 
 def run_case(case: Case, dtype, device, backend="triton"):
     q, k, v, q_groups, k_groups, rules, pair_mask = _inputs(case, dtype, device)
-    nk = k.shape[1]
     G = case.groups
     cotangents = (
         torch.randn(case.batch, case.nq, case.heads, case.head_dim, device=device,
@@ -114,7 +105,6 @@ def run_case(case: Case, dtype, device, backend="triton"):
         torch.randn(case.batch, case.heads, case.nq, device=device, dtype=torch.float64),
         torch.randn(case.batch, case.heads, case.nq, G, device=device, dtype=torch.float64),
     )
-    del nk
     results = {}
     for name in ("kernel", "lowprec", "truth"):
         leaves = [t.detach().to(torch.float64 if name == "truth" else dtype).requires_grad_()
@@ -123,8 +113,7 @@ def run_case(case: Case, dtype, device, backend="triton"):
             res = flow_attention(*leaves, q_groups, k_groups, rules=rules, pair_mask=pair_mask,
                                  return_lse=True, return_mass=True, backend=backend)
         else:
-            ref_rules = _with_tables_on(rules, device)
-            res = _reference(*leaves, q_groups, k_groups, ref_rules, pair_mask, leaves[0].dtype)
+            res = _reference(*leaves, q_groups, k_groups, rules, pair_mask)
         grads = torch.autograd.grad(weighted_loss(res, cotangents), leaves)
         results[name] = (*res, *grads)
     names = ("out", "lse", "mass", "dq", "dk", "dv")
