@@ -22,6 +22,7 @@ class TensorMemo:
     def __init__(self, max_entries: int = 64):
         self._entries: OrderedDict = OrderedDict()
         self._max_entries = max_entries
+        self.misses = 0
 
     def get(self, sources: Sequence[torch.Tensor | None], extra: Hashable,
             compute: Callable[[], T]) -> T:
@@ -37,6 +38,7 @@ class TensorMemo:
             if alive and cached_versions == versions:
                 self._entries.move_to_end(key)
                 return value
+        self.misses += 1
         value = compute()
         refs = tuple(None if t is None else weakref.ref(t) for t in sources)
         self._entries[key] = (refs, versions, value)

@@ -73,20 +73,21 @@ def _normalise_groups(name: str, groups: Tensor, batch: int, n: int, num_groups:
         raise TypeError(f"{name}: expected an integer dtype, got {groups.dtype}")
     if groups.device != device:
         raise ValueError(f"{name} is on {groups.device} but q is on {device}")
-    if groups.dim() == 1:
-        groups = groups.unsqueeze(0)
-    if groups.dim() != 2 or groups.shape[1] != n or groups.shape[0] not in (1, batch):
+    shaped = groups.unsqueeze(0) if groups.dim() == 1 else groups
+    if shaped.dim() != 2 or shaped.shape[1] != n or shaped.shape[0] not in (1, batch):
         raise ValueError(f"{name}: expected shape [{n}] or [1 or {batch}, {n}], "
                          f"got {tuple(groups.shape)}")
 
     def checked() -> Tensor:
         if not torch.compiler.is_compiling():
-            low, high = torch.stack([groups.min(), groups.max()]).tolist()
+            low, high = torch.stack([shaped.min(), shaped.max()]).tolist()
             if low < 0 or high >= num_groups:
                 raise ValueError(f"{name}: group ids span [{low}, {high}] but the rules have "
                                  f"{num_groups} groups (ids must be in [0, {num_groups}))")
-        return groups.to(torch.int32).contiguous()
+        return shaped.to(torch.int32).contiguous()
 
+    # Keyed on the caller's tensor, so a layout reused across calls is checked, converted and
+    # planned once (the memo downstream keys on the tensor returned here).
     return _checked_groups.get((groups,), num_groups, checked)
 
 
