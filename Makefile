@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint bench clean
+.PHONY: setup demo test lint bench clean
 
 $(VENV)/.ready: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,9 @@ $(VENV)/.ready: pyproject.toml setup.py
 
 setup: $(VENV)/.ready
 
+demo: setup
+	$(VENV)/bin/ditflow demo
+
 test: setup
 	$(VENV)/bin/ruff check .
 	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_ARGS)
@@ -26,7 +29,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 bench: setup
-	$(PY) -m pytest benchmarks --benchmark-enable
+	TRITON_INTERPRET=1 $(PY) -m pytest benchmarks --benchmark-enable
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -164,6 +164,9 @@ def flow_attention(
     pair_bits = None if pair_mask is None else _pack_mask(pair_mask, batch, nq, nk, q.device)
     tables = (None, None, None) if rules is None else rules.tables_on(q.device)
     name = resolve_backend(backend, q.device)
+    if name == "triton" and q.dtype == torch.float64:
+        raise TypeError("float64 inputs run on backend='reference' only (the Triton kernels take "
+                        "float16, bfloat16 and float32)")
     if scale is None:
         scale = head_dim**-0.5
     out, lse, mass = ops.flow_attention_fwd(

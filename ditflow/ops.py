@@ -96,6 +96,11 @@ def _triton_backward(dout, dlse, dmass, q, k, v, out, lse, mass, inputs, softmax
 # ------------------------------------------------------------------------------------------------
 
 
+def _stat_dtype(q: Tensor) -> torch.dtype:
+    """lse and mass are fp32, or fp64 for fp64 inputs (the reference backend's gradchecks)."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def _upcast(*tensors):
     return [t if t is None or t.dtype == torch.float64 else t.float() for t in tensors]
 
@@ -123,7 +128,8 @@ def flow_attention_fwd(
     pair_bits: Tensor | None,
     softmax_scale: float, num_groups: int, return_mass: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (out [B,Nq,H,D], lse [B,H,Nq] fp32, mass [B,H,Nq,G] fp32 or an empty tensor)."""
+    """Returns (out [B,Nq,H,D], lse [B,H,Nq], mass [B,H,Nq,G] or an empty tensor); lse and
+    mass are fp32 (fp64 for fp64 inputs)."""
     if backend == "triton":
         inputs = _flow_inputs(_kernels(), num_groups, q_groups, k_groups, scale_table,
                               bias_table, weight_table, pair_bits)
@@ -133,18 +139,20 @@ def flow_attention_fwd(
         qf, kf, vf, return_mass=return_mass,
         **_reference_kwargs(q_groups, k_groups, scale_table, bias_table, weight_table, pair_bits,
                             k.shape[1], softmax_scale, num_groups))
-    empty = lse.new_empty(0, dtype=torch.float32)
-    return (out.to(q.dtype), lse.float(), mass.float() if return_mass else empty)
+    stat = _stat_dtype(q)
+    mass = mass.to(stat) if return_mass else lse.new_empty(0, dtype=stat)
+    return out.to(q.dtype), lse.to(stat), mass
 
 
 @flow_attention_fwd.register_fake
 def _(q, k, v, q_groups, k_groups, scale_table, bias_table, weight_table, pair_bits,
       softmax_scale, num_groups, return_mass, backend):
     batch, nq, heads, _ = q.shape
+    stat = _stat_dtype(q)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = q.new_empty(batch, heads, nq, dtype=torch.float32)
-    mass = (q.new_empty(batch, heads, nq, num_groups, dtype=torch.float32) if return_mass
-            else q.new_empty(0, dtype=torch.float32))
+    lse = q.new_empty(batch, heads, nq, dtype=stat)
+    mass = q.new_empty(batch, heads, nq, num_groups, dtype=stat) if return_mass else q.new_empty(
+        0, dtype=stat)
     return out, lse, mass
 
 

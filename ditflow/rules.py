@@ -81,6 +81,7 @@ class FlowRules:
         if len(heads) > 1:
             raise ValueError(f"FlowRules: per-head tables disagree on the head count ({heads})")
         self._num_groups = groups
+        self._num_heads = max([t.shape[0] for t in tables.values()] + [1])
         self._tables: dict[str, torch.Tensor] = tables
         self._on_device: dict[torch.device, tuple] = {}
 
@@ -91,7 +92,7 @@ class FlowRules:
     @property
     def num_heads(self) -> int:
         """1 when the rules are shared by all heads, H for per-head rules."""
-        return max((t.shape[0] for t in self._tables.values()), default=1)
+        return self._num_heads
 
     @property
     def scale(self) -> torch.Tensor | None:

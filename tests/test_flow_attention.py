@@ -20,6 +20,8 @@ from helpers import (
     segment_groups,
     weighted_loss,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ditflow import FlowRules, flow_attention
 from ditflow.functional import FlowAttentionOutput
@@ -72,12 +74,11 @@ CASES = [
 def _inputs(case: Case, dtype, device):
     nk = case.nk or case.nq
     q, k, v = random_qkv(case.batch, case.nq, nk, case.heads, case.head_dim, dtype, device)
-    shape_q = (case.batch, case.nq) if case.per_batch_groups else (case.nq,)
     if case.per_batch_groups:
         q_groups = torch.stack([segment_groups(case.nq, case.groups, device, case.shuffle)
                                 for _ in range(case.batch)])
     else:
-        q_groups = segment_groups(shape_q[-1], case.groups, device, case.shuffle)
+        q_groups = segment_groups(case.nq, case.groups, device, case.shuffle)
     k_groups = None if case.nk is None else segment_groups(nk, case.groups, device, case.shuffle)
     rules = random_rules(case.groups, set(case.kinds), case.heads if case.per_head else None)
     pair_mask = None
@@ -192,3 +193,31 @@ def test_block_shapes(block, monkeypatch, device):
         block += ":4:2"
     monkeypatch.setenv("DITFLOW_TRITON_CONFIG", block)
     run_case(Case(97, head_dim=32, groups=3, kinds=ALL, pair_mask=True), torch.float32, device)
+
+
+@settings(max_examples=12, deadline=None, derandomize=False)
+@given(
+    nq=st.sampled_from([1, 16, 33, 70]),
+    nk=st.sampled_from([1, 16, 33, 70]),
+    head_dim=st.sampled_from([16, 32]),
+    groups=st.integers(1, 16),
+    kinds=st.sets(st.sampled_from(sorted(ALL))),
+    pair_mask=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_layouts_forward(nq, nk, head_dim, groups, kinds, pair_mask, seed):
+    """Random shapes, group counts, rule kinds and masks: forward outputs against the spec."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    q, k, v = random_qkv(1, nq, nk, 2, head_dim, torch.float32, device, requires_grad=False)
+    q_groups = segment_groups(nq, groups, device, shuffle=True)
+    k_groups = segment_groups(nk, groups, device, shuffle=True)
+    rules = random_rules(groups, kinds)
+    mask = torch.rand(1, nq, nk, device=device) < 0.3 if pair_mask else None
+    got = flow_attention(q, k, v, q_groups, k_groups, rules=rules, pair_mask=mask,
+                         return_lse=True, return_mass=True, backend="triton")
+    want = flow_attention_reference(q.double(), k.double(), v.double(), q_groups[None],
+                                    k_groups[None], *rules.tables_on(device), mask, None,
+                                    groups, True)
+    for actual, truth in zip(got, want, strict=True):
+        assert max_error(actual, truth) < 1e-4

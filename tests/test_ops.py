@@ -1,0 +1,71 @@
+"""The registered torch.library ops: opcheck, torch.compile, caching of layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import random_qkv, random_rules, segment_groups
+
+from ditflow import flow_attention, functional, ops
+from ditflow.rules import FlowRules
+
+
+def _op_args(backend, device, dtype=torch.float32, with_mask=True):
+    q, k, v = random_qkv(1, 37, 37, 2, 16, dtype, device)
+    groups = segment_groups(37, 3, device).to(torch.int32)[None]
+    rules = random_rules(3, {"scale", "bias", "block", "weight"})
+    bits = ops.pack_pair_mask(torch.rand(1, 37, 37, device=device) < 0.2) if with_mask else None
+    return (q, k, v, groups, groups, *rules.tables_on(device), bits, 0.25, 3, True, backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_opcheck_forward(backend, device):
+    torch.library.opcheck(ops.flow_attention_fwd, _op_args(backend, device))
+
+
+def test_opcheck_backward(device):
+    q, k, v, qg, kg, scale, bias, weight, bits, tau, groups, _, _ = _op_args("triton", device)
+    q, k, v = q.detach(), k.detach(), v.detach()  # the backward op has no double backward
+    out, lse, mass = ops.flow_attention_fwd(q, k, v, qg, kg, scale, bias, weight, bits, tau,
+                                            groups, True, "triton")
+    args = (torch.randn_like(out), torch.randn_like(lse), torch.randn_like(mass), q, k, v, out,
+            lse, mass, qg, kg, scale, bias, weight, bits, tau, groups, "triton")
+    torch.library.opcheck(ops.flow_attention_bwd, args)
+
+
+def test_pack_unpack_pair_mask_round_trip():
+    mask = torch.rand(2, 5, 77) < 0.5
+    bits = ops.pack_pair_mask(mask)
+    assert bits.dtype == torch.int32 and bits.shape == (2, 5, 3)
+    assert torch.equal(ops.unpack_pair_bits(bits, 77), mask)
+
+
+def test_reused_layout_is_checked_and_planned_once(device):
+    q, k, v = random_qkv(1, 70, 70, 2, 16, torch.float32, device)
+    groups = segment_groups(70, 2, device)
+    rules = FlowRules(num_groups=2).scale_logits(0, 1, 2.0)
+    flow_attention(q, k, v, groups, rules=rules, return_mass=True, backend="triton")
+    misses = (ops._plans.misses, functional._checked_groups.misses)
+    flow_attention(q, k, v, groups, rules=rules, return_mass=True, backend="triton")
+    assert (ops._plans.misses, functional._checked_groups.misses) == misses
+    groups.add_(0)  # an in-place change invalidates the cached check and plan
+    flow_attention(q, k, v, groups, rules=rules, return_mass=True, backend="triton")
+    assert ops._plans.misses > misses[0] and functional._checked_groups.misses > misses[1]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compile_fullgraph(backend, device):
+    """torch.compile(fullgraph=True) of a function calling the op: forward and gradients."""
+    q, k, v = random_qkv(1, 40, 40, 2, 16, torch.float32, device)
+    groups = segment_groups(40, 3, device)
+    rules = random_rules(3, {"scale", "bias", "weight"})
+
+    def loss(q, k, v):
+        res = flow_attention(q, k, v, groups, rules=rules, return_mass=True, backend=backend)
+        return res.out.square().sum() + res.mass[..., 2].sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    want = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

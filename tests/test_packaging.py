@@ -1,0 +1,26 @@
+"""kernels/ installs as ditflow.kernels, from an editable install and from a built wheel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import ditflow.kernels
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_editable_install_maps_kernels():
+    assert Path(ditflow.kernels.__file__).resolve().parent == ROOT / "kernels"
+
+
+def test_wheel_contains_kernels_as_subpackage(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path), str(ROOT)], check=True)
+    (wheel,) = tmp_path.glob("ditflow-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in ("__init__", "flow_attention", "tile_plan"):
+        assert f"ditflow/kernels/{module}.py" in names
+    assert not any(name.startswith("kernels/") for name in names)

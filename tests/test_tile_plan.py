@@ -1,0 +1,72 @@
+"""Tile classification: blocked tiles are never visited, uniform tiles need no checks."""
+
+from __future__ import annotations
+
+import torch
+from ditflow.kernels import BLOCKED, MIXED, UNIFORM, build_tile_plan
+
+from ditflow.ops import pack_pair_mask
+
+TEXT, TARGET, CONTEXT = 0, 1, 2
+
+
+def _classes(plan, batch=0):
+    """Dense [Mt, Nt] class map rebuilt from the row visit lists."""
+    mt, nt = plan.row_tiles.shape[1:]
+    classes = torch.full((mt, nt), BLOCKED)
+    for m in range(mt):
+        n_uniform, n_mixed = plan.row_counts[batch, m].tolist()
+        tiles = plan.row_tiles[batch, m].tolist()
+        for n in tiles[:n_uniform]:
+            classes[m, n] = UNIFORM
+        for n in tiles[n_uniform:n_uniform + n_mixed]:
+            classes[m, n] = MIXED
+    return classes
+
+
+def test_kontext_layout_with_blocked_context():
+    # [text 32 | target 64 | context 64] in 32-token tiles; target queries never see context.
+    groups = torch.tensor([TEXT] * 32 + [TARGET] * 64 + [CONTEXT] * 64, dtype=torch.int32)[None]
+    allowed = torch.ones(3, 3, dtype=torch.bool)
+    allowed[TARGET, CONTEXT] = False
+    plan = build_tile_plan(160, 160, 32, 32, torch.device("cpu"), 3, groups, groups, allowed)
+    classes = _classes(plan)
+    assert (classes[1:3, 3:5] == BLOCKED).all()  # target rows x context columns
+    assert (classes[classes != BLOCKED] == UNIFORM).all()  # boundaries align with tiles
+    assert plan.q_uniform_group[0].tolist() == [0, 1, 1, 2, 2]
+    # uniform tiles carry the key group of their column, by list position
+    m = 1
+    n_uniform = plan.row_counts[0, m, 0]
+    for n, g in zip(plan.row_tiles[0, m, :n_uniform], plan.row_groups[0, m, :n_uniform],
+                    strict=True):
+        assert plan.k_uniform_group[0, n] == g
+    # the column lists are the transpose
+    cols = plan.col_counts[0, :, 0] + plan.col_counts[0, :, 1]
+    assert cols.tolist() == (classes != BLOCKED).sum(0).tolist()
+
+
+def test_ragged_tails_and_group_boundaries_are_mixed():
+    groups = torch.tensor([0] * 40 + [1] * 30, dtype=torch.int32)[None]  # 70 tokens, boundary 40
+    plan = build_tile_plan(70, 70, 32, 32, torch.device("cpu"), 2, groups, groups)
+    classes = _classes(plan)
+    assert classes[0, 0] == UNIFORM
+    assert (classes[1, :] == MIXED).all()  # the tile holding the boundary
+    assert (classes[:, 2] == MIXED).all()  # the ragged last column tile
+    assert (classes[2, :] == MIXED).all()  # the ragged last row tile
+
+
+def test_pair_mask_blocks_and_mixes_tiles():
+    mask = torch.zeros(1, 64, 64, dtype=torch.bool)
+    mask[:, :32, :32] = True  # a whole tile
+    mask[:, 40, 50] = True  # one pair
+    plan = build_tile_plan(64, 64, 32, 32, torch.device("cpu"), pair_bits=pack_pair_mask(mask))
+    assert _classes(plan).tolist() == [[BLOCKED, UNIFORM], [UNIFORM, MIXED]]
+
+
+def test_per_batch_layouts():
+    groups = torch.tensor([[0] * 32 + [1] * 32, [1] * 64], dtype=torch.int32)
+    allowed = torch.tensor([[True, False], [True, True]])
+    plan = build_tile_plan(64, 64, 32, 32, torch.device("cpu"), 2, groups, groups, allowed)
+    assert plan.batched
+    assert _classes(plan, 0).tolist() == [[UNIFORM, BLOCKED], [UNIFORM, UNIFORM]]
+    assert (_classes(plan, 1) == UNIFORM).all()

@@ -1,0 +1,99 @@
+"""Bad input gets a clear error naming the argument and what was expected."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ditflow import FlowRules, flow_attention
+
+
+def qkv(b=1, n=8, h=2, d=16, dtype=torch.float32):
+    return [torch.randn(b, n, h, d, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda q, k, v: (q[0], k, v), ValueError, r"q: expected shape \[B, N, H, D\]"),
+        (lambda q, k, v: (q, k[:, :, :1], v), ValueError, r"k: shape .* does not match q"),
+        (lambda q, k, v: (q, k, v[:, :5]), ValueError, "k and v differ in length"),
+        (lambda q, k, v: (q.long(), k, v), TypeError, "q: expected float16"),
+        (lambda q, k, v: (q, k.half(), v), TypeError, "q, k, v must share a dtype"),
+        (lambda q, k, v: (q, k, v.to("meta")), ValueError, "one device"),
+        (lambda q, k, v: (q, k, [1, 2]), TypeError, "v: expected a tensor"),
+    ],
+)
+def test_bad_qkv(mutate, error, match):
+    with pytest.raises(error, match=match):
+        flow_attention(*mutate(*qkv()))
+
+
+def test_head_dim_limit():
+    with pytest.raises(ValueError, match="head_dim 300"):
+        flow_attention(*qkv(d=300))
+
+
+def test_group_ids_out_of_range():
+    rules = FlowRules(num_groups=3)
+    with pytest.raises(ValueError, match=r"q_groups: group ids span \[0, 3\].*3 groups"):
+        flow_attention(*qkv(), torch.tensor([0, 1, 2, 3, 0, 0, 0, 0]), rules=rules)
+    with pytest.raises(ValueError, match=r"k_groups: group ids span \[-1, 0\]"):
+        flow_attention(*qkv(), torch.zeros(8, dtype=torch.long),
+                       torch.tensor([0] * 7 + [-1]), rules=rules)
+
+
+def test_group_shape_and_dtype():
+    rules = FlowRules(num_groups=2)
+    with pytest.raises(ValueError, match=r"q_groups: expected shape \[8\] or \[1 or 1, 8\]"):
+        flow_attention(*qkv(), torch.zeros(7, dtype=torch.long), rules=rules)
+    with pytest.raises(TypeError, match="q_groups: expected an integer dtype"):
+        flow_attention(*qkv(), torch.zeros(8), rules=rules)
+    with pytest.raises(ValueError, match="k_groups is required when Nq != Nk"):
+        q, k, v = qkv()
+        flow_attention(q, k[:, :4], v[:, :4], torch.zeros(8, dtype=torch.long), rules=rules)
+
+
+def test_rules_tables():
+    with pytest.raises(ValueError, match=r"FlowRules scale: expected shape \[G, G\]"):
+        FlowRules(scale=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="disagree on the number of groups"):
+        FlowRules(scale=torch.ones(2, 2), bias=torch.zeros(3, 3))
+    with pytest.raises(ValueError, match=r"supports 1\.\.16"):
+        FlowRules(num_groups=17)
+    with pytest.raises(ValueError, match=r"\+inf is not allowed"):
+        FlowRules(bias=torch.full((2, 2), float("inf")))
+    with pytest.raises(ValueError, match="weight: must be finite"):
+        FlowRules(weight=torch.full((2, 2), float("inf")))
+    with pytest.raises(TypeError, match="expected a floating tensor"):
+        FlowRules(scale=torch.ones(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"src=5: expected group ids in \[0, 3\)"):
+        FlowRules(num_groups=3).block(5, 0)
+    with pytest.raises(ValueError, match="per-head edits need num_heads"):
+        FlowRules(num_groups=3).block(0, 1, heads=[0])
+    with pytest.raises(ValueError, match="per head for 3 heads but q has 2"):
+        flow_attention(*qkv(), rules=FlowRules(scale=torch.ones(3, 2, 2)))
+    with pytest.raises(TypeError, match="rules: expected FlowRules"):
+        flow_attention(*qkv(), rules=torch.ones(2, 2))
+
+
+def test_pair_mask():
+    with pytest.raises(TypeError, match="pair_mask: expected a bool tensor"):
+        flow_attention(*qkv(), pair_mask=torch.zeros(8, 8))
+    with pytest.raises(ValueError, match=r"pair_mask: expected shape \[8, 8\]"):
+        flow_attention(*qkv(), pair_mask=torch.zeros(8, 7, dtype=torch.bool))
+
+
+def test_backend_choice(monkeypatch):
+    with pytest.raises(ValueError, match="backend='cuda': expected one of"):
+        flow_attention(*qkv(), backend="cuda")
+    monkeypatch.setenv("DITFLOW_BACKEND", "nope")
+    with pytest.raises(ValueError, match="backend='nope'"):
+        flow_attention(*qkv())
+    monkeypatch.delenv("DITFLOW_BACKEND")
+    with pytest.raises(TypeError, match="float64 inputs run on backend='reference' only"):
+        flow_attention(*qkv(dtype=torch.float64), backend="triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="set TRITON_INTERPRET=1"):
+            flow_attention(*qkv(), backend="triton")
