@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import ops
 from ._memo import TensorMemo
-from .rules import MAX_GROUPS, FlowRules
+from .rules import FlowRules
 
 _checked_groups = TensorMemo()
 _packed_masks = TensorMemo()
@@ -148,8 +148,6 @@ def flow_attention(
     if rules is not None and not isinstance(rules, FlowRules):
         raise TypeError(f"rules: expected FlowRules, got {type(rules).__name__}")
     num_groups = 1 if rules is None else rules.num_groups
-    if num_groups > MAX_GROUPS:
-        raise ValueError(f"{num_groups} groups; ditflow supports at most {MAX_GROUPS}")
     if rules is not None and rules.num_heads not in (1, heads):
         raise ValueError(f"rules are per head for {rules.num_heads} heads but q has {heads}")
     if k_groups is None and q_groups is not None:

@@ -61,10 +61,6 @@ def _unit_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _flow_inputs(kernels, num_groups, q_groups, k_groups, scale, bias, weight, pair_bits):
-    return kernels.FlowInputs(num_groups, q_groups, k_groups, scale, bias, weight, pair_bits)
-
-
 def _plan(kernels, inputs, nq: int, nk: int, cfg, device):
     sources = (inputs.q_groups, inputs.k_groups, inputs.bias, inputs.pair_bits)
     extra = (nq, nk, cfg.block_m, cfg.block_n, str(device))
@@ -131,8 +127,8 @@ def flow_attention_fwd(
     """Returns (out [B,Nq,H,D], lse [B,H,Nq], mass [B,H,Nq,G] or an empty tensor); lse and
     mass are fp32 (fp64 for fp64 inputs)."""
     if backend == "triton":
-        inputs = _flow_inputs(_kernels(), num_groups, q_groups, k_groups, scale_table,
-                              bias_table, weight_table, pair_bits)
+        inputs = _kernels().FlowInputs(num_groups, q_groups, k_groups, scale_table, bias_table,
+                                       weight_table, pair_bits)
         return _triton_forward(q, k, v, inputs, softmax_scale, return_mass)
     qf, kf, vf = _upcast(q, k, v)
     out, lse, mass = reference.flow_attention_reference(
@@ -168,8 +164,8 @@ def flow_attention_bwd(
     """Returns (dq, dk, dv) given dO and the optional LSE / mass cotangents."""
     dout = dout.to(q.dtype)
     if backend == "triton":
-        inputs = _flow_inputs(_kernels(), num_groups, q_groups, k_groups, scale_table,
-                              bias_table, weight_table, pair_bits)
+        inputs = _kernels().FlowInputs(num_groups, q_groups, k_groups, scale_table, bias_table,
+                                       weight_table, pair_bits)
         return _triton_backward(dout, dlse, dmass, q, k, v, out, lse, mass, inputs,
                                 softmax_scale)
     qf, kf, vf, doutf = _upcast(q, k, v, dout)

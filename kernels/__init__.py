@@ -4,7 +4,6 @@ Imports only torch and triton. Autograd, validation and dispatch live in ``ditfl
 """
 
 from .flow_attention import (
-    MAX_GROUPS,
     FlowConfigs,
     FlowInputs,
     KernelConfig,
@@ -17,7 +16,6 @@ from .tile_plan import BLOCKED, MIXED, UNIFORM, TilePlan, build_tile_plan
 
 __all__ = [
     "BLOCKED",
-    "MAX_GROUPS",
     "MIXED",
     "UNIFORM",
     "FlowConfigs",

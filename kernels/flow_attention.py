@@ -24,9 +24,7 @@ from .tile_plan import TilePlan, build_tile_plan
 LOG2E_FLOAT = 1.4426950408889634
 LOG2E = tl.constexpr(LOG2E_FLOAT)  # globals read inside @triton.jit must be constexpr
 LN2 = tl.constexpr(0.6931471805599453)
-MAX_GROUPS = 16
-# Mass accumulators are [BLOCK_M, 16] (the narrowest tl.dot output) and filled by a dot of the
-# weights with the keys' one-hot groups, so they live in the same layout as the output tile.
+# Group ids index [GROUP_PAD]-wide register vectors (table rows, mass accumulators): G <= 16.
 GROUP_PAD = tl.constexpr(16)
 
 
@@ -642,18 +640,16 @@ class FlowInputs:
             return None
         return (self.bias > float("-inf")).any(dim=0)
 
-    def table_head_stride(self) -> int:
-        tables = [t for t in (self.scale, self.bias, self.weight) if t is not None]
-        heads = max((t.shape[0] for t in tables), default=1)
-        return self.num_groups * self.num_groups if heads > 1 else 0
 
 
 def _table_args(inputs: FlowInputs, like: torch.Tensor):
-    """Tables expanded to a common head count; a dummy pointer for absent ones."""
+    """Tables expanded to a common head count (a dummy pointer for absent ones) and the
+    stride between heads (0 when all heads share the tables)."""
     tables = [inputs.scale, inputs.bias, inputs.weight]
-    heads = max((t.shape[0] for t in tables if t is not None), default=1)
+    heads = max([t.shape[0] for t in tables if t is not None] + [1])
     dummy = like.new_empty(1, dtype=torch.float32)
-    return [dummy if t is None else t.expand(heads, -1, -1).contiguous() for t in tables]
+    head_stride = inputs.num_groups**2 if heads > 1 else 0
+    return [dummy if t is None else t.expand(heads, -1, -1).contiguous() for t in tables], head_stride
 
 
 def _batch_stride(t: torch.Tensor | None) -> int:
@@ -666,11 +662,19 @@ def plan_for(inputs: FlowInputs, nq: int, nk: int, cfg: KernelConfig, device) ->
 
 
 def _common_args(inputs: FlowInputs, q: torch.Tensor):
+    """Arguments every kernel takes: group ids, tables, pair bits (dummy pointers where
+    absent) and their strides, in the kernels' parameter order."""
     dummy_int = q.new_empty(1, dtype=torch.int32)
-    scale, bias, weight = _table_args(inputs, q)
+    tables, table_head_stride = _table_args(inputs, q)
     groups = [dummy_int if g is None else g for g in (inputs.q_groups, inputs.k_groups)]
     bits = dummy_int if inputs.pair_bits is None else inputs.pair_bits
-    return groups, (scale, bias, weight), bits
+    pointers = (*groups, *tables, bits)
+    strides = (
+        _batch_stride(inputs.q_groups), _batch_stride(inputs.k_groups), table_head_stride,
+        _batch_stride(inputs.pair_bits),
+        0 if inputs.pair_bits is None else inputs.pair_bits.stride(1),
+    )
+    return pointers, strides
 
 
 def _block_d(head_dim: int) -> int:
@@ -703,19 +707,17 @@ def flow_attention_forward(
     mass = (torch.empty(batch, heads, nq, inputs.num_groups, device=q.device, dtype=torch.float32)
             if return_mass else lse.new_empty(0))
     mass_arg = mass if return_mass else lse.new_empty(1)  # kernels get a real pointer
-    (qg, kg), (scale, bias, weight), bits = _common_args(inputs, q)
+    pointers, strides = _common_args(inputs, q)
     block_d = _block_d(head_dim)
     grid = (triton.cdiv(nq, cfg.block_m), batch * heads)
     _fwd_kernel[grid](
-        q, k, v, out, lse, mass_arg, qg, kg, scale, bias, weight, bits,
+        q, k, v, out, lse, mass_arg, *pointers,
         plan.q_uniform_group, plan.row_counts, plan.row_tiles, plan.row_groups,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        _batch_stride(inputs.q_groups), _batch_stride(inputs.k_groups),
-        inputs.table_head_stride(), _batch_stride(inputs.pair_bits),
-        0 if inputs.pair_bits is None else inputs.pair_bits.stride(1),
+        *strides,
         _plan_batch(plan), heads, nq, nk, head_dim, softmax_scale * LOG2E_FLOAT,
         **inputs.flags(), RETURN_MASS=return_mass, EVEN_D=head_dim == block_d,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
@@ -762,19 +764,14 @@ def flow_attention_backward(
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    (qg, kg), (scale, bias, weight), bits = _common_args(inputs, q)
+    pointers, strides = _common_args(inputs, q)
     shared = dict(
         **inputs.flags(), HAS_DMASS=has_dmass, EVEN_D=head_dim == block_d, BLOCK_D=block_d,
         DOT_PRECISION=_dot_precision(q.dtype),
     )
-    group_and_mask_strides = (
-        _batch_stride(inputs.q_groups), _batch_stride(inputs.k_groups),
-        inputs.table_head_stride(), _batch_stride(inputs.pair_bits),
-        0 if inputs.pair_bits is None else inputs.pair_bits.stride(1),
-    )
     cfg = configs.backward_dkdv
     _bwd_dkdv_kernel[(triton.cdiv(nk, cfg.block_n), batch * heads)](
-        q, k, v, dout, dk, dv, lse2, delta, dmass_arg, qg, kg, scale, bias, weight, bits,
+        q, k, v, dout, dk, dv, lse2, delta, dmass_arg, *pointers,
         dkdv_plan.k_uniform_group, dkdv_plan.col_counts, dkdv_plan.col_tiles,
         dkdv_plan.col_groups,
         q.stride(0), q.stride(1), q.stride(2),
@@ -782,21 +779,21 @@ def flow_attention_backward(
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
-        *group_and_mask_strides,
+        *strides,
         _plan_batch(dkdv_plan), heads, nq, nk, head_dim, softmax_scale * LOG2E_FLOAT, softmax_scale,
         **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     cfg = configs.backward_dq
     _bwd_dq_kernel[(triton.cdiv(nq, cfg.block_m), batch * heads)](
-        q, k, v, dout, dq, lse2, delta, dmass_arg, qg, kg, scale, bias, weight, bits,
+        q, k, v, dout, dq, lse2, delta, dmass_arg, *pointers,
         dq_plan.q_uniform_group, dq_plan.row_counts, dq_plan.row_tiles, dq_plan.row_groups,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        *group_and_mask_strides,
+        *strides,
         _plan_batch(dq_plan), heads, nq, nk, head_dim, softmax_scale * LOG2E_FLOAT, softmax_scale,
         **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
