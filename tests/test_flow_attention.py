@@ -68,6 +68,8 @@ CASES = [
     Case(97, head_dim=32, groups=4, kinds=ALL, per_head=True, heads=3),
     Case(70, head_dim=32, groups=3, kinds=ALL, per_batch_groups=True),
     Case(50, head_dim=40, groups=3, kinds=ALL),  # head_dim that is not a power of two
+    Case(33, head_dim=8, groups=2, kinds=ALL, batch=1),  # below the 16-wide dot minimum
+    Case(33, head_dim=256, groups=2, kinds=ALL, batch=1, heads=1),
 ]
 
 
