@@ -1,0 +1,108 @@
+"""FLUX.1 / FLUX.1 Kontext adapter: processors for ``FluxTransformer2DModel`` blocks.
+
+The processor does what diffusers' ``FluxAttnProcessor`` does (projections, QK RMS-norm,
+``[text, image]`` concatenation in double blocks, RoPE, output split and projections, dtype casts),
+written against the module's public layers, with the attention call replaced by
+:func:`ditflow.flow_attention`. Blocks where the intervention asks for nothing run the model's
+original processor, untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+
+from ..functional import flow_attention
+from ..session import BlockId, EarlyStop, Session
+
+
+def _projections(attn, hidden_states, encoder_hidden_states):
+    if getattr(attn, "fused_projections", False):
+        q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        enc = (attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+               if encoder_hidden_states is not None and hasattr(attn, "to_added_qkv") else None)
+    else:
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        enc = None
+        if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+            enc = (attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                   attn.add_v_proj(encoder_hidden_states))
+    return (q, k, v), enc
+
+
+class FlowFluxAttnProcessor:
+    """Processor for one FLUX attention module (double- or single-stream block)."""
+
+    def __init__(self, session: Session, block: BlockId, original):
+        self.session = session
+        self.block = block
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None):
+        plan = self.session.attention_plan(self.block)
+        if plan is None:
+            out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                image_rotary_emb)
+        else:
+            out = self._flow(attn, hidden_states, encoder_hidden_states, attention_mask,
+                             image_rotary_emb, *plan)
+        if self.session.should_stop(self.block):
+            raise EarlyStop(str(self.block))
+        return out
+
+    def _flow(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+              rules, wants_mass):
+        if attention_mask is not None:
+            raise NotImplementedError("ditflow's FLUX processor takes no attention_mask "
+                                      "(express masks as groups or a pair mask)")
+        (q, k, v), enc = _projections(attn, hidden_states, encoder_hidden_states)
+        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if enc is not None:
+            eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in enc)
+            q = torch.cat([attn.norm_added_q(eq), q], dim=1)
+            k = torch.cat([attn.norm_added_k(ek), k], dim=1)
+            v = torch.cat([ev, v], dim=1)
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        layout = self.session.layout
+        if q.shape[1] != len(layout):
+            raise ValueError(f"{self.block}: the joint sequence has {q.shape[1]} tokens but the "
+                             f"layout has {len(layout)}")
+        result = flow_attention(q, k, v, layout.groups(q.device), rules=rules,
+                                return_mass=wants_mass)
+        self.session.observe(self.block, result)
+        out = result.out.flatten(2, 3).to(q.dtype)
+        if encoder_hidden_states is None:  # single-stream block: the block projects the output
+            return out
+        text, image = out.split_with_sizes(
+            [encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+        return image, attn.to_add_out(text.contiguous())
+
+
+class FluxAdapter:
+    """Installs :class:`FlowFluxAttnProcessor` on every block of a FluxTransformer2DModel."""
+
+    @staticmethod
+    def blocks(transformer):
+        double = list(transformer.transformer_blocks)
+        single = list(transformer.single_transformer_blocks)
+        ids = [BlockId("double", i, i) for i in range(len(double))]
+        ids += [BlockId("single", i, len(double) + i) for i in range(len(single))]
+        return list(zip(ids, double + single, strict=True))
+
+    def install(self, transformer, session: Session):
+        originals = []
+        for block_id, block in self.blocks(transformer):
+            originals.append((block.attn, block.attn.processor))
+            # Assigned directly: set_processor would also touch unrelated module state.
+            block.attn.processor = FlowFluxAttnProcessor(session, block_id, block.attn.processor)
+        return originals
+
+    @staticmethod
+    def restore(originals) -> None:
+        for attn, processor in originals:
+            attn.processor = processor

@@ -1,0 +1,225 @@
+"""Attaching an intervention to a model: the Intervention protocol, statistics, early stop.
+
+An :class:`Intervention` decides, for each (denoising step, block), which :class:`FlowRules`
+apply, whether the block's attention statistics are wanted, and whether the forward pass may stop
+after the block. :func:`attach` installs ditflow processors on a transformer (or a pipeline's
+transformer) for the duration of a ``with`` block and restores the exact original processors on
+exit, exceptions included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from ._memo import TensorMemo
+from .functional import FlowAttentionOutput
+from .layout import CONTEXT, TARGET, TokenLayout
+from .rules import FlowRules
+
+
+class BlockId(NamedTuple):
+    """A transformer block: ``kind`` is ``"double"`` or ``"single"``; ``index`` counts within
+    its kind; ``order`` counts over the whole forward pass (FLUX: double 0..18 = 0..18, single
+    0..37 = 19..56)."""
+
+    kind: str
+    index: int
+    order: int
+
+    def __str__(self) -> str:
+        return f"{self.kind}.{self.index}"
+
+
+class StepInfo(NamedTuple):
+    """``index``: denoising step, counted from 0 per attached session (two calls with the same
+    timestep, as with true CFG, share one index); ``timestep``: the model's timestep input (FLUX
+    pipelines pass t/1000)."""
+
+    index: int
+    timestep: float
+
+
+class EarlyStop(Exception):
+    """Raised by a processor after the last block an intervention needs."""
+
+
+class Intervention:
+    """Base class: override what you need. Defaults: no rules, no statistics, no early stop."""
+
+    def rules(self, step: StepInfo, block: BlockId, layout: TokenLayout) -> FlowRules | None:
+        return None
+
+    def wants_mass(self, step: StepInfo, block: BlockId) -> bool:
+        return False
+
+    def observe(self, step: StepInfo, block: BlockId, layout: TokenLayout,
+                result: FlowAttentionOutput) -> None:
+        """Receives the attention result of blocks where rules or mass were active."""
+
+    def stop_after(self, step: StepInfo, block: BlockId) -> bool:
+        return False
+
+
+def context_ratio(mass: torch.Tensor, layout: TokenLayout, src: int = TARGET,
+                  dst: int = CONTEXT) -> torch.Tensor:
+    """r_ctx per batch element [B]: attention mass of ``src`` queries on ``dst`` keys, averaged
+    over heads and ``src`` queries (DeContext's statistic; softmax over all keys)."""
+    queries = layout.groups(mass.device) == src
+    return mass[:, :, queries, dst].mean(dim=(1, 2))
+
+
+@dataclass
+class StatsRecorder(Intervention):
+    """Records reductions of the attention mass per (step, block), never anything N x N.
+
+    Args:
+        blocks: the blocks to record (``BlockId`` or ``"single.3"`` names); None = all.
+        src, dst: the query and key groups of ``r_ctx``.
+        mass_maps: also keep head-mean mass per query and group ([B, N, G]).
+        stop_after_last: end the forward pass after the last recorded block (only with an
+            explicit ``blocks`` list; a loss over blocks 0..k need not pay for the rest).
+
+    ``r_ctx[(step, "single.3")]`` is a [B] tensor that keeps its autograd graph.
+    """
+
+    blocks: Iterable[str | BlockId] | None = None
+    src: int = TARGET
+    dst: int = CONTEXT
+    mass_maps: bool = False
+    stop_after_last: bool = False
+    r_ctx: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    maps: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._names = None if self.blocks is None else {str(b) for b in self.blocks}
+        if self.stop_after_last and self._names is None:
+            raise ValueError("StatsRecorder: stop_after_last needs an explicit blocks list")
+
+    def _recorded(self, block: BlockId) -> bool:
+        return self._names is None or str(block) in self._names
+
+    def wants_mass(self, step, block):
+        return self._recorded(block)
+
+    def observe(self, step, block, layout, result):
+        if result.mass is None or not self._recorded(block):
+            return
+        self.r_ctx[(step.index, str(block))] = context_ratio(result.mass, layout, self.src,
+                                                             self.dst)
+        if self.mass_maps:
+            self.maps[(step.index, str(block))] = result.mass.mean(dim=1)
+
+    def stop_after(self, step, block):
+        if not self.stop_after_last:
+            return False
+        self._seen = getattr(self, "_seen", set()) | {str(block)}
+        return self._seen >= self._names
+
+    def mean_r_ctx(self) -> torch.Tensor:
+        """Mean of the recorded r_ctx over steps and blocks, per batch element."""
+        if not self.r_ctx:
+            raise RuntimeError("StatsRecorder: nothing recorded")
+        return torch.stack(list(self.r_ctx.values())).mean(dim=0)
+
+    def clear(self) -> None:
+        self.r_ctx.clear()
+        self.maps.clear()
+        self._seen = set()
+
+
+class Session:
+    """Per-attachment state: the current step, layout and intervention. Created by
+    :func:`attach`; processors call :meth:`attention_plan` and :meth:`observe`."""
+
+    def __init__(self, transformer: torch.nn.Module, intervention: Intervention,
+                 layout: TokenLayout | None = None):
+        self.transformer = transformer
+        self.intervention = intervention
+        self.fixed_layout = layout
+        self.layout: TokenLayout | None = layout
+        self.step: StepInfo | None = None
+        self.blocks_run = 0
+        self._last_timestep: float | None = None
+        self._layouts = TensorMemo(max_entries=8)
+
+    # called by the transformer's forward pre-hook
+    def begin_call(self, kwargs: dict) -> None:
+        timestep = kwargs.get("timestep")
+        t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(
+            timestep if timestep is not None else 0.0)
+        if self.step is None:
+            self.step = StepInfo(0, t)
+        elif t != self._last_timestep:
+            self.step = StepInfo(self.step.index + 1, t)
+        self._last_timestep = t
+        if self.fixed_layout is None:
+            text = kwargs["encoder_hidden_states"].shape[1]
+            img_ids = kwargs["img_ids"]
+            self.layout = self._layouts.get(
+                (img_ids,), text, lambda: TokenLayout.from_flux_inputs(text, img_ids))
+
+    def attention_plan(self, block: BlockId) -> tuple[FlowRules | None, bool] | None:
+        """(rules, return_mass) for this block, or None for the model's own attention."""
+        self.blocks_run += 1
+        rules = self.intervention.rules(self.step, block, self.layout)
+        wants_mass = self.intervention.wants_mass(self.step, block)
+        if rules is None and not wants_mass:
+            return None
+        if rules is None:
+            rules = self.layout.rules()
+        elif rules.num_groups != self.layout.num_groups:
+            raise ValueError(f"rules for {block} have {rules.num_groups} groups but the layout "
+                             f"has {self.layout.num_groups} ({', '.join(self.layout.names)})")
+        return rules, wants_mass
+
+    def observe(self, block: BlockId, result: FlowAttentionOutput) -> None:
+        self.intervention.observe(self.step, block, self.layout, result)
+
+    def should_stop(self, block: BlockId) -> bool:
+        return self.intervention.stop_after(self.step, block)
+
+    def forward(self, *args, **kwargs):
+        """Call the transformer; returns its output, or None when the intervention stopped the
+        pass early (its statistics are then complete and differentiable)."""
+        try:
+            return self.transformer(*args, **kwargs)
+        except EarlyStop:
+            return None
+
+
+def _transformer_of(model) -> torch.nn.Module:
+    transformer = getattr(model, "transformer", model)
+    if not isinstance(transformer, torch.nn.Module):
+        raise TypeError(f"attach: expected a transformer or a pipeline with .transformer, got "
+                        f"{type(model).__name__}")
+    return transformer
+
+
+@contextmanager
+def attach(model, intervention: Intervention, layout: TokenLayout | None = None
+           ) -> Iterator[Session]:
+    """Install ditflow processors on every attention block of ``model`` (a transformer or a
+    diffusers pipeline) for the duration of the ``with`` block.
+
+    The token layout is read from each transformer call (text length, ``img_ids``) unless
+    ``layout`` is given. Blocks where the intervention asks for nothing run the model's own
+    processor unchanged.
+    """
+    from .models import adapter_for
+
+    transformer = _transformer_of(model)
+    adapter = adapter_for(transformer)
+    session = Session(transformer, intervention, layout)
+    originals = adapter.install(transformer, session)
+    hook = transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: session.begin_call(kwargs), with_kwargs=True)
+    try:
+        yield session
+    finally:
+        hook.remove()
+        adapter.restore(originals)

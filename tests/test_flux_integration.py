@@ -1,0 +1,176 @@
+"""FLUX / FLUX Kontext integration on tiny random models built in code (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import diffusers.models.transformers.transformer_flux as flux_module
+
+from ditflow import FlowRules
+from ditflow.layout import CONTEXT, TARGET, TEXT, TokenLayout
+from ditflow.session import Intervention, StatsRecorder, attach
+from ditflow.tiny import flux_inputs, tiny_flux_transformer
+
+# (height, width, context images): T2I, Kontext with one and two contexts, non-square
+CALLS = [(3, 5, 0), (4, 3, 1), (3, 5, 1), (2, 3, 2)]
+
+
+class RulesEverywhere(Intervention):
+    def __init__(self, rules_of):
+        self.rules_of = rules_of
+
+    def rules(self, step, block, layout):
+        return self.rules_of(layout)
+
+
+def _kontext_rules(layout: TokenLayout) -> FlowRules:
+    return (layout.rules().weight_probs([TEXT, TARGET], CONTEXT, 0.3)
+            .scale_logits(TARGET, TEXT, 1.2).add_bias(TARGET, TARGET, 0.5))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)],
+                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("call", CALLS, ids=str)
+def test_statistics_only_matches_stock_diffusers(call, dtype, tol):
+    """Recording mass in every block (flow attention everywhere, identity rules) changes nothing."""
+    model = tiny_flux_transformer(dtype=dtype)
+    inputs = flux_inputs(*call[:2], contexts=call[2], dtype=dtype)
+    stock = model(**inputs)[0]
+    recorder = StatsRecorder()
+    with attach(model, recorder) as session:
+        ours = model(**inputs)[0]
+    assert len(recorder.r_ctx) == 4 and session.blocks_run == 4
+    err = (ours.float() - stock.float()).abs().max() / stock.float().abs().max()
+    assert err <= tol
+
+
+def test_layout_from_the_call():
+    model = tiny_flux_transformer()
+    recorder = StatsRecorder()
+    with attach(model, recorder) as session:
+        model(**flux_inputs(2, 3, text_len=5, contexts=2))
+    assert repr(session.layout) == "TokenLayout(text=5, target=6, context=12)"
+
+
+def test_rules_match_reference_processor_with_gradients(monkeypatch):
+    """Triton kernels (interpreter) vs the reference behind the same processor, outputs and
+    gradients with respect to the context latents."""
+    model = tiny_flux_transformer()
+    inputs = flux_inputs(3, 4, contexts=1)
+    context = slice(12, 24)
+    results = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("DITFLOW_BACKEND", backend)
+        latents = inputs["hidden_states"].clone().requires_grad_()
+        with attach(model, RulesEverywhere(_kontext_rules)):
+            out = model(**{**inputs, "hidden_states": latents})[0]
+        (grad,) = torch.autograd.grad(out[:, :12].square().sum(), latents)
+        results[backend] = (out, grad[:, context])
+    torch.testing.assert_close(results["triton"][0], results["reference"][0], atol=1e-5,
+                               rtol=1e-4)
+    torch.testing.assert_close(results["triton"][1], results["reference"][1], atol=1e-5,
+                               rtol=1e-4)
+    assert results["reference"][1].abs().sum() > 0
+
+
+def test_rules_change_the_output():
+    model = tiny_flux_transformer()
+    inputs = flux_inputs(3, 4, contexts=1)
+    stock = model(**inputs)[0]
+    with attach(model, RulesEverywhere(_kontext_rules)):
+        ruled = model(**inputs)[0]
+    assert (ruled - stock).abs().max() > 1e-3
+
+
+def test_r_ctx_matches_explicit_probabilities(monkeypatch):
+    """r_ctx from the engine = r_ctx from explicit softmax probabilities of target queries over
+    all keys, computed by diffusers' own processor (its attention call replaced by an eager
+    probe)."""
+    model = tiny_flux_transformer()
+    inputs = flux_inputs(3, 5, text_len=6, contexts=1)
+    layout = TokenLayout.from_segments(6, 15, 15)
+    target, context = layout.mask("target"), layout.mask("context")
+    eager = []
+
+    def probe(query, key, value, attn_mask=None, **kwargs):
+        scores = torch.einsum("bihd,bjhd->bhij", query, key) * query.shape[-1] ** -0.5
+        probs = scores.softmax(dim=-1)
+        eager.append(probs[:, :, target][..., context].sum(-1).mean(dim=(1, 2)))
+        return torch.einsum("bhij,bjhd->bihd", probs, value)
+
+    monkeypatch.setattr(flux_module, "dispatch_attention_fn", probe)
+    model(**inputs)
+    monkeypatch.undo()
+    recorder = StatsRecorder()
+    with attach(model, recorder):
+        model(**inputs)
+    engine = [recorder.r_ctx[(0, name)] for name in ("double.0", "double.1", "single.0",
+                                                      "single.1")]
+    for got, want in zip(engine, eager, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_attach_round_trip_and_exception_restore():
+    model = tiny_flux_transformer()
+    inputs = flux_inputs(3, 4, contexts=1)
+    processors = [b.attn.processor for b in (*model.transformer_blocks,
+                                              *model.single_transformer_blocks)]
+    before = model(**inputs)[0]
+    with attach(model, RulesEverywhere(_kontext_rules)):
+        model(**inputs)
+    assert [b.attn.processor for b in (*model.transformer_blocks,
+                                        *model.single_transformer_blocks)] == processors
+    assert torch.equal(model(**inputs)[0], before)
+    assert not model._forward_pre_hooks
+    with pytest.raises(RuntimeError, match="boom"), attach(model, StatsRecorder()):
+        raise RuntimeError("boom")
+    assert [b.attn.processor for b in (*model.transformer_blocks,
+                                        *model.single_transformer_blocks)] == processors
+
+
+def test_early_stop_runs_fewer_blocks_with_the_same_statistics():
+    model = tiny_flux_transformer()
+    inputs = flux_inputs(3, 4, contexts=1)
+    full = StatsRecorder(blocks=["double.1", "single.0"])
+    with attach(model, full) as session:
+        session.forward(**inputs)
+        full_blocks = session.blocks_run
+    early = StatsRecorder(blocks=["double.1", "single.0"], stop_after_last=True)
+    with attach(model, early) as session:
+        assert session.forward(**inputs) is None
+        early_blocks = session.blocks_run
+    assert (full_blocks, early_blocks) == (4, 3)
+    assert full.r_ctx.keys() == early.r_ctx.keys()
+    for key in full.r_ctx:
+        torch.testing.assert_close(early.r_ctx[key], full.r_ctx[key])
+
+
+def test_early_stop_gradient_reaches_context_latents():
+    model = tiny_flux_transformer()
+    inputs = flux_inputs(3, 4, contexts=1)
+    latents = inputs["hidden_states"].clone().requires_grad_()
+    recorder = StatsRecorder(blocks=["single.0"], stop_after_last=True)
+    with attach(model, recorder) as session:
+        session.forward(**{**inputs, "hidden_states": latents})
+    (grad,) = torch.autograd.grad(recorder.mean_r_ctx().sum(), latents)
+    assert grad[:, 12:].abs().sum() > 0
+
+
+def test_steps_are_counted_by_timestep():
+    model = tiny_flux_transformer()
+    recorder = StatsRecorder(blocks=["single.1"])
+    with attach(model, recorder):
+        for t in (0.9, 0.9, 0.5):  # two calls at one timestep (true CFG) share a step index
+            model(**{**flux_inputs(2, 2, contexts=1), "timestep": torch.tensor([t])})
+    assert sorted(recorder.r_ctx) == [(0, "single.1"), (1, "single.1")]
+
+
+def test_rules_with_wrong_group_count_are_refused():
+    model = tiny_flux_transformer()
+    wrong = RulesEverywhere(lambda layout: FlowRules(num_groups=2))
+    message = r"rules for double\.0 have 2 groups but the layout has 3"
+    with pytest.raises(ValueError, match=message), attach(model, wrong):
+        model(**flux_inputs(2, 2, contexts=1))
