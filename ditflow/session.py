@@ -144,11 +144,17 @@ class Session:
         self.layout: TokenLayout | None = layout
         self.step: StepInfo | None = None
         self.blocks_run = 0
+        self._stopped = False
         self._last_timestep: float | None = None
         self._layouts = TensorMemo(max_entries=8)
 
-    # called by the transformer's forward pre-hook
+    # The methods processors and hooks call run eagerly under torch.compile: their Python state
+    # (step counter, layouts, the intervention's choices) changes per call and must not become
+    # guards that recompile the model every step.
+
+    @torch.compiler.disable
     def begin_call(self, kwargs: dict) -> None:
+        self._stopped = False
         timestep = kwargs.get("timestep")
         t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(
             timestep if timestep is not None else 0.0)
@@ -163,6 +169,7 @@ class Session:
             self.layout = self._layouts.get(
                 (img_ids,), text, lambda: TokenLayout.from_flux_inputs(text, img_ids))
 
+    @torch.compiler.disable
     def attention_plan(self, block: BlockId) -> tuple[FlowRules | None, bool] | None:
         """(rules, return_mass) for this block, or None for the model's own attention."""
         self.blocks_run += 1
@@ -177,11 +184,18 @@ class Session:
                              f"has {self.layout.num_groups} ({', '.join(self.layout.names)})")
         return rules, wants_mass
 
+    @torch.compiler.disable
     def observe(self, block: BlockId, result: FlowAttentionOutput) -> None:
         self.intervention.observe(self.step, block, self.layout, result)
 
+    @torch.compiler.disable
     def should_stop(self, block: BlockId) -> bool:
-        return self.intervention.stop_after(self.step, block)
+        """True once per call, after the last block the intervention needs. Blocks re-run by
+        gradient checkpointing's recomputation (after the stop) never stop again."""
+        if self._stopped or not self.intervention.stop_after(self.step, block):
+            return False
+        self._stopped = True
+        return True
 
     def forward(self, *args, **kwargs):
         """Call the transformer; returns its output, or None when the intervention stopped the

@@ -54,3 +54,63 @@ def flux_inputs(height: int, width: int, text_len: int = 8, contexts: int = 0, b
         guidance=None,
         return_dict=False,
     )
+
+
+# Words the tiny tokenizers know; anything else maps to [UNK].
+VOCABULARY = (
+    "a an the of and with in on to this that is are make turn change add remove put give "
+    "photo picture image person man woman child dog cat face hair eyes smile smiling glasses hat "
+    "red green blue yellow black white orange purple pink gray brown circle square triangle star "
+    "left right top bottom big small background sky beach city forest snow night day style "
+    "painting sketch cartoon wearing holding looking standing sitting jumping happy sad angry"
+).split()
+
+
+def tiny_tokenizer(max_length: int):
+    """A word-level tokenizer built in code ([PAD]=0, [UNK]=1, [EOS]=2), lower-cased."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2}
+    vocab.update({word: i + 3 for i, word in enumerate(dict.fromkeys(VOCABULARY))})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]",
+                                   unk_token="[UNK]", eos_token="[EOS]",
+                                   model_max_length=max_length)
+
+
+def tiny_flux_pipeline(kind: str = "kontext", seed: int = 0):
+    """A random FLUX pipeline built offline: ``kind`` is ``"kontext"`` (FluxKontextPipeline) or
+    ``"t2i"`` (FluxPipeline). VAE with one latent channel (x1 scale), CLIP and T5 encoders of
+    width 32, word-level tokenizers; call with small ``height``/``width`` (multiples of 2) and a
+    small ``max_sequence_length``."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxKontextPipeline,
+        FluxPipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    if kind not in ("kontext", "t2i"):
+        raise ValueError(f"kind={kind!r}: expected 'kontext' or 't2i'")
+    torch.manual_seed(seed)
+    vocab_size = len(VOCABULARY) + 3
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, projection_dim=32, max_position_embeddings=77, pad_token_id=0,
+        bos_token_id=2, eos_token_id=2)).eval()
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)).eval()
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,),
+        layers_per_block=1, latent_channels=1, norm_num_groups=1, use_quant_conv=False,
+        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035).eval()
+    pipeline_class = FluxKontextPipeline if kind == "kontext" else FluxPipeline
+    return pipeline_class(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
+        tokenizer=tiny_tokenizer(77), text_encoder_2=t5, tokenizer_2=tiny_tokenizer(512),
+        transformer=tiny_flux_transformer(seed=seed))

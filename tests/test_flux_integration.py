@@ -174,3 +174,97 @@ def test_rules_with_wrong_group_count_are_refused():
     message = r"rules for double\.0 have 2 groups but the layout has 3"
     with pytest.raises(ValueError, match=message), attach(model, wrong):
         model(**flux_inputs(2, 2, contexts=1))
+
+
+def test_gradient_checkpointing_with_early_stop():
+    """Same loss gradient with and without checkpointing; the recomputation in backward re-runs
+    the stopping block without stopping again."""
+    model = tiny_flux_transformer()
+    inputs = flux_inputs(3, 4, contexts=1)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        latents = inputs["hidden_states"].clone().requires_grad_()
+        recorder = StatsRecorder(blocks=["double.1", "single.0"], stop_after_last=True)
+        with torch.enable_grad(), attach(model, recorder) as session:
+            session.forward(**{**inputs, "hidden_states": latents})
+            (grad,) = torch.autograd.grad(recorder.mean_r_ctx().sum(), latents)
+        grads.append(grad)
+    torch.testing.assert_close(grads[1], grads[0])
+
+
+def test_kontext_pipeline_with_an_intervention_produces_an_image():
+    from PIL import Image
+
+    from ditflow.tiny import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline("kontext")
+    photo = Image.fromarray(torch.randint(0, 255, (12, 16, 3), dtype=torch.uint8).numpy())
+    recorder = StatsRecorder(blocks=["single.0"])
+    with attach(pipe, RulesEverywhere(_kontext_rules)) as session:
+        image = pipe(image=photo, prompt="make the cat smile", height=12, width=16,
+                     max_area=12 * 16, _auto_resize=False, num_inference_steps=3,
+                     max_sequence_length=8, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (16, 12)
+    assert repr(session.layout) == "TokenLayout(text=8, target=48, context=48)"
+    assert session.step.index == 2
+    with attach(pipe, recorder):
+        pipe(image=photo, prompt="make the cat smile", height=12, width=16, max_area=12 * 16,
+             _auto_resize=False, num_inference_steps=2, max_sequence_length=8)
+    assert sorted(recorder.r_ctx) == [(0, "single.0"), (1, "single.0")]
+
+
+def test_local_loading_errors_name_what_is_missing(tmp_path):
+    from ditflow.models.loading import load_flux_pipeline
+
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+        load_flux_pipeline(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"missing: model_index\.json"):
+        load_flux_pipeline(tmp_path)
+    (tmp_path / "model_index.json").write_text(
+        '{"_class_name": "FluxKontextPipeline", "vae": ["diffusers", "AutoencoderKL"], '
+        '"transformer": ["diffusers", "FluxTransformer2DModel"]}')
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(FileNotFoundError, match="missing: transformer/"):
+        load_flux_pipeline(tmp_path)
+
+
+def test_local_loading_round_trip(tmp_path):
+    """A pipeline saved to disk loads back offline and runs."""
+    from ditflow.models.loading import load_flux_pipeline
+    from ditflow.tiny import tiny_flux_pipeline
+
+    tiny_flux_pipeline("t2i").save_pretrained(tmp_path)
+    pipe = load_flux_pipeline(tmp_path, kind="t2i", dtype=torch.float32)
+    image = pipe(prompt="a red circle", height=8, width=8, num_inference_steps=1,
+                 max_sequence_length=8).images[0]
+    assert image.size == (8, 8)
+
+
+def test_compiled_transformer_matches_eager_without_recompiling_per_step():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = tiny_flux_transformer()
+    inputs = flux_inputs(3, 4, contexts=1)
+    eager, compiled_r = StatsRecorder(), StatsRecorder()
+    compiled = torch.compile(model)
+    steps = [torch.tensor([t]) for t in (0.9, 0.8, 0.7)]
+    with attach(model, RulesEverywhere(_kontext_rules)):
+        want = model(**{**inputs, "timestep": steps[0]})[0]
+    with attach(model, RulesEverywhere(_kontext_rules)):
+        got = compiled(**{**inputs, "timestep": steps[0]})[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with attach(model, compiled_r):
+        compiled(**{**inputs, "timestep": steps[0]})  # warm: compiles the mass variant
+        graphs = counters["stats"]["unique_graphs"]
+        for t in steps[1:]:
+            compiled(**{**inputs, "timestep": t})
+    assert counters["stats"]["unique_graphs"] == graphs, "recompiled for a new step"
+    with attach(model, eager):
+        for t in steps:
+            model(**{**inputs, "timestep": t})
+    assert compiled_r.r_ctx.keys() == eager.r_ctx.keys()
+    for key in eager.r_ctx:
+        torch.testing.assert_close(compiled_r.r_ctx[key], eager.r_ctx[key])
