@@ -97,8 +97,11 @@ class StatsRecorder(Intervention):
 
     def __post_init__(self):
         self._names = None if self.blocks is None else {str(b) for b in self.blocks}
-        if self.stop_after_last and self._names is None:
+        if self.stop_after_last and not self._names:
             raise ValueError("StatsRecorder: stop_after_last needs an explicit blocks list")
+        # double blocks run before single blocks
+        self._last = None if not self._names else max(
+            self._names, key=lambda name: (name.split(".")[0] == "single", int(name.split(".")[1])))
 
     def _recorded(self, block: BlockId) -> bool:
         return self._names is None or str(block) in self._names
@@ -115,10 +118,7 @@ class StatsRecorder(Intervention):
             self.maps[(step.index, str(block))] = result.mass.mean(dim=1)
 
     def stop_after(self, step, block):
-        if not self.stop_after_last:
-            return False
-        self._seen = getattr(self, "_seen", set()) | {str(block)}
-        return self._seen >= self._names
+        return self.stop_after_last and str(block) == self._last
 
     def mean_r_ctx(self) -> torch.Tensor:
         """Mean of the recorded r_ctx over steps and blocks, per batch element."""
@@ -129,7 +129,6 @@ class StatsRecorder(Intervention):
     def clear(self) -> None:
         self.r_ctx.clear()
         self.maps.clear()
-        self._seen = set()
 
 
 class Session:

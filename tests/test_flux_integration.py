@@ -268,3 +268,44 @@ def test_compiled_transformer_matches_eager_without_recompiling_per_step():
     assert compiled_r.r_ctx.keys() == eager.r_ctx.keys()
     for key in eager.r_ctx:
         torch.testing.assert_close(compiled_r.r_ctx[key], eager.r_ctx[key])
+
+
+def test_mass_maps_are_head_means_per_query_and_group():
+    model = tiny_flux_transformer()
+    recorder = StatsRecorder(blocks=["double.0"], mass_maps=True)
+    with attach(model, recorder):
+        model(**flux_inputs(3, 4, text_len=6, contexts=1))
+    maps = recorder.maps[(0, "double.0")]
+    assert maps.shape == (1, 6 + 24, 3)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(1, 30))
+
+
+@pytest.mark.gpu
+def test_model_cpu_offload_with_an_intervention():
+    """Processors build every tensor on the inputs' device, so accelerate's offload hooks work."""
+    pytest.importorskip("accelerate")
+    from PIL import Image
+
+    from ditflow.tiny import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline("kontext")
+    pipe.enable_model_cpu_offload()
+    photo = Image.fromarray(torch.randint(0, 255, (12, 16, 3), dtype=torch.uint8).numpy())
+    recorder = StatsRecorder(blocks=["single.0"])
+    with attach(pipe, recorder):
+        pipe(image=photo, prompt="make the cat smile", height=12, width=16, max_area=12 * 16,
+             _auto_resize=False, num_inference_steps=2, max_sequence_length=8)
+    assert all(r.device.type == "cuda" for r in recorder.r_ctx.values())
+
+
+def test_early_stop_every_step():
+    """Each call stops after the last recorded block, step after step."""
+    model = tiny_flux_transformer()
+    recorder = StatsRecorder(blocks=["single.0", "double.1"], stop_after_last=True)
+    with attach(model, recorder) as session:
+        for t in (0.9, 0.8):
+            assert session.forward(**{**flux_inputs(2, 2, contexts=1),
+                                      "timestep": torch.tensor([t])}) is None
+    assert sorted(recorder.r_ctx) == [(0, "double.1"), (0, "single.0"), (1, "double.1"),
+                                      (1, "single.0")]
+    assert session.blocks_run == 6
