@@ -130,17 +130,50 @@ def _first(result):
     return result[0] if isinstance(result, tuple | list) else result
 
 
+def _problem(shape: str, dtype: torch.dtype, requires_grad: bool = False):
+    """Random q, k, v and group ids for a named shape (B=1, 24 heads x 128), and the forward
+    FLOP count."""
+    sizes = SHAPES[shape]
+    n, heads, head_dim = sum(sizes), 24, 128
+    groups = torch.cat([torch.full((s,), g, device="cuda", dtype=torch.int32)
+                        for g, s in enumerate(sizes)])
+    q, k, v = (torch.randn(1, n, heads, head_dim, device="cuda", dtype=dtype,
+                           requires_grad=requires_grad) for _ in range(3))
+    return n, groups, q, k, v, 4 * heads * n * n * head_dim
+
+
+def _max_error(result, truth: torch.Tensor) -> float:
+    result = _first(result)
+    result = result.out if hasattr(result, "out") else result
+    if result.shape != truth.shape:  # [B, H, N, D] providers
+        result = result.transpose(1, 2)
+    return (result.float() - truth).abs().max().item()
+
+
+def _timed(row: dict, fn: Callable[[], object], flops: float,
+           truth: torch.Tensor | None = None) -> dict:
+    """Fill max error (against ``truth``), ms, TFLOP/s and peak MiB into ``row``; a failure is
+    recorded as NaN with a note."""
+    try:
+        if truth is not None:
+            row["max_err"] = _max_error(fn(), truth)
+        row["ms"], row["peak_mib"] = _bench(fn)
+        row["tflops"] = flops / row["ms"] / 1e9
+    except Exception as exc:  # OOM or a provider that cannot run here: recorded, not fatal
+        note = "OOM" if isinstance(exc, torch.OutOfMemoryError) else (
+            f"{type(exc).__name__}: {str(exc)[:200]}")
+        row.update(ms=math.nan, peak_mib=math.nan, tflops=math.nan, note=note)
+    torch.cuda.empty_cache()
+    return row
+
+
 def run_shape(shape: str, dtype: torch.dtype, backward: bool, rows: list[dict]):
     torch._dynamo.reset()  # FlexAttention recompiles per shape; stay under the recompile limit
     device = torch.device("cuda")
-    sizes = SHAPES[shape]
-    n, heads, head_dim = sum(sizes), 24, 128
-    groups = torch.cat([torch.full((s,), g, device=device, dtype=torch.int32)
-                        for g, s in enumerate(sizes)])
+    n, groups, q, k, v, flops_fwd = _problem(shape, dtype)
+    heads = q.shape[2]
     rules = uvr_like_rules()
     plain_rules = FlowRules(num_groups=3)
-    q, k, v = (torch.randn(1, n, heads, head_dim, device=device, dtype=dtype) for _ in range(3))
-    flops_fwd = 4 * heads * n * n * head_dim
 
     with torch.no_grad():
         truth_plain = flow_attention_reference(q.float(), k.float(), v.float())[0]
@@ -167,24 +200,8 @@ def run_shape(shape: str, dtype: torch.dtype, backward: bool, rows: list[dict]):
     for name, (fn, truth) in forward.items():
         row = dict(shape=shape, n=n, dtype=str(dtype).removeprefix("torch."), provider=name,
                    direction="forward")
-        try:
-            with torch.no_grad():
-                result = _first(fn())
-            if truth is not None:
-                result = result.out if hasattr(result, "out") else result
-                if result.shape != truth.shape:  # [B, H, N, D] providers
-                    result = result.transpose(1, 2)
-                row["max_err"] = (result.float() - truth).abs().max().item()
-            with torch.no_grad():
-                row["ms"], row["peak_mib"] = _bench(fn)
-            row["tflops"] = flops_fwd / row["ms"] / 1e9
-        except torch.OutOfMemoryError:
-            row.update(ms=math.nan, peak_mib=math.nan, tflops=math.nan, note="OOM")
-        except Exception as exc:  # a provider that cannot run here is recorded, not fatal
-            row.update(ms=math.nan, peak_mib=math.nan, tflops=math.nan,
-                       note=f"{type(exc).__name__}: {str(exc)[:200]}")
-        rows.append(row)
-        torch.cuda.empty_cache()
+        with torch.no_grad():
+            rows.append(_timed(row, fn, flops_fwd, truth))
 
     if not backward:
         return
@@ -227,31 +244,15 @@ def run_shape(shape: str, dtype: torch.dtype, backward: bool, rows: list[dict]):
     for name, fn in backward_providers.items():
         row = dict(shape=shape, n=n, dtype=str(dtype).removeprefix("torch."), provider=name,
                    direction="forward+backward")
-        try:
-            row["ms"], row["peak_mib"] = _bench(fn)
-            row["tflops"] = 3.5 * flops_fwd / row["ms"] / 1e9
-        except torch.OutOfMemoryError:
-            row.update(ms=math.nan, peak_mib=math.nan, tflops=math.nan, note="OOM")
-        except Exception as exc:
-            row.update(ms=math.nan, peak_mib=math.nan, tflops=math.nan,
-                       note=f"{type(exc).__name__}: {str(exc)[:200]}")
-        rows.append(row)
-        torch.cuda.empty_cache()
+        rows.append(_timed(row, fn, 3.5 * flops_fwd))
 
 
 def sweep_configs(shape: str, dtype: torch.dtype, specs: list[str], rows: list[dict]):
     """Time flow attention (rules + mass, forward and forward+backward) under pinned configs."""
-    device = torch.device("cuda")
-    sizes = SHAPES[shape]
-    n, heads, head_dim = sum(sizes), 24, 128
-    groups = torch.cat([torch.full((s,), g, device=device, dtype=torch.int32)
-                        for g, s in enumerate(sizes)])
+    n, groups, q, k, v, flops_fwd = _problem(shape, dtype, requires_grad=True)
     rules = uvr_like_rules()
-    q, k, v = (torch.randn(1, n, heads, head_dim, device=device, dtype=dtype,
-                           requires_grad=True) for _ in range(3))
     dout = torch.randn_like(q)
-    dmass = torch.randn(1, heads, n, 3, device=device)
-    flops_fwd = 4 * heads * n * n * head_dim
+    dmass = torch.randn(1, q.shape[2], n, 3, device="cuda")
     for spec in specs:
         os.environ["DITFLOW_TRITON_CONFIG"] = spec
         row = dict(shape=shape, n=n, dtype=str(dtype).removeprefix("torch."), config=spec)

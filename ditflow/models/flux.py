@@ -54,7 +54,7 @@ class FlowFluxAttnProcessor:
     def _flow(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
               rules, wants_mass):
         if attention_mask is not None:
-            raise NotImplementedError("ditflow's FLUX processor takes no attention_mask "
+            raise ValueError("ditflow's FLUX processor takes no attention_mask "
                                       "(express masks as groups or a pair mask)")
         (q, k, v), enc = _projections(attn, hidden_states, encoder_hidden_states)
         q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
