@@ -1,84 +1,234 @@
-"""The ``ditflow`` command.
+"""The ``ditflow`` command: ``protect`` photos, ``evaluate`` a protection, run the ``demo``.
 
-``ditflow demo`` runs offline on any machine. Until photo protection lands (DeContext on a tiny
-offline editor) it demonstrates the engine underneath: the context-attention ratio ``r_ctx`` of a
-Kontext-shaped joint sequence, how rules change it, and its gradient with respect to the context
-tokens (the signal a protection attack follows).
+``--model tiny`` (the default) is a random tiny FLUX Kontext built in code: it runs anywhere,
+offline, and shows the machinery; its numbers say nothing about real editors. ``--model DIR``
+loads a local diffusers folder of FLUX.1 Kontext (never downloaded).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from . import FlowRules, flow_attention
-from .functional import resolve_backend
+if TYPE_CHECKING:
+    from .methods.decontext import ProtectConfig
 
-TEXT, TARGET, CONTEXT = 0, 1, 2
-
-
-def _r_ctx(q, k, v, groups, rules, backend):
-    """Mean over heads and target queries of the attention mass on context keys."""
-    res = flow_attention(q, k, v, groups, rules=rules, return_mass=True, backend=backend)
-    return res.mass[:, :, groups == TARGET, CONTEXT].mean()
+# Working resolution and instruction length when none is given: the tiny model's VAE does not
+# downsample, so it works at a small size.
+TINY_RESOLUTION, TINY_TEXT_TOKENS = 32, 16
+SAMPLES = Path(__file__).resolve().parent / "samples"
 
 
-def demo(args: argparse.Namespace) -> None:
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
-    backend = resolve_backend(args.backend, device)
-    sizes = (args.text, args.image, args.image)
-    groups = torch.cat([torch.full((n,), g, device=device) for g, n in enumerate(sizes)])
-    n, heads, head_dim = groups.numel(), args.heads, 64
-    q, k, v = (torch.randn(1, n, heads, head_dim, device=device) for _ in range(3))
-    # Context keys resemble the target's: an editor copies from its context.
-    k[:, groups == CONTEXT] = k[:, groups == TARGET] + 0.5 * torch.randn_like(
-        k[:, groups == TARGET])
-    print(f"Kontext-shaped sequence: text {args.text} | target {args.image} | context "
-          f"{args.image} tokens, {heads} heads x {head_dim}, backend={backend}, device={device}")
+def _pipeline(model: str, device: str):
+    if model == "tiny":
+        from .tiny import tiny_flux_pipeline
 
-    plain = FlowRules(num_groups=3)
-    cases = [
-        ("no intervention", plain),
-        ("context probabilities x0.2 (UVR-style)", plain.weight_probs([TEXT, TARGET], CONTEXT,
-                                                                      0.2)),
-        ("context logits x0.5", plain.scale_logits(TARGET, CONTEXT, 0.5)),
-        ("target -> context blocked", plain.block(TARGET, CONTEXT)),
-    ]
-    print(f"\n{'rules':<42} {'r_ctx':>8}")
-    for name, rules in cases:
-        with torch.no_grad():
-            r = _r_ctx(q, k, v, groups, rules, backend).item()
-        print(f"{name:<42} {r:>8.4f}")
+        return tiny_flux_pipeline("kontext").to(device)
+    from .models.loading import load_flux_pipeline
 
-    context_k = k[:, groups == CONTEXT].clone().requires_grad_()
-    k_full = torch.cat([k[:, groups != CONTEXT], context_k], dim=1)
-    r = _r_ctx(q, k_full, v, groups, plain, backend)
-    (grad,) = torch.autograd.grad(r, context_k)
-    step = k_full.detach().clone()
-    step[:, groups == CONTEXT] -= args.step * grad.sign()
-    with torch.no_grad():
-        after = _r_ctx(q, step, v, groups, plain, backend).item()
-    print(f"\nr_ctx {r.item():.4f} -> {after:.4f} after one signed-gradient step of "
-          f"{args.step} on the context keys (the direction DeContext follows)")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return load_flux_pipeline(model, kind="kontext", dtype=dtype).to(device)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _model_settings(args) -> dict:
+    """Resolution, attacked blocks and text length: the user's, else the model's defaults."""
+    from .methods.decontext import DEFAULT_BLOCKS
+
+    tiny = args.model == "tiny"
+    blocks = tuple(args.blocks.split(",")) if args.blocks else (
+        ("double.0", "double.1", "single.0", "single.1") if tiny else DEFAULT_BLOCKS)
+    return dict(resolution=args.resolution or (TINY_RESOLUTION if tiny else 512), blocks=blocks,
+                max_sequence_length=args.text_tokens or (TINY_TEXT_TOKENS if tiny else 512))
+
+
+def _config(args) -> ProtectConfig:
+    from .methods.decontext import ProtectConfig
+
+    return ProtectConfig(
+        method=args.method, epsilon=args.epsilon, step_size=args.step_size, steps=args.steps,
+        batch_size=args.batch_size, seed=args.seed, **_model_settings(args),
+        gradient_checkpointing=args.checkpointing,
+        eot_jpeg_quality=tuple(args.eot_jpeg) if args.eot_jpeg else None,
+        eot_resize=tuple(args.eot_resize) if args.eot_resize else None,
+        stop_window=args.stop_window, stop_min_gain=args.stop_min_gain)
+
+
+def protect_command(args) -> int:
+    from . import bulk
+    from .io import Manifest
+
+    outdir = Path(args.output)
+    suffix = ".jpg" if args.format == "jpg" else ".png"
+    if args.format == "jpg":
+        print("warning: JPEG recompresses the protected photo and weakens the perturbation; "
+              "PNG (the default) keeps it exactly", file=sys.stderr)
+    manifest = Manifest(outdir / "manifest.jsonl")
+    if manifest.records and not args.resume:
+        print(f"error: {manifest.path} exists from an earlier run; pass --resume to continue it "
+              "or choose another output folder", file=sys.stderr)
+        return 2
+    config = _config(args)
+    jobs = bulk.gather(args.inputs, outdir, suffix)
+    pipeline = _pipeline(args.model, args.device)
+    try:
+        counts = bulk.run(jobs, pipeline, config, manifest, resume=args.resume,
+                          max_pixels=args.max_pixels, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished photos are saved and recorded in {manifest.path}; "
+              "rerun with --resume to continue", file=sys.stderr)
+        return 130
+    print(f"{counts['ok']} protected, {counts['skipped']} already done, {counts['failed']} "
+          f"failed; manifest: {manifest.path}")
+    for record in manifest.records.values():
+        if record.get("status") == "error":
+            print(f"  failed: {record['error']}", file=sys.stderr)
+    return 1 if counts["failed"] else 0
+
+
+def evaluate_command(args) -> int:
+    """r_ctx, edit similarity and perturbation quality of protected photos against clean ones."""
+    from .io import ImageError, load_photo, psnr, ssim
+    from .methods.decontext import ProtectConfig, Protector
+
+    config = ProtectConfig(**_model_settings(args))
+    pipeline = _pipeline(args.model, args.device)
+    protector = Protector(pipeline, config)
+    clean_dir, protected_dir = Path(args.clean), Path(args.protected)
+    rows = []
+    for clean_path in sorted(p for p in clean_dir.iterdir() if p.is_file()):
+        matches = sorted(protected_dir.glob(clean_path.stem + ".*"))
+        if not matches:
+            continue
+        try:
+            clean, protected = load_photo(clean_path), load_photo(matches[0])
+        except ImageError as exc:
+            print(f"skipped: {exc}", file=sys.stderr)
+            continue
+        if clean.pixels.shape != protected.pixels.shape:
+            print(f"skipped: {clean_path.name}: sizes differ", file=sys.stderr)
+            continue
+        size = protector.working_size(*clean.pixels.shape[:2])
+        pair = torch.stack([clean.tensor(), protected.tensor()])
+        pair = torch.nn.functional.interpolate(pair, size=size, mode="bilinear", antialias=True)
+        r_clean, r_protected = protector.evaluate_r_ctx(pair.clamp(0, 1).to(protector.device))
+        edits = [_edit(pipeline, image, args.prompt, size, config, args.edit_steps)
+                 for image in (clean, protected)]
+        rows.append(dict(
+            photo=clean_path.name, r_ctx_clean=r_clean, r_ctx_protected=r_protected,
+            edit_psnr=psnr(*edits), edit_ssim=ssim(*edits),
+            perturbation_psnr=psnr(clean.pixels, protected.pixels),
+            perturbation_ssim=ssim(clean.pixels, protected.pixels),
+            linf=int(abs(clean.pixels.astype(int) - protected.pixels.astype(int)).max())))
+    print(f"{'photo':<24} {'r_ctx clean':>11} {'protected':>10} {'edit PSNR':>10} "
+          f"{'edit SSIM':>10} {'pert. PSNR':>11} {'L-inf':>6}")
+    for r in rows:
+        print(f"{r['photo']:<24} {r['r_ctx_clean']:>11.4f} {r['r_ctx_protected']:>10.4f} "
+              f"{r['edit_psnr']:>10.2f} {r['edit_ssim']:>10.4f} {r['perturbation_psnr']:>11.2f} "
+              f"{r['linf']:>6}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0 if rows else 1
+
+
+def _edit(pipeline, photo, prompt, size, config, steps):
+    """The editor's output for ``photo`` (uint8 [H, W, 3]) at the working size, fixed seed."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = size
+    image = pipeline(image=Image.fromarray(photo.pixels), prompt=prompt, height=h, width=w,
+                     max_area=h * w, _auto_resize=False, num_inference_steps=steps,
+                     guidance_scale=config.guidance, max_sequence_length=config.max_sequence_length,
+                     generator=torch.Generator().manual_seed(0)).images[0]
+    return np.asarray(image.convert("RGB"))
+
+
+def demo_command(args) -> int:
+    """Protect the bundled sample photos with the offline tiny model."""
+    args.inputs = sorted(str(p) for p in SAMPLES.glob("*.png"))
+    args.model, args.format, args.resume, args.quiet = "tiny", "png", False, False
+    args.max_pixels = 64_000_000
+    outdir = Path(args.output)
+    if (outdir / "manifest.jsonl").exists():
+        (outdir / "manifest.jsonl").unlink()  # the demo always starts over
+    status = protect_command(args)
+    from .io import Manifest
+
+    print(f"\n{'photo':<16} {'r_ctx before':>12} {'after':>8} {'L-inf':>6} {'PSNR':>7}")
+    for record in Manifest(outdir / "manifest.jsonl").records.values():
+        if record["status"] == "ok":
+            print(f"{Path(record['input']).name:<16} {record['r_ctx_before']:>12.4f} "
+                  f"{record['r_ctx_after']:>8.4f} {record['linf']:>6} {record['psnr']:>7.2f}")
+    print(f"\nprotected photos in {outdir}/ (random tiny model: the mechanics, not the efficacy)")
+    return status
+
+
+def _protect_options(p: argparse.ArgumentParser, steps_default: int = 800,
+                     output_default: str | None = None) -> None:
+    p.add_argument("-o", "--output", required=output_default is None, default=output_default,
+                   help="output folder")
+    p.add_argument("--model", default="tiny", help="'tiny' or a local FLUX.1 Kontext folder")
+    p.add_argument("--method", default="decontext", choices=["decontext", "diff-pgd"])
+    p.add_argument("--epsilon", type=float, default=12.75, help="L-inf budget, 0..255 units")
+    p.add_argument("--step-size", type=float, default=0.6375, help="PGD step, 0..255 units")
+    p.add_argument("--steps", type=int, default=steps_default)
+    p.add_argument("--resolution", type=int, default=None,
+                   help="working resolution (default 512; 32 for the tiny model)")
+    p.add_argument("--blocks", default=None,
+                   help="attacked blocks, e.g. single.0,single.1 (default single.0..single.25)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-tokens", type=int, default=None, help="T5 tokens (default 512)")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    p.add_argument("--eot-jpeg", type=int, nargs=2, metavar=("LOW", "HIGH"),
+                   help="JPEG quality range for expectation over transformations")
+    p.add_argument("--eot-resize", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="resize scale range for expectation over transformations")
+    p.add_argument("--stop-window", type=int, default=None,
+                   help="convergence stop: check r_ctx every N steps (off by default)")
+    p.add_argument("--stop-min-gain", type=float, default=0.002,
+                   help="convergence stop: least r_ctx drop per window to go on")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ditflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="offline demonstration of flow attention (see module doc)")
-    p.add_argument("--text", type=int, default=64, help="text tokens")
-    p.add_argument("--image", type=int, default=256, help="target (= context) image tokens")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--step", type=float, default=0.05, help="signed-gradient step on context keys")
-    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("protect", help="protect photos against in-context editing (DeContext)")
+    p.add_argument("inputs", nargs="+", help="files, folders or glob patterns")
+    _protect_options(p)
+    p.add_argument("--format", default="png", choices=["png", "jpg"])
+    p.add_argument("--resume", action="store_true", help="skip photos already protected")
+    p.add_argument("--max-pixels", type=int, default=64_000_000,
+                   help="decompression-bomb guard: refuse larger images")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=protect_command)
+
+    p = sub.add_parser("evaluate", help="compare protected photos with the clean ones")
+    p.add_argument("clean", help="folder of clean photos")
+    p.add_argument("protected", help="folder of protected photos (same file stems)")
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--prompt", default="Make the person smile broadly")
+    p.add_argument("--edit-steps", type=int, default=20)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--blocks", default=None)
+    p.add_argument("--text-tokens", type=int, default=None)
+    p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default=None, help="triton | reference (default: per device)")
-    p.set_defaults(run=demo)
+    p.set_defaults(run=evaluate_command)
+
+    p = sub.add_parser("demo", help="protect the bundled sample photos with the tiny model")
+    _protect_options(p, steps_default=60, output_default="demo-output")
+    p.set_defaults(run=demo_command)
     args = parser.parse_args(argv)
-    args.run(args)
+    return args.run(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

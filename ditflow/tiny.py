@@ -23,20 +23,12 @@ def tiny_flux_transformer(seed: int = 0, num_layers: int = 2, num_single_layers:
     return model if dtype == torch.float32 else model.to(dtype)
 
 
-def image_ids(height: int, width: int, index: int = 0) -> torch.Tensor:
-    """FLUX position ids [height * width, 3] of one packed image; Kontext context images carry
-    ``index`` 1 on the first axis."""
-    ids = torch.zeros(height, width, 3)
-    ids[..., 0] = index
-    ids[..., 1] = torch.arange(height)[:, None]
-    ids[..., 2] = torch.arange(width)[None, :]
-    return ids.reshape(-1, 3)
-
-
 def flux_inputs(height: int, width: int, text_len: int = 8, contexts: int = 0, batch: int = 1,
                 seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu") -> dict:
     """Random keyword inputs for one call of the tiny transformer: a ``height x width`` target
     (packed tokens) followed by ``contexts`` context images of the same size."""
+    from .models.flux import image_ids
+
     g = torch.Generator().manual_seed(seed)
     tokens = height * width * (1 + contexts)
     ids = torch.cat([image_ids(height, width)] + [image_ids(height, width, 1)] * contexts)

@@ -106,3 +106,34 @@ class FluxAdapter:
     def restore(originals) -> None:
         for attn, processor in originals:
             attn.processor = processor
+
+
+# -- latents ---------------------------------------------------------------------------------------
+
+
+def image_ids(height: int, width: int, index: int = 0, device=None, dtype=torch.float32):
+    """FLUX position ids [height * width, 3] of one packed latent image; FLUX Kontext gives
+    context images ``index`` 1 on the first axis."""
+    ids = torch.zeros(height, width, 3, device=device, dtype=dtype)
+    ids[..., 0] = index
+    ids[..., 1] = torch.arange(height, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(width, device=device, dtype=dtype)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/2)(W/2), 4C]: FLUX's 2x2 patch tokens."""
+    b, c, h, w = latents.shape
+    patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def encode_image(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1], [B, 3, H, W] -> normalised latents (the mode of the posterior, as
+    FluxKontextPipeline encodes its context image)."""
+    latents = vae.encode(pixels * 2 - 1).latent_dist.mode()
+    return (latents - vae.config.shift_factor) * vae.config.scaling_factor

@@ -1,0 +1,181 @@
+"""Photos in and out: loading (EXIF orientation, ICC, alpha, 16-bit, CMYK, palettes), lossless
+atomic saving, budget-exact quantisation, quality metrics, and the JSONL manifest of a run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MIN_SIDE = 16
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+class ImageError(Exception):
+    """A photo that cannot be processed; the message says why and what to do."""
+
+
+@dataclass
+class Photo:
+    """A loaded photo. ``pixels``: uint8 [H, W, 3] RGB after EXIF orientation; ``alpha``:
+    uint8 [H, W] or None; ``icc``: the embedded colour profile (kept on save) or None."""
+
+    path: Path
+    pixels: np.ndarray
+    alpha: np.ndarray | None
+    icc: bytes | None
+    note: str = ""
+
+    def tensor(self) -> torch.Tensor:
+        """float [3, H, W] in [0, 1]."""
+        return torch.from_numpy(self.pixels).permute(2, 0, 1).float() / 255
+
+
+def load_photo(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
+    """Load a photo for protection, or raise :class:`ImageError` naming the problem."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    old_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{path}: {exc} (the decompression-bomb guard; raise --max-pixels if "
+                         "the photo is genuine)") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{path}: corrupt or truncated image ({exc})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = old_limit
+    notes = []
+    icc = image.info.get("icc_profile")
+    image = ImageOps.exif_transpose(image)
+    if image.width < MIN_SIDE or image.height < MIN_SIDE:
+        raise ImageError(f"{path}: {image.width}x{image.height} is too small to protect "
+                         f"(at least {MIN_SIDE} px per side)")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(wide / 257.0, 0, 255).round().astype(np.uint8))
+        notes.append("16-bit input written as 8-bit")
+    if image.mode == "CMYK":
+        image = image.convert("RGB")
+        icc = None  # a CMYK profile does not describe the RGB result
+        notes.append("CMYK converted to RGB")
+    alpha = None
+    if image.mode == "P" or image.mode == "PA":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        alpha = np.asarray(image.getchannel("A")).copy()
+    if image.mode not in ("RGB",):
+        image = image.convert("RGB")
+    return Photo(path, np.asarray(image).copy(), alpha, icc, "; ".join(notes))
+
+
+def quantize_within_budget(original: np.ndarray, protected: torch.Tensor, epsilon: float
+                           ) -> np.ndarray:
+    """uint8 [H, W, 3] from a float [3, H, W] result, with |protected - original| <= epsilon
+    holding exactly after rounding (epsilon in 0..255 units)."""
+    budget = math.floor(epsilon + 1e-9)
+    values = np.rint(protected.clamp(0, 1).permute(1, 2, 0).numpy() * 255)
+    low = original.astype(np.int16) - budget
+    high = original.astype(np.int16) + budget
+    return np.clip(values, np.maximum(low, 0), np.minimum(high, 255)).astype(np.uint8)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: a crash never leaves a
+    half-written file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_photo(path: Path, pixels: np.ndarray, alpha: np.ndarray | None = None,
+               icc: bytes | None = None, jpeg_quality: int = 95) -> None:
+    """Save atomically; PNG (lossless) unless the suffix asks for JPEG. Alpha and ICC kept
+    (JPEG drops alpha)."""
+    from PIL import Image
+
+    image = Image.fromarray(pixels)
+    is_jpeg = path.suffix.lower() in (".jpg", ".jpeg")
+    if alpha is not None and not is_jpeg:
+        image.putalpha(Image.fromarray(alpha))
+    options = {"icc_profile": icc} if icc else {}
+    if is_jpeg:
+        options.update(quality=jpeg_quality, subsampling=0)
+
+    def write(tmp):
+        image.save(tmp, format="JPEG" if is_jpeg else "PNG", **options)
+
+    _atomic_write(path, write)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM over RGB channels (Gaussian window 11, sigma 1.5; Wang et al. 2004)."""
+    x = torch.tensor(a, dtype=torch.float64).permute(2, 0, 1)[:, None]
+    y = torch.tensor(b, dtype=torch.float64).permute(2, 0, 1)[:, None]
+    coords = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
+
+    def blur(t):
+        return F.conv2d(t, window)
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    value = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return float(value.mean())
+
+
+class Manifest:
+    """JSONL record of a run, one line per photo, appended and flushed as each photo finishes,
+    so a crash loses nothing that was done."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.records: dict[str, dict] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line cut by a crash: that photo is simply redone
+                    self.records[record["input"]] = record
+
+    def finished(self, source: Path, output: Path) -> bool:
+        record = self.records.get(str(source))
+        return bool(record and record.get("status") == "ok" and output.exists())
+
+    def append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records[record["input"]] = record

@@ -1,0 +1,1 @@
+"""The published methods, each an Intervention plus a driver."""

@@ -1,0 +1,453 @@
+"""DeContext: protect photos against in-context editing (and the Diff-PGD baseline).
+
+DeContext perturbs a photo, within an L-inf budget, so that an in-context editor (FLUX.1 Kontext)
+stops attending to it: the loss is ``r_ctx``, the attention mass of the edit's target tokens on
+the photo's context tokens (softmax over all keys), averaged over heads, target queries and the
+attacked blocks (single-stream blocks 0..25 by default). Each PGD step samples an instruction from
+:data:`PROMPT_POOL`, a timestep in [980, 1000) and fresh target noise, takes the gradient of
+``r_ctx`` through the fused kernel's mass gradient (the forward stops after the last attacked
+block), and moves the photo by a signed step, projected back into the budget and [0, 1].
+
+Units: ``epsilon`` and ``step_size`` are in 0..255 pixel units. The authors' Kontext budget,
+epsilon 0.1 and step 0.005 in the [-1, 1] range, is 12.75/255 and 0.6375/255.
+
+Resolution: the photo is optimised at the editor's working resolution (``resolution``² pixels,
+aspect ratio kept, snapped to the model's multiple of 16; the authors used 512x512 crops) and the
+perturbation is resized back (bilinear) to the photo's own resolution, added to the original and
+clipped to the budget. FLUX.1 Kontext's pipeline itself snaps inputs to its preferred resolutions
+(about 1 megapixel) unless called with ``_auto_resize=False``.
+
+``method="diff-pgd"``: the baseline maximises the flow-matching loss of the target prediction
+against clean edits of the same photo (noisy target ``(1 - s) z + s e``), all blocks, same
+budget and driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..layout import TokenLayout
+from ..models.flux import encode_image, image_ids, pack_latents, vae_scale_factor
+from ..session import StatsRecorder, attach
+from .prompts import EDIT_PROMPTS, PROMPT_POOL
+
+DEFAULT_BLOCKS = tuple(f"single.{i}" for i in range(26))
+METHODS = ("decontext", "diff-pgd")
+
+
+@dataclass(frozen=True)
+class ProtectConfig:
+    """Settings of a protection run; defaults reproduce the authors' FLUX.1 Kontext recipe.
+
+    Attributes:
+        method: ``"decontext"`` or the ``"diff-pgd"`` baseline.
+        epsilon: L-inf budget in 0..255 pixel units.
+        step_size: signed-gradient step per iteration, 0..255 units.
+        steps: PGD iterations (the authors: 800 for DeContext, 600 for Diff-PGD).
+        resolution: working resolution: the photo is optimised at about resolution² pixels.
+        blocks: attacked blocks (``"single.3"``, ``"double.7"``); the forward stops after the
+            last one.
+        timesteps: the range t is drawn from, in the scheduler's 0..1000 units.
+        guidance: FLUX guidance embedding value.
+        batch_size: photos optimised together (same working resolution).
+        seed: every random draw of a photo comes from (seed, photo name): results do not depend
+            on batching or on resuming.
+        max_sequence_length: T5 tokens of the instruction.
+        prompts: the instruction pool.
+        gradient_checkpointing: trade compute for memory in the attacked blocks.
+        eot_jpeg_quality: (low, high) JPEG quality drawn per step (straight-through gradient)
+            so the protection survives recompression; None = off.
+        eot_resize: (low, high) scale drawn per step, down- and up-sampled; None = off.
+        stop_window, stop_min_gain: optional convergence stop: every ``stop_window`` steps the
+            evaluation r_ctx is measured and a photo whose r_ctx fell by less than
+            ``stop_min_gain`` since the last check stops. None = run all steps (the authors).
+        eval_prompts: instructions (one per category, in order) for the r_ctx before/after.
+        diffpgd_edits, diffpgd_edit_steps: clean edits per photo for Diff-PGD, and their
+            sampling steps.
+    """
+
+    method: str = "decontext"
+    epsilon: float = 12.75
+    step_size: float = 0.6375
+    steps: int = 800
+    resolution: int = 512
+    blocks: tuple[str, ...] = DEFAULT_BLOCKS
+    timesteps: tuple[float, float] = (980.0, 1000.0)
+    guidance: float = 3.5
+    batch_size: int = 1
+    seed: int = 0
+    max_sequence_length: int = 512
+    prompts: tuple[str, ...] = PROMPT_POOL
+    gradient_checkpointing: bool = False
+    eot_jpeg_quality: tuple[int, int] | None = None
+    eot_resize: tuple[float, float] | None = None
+    stop_window: int | None = None
+    stop_min_gain: float = 0.002
+    eval_prompts: int = 6
+    diffpgd_edits: int = 2
+    diffpgd_edit_steps: int = 20
+
+    def __post_init__(self):
+        checks = [
+            (self.method in METHODS, f"method={self.method!r}: expected one of {METHODS}"),
+            (0 < self.epsilon <= 255, f"epsilon={self.epsilon}: expected 0 < epsilon <= 255 "
+                                      "(pixel units; 12.75 is the authors' 0.1 in [-1, 1])"),
+            (self.step_size > 0, f"step_size={self.step_size}: expected > 0 (pixel units)"),
+            (self.steps >= 0, f"steps={self.steps}: expected >= 0"),
+            (self.resolution >= 16, f"resolution={self.resolution}: expected >= 16"),
+            (len(self.blocks) > 0, "blocks: expected at least one block"),
+            (0 <= self.timesteps[0] < self.timesteps[1] <= 1000,
+             f"timesteps={self.timesteps}: expected 0 <= low < high <= 1000"),
+            (self.batch_size >= 1, f"batch_size={self.batch_size}: expected >= 1"),
+            (len(self.prompts) > 0, "prompts: expected at least one instruction"),
+            (self.stop_window is None or self.stop_window >= 1,
+             f"stop_window={self.stop_window}: expected >= 1 or None"),
+        ]
+        if self.eot_jpeg_quality is not None:
+            low, high = self.eot_jpeg_quality
+            checks.append((1 <= low <= high <= 100,
+                           f"eot_jpeg_quality={self.eot_jpeg_quality}: expected 1..100"))
+        if self.eot_resize is not None:
+            low, high = self.eot_resize
+            checks.append((0 < low <= high,
+                           f"eot_resize={self.eot_resize}: expected 0 < low <= high"))
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"ProtectConfig: {message}")
+
+
+@dataclass
+class ProtectResult:
+    """One protected photo. ``image``: float [3, H, W] in [0, 1] at the photo's own resolution
+    (quantise with :func:`ditflow.io.quantize_within_budget` to keep the budget exact in 8 bits).
+    ``r_ctx_before``/``after``: evaluation r_ctx (fixed instructions, t = 990, fixed noise) of
+    the clean and the protected photo at the working resolution."""
+
+    name: str
+    image: torch.Tensor
+    r_ctx_before: float
+    r_ctx_after: float
+    steps: int
+    seconds: float
+    working_size: tuple[int, int]
+    history: list[float] = field(default_factory=list)
+
+
+def _photo_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _straight_through_jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """JPEG-compress in the forward pass, identity gradient (BPDA)."""
+    from PIL import Image
+
+    out = []
+    for img in x.detach().clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy():
+        buffer = io.BytesIO()
+        Image.fromarray(img).save(buffer, format="JPEG", quality=quality)
+        decoded = torch.from_numpy(np.array(Image.open(buffer)))
+        out.append(decoded.permute(2, 0, 1).float() / 255)
+    compressed = torch.stack(out).to(x.device, x.dtype)
+    return x + (compressed - x).detach()
+
+
+@contextmanager
+def _frozen(*modules: torch.nn.Module):
+    """No parameter gradients while protecting (the photo is the only variable)."""
+    states = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    for p, _ in states:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in states:
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def _checkpointing(transformer, enabled: bool):
+    was = getattr(transformer, "gradient_checkpointing", False)
+    if enabled and not was:
+        transformer.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if enabled and not was:
+            transformer.disable_gradient_checkpointing()
+
+
+class Protector:
+    """DeContext / Diff-PGD against a FluxKontextPipeline (real or tiny). See the module doc."""
+
+    def __init__(self, pipeline, config: ProtectConfig | None = None):
+        self.pipe = pipeline
+        self.config = config or ProtectConfig()
+        self.transformer = pipeline.transformer
+        self.vae = pipeline.vae
+        self.device = self.transformer.device
+        self.dtype = self.transformer.dtype
+        self.multiple = 2 * vae_scale_factor(self.vae)
+        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # One layout per working size: its group ids stay the same tensor, so the kernels'
+        # layout checks and tile plans are computed once, not every step.
+        self._layouts: dict[tuple[int, int, int], TokenLayout] = {}
+        names = {str(b) for b in self.config.blocks}
+        known = {f"double.{i}" for i in range(len(self.transformer.transformer_blocks))}
+        known |= {f"single.{i}" for i in range(len(self.transformer.single_transformer_blocks))}
+        if not names <= known:
+            raise ValueError(f"ProtectConfig.blocks: {sorted(names - known)} not in this model "
+                             f"({len(known)} blocks: double.0.., single.0..)")
+        eval_order = [p for group in zip(*EDIT_PROMPTS.values(), strict=True) for p in group]
+        self.eval_prompts = eval_order[: self.config.eval_prompts]
+
+    # -- geometry ------------------------------------------------------------------------------
+
+    def working_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w): about resolution² pixels at the photo's aspect ratio, multiples of the
+        model's 16 (vae factor x 2x2 packing)."""
+        area = self.config.resolution**2
+        aspect = width / height
+        m = self.multiple
+        w = max(m, round(math.sqrt(area * aspect) / m) * m)
+        h = max(m, round(math.sqrt(area / aspect) / m) * m)
+        return h, w
+
+    # -- model inputs --------------------------------------------------------------------------
+
+    def _prompt(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._prompt_cache.get(text)
+        if cached is None:
+            with torch.no_grad():
+                embeds, pooled, _ = self.pipe.encode_prompt(
+                    prompt=text, prompt_2=None, device=self.device,
+                    max_sequence_length=self.config.max_sequence_length)
+            cached = (embeds[0].to(self.dtype), pooled[0].to(self.dtype))
+            self._prompt_cache[text] = cached
+        return cached
+
+    def _inputs(self, pixels, prompts, timesteps, noise):
+        """Transformer keyword inputs: target noise, then the photo's context tokens."""
+        context = pack_latents(encode_image(self.vae, pixels.to(self.vae.dtype))).to(self.dtype)
+        h, w = pixels.shape[-2] // self.multiple, pixels.shape[-1] // self.multiple
+        embeds, pooled = zip(*(self._prompt(p) for p in prompts), strict=True)
+        ids = torch.cat([image_ids(h, w, 0), image_ids(h, w, 1)]).to(self.device, self.dtype)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((len(prompts),), self.config.guidance, device=self.device)
+        return dict(
+            hidden_states=torch.cat([noise.to(self.dtype), context], dim=1),
+            encoder_hidden_states=torch.stack(embeds),
+            pooled_projections=torch.stack(pooled),
+            timestep=torch.tensor(timesteps, device=self.device, dtype=self.dtype) / 1000,
+            img_ids=ids,
+            txt_ids=torch.zeros(embeds[0].shape[0], 3, device=self.device, dtype=self.dtype),
+            guidance=guidance,
+            return_dict=False,
+        )
+
+    def _target_shape(self, pixels) -> tuple[int, int]:
+        h, w = pixels.shape[-2] // self.multiple, pixels.shape[-1] // self.multiple
+        return h * w, 4 * self.vae.config.latent_channels
+
+    def _draw(self, gens, pixels):
+        """Per-photo draws for one step: instruction, timestep, target noise, EOT choices."""
+        cfg = self.config
+        tokens, channels = self._target_shape(pixels)
+        prompts, ts, noise, jpeg, scale = [], [], [], [], []
+        for g in gens:
+            prompts.append(cfg.prompts[int(torch.randint(len(cfg.prompts), (1,), generator=g))])
+            low, high = cfg.timesteps
+            ts.append(low + (high - low) * float(torch.rand((), generator=g)))
+            noise.append(torch.randn(tokens, channels, generator=g))
+            if cfg.eot_jpeg_quality is not None:
+                ql, qh = cfg.eot_jpeg_quality
+                jpeg.append(int(torch.randint(ql, qh + 1, (1,), generator=g)))
+            if cfg.eot_resize is not None:
+                sl, sh = cfg.eot_resize
+                scale.append(sl + (sh - sl) * float(torch.rand((), generator=g)))
+        return prompts, ts, torch.stack(noise).to(self.device), jpeg, scale
+
+    def _transform(self, x, jpeg: list[int], scale: list[float]) -> torch.Tensor:
+        """Expectation over transformations: per-photo resize round trip and JPEG."""
+        if not jpeg and not scale:
+            return x
+        out = []
+        for i in range(x.shape[0]):
+            xi = x[i: i + 1]
+            if scale:
+                size = [max(8, round(d * scale[i])) for d in xi.shape[-2:]]
+                xi = F.interpolate(F.interpolate(xi, size=size, mode="bilinear", antialias=True),
+                                   size=x.shape[-2:], mode="bilinear")
+            if jpeg:
+                xi = _straight_through_jpeg(xi, jpeg[i])
+            out.append(xi)
+        return torch.cat(out)
+
+    # -- losses --------------------------------------------------------------------------------
+
+    def _layout(self, inputs) -> TokenLayout:
+        text = inputs["encoder_hidden_states"].shape[1]
+        key = (text, inputs["hidden_states"].shape[1], inputs["img_ids"].shape[0])
+        if key not in self._layouts:
+            self._layouts[key] = TokenLayout.from_flux_inputs(text, inputs["img_ids"])
+        return self._layouts[key]
+
+    def r_ctx(self, pixels, prompts, timesteps, noise) -> torch.Tensor:
+        """Per-photo r_ctx [B] over the attacked blocks; the forward stops after the last one."""
+        inputs = self._inputs(pixels, prompts, timesteps, noise)
+        recorder = StatsRecorder(blocks=self.config.blocks, stop_after_last=True)
+        with attach(self.transformer, recorder, self._layout(inputs)) as session:
+            session.forward(**inputs)
+        return recorder.mean_r_ctx().float()
+
+    def evaluate_r_ctx(self, pixels: torch.Tensor) -> list[float]:
+        """Evaluation r_ctx per photo: fixed instructions, t = 990, noise from a fixed seed."""
+        g = torch.Generator().manual_seed(1234)
+        tokens, channels = self._target_shape(pixels)
+        noise = torch.randn(tokens, channels, generator=g).to(self.device)
+        b = pixels.shape[0]
+        with torch.no_grad():
+            total = sum(self.r_ctx(pixels, [prompt] * b, [990.0] * b, noise.expand(b, -1, -1))
+                        for prompt in self.eval_prompts)
+        return (total / len(self.eval_prompts)).tolist()
+
+    def _clean_edits(self, pixels, gens) -> list[torch.Tensor]:
+        """Diff-PGD targets: packed latents of clean edits of each photo [K, B, N, C]."""
+        from PIL import Image
+
+        cfg = self.config
+        h, w = pixels.shape[-2:]
+        edits = []
+        for _ in range(cfg.diffpgd_edits):
+            prompts = [cfg.prompts[int(torch.randint(len(cfg.prompts), (1,), generator=g))]
+                       for g in gens]
+            images = [Image.fromarray(p.mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+                      for p in pixels]
+            latents = [self.pipe(image=img, prompt=prompt, height=h, width=w, max_area=h * w,
+                                 _auto_resize=False, num_inference_steps=cfg.diffpgd_edit_steps,
+                                 guidance_scale=cfg.guidance, output_type="latent",
+                                 max_sequence_length=cfg.max_sequence_length,
+                                 generator=g, ).images
+                       for img, prompt, g in zip(images, prompts, gens, strict=True)]
+            edits.append(torch.cat(latents).to(self.dtype))
+        return edits
+
+    def _flow_matching_loss(self, pixels, edits, gens, prompts, timesteps, noise):
+        """Per-photo MSE of the velocity prediction against a clean edit (to be maximised)."""
+        k = int(torch.randint(len(edits), (1,), generator=gens[0]))
+        target = edits[k]
+        sigma = torch.tensor(timesteps, device=self.device, dtype=self.dtype)[:, None, None] / 1000
+        noisy = (1 - sigma) * target + sigma * noise.to(self.dtype)
+        inputs = self._inputs(pixels, prompts, timesteps, noisy)
+        pred = self.transformer(**inputs)[0][:, : target.shape[1]]
+        return (pred.float() - (noise - target).float()).square().mean(dim=(1, 2))
+
+    # -- the driver ----------------------------------------------------------------------------
+
+    def run(self, names: Sequence[str], photos: Sequence[torch.Tensor],
+            on_step: Callable[[int], None] | None = None) -> list[ProtectResult]:
+        """Protect photos of one working size together. ``photos``: float [3, H, W] in [0, 1]
+        (any H, W; those of a batch must share a working size)."""
+        cfg = self.config
+        start = time.perf_counter()
+        sizes = {self.working_size(*p.shape[-2:]) for p in photos}
+        if len(sizes) != 1:
+            raise ValueError(f"Protector.run: a batch needs one working size, got {sizes}")
+        (size,) = sizes
+        clean = torch.stack([F.interpolate(p[None].float(), size=size, mode="bilinear",
+                                           antialias=True)[0] for p in photos])
+        clean = clean.clamp(0, 1).to(self.device)
+        gens = [torch.Generator().manual_seed(_photo_seed(cfg.seed, n)) for n in names]
+        eps, alpha = cfg.epsilon / 255, cfg.step_size / 255
+        with _frozen(self.transformer, self.vae), \
+                _checkpointing(self.transformer, cfg.gradient_checkpointing):
+            before = self.evaluate_r_ctx(clean)
+            edits = self._clean_edits(clean, gens) if cfg.method == "diff-pgd" else None
+            adv = clean.clone()
+            active = list(range(len(photos)))
+            steps_run = [0] * len(photos)
+            history: list[list[float]] = [[r] for r in before]
+            for step in range(cfg.steps):
+                if not active:
+                    break
+                x = adv[active].clone().requires_grad_()
+                prompts, ts, noise, jpeg, scale = self._draw([gens[i] for i in active], x)
+                with torch.enable_grad():
+                    seen = self._transform(x, jpeg, scale)
+                    if cfg.method == "decontext":
+                        loss = self.r_ctx(seen, prompts, ts, noise).sum()
+                        direction = -1.0  # minimise r_ctx
+                    else:
+                        loss = self._flow_matching_loss(
+                            seen, [e[active] for e in edits], [gens[i] for i in active],
+                            prompts, ts, noise).sum()
+                        direction = 1.0  # maximise the denoising error
+                    (grad,) = torch.autograd.grad(loss, x)
+                with torch.no_grad():
+                    moved = x + direction * alpha * grad.sign()
+                    base = clean[active]
+                    adv[active] = torch.minimum(torch.maximum(moved, base - eps), base + eps
+                                                ).clamp(0, 1)
+                for i in active:
+                    steps_run[i] += 1
+                if on_step is not None:
+                    on_step(step)
+                if cfg.stop_window and (step + 1) % cfg.stop_window == 0:
+                    now = self.evaluate_r_ctx(adv[active])
+                    still = []
+                    for i, r in zip(active, now, strict=True):
+                        if history[i][-1] - r >= cfg.stop_min_gain:
+                            still.append(i)
+                        history[i].append(r)
+                    active = still
+            after = self.evaluate_r_ctx(adv)
+        seconds = (time.perf_counter() - start) / len(photos)
+        results = []
+        for i, (name, photo) in enumerate(zip(names, photos, strict=True)):
+            delta = F.interpolate((adv[i] - clean[i])[None].float().cpu(), size=photo.shape[-2:],
+                                  mode="bilinear")[0]
+            original = photo.float().cpu()
+            protected = torch.minimum(torch.maximum(original + delta, original - eps),
+                                      original + eps).clamp(0, 1)
+            results.append(ProtectResult(name, protected, before[i], after[i], steps_run[i],
+                                         seconds, size, history[i]))
+        return results
+
+
+def iter_protect(named_photos: Sequence[tuple[str, torch.Tensor]], pipeline,
+                 config: ProtectConfig | None = None,
+                 on_step: Callable[[int], None] | None = None) -> Iterator[ProtectResult]:
+    """Protect photos batch by batch (photos of one working size share a batch), yielding each
+    result as soon as its batch is done."""
+    protector = Protector(pipeline, config)
+    by_size: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
+    for name, photo in named_photos:
+        by_size.setdefault(protector.working_size(*photo.shape[-2:]), []).append((name, photo))
+    for group in by_size.values():
+        for start in range(0, len(group), protector.config.batch_size):
+            batch = group[start: start + protector.config.batch_size]
+            yield from protector.run([n for n, _ in batch], [p for _, p in batch], on_step)
+
+
+def protect(photos: Sequence[torch.Tensor], pipeline, config: ProtectConfig | None = None
+            ) -> list[ProtectResult]:
+    """Protect photos (float [3, H, W] in [0, 1]) with DeContext (or Diff-PGD); results in input
+    order. For files, use ``ditflow protect`` (manifest, resume, image formats)."""
+    named = [(f"photo{i}", p) for i, p in enumerate(photos)]
+    results = {r.name: r for r in iter_protect(named, pipeline, config)}
+    return [results[name] for name, _ in named]
+
+
+__all__ = ["DEFAULT_BLOCKS", "ProtectConfig", "ProtectResult", "Protector", "iter_protect",
+           "protect"]

@@ -1,0 +1,89 @@
+"""DeContext protection on the tiny offline Kontext model (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from ditflow.methods.decontext import ProtectConfig, Protector, protect
+from ditflow.tiny import tiny_flux_pipeline
+
+TINY_BLOCKS = ("double.0", "double.1", "single.0", "single.1")
+
+
+def tiny_config(**overrides) -> ProtectConfig:
+    settings = dict(steps=4, resolution=16, blocks=TINY_BLOCKS, max_sequence_length=8,
+                    eval_prompts=2)
+    return ProtectConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_flux_pipeline("kontext")
+
+
+def test_config_checks_units_and_ranges():
+    with pytest.raises(ValueError, match="epsilon=300"):
+        ProtectConfig(epsilon=300)
+    with pytest.raises(ValueError, match="method='pgd'"):
+        ProtectConfig(method="pgd")
+    with pytest.raises(ValueError, match="timesteps"):
+        ProtectConfig(timesteps=(990, 980))
+    with pytest.raises(ValueError, match="eot_jpeg_quality"):
+        ProtectConfig(eot_jpeg_quality=(0, 50))
+
+
+def test_unknown_blocks_are_refused(pipe):
+    with pytest.raises(ValueError, match=r"\['single\.30'\] not in this model"):
+        Protector(pipe, tiny_config(blocks=("single.30",)))
+
+
+def test_working_size_keeps_aspect_and_snaps(pipe):
+    protector = Protector(pipe, tiny_config(resolution=32))
+    assert protector.working_size(100, 200) == (22, 46)  # multiples of 2 for the tiny VAE
+    assert protector.working_size(64, 64) == (32, 32)
+
+
+def test_protection_lowers_r_ctx_within_the_exact_budget(pipe):
+    photos = [torch.rand(3, 30, 44), torch.rand(3, 40, 40)]
+    results = protect(photos, pipe, tiny_config(steps=20))
+    for photo, result in zip(photos, results, strict=True):
+        assert result.image.shape == photo.shape  # back at the photo's own resolution
+        assert (result.image - photo).abs().max() <= 12.75 / 255 + 1e-6
+        assert result.image.min() >= 0 and result.image.max() <= 1
+        assert result.r_ctx_after < result.r_ctx_before
+        assert result.steps == 20
+
+
+def test_deterministic_and_independent_of_batching(pipe):
+    photos = [torch.rand(3, 24, 24), torch.rand(3, 24, 24)]
+    alone = protect(photos, pipe, tiny_config(batch_size=1))
+    together = protect(photos, pipe, tiny_config(batch_size=2))
+    again = protect(photos, pipe, tiny_config(batch_size=2))
+    for a, b, c in zip(alone, together, again, strict=True):
+        torch.testing.assert_close(a.image, b.image, atol=2e-5, rtol=0)
+        assert torch.equal(b.image, c.image)
+
+
+def test_expectation_over_transformations_runs(pipe):
+    result = protect([torch.rand(3, 24, 24)], pipe,
+                     tiny_config(eot_jpeg_quality=(60, 90), eot_resize=(0.5, 1.0)))[0]
+    assert (result.image - result.image.new_zeros(1)).abs().max() <= 1
+    assert result.steps == 4
+
+
+def test_convergence_stop_ends_early_and_records_history(pipe):
+    result = protect([torch.rand(3, 24, 24)], pipe,
+                     tiny_config(steps=12, stop_window=2, stop_min_gain=10.0))[0]
+    assert result.steps == 2  # no window can gain 10: stops at the first check
+    assert len(result.history) == 2
+
+
+def test_diff_pgd_baseline_moves_within_budget(pipe):
+    photo = torch.rand(3, 16, 16)
+    result = protect([photo], pipe, tiny_config(method="diff-pgd", steps=2, diffpgd_edits=1,
+                                               diffpgd_edit_steps=1))[0]
+    change = (result.image - photo).abs().max()
+    assert 0 < change <= 12.75 / 255 + 1e-6

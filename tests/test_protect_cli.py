@@ -1,0 +1,164 @@
+"""``ditflow protect`` / ``evaluate`` / ``demo`` on real files: formats, bad inputs, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers")
+from PIL import Image, ImageCms
+
+from ditflow.cli import main
+
+FAST = ["--model", "tiny", "--steps", "2", "--resolution", "16", "--text-tokens", "8",
+        "--quiet"]
+
+
+def _rgb(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _records(out: Path) -> dict[str, dict]:
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    return {Path(r["input"]).name: r for r in map(json.loads, lines)}
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(_rgb(30, 40)).save(d / "good.png")
+    rgba = np.dstack([_rgb(30, 40, 1), np.full((30, 40), 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(d / "alpha.png")
+    Image.fromarray(_rgb(30, 40, 2)).convert("P", palette=Image.ADAPTIVE).save(d / "palette.png")
+    Image.fromarray(_rgb(30, 40, 3)).convert("CMYK").save(d / "cmyk.jpg")
+    Image.fromarray((np.arange(1200).reshape(30, 40) * 50).astype(np.uint16)).save(
+        d / "gray16.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    Image.fromarray(_rgb(30, 40, 4)).save(d / "rotated.jpg", exif=exif, quality=95)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.fromarray(_rgb(30, 40, 5)).save(d / "icc.png", icc_profile=icc)
+    (d / "corrupt.png").write_bytes((d / "good.png").read_bytes()[:60])
+    (d / "notes.txt").write_text("not a photo")
+    Image.fromarray(_rgb(8, 8)).save(d / "tiny.png")
+    Image.fromarray(_rgb(100, 100)).save(d / "huge.png")
+    return d
+
+
+def test_folder_with_every_kind_of_input(photo_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    status = main(["protect", str(photo_folder), "-o", str(out), "--max-pixels", "5000", *FAST])
+    assert status == 1  # some inputs failed, the rest went on
+    records = _records(out)
+    ok = {"good.png", "alpha.png", "palette.png", "cmyk.jpg", "gray16.png", "rotated.jpg",
+          "icc.png"}
+    assert {n for n, r in records.items() if r["status"] == "ok"} == ok
+    errors = {n: r["error"] for n, r in records.items() if r["status"] == "error"}
+    assert "corrupt or truncated" in errors["corrupt.png"]
+    assert "not an image" in errors["notes.txt"]
+    assert "too small" in errors["tiny.png"]
+    assert "decompression-bomb guard" in errors["huge.png"]
+    for name in ok:
+        record = records[name]
+        assert record["linf"] <= 12 and record["r_ctx_after"] < record["r_ctx_before"] + 1e-3
+        assert Path(record["output"]).suffix == ".png"
+    assert Image.open(out / "alpha.png").mode == "RGBA"
+    assert (np.asarray(Image.open(out / "alpha.png"))[..., 3] == 128).all()
+    assert Image.open(out / "rotated.png").size == (30, 40)  # EXIF orientation applied
+    assert Image.open(out / "icc.png").info.get("icc_profile")
+    assert "16-bit" in records["gray16.png"]["note"]
+    assert not list(out.glob(".*.tmp"))
+    assert "failed:" in capsys.readouterr().err
+
+
+def test_budget_holds_exactly_in_the_saved_pixels(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    pixels = _rgb(24, 24, 7)
+    Image.fromarray(pixels).save(src / "a.png")
+    out = tmp_path / "out"
+    assert main(["protect", str(src / "a.png"), "-o", str(out), "--epsilon", "4.5", *FAST]) == 0
+    saved = np.asarray(Image.open(out / "a.png")).astype(int)
+    assert np.abs(saved - pixels.astype(int)).max() <= 4
+
+
+def test_existing_manifest_needs_resume(tmp_path):
+    src = tmp_path / "a.png"
+    Image.fromarray(_rgb(20, 20)).save(src)
+    out = tmp_path / "out"
+    assert main(["protect", str(src), "-o", str(out), *FAST]) == 0
+    assert main(["protect", str(src), "-o", str(out), *FAST]) == 2
+    assert main(["protect", str(src), "-o", str(out), "--resume", *FAST]) == 0
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == 1  # nothing redone
+
+
+def test_missing_inputs_and_clashing_names(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    Image.fromarray(_rgb(20, 20)).save(tmp_path / "x" / "same.png")
+    Image.fromarray(_rgb(20, 20)).save(tmp_path / "y" / "same.jpg")
+    out = tmp_path / "out"
+    status = main(["protect", str(tmp_path / "x"), str(tmp_path / "y"),
+                   str(tmp_path / "nothing*.png"), "-o", str(out), *FAST])
+    assert status == 1
+    errors = [r["error"] for r in map(json.loads, (out / "manifest.jsonl").read_text()
+                                      .splitlines()) if r["status"] == "error"]
+    assert any("would overwrite" in e for e in errors)
+    assert any("no such file" in e for e in errors)
+
+
+def test_resume_after_the_process_is_killed(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):
+        Image.fromarray(_rgb(20, 20, i)).save(src / f"p{i}.png")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "ditflow.cli", "protect", str(src), "-o", str(out),
+               "--model", "tiny", "--steps", "40", "--resolution", "16", "--text-tokens", "8",
+               "--quiet"]
+    env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    manifest = out / "manifest.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if manifest.exists() and manifest.read_text().count('"ok"') >= 1:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = {Path(r["output"]).name: os.path.getmtime(r["output"])
+                   for r in _records(out).values()}
+    assert 1 <= len(done_before) < 5, "the run should have been killed mid-batch"
+    assert main(["protect", str(src), "-o", str(out), "--resume", *FAST]) == 0
+    records = _records(out)
+    assert sorted(records) == [f"p{i}.png" for i in range(5)]
+    assert all(r["status"] == "ok" for r in records.values())
+    for name, mtime in done_before.items():
+        assert os.path.getmtime(out / name) == mtime  # finished work was not redone
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_demo_and_evaluate(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "-o", str(out), "--steps", "3", "--resolution", "16",
+                 "--text-tokens", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "astronaut.png" in text and "r_ctx before" in text
+    from ditflow.cli import SAMPLES
+
+    rows_file = tmp_path / "rows.json"
+    assert main(["evaluate", str(SAMPLES), str(out), "--edit-steps", "1", "--resolution", "16",
+                 "--text-tokens", "8", "--json", str(rows_file)]) == 0
+    rows = json.loads(rows_file.read_text())
+    assert {r["photo"] for r in rows} == {"astronaut.png", "chelsea.png", "coffee.png"}
+    assert all(r["linf"] <= 12 and r["perturbation_psnr"] > 25 for r in rows)
