@@ -25,6 +25,13 @@ SAMPLES = Path(__file__).resolve().parent / "samples"
 
 
 def _pipeline(model: str, device: str):
+    # The libraries' own chatter (optional image processors, prompt truncation) is not for
+    # users of this command; errors still show.
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
     if model == "tiny":
         from .tiny import tiny_flux_pipeline
 

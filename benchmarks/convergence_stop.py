@@ -1,0 +1,62 @@
+"""How many steps the optional convergence stop saves, and the r_ctx it reaches, against the
+full schedule, on the bundled sample photos.
+
+    python -m benchmarks.convergence_stop --model tiny --steps 800 --window 50 --min-gain 0.002
+
+Writes ``convergence-stop-<model>-<date>.json`` under ``--out``. On the random tiny model the
+numbers describe the machinery only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from ditflow.cli import SAMPLES, TINY_RESOLUTION, TINY_TEXT_TOKENS, _pipeline
+from ditflow.io import load_photo
+from ditflow.methods.decontext import DEFAULT_BLOCKS, ProtectConfig, iter_protect
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--window", type=int, default=50)
+    parser.add_argument("--min-gain", type=float, default=0.002)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    tiny = args.model == "tiny"
+    base = dict(steps=args.steps, resolution=TINY_RESOLUTION if tiny else 512,
+                max_sequence_length=TINY_TEXT_TOKENS if tiny else 512,
+                blocks=("double.0", "double.1", "single.0", "single.1") if tiny else DEFAULT_BLOCKS)
+    pipeline = _pipeline(args.model, args.device)
+    photos = [(p.name, load_photo(p).tensor()) for p in sorted(SAMPLES.glob("*.png"))]
+    rows = []
+    for label, extra in (("full schedule", {}),
+                         ("convergence stop", dict(stop_window=args.window,
+                                                   stop_min_gain=args.min_gain))):
+        for result in iter_protect(photos, pipeline, ProtectConfig(**base, **extra)):
+            rows.append(dict(run=label, photo=result.name, steps=result.steps,
+                             r_ctx_before=result.r_ctx_before, r_ctx_after=result.r_ctx_after,
+                             seconds=result.seconds))
+            print(rows[-1], flush=True)
+    meta = dict(model=args.model, device=args.device, torch=torch.__version__,
+                machine=platform.processor() or platform.machine(),
+                date=datetime.date.today().isoformat(),
+                command="python -m benchmarks.convergence_stop " + " ".join(argv))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"convergence-stop-{args.model if tiny else 'model'}-{meta['date']}.json"
+    path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""GPU: one DeContext PGD step on the full-size FLUX.1 Kontext architecture (random weights).
+
+    python -m benchmarks.protect_step --resolution 512 1024 --out benchmarks/results
+
+ditflow's step: forward through single block 25 only (early stop), r_ctx from the fused kernel's
+mass, backward through its mass gradient. The authors' recipe: all 57 blocks, softmax
+probabilities of the target queries over all keys materialised in every attacked block,
+gradient checkpointing. Both differentiate r_ctx with respect to the photo's pixels through the
+VAE encoder. Random text embeddings stand in for the T5/CLIP encoders (computed once per prompt
+in real runs, so outside the step). Writes ``protect-step-<device>-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks.attention import _bench, metadata
+
+
+class RandomTextPipeline:
+    """What Protector needs from a pipeline: transformer, vae, encode_prompt."""
+
+    def __init__(self, transformer, vae):
+        self.transformer, self.vae = transformer, vae
+
+    def encode_prompt(self, prompt, prompt_2=None, device=None, max_sequence_length=512):
+        g = torch.Generator(device="cuda").manual_seed(hash(prompt) % 2**31)
+        embeds = torch.randn(1, max_sequence_length, 4096, device="cuda", generator=g)
+        pooled = torch.randn(1, 768, device="cuda", generator=g)
+        return embeds.bfloat16(), pooled.bfloat16(), None
+
+
+def full_size_models():
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    with torch.device("cuda"):
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            transformer = FluxTransformer2DModel(guidance_embeds=True).eval()
+            vae = AutoencoderKL(
+                in_channels=3, out_channels=3, latent_channels=16,
+                block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, shift_factor=0.1159,
+                scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False).eval()
+        finally:
+            torch.set_default_dtype(default)
+    return transformer, vae
+
+
+def authors_step(protector, pixels, prompts, timesteps, noise):
+    """All blocks, eager probabilities in the attacked blocks, gradient checkpointing."""
+    import diffusers.models.transformers.transformer_flux as flux_module
+
+    layout = protector._layout(protector._inputs(pixels.detach(), prompts, timesteps, noise))
+    target, context = layout.mask("target", "cuda"), layout.mask("context", "cuda")
+    attacked = {int(b.split(".")[1]) for b in protector.config.blocks if b.startswith("single")}
+    ratios, calls = [], [0]
+    n_double = len(protector.transformer.transformer_blocks)
+    original = flux_module.dispatch_attention_fn
+
+    def probe(query, key, value, attn_mask=None, **kwargs):
+        block = calls[0] - n_double
+        calls[0] += 1
+        if block in attacked:
+            scale = query.shape[-1] ** -0.5
+            probs = (torch.einsum("bihd,bjhd->bhij", query[:, target], key) * scale).softmax(-1)
+            ratios.append(probs[..., context].sum(-1).mean())
+        return original(query, key, value, attn_mask=attn_mask, **kwargs)
+
+    flux_module.dispatch_attention_fn = probe
+    try:
+        x = pixels.clone().requires_grad_()
+        inputs = protector._inputs(x, prompts, timesteps, noise)
+        protector.transformer(**inputs)
+        (grad,) = torch.autograd.grad(torch.stack(ratios).mean(), x)
+    finally:
+        flux_module.dispatch_attention_fn = original
+    return grad
+
+
+def ditflow_step(protector, pixels, prompts, timesteps, noise):
+    x = pixels.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(protector.r_ctx(x, prompts, timesteps, noise).sum(), x)
+    return grad
+
+
+def main(argv=None) -> None:
+    from ditflow.methods.decontext import ProtectConfig, Protector, _checkpointing, _frozen
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--resolution", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    transformer, vae = full_size_models()
+    pipe = RandomTextPipeline(transformer, vae)
+    rows = []
+    for resolution in args.resolution:
+        protector = Protector(pipe, ProtectConfig(resolution=resolution))
+        h, w = protector.working_size(resolution, resolution)
+        pixels = torch.rand(1, 3, h, w, device="cuda")
+        tokens, channels = protector._target_shape(pixels)
+        noise = torch.randn(1, tokens, channels, device="cuda")
+        prompts, timesteps = [protector.config.prompts[0]], [990.0]
+        providers = (("ditflow (early stop, fused mass)", ditflow_step, False),
+                     ("authors' recipe", authors_step, True))
+        for name, step, checkpointing in providers:
+            row = dict(resolution=resolution, tokens=512 + 2 * tokens, provider=name)
+            try:
+                with _frozen(transformer, vae), _checkpointing(transformer, checkpointing):
+                    args_ = (protector, pixels, prompts, timesteps, noise)
+                    row["ms"], row["peak_mib"] = _bench(lambda s=step, a=args_: s(*a))
+            except torch.OutOfMemoryError:
+                row.update(ms=math.nan, peak_mib=math.nan, note="OOM")
+            torch.cuda.empty_cache()
+            rows.append(row)
+            print(row, flush=True)
+    meta = metadata(argv)
+    meta["command"] = "python -m benchmarks.protect_step " + " ".join(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"protect-step-{meta['device'].replace(' ', '-')}-{meta['date'][:10]}.json"
+    path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
