@@ -345,8 +345,8 @@ class Protector:
 
     def _flow_matching_loss(self, pixels, edits, gens, prompts, timesteps, noise):
         """Per-photo MSE of the velocity prediction against a clean edit (to be maximised)."""
-        k = int(torch.randint(len(edits), (1,), generator=gens[0]))
-        target = edits[k]
+        picks = [int(torch.randint(len(edits), (1,), generator=g)) for g in gens]
+        target = torch.stack([edits[k][i] for i, k in enumerate(picks)])
         sigma = torch.tensor(timesteps, device=self.device, dtype=self.dtype)[:, None, None] / 1000
         noisy = (1 - sigma) * target + sigma * noise.to(self.dtype)
         inputs = self._inputs(pixels, prompts, timesteps, noisy)
