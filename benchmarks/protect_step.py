@@ -60,21 +60,26 @@ def authors_step(protector, pixels, prompts, timesteps, noise):
     import diffusers.models.transformers.transformer_flux as flux_module
 
     layout = protector._layout(protector._inputs(pixels.detach(), prompts, timesteps, noise))
-    target, context = layout.mask("target", "cuda"), layout.mask("context", "cuda")
+    target, context = layout.mask("target", pixels.device), layout.mask("context", pixels.device)
     attacked = {int(b.split(".")[1]) for b in protector.config.blocks if b.startswith("single")}
-    ratios, calls = [], [0]
-    n_double = len(protector.transformer.transformer_blocks)
+    ratios, current = [], [None]
     original = flux_module.dispatch_attention_fn
 
     def probe(query, key, value, attn_mask=None, **kwargs):
-        block = calls[0] - n_double
-        calls[0] += 1
-        if block in attacked:
+        if current[0] in attacked:
             scale = query.shape[-1] ** -0.5
             probs = (torch.einsum("bihd,bjhd->bhij", query[:, target], key) * scale).softmax(-1)
             ratios.append(probs[..., context].sum(-1).mean())
         return original(query, key, value, attn_mask=attn_mask, **kwargs)
 
+    # Which block is running, set by hooks (they run again in checkpointing's recomputation, so
+    # the recomputed block matches its first run).
+    blocks = [*protector.transformer.transformer_blocks,
+              *protector.transformer.single_transformer_blocks]
+    n_double = len(protector.transformer.transformer_blocks)
+    hooks = [block.register_forward_pre_hook(
+        lambda module, inputs, i=i: current.__setitem__(0, i - n_double))
+        for i, block in enumerate(blocks)]
     flux_module.dispatch_attention_fn = probe
     try:
         x = pixels.clone().requires_grad_()
@@ -83,6 +88,8 @@ def authors_step(protector, pixels, prompts, timesteps, noise):
         (grad,) = torch.autograd.grad(torch.stack(ratios).mean(), x)
     finally:
         flux_module.dispatch_attention_fn = original
+        for hook in hooks:
+            hook.remove()
     return grad
 
 
