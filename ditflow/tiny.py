@@ -58,13 +58,13 @@ VOCABULARY = (
 ).split()
 
 
-def tiny_tokenizer(max_length: int):
+def tiny_tokenizer(max_length: int, vocabulary: tuple[str, ...] = VOCABULARY):
     """A word-level tokenizer built in code ([PAD]=0, [UNK]=1, [EOS]=2), lower-cased."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2}
-    vocab.update({word: i + 3 for i, word in enumerate(dict.fromkeys(VOCABULARY))})
+    vocab.update({word: i + 3 for i, word in enumerate(dict.fromkeys(vocabulary))})
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()

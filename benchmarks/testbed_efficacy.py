@@ -1,0 +1,61 @@
+"""Efficacy on the trained testbed: edit accuracy, context use, and what DeContext does.
+
+    python -m benchmarks.testbed_efficacy --edits 32 --protect 16 --steps 800
+
+Writes ``testbed-efficacy-<date>.json`` (summaries and per-edit rows) and
+``testbed-efficacy-<date>.png`` (rows: clean context | protected context | edit of clean |
+edit of protected) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ditflow.methods.decontext import ProtectConfig
+from ditflow.testbed.evaluate import edit_quality, protection_efficacy
+from ditflow.testbed.models import testbed_pipeline
+
+ATTACKED = ("single.0", "single.1", "single.2")  # the front two thirds, as DeContext's 0..25/38
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--edits", type=int, default=32, help="held-out edits for accuracy")
+    parser.add_argument("--protect", type=int, default=16, help="held-out contexts to protect")
+    parser.add_argument("--steps", type=int, default=800, help="PGD steps")
+    parser.add_argument("--epsilon", type=float, default=12.75)
+    parser.add_argument("--edit-steps", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    pipeline = testbed_pipeline("editor")
+    quality = edit_quality(pipeline, args.edits, args.edit_steps)
+    print("edit quality:", json.dumps(quality["summary"], indent=1), flush=True)
+    config = ProtectConfig(steps=args.steps, epsilon=args.epsilon, resolution=32,
+                           blocks=ATTACKED, max_sequence_length=24)
+    efficacy = protection_efficacy(pipeline, config, args.protect, args.edit_steps)
+    print("protection:", json.dumps(efficacy["summary"], indent=1), flush=True)
+    date = datetime.date.today().isoformat()
+    args.out.mkdir(parents=True, exist_ok=True)
+    figure = args.out / f"testbed-efficacy-{date}.png"
+    Image.fromarray(efficacy.pop("figure")).save(figure)
+    meta = dict(date=date, torch=torch.__version__, machine=platform.machine(),
+                device="cpu", command="python -m benchmarks.testbed_efficacy " + " ".join(argv),
+                attacked_blocks=list(ATTACKED), figure=figure.name)
+    path = args.out / f"testbed-efficacy-{date}.json"
+    path.write_text(json.dumps(dict(meta=meta, edit_quality=quality, protection=efficacy),
+                               indent=1))
+    print(f"wrote {path} and {figure}")
+
+
+if __name__ == "__main__":
+    main()
