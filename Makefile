@@ -8,11 +8,12 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo test lint bench clean
 
-$(VENV)/.ready: pyproject.toml setup.py
+$(VENV)/.ready: pyproject.toml setup.py csrc/flow_attention_cpu.cpp
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,dev,diffusers]"
+	# the C++ CPU kernels are built against the torch installed above
+	DITFLOW_BUILD_EXT=1 $(PY) -m pip install -q -e ".[test,dev,diffusers]" --no-build-isolation
 	touch $@
 
 setup: $(VENV)/.ready
@@ -22,7 +23,7 @@ demo: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
-	TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_ARGS)
+	DITFLOW_BUILD_EXT=1 TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

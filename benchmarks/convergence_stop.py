@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ditflow.cli import SAMPLES, TINY_RESOLUTION, TINY_TEXT_TOKENS, _pipeline
+from ditflow.cli import MODEL_DEFAULTS, SAMPLES, _pipeline
 from ditflow.io import load_photo
 from ditflow.methods.decontext import DEFAULT_BLOCKS, ProtectConfig, iter_protect
 
@@ -33,10 +33,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
-    tiny = args.model == "tiny"
-    base = dict(steps=args.steps, resolution=TINY_RESOLUTION if tiny else 512,
-                max_sequence_length=TINY_TEXT_TOKENS if tiny else 512,
-                blocks=("double.0", "double.1", "single.0", "single.1") if tiny else DEFAULT_BLOCKS)
+    defaults = MODEL_DEFAULTS.get(args.model, dict(resolution=512, max_sequence_length=512,
+                                                   blocks=DEFAULT_BLOCKS))
+    base = dict(steps=args.steps, **defaults)
     pipeline = _pipeline(args.model, args.device)
     photos = [(p.name, load_photo(p).tensor()) for p in sorted(SAMPLES.glob("*.png"))]
     rows = []
@@ -53,7 +52,8 @@ def main(argv=None) -> None:
                 date=datetime.date.today().isoformat(),
                 command="python -m benchmarks.convergence_stop " + " ".join(argv))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"convergence-stop-{args.model if tiny else 'model'}-{meta['date']}.json"
+    label = args.model if args.model in MODEL_DEFAULTS else "model"
+    path = args.out / f"convergence-stop-{label}-{meta['date']}.json"
     path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"wrote {path}")
 

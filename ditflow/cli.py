@@ -1,8 +1,9 @@
 """The ``ditflow`` command: ``protect`` photos, ``evaluate`` a protection, run the ``demo``.
 
-``--model tiny`` (the default) is a random tiny FLUX Kontext built in code: it runs anywhere,
-offline, and shows the machinery; its numbers say nothing about real editors. ``--model DIR``
-loads a local diffusers folder of FLUX.1 Kontext (never downloaded).
+Models: ``--model testbed`` (the default) is the small FLUX Kontext-style editor trained offline
+on procedural scenes that ships with ditflow (32x32 scenes of coloured shapes); ``--model tiny``
+is a random tiny FLUX Kontext (machinery only); ``--model DIR`` loads a local diffusers folder
+of FLUX.1 Kontext (never downloaded).
 """
 
 from __future__ import annotations
@@ -18,10 +19,15 @@ import torch
 if TYPE_CHECKING:
     from .methods.decontext import ProtectConfig
 
-# Working resolution and instruction length when none is given: the tiny model's VAE does not
-# downsample, so it works at a small size.
-TINY_RESOLUTION, TINY_TEXT_TOKENS = 32, 16
 SAMPLES = Path(__file__).resolve().parent / "samples"
+# Per-model defaults: working resolution, instruction tokens, attacked blocks (the front two
+# thirds of the single-stream blocks, as DeContext's single.0..25 of 38 on FLUX).
+MODEL_DEFAULTS = {
+    "testbed": dict(resolution=32, max_sequence_length=24,
+                    blocks=("single.0", "single.1", "single.2")),
+    "tiny": dict(resolution=32, max_sequence_length=16,
+                 blocks=("double.0", "double.1", "single.0", "single.1")),
+}
 
 
 def _pipeline(model: str, device: str):
@@ -36,6 +42,10 @@ def _pipeline(model: str, device: str):
         from .tiny import tiny_flux_pipeline
 
         return tiny_flux_pipeline("kontext").to(device)
+    if model == "testbed":
+        from .testbed.models import testbed_pipeline
+
+        return testbed_pipeline("editor").to(device)
     from .models.loading import load_flux_pipeline
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -46,11 +56,11 @@ def _model_settings(args) -> dict:
     """Resolution, attacked blocks and text length: the user's, else the model's defaults."""
     from .methods.decontext import DEFAULT_BLOCKS
 
-    tiny = args.model == "tiny"
-    blocks = tuple(args.blocks.split(",")) if args.blocks else (
-        ("double.0", "double.1", "single.0", "single.1") if tiny else DEFAULT_BLOCKS)
-    return dict(resolution=args.resolution or (TINY_RESOLUTION if tiny else 512), blocks=blocks,
-                max_sequence_length=args.text_tokens or (TINY_TEXT_TOKENS if tiny else 512))
+    defaults = MODEL_DEFAULTS.get(args.model, dict(resolution=512, max_sequence_length=512,
+                                                   blocks=DEFAULT_BLOCKS))
+    return dict(resolution=args.resolution or defaults["resolution"],
+                blocks=tuple(args.blocks.split(",")) if args.blocks else defaults["blocks"],
+                max_sequence_length=args.text_tokens or defaults["max_sequence_length"])
 
 
 def _config(args) -> ProtectConfig:
@@ -156,22 +166,42 @@ def _edit(pipeline, photo, prompt, size, config, steps):
 
 
 def demo_command(args) -> int:
-    """Protect the bundled sample photos with the offline tiny model."""
-    args.inputs = sorted(str(p) for p in SAMPLES.glob("*.png"))
-    args.model, args.format, args.resume, args.quiet = "tiny", "png", False, False
-    args.max_pixels = 64_000_000
-    outdir = Path(args.output)
-    if (outdir / "manifest.jsonl").exists():
-        (outdir / "manifest.jsonl").unlink()  # the demo always starts over
-    status = protect_command(args)
-    from .io import Manifest
+    """Protect held-out testbed scenes, then edit the clean and the protected versions."""
+    import numpy as np
+    from PIL import Image
 
-    print(f"\n{'photo':<16} {'r_ctx before':>12} {'after':>8} {'L-inf':>6} {'PSNR':>7}")
-    for record in Manifest(outdir / "manifest.jsonl").records.values():
-        if record["status"] == "ok":
-            print(f"{Path(record['input']).name:<16} {record['r_ctx_before']:>12.4f} "
-                  f"{record['r_ctx_after']:>8.4f} {record['linf']:>6} {record['psnr']:>7.2f}")
-    print(f"\nprotected photos in {outdir}/ (random tiny model: the mechanics, not the efficacy)")
+    from .io import Manifest
+    from .testbed.evaluate import edit, figure_grid, held_out_edits, untouched
+    from .testbed.scenes import object_agreement, render
+
+    outdir = Path(args.output)
+    scenes_dir, protected_dir = outdir / "scenes", outdir / "protected"
+    scenes_dir.mkdir(parents=True, exist_ok=True)
+    (protected_dir / "manifest.jsonl").unlink(missing_ok=True)  # the demo always starts over
+    edits = held_out_edits(args.scenes)
+    for i, e in enumerate(edits):
+        Image.fromarray(render(e.context)).save(scenes_dir / f"scene{i}.png")
+    args.inputs = [str(scenes_dir / f"scene{i}.png") for i in range(len(edits))]
+    args.model, args.format, args.resume, args.quiet = "testbed", "png", False, False
+    args.max_pixels, args.output = 64_000_000, str(protected_dir)
+    status = protect_command(args)
+    pipeline = _pipeline("testbed", args.device)
+    records = Manifest(protected_dir / "manifest.jsonl").records
+    print(f"\n{'scene':<8} {'instruction':<42} {'r_ctx':>6} {'->':>2} {'r_ctx':<6} "
+          f"{'context kept in edit: clean -> protected':>42}")
+    rows = []
+    for i, e in enumerate(edits):
+        clean = render(e.context)
+        protected = np.asarray(Image.open(protected_dir / f"scene{i}.png").convert("RGB"))
+        edited = [edit(pipeline, image, e.instruction) for image in (clean, protected)]
+        kept = [object_agreement(out, untouched(e))["color"] for out in edited]
+        record = records[str(scenes_dir / f"scene{i}.png")]
+        print(f"scene{i:<3} {e.instruction:<42} {record['r_ctx_before']:>6.3f} -> "
+              f"{record['r_ctx_after']:<6.3f} {kept[0]:>33.2f} -> {kept[1]:.2f}")
+        rows.append(np.concatenate([clean, protected, *edited], axis=1))
+    Image.fromarray(figure_grid(rows)).save(outdir / "figure.png")
+    print(f"\nfigure (context | protected | edit of context | edit of protected): "
+          f"{outdir / 'figure.png'}")
     return status
 
 
@@ -179,7 +209,8 @@ def _protect_options(p: argparse.ArgumentParser, steps_default: int = 800,
                      output_default: str | None = None) -> None:
     p.add_argument("-o", "--output", required=output_default is None, default=output_default,
                    help="output folder")
-    p.add_argument("--model", default="tiny", help="'tiny' or a local FLUX.1 Kontext folder")
+    p.add_argument("--model", default="testbed",
+                   help="'testbed' (default), 'tiny' or a local FLUX.1 Kontext folder")
     p.add_argument("--method", default="decontext", choices=["decontext", "diff-pgd"])
     p.add_argument("--epsilon", type=float, default=12.75, help="L-inf budget, 0..255 units")
     p.add_argument("--step-size", type=float, default=0.6375, help="PGD step, 0..255 units")
@@ -220,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("evaluate", help="compare protected photos with the clean ones")
     p.add_argument("clean", help="folder of clean photos")
     p.add_argument("protected", help="folder of protected photos (same file stems)")
-    p.add_argument("--model", default="tiny")
+    p.add_argument("--model", default="testbed")
     p.add_argument("--prompt", default="Make the person smile broadly")
     p.add_argument("--edit-steps", type=int, default=20)
     p.add_argument("--resolution", type=int, default=None)
@@ -230,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(run=evaluate_command)
 
-    p = sub.add_parser("demo", help="protect the bundled sample photos with the tiny model")
-    _protect_options(p, steps_default=60, output_default="demo-output")
+    p = sub.add_parser("demo", help="protect testbed scenes and edit them, offline")
+    _protect_options(p, steps_default=200, output_default="demo-output")
+    p.add_argument("--scenes", type=int, default=4)
     p.set_defaults(run=demo_command)
     args = parser.parse_args(argv)
     return args.run(args)

@@ -27,11 +27,16 @@ class FlowAttentionOutput(NamedTuple):
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The implementation to run: the argument, else ``DITFLOW_BACKEND``, else the best for
-    the device (Triton on CUDA, the reference on CPU)."""
-    name = backend or os.environ.get("DITFLOW_BACKEND") or (
-        "triton" if device.type == "cuda" else "reference")
+    the device (Triton on CUDA; on CPU the C++ kernels when built, else the reference)."""
+    default = "triton" if device.type == "cuda" else (
+        "cpp" if ops.cpp_available() else "reference")
+    name = backend or os.environ.get("DITFLOW_BACKEND") or default
     if name not in ops.BACKENDS:
         raise ValueError(f"backend={name!r}: expected one of {', '.join(ops.BACKENDS)}")
+    if name == "cpp" and (device.type != "cpu" or not ops.cpp_available()):
+        raise ValueError("backend='cpp' runs on CPU tensors and needs the C++ extension: "
+                         "DITFLOW_BUILD_EXT=1 pip install -e . --no-build-isolation"
+                         if device.type == "cpu" else f"backend='cpp' does not run on {device}")
     if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' with CPU tensors runs the kernels in Triton's "
                          "interpreter: set TRITON_INTERPRET=1 before importing ditflow")
@@ -162,9 +167,12 @@ def flow_attention(
     pair_bits = None if pair_mask is None else _pack_mask(pair_mask, batch, nq, nk, q.device)
     tables = (None, None, None) if rules is None else rules.tables_on(q.device)
     name = resolve_backend(backend, q.device)
-    if name == "triton" and q.dtype == torch.float64:
-        raise TypeError("float64 inputs run on backend='reference' only (the Triton kernels take "
-                        "float16, bfloat16 and float32)")
+    if name != "reference" and q.dtype == torch.float64:
+        if backend is None and os.environ.get("DITFLOW_BACKEND") is None:
+            name = "reference"  # the default for fp64: the only exact path
+        else:
+            raise TypeError(f"float64 inputs run on backend='reference' only (backend "
+                            f"{name!r} takes float16, bfloat16 and float32)")
     if scale is None:
         scale = head_dim**-0.5
     out, lse, mass = ops.flow_attention_fwd(

@@ -6,6 +6,8 @@ implementation from the ``backend`` argument:
 
 * ``triton``: the fused kernels in ``ditflow.kernels`` (CUDA tensors, or CPU tensors under
   ``TRITON_INTERPRET=1``);
+* ``cpp``: the optional C++ CPU kernels in ``ditflow._C`` (csrc/; streaming softmax, O(N)
+  memory), present when built with ``DITFLOW_BUILD_EXT=1``;
 * ``reference``: :mod:`ditflow.reference` computed in fp32 (at least).
 
 Inputs arrive validated and normalised by :mod:`ditflow.functional`: groups int32
@@ -15,15 +17,27 @@ Inputs arrive validated and normalised by :mod:`ditflow.functional`: groups int3
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from . import reference
 from ._memo import TensorMemo
 
-BACKENDS = ("triton", "reference")
+BACKENDS = ("triton", "cpp", "reference")
 
 _plans = TensorMemo(max_entries=128)
+
+
+@functools.cache
+def cpp_available() -> bool:
+    """Whether the C++ CPU extension was built (``import ditflow._C`` registers its ops)."""
+    try:
+        from . import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def unpack_pair_bits(bits: Tensor, nk: int) -> Tensor:
@@ -130,6 +144,10 @@ def flow_attention_fwd(
         inputs = _kernels().FlowInputs(num_groups, q_groups, k_groups, scale_table, bias_table,
                                        weight_table, pair_bits)
         return _triton_forward(q, k, v, inputs, softmax_scale, return_mass)
+    if backend == "cpp":
+        return torch.ops.ditflow_cpp.flow_attention_fwd(
+            q, k, v, q_groups, k_groups, scale_table, bias_table, weight_table, pair_bits,
+            softmax_scale, num_groups, return_mass)
     qf, kf, vf = _upcast(q, k, v)
     out, lse, mass = reference.flow_attention_reference(
         qf, kf, vf, return_mass=return_mass,
@@ -168,6 +186,10 @@ def flow_attention_bwd(
                                        weight_table, pair_bits)
         return _triton_backward(dout, dlse, dmass, q, k, v, out, lse, mass, inputs,
                                 softmax_scale)
+    if backend == "cpp":
+        return torch.ops.ditflow_cpp.flow_attention_bwd(
+            dout, dlse, dmass, q, k, v, out, lse, mass, q_groups, k_groups, scale_table,
+            bias_table, weight_table, pair_bits, softmax_scale, num_groups)
     qf, kf, vf, doutf = _upcast(q, k, v, dout)
     dq, dk, dv = reference.flow_attention_reference_backward(
         doutf, dlse, dmass, qf, kf, vf,

@@ -18,8 +18,10 @@ def _op_args(backend, device, dtype=torch.float32, with_mask=True):
     return (q, k, v, groups, groups, *rules.tables_on(device), bits, 0.25, 3, True, backend)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
 def test_opcheck_forward(backend, device):
+    if backend == "cpp" and (device.type != "cpu" or not ops.cpp_available()):
+        pytest.skip("the C++ kernels run on CPU and need DITFLOW_BUILD_EXT=1")
     torch.library.opcheck(ops.flow_attention_fwd, _op_args(backend, device))
 
 

@@ -1,0 +1,88 @@
+"""CPU: the C++ kernels against the reference, time and peak memory.
+
+    python -m benchmarks.cpu_kernel --n 1024 2048 4096 --out benchmarks/results
+
+Every (provider, N) runs in a fresh process (peak RSS is per process): forward with rules and
+mass, then the backward with mass gradients, on random inputs (B=1, H=4, D=64, a Kontext-like
+3-group layout). Reports the median of ``--repeats`` timed runs after one warm-up, and the
+process's peak resident memory above what it held before the first call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _measure(backend: str, n: int, repeats: int) -> dict:
+    from ditflow import FlowRules, flow_attention
+
+    torch.manual_seed(0)
+    groups = torch.tensor([0] * (n // 8) + [1] * ((n - n // 8) // 2)
+                          + [2] * (n - n // 8 - (n - n // 8) // 2))
+    rules = FlowRules(num_groups=3).weight_probs([0, 1], 2, 0.4).scale_logits(1, 0, 1.2)
+    q, k, v = (torch.randn(1, n, 4, 64, requires_grad=True) for _ in range(3))
+    dout, dmass = torch.randn(1, n, 4, 64), torch.randn(1, 4, n, 3)
+
+    def step(q, k, v, groups, dout, dmass):
+        res = flow_attention(q, k, v, groups, rules=rules, return_mass=True, backend=backend)
+        torch.autograd.grad([res.out, res.mass], (q, k, v), [dout, dmass])
+
+    # Libraries allocate their pools on first use: warm them on a small problem before the
+    # baseline, so the peak counts this problem's memory.
+    small = [t[:, :64].detach().requires_grad_() for t in (q, k, v)]
+    step(*small, groups[:64], dout[:, :64], dmass[:, :, :64])
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        step(q, k, v, groups, dout, dmass)
+        if i:
+            times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return dict(backend=backend, n=n, seconds=statistics.median(times),
+                peak_mib=(peak - base) / 1024, threads=torch.get_num_threads())
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--child", nargs=2, metavar=("BACKEND", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(_measure(args.child[0], int(args.child[1]), args.repeats)))
+        return
+    rows = []
+    for n in args.n:
+        for backend in ("cpp", "reference"):
+            result = subprocess.run(
+                [sys.executable, "-m", "benchmarks.cpu_kernel", "--child", backend, str(n),
+                 "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
+    meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
+                machine=platform.machine(), processor=platform.processor(),
+                cpus=torch.get_num_threads(),
+                command="python -m benchmarks.cpu_kernel " + " ".join(argv))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"cpu-kernel-{meta['date']}.json"
+    path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

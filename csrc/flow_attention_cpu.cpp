@@ -1,0 +1,347 @@
+// Flow attention on the CPU: streaming softmax over key tiles (memory O(N), no N x N buffer),
+// group rules, pair masks, attention mass, and the backward with dmass / dlse folded into
+// delta, exactly the math of DESIGN.md. Tile products go through ATen's GEMM (MKL / OpenBLAS);
+// rules, softmax and mass are plain loops. Work is split with at::parallel_for (OpenMP) over
+// batch x heads x query tiles (forward, dq) or key tiles (dk, dv), so no two threads write the
+// same rows.
+//
+// Registered as ditflow_cpp::flow_attention_fwd / flow_attention_bwd (CPU kernels), called by
+// ditflow.ops when the extension is built (DITFLOW_BUILD_EXT=1).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlockM = 64;   // query rows per tile
+constexpr int64_t kBlockN = 128;  // keys per tile
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Everything but q/k/v that shapes the computation, as raw fp32 / int32 pointers.
+struct Layout {
+  int64_t batch, heads, nq, nk, dim, groups;
+  float tau;
+  const int32_t* q_groups = nullptr;  // [Pq, Nq]
+  const int32_t* k_groups = nullptr;  // [Pk, Nk]
+  int64_t q_groups_stride = 0, k_groups_stride = 0;
+  const float* scale = nullptr;  // [1 or H, G, G] each, with its own head stride
+  const float* bias = nullptr;
+  const float* weight = nullptr;
+  int64_t scale_hs = 0, bias_hs = 0, weight_hs = 0;
+  const int32_t* bits = nullptr;  // [Pm, Nq, W]
+  int64_t bits_batch_stride = 0, bits_row_stride = 0;
+  std::vector<uint32_t> reach;  // per query group: key groups some head does not block
+
+  int32_t qg(int64_t b, int64_t i) const { return q_groups ? q_groups[b * q_groups_stride + i] : 0; }
+  int32_t kg(int64_t b, int64_t j) const { return k_groups ? k_groups[b * k_groups_stride + j] : 0; }
+  bool pair_blocked(int64_t b, int64_t i, int64_t j) const {
+    if (!bits) return false;
+    const int32_t word = bits[b * bits_batch_stride + i * bits_row_stride + (j >> 5)];
+    return (word >> (j & 31)) & 1;
+  }
+  // A tile is skipped when every (query group, key group) pair in it is blocked for all heads.
+  bool tile_blocked(int64_t b, int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
+    if (!bias) return false;
+    uint32_t qmask = 0, kmask = 0;
+    for (int64_t i = i0; i < i1; ++i) qmask |= 1u << qg(b, i);
+    for (int64_t j = j0; j < j1; ++j) kmask |= 1u << kg(b, j);
+    for (int64_t a = 0; a < groups; ++a)
+      if (((qmask >> a) & 1) && (reach[a] & kmask)) return false;
+    return true;
+  }
+};
+
+const float* table_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+int64_t head_stride(const c10::optional<at::Tensor>& t, int64_t groups) {
+  return t.has_value() && t->size(0) > 1 ? groups * groups : 0;
+}
+
+Layout make_layout(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& q_groups,
+                   const c10::optional<at::Tensor>& k_groups, const c10::optional<at::Tensor>& scale,
+                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& weight,
+                   const c10::optional<at::Tensor>& pair_bits, double softmax_scale, int64_t num_groups) {
+  Layout L;
+  L.batch = q.size(0);
+  L.nq = q.size(1);
+  L.heads = q.size(2);
+  L.dim = q.size(3);
+  L.nk = k.size(1);
+  L.groups = num_groups;
+  L.tau = static_cast<float>(softmax_scale);
+  if (q_groups.has_value()) {
+    L.q_groups = q_groups->data_ptr<int32_t>();
+    L.q_groups_stride = q_groups->size(0) == 1 ? 0 : q_groups->stride(0);
+    L.k_groups = k_groups->data_ptr<int32_t>();
+    L.k_groups_stride = k_groups->size(0) == 1 ? 0 : k_groups->stride(0);
+  }
+  L.scale = table_ptr(scale);
+  L.bias = table_ptr(bias);
+  L.weight = table_ptr(weight);
+  L.scale_hs = head_stride(scale, num_groups);
+  L.bias_hs = head_stride(bias, num_groups);
+  L.weight_hs = head_stride(weight, num_groups);
+  if (pair_bits.has_value()) {
+    L.bits = pair_bits->data_ptr<int32_t>();
+    L.bits_batch_stride = pair_bits->size(0) == 1 ? 0 : pair_bits->stride(0);
+    L.bits_row_stride = pair_bits->stride(1);
+  }
+  L.reach.assign(num_groups, 0);
+  const int64_t bias_heads = bias.has_value() ? bias->size(0) : 1;
+  for (int64_t a = 0; a < num_groups; ++a)
+    for (int64_t c = 0; c < num_groups; ++c)
+      for (int64_t h = 0; h < bias_heads; ++h) {
+        const float bv = L.bias ? L.bias[h * num_groups * num_groups + a * num_groups + c] : 0.f;
+        if (bv > kNegInf) L.reach[a] |= 1u << c;
+      }
+  return L;
+}
+
+// Rule-modified scores of one tile, in place: s = scale * tau * s_raw + bias, -inf where blocked
+// (pairs, ragged columns). Returns the per-element weight into `w_rule`.
+void apply_rules(const Layout& L, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                 int64_t cols, float* s, float* w_rule) {
+  const int64_t G = L.groups;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    const int32_t a = L.qg(b, i);
+    float* srow = s + r * kBlockN;
+    float* wrow = w_rule + r * kBlockN;
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t j = j0 + c;
+      const int64_t pair = a * G + L.kg(b, j);
+      const float scale = L.scale ? L.scale[h * L.scale_hs + pair] : 1.f;
+      const float bias = L.bias ? L.bias[h * L.bias_hs + pair] : 0.f;
+      float value = srow[c] * L.tau * scale + bias;
+      if (L.pair_blocked(b, i, j)) value = kNegInf;
+      srow[c] = value;
+      wrow[c] = L.weight ? L.weight[h * L.weight_hs + pair] : 1.f;
+    }
+  }
+}
+
+at::Tensor as_bhnd(const at::Tensor& x) {  // [B, N, H, D] any dtype -> fp32 [B, H, N, D]
+  // detached: worker threads do not inherit the caller's no-grad mode
+  return x.detach().to(at::kFloat).permute({0, 2, 1, 3}).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const c10::optional<at::Tensor>& q_groups, const c10::optional<at::Tensor>& k_groups,
+    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pair_bits,
+    double softmax_scale, int64_t num_groups, bool return_mass) {
+  at::NoGradGuard no_grad;  // a kernel: gradients come from flow_attention_bwd
+  const Layout L = make_layout(q, k, q_groups, k_groups, scale, bias, weight, pair_bits,
+                               softmax_scale, num_groups);
+  const at::Tensor qf = as_bhnd(q), kf = as_bhnd(k), vf = as_bhnd(v);
+  at::Tensor out = at::zeros({L.batch, L.heads, L.nq, L.dim}, qf.options());
+  at::Tensor lse = at::empty({L.batch, L.heads, L.nq}, qf.options());
+  at::Tensor mass = return_mass ? at::zeros({L.batch, L.heads, L.nq, L.groups}, qf.options())
+                                : at::empty({0}, qf.options());
+  const int64_t q_tiles = (L.nq + kBlockM - 1) / kBlockM, G = L.groups, D = L.dim;
+  at::parallel_for(0, L.batch * L.heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor s_buf = at::empty({kBlockM, kBlockN}, qf.options());
+    std::vector<float> w_rule(kBlockM * kBlockN), m(kBlockM), l(kBlockM), acc_mass(kBlockM * G);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (L.heads * q_tiles), h = (task / q_tiles) % L.heads;
+      const int64_t i0 = (task % q_tiles) * kBlockM, rows = std::min(kBlockM, L.nq - i0);
+      const at::Tensor qb = qf[b][h].narrow(0, i0, rows);
+      at::Tensor acc = out[b][h].narrow(0, i0, rows);  // accumulates in place, rows are ours
+      float* accp = acc.data_ptr<float>();
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(acc_mass.begin(), acc_mass.end(), 0.f);
+      for (int64_t j0 = 0; j0 < L.nk; j0 += kBlockN) {
+        const int64_t cols = std::min(kBlockN, L.nk - j0);
+        if (L.tile_blocked(b, i0, i0 + rows, j0, j0 + cols)) continue;
+        at::Tensor s = s_buf.narrow(0, 0, rows).narrow(1, 0, cols);
+        at::mm_out(s, qb, kf[b][h].narrow(0, j0, cols).t());
+        float* sp = s_buf.data_ptr<float>();
+        apply_rules(L, b, h, i0, rows, j0, cols, sp, w_rule.data());
+        for (int64_t r = 0; r < rows; ++r) {
+          float* srow = sp + r * kBlockN;
+          float row_max = kNegInf;
+          for (int64_t c = 0; c < cols; ++c) row_max = std::max(row_max, srow[c]);
+          const float m_new = std::max(m[r], row_max);
+          const float m_safe = std::isinf(m_new) ? 0.f : m_new;  // rows blocked so far stay 0
+          const float alpha = std::exp(m[r] - m_safe);
+          float sum = 0.f;
+          float* mrow = acc_mass.data() + r * G;
+          for (int64_t g = 0; g < G; ++g) mrow[g] *= alpha;
+          for (int64_t c = 0; c < cols; ++c) {
+            const float p = std::exp(srow[c] - m_safe);
+            sum += p;
+            const float w = p * w_rule[r * kBlockN + c];
+            srow[c] = w;
+            mrow[L.kg(b, j0 + c)] += w;
+          }
+          l[r] = l[r] * alpha + sum;
+          m[r] = m_new;
+          for (int64_t d = 0; d < D; ++d) accp[r * D + d] *= alpha;
+        }
+        acc.addmm_(s, vf[b][h].narrow(0, j0, cols));
+      }
+      float* lse_row = lse[b][h].data_ptr<float>() + i0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool blocked = l[r] == 0.f;
+        const float inv = blocked ? 0.f : 1.f / l[r];
+        for (int64_t d = 0; d < D; ++d) accp[r * D + d] *= inv;
+        lse_row[r] = blocked ? kNegInf : m[r] + std::log(l[r]);
+        if (return_mass) {
+          float* dst = mass[b][h].data_ptr<float>() + (i0 + r) * G;
+          for (int64_t g = 0; g < G; ++g) dst[g] = acc_mass[r * G + g] * inv;
+        }
+      }
+    }
+  });
+  return {out.permute({0, 2, 1, 3}).to(q.scalar_type()).contiguous(), lse, mass};
+}
+
+// Probabilities P and rule tensors of one tile, recomputed in the backward from the saved LSE.
+void tile_probabilities(const Layout& L, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                        int64_t j0, int64_t cols, const float* lse_row, float* s, float* w_rule,
+                        float* scale_rule) {
+  apply_rules(L, b, h, i0, rows, j0, cols, s, w_rule);
+  const int64_t G = L.groups;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float lse_i = std::isinf(lse_row[r]) ? std::numeric_limits<float>::infinity() : lse_row[r];
+    const int32_t a = L.qg(b, i0 + r);
+    for (int64_t c = 0; c < cols; ++c) {
+      s[r * kBlockN + c] = std::exp(s[r * kBlockN + c] - lse_i);
+      scale_rule[r * kBlockN + c] =
+          L.scale ? L.scale[h * L.scale_hs + a * G + L.kg(b, j0 + c)] : 1.f;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_bwd(
+    const at::Tensor& dout, const c10::optional<at::Tensor>& dlse,
+    const c10::optional<at::Tensor>& dmass, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const c10::optional<at::Tensor>& mass, const c10::optional<at::Tensor>& q_groups,
+    const c10::optional<at::Tensor>& k_groups, const c10::optional<at::Tensor>& scale,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& pair_bits, double softmax_scale, int64_t num_groups) {
+  at::NoGradGuard no_grad;
+  const Layout L = make_layout(q, k, q_groups, k_groups, scale, bias, weight, pair_bits,
+                               softmax_scale, num_groups);
+  const at::Tensor qf = as_bhnd(q), kf = as_bhnd(k), vf = as_bhnd(v), dof = as_bhnd(dout);
+  const at::Tensor lsef = lse.to(at::kFloat).contiguous();
+  // delta = dO.O + dmass.mass - dlse, one value per query row
+  at::Tensor delta = (dof * as_bhnd(out)).sum(-1);
+  const bool has_dmass = dmass.has_value() && mass.has_value();
+  at::Tensor dmassf;
+  if (has_dmass) {
+    dmassf = dmass->to(at::kFloat).contiguous();
+    delta += (dmassf * mass->to(at::kFloat)).sum(-1);
+  }
+  if (dlse.has_value()) delta -= dlse->to(at::kFloat);
+  delta = delta.contiguous();
+  at::Tensor dq = at::zeros_like(qf), dk = at::zeros_like(kf), dv = at::zeros_like(vf);
+  const int64_t G = L.groups;
+
+  // dS for one tile, in place over the probabilities: dS = scale * P * (weight * dW - delta).
+  auto tile_ds = [&](int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+                     at::Tensor& p, at::Tensor& dw, std::vector<float>& w_rule,
+                     std::vector<float>& scale_rule, bool keep_weighted_p, at::Tensor& wp) {
+    float* pp = p.data_ptr<float>();
+    tile_probabilities(L, b, h, i0, rows, j0, cols, lsef[b][h].data_ptr<float>() + i0, pp,
+                       w_rule.data(), scale_rule.data());
+    at::Tensor dw_tile = dw.narrow(0, 0, rows).narrow(1, 0, cols);
+    at::mm_out(dw_tile, dof[b][h].narrow(0, i0, rows), vf[b][h].narrow(0, j0, cols).t());
+    float* dwp = dw.data_ptr<float>();
+    float* wpp = keep_weighted_p ? wp.data_ptr<float>() : nullptr;
+    const float* delta_row = delta[b][h].data_ptr<float>() + i0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* dm = has_dmass ? dmassf[b][h].data_ptr<float>() + (i0 + r) * G : nullptr;
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t e = r * kBlockN + c;
+        const float w = w_rule[e];
+        const float dwe = dwp[e] + (dm ? dm[L.kg(b, j0 + c)] : 0.f);
+        if (wpp) wpp[e] = w * pp[e];
+        pp[e] = scale_rule[e] * pp[e] * (w * dwe - delta_row[r]);
+      }
+    }
+  };
+
+  const int64_t q_tiles = (L.nq + kBlockM - 1) / kBlockM, k_tiles = (L.nk + kBlockN - 1) / kBlockN;
+  // dk, dv: each task owns one key tile of one (batch, head)
+  at::parallel_for(0, L.batch * L.heads * k_tiles, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor p = at::empty({kBlockM, kBlockN}, qf.options()), dw = at::empty_like(p);
+    at::Tensor wp = at::empty_like(p);
+    std::vector<float> w_rule(kBlockM * kBlockN), scale_rule(kBlockM * kBlockN);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (L.heads * k_tiles), h = (task / k_tiles) % L.heads;
+      const int64_t j0 = (task % k_tiles) * kBlockN, cols = std::min(kBlockN, L.nk - j0);
+      at::Tensor dk_b = dk[b][h].narrow(0, j0, cols), dv_b = dv[b][h].narrow(0, j0, cols);
+      for (int64_t i0 = 0; i0 < L.nq; i0 += kBlockM) {
+        const int64_t rows = std::min(kBlockM, L.nq - i0);
+        if (L.tile_blocked(b, i0, i0 + rows, j0, j0 + cols)) continue;
+        at::Tensor p_tile = p.narrow(0, 0, rows).narrow(1, 0, cols);
+        at::mm_out(p_tile, qf[b][h].narrow(0, i0, rows), kf[b][h].narrow(0, j0, cols).t());
+        tile_ds(b, h, i0, rows, j0, cols, p, dw, w_rule, scale_rule, true, wp);
+        dv_b.addmm_(wp.narrow(0, 0, rows).narrow(1, 0, cols).t(), dof[b][h].narrow(0, i0, rows));
+        dk_b.addmm_(p_tile.t(), qf[b][h].narrow(0, i0, rows), 1.0, L.tau);
+      }
+    }
+  });
+  // dq: each task owns one query tile of one (batch, head)
+  at::parallel_for(0, L.batch * L.heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor p = at::empty({kBlockM, kBlockN}, qf.options()), dw = at::empty_like(p);
+    at::Tensor unused;
+    std::vector<float> w_rule(kBlockM * kBlockN), scale_rule(kBlockM * kBlockN);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (L.heads * q_tiles), h = (task / q_tiles) % L.heads;
+      const int64_t i0 = (task % q_tiles) * kBlockM, rows = std::min(kBlockM, L.nq - i0);
+      at::Tensor dq_b = dq[b][h].narrow(0, i0, rows);
+      for (int64_t j0 = 0; j0 < L.nk; j0 += kBlockN) {
+        const int64_t cols = std::min(kBlockN, L.nk - j0);
+        if (L.tile_blocked(b, i0, i0 + rows, j0, j0 + cols)) continue;
+        at::Tensor p_tile = p.narrow(0, 0, rows).narrow(1, 0, cols);
+        at::mm_out(p_tile, qf[b][h].narrow(0, i0, rows), kf[b][h].narrow(0, j0, cols).t());
+        tile_ds(b, h, i0, rows, j0, cols, p, dw, w_rule, scale_rule, false, unused);
+        dq_b.addmm_(p_tile, kf[b][h].narrow(0, j0, cols), 1.0, L.tau);
+      }
+    }
+  });
+  auto back = [](const at::Tensor& x, const at::Tensor& like) {
+    return x.permute({0, 2, 1, 3}).to(like.scalar_type()).contiguous();
+  };
+  return {back(dq, q), back(dk, k), back(dv, v)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ditflow_cpp, m) {
+  m.def("flow_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? q_groups, Tensor? k_groups, "
+        "Tensor? scale, Tensor? bias, Tensor? weight, Tensor? pair_bits, float softmax_scale, "
+        "int num_groups, bool return_mass) -> (Tensor, Tensor, Tensor)");
+  m.def("flow_attention_bwd(Tensor dout, Tensor? dlse, Tensor? dmass, Tensor q, Tensor k, "
+        "Tensor v, Tensor out, Tensor lse, Tensor? mass, Tensor? q_groups, Tensor? k_groups, "
+        "Tensor? scale, Tensor? bias, Tensor? weight, Tensor? pair_bits, float softmax_scale, "
+        "int num_groups) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(ditflow_cpp, CPU, m) {
+  m.impl("flow_attention_fwd", &flow_attention_fwd);
+  m.impl("flow_attention_bwd", &flow_attention_bwd);
+}
+
+// An (empty) Python module, so `import ditflow._C` loads the library and runs the registrations
+// above.
+#include <Python.h>
+
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "ditflow's C++ CPU kernels", -1,
+                               nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,46 @@
+"""The optional C++ CPU kernels (csrc/) against the reference, and the fallback without them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from test_flow_attention import CASES, run_case
+
+from ditflow import flow_attention, ops
+from ditflow.functional import resolve_backend
+
+needs_extension = pytest.mark.skipif(not ops.cpp_available(),
+                                     reason="C++ extension not built (DITFLOW_BUILD_EXT=1)")
+
+
+def test_extension_is_built_when_asked():
+    if os.environ.get("DITFLOW_BUILD_EXT") != "1":
+        pytest.skip("the extension was not requested")
+    assert ops.cpp_available(), "DITFLOW_BUILD_EXT=1 but ditflow._C did not import"
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cpp_matches_reference(case, dtype):
+    run_case(case, dtype, torch.device("cpu"), backend="cpp")
+
+
+@needs_extension
+def test_cpp_is_the_cpu_default_and_fp64_falls_back():
+    assert resolve_backend(None, torch.device("cpu")) == "cpp"
+    q = torch.randn(1, 9, 1, 8, dtype=torch.float64)
+    out = flow_attention(q, q, q).out  # fp64: the reference, the only exact path
+    assert out.dtype == torch.float64
+
+
+def test_fallback_without_the_extension(monkeypatch):
+    monkeypatch.setattr(ops, "cpp_available", lambda: False)
+    assert resolve_backend(None, torch.device("cpu")) == "reference"
+    with pytest.raises(ValueError, match="DITFLOW_BUILD_EXT=1"):
+        resolve_backend("cpp", torch.device("cpu"))
+    q = torch.randn(1, 9, 1, 8)
+    torch.testing.assert_close(flow_attention(q, q, q).out,
+                               flow_attention(q, q, q, backend="reference").out)
