@@ -116,6 +116,8 @@ def evaluate_command(args) -> int:
     pipeline = _pipeline(args.model, args.device)
     protector = Protector(pipeline, config)
     clean_dir, protected_dir = Path(args.clean), Path(args.protected)
+    prompt = args.prompt or ("make the red circle blue" if args.model == "testbed"
+                             else "Make the person smile broadly")
     rows = []
     for clean_path in sorted(p for p in clean_dir.iterdir() if p.is_file()):
         matches = sorted(protected_dir.glob(clean_path.stem + ".*"))
@@ -133,7 +135,7 @@ def evaluate_command(args) -> int:
         pair = torch.stack([clean.tensor(), protected.tensor()])
         pair = torch.nn.functional.interpolate(pair, size=size, mode="bilinear", antialias=True)
         r_clean, r_protected = protector.evaluate_r_ctx(pair.clamp(0, 1).to(protector.device))
-        edits = [_edit(pipeline, image, args.prompt, size, config, args.edit_steps)
+        edits = [_edit(pipeline, image, prompt, size, config, args.edit_steps)
                  for image in (clean, protected)]
         rows.append(dict(
             photo=clean_path.name, r_ctx_clean=r_clean, r_ctx_protected=r_protected,
@@ -252,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("clean", help="folder of clean photos")
     p.add_argument("protected", help="folder of protected photos (same file stems)")
     p.add_argument("--model", default="testbed")
-    p.add_argument("--prompt", default="Make the person smile broadly")
+    p.add_argument("--prompt", default=None,
+                   help="the edit (default: a testbed edit for --model testbed, else "
+                        "'Make the person smile broadly')")
     p.add_argument("--edit-steps", type=int, default=20)
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--blocks", default=None)

@@ -148,17 +148,25 @@ def test_resume_after_the_process_is_killed(tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
-def test_demo_and_evaluate(tmp_path, capsys):
+def test_demo_protects_and_edits_testbed_scenes(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "-o", str(out), "--steps", "3", "--resolution", "16",
-                 "--text-tokens", "8"]) == 0
+    assert main(["demo", "-o", str(out), "--steps", "3", "--scenes", "2"]) == 0
     text = capsys.readouterr().out
-    assert "astronaut.png" in text and "r_ctx before" in text
+    assert "scene0" in text and "scene1" in text and "r_ctx" in text
+    figure = Image.open(out / "figure.png")
+    assert figure.size[0] == 4 * 32 * 4  # four 32-px panels, upscaled 4x
+    records = _records(out / "protected")
+    assert all(r["status"] == "ok" and r["linf"] <= 12 for r in records.values())
+
+
+def test_evaluate(tmp_path):
+    out = tmp_path / "protected"
     from ditflow.cli import SAMPLES
 
+    assert main(["protect", str(SAMPLES / "coffee.png"), "-o", str(out), *FAST]) == 0
     rows_file = tmp_path / "rows.json"
-    assert main(["evaluate", str(SAMPLES), str(out), "--edit-steps", "1", "--resolution", "16",
-                 "--text-tokens", "8", "--json", str(rows_file)]) == 0
-    rows = json.loads(rows_file.read_text())
-    assert {r["photo"] for r in rows} == {"astronaut.png", "chelsea.png", "coffee.png"}
-    assert all(r["linf"] <= 12 and r["perturbation_psnr"] > 25 for r in rows)
+    assert main(["evaluate", str(SAMPLES), str(out), "--model", "tiny", "--edit-steps", "1",
+                 "--resolution", "16", "--text-tokens", "8", "--json", str(rows_file)]) == 0
+    (row,) = json.loads(rows_file.read_text())
+    assert row["photo"] == "coffee.png"
+    assert row["linf"] <= 12 and row["perturbation_psnr"] > 25
