@@ -39,4 +39,4 @@ def load_flux_pipeline(path: str | Path, kind: str = "kontext",
         raise FileNotFoundError(f"{path} is not a complete diffusers pipeline folder; missing: "
                                 f"{', '.join(missing)}")
     pipeline_class = getattr(diffusers, PIPELINES[kind])
-    return pipeline_class.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    return pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True)
