@@ -12,18 +12,15 @@ commit and the command) under ``--out``. OOM is recorded as NaN, not a crash.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from benchmarks.results import save
 from ditflow import FlowRules, flow_attention
 from ditflow.reference import flow_attention_reference
 
@@ -43,14 +40,6 @@ def uvr_like_rules() -> FlowRules:
     return (FlowRules(num_groups=3)
             .weight_probs([TEXT, TARGET], CONTEXT, 0.4)
             .scale_logits(TARGET, [TEXT, TARGET], 1.05))
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("DITFLOW_COMMIT", "unknown")
 
 
 def _bench(fn: Callable[[], object]) -> tuple[float, float]:
@@ -275,21 +264,6 @@ def sweep_configs(shape: str, dtype: torch.dtype, specs: list[str], rows: list[d
     os.environ.pop("DITFLOW_TRITON_CONFIG", None)
 
 
-def metadata(argv: list[str]) -> dict:
-    import triton
-
-    return dict(
-        device=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        triton=triton.__version__,
-        cuda=torch.version.cuda,
-        python=platform.python_version(),
-        commit=_git_commit(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        command="python -m benchmarks.attention " + " ".join(argv),
-    )
-
-
 def _table(rows: list[dict]) -> str:
     lines = [f"{'shape':<13} {'dtype':<9} {'direction':<17} {'provider':<32} {'ms':>8} "
              f"{'TFLOP/s':>8} {'peak MiB':>9} {'max err':>9}"]
@@ -320,14 +294,8 @@ def main(argv: list[str] | None = None) -> None:
                 sweep_configs(shape, DTYPES[dtype], args.sweep, rows)
             else:
                 run_shape(shape, DTYPES[dtype], not args.no_backward, rows)
-    meta = metadata(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    kind = "sweep" if args.sweep is not None else "attention"
-    stamp = meta["date"][:10]
-    device = meta["device"].replace(" ", "-")
-    path = args.out / f"{kind}-{device}-{stamp}.json"
-    path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"wrote {path}")
+    save(args.out, "sweep" if args.sweep is not None else "attention", "attention", argv,
+         rows=rows)
     if args.sweep is None:
         print(_table(rows))
 

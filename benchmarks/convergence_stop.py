@@ -10,14 +10,12 @@ numbers describe the machinery only.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
+from benchmarks.results import save
 from ditflow.cli import MODEL_DEFAULTS, SAMPLES, _pipeline
 from ditflow.io import load_photo
 from ditflow.methods.decontext import DEFAULT_BLOCKS, ProtectConfig, iter_protect
@@ -47,15 +45,8 @@ def main(argv=None) -> None:
                              r_ctx_before=result.r_ctx_before, r_ctx_after=result.r_ctx_after,
                              seconds=result.seconds))
             print(rows[-1], flush=True)
-    meta = dict(model=args.model, device=args.device, torch=torch.__version__,
-                machine=platform.processor() or platform.machine(),
-                date=datetime.date.today().isoformat(),
-                command="python -m benchmarks.convergence_stop " + " ".join(argv))
-    args.out.mkdir(parents=True, exist_ok=True)
-    label = args.model if args.model in MODEL_DEFAULTS else "model"
-    path = args.out / f"convergence-stop-{label}-{meta['date']}.json"
-    path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"wrote {path}")
+    save(args.out, f"convergence-stop-{args.model if args.model in MODEL_DEFAULTS else 'model'}",
+         "convergence_stop", argv, rows=rows)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ process's peak resident memory above what it held before the first call.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -22,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchmarks.results import save
 
 
 def _measure(backend: str, n: int, repeats: int) -> dict:
@@ -74,14 +74,7 @@ def main(argv=None) -> None:
                  "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
             rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
-                machine=platform.machine(), processor=platform.processor(),
-                cpus=torch.get_num_threads(),
-                command="python -m benchmarks.cpu_kernel " + " ".join(argv))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"cpu-kernel-{meta['date']}.json"
-    path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"wrote {path}")
+    save(args.out, "cpu-kernel", "cpu_kernel", argv, rows=rows)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,14 @@ probabilities x0.9); ditflow attached with per-group mass recorded in every bloc
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.attention import metadata
 from benchmarks.protect_step import full_size_models
+from benchmarks.results import save
 from ditflow.layout import TARGET, TEXT
 from ditflow.session import Intervention, StatsRecorder, attach
 
@@ -79,12 +78,7 @@ def main(argv=None) -> None:
     base = rows[0]["seconds"]
     for row in rows:
         row["overhead"] = row["seconds"] / base - 1
-    meta = metadata(argv)
-    meta["command"] = "python -m benchmarks.generation " + " ".join(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"generation-{meta['device'].replace(' ', '-')}-{meta['date'][:10]}.json"
-    path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"wrote {path}")
+    save(args.out, "generation", "generation", argv, rows=rows)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,14 @@ in real runs, so outside the step). Writes ``protect-step-<device>-<date>.json``
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 import torch
 
-from benchmarks.attention import _bench, metadata
+from benchmarks.attention import _bench
+from benchmarks.results import save
 
 
 class RandomTextPipeline:
@@ -130,12 +130,7 @@ def main(argv=None) -> None:
             torch.cuda.empty_cache()
             rows.append(row)
             print(row, flush=True)
-    meta = metadata(argv)
-    meta["command"] = "python -m benchmarks.protect_step " + " ".join(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"protect-step-{meta['device'].replace(' ', '-')}-{meta['date'][:10]}.json"
-    path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"wrote {path}")
+    save(args.out, "protect-step", "protect_step", argv, rows=rows)
 
 
 if __name__ == "__main__":

@@ -2,23 +2,22 @@
 
     python -m benchmarks.testbed_efficacy --edits 32 --protect 16 --steps 800
 
-Writes ``testbed-efficacy-<date>.json`` (summaries and per-edit rows) and
-``testbed-efficacy-<date>.png`` (rows: clean context | protected context | edit of clean |
+Writes ``testbed-efficacy-<device>-<date>.json`` (summaries and per-edit rows) and
+``testbed-efficacy-<device>-<date>.png`` (rows: clean context | protected context | edit of clean |
 edit of protected) under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from benchmarks.results import save
 from ditflow.methods.decontext import ProtectConfig
 from ditflow.testbed.evaluate import edit_quality, protection_efficacy
 from ditflow.testbed.models import testbed_pipeline
@@ -44,17 +43,12 @@ def main(argv=None) -> None:
                            blocks=ATTACKED, max_sequence_length=24)
     efficacy = protection_efficacy(pipeline, config, args.protect, args.edit_steps)
     print("protection:", json.dumps(efficacy["summary"], indent=1), flush=True)
-    date = datetime.date.today().isoformat()
-    args.out.mkdir(parents=True, exist_ok=True)
-    figure = args.out / f"testbed-efficacy-{date}.png"
-    Image.fromarray(efficacy.pop("figure")).save(figure)
-    meta = dict(date=date, torch=torch.__version__, machine=platform.machine(),
-                device="cpu", command="python -m benchmarks.testbed_efficacy " + " ".join(argv),
-                attacked_blocks=list(ATTACKED), figure=figure.name)
-    path = args.out / f"testbed-efficacy-{date}.json"
-    path.write_text(json.dumps(dict(meta=meta, edit_quality=quality, protection=efficacy),
-                               indent=1))
-    print(f"wrote {path} and {figure}")
+    path = save(args.out, "testbed-efficacy", "testbed_efficacy", argv,
+                attacked_blocks=list(ATTACKED), edit_quality=quality,
+                protection={k: v for k, v in efficacy.items() if k != "figure"})
+    figure = path.with_suffix(".png")
+    Image.fromarray(efficacy["figure"]).save(figure)
+    print(f"wrote {figure}")
 
 
 if __name__ == "__main__":

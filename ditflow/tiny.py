@@ -73,6 +73,24 @@ def tiny_tokenizer(max_length: int, vocabulary: tuple[str, ...] = VOCABULARY):
                                    model_max_length=max_length)
 
 
+def tiny_text_encoders(vocabulary: tuple[str, ...], text_tokens: int, feed_forward: int,
+                       seed: int = 0):
+    """(clip, clip_tokenizer, t5, t5_tokenizer): random CLIP and T5 encoders of width 32 and
+    word-level tokenizers over ``vocabulary`` (T5 side: ``text_tokens`` long), built offline."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    vocab_size = len(vocabulary) + 3
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=feed_forward,
+        num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
+        max_position_embeddings=77, pad_token_id=0, bos_token_id=2, eos_token_id=2)).eval()
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=feed_forward, num_layers=2,
+        num_heads=4, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)).eval()
+    return clip, tiny_tokenizer(77, vocabulary), t5, tiny_tokenizer(text_tokens, vocabulary)
+
+
 def tiny_flux_pipeline(kind: str = "kontext", seed: int = 0):
     """A random FLUX pipeline built offline: ``kind`` is ``"kontext"`` (FluxKontextPipeline) or
     ``"t2i"`` (FluxPipeline). VAE with one latent channel (x1 scale), CLIP and T5 encoders of
@@ -84,19 +102,9 @@ def tiny_flux_pipeline(kind: str = "kontext", seed: int = 0):
         FluxKontextPipeline,
         FluxPipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
     if kind not in ("kontext", "t2i"):
         raise ValueError(f"kind={kind!r}: expected 'kontext' or 't2i'")
-    torch.manual_seed(seed)
-    vocab_size = len(VOCABULARY) + 3
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, projection_dim=32, max_position_embeddings=77, pad_token_id=0,
-        bos_token_id=2, eos_token_id=2)).eval()
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)).eval()
+    clip, clip_tokenizer, t5, t5_tokenizer = tiny_text_encoders(VOCABULARY, 512, 37, seed)
     vae = AutoencoderKL(
         sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,),
         layers_per_block=1, latent_channels=1, norm_num_groups=1, use_quant_conv=False,
@@ -104,5 +112,5 @@ def tiny_flux_pipeline(kind: str = "kontext", seed: int = 0):
     pipeline_class = FluxKontextPipeline if kind == "kontext" else FluxPipeline
     return pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,
-        tokenizer=tiny_tokenizer(77), text_encoder_2=t5, tokenizer_2=tiny_tokenizer(512),
+        tokenizer=clip_tokenizer, text_encoder_2=t5, tokenizer_2=t5_tokenizer,
         transformer=tiny_flux_transformer(seed=seed))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..tiny import tiny_tokenizer
+from ..tiny import tiny_text_encoders
 from .scenes import BACKGROUNDS, COLORS, POSITIONS, ROWS, SHAPES
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
@@ -25,18 +25,7 @@ VOCABULARY = tuple(dict.fromkeys(
 
 def build_text_encoders(seed: int = 0):
     """(clip, clip_tokenizer, t5, t5_tokenizer), frozen random encoders over the vocabulary."""
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    torch.manual_seed(seed)
-    vocab_size = len(VOCABULARY) + 3
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-        num_hidden_layers=2, projection_dim=32, max_position_embeddings=77, pad_token_id=0,
-        bos_token_id=2, eos_token_id=2)).eval()
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)).eval()
-    return clip, tiny_tokenizer(77, VOCABULARY), t5, tiny_tokenizer(TEXT_TOKENS, VOCABULARY)
+    return tiny_text_encoders(VOCABULARY, TEXT_TOKENS, 64, seed)
 
 
 def build_vae(seed: int = 0):
