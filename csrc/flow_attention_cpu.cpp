@@ -128,10 +128,15 @@ void apply_rules(const Layout& L, int64_t b, int64_t h, int64_t i0, int64_t rows
   }
 }
 
-at::Tensor as_bhnd(const at::Tensor& x) {  // [B, N, H, D] any dtype -> fp32 [B, H, N, D]
-  // detached: worker threads do not inherit the caller's no-grad mode
-  return x.detach().to(at::kFloat).permute({0, 2, 1, 3}).contiguous();
+// Inputs stay in their [B, N, H, D] layout (fp32 inputs are not copied); a head's rows are a
+// strided [N, D] view that the GEMMs read directly. Detached: worker threads do not inherit the
+// caller's no-grad mode.
+at::Tensor as_float(const at::Tensor& x) {
+  at::Tensor f = x.detach().to(at::kFloat);
+  return f.stride(-1) == 1 ? f : f.contiguous();
 }
+
+at::Tensor head(const at::Tensor& x, int64_t b, int64_t h) { return x[b].select(1, h); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -142,8 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_fwd(
   at::NoGradGuard no_grad;  // a kernel: gradients come from flow_attention_bwd
   const Layout L = make_layout(q, k, q_groups, k_groups, scale, bias, weight, pair_bits,
                                softmax_scale, num_groups);
-  const at::Tensor qf = as_bhnd(q), kf = as_bhnd(k), vf = as_bhnd(v);
-  at::Tensor out = at::zeros({L.batch, L.heads, L.nq, L.dim}, qf.options());
+  const at::Tensor qf = as_float(q), kf = as_float(k), vf = as_float(v);
+  at::Tensor out = at::zeros({L.batch, L.nq, L.heads, L.dim}, qf.options());
   at::Tensor lse = at::empty({L.batch, L.heads, L.nq}, qf.options());
   at::Tensor mass = return_mass ? at::zeros({L.batch, L.heads, L.nq, L.groups}, qf.options())
                                 : at::empty({0}, qf.options());
@@ -154,9 +159,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_fwd(
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (L.heads * q_tiles), h = (task / q_tiles) % L.heads;
       const int64_t i0 = (task % q_tiles) * kBlockM, rows = std::min(kBlockM, L.nq - i0);
-      const at::Tensor qb = qf[b][h].narrow(0, i0, rows);
-      at::Tensor acc = out[b][h].narrow(0, i0, rows);  // accumulates in place, rows are ours
+      const at::Tensor qb = head(qf, b, h).narrow(0, i0, rows);
+      at::Tensor acc = head(out, b, h).narrow(0, i0, rows);  // accumulates in place
       float* accp = acc.data_ptr<float>();
+      const int64_t acc_stride = acc.stride(0);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
       std::fill(acc_mass.begin(), acc_mass.end(), 0.f);
@@ -164,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_fwd(
         const int64_t cols = std::min(kBlockN, L.nk - j0);
         if (L.tile_blocked(b, i0, i0 + rows, j0, j0 + cols)) continue;
         at::Tensor s = s_buf.narrow(0, 0, rows).narrow(1, 0, cols);
-        at::mm_out(s, qb, kf[b][h].narrow(0, j0, cols).t());
+        at::mm_out(s, qb, head(kf, b, h).narrow(0, j0, cols).t());
         float* sp = s_buf.data_ptr<float>();
         apply_rules(L, b, h, i0, rows, j0, cols, sp, w_rule.data());
         for (int64_t r = 0; r < rows; ++r) {
@@ -186,15 +192,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_fwd(
           }
           l[r] = l[r] * alpha + sum;
           m[r] = m_new;
-          for (int64_t d = 0; d < D; ++d) accp[r * D + d] *= alpha;
+          for (int64_t d = 0; d < D; ++d) accp[r * acc_stride + d] *= alpha;
         }
-        acc.addmm_(s, vf[b][h].narrow(0, j0, cols));
+        acc.addmm_(s, head(vf, b, h).narrow(0, j0, cols));
       }
       float* lse_row = lse[b][h].data_ptr<float>() + i0;
       for (int64_t r = 0; r < rows; ++r) {
         const bool blocked = l[r] == 0.f;
         const float inv = blocked ? 0.f : 1.f / l[r];
-        for (int64_t d = 0; d < D; ++d) accp[r * D + d] *= inv;
+        for (int64_t d = 0; d < D; ++d) accp[r * acc_stride + d] *= inv;
         lse_row[r] = blocked ? kNegInf : m[r] + std::log(l[r]);
         if (return_mass) {
           float* dst = mass[b][h].data_ptr<float>() + (i0 + r) * G;
@@ -203,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_fwd(
       }
     }
   });
-  return {out.permute({0, 2, 1, 3}).to(q.scalar_type()).contiguous(), lse, mass};
+  return {out.to(q.scalar_type()), lse, mass};
 }
 
 // Probabilities P and rule tensors of one tile, recomputed in the backward from the saved LSE.
@@ -234,10 +240,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_bwd(
   at::NoGradGuard no_grad;
   const Layout L = make_layout(q, k, q_groups, k_groups, scale, bias, weight, pair_bits,
                                softmax_scale, num_groups);
-  const at::Tensor qf = as_bhnd(q), kf = as_bhnd(k), vf = as_bhnd(v), dof = as_bhnd(dout);
+  const at::Tensor qf = as_float(q), kf = as_float(k), vf = as_float(v), dof = as_float(dout);
   const at::Tensor lsef = lse.to(at::kFloat).contiguous();
   // delta = dO.O + dmass.mass - dlse, one value per query row
-  at::Tensor delta = (dof * as_bhnd(out)).sum(-1);
+  at::Tensor delta = (dof * as_float(out)).sum(-1).permute({0, 2, 1});  // [B, H, Nq]
   const bool has_dmass = dmass.has_value() && mass.has_value();
   at::Tensor dmassf;
   if (has_dmass) {
@@ -257,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_bwd(
     tile_probabilities(L, b, h, i0, rows, j0, cols, lsef[b][h].data_ptr<float>() + i0, pp,
                        w_rule.data(), scale_rule.data());
     at::Tensor dw_tile = dw.narrow(0, 0, rows).narrow(1, 0, cols);
-    at::mm_out(dw_tile, dof[b][h].narrow(0, i0, rows), vf[b][h].narrow(0, j0, cols).t());
+    at::mm_out(dw_tile, head(dof, b, h).narrow(0, i0, rows), head(vf, b, h).narrow(0, j0, cols).t());
     float* dwp = dw.data_ptr<float>();
     float* wpp = keep_weighted_p ? wp.data_ptr<float>() : nullptr;
     const float* delta_row = delta[b][h].data_ptr<float>() + i0;
@@ -282,15 +288,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_bwd(
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (L.heads * k_tiles), h = (task / k_tiles) % L.heads;
       const int64_t j0 = (task % k_tiles) * kBlockN, cols = std::min(kBlockN, L.nk - j0);
-      at::Tensor dk_b = dk[b][h].narrow(0, j0, cols), dv_b = dv[b][h].narrow(0, j0, cols);
+      at::Tensor dk_b = head(dk, b, h).narrow(0, j0, cols), dv_b = head(dv, b, h).narrow(0, j0, cols);
       for (int64_t i0 = 0; i0 < L.nq; i0 += kBlockM) {
         const int64_t rows = std::min(kBlockM, L.nq - i0);
         if (L.tile_blocked(b, i0, i0 + rows, j0, j0 + cols)) continue;
         at::Tensor p_tile = p.narrow(0, 0, rows).narrow(1, 0, cols);
-        at::mm_out(p_tile, qf[b][h].narrow(0, i0, rows), kf[b][h].narrow(0, j0, cols).t());
+        at::mm_out(p_tile, head(qf, b, h).narrow(0, i0, rows), head(kf, b, h).narrow(0, j0, cols).t());
         tile_ds(b, h, i0, rows, j0, cols, p, dw, w_rule, scale_rule, true, wp);
-        dv_b.addmm_(wp.narrow(0, 0, rows).narrow(1, 0, cols).t(), dof[b][h].narrow(0, i0, rows));
-        dk_b.addmm_(p_tile.t(), qf[b][h].narrow(0, i0, rows), 1.0, L.tau);
+        dv_b.addmm_(wp.narrow(0, 0, rows).narrow(1, 0, cols).t(), head(dof, b, h).narrow(0, i0, rows));
+        dk_b.addmm_(p_tile.t(), head(qf, b, h).narrow(0, i0, rows), 1.0, L.tau);
       }
     }
   });
@@ -302,19 +308,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_bwd(
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (L.heads * q_tiles), h = (task / q_tiles) % L.heads;
       const int64_t i0 = (task % q_tiles) * kBlockM, rows = std::min(kBlockM, L.nq - i0);
-      at::Tensor dq_b = dq[b][h].narrow(0, i0, rows);
+      at::Tensor dq_b = head(dq, b, h).narrow(0, i0, rows);
       for (int64_t j0 = 0; j0 < L.nk; j0 += kBlockN) {
         const int64_t cols = std::min(kBlockN, L.nk - j0);
         if (L.tile_blocked(b, i0, i0 + rows, j0, j0 + cols)) continue;
         at::Tensor p_tile = p.narrow(0, 0, rows).narrow(1, 0, cols);
-        at::mm_out(p_tile, qf[b][h].narrow(0, i0, rows), kf[b][h].narrow(0, j0, cols).t());
+        at::mm_out(p_tile, head(qf, b, h).narrow(0, i0, rows), head(kf, b, h).narrow(0, j0, cols).t());
         tile_ds(b, h, i0, rows, j0, cols, p, dw, w_rule, scale_rule, false, unused);
-        dq_b.addmm_(p_tile, kf[b][h].narrow(0, j0, cols), 1.0, L.tau);
+        dq_b.addmm_(p_tile, head(kf, b, h).narrow(0, j0, cols), 1.0, L.tau);
       }
     }
   });
   auto back = [](const at::Tensor& x, const at::Tensor& like) {
-    return x.permute({0, 2, 1, 3}).to(like.scalar_type()).contiguous();
+    return x.to(like.scalar_type());
   };
   return {back(dq, q), back(dk, k), back(dv, v)};
 }
