@@ -113,6 +113,11 @@ def evaluate_command(args) -> int:
     from .methods.decontext import ProtectConfig, Protector
 
     config = ProtectConfig(**_model_settings(args))
+    faces = None
+    if args.face_model:
+        from .faces import FaceEmbedder
+
+        faces = FaceEmbedder(args.face_model, args.face_size)
     pipeline = _pipeline(args.model, args.device)
     protector = Protector(pipeline, config)
     clean_dir, protected_dir = Path(args.clean), Path(args.protected)
@@ -143,12 +148,20 @@ def evaluate_command(args) -> int:
             perturbation_psnr=psnr(clean.pixels, protected.pixels),
             perturbation_ssim=ssim(clean.pixels, protected.pixels),
             linf=int(abs(clean.pixels.astype(int) - protected.pixels.astype(int)).max())))
+        if faces is not None:
+            # identity of the edit against the person in the clean photo (ISM): protection
+            # works when the protected photo's edit no longer shows that person
+            rows[-1].update(face_sim_clean_edit=faces.similarity(clean.pixels, edits[0]),
+                            face_sim_protected_edit=faces.similarity(clean.pixels, edits[1]))
+    face_header = f" {'ID clean':>9} {'ID prot.':>9}" if faces is not None else ""
     print(f"{'photo':<24} {'r_ctx clean':>11} {'protected':>10} {'edit PSNR':>10} "
-          f"{'edit SSIM':>10} {'pert. PSNR':>11} {'L-inf':>6}")
+          f"{'edit SSIM':>10} {'pert. PSNR':>11} {'L-inf':>6}{face_header}")
     for r in rows:
+        face = (f" {r['face_sim_clean_edit']:>9.3f} {r['face_sim_protected_edit']:>9.3f}"
+                if faces is not None else "")
         print(f"{r['photo']:<24} {r['r_ctx_clean']:>11.4f} {r['r_ctx_protected']:>10.4f} "
               f"{r['edit_psnr']:>10.2f} {r['edit_ssim']:>10.4f} {r['perturbation_psnr']:>11.2f} "
-              f"{r['linf']:>6}")
+              f"{r['linf']:>6}{face}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0 if rows else 1
@@ -262,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", default=None)
     p.add_argument("--text-tokens", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--face-model", default=None,
+                   help="local face-recognition model (.onnx, or a torch.export .pt2; ArcFace "
+                        "input convention) for identity similarity; never downloaded")
+    p.add_argument("--face-size", type=int, default=112, help="the face model's input side")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(run=evaluate_command)
 

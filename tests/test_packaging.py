@@ -1,4 +1,5 @@
-"""kernels/ installs as ditflow.kernels, from an editable install and from a built wheel."""
+"""kernels/ installs as ditflow.kernels, from an editable install and from a built wheel, and the
+wheel carries every subpackage and the data the offline default model needs."""
 
 from __future__ import annotations
 
@@ -24,3 +25,9 @@ def test_wheel_contains_kernels_as_subpackage(tmp_path):
     for module in ("__init__", "flow_attention", "tile_plan"):
         assert f"ditflow/kernels/{module}.py" in names
     assert not any(name.startswith("kernels/") for name in names)
+    for path in ("ditflow/models/flux.py", "ditflow/methods/decontext.py",
+                 "ditflow/testbed/scenes.py", "ditflow/samples/astronaut.png",
+                 "ditflow/testbed/weights/vae/diffusion_pytorch_model.safetensors",
+                 "ditflow/testbed/weights/editor/model_index.json",
+                 "ditflow/testbed/weights/editor/transformer/diffusion_pytorch_model.safetensors"):
+        assert path in names, path

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("diffusers")
 from PIL import Image, ImageCms
@@ -165,8 +166,21 @@ def test_evaluate(tmp_path):
 
     assert main(["protect", str(SAMPLES / "coffee.png"), "-o", str(out), *FAST]) == 0
     rows_file = tmp_path / "rows.json"
+    face_model = tmp_path / "face.pt2"
+    torch.export.save(torch.export.export(MeanColour(), (torch.zeros(1, 3, 112, 112),)),
+                      str(face_model))
     assert main(["evaluate", str(SAMPLES), str(out), "--model", "tiny", "--edit-steps", "1",
-                 "--resolution", "16", "--text-tokens", "8", "--json", str(rows_file)]) == 0
+                 "--resolution", "16", "--text-tokens", "8", "--json", str(rows_file),
+                 "--face-model", str(face_model)]) == 0
     (row,) = json.loads(rows_file.read_text())
     assert row["photo"] == "coffee.png"
     assert row["linf"] <= 12 and row["perturbation_psnr"] > 25
+    for key in ("face_sim_clean_edit", "face_sim_protected_edit"):
+        assert -1 - 1e-9 <= row[key] <= 1 + 1e-9
+
+
+class MeanColour(torch.nn.Module):
+    """A stand-in face recogniser for the --face-model plumbing."""
+
+    def forward(self, x):
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)

@@ -4,6 +4,8 @@
   (colour hits and shape IoU inside each object's mask), and whether it uses its context: the
   objects an edit leaves alone must come from the context, so with a different context in their
   place they should disappear and the new context's objects appear.
+* :func:`generation_quality`: on held-out captions, how well the text-to-image model draws the
+  described scene, against the same image measured against a different scene's description.
 * :func:`protection_efficacy`: DeContext on held-out contexts; how much of the context scene
   survives into the edit of the protected context versus the clean one, and r_ctx before/after.
 """
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .scenes import SIZE, Edit, Scene, object_agreement, random_edit, render
+from .scenes import SIZE, Edit, Scene, object_agreement, random_edit, random_scene, render
 
 HELD_OUT_SEED = 10_000  # training draws from seeds 0..2
 
@@ -27,6 +29,14 @@ def edit(pipeline, context: np.ndarray, instruction: str, steps: int = 20,
     """The editor's output (uint8 [SIZE, SIZE, 3]) for a context image and an instruction."""
     out = pipeline(image=Image.fromarray(context), prompt=instruction, height=SIZE, width=SIZE,
                    max_area=SIZE * SIZE, _auto_resize=False, num_inference_steps=steps,
+                   max_sequence_length=24, guidance_scale=1.0, output_type="np",
+                   generator=torch.Generator().manual_seed(seed)).images[0]
+    return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
+
+
+def generate(pipeline, caption: str, steps: int = 20, seed: int = 0) -> np.ndarray:
+    """The text-to-image model's output (uint8 [SIZE, SIZE, 3]) for a caption."""
+    out = pipeline(prompt=caption, height=SIZE, width=SIZE, num_inference_steps=steps,
                    max_sequence_length=24, guidance_scale=1.0, output_type="np",
                    generator=torch.Generator().manual_seed(seed)).images[0]
     return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
@@ -68,18 +78,39 @@ def edit_quality(pipeline, n: int = 32, steps: int = 20) -> dict:
     return dict(summary=summary, rows=rows)
 
 
-def protection_efficacy(pipeline, config, n: int = 16, steps: int = 20) -> dict:
-    """DeContext at ``config`` on held-out contexts: context leakage into edits and r_ctx."""
-    from ..methods.decontext import Protector
-
-    protector = Protector(pipeline, config)
+def generation_quality(pipeline, n: int = 32, steps: int = 20) -> dict:
+    """Caption accuracy on held-out scenes; ``*_other`` scores the same images against another
+    held-out scene, the level a model that ignored its caption would reach. ``figure``: rows of
+    (scene as described | generation)."""
+    rng = random.Random(HELD_OUT_SEED + 3)
+    scenes = [random_scene(rng) for _ in range(n)]
     rows, figures = [], []
-    for i, e in enumerate(held_out_edits(n, HELD_OUT_SEED + 2)):
-        clean = render(e.context)
-        photo = torch.from_numpy(clean).permute(2, 0, 1).float() / 255
-        (result,) = protector.run([f"scene{i}"], [photo])
-        protected = np.clip(np.rint(result.image.permute(1, 2, 0).numpy() * 255), 0, 255)
-        protected = protected.astype(np.uint8)
+    for i, scene in enumerate(scenes):
+        out = generate(pipeline, scene.caption(), steps, seed=i)
+        figures.append(np.concatenate([render(scene), out], axis=1))
+        match, other = object_agreement(out, scene), object_agreement(out, scenes[i - 1])
+        rows.append(dict(caption=scene.caption(), color=match["color"],
+                         shape_iou=match["shape_iou"], color_other=other["color"],
+                         shape_iou_other=other["shape_iou"]))
+    summary = {key: _mean(rows, key) for key in rows[0] if key != "caption"}
+    return dict(summary=summary, rows=rows, figure=figure_grid(figures))
+
+
+def protection_efficacy(pipeline, config, n: int = 16, steps: int = 20) -> dict:
+    """DeContext at ``config`` on held-out contexts: context leakage into edits and r_ctx.
+    The contexts are protected ``config.batch_size`` at a time."""
+    from ..io import quantize_within_budget
+    from ..methods.decontext import iter_protect
+
+    edits = held_out_edits(n, HELD_OUT_SEED + 2)
+    cleans = [render(e.context) for e in edits]
+    named = [(f"scene{i}", torch.from_numpy(c).permute(2, 0, 1).float() / 255)
+             for i, c in enumerate(cleans)]
+    results = {r.name: r for r in iter_protect(named, pipeline, config)}
+    rows, figures = [], []
+    for i, (e, clean) in enumerate(zip(edits, cleans, strict=True)):
+        result = results[f"scene{i}"]
+        protected = quantize_within_budget(clean, result.image, config.epsilon)
         out_clean = edit(pipeline, clean, e.instruction, steps)
         out_protected = edit(pipeline, protected, e.instruction, steps)
         kept = untouched(e)
@@ -91,6 +122,7 @@ def protection_efficacy(pipeline, config, n: int = 16, steps: int = 20) -> dict:
             target_clean=object_agreement(out_clean, e.target)["color"],
             target_protected=object_agreement(out_protected, e.target)["color"],
             linf=int(np.abs(protected.astype(int) - clean.astype(int)).max()),
+            seconds_per_photo=result.seconds,
         ))
         figures.append(np.concatenate([clean, protected, out_clean, out_protected], axis=1))
     summary = {key: _mean(rows, key) for key in rows[0] if key != "instruction"}

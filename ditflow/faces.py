@@ -1,0 +1,72 @@
+"""Face-identity similarity from a face-recognition model the user supplies as a local file.
+
+Nothing is downloaded. Two formats load:
+
+* ONNX (``.onnx``, through onnxruntime: ``pip install ditflow[faces]``), e.g. an InsightFace
+  ArcFace model;
+* an exported PyTorch program (``.pt2``):
+  ``torch.export.save(torch.export.export(model, (torch.zeros(1, 3, 112, 112),)), "face.pt2")``.
+
+The convention is ArcFace's: an RGB face crop resized to ``input_size`` x ``input_size``, scaled to
+[-1, 1] as ``(x - 127.5) / 127.5``, float32 ``[1, 3, size, size]`` in (one image per call, so
+models exported with a fixed batch of 1 work), an embedding ``[1, E]`` out. There is no face
+detector: the whole image is the face crop, so evaluate on face-centred photos (the aligned
+portrait crops protection papers evaluate on).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class FaceEmbedder:
+    """L2-normalised identity embeddings of uint8 [H, W, 3] RGB images."""
+
+    def __init__(self, path: str | Path, input_size: int = 112):
+        self.path = Path(path)
+        self.input_size = input_size
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no face-recognition model file there (an "
+                                    ".onnx or .pt2 file; nothing is downloaded)")
+        suffix = self.path.suffix.lower()
+        if suffix == ".onnx":
+            try:
+                import onnxruntime
+            except ImportError as exc:
+                raise ImportError(f"{self.path}: ONNX face models need onnxruntime: "
+                                  "pip install 'ditflow[faces]'") from exc
+            session = onnxruntime.InferenceSession(str(self.path),
+                                                   providers=["CPUExecutionProvider"])
+            name = session.get_inputs()[0].name
+            self._run = lambda x: session.run(None, {name: x.numpy()})[0]
+        elif suffix == ".pt2":
+            module = torch.export.load(str(self.path)).module()
+            self._run = lambda x: module(x).detach().numpy()
+        else:
+            raise ValueError(f"{self.path}: expected an .onnx model or a torch.export program "
+                             "(.pt2, saved with torch.export.save)")
+
+    def embed(self, images: list[np.ndarray]) -> np.ndarray:
+        """Unit-norm embeddings ``[len(images), E]`` of uint8 ``[H, W, 3]`` RGB images."""
+        rows = []
+        for image in images:
+            x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              antialias=True)
+            with torch.no_grad():
+                emb = np.asarray(self._run((x - 127.5) / 127.5), dtype=np.float64)
+            if emb.ndim != 2 or emb.shape[0] != 1:
+                raise ValueError(f"{self.path}: expected an embedding [1, E] for one image "
+                                 f"[1, 3, {self.input_size}, {self.input_size}], got shape "
+                                 f"{tuple(emb.shape)}")
+            rows.append(emb[0] / max(np.linalg.norm(emb[0]), 1e-12))
+        return np.stack(rows)
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
+        """Cosine similarity of the identities in two images (1 = same embedding)."""
+        ea, eb = self.embed([a, b])
+        return float(ea @ eb)
