@@ -181,7 +181,8 @@ def _edit(pipeline, photo, prompt, size, config, steps):
 
 
 def demo_command(args) -> int:
-    """Protect held-out testbed scenes, then edit the clean and the protected versions."""
+    """Protect held-out testbed scenes and the sample photos, then edit the clean and the
+    protected scenes."""
     import numpy as np
     from PIL import Image
 
@@ -194,23 +195,34 @@ def demo_command(args) -> int:
     scenes_dir.mkdir(parents=True, exist_ok=True)
     (protected_dir / "manifest.jsonl").unlink(missing_ok=True)  # the demo always starts over
     edits = held_out_edits(args.scenes)
-    for i, e in enumerate(edits):
-        Image.fromarray(render(e.context)).save(scenes_dir / f"scene{i}.png")
-    args.inputs = [str(scenes_dir / f"scene{i}.png") for i in range(len(edits))]
+    scenes = [scenes_dir / f"scene{i}.png" for i in range(len(edits))]
+    for path, e in zip(scenes, edits, strict=True):
+        Image.fromarray(render(e.context)).save(path)
+    photos = sorted(SAMPLES.glob("*.png"))
+    args.inputs = [str(p) for p in scenes + photos]
     args.model, args.format, args.resume, args.quiet = "testbed", "png", False, False
     args.max_pixels, args.output = 64_000_000, str(protected_dir)
     status = protect_command(args)
-    pipeline = _pipeline("testbed", args.device)
     records = Manifest(protected_dir / "manifest.jsonl").records
+    print("\nsample photos (optimised at the testbed editor's 32 px, the perturbation mapped "
+          "back to each photo's size)")
+    print(f"{'photo':<16} {'size':>9} {'r_ctx before':>12} {'after':>7}")
+    for path in photos:
+        record = records[str(path)]
+        h, w = np.asarray(Image.open(path)).shape[:2]
+        print(f"{path.name:<16} {f'{w}x{h}':>9} {record['r_ctx_before']:>12.3f} "
+              f"{record['r_ctx_after']:>7.3f}")
+    pipeline = _pipeline("testbed", args.device)
+    pipeline.set_progress_bar_config(disable=True)
     print(f"\n{'scene':<8} {'instruction':<42} {'r_ctx':>6} {'->':>2} {'r_ctx':<6} "
           f"{'context kept in edit: clean -> protected':>42}")
     rows = []
-    for i, e in enumerate(edits):
+    for i, (path, e) in enumerate(zip(scenes, edits, strict=True)):
         clean = render(e.context)
-        protected = np.asarray(Image.open(protected_dir / f"scene{i}.png").convert("RGB"))
+        protected = np.asarray(Image.open(protected_dir / path.name).convert("RGB"))
         edited = [edit(pipeline, image, e.instruction) for image in (clean, protected)]
         kept = [object_agreement(out, untouched(e))["color"] for out in edited]
-        record = records[str(scenes_dir / f"scene{i}.png")]
+        record = records[str(path)]
         print(f"scene{i:<3} {e.instruction:<42} {record['r_ctx_before']:>6.3f} -> "
               f"{record['r_ctx_after']:<6.3f} {kept[0]:>33.2f} -> {kept[1]:.2f}")
         rows.append(np.concatenate([clean, protected, *edited], axis=1))

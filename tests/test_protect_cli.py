@@ -157,7 +157,13 @@ def test_demo_protects_and_edits_testbed_scenes(tmp_path, capsys):
     figure = Image.open(out / "figure.png")
     assert figure.size[0] == 4 * 32 * 4  # four 32-px panels, upscaled 4x
     records = _records(out / "protected")
+    assert len(records) == 2 + 3  # the scenes and the sample photos
     assert all(r["status"] == "ok" and r["linf"] <= 12 for r in records.values())
+    from ditflow.cli import SAMPLES
+
+    for sample in SAMPLES.glob("*.png"):
+        assert sample.name in text
+        assert Image.open(out / "protected" / sample.name).size == Image.open(sample).size
 
 
 def test_evaluate(tmp_path):
