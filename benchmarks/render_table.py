@@ -1,8 +1,10 @@
-"""Render the README's performance table from a results file written by benchmarks.attention.
+"""Render the README's performance tables from results files.
 
     python -m benchmarks.render_table benchmarks/results/attention-<device>-<date>.json
+    python -m benchmarks.render_table benchmarks/results/cpu-kernel-<device>-<date>.json
 
-Prints Markdown: one row per (shape, dtype, direction, provider), then the file's provenance.
+Prints Markdown, then the file's provenance: for benchmarks.attention one row per (shape, dtype,
+direction, provider); for benchmarks.cpu_kernel one row per (N, backend).
 """
 
 from __future__ import annotations
@@ -16,6 +18,21 @@ from pathlib import Path
 def render(path: Path, dtype: str | None = None) -> str:
     data = json.loads(path.read_text())
     meta, rows = data["meta"], data["rows"]
+    lines = _cpu_kernel_rows(rows) if "backend" in rows[0] else _attention_rows(rows, dtype)
+    lines.append("")
+    lines.append(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
+                 f"commit {meta['commit'][:7]}, {meta['date'][:10]}; `{meta['command']}`")
+    return "\n".join(lines)
+
+
+def _cpu_kernel_rows(rows: list[dict]) -> list[str]:
+    lines = ["| N | backend | forward + backward s | peak MiB |", "|---:|---|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["n"], r["backend"])):
+        lines.append(f"| {r['n']} | {r['backend']} | {r['seconds']:.3f} | {r['peak_mib']:.0f} |")
+    return lines
+
+
+def _attention_rows(rows: list[dict], dtype: str | None) -> list[str]:
     lines = [
         "| shape | dtype | pass | provider | ms | TFLOP/s | peak MiB |",
         "|---|---|---|---|---:|---:|---:|",
@@ -29,10 +46,7 @@ def render(path: Path, dtype: str | None = None) -> str:
             f"| {r['shape']} (N={r['n']}) | {r['dtype']} | {r['direction']} | {r['provider']} | "
             + (f"{cells} | | |" if cells else
                f"{ms:.3f} | {r['tflops']:.0f} | {r['peak_mib']:.0f} |"))
-    lines.append("")
-    lines.append(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
-                 f"commit {meta['commit'][:7]}, {meta['date'][:10]}; `{meta['command']}`")
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:
