@@ -1,12 +1,14 @@
 """Efficacy on the trained testbed: edit accuracy, context use, and what DeContext does.
 
-    python -m benchmarks.testbed_efficacy --edits 32 --protect 8 --steps 800
+    python -m benchmarks.testbed_efficacy --edits 32 --protect 12 --steps 800 --epsilon 12.75 32
     python -m benchmarks.testbed_efficacy --model t2i --edits 32
 
-The editor run writes ``testbed-efficacy-<device>-<date>.json`` (summaries and per-edit rows) and
-``testbed-efficacy-<device>-<date>.png`` (rows: clean context | protected context | edit of clean |
-edit of protected) under ``--out``; the t2i run writes ``testbed-t2i-<device>-<date>.json`` and
-``.png`` (caption accuracy on held-out scenes; rows: scene | generation).
+The editor run protects with the testbed's own instruction pool and writes
+``testbed-efficacy-<device>-<date>.json`` (summaries and per-edit rows, per epsilon) and
+``testbed-efficacy-<device>-<date>-eps<epsilon>.png`` (rows: clean context | protected context |
+edit of clean | edit of protected) under ``--out``; the t2i run writes
+``testbed-t2i-<device>-<date>.json`` and ``.png`` (caption accuracy on held-out scenes; rows:
+scene | generation).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from benchmarks.results import save
 from ditflow.methods.decontext import ProtectConfig
 from ditflow.testbed.evaluate import edit_quality, generation_quality, protection_efficacy
 from ditflow.testbed.models import testbed_pipeline
+from ditflow.testbed.scenes import instruction_pool
 
-ATTACKED = ("single.0", "single.1", "single.2")  # the front two thirds, as DeContext's 0..25/38
+ATTACKED = ("single.0", "single.1", "single.2")  # as `ditflow protect --model testbed`
 
 
 def main(argv=None) -> None:
@@ -35,7 +38,9 @@ def main(argv=None) -> None:
                         help="held-out edits (captions, for t2i) for accuracy")
     parser.add_argument("--protect", type=int, default=16, help="held-out contexts to protect")
     parser.add_argument("--steps", type=int, default=800, help="PGD steps")
-    parser.add_argument("--epsilon", type=float, default=12.75)
+    parser.add_argument("--epsilon", type=float, nargs="+", default=[12.75],
+                        help="budgets to protect at, 0..255 units; the step is epsilon / 20 "
+                             "(the authors' 0.6375 at 12.75)")
     parser.add_argument("--edit-steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=16, help="contexts protected together")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -44,23 +49,31 @@ def main(argv=None) -> None:
     if args.model == "t2i":
         return t2i(args, argv)
     pipeline = testbed_pipeline("editor")
+    pipeline.set_progress_bar_config(disable=True)
     quality = edit_quality(pipeline, args.edits, args.edit_steps)
     print("edit quality:", json.dumps(quality["summary"], indent=1), flush=True)
-    config = ProtectConfig(steps=args.steps, epsilon=args.epsilon, resolution=32,
-                           blocks=ATTACKED, max_sequence_length=24,
-                           batch_size=args.batch_size)
-    efficacy = protection_efficacy(pipeline, config, args.protect, args.edit_steps)
-    print("protection:", json.dumps(efficacy["summary"], indent=1), flush=True)
+    protection, figures = [], []
+    for epsilon in args.epsilon:
+        config = ProtectConfig(steps=args.steps, epsilon=epsilon, step_size=epsilon / 20,
+                               resolution=32, blocks=ATTACKED, max_sequence_length=24,
+                               prompts=instruction_pool(), batch_size=args.batch_size)
+        efficacy = protection_efficacy(pipeline, config, args.protect, args.edit_steps)
+        print(f"protection at epsilon {epsilon}:", json.dumps(efficacy["summary"], indent=1),
+              flush=True)
+        figures.append(efficacy.pop("figure"))
+        protection.append(dict(epsilon=epsilon, step_size=config.step_size, **efficacy))
     path = save(args.out, "testbed-efficacy", "testbed_efficacy", argv,
-                attacked_blocks=list(ATTACKED), edit_quality=quality,
-                protection={k: v for k, v in efficacy.items() if k != "figure"})
-    figure = path.with_suffix(".png")
-    Image.fromarray(efficacy["figure"]).save(figure)
-    print(f"wrote {figure}")
+                attacked_blocks=list(ATTACKED), edit_quality=quality, protection=protection)
+    for epsilon, figure in zip(args.epsilon, figures, strict=True):
+        figure_path = path.with_name(f"{path.stem}-eps{epsilon:g}.png")
+        Image.fromarray(figure).save(figure_path)
+        print(f"wrote {figure_path}")
 
 
 def t2i(args, argv) -> None:
-    quality = generation_quality(testbed_pipeline("t2i"), args.edits, args.edit_steps)
+    pipeline = testbed_pipeline("t2i")
+    pipeline.set_progress_bar_config(disable=True)
+    quality = generation_quality(pipeline, args.edits, args.edit_steps)
     print("generation quality:", json.dumps(quality["summary"], indent=1), flush=True)
     figure = quality.pop("figure")
     path = save(args.out, "testbed-t2i", "testbed_efficacy", argv, generation_quality=quality)

@@ -53,14 +53,20 @@ def _pipeline(model: str, device: str):
 
 
 def _model_settings(args) -> dict:
-    """Resolution, attacked blocks and text length: the user's, else the model's defaults."""
+    """Resolution, attacked blocks and text length: the user's, else the model's defaults; the
+    testbed editor's own instruction pool."""
     from .methods.decontext import DEFAULT_BLOCKS
 
     defaults = MODEL_DEFAULTS.get(args.model, dict(resolution=512, max_sequence_length=512,
                                                    blocks=DEFAULT_BLOCKS))
-    return dict(resolution=args.resolution or defaults["resolution"],
-                blocks=tuple(args.blocks.split(",")) if args.blocks else defaults["blocks"],
-                max_sequence_length=args.text_tokens or defaults["max_sequence_length"])
+    settings = dict(resolution=args.resolution or defaults["resolution"],
+                    blocks=tuple(args.blocks.split(",")) if args.blocks else defaults["blocks"],
+                    max_sequence_length=args.text_tokens or defaults["max_sequence_length"])
+    if args.model == "testbed":
+        from .testbed.scenes import instruction_pool
+
+        settings["prompts"] = instruction_pool()
+    return settings
 
 
 def _config(args) -> ProtectConfig:

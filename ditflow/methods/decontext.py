@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from ..layout import TokenLayout
 from ..models.flux import encode_image, image_ids, pack_latents, vae_scale_factor
 from ..session import StatsRecorder, attach
-from .prompts import EDIT_PROMPTS, PROMPT_POOL
+from .prompts import PROMPT_POOL
 
 DEFAULT_BLOCKS = tuple(f"single.{i}" for i in range(26))
 METHODS = ("decontext", "diff-pgd")
@@ -63,7 +63,7 @@ class ProtectConfig:
         seed: every random draw of a photo comes from (seed, photo name): results do not depend
             on batching or on resuming.
         max_sequence_length: T5 tokens of the instruction.
-        prompts: the instruction pool.
+        prompts: the instruction pool (the testbed editor has its own, in its vocabulary).
         gradient_checkpointing: trade compute for memory in the attacked blocks.
         eot_jpeg_quality: (low, high) JPEG quality drawn per step (straight-through gradient)
             so the protection survives recompression; None = off.
@@ -71,7 +71,8 @@ class ProtectConfig:
         stop_window, stop_min_gain: optional convergence stop: every ``stop_window`` steps the
             evaluation r_ctx is measured and a photo whose r_ctx fell by less than
             ``stop_min_gain`` since the last check stops. None = run all steps (the authors).
-        eval_prompts: instructions (one per category, in order) for the r_ctx before/after.
+        eval_prompts: how many of the pool's first instructions measure r_ctx before/after
+            (the pools are ordered so that the first ones cover every category).
         diffpgd_edits, diffpgd_edit_steps: clean edits per photo for Diff-PGD, and their
             sampling steps.
     """
@@ -208,8 +209,7 @@ class Protector:
         if not names <= known:
             raise ValueError(f"ProtectConfig.blocks: {sorted(names - known)} not in this model "
                              f"({len(known)} blocks: double.0.., single.0..)")
-        eval_order = [p for group in zip(*EDIT_PROMPTS.values(), strict=True) for p in group]
-        self.eval_prompts = eval_order[: self.config.eval_prompts]
+        self.eval_prompts = self.config.prompts[: self.config.eval_prompts]
 
     # -- geometry ------------------------------------------------------------------------------
 

@@ -81,4 +81,6 @@ EDIT_PROMPTS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-PROMPT_POOL: tuple[str, ...] = tuple(p for prompts in EDIT_PROMPTS.values() for p in prompts)
+# Interleaved by category, so that any prefix (the evaluation instructions) covers the categories.
+PROMPT_POOL: tuple[str, ...] = tuple(p for group in zip(*EDIT_PROMPTS.values(), strict=True)
+                                     for p in group)

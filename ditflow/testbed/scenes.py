@@ -139,6 +139,23 @@ def random_edit(rng: random.Random) -> Edit:
     return Edit(scene, instruction, replace(scene, shapes=tuple(shapes)))
 
 
+EDIT_KINDS = ("make", "move", "add", "remove")  # an instruction's first word names its kind
+
+
+def instruction_pool(per_kind: int = 15, seed: int = 20_000) -> tuple[str, ...]:
+    """Distinct testbed instructions, ``per_kind`` of each edit kind, interleaved by kind: the
+    DeContext prompt pool for the testbed editor (the photo-editing pool is outside its
+    vocabulary)."""
+    rng = random.Random(seed)
+    by_kind: dict[str, list[str]] = {kind: [] for kind in EDIT_KINDS}
+    while any(len(v) < per_kind for v in by_kind.values()):
+        instruction = random_edit(rng).instruction
+        bucket = by_kind[instruction.split()[0]]
+        if len(bucket) < per_kind and instruction not in bucket:
+            bucket.append(instruction)
+    return tuple(p for group in zip(*by_kind.values(), strict=True) for p in group)
+
+
 def object_agreement(image: np.ndarray, scene: Scene) -> dict[str, float]:
     """How well ``image`` (uint8 [SIZE, SIZE, 3]) shows ``scene``, measured inside each
     object's mask: ``color`` = share of objects whose mean colour is nearest to their named

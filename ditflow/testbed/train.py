@@ -5,7 +5,8 @@
     python -m ditflow.testbed.train t2i --minutes 20
 
 Each run writes a diffusers pipeline folder under ``ditflow/testbed/weights/`` (the VAE alone
-for ``vae``), saving as it goes; ``--resume`` continues from the saved transformer. The
+for ``vae``), saving as it goes; ``--resume`` continues the saved model (give it a new
+``--seed`` to draw new scenes). The
 transformers learn rectified flow (FLUX's objective): x_t = (1 - s) x0 + s e, predict e - x0,
 with s drawn logit-normal. The editor sees the clean context scene's tokens after the noisy
 target's, with FLUX Kontext's position ids (context index 1), and its loss covers the target only.
@@ -31,6 +32,7 @@ from .models import (
     build_text_encoders,
     build_transformer,
     build_vae,
+    testbed_pipeline,
 )
 from .scenes import SIZE, random_edit, random_scene, render
 
@@ -99,7 +101,7 @@ def _save(pipeline, transformer_ema, folder: Path) -> None:
 
 def train_transformer(kind: str, minutes: float, steps: int | None, batch: int, lr: float,
                       out: Path, seed: int, resume: bool, device: str) -> None:
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import AutoencoderKL
 
     vae_folder = out / "vae"
     if not vae_folder.is_dir():
@@ -108,11 +110,14 @@ def train_transformer(kind: str, minutes: float, steps: int | None, batch: int, 
     vae = AutoencoderKL.from_pretrained(vae_folder).to(device).eval().requires_grad_(False)
     folder = out / kind
     if resume and (folder / "transformer").is_dir():
-        transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer")
+        # continue the saved model, text encoders included; --seed then only draws new data
+        saved = testbed_pipeline(kind, out)
+        transformer = saved.transformer
+        encoders = (saved.text_encoder, saved.tokenizer, saved.text_encoder_2, saved.tokenizer_2)
     else:
         transformer = build_transformer(seed)
+        encoders = build_text_encoders(seed)
     transformer = transformer.to(device).train()
-    encoders = build_text_encoders(seed)
     pipeline = assemble(kind, transformer, vae, encoders)
     pipeline.text_encoder.to(device).requires_grad_(False)
     pipeline.text_encoder_2.to(device).requires_grad_(False)
