@@ -23,7 +23,12 @@ from PIL import Image
 
 from benchmarks.results import save
 from ditflow.methods.decontext import ProtectConfig
-from ditflow.testbed.evaluate import edit_quality, generation_quality, protection_efficacy
+from ditflow.testbed.evaluate import (
+    edit_quality,
+    generation_quality,
+    protection_efficacy,
+    r_ctx_by_content,
+)
 from ditflow.testbed.models import testbed_pipeline
 from ditflow.testbed.scenes import instruction_pool
 
@@ -53,6 +58,10 @@ def main(argv=None) -> None:
     quality = edit_quality(pipeline, args.edits, args.edit_steps)
     print("edit quality:", json.dumps(quality["summary"], indent=1), flush=True)
     protection, figures = [], []
+    probe_config = ProtectConfig(resolution=32, blocks=ATTACKED, max_sequence_length=24,
+                                 prompts=instruction_pool())
+    by_content = r_ctx_by_content(pipeline, probe_config, args.protect)
+    print("r_ctx by context content:", json.dumps(by_content, indent=1), flush=True)
     for epsilon in args.epsilon:
         config = ProtectConfig(steps=args.steps, epsilon=epsilon, step_size=epsilon / 20,
                                resolution=32, blocks=ATTACKED, max_sequence_length=24,
@@ -63,7 +72,8 @@ def main(argv=None) -> None:
         figures.append(efficacy.pop("figure"))
         protection.append(dict(epsilon=epsilon, step_size=config.step_size, **efficacy))
     path = save(args.out, "testbed-efficacy", "testbed_efficacy", argv,
-                attacked_blocks=list(ATTACKED), edit_quality=quality, protection=protection)
+                attacked_blocks=list(ATTACKED), edit_quality=quality,
+                r_ctx_by_content=by_content, protection=protection)
     for epsilon, figure in zip(args.epsilon, figures, strict=True):
         figure_path = path.with_name(f"{path.stem}-eps{epsilon:g}.png")
         Image.fromarray(figure).save(figure_path)

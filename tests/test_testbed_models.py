@@ -1,4 +1,4 @@
-"""The committed testbed editor loads offline and does what its README numbers say."""
+"""The committed testbed models load offline and do what their README numbers say."""
 
 from __future__ import annotations
 
@@ -7,14 +7,22 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from ditflow.testbed.evaluate import edit, edit_quality, held_out_edits
+from ditflow.testbed.evaluate import (
+    edit,
+    edit_quality,
+    generate,
+    generation_quality,
+    held_out_edits,
+)
 from ditflow.testbed.models import testbed_pipeline
 from ditflow.testbed.scenes import render
 
 
 @pytest.fixture(scope="module")
 def editor():
-    return testbed_pipeline("editor")
+    pipeline = testbed_pipeline("editor")
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 def test_editor_is_seeded_and_deterministic(editor):
@@ -30,6 +38,25 @@ def test_editor_uses_its_context(editor):
     summary = edit_quality(editor, n=8, steps=20)["summary"]
     assert summary["kept_color"] >= summary["kept_color_swapped"] + 0.3
     assert summary["other_context_color"] >= 0.3
+
+
+@pytest.fixture(scope="module")
+def t2i():
+    pipeline = testbed_pipeline("t2i")
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_t2i_is_seeded_and_deterministic(t2i):
+    a, b = (generate(t2i, "a red circle top left on sand", steps=8, seed=5) for _ in range(2))
+    assert a.shape == (32, 32, 3) and np.array_equal(a, b)
+
+
+def test_t2i_draws_what_the_caption_says(t2i):
+    """Objects' colours match their own caption far more often than another scene's."""
+    summary = generation_quality(t2i, n=8, steps=20)["summary"]
+    assert summary["color"] >= summary["color_other"] + 0.3
+    assert summary["shape_iou"] >= summary["shape_iou_other"] + 0.2
 
 
 def test_missing_weights_are_a_clear_error(tmp_path):

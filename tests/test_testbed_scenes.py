@@ -55,3 +55,13 @@ def test_edits_name_one_object_and_change_the_scene():
         assert e.context.background == e.target.background
     assert kinds == {"make", "move", "add", "remove"}
     assert 1 <= len(random_scene(rng).shapes) <= 3
+
+
+def test_instruction_pool_is_distinct_interleaved_and_in_vocabulary():
+    from ditflow.testbed.models import VOCABULARY
+    from ditflow.testbed.scenes import EDIT_KINDS, instruction_pool
+
+    pool = instruction_pool()
+    assert len(pool) == len(set(pool)) == 60
+    assert [p.split()[0] for p in pool[:4]] == list(EDIT_KINDS)  # any prefix covers the kinds
+    assert {w for p in pool for w in p.split()} <= set(VOCABULARY)

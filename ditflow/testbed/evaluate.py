@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -127,6 +127,29 @@ def protection_efficacy(pipeline, config, n: int = 16, steps: int = 20) -> dict:
         figures.append(np.concatenate([clean, protected, out_clean, out_protected], axis=1))
     summary = {key: _mean(rows, key) for key in rows[0] if key != "instruction"}
     return dict(summary=summary, rows=rows, figure=figure_grid(figures))
+
+
+def r_ctx_by_content(pipeline, config, n: int = 8) -> dict:
+    """r_ctx per attacked block and overall, for held-out contexts and for contexts without
+    content (uniform noise, flat grey, black): how much of the target's attention to the context
+    depends on what the context shows, which bounds what a perturbation can move."""
+    from ..methods.decontext import ProtectConfig, Protector
+
+    g = torch.Generator().manual_seed(0)
+    contexts = {
+        "held-out scenes": torch.stack([torch.from_numpy(render(e.context)).permute(2, 0, 1)
+                                        for e in held_out_edits(n, HELD_OUT_SEED + 2)]) / 255,
+        "uniform noise": torch.rand(n, 3, SIZE, SIZE, generator=g),
+        "flat grey": torch.full((n, 3, SIZE, SIZE), 0.5),
+        "black": torch.zeros(n, 3, SIZE, SIZE),
+    }
+    settings = {k: v for k, v in asdict(config).items() if k != "blocks"}
+    table = {}
+    for blocks in [config.blocks, *((b,) for b in config.blocks)]:
+        protector = Protector(pipeline, ProtectConfig(**settings, blocks=blocks))
+        table[",".join(blocks)] = {name: float(np.mean(protector.evaluate_r_ctx(x.float())))
+                                   for name, x in contexts.items()}
+    return table
 
 
 def figure_grid(rows: list[np.ndarray], scale: int = 4, gap: int = 2) -> np.ndarray:
