@@ -2,8 +2,10 @@
 
     make bench        # or: TRITON_INTERPRET=1 pytest benchmarks --benchmark-enable
 
-The reference at a small Kontext-like layout, forward and forward+backward; the Triton kernels
-through the interpreter at a tiny size (the interpreter's speed is not the GPU's: this tracks the
+The reference at a small Kontext-like layout, forward and forward+backward; the C++ kernels
+against the reference at N = 1024, 2048, 4096 (forward + backward; peak memory needs a fresh
+process per case: ``python -m benchmarks.cpu_kernel``); the Triton kernels through the
+interpreter at a tiny size (the interpreter's speed is not the GPU's: this tracks the
 Python-side cost of planning and launching).
 """
 
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 from ditflow import FlowRules, flow_attention
+from ditflow.ops import cpp_available
 
 TEXT, TARGET, CONTEXT = 0, 1, 2
 
@@ -39,6 +42,21 @@ def test_reference_kontext_like(benchmark, direction):
                                 [torch.ones_like(res.out), torch.ones_like(res.mass)])
 
     benchmark(run)
+
+
+@pytest.mark.parametrize("n", [1024, 2048, 4096])
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_cpu_backends_forward_backward(benchmark, backend, n):
+    if backend == "cpp" and not cpp_available():
+        pytest.skip("the C++ extension is not built (DITFLOW_BUILD_EXT=1, see README)")
+    q, k, v, groups, rules = _layout(n // 8, (n - n // 8) // 2, n - n // 8 - (n - n // 8) // 2)
+
+    def run():
+        res = flow_attention(q, k, v, groups, rules=rules, return_mass=True, backend=backend)
+        torch.autograd.grad([res.out, res.mass], (q, k, v),
+                            [torch.ones_like(res.out), torch.ones_like(res.mass)])
+
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
