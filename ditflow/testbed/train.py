@@ -112,7 +112,8 @@ def train_transformer(kind: str, minutes: float, steps: int | None, batch: int, 
     if resume and (folder / "transformer").is_dir():
         # continue the saved model, text encoders included; --seed then only draws new data
         saved = testbed_pipeline(kind, out)
-        transformer = saved.transformer
+        transformer = build_transformer(seed)  # fresh config: no local path saved into it
+        transformer.load_state_dict(saved.transformer.state_dict())
         encoders = (saved.text_encoder, saved.tokenizer, saved.text_encoder_2, saved.tokenizer_2)
     else:
         transformer = build_transformer(seed)
