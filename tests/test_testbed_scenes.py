@@ -11,6 +11,7 @@ from ditflow.testbed.scenes import (
     SIZE,
     Scene,
     Shape,
+    color_bleed,
     masks,
     object_agreement,
     random_edit,
@@ -42,6 +43,25 @@ def test_metrics_are_exact_on_renders_and_catch_mistakes():
     assert object_agreement(render(wrong), scene)["color"] == 0.0
     empty = render(Scene("sand", ()))
     assert object_agreement(empty, scene)["shape_iou"] == 0.0
+
+
+def test_color_bleed_is_zero_on_renders_and_measures_leaked_pixels():
+    rng = random.Random(7)
+    for _ in range(100):
+        scene = random_scene(rng)
+        assert color_bleed(render(scene), scene) == 0.0
+    scene = Scene("gray", (Shape("circle", "red", "left", "top"),
+                           Shape("square", "blue", "right", "bottom")))
+    red, blue = masks(scene)
+    image = render(scene)
+    image[red] = COLORS["blue"]  # the blue leaks into the whole circle
+    assert color_bleed(image, scene) == 0.5
+    image = render(scene)
+    image[blue] = COLORS["green"]  # wrong, but not another object's colour: no leakage
+    assert color_bleed(image, scene) == 0.0
+    one_color = Scene("gray", (Shape("circle", "red", "left", "top"),
+                               Shape("square", "red", "right", "bottom")))
+    assert color_bleed(render(one_color), one_color) == 0.0
 
 
 def test_edits_name_one_object_and_change_the_scene():

@@ -19,7 +19,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .scenes import SIZE, Edit, Scene, object_agreement, random_edit, random_scene, render
+from .scenes import (
+    SIZE,
+    Edit,
+    Scene,
+    color_bleed,
+    object_agreement,
+    random_edit,
+    random_scene,
+    render,
+)
 
 HELD_OUT_SEED = 10_000  # training draws from seeds 0..2
 
@@ -80,8 +89,9 @@ def edit_quality(pipeline, n: int = 32, steps: int = 20) -> dict:
 
 def generation_quality(pipeline, n: int = 32, steps: int = 20) -> dict:
     """Caption accuracy on held-out scenes; ``*_other`` scores the same images against another
-    held-out scene, the level a model that ignored its caption would reach. ``figure``: rows of
-    (scene as described | generation)."""
+    held-out scene, the level a model that ignored its caption would reach; ``color_bleed`` is
+    the leakage between objects (``scenes.color_bleed``, 0 on the scenes themselves).
+    ``figure``: rows of (scene as described | generation)."""
     rng = random.Random(HELD_OUT_SEED + 3)
     scenes = [random_scene(rng) for _ in range(n)]
     rows, figures = [], []
@@ -91,7 +101,8 @@ def generation_quality(pipeline, n: int = 32, steps: int = 20) -> dict:
         match, other = object_agreement(out, scene), object_agreement(out, scenes[i - 1])
         rows.append(dict(caption=scene.caption(), color=match["color"],
                          shape_iou=match["shape_iou"], color_other=other["color"],
-                         shape_iou_other=other["shape_iou"]))
+                         shape_iou_other=other["shape_iou"],
+                         color_bleed=color_bleed(out, scene)))
     summary = {key: _mean(rows, key) for key in rows[0] if key != "caption"}
     return dict(summary=summary, rows=rows, figure=figure_grid(figures))
 

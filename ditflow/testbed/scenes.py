@@ -188,6 +188,22 @@ def object_agreement(image: np.ndarray, scene: Scene) -> dict[str, float]:
     return {"color": float(np.mean(color_hits)), "shape_iou": float(np.mean(ious))}
 
 
+def color_bleed(image: np.ndarray, scene: Scene) -> float:
+    """Semantic leakage between objects, measured inside each object's mask: the share of its
+    pixels whose nearest palette colour is another object's colour in the scene and not its own
+    (0 = no bleeding). Mean over the objects; 0 for scenes whose objects share one colour."""
+    colors = {s.color for s in scene.shapes}
+    if len(colors) < 2:
+        return 0.0
+    names = list(COLORS)
+    palette = np.stack([np.array(COLORS[n], dtype=float) for n in names])
+    nearest = np.linalg.norm(image.astype(float)[..., None, :] - palette, axis=-1).argmin(-1)
+    nearest = np.array(names)[nearest]
+    bled = [np.isin(nearest[mask], sorted(colors - {shape.color})).mean()
+            for shape, mask in zip(scene.shapes, masks(scene), strict=True)]
+    return float(np.mean(bled))
+
+
 def scene_distance(a: Scene, b: Scene) -> int:
     """Objects that differ between two scenes (same slot compared by kind and colour)."""
     slots_a = {(s.column, s.row): (s.kind, s.color) for s in a.shapes}
