@@ -1,7 +1,9 @@
 // Flow attention on the CPU: streaming softmax over key tiles (memory O(N), no N x N buffer),
 // group rules, pair masks, attention mass, and the backward with dmass / dlse folded into
-// delta, exactly the math of DESIGN.md. Tile products go through ATen's GEMM (MKL / OpenBLAS);
-// rules, softmax and mass are plain loops. Work is split with at::parallel_for (OpenMP) over
+// delta, exactly the math of DESIGN.md. Tile products go through ATen's GEMM (MKL / OpenBLAS)
+// and exponentials through ATen's vectorised exp; uniform tiles (one query group, one key group,
+// no pair mask: most tiles of an MM-DiT layout) apply their rules as three scalars, and only mixed
+// tiles look rules up per element. Work is split with at::parallel_for (OpenMP) over
 // batch x heads x query tiles (forward, dq) or key tiles (dk, dv), so no two threads write the
 // same rows.
 //
@@ -105,27 +107,59 @@ Layout make_layout(const at::Tensor& q, const at::Tensor& k, const c10::optional
   return L;
 }
 
+// The rules of one tile. A uniform tile carries its key group and three scalars; a mixed tile has
+// key_group = -1 and its weights / scales per element in the caller's buffers.
+struct TileRules {
+  int32_t key_group = -1;
+  float scale = 1.f, bias = 0.f, weight = 1.f;
+  bool uniform() const { return key_group >= 0; }
+};
+
+// The single group of rows [i0, i0 + n) (queries, or keys with `keys`), or -1 if they differ.
+int32_t single_group(const Layout& L, int64_t b, int64_t i0, int64_t n, bool keys) {
+  const int32_t first = keys ? L.kg(b, i0) : L.qg(b, i0);
+  for (int64_t i = i0 + 1; i < i0 + n; ++i)
+    if ((keys ? L.kg(b, i) : L.qg(b, i)) != first) return -1;
+  return first;
+}
+
 // Rule-modified scores of one tile, in place: s = scale * tau * s_raw + bias, -inf where blocked
-// (pairs, ragged columns). Returns the per-element weight into `w_rule`.
-void apply_rules(const Layout& L, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
-                 int64_t cols, float* s, float* w_rule) {
+// (pairs). A mixed tile writes each element's weight to `w_rule` and, when `scale_rule` is given,
+// its scale.
+TileRules apply_rules(const Layout& L, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                      int64_t cols, float* s, float* w_rule, float* scale_rule) {
   const int64_t G = L.groups;
+  const int32_t a = L.bits ? -1 : single_group(L, b, i0, rows, false);
+  const int32_t c = a < 0 ? -1 : single_group(L, b, j0, cols, true);
+  if (c >= 0) {
+    TileRules t;
+    t.key_group = c;
+    const int64_t pair = a * G + c;
+    if (L.scale) t.scale = L.scale[h * L.scale_hs + pair];
+    if (L.bias) t.bias = L.bias[h * L.bias_hs + pair];
+    if (L.weight) t.weight = L.weight[h * L.weight_hs + pair];
+    const float mul = L.tau * t.scale, add = t.bias;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* srow = s + r * kBlockN;
+      for (int64_t k = 0; k < cols; ++k) srow[k] = srow[k] * mul + add;
+    }
+    return t;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
-    const int32_t a = L.qg(b, i);
+    const int32_t qa = L.qg(b, i);
     float* srow = s + r * kBlockN;
-    float* wrow = w_rule + r * kBlockN;
-    for (int64_t c = 0; c < cols; ++c) {
-      const int64_t j = j0 + c;
-      const int64_t pair = a * G + L.kg(b, j);
+    for (int64_t k = 0; k < cols; ++k) {
+      const int64_t j = j0 + k, e = r * kBlockN + k;
+      const int64_t pair = qa * G + L.kg(b, j);
       const float scale = L.scale ? L.scale[h * L.scale_hs + pair] : 1.f;
       const float bias = L.bias ? L.bias[h * L.bias_hs + pair] : 0.f;
-      float value = srow[c] * L.tau * scale + bias;
-      if (L.pair_blocked(b, i, j)) value = kNegInf;
-      srow[c] = value;
-      wrow[c] = L.weight ? L.weight[h * L.weight_hs + pair] : 1.f;
+      srow[k] = L.pair_blocked(b, i, j) ? kNegInf : srow[k] * L.tau * scale + bias;
+      w_rule[e] = L.weight ? L.weight[h * L.weight_hs + pair] : 1.f;
+      if (scale_rule) scale_rule[e] = scale;
     }
   }
+  return TileRules{};
 }
 
 // Inputs stay in their [B, N, H, D] layout (fp32 inputs are not copied); a head's rows are a
@@ -152,14 +186,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_fwd(
   at::Tensor lse = at::empty({L.batch, L.heads, L.nq}, qf.options());
   at::Tensor mass = return_mass ? at::zeros({L.batch, L.heads, L.nq, L.groups}, qf.options())
                                 : at::empty({0}, qf.options());
+  float* lse_p = lse.data_ptr<float>();
+  float* mass_p = return_mass ? mass.data_ptr<float>() : nullptr;
   const int64_t q_tiles = (L.nq + kBlockM - 1) / kBlockM, G = L.groups, D = L.dim;
   at::parallel_for(0, L.batch * L.heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
     at::Tensor s_buf = at::empty({kBlockM, kBlockN}, qf.options());
-    std::vector<float> w_rule(kBlockM * kBlockN), m(kBlockM), l(kBlockM), acc_mass(kBlockM * G);
+    std::vector<float> w_rule(kBlockM * kBlockN), m(kBlockM), l(kBlockM), alpha(kBlockM),
+        acc_mass(kBlockM * G);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (L.heads * q_tiles), h = (task / q_tiles) % L.heads;
       const int64_t i0 = (task % q_tiles) * kBlockM, rows = std::min(kBlockM, L.nq - i0);
-      const at::Tensor qb = head(qf, b, h).narrow(0, i0, rows);
+      const at::Tensor qb = head(qf, b, h).narrow(0, i0, rows), kh = head(kf, b, h),
+                       vh = head(vf, b, h);
       at::Tensor acc = head(out, b, h).narrow(0, i0, rows);  // accumulates in place
       float* accp = acc.data_ptr<float>();
       const int64_t acc_stride = acc.stride(0);
@@ -170,40 +208,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_fwd(
         const int64_t cols = std::min(kBlockN, L.nk - j0);
         if (L.tile_blocked(b, i0, i0 + rows, j0, j0 + cols)) continue;
         at::Tensor s = s_buf.narrow(0, 0, rows).narrow(1, 0, cols);
-        at::mm_out(s, qb, head(kf, b, h).narrow(0, j0, cols).t());
+        at::mm_out(s, qb, kh.narrow(0, j0, cols).t());
         float* sp = s_buf.data_ptr<float>();
-        apply_rules(L, b, h, i0, rows, j0, cols, sp, w_rule.data());
-        for (int64_t r = 0; r < rows; ++r) {
+        const TileRules t = apply_rules(L, b, h, i0, rows, j0, cols, sp, w_rule.data(), nullptr);
+        for (int64_t r = 0; r < rows; ++r) {  // new running max; scores shifted for the exp
           float* srow = sp + r * kBlockN;
           float row_max = kNegInf;
           for (int64_t c = 0; c < cols; ++c) row_max = std::max(row_max, srow[c]);
           const float m_new = std::max(m[r], row_max);
           const float m_safe = std::isinf(m_new) ? 0.f : m_new;  // rows blocked so far stay 0
-          const float alpha = std::exp(m[r] - m_safe);
-          float sum = 0.f;
-          float* mrow = acc_mass.data() + r * G;
-          for (int64_t g = 0; g < G; ++g) mrow[g] *= alpha;
-          for (int64_t c = 0; c < cols; ++c) {
-            const float p = std::exp(srow[c] - m_safe);
-            sum += p;
-            const float w = p * w_rule[r * kBlockN + c];
-            srow[c] = w;
-            mrow[L.kg(b, j0 + c)] += w;
-          }
-          l[r] = l[r] * alpha + sum;
+          alpha[r] = std::exp(m[r] - m_safe);
+          for (int64_t c = 0; c < cols; ++c) srow[c] -= m_safe;
           m[r] = m_new;
-          for (int64_t d = 0; d < D; ++d) accp[r * acc_stride + d] *= alpha;
         }
-        acc.addmm_(s, head(vf, b, h).narrow(0, j0, cols));
+        s.exp_();
+        for (int64_t r = 0; r < rows; ++r) {  // P -> weighted P, row sums, mass, rescaled state
+          float* srow = sp + r * kBlockN;
+          float* mrow = acc_mass.data() + r * G;
+          for (int64_t g = 0; g < G; ++g) mrow[g] *= alpha[r];
+          float sum = 0.f;
+          if (t.uniform()) {
+            for (int64_t c = 0; c < cols; ++c) sum += srow[c];
+            if (t.weight != 1.f)
+              for (int64_t c = 0; c < cols; ++c) srow[c] *= t.weight;
+            mrow[t.key_group] += sum * t.weight;
+          } else {
+            for (int64_t c = 0; c < cols; ++c) {
+              sum += srow[c];
+              srow[c] *= w_rule[r * kBlockN + c];
+              mrow[L.kg(b, j0 + c)] += srow[c];
+            }
+          }
+          l[r] = l[r] * alpha[r] + sum;
+          for (int64_t d = 0; d < D; ++d) accp[r * acc_stride + d] *= alpha[r];
+        }
+        acc.addmm_(s, vh.narrow(0, j0, cols));
       }
-      float* lse_row = lse[b][h].data_ptr<float>() + i0;
+      const int64_t row0 = (b * L.heads + h) * L.nq + i0;  // [B, H, Nq] row of query i0
       for (int64_t r = 0; r < rows; ++r) {
         const bool blocked = l[r] == 0.f;
         const float inv = blocked ? 0.f : 1.f / l[r];
         for (int64_t d = 0; d < D; ++d) accp[r * acc_stride + d] *= inv;
-        lse_row[r] = blocked ? kNegInf : m[r] + std::log(l[r]);
+        lse_p[row0 + r] = blocked ? kNegInf : m[r] + std::log(l[r]);
         if (return_mass) {
-          float* dst = mass[b][h].data_ptr<float>() + (i0 + r) * G;
+          float* dst = mass_p + (row0 + r) * G;
           for (int64_t g = 0; g < G; ++g) dst[g] = acc_mass[r * G + g] * inv;
         }
       }
@@ -212,21 +260,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_fwd(
   return {out.to(q.scalar_type()), lse, mass};
 }
 
-// Probabilities P and rule tensors of one tile, recomputed in the backward from the saved LSE.
-void tile_probabilities(const Layout& L, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                        int64_t j0, int64_t cols, const float* lse_row, float* s, float* w_rule,
-                        float* scale_rule) {
-  apply_rules(L, b, h, i0, rows, j0, cols, s, w_rule);
-  const int64_t G = L.groups;
+// Probabilities P of one tile, recomputed in place over its raw scores from the saved LSE.
+TileRules tile_probabilities(const Layout& L, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                             int64_t j0, int64_t cols, const float* lse_row, at::Tensor& tile,
+                             float* w_rule, float* scale_rule) {
+  float* s = tile.data_ptr<float>();
+  const TileRules t = apply_rules(L, b, h, i0, rows, j0, cols, s, w_rule, scale_rule);
   for (int64_t r = 0; r < rows; ++r) {
+    // a fully blocked row (lse = -inf) keeps P = 0
     const float lse_i = std::isinf(lse_row[r]) ? std::numeric_limits<float>::infinity() : lse_row[r];
-    const int32_t a = L.qg(b, i0 + r);
-    for (int64_t c = 0; c < cols; ++c) {
-      s[r * kBlockN + c] = std::exp(s[r * kBlockN + c] - lse_i);
-      scale_rule[r * kBlockN + c] =
-          L.scale ? L.scale[h * L.scale_hs + a * G + L.kg(b, j0 + c)] : 1.f;
-    }
+    for (int64_t c = 0; c < cols; ++c) s[r * kBlockN + c] -= lse_i;
   }
+  tile.exp_();
+  return t;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_bwd(
@@ -254,27 +300,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_bwd(
   delta = delta.contiguous();
   at::Tensor dq = at::zeros_like(qf), dk = at::zeros_like(kf), dv = at::zeros_like(vf);
   const int64_t G = L.groups;
+  // raw pointers: indexing tensors inside the tile loops costs more than the tiles' arithmetic
+  const float* lse_p = lsef.data_ptr<float>();
+  const float* delta_p = delta.data_ptr<float>();
+  const float* dmass_p = has_dmass ? dmassf.data_ptr<float>() : nullptr;
 
-  // dS for one tile, in place over the probabilities: dS = scale * P * (weight * dW - delta).
+  // dS for one tile, in place over its raw scores: dS = scale * P * (weight * dW - delta), where
+  // dW = dO V^T + dmass of the key's group; with `wp`, also the weighted probabilities weight * P.
   auto tile_ds = [&](int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
-                     at::Tensor& p, at::Tensor& dw, std::vector<float>& w_rule,
-                     std::vector<float>& scale_rule, bool keep_weighted_p, at::Tensor& wp) {
-    float* pp = p.data_ptr<float>();
-    tile_probabilities(L, b, h, i0, rows, j0, cols, lsef[b][h].data_ptr<float>() + i0, pp,
-                       w_rule.data(), scale_rule.data());
+                     const at::Tensor& do_i, const at::Tensor& v_j, at::Tensor& p_tile,
+                     at::Tensor& dw, std::vector<float>& w_rule,
+                     std::vector<float>& scale_rule, float* wpp) {
+    const int64_t row0 = (b * L.heads + h) * L.nq + i0;  // [B, H, Nq] row of query i0
+    const TileRules t = tile_probabilities(L, b, h, i0, rows, j0, cols, lse_p + row0, p_tile,
+                                           w_rule.data(), scale_rule.data());
+    float* pp = p_tile.data_ptr<float>();
     at::Tensor dw_tile = dw.narrow(0, 0, rows).narrow(1, 0, cols);
-    at::mm_out(dw_tile, head(dof, b, h).narrow(0, i0, rows), head(vf, b, h).narrow(0, j0, cols).t());
-    float* dwp = dw.data_ptr<float>();
-    float* wpp = keep_weighted_p ? wp.data_ptr<float>() : nullptr;
-    const float* delta_row = delta[b][h].data_ptr<float>() + i0;
+    at::mm_out(dw_tile, do_i, v_j.t());
+    const float* dwp = dw.data_ptr<float>();
+    const float* delta_row = delta_p + row0;
     for (int64_t r = 0; r < rows; ++r) {
-      const float* dm = has_dmass ? dmassf[b][h].data_ptr<float>() + (i0 + r) * G : nullptr;
-      for (int64_t c = 0; c < cols; ++c) {
-        const int64_t e = r * kBlockN + c;
-        const float w = w_rule[e];
-        const float dwe = dwp[e] + (dm ? dm[L.kg(b, j0 + c)] : 0.f);
-        if (wpp) wpp[e] = w * pp[e];
-        pp[e] = scale_rule[e] * pp[e] * (w * dwe - delta_row[r]);
+      const float* dm = has_dmass ? dmass_p + (row0 + r) * G : nullptr;
+      const float d = delta_row[r];
+      if (t.uniform()) {
+        const float dmr = dm ? dm[t.key_group] : 0.f, w = t.weight, sc = t.scale;
+        for (int64_t c = 0; c < cols; ++c) {
+          const int64_t e = r * kBlockN + c;
+          if (wpp) wpp[e] = w * pp[e];
+          pp[e] = sc * pp[e] * (w * (dwp[e] + dmr) - d);
+        }
+      } else {
+        for (int64_t c = 0; c < cols; ++c) {
+          const int64_t e = r * kBlockN + c;
+          const float w = w_rule[e];
+          const float dwe = dwp[e] + (dm ? dm[L.kg(b, j0 + c)] : 0.f);
+          if (wpp) wpp[e] = w * pp[e];
+          pp[e] = scale_rule[e] * pp[e] * (w * dwe - d);
+        }
       }
     }
   };
@@ -289,33 +351,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_bwd(
       const int64_t b = task / (L.heads * k_tiles), h = (task / k_tiles) % L.heads;
       const int64_t j0 = (task % k_tiles) * kBlockN, cols = std::min(kBlockN, L.nk - j0);
       at::Tensor dk_b = head(dk, b, h).narrow(0, j0, cols), dv_b = head(dv, b, h).narrow(0, j0, cols);
+      const at::Tensor qh = head(qf, b, h), doh = head(dof, b, h);
+      const at::Tensor k_j = head(kf, b, h).narrow(0, j0, cols), v_j = head(vf, b, h).narrow(0, j0, cols);
       for (int64_t i0 = 0; i0 < L.nq; i0 += kBlockM) {
         const int64_t rows = std::min(kBlockM, L.nq - i0);
         if (L.tile_blocked(b, i0, i0 + rows, j0, j0 + cols)) continue;
+        const at::Tensor q_i = qh.narrow(0, i0, rows), do_i = doh.narrow(0, i0, rows);
         at::Tensor p_tile = p.narrow(0, 0, rows).narrow(1, 0, cols);
-        at::mm_out(p_tile, head(qf, b, h).narrow(0, i0, rows), head(kf, b, h).narrow(0, j0, cols).t());
-        tile_ds(b, h, i0, rows, j0, cols, p, dw, w_rule, scale_rule, true, wp);
-        dv_b.addmm_(wp.narrow(0, 0, rows).narrow(1, 0, cols).t(), head(dof, b, h).narrow(0, i0, rows));
-        dk_b.addmm_(p_tile.t(), head(qf, b, h).narrow(0, i0, rows), 1.0, L.tau);
+        at::mm_out(p_tile, q_i, k_j.t());
+        tile_ds(b, h, i0, rows, j0, cols, do_i, v_j, p_tile, dw, w_rule, scale_rule,
+                wp.data_ptr<float>());
+        dv_b.addmm_(wp.narrow(0, 0, rows).narrow(1, 0, cols).t(), do_i);
+        dk_b.addmm_(p_tile.t(), q_i, 1.0, L.tau);
       }
     }
   });
   // dq: each task owns one query tile of one (batch, head)
   at::parallel_for(0, L.batch * L.heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
     at::Tensor p = at::empty({kBlockM, kBlockN}, qf.options()), dw = at::empty_like(p);
-    at::Tensor unused;
     std::vector<float> w_rule(kBlockM * kBlockN), scale_rule(kBlockM * kBlockN);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (L.heads * q_tiles), h = (task / q_tiles) % L.heads;
       const int64_t i0 = (task % q_tiles) * kBlockM, rows = std::min(kBlockM, L.nq - i0);
       at::Tensor dq_b = head(dq, b, h).narrow(0, i0, rows);
+      const at::Tensor q_i = head(qf, b, h).narrow(0, i0, rows), do_i = head(dof, b, h).narrow(0, i0, rows);
+      const at::Tensor kh = head(kf, b, h), vh = head(vf, b, h);
       for (int64_t j0 = 0; j0 < L.nk; j0 += kBlockN) {
         const int64_t cols = std::min(kBlockN, L.nk - j0);
         if (L.tile_blocked(b, i0, i0 + rows, j0, j0 + cols)) continue;
+        const at::Tensor k_j = kh.narrow(0, j0, cols);
         at::Tensor p_tile = p.narrow(0, 0, rows).narrow(1, 0, cols);
-        at::mm_out(p_tile, head(qf, b, h).narrow(0, i0, rows), head(kf, b, h).narrow(0, j0, cols).t());
-        tile_ds(b, h, i0, rows, j0, cols, p, dw, w_rule, scale_rule, false, unused);
-        dq_b.addmm_(p_tile, head(kf, b, h).narrow(0, j0, cols), 1.0, L.tau);
+        at::mm_out(p_tile, q_i, k_j.t());
+        tile_ds(b, h, i0, rows, j0, cols, do_i, vh.narrow(0, j0, cols), p_tile, dw, w_rule,
+                scale_rule, nullptr);
+        dq_b.addmm_(p_tile, k_j, 1.0, L.tau);
       }
     }
   });

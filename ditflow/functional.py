@@ -135,8 +135,8 @@ def flow_attention(
         pair_mask: bool [Nq, Nk] or [B, Nq, Nk], True blocks the pair (query i, key j).
         scale: softmax scale tau; default 1/sqrt(D).
         return_lse, return_mass: also return the row log-sum-exp / the per-group mass.
-        backend: ``"triton"`` or ``"reference"``; default ``DITFLOW_BACKEND`` or the best
-            for the device.
+        backend: ``"triton"``, ``"cpp"`` or ``"reference"``; default ``DITFLOW_BACKEND`` or
+            the best for the device (see ``resolve_backend``).
 
     For query i (group a) and key j (group b)::
 

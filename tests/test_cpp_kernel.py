@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from test_flow_attention import CASES, run_case
+from test_flow_attention import ALL, CASES, Case, run_case
 
 from ditflow import flow_attention, ops
 from ditflow.functional import resolve_backend
@@ -26,6 +26,22 @@ def test_extension_is_built_when_asked():
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_cpp_matches_reference(case, dtype):
     run_case(case, dtype, torch.device("cpu"), backend="cpp")
+
+
+# Segments longer than the C++ tiles (64 queries x 128 keys), so that uniform tiles (one query
+# group, one key group: rules as three scalars) occur beside mixed ones, as in real layouts.
+UNIFORM_TILE_CASES = [
+    Case(400, head_dim=16, groups=3, kinds=ALL),
+    Case(400, head_dim=16, groups=3, kinds=ALL, per_head=True, heads=3),
+    Case(300, 520, head_dim=16, groups=3, kinds=ALL),
+    Case(400, head_dim=16, groups=3, kinds=frozenset({"block"}), per_head=True, heads=3),
+]
+
+
+@needs_extension
+@pytest.mark.parametrize("case", UNIFORM_TILE_CASES, ids=str)
+def test_cpp_uniform_tiles_match_reference(case):
+    run_case(case, torch.float32, torch.device("cpu"), backend="cpp")
 
 
 @needs_extension
