@@ -3,7 +3,8 @@
     python -m benchmarks.testbed_efficacy --edits 32 --protect 12 --steps 800 --epsilon 12.75 32
     python -m benchmarks.testbed_efficacy --model t2i --edits 32
 
-The editor run protects with the testbed's own instruction pool and writes
+The editor run protects with the testbed's own instruction pool (``--method diff-pgd``: the
+baseline, files named ``testbed-efficacy-diff-pgd-...``) and writes
 ``testbed-efficacy-<device>-<date>.json`` (summaries and per-edit rows, per epsilon) and
 ``testbed-efficacy-<device>-<date>-eps<epsilon>.png`` (rows: clean context | protected context |
 edit of clean | edit of protected) under ``--out``; the t2i run writes
@@ -46,6 +47,8 @@ def main(argv=None) -> None:
     parser.add_argument("--epsilon", type=float, nargs="+", default=[12.75],
                         help="budgets to protect at, 0..255 units; the step is epsilon / 20 "
                              "(the authors' 0.6375 at 12.75)")
+    parser.add_argument("--method", choices=["decontext", "diff-pgd"], default="decontext",
+                        help="the protection to measure (diff-pgd: the baseline)")
     parser.add_argument("--edit-steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=16, help="contexts protected together")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -65,13 +68,15 @@ def main(argv=None) -> None:
     for epsilon in args.epsilon:
         config = ProtectConfig(steps=args.steps, epsilon=epsilon, step_size=epsilon / 20,
                                resolution=32, blocks=ATTACKED, max_sequence_length=24,
-                               prompts=instruction_pool(), batch_size=args.batch_size)
+                               prompts=instruction_pool(), batch_size=args.batch_size,
+                               method=args.method)
         efficacy = protection_efficacy(pipeline, config, args.protect, args.edit_steps)
         print(f"protection at epsilon {epsilon}:", json.dumps(efficacy["summary"], indent=1),
               flush=True)
         figures.append(efficacy.pop("figure"))
         protection.append(dict(epsilon=epsilon, step_size=config.step_size, **efficacy))
-    path = save(args.out, "testbed-efficacy", "testbed_efficacy", argv,
+    name = "testbed-efficacy" if args.method == "decontext" else f"testbed-efficacy-{args.method}"
+    path = save(args.out, name, "testbed_efficacy", argv, method=args.method,
                 attacked_blocks=list(ATTACKED), edit_quality=quality,
                 r_ctx_by_content=by_content, protection=protection)
     for epsilon, figure in zip(args.epsilon, figures, strict=True):
