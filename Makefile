@@ -21,13 +21,11 @@ setup: $(VENV)/.ready
 demo: setup
 	$(VENV)/bin/ditflow demo
 
-test: setup
-	$(VENV)/bin/ruff check .
+test: lint
 	DITFLOW_BUILD_EXT=1 TRITON_INTERPRET=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
 
 bench: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest benchmarks --benchmark-enable
