@@ -18,11 +18,15 @@ from ditflow.testbed.models import testbed_pipeline
 from ditflow.testbed.scenes import render
 
 
-@pytest.fixture(scope="module")
-def editor():
-    pipeline = testbed_pipeline("editor")
+def _quiet(kind: str):
+    pipeline = testbed_pipeline(kind)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+@pytest.fixture(scope="module")
+def editor():
+    return _quiet("editor")
 
 
 def test_editor_is_seeded_and_deterministic(editor):
@@ -42,9 +46,7 @@ def test_editor_uses_its_context(editor):
 
 @pytest.fixture(scope="module")
 def t2i():
-    pipeline = testbed_pipeline("t2i")
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return _quiet("t2i")
 
 
 def test_t2i_is_seeded_and_deterministic(t2i):
