@@ -90,6 +90,10 @@ def protect_command(args) -> int:
     if args.format == "jpg":
         print("warning: JPEG recompresses the protected photo and weakens the perturbation; "
               "PNG (the default) keeps it exactly", file=sys.stderr)
+    if args.model in MODEL_DEFAULTS:
+        print(f"note: --model {args.model} is a small offline model for demos and tests; its "
+              "perturbation does not protect against real editors: pass --model with a local "
+              "FLUX.1 Kontext folder for that", file=sys.stderr)
     manifest = Manifest(outdir / "manifest.jsonl")
     if manifest.records and not args.resume:
         print(f"error: {manifest.path} exists from an earlier run; pass --resume to continue it "
