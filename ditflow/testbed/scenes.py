@@ -200,8 +200,8 @@ def color_bleed(image: np.ndarray, scene: Scene) -> float:
     nearest = np.linalg.norm(image.astype(float)[..., None, :] - palette, axis=-1).argmin(-1)
     nearest = np.array(names)[nearest]
     bled = [np.isin(nearest[mask], sorted(colors - {shape.color})).mean()
-            for shape, mask in zip(scene.shapes, masks(scene), strict=True)]
-    return float(np.mean(bled))
+            for shape, mask in zip(scene.shapes, masks(scene), strict=True) if mask.any()]
+    return float(np.mean(bled)) if bled else 0.0
 
 
 def scene_distance(a: Scene, b: Scene) -> int:
