@@ -306,7 +306,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_bwd(
   const float* dmass_p = has_dmass ? dmassf.data_ptr<float>() : nullptr;
 
   // dS for one tile, in place over its raw scores: dS = scale * P * (weight * dW - delta), where
-  // dW = dO V^T + dmass of the key's group; with `wp`, also the weighted probabilities weight * P.
+  // dW = dO V^T + dmass of the key's group; with `wpp`, also writes the weighted probabilities
+  // weight * P there.
   auto tile_ds = [&](int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                      const at::Tensor& do_i, const at::Tensor& v_j, at::Tensor& p_tile,
                      at::Tensor& dw, std::vector<float>& w_rule,

@@ -156,6 +156,16 @@ def instruction_pool(per_kind: int = 15, seed: int = 20_000) -> tuple[str, ...]:
     return tuple(p for group in zip(*by_kind.values(), strict=True) for p in group)
 
 
+_PALETTE = {name: np.array(rgb, dtype=float) for name, rgb in COLORS.items()}
+
+
+def _nearest_names(pixels: np.ndarray, candidates: dict[str, np.ndarray]) -> np.ndarray:
+    """The name of the candidate colour nearest to each pixel: str [SIZE, SIZE]."""
+    names = list(candidates)
+    dist = np.stack([np.linalg.norm(pixels - candidates[n], axis=-1) for n in names])
+    return np.array(names)[dist.argmin(0)]
+
+
 def object_agreement(image: np.ndarray, scene: Scene) -> dict[str, float]:
     """How well ``image`` (uint8 [SIZE, SIZE, 3]) shows ``scene``, measured inside each
     object's mask: ``color`` = share of objects whose mean colour is nearest to their named
@@ -163,14 +173,10 @@ def object_agreement(image: np.ndarray, scene: Scene) -> dict[str, float]:
     object's mask and the pixels nearest to its colour around it."""
     if not scene.shapes:
         return {"color": 1.0, "shape_iou": 1.0}
-    palette = {name: np.array(rgb, dtype=float) for name, rgb in COLORS.items()}
     background = np.mean(BACKGROUNDS[scene.background], axis=0)
-    candidates = {**palette, "background": background}
+    candidates = {**_PALETTE, "background": background}
     pixels = image.astype(float)
-    # each pixel's nearest palette entry (or background)
-    names = list(candidates)
-    dist = np.stack([np.linalg.norm(pixels - candidates[n], axis=-1) for n in names])
-    nearest = np.array(names)[dist.argmin(0)]
+    nearest = _nearest_names(pixels, candidates)  # each pixel's palette entry or background
     color_hits, ious = [], []
     all_masks = masks(scene)
     for shape, mask in zip(scene.shapes, all_masks, strict=True):
@@ -195,10 +201,7 @@ def color_bleed(image: np.ndarray, scene: Scene) -> float:
     colors = {s.color for s in scene.shapes}
     if len(colors) < 2:
         return 0.0
-    names = list(COLORS)
-    palette = np.stack([np.array(COLORS[n], dtype=float) for n in names])
-    nearest = np.linalg.norm(image.astype(float)[..., None, :] - palette, axis=-1).argmin(-1)
-    nearest = np.array(names)[nearest]
+    nearest = _nearest_names(image.astype(float), _PALETTE)
     bled = [np.isin(nearest[mask], sorted(colors - {shape.color})).mean()
             for shape, mask in zip(scene.shapes, masks(scene), strict=True) if mask.any()]
     return float(np.mean(bled)) if bled else 0.0
