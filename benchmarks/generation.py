@@ -1,9 +1,11 @@
-"""GPU: overhead of an always-on intervention on a 28-step FLUX.1 generation at 1024².
+"""Overhead of an always-on intervention on a 28-step FLUX.1 generation at 1024².
 
     python -m benchmarks.generation --out benchmarks/results
+    python -m benchmarks.generation --model tiny --size 32 --steps 2   # the script, on a CPU
 
-Full-size FLUX.1 architecture with random weights (timing does not depend on the weights),
-random prompt embeddings instead of the text encoders. Providers: stock diffusers (SDPA); ditflow
+Full-size FLUX.1 architecture with random weights (timing does not depend on the weights, but
+needs a GPU), random prompt embeddings instead of the text encoders; ``--model tiny`` is the
+random tiny FLUX pipeline, which runs anywhere. Providers: stock diffusers (SDPA); ditflow
 attached with rules in every block and step (text -> image logits x1.2, image -> image
 probabilities x0.9); ditflow attached with per-group mass recorded in every block. Writes
 ``generation-<device>-<date>.json``.
@@ -12,8 +14,10 @@ probabilities x0.9); ditflow attached with per-group mass recorded in every bloc
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -30,29 +34,42 @@ class AlwaysOnRules(Intervention):
                 .weight_probs(TARGET, TARGET, 0.9))
 
 
-def main(argv=None) -> None:
+def _pipeline_and_prompt(model: str) -> tuple[object, dict]:
+    """A FluxPipeline and the prompt arguments of its calls."""
+    if model == "tiny":
+        from ditflow.tiny import tiny_flux_pipeline
+
+        return tiny_flux_pipeline("t2i"), dict(prompt="a red circle", max_sequence_length=8)
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
+    transformer, vae = full_size_models()
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                        transformer=transformer)
+    return pipe, dict(
+        prompt_embeds=torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16),
+        pooled_prompt_embeds=torch.randn(1, 768, device="cuda", dtype=torch.bfloat16))
+
+
+def main(argv=None) -> Path:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["full", "tiny"], default="full")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
-    transformer, vae = full_size_models()
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
-                        tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                        transformer=transformer)
-    embeds = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
-    pooled = torch.randn(1, 768, device="cuda", dtype=torch.bfloat16)
+    pipe, prompt = _pipeline_and_prompt(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    device = pipe.transformer.device
 
     def generate():
         with torch.no_grad():
-            pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=args.size,
-                 width=args.size, num_inference_steps=args.steps, output_type="latent",
-                 generator=torch.Generator("cuda").manual_seed(0))
-        torch.cuda.synchronize()
+            pipe(**prompt, height=args.size, width=args.size, num_inference_steps=args.steps,
+                 output_type="latent", generator=torch.Generator(device).manual_seed(0))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     def timed(context_factory):
         times = []
@@ -62,9 +79,7 @@ def main(argv=None) -> None:
                 generate()
                 if repeat:
                     times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
-
-    from contextlib import nullcontext
+        return statistics.median(times)
 
     rows = []
     for name, factory in (
@@ -73,12 +88,13 @@ def main(argv=None) -> None:
         ("ditflow, mass recorded in every block", lambda: attach(pipe, StatsRecorder())),
     ):
         seconds = timed(factory)
-        rows.append(dict(provider=name, seconds=seconds, size=args.size, steps=args.steps))
+        rows.append(dict(model=args.model, provider=name, seconds=seconds, size=args.size,
+                         steps=args.steps))
         print(rows[-1], flush=True)
     base = rows[0]["seconds"]
     for row in rows:
         row["overhead"] = row["seconds"] / base - 1
-    save(args.out, "generation", "generation", argv, rows=rows)
+    return save(args.out, "generation", "generation", argv, rows=rows)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""GPU: one DeContext PGD step on the full-size FLUX.1 Kontext architecture (random weights).
+"""One DeContext PGD step on the full-size FLUX.1 Kontext architecture (random weights).
 
     python -m benchmarks.protect_step --resolution 512 1024 --out benchmarks/results
+    python -m benchmarks.protect_step --model tiny --resolution 32   # the script itself, on a CPU
 
 ditflow's step: forward through single block 25 only (early stop), r_ctx from the fused kernel's
 mass, backward through its mass gradient. The authors' recipe: all 57 blocks, softmax
 probabilities of the target queries over all keys materialised in every attacked block,
 gradient checkpointing. Both differentiate r_ctx with respect to the photo's pixels through the
 VAE encoder. Random text embeddings stand in for the T5/CLIP encoders (computed once per prompt
-in real runs, so outside the step). Writes ``protect-step-<device>-<date>.json``.
+in real runs, so outside the step). Writes ``protect-step-<device>-<date>.json``. The full-size
+model needs a GPU; ``--model tiny`` (the random tiny Kontext model, two single blocks attacked)
+runs on any device, which is how the tests keep the script working between GPU runs.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.attention import _bench
 from benchmarks.results import save
+from benchmarks.timing import bench
 
 
 class RandomTextPipeline:
@@ -30,9 +33,9 @@ class RandomTextPipeline:
         self.transformer, self.vae = transformer, vae
 
     def encode_prompt(self, prompt, prompt_2=None, device=None, max_sequence_length=512):
-        g = torch.Generator(device="cuda").manual_seed(hash(prompt) % 2**31)
-        embeds = torch.randn(1, max_sequence_length, 4096, device="cuda", generator=g)
-        pooled = torch.randn(1, 768, device="cuda", generator=g)
+        g = torch.Generator(device=device).manual_seed(hash(prompt) % 2**31)
+        embeds = torch.randn(1, max_sequence_length, 4096, device=device, generator=g)
+        pooled = torch.randn(1, 768, device=device, generator=g)
         return embeds.bfloat16(), pooled.bfloat16(), None
 
 
@@ -99,38 +102,53 @@ def ditflow_step(protector, pixels, prompts, timesteps, noise):
     return grad
 
 
-def main(argv=None) -> None:
-    from ditflow.methods.decontext import ProtectConfig, Protector, _checkpointing, _frozen
+def _pipeline_and_config(model: str, resolution: int):
+    from ditflow.methods.decontext import ProtectConfig
+
+    if model == "tiny":
+        from ditflow.tiny import tiny_flux_pipeline
+
+        return tiny_flux_pipeline("kontext"), ProtectConfig(
+            resolution=resolution, blocks=("single.0", "single.1"), max_sequence_length=8)
+    return RandomTextPipeline(*full_size_models()), ProtectConfig(resolution=resolution)
+
+
+def main(argv=None) -> Path:
+    from ditflow.methods.decontext import Protector, _checkpointing, _frozen
 
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["full", "tiny"], default="full")
     parser.add_argument("--resolution", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
-    transformer, vae = full_size_models()
-    pipe = RandomTextPipeline(transformer, vae)
     rows = []
     for resolution in args.resolution:
-        protector = Protector(pipe, ProtectConfig(resolution=resolution))
+        pipe, config = _pipeline_and_config(args.model, resolution)
+        protector = Protector(pipe, config)
+        device = protector.device
         h, w = protector.working_size(resolution, resolution)
-        pixels = torch.rand(1, 3, h, w, device="cuda")
+        pixels = torch.rand(1, 3, h, w, device=device)
         tokens, channels = protector._target_shape(pixels)
-        noise = torch.randn(1, tokens, channels, device="cuda")
-        prompts, timesteps = [protector.config.prompts[0]], [990.0]
+        noise = torch.randn(1, tokens, channels, device=device)
+        prompts, timesteps = [config.prompts[0]], [990.0]
         providers = (("ditflow (early stop, fused mass)", ditflow_step, False),
                      ("authors' recipe", authors_step, True))
         for name, step, checkpointing in providers:
-            row = dict(resolution=resolution, tokens=512 + 2 * tokens, provider=name)
+            row = dict(model=args.model, resolution=resolution,
+                       tokens=config.max_sequence_length + 2 * tokens, provider=name)
             try:
-                with _frozen(transformer, vae), _checkpointing(transformer, checkpointing):
+                with _frozen(pipe.transformer, pipe.vae), \
+                        _checkpointing(pipe.transformer, checkpointing):
                     args_ = (protector, pixels, prompts, timesteps, noise)
-                    row["ms"], row["peak_mib"] = _bench(lambda s=step, a=args_: s(*a))
+                    row["ms"], row["peak_mib"] = bench(lambda s=step, a=args_: s(*a), device)
             except torch.OutOfMemoryError:
                 row.update(ms=math.nan, peak_mib=math.nan, note="OOM")
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             rows.append(row)
             print(row, flush=True)
-    save(args.out, "protect-step", "protect_step", argv, rows=rows)
+    return save(args.out, "protect-step", "protect_step", argv, rows=rows)
 
 
 if __name__ == "__main__":

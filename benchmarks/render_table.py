@@ -1,6 +1,7 @@
 """Render the README's performance tables from results files.
 
-    python -m benchmarks.render_table benchmarks/results/attention-<device>-<date>.json
+    python -m benchmarks.render_table benchmarks/results/attention-<device>-<date>.json \
+        --shape kontext-1024 --dtype bfloat16
     python -m benchmarks.render_table benchmarks/results/cpu-kernel-<device>-<date>.json
 
 Prints Markdown, then the file's provenance: for benchmarks.attention one row per (shape, dtype,
@@ -15,10 +16,11 @@ import math
 from pathlib import Path
 
 
-def render(path: Path, dtype: str | None = None) -> str:
+def render(path: Path, dtype: str | None = None, shape: str | None = None) -> str:
     data = json.loads(path.read_text())
     meta, rows = data["meta"], data["rows"]
-    lines = _cpu_kernel_rows(rows) if "backend" in rows[0] else _attention_rows(rows, dtype)
+    lines = (_cpu_kernel_rows(rows) if "backend" in rows[0]
+             else _attention_rows(rows, dtype, shape))
     lines.append("")
     lines.append(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
                  f"commit {meta['commit'][:7]}, {meta['date'][:10]}; `{meta['command']}`")
@@ -32,20 +34,21 @@ def _cpu_kernel_rows(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _attention_rows(rows: list[dict], dtype: str | None) -> list[str]:
+def _attention_rows(rows: list[dict], dtype: str | None, shape: str | None) -> list[str]:
     lines = [
-        "| shape | dtype | pass | provider | ms | TFLOP/s | peak MiB |",
-        "|---|---|---|---|---:|---:|---:|",
+        "| shape | dtype | pass | provider | ms | TFLOP/s | peak MiB | max err |",
+        "|---|---|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        if dtype and r["dtype"] != dtype:
+        if (dtype and r["dtype"] != dtype) or (shape and r["shape"] != shape):
             continue
         ms = r["ms"]
         cells = ("OOM" if r.get("note") == "OOM" else "n/a") if math.isnan(ms) else None
+        error = f"{r['max_err']:.1e}" if "max_err" in r else ""
         lines.append(
             f"| {r['shape']} (N={r['n']}) | {r['dtype']} | {r['direction']} | {r['provider']} | "
-            + (f"{cells} | | |" if cells else
-               f"{ms:.3f} | {r['tflops']:.0f} | {r['peak_mib']:.0f} |"))
+            + (f"{cells} | | | |" if cells else
+               f"{ms:.3f} | {r['tflops']:.0f} | {r['peak_mib']:.0f} | {error} |"))
     return lines
 
 
@@ -53,8 +56,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path)
     parser.add_argument("--dtype", default=None, help="only rows of this dtype (e.g. bfloat16)")
+    parser.add_argument("--shape", default=None, help="only rows of this shape (e.g. kontext-1024)")
     args = parser.parse_args()
-    print(render(args.results, args.dtype))
+    print(render(args.results, args.dtype, args.shape))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,71 @@
+"""The benchmark scripts run end to end (on a CPU, at tiny sizes: so the GPU sweeps cannot rot
+between GPU runs), and the README's performance tables render from the committed results."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from benchmarks import attention, generation, protect_step
+from benchmarks.render_table import render
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def test_attention_table_filters_by_dtype_and_shape():
+    path = sorted(RESULTS.glob("attention-*.json"))[-1]
+    table = render(path, dtype="bfloat16", shape="kontext-1024")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "N=" in line]
+    assert rows and all("| bfloat16 |" in line and "kontext-1024" in line for line in rows)
+    assert "commit" in table.splitlines()[-1]
+
+
+def test_cpu_kernel_table_has_one_row_per_backend_and_size():
+    path = sorted(RESULTS.glob("cpu-kernel-*.json"))[-1]
+    lines = render(path).splitlines()
+    assert lines[0] == "| N | backend | forward + backward s | peak MiB |"
+    assert sum(line.startswith("| 4096 |") for line in lines) == 2
+
+
+def _rows(path: Path) -> list[dict]:
+    data = json.loads(path.read_text())
+    assert data["meta"]["command"].startswith("python -m benchmarks.")
+    return data["rows"]
+
+
+def test_attention_sweep_checks_every_provider_against_the_reference(tmp_path):
+    rows = _rows(attention.main(["--shape", "tiny", "--dtype", "fp32", "--out", str(tmp_path)]))
+    by_key = {(r["direction"], r["provider"]): r for r in rows}
+    measured = [
+        ("forward", "ditflow (no rules)"), ("forward", "ditflow (rules + mass)"),
+        ("forward", "ditflow (mass only)"), ("forward", "eager reference (rules + mass)"),
+        ("forward", "sdpa flash"), ("forward", "flex (plain)"),
+        ("forward+backward", "ditflow (no rules)"), ("forward+backward", "ditflow (rules + mass)"),
+        ("forward+backward", "eager reference (rules + mass)"),
+        ("forward+backward", "sdpa flash"),
+    ]
+    for key in measured:
+        row = by_key[key]
+        assert row["ms"] > 0 and "note" not in row, key
+        # fp32 inputs: every provider agrees with the fp32 reference (outputs, or dq/dk/dv)
+        assert row["max_err"] < 1e-5, key
+    # Providers that cannot run on a CPU are recorded as NaN with the reason, not dropped.
+    cudnn = by_key[("forward", "sdpa cudnn")]
+    assert math.isnan(cudnn["ms"]) and cudnn["note"]
+    assert ("forward+backward", "flex (scale rules, grad through lse)") in by_key
+
+
+def test_protect_step_benchmark_runs_both_recipes(tmp_path):
+    rows = _rows(protect_step.main(["--model", "tiny", "--resolution", "32",
+                                    "--out", str(tmp_path)]))
+    assert [r["provider"] for r in rows] == ["ditflow (early stop, fused mass)",
+                                             "authors' recipe"]
+    assert all(r["ms"] > 0 and r["tokens"] == 8 + 2 * 16 * 16 for r in rows)
+
+
+def test_generation_benchmark_reports_overhead_against_stock(tmp_path):
+    rows = _rows(generation.main(["--model", "tiny", "--size", "32", "--steps", "2",
+                                  "--repeats", "1", "--out", str(tmp_path)]))
+    assert len(rows) == 3 and rows[0]["overhead"] == 0
+    assert all(r["seconds"] > 0 and math.isfinite(r["overhead"]) for r in rows)
