@@ -3,8 +3,10 @@ full schedule, on the bundled sample photos.
 
     python -m benchmarks.convergence_stop --model tiny --steps 800 --window 50 --min-gain 0.002
 
-Writes ``convergence-stop-<model>-<date>.json`` under ``--out``. On the random tiny model the
-numbers describe the machinery only.
+Writes ``convergence-stop-<model>-<date>.json`` under ``--out``, with r_ctx of contexts without
+content (``ditflow.testbed.evaluate.r_ctx_by_content``) and the context's share of the keys
+beside it: how far r_ctx can fall depends on how much of it the photo's content sets. On the
+random tiny model the numbers describe the machinery only.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import torch
 from benchmarks.results import save
 from ditflow.cli import MODEL_DEFAULTS, SAMPLES, _pipeline
 from ditflow.io import load_photo
-from ditflow.methods.decontext import DEFAULT_BLOCKS, ProtectConfig, iter_protect
+from ditflow.methods.decontext import DEFAULT_BLOCKS, ProtectConfig, Protector, iter_protect
+from ditflow.testbed.evaluate import r_ctx_by_content
+from ditflow.testbed.scenes import SIZE
 
 
 def main(argv=None) -> None:
@@ -36,6 +40,11 @@ def main(argv=None) -> None:
     base = dict(steps=args.steps, **defaults)
     pipeline = _pipeline(args.model, args.device)
     photos = [(p.name, load_photo(p).tensor()) for p in sorted(SAMPLES.glob("*.png"))]
+    probe = ProtectConfig(**base)
+    by_content = r_ctx_by_content(pipeline, probe)
+    tokens = (SIZE // Protector(pipeline, probe).multiple) ** 2  # the probe's contexts: SIZE²
+    context_share = tokens / (probe.max_sequence_length + 2 * tokens)
+    print("r_ctx by context content:", by_content, "context share of keys:", context_share)
     rows = []
     for label, extra in (("full schedule", {}),
                          ("convergence stop", dict(stop_window=args.window,
@@ -46,7 +55,8 @@ def main(argv=None) -> None:
                              seconds=result.seconds))
             print(rows[-1], flush=True)
     save(args.out, f"convergence-stop-{args.model if args.model in MODEL_DEFAULTS else 'model'}",
-         "convergence_stop", argv, rows=rows)
+         "convergence_stop", argv, rows=rows, r_ctx_by_content=by_content,
+         context_share_of_keys=context_share)
 
 
 if __name__ == "__main__":
