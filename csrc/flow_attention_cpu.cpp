@@ -1,9 +1,8 @@
 // Flow attention on the CPU: streaming softmax over key tiles (memory O(N), no N x N buffer),
 // group rules, pair masks, attention mass, and the backward with dmass / dlse folded into
 // delta, exactly the math of DESIGN.md. Tile products go through ATen's GEMM (MKL / OpenBLAS)
-// and exponentials through ATen's vectorised exp; uniform tiles (one query group, one key group,
-// no pair mask: most tiles of an MM-DiT layout) apply their rules as three scalars, and only mixed
-// tiles look rules up per element. Work is split with at::parallel_for (OpenMP) over
+// and exponentials through ATen's vectorised exp; rules are applied per run of keys of one group
+// as three scalars (only pair masks are looked up per element). Work is split with at::parallel_for (OpenMP) over
 // batch x heads x query tiles (forward, dq) or key tiles (dk, dv), so no two threads write the
 // same rows.
 //
@@ -21,13 +20,13 @@
 
 namespace {
 
-constexpr int64_t kBlockM = 64;   // query rows per tile
-constexpr int64_t kBlockN = 128;  // keys per tile
+constexpr int64_t kBlockM = 64;  // query rows per tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Everything but q/k/v that shapes the computation, as raw fp32 / int32 pointers.
 struct Layout {
   int64_t batch, heads, nq, nk, dim, groups;
+  int64_t block_n;  // keys per tile
   float tau;
   const int32_t* q_groups = nullptr;  // [Pq, Nq]
   const int32_t* k_groups = nullptr;  // [Pk, Nk]
@@ -67,6 +66,15 @@ int64_t head_stride(const c10::optional<at::Tensor>& t, int64_t groups) {
   return t.has_value() && t->size(0) > 1 ? groups * groups : 0;
 }
 
+// Wide key tiles: each tile has a fixed cost of a few ATen calls, and rules go by key runs, so a
+// tile across group boundaries costs nothing extra. Narrower only when the dk/dv pass (one task
+// per key tile) would have too few tasks to keep every thread busy.
+int64_t keys_per_tile(int64_t batch_heads, int64_t nk) {
+  int64_t n = 1024;
+  while (n > 128 && batch_heads * ((nk + n - 1) / n) < 4 * at::get_num_threads()) n /= 2;
+  return n;
+}
+
 Layout make_layout(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& q_groups,
                    const c10::optional<at::Tensor>& k_groups, const c10::optional<at::Tensor>& scale,
                    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& weight,
@@ -79,6 +87,7 @@ Layout make_layout(const at::Tensor& q, const at::Tensor& k, const c10::optional
   L.nk = k.size(1);
   L.groups = num_groups;
   L.tau = static_cast<float>(softmax_scale);
+  L.block_n = keys_per_tile(L.batch * L.heads, L.nk);
   if (q_groups.has_value()) {
     L.q_groups = q_groups->data_ptr<int32_t>();
     L.q_groups_stride = q_groups->size(0) == 1 ? 0 : q_groups->stride(0);
@@ -107,59 +116,53 @@ Layout make_layout(const at::Tensor& q, const at::Tensor& k, const c10::optional
   return L;
 }
 
-// The rules of one tile. A uniform tile carries its key group and three scalars; a mixed tile has
-// key_group = -1 and its weights / scales per element in the caller's buffers.
-struct TileRules {
-  int32_t key_group = -1;
-  float scale = 1.f, bias = 0.f, weight = 1.f;
-  bool uniform() const { return key_group >= 0; }
+// Rules are per (query group, key group): a tile's keys are cut into runs of one group, and each
+// row applies its rules run by run as three scalars. Only pair masks need a look per element.
+struct KeyRun {
+  int64_t begin, end;  // columns of the tile
+  int32_t group;
 };
 
-// The single group of rows [i0, i0 + n) (queries, or keys with `keys`), or -1 if they differ.
-int32_t single_group(const Layout& L, int64_t b, int64_t i0, int64_t n, bool keys) {
-  const int32_t first = keys ? L.kg(b, i0) : L.qg(b, i0);
-  for (int64_t i = i0 + 1; i < i0 + n; ++i)
-    if ((keys ? L.kg(b, i) : L.qg(b, i)) != first) return -1;
-  return first;
+void key_runs(const Layout& L, int64_t b, int64_t j0, int64_t cols, std::vector<KeyRun>& runs) {
+  runs.clear();
+  for (int64_t c = 0; c < cols; ++c) {
+    const int32_t g = L.kg(b, j0 + c);
+    if (runs.empty() || runs.back().group != g)
+      runs.push_back({c, c + 1, g});
+    else
+      runs.back().end = c + 1;
+  }
 }
 
-// Rule-modified scores of one tile, in place: s = scale * tau * s_raw + bias, -inf where blocked
-// (pairs). A mixed tile writes each element's weight to `w_rule` and, when `scale_rule` is given,
-// its scale.
-TileRules apply_rules(const Layout& L, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
-                      int64_t cols, float* s, float* w_rule, float* scale_rule) {
-  const int64_t G = L.groups;
-  const int32_t a = L.bits ? -1 : single_group(L, b, i0, rows, false);
-  const int32_t c = a < 0 ? -1 : single_group(L, b, j0, cols, true);
-  if (c >= 0) {
-    TileRules t;
-    t.key_group = c;
-    const int64_t pair = a * G + c;
-    if (L.scale) t.scale = L.scale[h * L.scale_hs + pair];
-    if (L.bias) t.bias = L.bias[h * L.bias_hs + pair];
-    if (L.weight) t.weight = L.weight[h * L.weight_hs + pair];
-    const float mul = L.tau * t.scale, add = t.bias;
-    for (int64_t r = 0; r < rows; ++r) {
-      float* srow = s + r * kBlockN;
-      for (int64_t k = 0; k < cols; ++k) srow[k] = srow[k] * mul + add;
-    }
-    return t;
-  }
+struct PairRules {
+  float scale = 1.f, bias = 0.f, weight = 1.f;
+};
+
+PairRules pair_rules(const Layout& L, int64_t h, int32_t query_group, int32_t key_group) {
+  const int64_t pair = query_group * L.groups + key_group;
+  PairRules p;
+  if (L.scale) p.scale = L.scale[h * L.scale_hs + pair];
+  if (L.bias) p.bias = L.bias[h * L.bias_hs + pair];
+  if (L.weight) p.weight = L.weight[h * L.weight_hs + pair];
+  return p;
+}
+
+// Rule-modified scores of one tile (row stride ld), in place: s = scale * tau * s_raw + bias,
+// -inf where a pair is blocked.
+void apply_rules(const Layout& L, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                 int64_t cols, const std::vector<KeyRun>& runs, float* s, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t i = i0 + r;
-    const int32_t qa = L.qg(b, i);
-    float* srow = s + r * kBlockN;
-    for (int64_t k = 0; k < cols; ++k) {
-      const int64_t j = j0 + k, e = r * kBlockN + k;
-      const int64_t pair = qa * G + L.kg(b, j);
-      const float scale = L.scale ? L.scale[h * L.scale_hs + pair] : 1.f;
-      const float bias = L.bias ? L.bias[h * L.bias_hs + pair] : 0.f;
-      srow[k] = L.pair_blocked(b, i, j) ? kNegInf : srow[k] * L.tau * scale + bias;
-      w_rule[e] = L.weight ? L.weight[h * L.weight_hs + pair] : 1.f;
-      if (scale_rule) scale_rule[e] = scale;
+    const int32_t a = L.qg(b, i0 + r);
+    float* srow = s + r * ld;
+    for (const KeyRun& run : runs) {
+      const PairRules p = pair_rules(L, h, a, run.group);
+      const float mul = L.tau * p.scale, add = p.bias;
+      for (int64_t c = run.begin; c < run.end; ++c) srow[c] = srow[c] * mul + add;
     }
+    if (L.bits)
+      for (int64_t c = 0; c < cols; ++c)
+        if (L.pair_blocked(b, i0 + r, j0 + c)) srow[c] = kNegInf;
   }
-  return TileRules{};
 }
 
 // Inputs stay in their [B, N, H, D] layout (fp32 inputs are not copied); a head's rows are a
@@ -190,9 +193,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_fwd(
   float* mass_p = return_mass ? mass.data_ptr<float>() : nullptr;
   const int64_t q_tiles = (L.nq + kBlockM - 1) / kBlockM, G = L.groups, D = L.dim;
   at::parallel_for(0, L.batch * L.heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor s_buf = at::empty({kBlockM, kBlockN}, qf.options());
-    std::vector<float> w_rule(kBlockM * kBlockN), m(kBlockM), l(kBlockM), alpha(kBlockM),
-        acc_mass(kBlockM * G);
+    at::Tensor s_buf = at::empty({kBlockM, L.block_n}, qf.options());
+    float* sp = s_buf.data_ptr<float>();
+    std::vector<float> m(kBlockM), l(kBlockM), alpha(kBlockM), acc_mass(kBlockM * G);
+    std::vector<KeyRun> runs;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (L.heads * q_tiles), h = (task / q_tiles) % L.heads;
       const int64_t i0 = (task % q_tiles) * kBlockM, rows = std::min(kBlockM, L.nq - i0);
@@ -204,15 +208,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_fwd(
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
       std::fill(acc_mass.begin(), acc_mass.end(), 0.f);
-      for (int64_t j0 = 0; j0 < L.nk; j0 += kBlockN) {
-        const int64_t cols = std::min(kBlockN, L.nk - j0);
+      for (int64_t j0 = 0; j0 < L.nk; j0 += L.block_n) {
+        const int64_t cols = std::min(L.block_n, L.nk - j0);
         if (L.tile_blocked(b, i0, i0 + rows, j0, j0 + cols)) continue;
         at::Tensor s = s_buf.narrow(0, 0, rows).narrow(1, 0, cols);
         at::mm_out(s, qb, kh.narrow(0, j0, cols).t());
-        float* sp = s_buf.data_ptr<float>();
-        const TileRules t = apply_rules(L, b, h, i0, rows, j0, cols, sp, w_rule.data(), nullptr);
+        key_runs(L, b, j0, cols, runs);
+        apply_rules(L, b, h, i0, rows, j0, cols, runs, sp, L.block_n);
         for (int64_t r = 0; r < rows; ++r) {  // new running max; scores shifted for the exp
-          float* srow = sp + r * kBlockN;
+          float* srow = sp + r * L.block_n;
           float row_max = kNegInf;
           for (int64_t c = 0; c < cols; ++c) row_max = std::max(row_max, srow[c]);
           const float m_new = std::max(m[r], row_max);
@@ -223,21 +227,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_fwd(
         }
         s.exp_();
         for (int64_t r = 0; r < rows; ++r) {  // P -> weighted P, row sums, mass, rescaled state
-          float* srow = sp + r * kBlockN;
+          const int32_t a = L.qg(b, i0 + r);
+          float* srow = sp + r * L.block_n;
           float* mrow = acc_mass.data() + r * G;
           for (int64_t g = 0; g < G; ++g) mrow[g] *= alpha[r];
           float sum = 0.f;
-          if (t.uniform()) {
-            for (int64_t c = 0; c < cols; ++c) sum += srow[c];
-            if (t.weight != 1.f)
-              for (int64_t c = 0; c < cols; ++c) srow[c] *= t.weight;
-            mrow[t.key_group] += sum * t.weight;
-          } else {
-            for (int64_t c = 0; c < cols; ++c) {
-              sum += srow[c];
-              srow[c] *= w_rule[r * kBlockN + c];
-              mrow[L.kg(b, j0 + c)] += srow[c];
-            }
+          for (const KeyRun& run : runs) {
+            float run_sum = 0.f;
+            for (int64_t c = run.begin; c < run.end; ++c) run_sum += srow[c];
+            const float w = pair_rules(L, h, a, run.group).weight;
+            if (w != 1.f)
+              for (int64_t c = run.begin; c < run.end; ++c) srow[c] *= w;
+            sum += run_sum;
+            mrow[run.group] += run_sum * w;
           }
           l[r] = l[r] * alpha[r] + sum;
           for (int64_t d = 0; d < D; ++d) accp[r * acc_stride + d] *= alpha[r];
@@ -260,19 +262,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_fwd(
   return {out.to(q.scalar_type()), lse, mass};
 }
 
-// Probabilities P of one tile, recomputed in place over its raw scores from the saved LSE.
-TileRules tile_probabilities(const Layout& L, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                             int64_t j0, int64_t cols, const float* lse_row, at::Tensor& tile,
-                             float* w_rule, float* scale_rule) {
+// Probabilities P of one tile (row stride ld), recomputed in place over its raw scores from the
+// saved LSE.
+void tile_probabilities(const Layout& L, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                        int64_t j0, int64_t cols, const std::vector<KeyRun>& runs,
+                        const float* lse_row, at::Tensor& tile, int64_t ld) {
   float* s = tile.data_ptr<float>();
-  const TileRules t = apply_rules(L, b, h, i0, rows, j0, cols, s, w_rule, scale_rule);
+  apply_rules(L, b, h, i0, rows, j0, cols, runs, s, ld);
   for (int64_t r = 0; r < rows; ++r) {
     // a fully blocked row (lse = -inf) keeps P = 0
     const float lse_i = std::isinf(lse_row[r]) ? std::numeric_limits<float>::infinity() : lse_row[r];
-    for (int64_t c = 0; c < cols; ++c) s[r * kBlockN + c] -= lse_i;
+    for (int64_t c = 0; c < cols; ++c) s[r * ld + c] -= lse_i;
   }
   tile.exp_();
-  return t;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_bwd(
@@ -310,47 +312,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_bwd(
   // weight * P there.
   auto tile_ds = [&](int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                      const at::Tensor& do_i, const at::Tensor& v_j, at::Tensor& p_tile,
-                     at::Tensor& dw, std::vector<float>& w_rule,
-                     std::vector<float>& scale_rule, float* wpp) {
+                     at::Tensor& dw, std::vector<KeyRun>& runs, float* wpp) {
     const int64_t row0 = (b * L.heads + h) * L.nq + i0;  // [B, H, Nq] row of query i0
-    const TileRules t = tile_probabilities(L, b, h, i0, rows, j0, cols, lse_p + row0, p_tile,
-                                           w_rule.data(), scale_rule.data());
+    key_runs(L, b, j0, cols, runs);
+    tile_probabilities(L, b, h, i0, rows, j0, cols, runs, lse_p + row0, p_tile, L.block_n);
     float* pp = p_tile.data_ptr<float>();
     at::Tensor dw_tile = dw.narrow(0, 0, rows).narrow(1, 0, cols);
     at::mm_out(dw_tile, do_i, v_j.t());
     const float* dwp = dw.data_ptr<float>();
     const float* delta_row = delta_p + row0;
     for (int64_t r = 0; r < rows; ++r) {
+      const int32_t a = L.qg(b, i0 + r);
       const float* dm = has_dmass ? dmass_p + (row0 + r) * G : nullptr;
       const float d = delta_row[r];
-      if (t.uniform()) {
-        const float dmr = dm ? dm[t.key_group] : 0.f, w = t.weight, sc = t.scale;
-        for (int64_t c = 0; c < cols; ++c) {
-          const int64_t e = r * kBlockN + c;
-          if (wpp) wpp[e] = w * pp[e];
-          pp[e] = sc * pp[e] * (w * (dwp[e] + dmr) - d);
-        }
-      } else {
-        for (int64_t c = 0; c < cols; ++c) {
-          const int64_t e = r * kBlockN + c;
-          const float w = w_rule[e];
-          const float dwe = dwp[e] + (dm ? dm[L.kg(b, j0 + c)] : 0.f);
-          if (wpp) wpp[e] = w * pp[e];
-          pp[e] = scale_rule[e] * pp[e] * (w * dwe - d);
+      for (const KeyRun& run : runs) {
+        const PairRules p = pair_rules(L, h, a, run.group);
+        const float dmr = dm ? dm[run.group] : 0.f;
+        for (int64_t c = run.begin; c < run.end; ++c) {
+          const int64_t e = r * L.block_n + c;
+          if (wpp) wpp[e] = p.weight * pp[e];
+          pp[e] = p.scale * pp[e] * (p.weight * (dwp[e] + dmr) - d);
         }
       }
     }
   };
 
-  const int64_t q_tiles = (L.nq + kBlockM - 1) / kBlockM, k_tiles = (L.nk + kBlockN - 1) / kBlockN;
+  const int64_t q_tiles = (L.nq + kBlockM - 1) / kBlockM, k_tiles = (L.nk + L.block_n - 1) / L.block_n;
   // dk, dv: each task owns one key tile of one (batch, head)
   at::parallel_for(0, L.batch * L.heads * k_tiles, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor p = at::empty({kBlockM, kBlockN}, qf.options()), dw = at::empty_like(p);
+    at::Tensor p = at::empty({kBlockM, L.block_n}, qf.options()), dw = at::empty_like(p);
     at::Tensor wp = at::empty_like(p);
-    std::vector<float> w_rule(kBlockM * kBlockN), scale_rule(kBlockM * kBlockN);
+    std::vector<KeyRun> runs;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (L.heads * k_tiles), h = (task / k_tiles) % L.heads;
-      const int64_t j0 = (task % k_tiles) * kBlockN, cols = std::min(kBlockN, L.nk - j0);
+      const int64_t j0 = (task % k_tiles) * L.block_n, cols = std::min(L.block_n, L.nk - j0);
       at::Tensor dk_b = head(dk, b, h).narrow(0, j0, cols), dv_b = head(dv, b, h).narrow(0, j0, cols);
       const at::Tensor qh = head(qf, b, h), doh = head(dof, b, h);
       const at::Tensor k_j = head(kf, b, h).narrow(0, j0, cols), v_j = head(vf, b, h).narrow(0, j0, cols);
@@ -360,8 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_bwd(
         const at::Tensor q_i = qh.narrow(0, i0, rows), do_i = doh.narrow(0, i0, rows);
         at::Tensor p_tile = p.narrow(0, 0, rows).narrow(1, 0, cols);
         at::mm_out(p_tile, q_i, k_j.t());
-        tile_ds(b, h, i0, rows, j0, cols, do_i, v_j, p_tile, dw, w_rule, scale_rule,
-                wp.data_ptr<float>());
+        tile_ds(b, h, i0, rows, j0, cols, do_i, v_j, p_tile, dw, runs, wp.data_ptr<float>());
         dv_b.addmm_(wp.narrow(0, 0, rows).narrow(1, 0, cols).t(), do_i);
         dk_b.addmm_(p_tile.t(), q_i, 1.0, L.tau);
       }
@@ -369,22 +363,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_bwd(
   });
   // dq: each task owns one query tile of one (batch, head)
   at::parallel_for(0, L.batch * L.heads * q_tiles, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor p = at::empty({kBlockM, kBlockN}, qf.options()), dw = at::empty_like(p);
-    std::vector<float> w_rule(kBlockM * kBlockN), scale_rule(kBlockM * kBlockN);
+    at::Tensor p = at::empty({kBlockM, L.block_n}, qf.options()), dw = at::empty_like(p);
+    std::vector<KeyRun> runs;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (L.heads * q_tiles), h = (task / q_tiles) % L.heads;
       const int64_t i0 = (task % q_tiles) * kBlockM, rows = std::min(kBlockM, L.nq - i0);
       at::Tensor dq_b = head(dq, b, h).narrow(0, i0, rows);
       const at::Tensor q_i = head(qf, b, h).narrow(0, i0, rows), do_i = head(dof, b, h).narrow(0, i0, rows);
       const at::Tensor kh = head(kf, b, h), vh = head(vf, b, h);
-      for (int64_t j0 = 0; j0 < L.nk; j0 += kBlockN) {
-        const int64_t cols = std::min(kBlockN, L.nk - j0);
+      for (int64_t j0 = 0; j0 < L.nk; j0 += L.block_n) {
+        const int64_t cols = std::min(L.block_n, L.nk - j0);
         if (L.tile_blocked(b, i0, i0 + rows, j0, j0 + cols)) continue;
         const at::Tensor k_j = kh.narrow(0, j0, cols);
         at::Tensor p_tile = p.narrow(0, 0, rows).narrow(1, 0, cols);
         at::mm_out(p_tile, q_i, k_j.t());
-        tile_ds(b, h, i0, rows, j0, cols, do_i, vh.narrow(0, j0, cols), p_tile, dw, w_rule,
-                scale_rule, nullptr);
+        tile_ds(b, h, i0, rows, j0, cols, do_i, vh.narrow(0, j0, cols), p_tile, dw, runs, nullptr);
         dq_b.addmm_(p_tile, k_j, 1.0, L.tau);
       }
     }

@@ -28,19 +28,22 @@ def test_cpp_matches_reference(case, dtype):
     run_case(case, dtype, torch.device("cpu"), backend="cpp")
 
 
-# Segments longer than the C++ tiles (64 queries x 128 keys), so that uniform tiles (one query
-# group, one key group: rules as three scalars) occur beside mixed ones, as in real layouts.
-UNIFORM_TILE_CASES = [
+# Group segments longer than a tile's 64 queries and sequences longer than its widest 1024 keys:
+# tiles hold several runs of key groups (the rules are applied run by run) and rows span several
+# key tiles, whatever tile width the kernel picks for the thread count.
+LONG_SEGMENT_CASES = [
     Case(400, head_dim=16, groups=3, kinds=ALL),
     Case(400, head_dim=16, groups=3, kinds=ALL, per_head=True, heads=3),
     Case(300, 520, head_dim=16, groups=3, kinds=ALL),
     Case(400, head_dim=16, groups=3, kinds=frozenset({"block"}), per_head=True, heads=3),
+    Case(300, 520, head_dim=16, groups=3, kinds=ALL, pair_mask=True, per_batch_groups=True),
+    Case(200, 1100, head_dim=16, groups=4, kinds=ALL),
 ]
 
 
 @needs_extension
-@pytest.mark.parametrize("case", UNIFORM_TILE_CASES, ids=str)
-def test_cpp_uniform_tiles_match_reference(case):
+@pytest.mark.parametrize("case", LONG_SEGMENT_CASES, ids=str)
+def test_cpp_long_segments_match_reference(case):
     run_case(case, torch.float32, torch.device("cpu"), backend="cpp")
 
 
