@@ -21,11 +21,14 @@ def test_attention_table_filters_by_dtype_and_shape():
     assert "commit" in table.splitlines()[-1]
 
 
-def test_cpu_kernel_table_has_one_row_per_backend_and_size():
-    path = sorted(RESULTS.glob("cpu-kernel-*.json"))[-1]
-    lines = render(path).splitlines()
+def test_cpu_kernel_tables_have_one_row_per_backend_and_size():
+    sweep = max(p for p in RESULTS.glob("cpu-kernel-*.json") if "testbed" not in p.name)
+    lines = render(sweep).splitlines()
     assert lines[0] == "| N | backend | forward + backward s | peak MiB |"
     assert sum(line.startswith("| 4096 |") for line in lines) == 2
+    testbed = max(RESULTS.glob("cpu-kernel-testbed-*.json"))
+    rows = [line for line in render(testbed).splitlines() if line.startswith("| 536 |")]
+    assert [row.split(" | ")[1] for row in rows] == ["cpp", "reference", "sdpa"]
 
 
 def _rows(path: Path) -> list[dict]:
