@@ -2,9 +2,9 @@
 // group rules, pair masks, attention mass, and the backward with dmass / dlse folded into
 // delta, exactly the math of DESIGN.md. Tile products go through ATen's GEMM (MKL / OpenBLAS)
 // and exponentials through ATen's vectorised exp; rules are applied per run of keys of one group
-// as three scalars (only pair masks are looked up per element). Work is split with at::parallel_for (OpenMP) over
-// batch x heads x query tiles (forward, dq) or key tiles (dk, dv), so no two threads write the
-// same rows.
+// as three scalars (only pair masks are looked up per element). Work is split with
+// at::parallel_for (OpenMP) over batch x heads x query tiles (forward, dq) or key tiles (dk, dv),
+// so no two threads write the same rows.
 //
 // Registered as ditflow_cpp::flow_attention_fwd / flow_attention_bwd (CPU kernels), called by
 // ditflow.ops when the extension is built (DITFLOW_BUILD_EXT=1).
