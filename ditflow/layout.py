@@ -25,7 +25,8 @@ class TokenLayout:
     Args:
         groups: int [N] group id per token (text tokens first).
         names: one name per group; the first three are ``text``, ``target``, ``context``.
-        text_len: number of text tokens at the start of the sequence.
+        text_len: number of text tokens at the start of the sequence (in group ``text`` or in
+            regions carved from it).
     """
 
     def __init__(self, groups: torch.Tensor, names: Sequence[str], text_len: int):
@@ -39,8 +40,8 @@ class TokenLayout:
             raise ValueError(f"TokenLayout: duplicate group names in {names}")
         if groups.numel() and (groups.min() < 0 or groups.max() >= len(names)):
             raise ValueError("TokenLayout: group ids outside the named groups")
-        if not 0 <= text_len <= groups.numel() or (groups[:text_len] != TEXT).any():
-            raise ValueError(f"TokenLayout: the first {text_len} tokens must be text")
+        if not 0 <= text_len <= groups.numel() or (groups[text_len:] == TEXT).any():
+            raise ValueError(f"TokenLayout: text tokens must be the first {text_len} tokens")
         self._groups = groups
         self._names = names
         self._text_len = text_len

@@ -49,9 +49,22 @@ class EarlyStop(Exception):
 
 
 class Intervention:
-    """Base class: override what you need. Defaults: no rules, no statistics, no early stop."""
+    """Base class: override what you need. Defaults: the call's layout, no rules, no pair mask,
+    no statistics, no early stop."""
+
+    def layout(self, step: StepInfo, block: BlockId, layout: TokenLayout) -> TokenLayout:
+        """The token groups this block's rules and statistics refer to: the call's layout
+        (text / target / context), or a refinement of it (entity regions, flagged patches)."""
+        return layout
 
     def rules(self, step: StepInfo, block: BlockId, layout: TokenLayout) -> FlowRules | None:
+        return None
+
+    def pair_mask(self, step: StepInfo, block: BlockId, layout: TokenLayout, q: torch.Tensor,
+                  k: torch.Tensor) -> torch.Tensor | None:
+        """Token pairs to block beyond the group rules, from this block's queries and keys
+        ([B, N, H, D], after RoPE): bool [B or 1, N, N], True = blocked. Asked only where
+        :meth:`rules` or :meth:`wants_mass` made the block run ditflow's attention."""
         return None
 
     def wants_mass(self, step: StepInfo, block: BlockId) -> bool:
@@ -131,9 +144,18 @@ class StatsRecorder(Intervention):
         self.maps.clear()
 
 
+class AttentionPlan(NamedTuple):
+    """What a block's ditflow attention computes: its token groups, rules and statistics."""
+
+    layout: TokenLayout
+    rules: FlowRules
+    return_mass: bool
+
+
 class Session:
     """Per-attachment state: the current step, layout and intervention. Created by
-    :func:`attach`; processors call :meth:`attention_plan` and :meth:`observe`."""
+    :func:`attach`; processors call :meth:`attention_plan`, :meth:`pair_mask` and
+    :meth:`observe`."""
 
     def __init__(self, transformer: torch.nn.Module, intervention: Intervention,
                  layout: TokenLayout | None = None):
@@ -169,23 +191,29 @@ class Session:
                 (img_ids,), text, lambda: TokenLayout.from_flux_inputs(text, img_ids))
 
     @torch.compiler.disable
-    def attention_plan(self, block: BlockId) -> tuple[FlowRules | None, bool] | None:
-        """(rules, return_mass) for this block, or None for the model's own attention."""
+    def attention_plan(self, block: BlockId) -> AttentionPlan | None:
+        """This block's plan, or None for the model's own attention."""
         self.blocks_run += 1
-        rules = self.intervention.rules(self.step, block, self.layout)
+        layout = self.intervention.layout(self.step, block, self.layout)
+        rules = self.intervention.rules(self.step, block, layout)
         wants_mass = self.intervention.wants_mass(self.step, block)
         if rules is None and not wants_mass:
             return None
         if rules is None:
-            rules = self.layout.rules()
-        elif rules.num_groups != self.layout.num_groups:
+            rules = layout.rules()
+        elif rules.num_groups != layout.num_groups:
             raise ValueError(f"rules for {block} have {rules.num_groups} groups but the layout "
-                             f"has {self.layout.num_groups} ({', '.join(self.layout.names)})")
-        return rules, wants_mass
+                             f"has {layout.num_groups} ({', '.join(layout.names)})")
+        return AttentionPlan(layout, rules, wants_mass)
 
     @torch.compiler.disable
-    def observe(self, block: BlockId, result: FlowAttentionOutput) -> None:
-        self.intervention.observe(self.step, block, self.layout, result)
+    def pair_mask(self, block: BlockId, plan: AttentionPlan, q: torch.Tensor,
+                  k: torch.Tensor) -> torch.Tensor | None:
+        return self.intervention.pair_mask(self.step, block, plan.layout, q, k)
+
+    @torch.compiler.disable
+    def observe(self, block: BlockId, plan: AttentionPlan, result: FlowAttentionOutput) -> None:
+        self.intervention.observe(self.step, block, plan.layout, result)
 
     @torch.compiler.disable
     def should_stop(self, block: BlockId) -> bool:

@@ -13,7 +13,7 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..functional import flow_attention
-from ..session import BlockId, EarlyStop, Session
+from ..session import AttentionPlan, BlockId, EarlyStop, Session
 
 
 def _projections(attn, hidden_states, encoder_hidden_states):
@@ -46,13 +46,13 @@ class FlowFluxAttnProcessor:
                                 image_rotary_emb)
         else:
             out = self._flow(attn, hidden_states, encoder_hidden_states, attention_mask,
-                             image_rotary_emb, *plan)
+                             image_rotary_emb, plan)
         if self.session.should_stop(self.block):
             raise EarlyStop(str(self.block))
         return out
 
     def _flow(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
-              rules, wants_mass):
+              plan: AttentionPlan):
         if attention_mask is not None:
             raise ValueError("ditflow's FLUX processor takes no attention_mask "
                                       "(express masks as groups or a pair mask)")
@@ -67,13 +67,13 @@ class FlowFluxAttnProcessor:
         if image_rotary_emb is not None:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        layout = self.session.layout
-        if q.shape[1] != len(layout):
+        if q.shape[1] != len(plan.layout):
             raise ValueError(f"{self.block}: the joint sequence has {q.shape[1]} tokens but the "
-                             f"layout has {len(layout)}")
-        result = flow_attention(q, k, v, layout.groups(q.device), rules=rules,
-                                return_mass=wants_mass)
-        self.session.observe(self.block, result)
+                             f"layout has {len(plan.layout)}")
+        result = flow_attention(q, k, v, plan.layout.groups(q.device), rules=plan.rules,
+                                pair_mask=self.session.pair_mask(self.block, plan, q, k),
+                                return_mass=plan.return_mass)
+        self.session.observe(self.block, plan, result)
         out = result.out.flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is None:  # single-stream block: the block projects the output
             return out
