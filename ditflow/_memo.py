@@ -2,8 +2,9 @@
 
 Entries are keyed by the identity of the source tensors and remembered with their version
 counters, so an in-place change or a new tensor at a recycled address never returns a stale
-value. Under ``torch.compile`` tracing nothing is cached (tensors are fakes); the value is
-recomputed inside the graph instead.
+value; an entry is dropped as soon as a source tensor is freed (a per-block pair mask must not
+keep its packed copy alive). Under ``torch.compile`` tracing nothing is cached (tensors are
+fakes); the value is recomputed inside the graph instead.
 """
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ class TensorMemo:
                 return value
         self.misses += 1
         value = compute()
-        refs = tuple(None if t is None else weakref.ref(t) for t in sources)
+        def forget(_ref, key=key, entries=self._entries):
+            entry = entries.get(key)
+            if entry is not None and _ref in entry[0]:
+                del entries[key]
+
+        refs = tuple(None if t is None else weakref.ref(t, forget) for t in sources)
         self._entries[key] = (refs, versions, value)
         if len(self._entries) > self._max_entries:
             self._entries.popitem(last=False)
