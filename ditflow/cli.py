@@ -1,9 +1,11 @@
-"""The ``ditflow`` command: ``protect`` photos, ``evaluate`` a protection, run the ``demo``.
+"""The ``ditflow`` command: ``protect`` photos, ``evaluate`` a protection, run the ``demo``,
+``generate`` images with DeLeaker.
 
-Models: ``--model testbed`` (the default) is the small FLUX Kontext-style editor trained offline
-on procedural scenes that ships with ditflow (32x32 scenes of coloured shapes); ``--model tiny``
-is a random tiny FLUX Kontext (machinery only); ``--model DIR`` loads a local diffusers folder
-of FLUX.1 Kontext (never downloaded).
+Models: ``--model testbed`` (the default) is the small FLUX Kontext-style editor (for
+``generate``: the text-to-image model) trained offline on procedural scenes that ships with
+ditflow (32x32 scenes of coloured shapes); ``--model tiny`` is a random tiny FLUX (machinery
+only); ``--model DIR`` loads a local diffusers folder of FLUX.1 Kontext (for ``generate``:
+FLUX.1) and never downloads.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -30,7 +33,7 @@ MODEL_DEFAULTS = {
 }
 
 
-def _pipeline(model: str, device: str):
+def _pipeline(model: str, device: str, kind: str = "kontext"):
     # The libraries' own chatter (optional image processors, prompt truncation) is not for
     # users of this command; errors still show.
     import diffusers
@@ -41,15 +44,15 @@ def _pipeline(model: str, device: str):
     if model == "tiny":
         from .tiny import tiny_flux_pipeline
 
-        return tiny_flux_pipeline("kontext").to(device)
+        return tiny_flux_pipeline(kind).to(device)
     if model == "testbed":
         from .testbed.models import testbed_pipeline
 
-        return testbed_pipeline("editor").to(device)
+        return testbed_pipeline("editor" if kind == "kontext" else "t2i").to(device)
     from .models.loading import load_flux_pipeline
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return load_flux_pipeline(model, kind="kontext", dtype=dtype).to(device)
+    return load_flux_pipeline(model, kind=kind, dtype=dtype).to(device)
 
 
 def _model_settings(args) -> dict:
@@ -242,6 +245,67 @@ def demo_command(args) -> int:
     return status
 
 
+# generate: image side, T5 tokens, guidance per model (FLUX.1-dev: DeLeaker's 512 px, 256, 3.5)
+GENERATE_DEFAULTS = {
+    "testbed": dict(size=32, text_tokens=24, guidance=1.0),
+    "tiny": dict(size=32, text_tokens=16, guidance=1.0),
+}
+REAL_GENERATE_DEFAULTS = dict(size=512, text_tokens=256, guidance=3.5)
+REGION_COLORS = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48),
+                          (145, 30, 180), (70, 240, 240)], dtype=np.uint8)
+
+
+def generate_command(args) -> int:
+    from PIL import Image
+
+    from .io import save_photo
+    from .methods.deleaker import DeLeakerConfig, generate
+
+    defaults = GENERATE_DEFAULTS.get(args.model, REAL_GENERATE_DEFAULTS)
+    size = args.size or defaults["size"]
+    text_tokens = args.text_tokens or defaults["text_tokens"]
+    guidance = defaults["guidance"] if args.guidance is None else args.guidance
+    if args.model in GENERATE_DEFAULTS:
+        print(f"note: --model {args.model} is a small offline model for demos and tests; pass "
+              "--model with a local FLUX.1 folder for real images", file=sys.stderr)
+    pipeline = _pipeline(args.model, args.device, kind="t2i")
+    call = dict(num_inference_steps=args.steps, guidance_scale=guidance, output_type="np",
+                generator=torch.Generator().manual_seed(args.seed))
+    output = Path(args.output)
+    if args.entity:
+        config = DeLeakerConfig(alpha=args.alpha, mask_threshold=args.mask_threshold,
+                                pair_threshold=args.pair_threshold, mask_steps=args.mask_steps,
+                                start_block=args.start_block)
+        try:
+            images, regions = generate(pipeline, args.prompt, args.entity, height=size,
+                                       width=size, config=config,
+                                       max_sequence_length=text_tokens, **call)
+        except ValueError as error:  # entities not in the prompt, sizes off the latent grid
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        if regions is None:
+            print(f"warning: the generation ended before block call {config.start_block}: "
+                  "DeLeaker made no edits (more --steps or a lower --start-block)",
+                  file=sys.stderr)
+        else:
+            overlay = np.full((*regions.shape[1:], 3), 255, dtype=np.uint8)
+            for color, region in zip(REGION_COLORS, regions.cpu().numpy(), strict=False):
+                overlay[region] = color
+            region_path = output.with_name(f"{output.stem}-regions.png")
+            save_photo(region_path, np.asarray(Image.fromarray(overlay).resize(
+                (size, size), Image.Resampling.NEAREST)))
+            sizes = ", ".join(f"{e!r} {int(r.sum())}" for e, r in zip(args.entity, regions,
+                                                                       strict=True))
+            print(f"entity regions (image tokens): {sizes}; map: {region_path}")
+    else:
+        print("no --entity given: plain generation, without DeLeaker", file=sys.stderr)
+        images = pipeline(prompt=args.prompt, height=size, width=size,
+                          max_sequence_length=text_tokens, **call).images
+    save_photo(output, np.clip(np.rint(images[0] * 255), 0, 255).astype(np.uint8))
+    print(f"wrote {output}")
+    return 0
+
+
 def _protect_options(p: argparse.ArgumentParser, steps_default: int = 800,
                      output_default: str | None = None) -> None:
     p.add_argument("-o", "--output", required=output_default is None, default=output_default,
@@ -272,6 +336,8 @@ def _protect_options(p: argparse.ArgumentParser, steps_default: int = 800,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .methods.deleaker import DeLeakerConfig
+
     parser = argparse.ArgumentParser(prog="ditflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -308,6 +374,35 @@ def main(argv: list[str] | None = None) -> int:
     _protect_options(p, steps_default=200, output_default="demo-output")
     p.add_argument("--scenes", type=int, default=4)
     p.set_defaults(run=demo_command)
+
+    p = sub.add_parser("generate", help="text-to-image with DeLeaker (semantic-leakage "
+                       "mitigation)")
+    p.add_argument("prompt")
+    p.add_argument("-o", "--output", required=True, help="image file (.png or .jpg)")
+    p.add_argument("--entity", action="append", default=[],
+                   help="an entity phrase of the prompt, e.g. --entity 'a cow' --entity "
+                        "'a horse' (1-6; none: plain generation)")
+    p.add_argument("--model", default="testbed",
+                   help="'testbed' (default), 'tiny' or a local FLUX.1 folder")
+    p.add_argument("--size", type=int, default=None, help="image side (default 512; 32 for "
+                   "the testbed and tiny models)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=None, help="default 3.5 (1.0 testbed)")
+    p.add_argument("--text-tokens", type=int, default=None, help="T5 tokens (default 256)")
+    p.add_argument("--seed", type=int, default=0)
+    defaults = DeLeakerConfig()
+    p.add_argument("--alpha", type=float, default=defaults.alpha,
+                   help="logit factor, image tokens of an entity on its own text")
+    p.add_argument("--mask-threshold", type=float, default=defaults.mask_threshold,
+                   help="entity regions: mean + T * std of the entity's attention")
+    p.add_argument("--pair-threshold", type=float, default=defaults.pair_threshold,
+                   help="image-image cuts: mean + T * std over the pair region")
+    p.add_argument("--mask-steps", type=int, default=defaults.mask_steps,
+                   help="denoising steps whose attention makes the entity regions")
+    p.add_argument("--start-block", type=int, default=defaults.start_block,
+                   help="block call (counted over the generation) from which edits apply")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(run=generate_command)
     args = parser.parse_args(argv)
     return args.run(args)
 

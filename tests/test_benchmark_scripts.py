@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from benchmarks import attention, generation, protect_step
+from benchmarks import attention, generation, protect_step, testbed_deleaker
 from benchmarks.render_table import render
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -72,3 +72,14 @@ def test_generation_benchmark_reports_overhead_against_stock(tmp_path):
                                   "--repeats", "1", "--out", str(tmp_path)]))
     assert len(rows) == 3 and rows[0]["overhead"] == 0
     assert all(r["seconds"] > 0 and math.isfinite(r["overhead"]) for r in rows)
+
+
+def test_testbed_deleaker_benchmark_scores_every_variant(tmp_path):
+    testbed_deleaker.main(["--captions", "1", "--steps", "4", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("testbed-deleaker-*.json")
+    result = json.loads(path.read_text())
+    assert set(result["summary"]) == {"none", *testbed_deleaker.VARIANTS}
+    for name, scores in result["summary"].items():
+        assert 0 <= scores["color_bleed"] <= 1 and scores["seconds"] > 0
+        assert (name == "none") == ("region_iou" not in scores)
+    assert path.with_suffix(".png").exists()

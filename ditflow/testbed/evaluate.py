@@ -8,6 +8,9 @@
   described scene, against the same image measured against a different scene's description.
 * :func:`protection_efficacy`: DeContext on held-out contexts; how much of the context scene
   survives into the edit of the protected context versus the clean one, and r_ctx before/after.
+* :func:`leakage_mitigation`: DeLeaker on held-out captions of differently coloured objects;
+  colour bleeding between objects with and without it, and how well its entity regions match
+  the objects.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .models import TEXT_TOKENS
 from .scenes import (
     SIZE,
     Edit,
     Scene,
     color_bleed,
+    masks,
     object_agreement,
     random_edit,
     random_scene,
@@ -45,10 +50,13 @@ def edit(pipeline, context: np.ndarray, instruction: str, steps: int = 20,
 
 def generate(pipeline, caption: str, steps: int = 20, seed: int = 0) -> np.ndarray:
     """The text-to-image model's output (uint8 [SIZE, SIZE, 3]) for a caption."""
-    out = pipeline(prompt=caption, height=SIZE, width=SIZE, num_inference_steps=steps,
-                   max_sequence_length=24, guidance_scale=1.0, output_type="np",
-                   generator=torch.Generator().manual_seed(seed)).images[0]
-    return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
+    out = pipeline(prompt=caption, height=SIZE, width=SIZE, **_t2i_options(steps, seed))
+    return np.clip(np.rint(out.images[0] * 255), 0, 255).astype(np.uint8)
+
+
+def _t2i_options(steps: int, seed: int) -> dict:
+    return dict(num_inference_steps=steps, max_sequence_length=TEXT_TOKENS, guidance_scale=1.0,
+                output_type="np", generator=torch.Generator().manual_seed(seed))
 
 
 def untouched(e: Edit) -> Scene:
@@ -161,6 +169,65 @@ def r_ctx_by_content(pipeline, config, n: int = 8) -> dict:
         table[",".join(blocks)] = {name: float(np.mean(protector.evaluate_r_ctx(x.float())))
                                    for name, x in contexts.items()}
     return table
+
+
+def entities(scene: Scene) -> list[str]:
+    """The caption's entity phrases ("red circle"), one per object, as DeLeaker takes them."""
+    return [f"{s.color} {s.kind}" for s in scene.shapes]
+
+
+def token_masks(scene: Scene) -> torch.Tensor:
+    """Each object's mask on the 16x16 image-token grid (a token is in an object when at least
+    half of its 2x2 pixels are): bool [objects, 16, 16]."""
+    pixels = torch.from_numpy(np.stack(masks(scene))).float()
+    return pixels.reshape(len(scene.shapes), SIZE // 2, 2, SIZE // 2, 2).mean((2, 4)) >= 0.5
+
+
+def leakage_mitigation(pipeline, configs: dict, n: int = 32, steps: int = 20) -> dict:
+    """Generations of ``n`` held-out captions with two or three differently coloured objects,
+    without DeLeaker and with each of ``configs`` (name -> DeLeakerConfig), same seeds.
+    Per variant: colour bleeding, colour and shape scores, seconds per image, and the IoU of
+    DeLeaker's entity regions with the objects (token grid). ``figure``: rows of
+    (scene | no DeLeaker | each variant)."""
+    import time
+
+    from ..methods.deleaker import generate as deleaker_generate
+
+    rng = random.Random(HELD_OUT_SEED + 4)
+    scenes = []
+    while len(scenes) < n:
+        scene = random_scene(rng)
+        if len({s.color for s in scene.shapes}) > 1:
+            scenes.append(scene)
+    rows, figures = [], []
+    for i, scene in enumerate(scenes):
+        row, images = dict(caption=scene.caption()), [render(scene)]
+        for name in ["none", *configs]:
+            start = time.perf_counter()
+            if name == "none":
+                out = pipeline(prompt=scene.caption(), height=SIZE, width=SIZE,
+                               **_t2i_options(steps, seed=i)).images
+                regions = None
+            else:
+                out, regions = deleaker_generate(
+                    pipeline, scene.caption(), entities(scene), height=SIZE, width=SIZE,
+                    config=configs[name], **_t2i_options(steps, seed=i))
+            seconds = time.perf_counter() - start
+            image = np.clip(np.rint(out[0] * 255), 0, 255).astype(np.uint8)
+            images.append(image)
+            scores = object_agreement(image, scene)
+            row[name] = dict(color_bleed=color_bleed(image, scene), color=scores["color"],
+                             shape_iou=scores["shape_iou"], seconds=seconds)
+            if regions is not None:
+                truth = token_masks(scene)
+                union = (regions.cpu() | truth).flatten(1).sum(1).clamp_min(1)
+                row[name]["region_iou"] = float(
+                    ((regions.cpu() & truth).flatten(1).sum(1) / union).mean())
+        rows.append(row)
+        figures.append(np.concatenate(images, axis=1))
+    summary = {name: {key: float(np.mean([r[name][key] for r in rows]))
+                      for key in rows[0][name]} for name in ["none", *configs]}
+    return dict(summary=summary, rows=rows, figure=figure_grid(figures))
 
 
 def figure_grid(rows: list[np.ndarray], scale: int = 4, gap: int = 2) -> np.ndarray:

@@ -1,0 +1,284 @@
+"""DeLeaker: semantic-leakage mitigation by attention reweighting, at inference time (T2I).
+
+"A cow and a horse" can give the horse cow patches: attributes of one entity leak into
+another's image region through attention. Given the prompt's entity phrases, DeLeaker
+
+1. **finds each entity's image region** from the model's own attention: for every image token,
+   the mass its attention puts on the entity's text tokens (head mean, divided by the entity's
+   token count), averaged over every block of the first ``mask_steps`` denoising steps; the
+   region is where that average exceeds ``mean + mask_threshold * std`` over the image tokens,
+   opened once and closed twice with a 3x3 window on the token grid (a token claimed by several
+   entities goes to the one whose threshold it exceeds most, in standard deviations);
+2. **reweights attention** from the ``start_block``-th block call on (calls counted over the
+   whole generation, ``blocks_per_step`` per step: 57 on FLUX.1), for every pair of entities
+   (i, j), i != j: image tokens of i never attend to text tokens of j; their logits on their own
+   text tokens are multiplied by ``alpha``; image-image attention from i's region to j's is
+   blocked where its head-mean probability exceeds ``mean + pair_threshold * std`` over the pair
+   region (the "abnormally high", leaking links; the rest carry interactions). The softmax is
+   renormalised after the edits.
+
+All of it runs inside flow attention: the entity groups carry the text rules, a pair mask the
+image-image cuts, and the statistics are the kernel's attention mass, so no block materialises
+its attention matrix (the pair threshold reads probabilities of one region pair at a time).
+
+Masks are refreshed after every block of the mask steps from the attention the model computed,
+edits included (the authors' code does not say which; edits sharpen the regions they select).
+Defaults are the authors' (FLUX.1-dev, 20 steps): alpha 1.2, both thresholds 1.0, masks from
+steps 0..11, edits from block call 18.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..layout import TokenLayout
+from ..rules import MAX_GROUPS, FlowRules
+from ..session import BlockId, Intervention, StepInfo, attach
+
+BASE = 3  # text, target, context come first in every layout
+MAX_ENTITIES = (MAX_GROUPS - BASE) // 2  # each entity adds a text and an image group
+
+
+@dataclass(frozen=True)
+class DeLeakerConfig:
+    """DeLeaker's hyperparameters (the authors' defaults) and switches for its three edits
+    (the paper's ablations)."""
+
+    alpha: float = 1.2
+    mask_threshold: float = 1.0
+    pair_threshold: float = 1.0
+    mask_steps: int = 12
+    start_block: int = 18
+    open_iterations: int = 1
+    close_iterations: int = 2
+    suppress_text: bool = True
+    reinforce_text: bool = True
+    suppress_image: bool = True
+
+    def __post_init__(self):
+        if self.alpha <= 0:
+            raise ValueError(f"DeLeakerConfig: alpha={self.alpha} must be positive")
+        if min(self.mask_steps - 1, self.start_block, self.open_iterations,
+               self.close_iterations) < 0:
+            raise ValueError("DeLeakerConfig: mask_steps >= 1; start_block, open_iterations, "
+                             "close_iterations >= 0")
+
+
+def entity_token_positions(tokenizer, prompt: str, entities: Sequence[str],
+                           max_length: int) -> list[list[int]]:
+    """Token positions of each entity phrase in ``prompt`` as ``tokenizer`` encodes it (FLUX:
+    the T5 tokenizer, ``max_length`` = the pipeline's ``max_sequence_length``): the tokens whose
+    characters overlap the phrase's first occurrence."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(f"entity_token_positions: {type(tokenizer).__name__} gives no character "
+                        "offsets; use a fast tokenizer (FLUX's T5TokenizerFast)")
+    offsets = tokenizer(prompt, max_length=max_length, truncation=True,
+                        return_offsets_mapping=True)["offset_mapping"]
+    positions, seen = [], set()
+    for phrase in entities:
+        start = prompt.find(phrase)
+        if not phrase or start < 0:
+            raise ValueError(f"DeLeaker: entity {phrase!r} is not in the prompt {prompt!r}")
+        end = start + len(phrase)
+        tokens = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+        if not tokens:
+            raise ValueError(f"DeLeaker: entity {phrase!r} falls beyond the first {max_length} "
+                             "tokens of the prompt")
+        if seen & set(tokens):
+            raise ValueError(f"DeLeaker: entity {phrase!r} shares tokens with another entity")
+        seen.update(tokens)
+        positions.append(tokens)
+    return positions
+
+
+def _dilate(mask: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(mask[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0
+
+
+def _erode(mask: torch.Tensor) -> torch.Tensor:
+    return ~_dilate(~mask)
+
+
+def entity_masks(scores: torch.Tensor, threshold: float, open_iterations: int = 1,
+                 close_iterations: int = 2) -> torch.Tensor:
+    """Entity regions from attention scores ``[E, h, w]`` (per image token): above
+    ``mean + threshold * std`` of the entity's scores, opened then closed with a 3x3 window
+    (``n`` iterations: n erosions then n dilations, and the reverse), made disjoint (a token
+    goes to the entity whose threshold it exceeds most, in stds). bool [E, h, w]."""
+    flat = scores.flatten(1)
+    z = (scores - flat.mean(1)[:, None, None]) / flat.std(1).clamp_min(1e-12)[:, None, None]
+    # Outside the grid counts as background: pad by one token per operation, crop after.
+    pad = 2 * (open_iterations + close_iterations)
+    masks = F.pad(z > threshold, (pad, pad, pad, pad))
+    for morph in [_erode] * open_iterations + [_dilate] * (open_iterations + close_iterations) \
+            + [_erode] * close_iterations:
+        masks = morph(masks)
+    masks = masks[:, pad:pad + z.shape[1], pad:pad + z.shape[2]]
+    owner = torch.where(masks, z, float("-inf")).argmax(0)
+    return masks & (owner == torch.arange(len(scores), device=scores.device)[:, None, None])
+
+
+class DeLeaker(Intervention):
+    """The DeLeaker intervention for one prompt: attach it to a FLUX text-to-image pipeline
+    (``with ditflow.attach(pipe, leaker): pipe(prompt, ...)``) or use :func:`generate`.
+
+    Args:
+        entity_tokens: per entity, its text-token positions (:func:`entity_token_positions`).
+        token_grid: (rows, columns) of the image tokens (FLUX: height and width / 16).
+        blocks_per_step: transformer blocks per denoising step (FLUX.1: 19 + 38 = 57).
+        config: hyperparameters.
+
+    After a generation, :attr:`masks` holds the entity regions (bool [E, rows, columns]).
+    One image per transformer call: the regions are per image.
+    """
+
+    def __init__(self, entity_tokens: Sequence[Sequence[int]], token_grid: tuple[int, int],
+                 blocks_per_step: int, config: DeLeakerConfig = DeLeakerConfig()):
+        if not 1 <= len(entity_tokens) <= MAX_ENTITIES:
+            raise ValueError(f"DeLeaker: 1..{MAX_ENTITIES} entities, got {len(entity_tokens)}")
+        self.entity_tokens = [torch.as_tensor(list(t), dtype=torch.long) for t in entity_tokens]
+        self.token_grid = tuple(token_grid)
+        self.blocks_per_step = blocks_per_step
+        self.config = config
+        self.masks: torch.Tensor | None = None
+        self._score_sum: torch.Tensor | None = None  # summed per-entity scores [E, h, w]
+        self._score_count = 0  # blocks summed
+        self._masks_from = 0  # blocks the current masks were built from
+        self._plan_key: tuple | None = None  # (base layout, masks) of the cached plan
+        self._plan: tuple[TokenLayout, FlowRules | None] | None = None
+
+    @classmethod
+    def for_pipeline(cls, pipeline, prompt: str, entities: Sequence[str], height: int,
+                     width: int, max_sequence_length: int = 512,
+                     config: DeLeakerConfig = DeLeakerConfig()) -> DeLeaker:
+        """DeLeaker for a FluxPipeline call with this prompt, entity phrases and image size."""
+        patch = pipeline.vae_scale_factor * 2  # latent downsampling x FLUX's 2x2 packing
+        if height % patch or width % patch:
+            raise ValueError(f"DeLeaker: height and width must be multiples of {patch}, "
+                             f"got {height}x{width}")
+        positions = entity_token_positions(pipeline.tokenizer_2, prompt, entities,
+                                           max_sequence_length)
+        model = pipeline.transformer.config
+        return cls(positions, (height // patch, width // patch),
+                   model.num_layers + model.num_single_layers, config)
+
+    # -- the intervention ----------------------------------------------------------------------
+
+    def _editing(self, step: StepInfo, block: BlockId) -> bool:
+        call = step.index * self.blocks_per_step + block.order
+        return call >= self.config.start_block
+
+    def layout(self, step, block, layout):
+        image_tokens = len(layout) - layout.text_len
+        if image_tokens != self.token_grid[0] * self.token_grid[1]:
+            raise ValueError(f"DeLeaker: {image_tokens} image tokens, but the token grid is "
+                             f"{self.token_grid[0]}x{self.token_grid[1]}; build DeLeaker for "
+                             "the image size you generate")
+        editing = self._editing(step, block)
+        if editing and self._score_count and self._masks_from != self._score_count and (
+                step.index < self.config.mask_steps or self.masks is None):
+            self.masks = entity_masks(self._score_sum / self._score_count,
+                                      self.config.mask_threshold, self.config.open_iterations,
+                                      self.config.close_iterations)
+            self._masks_from = self._score_count
+        key = (layout, self.masks if editing else None)
+        if self._plan_key is None or any(a is not b for a, b in zip(key, self._plan_key,
+                                                                     strict=True)):
+            self._plan_key, self._plan = key, self._build(*key)
+        return self._plan[0]
+
+    def _build(self, base: TokenLayout, masks: torch.Tensor | None):
+        """(layout, rules): groups ``entity{i}.text``, and ``entity{i}.image`` with the rules
+        between them once the regions are known."""
+        layout = base
+        for i, tokens in enumerate(self.entity_tokens):
+            if int(tokens.max()) >= base.text_len:
+                raise ValueError(f"DeLeaker: entity {i} has text token {int(tokens.max())} but "
+                                 f"the text has {base.text_len} tokens")
+            layout = layout.with_region(f"entity{i}.text", tokens)
+        if masks is None:
+            return layout, None
+        for i, mask in enumerate(masks.cpu()):
+            layout = layout.with_region(f"entity{i}.image",
+                                        base.text_len + mask.flatten().nonzero().squeeze(1))
+        rules = layout.rules()
+        text = [layout.group(f"entity{i}.text") for i in range(len(masks))]
+        image = [layout.group(f"entity{i}.image") for i in range(len(masks))]
+        for i in range(len(masks)):
+            others = text[:i] + text[i + 1:]
+            if self.config.suppress_text and others:
+                rules = rules.block(image[i], others)
+            if self.config.reinforce_text:
+                rules = rules.scale_logits(image[i], text[i], self.config.alpha)
+        return layout, rules
+
+    def rules(self, step, block, layout):
+        return self._plan[1]
+
+    def wants_mass(self, step, block):
+        return step.index < self.config.mask_steps
+
+    def observe(self, step, block, layout, result):
+        if result.mass is None:
+            return
+        if result.mass.shape[0] != 1:
+            raise ValueError(f"DeLeaker: one image per transformer call, got a batch of "
+                             f"{result.mass.shape[0]} (call the pipeline once per image)")
+        groups = [layout.group(f"entity{i}.text") for i in range(len(self.entity_tokens))]
+        counts = torch.tensor([len(t) for t in self.entity_tokens], device=result.mass.device)
+        image_mass = result.mass[0, :, layout.text_len:][..., groups].detach().float()
+        scores = (image_mass.mean(0) / counts).T.reshape(-1, *self.token_grid)
+        self._score_sum = scores if self._score_sum is None else self._score_sum + scores
+        self._score_count += 1
+
+    def pair_mask(self, step, block, layout, q, k):
+        if not (self._editing(step, block) and self.config.suppress_image
+                and self.masks is not None and len(self.masks) > 1):
+            return None
+        regions = [layout.mask(f"entity{i}.image", q.device).nonzero().squeeze(1)
+                   for i in range(len(self.masks))]
+        mask = torch.zeros(1, q.shape[1], k.shape[1], dtype=torch.bool, device=q.device)
+        for i, rows in enumerate(regions):
+            if not len(rows):
+                continue
+            probs = _head_mean_probs(q[0, rows], k[0])
+            for j, cols in enumerate(regions):
+                if i == j or not len(cols):
+                    continue
+                pair = probs[:, cols]
+                nonzero = pair[pair > 0]
+                if nonzero.numel() < 2:
+                    continue
+                cut = pair > nonzero.mean() + self.config.pair_threshold * nonzero.std()
+                mask[0, rows[:, None], cols[None, :]] = cut
+        return mask
+
+
+def _head_mean_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Head-mean softmax probabilities [Nq, Nk] of queries ``q`` [Nq, H, D] over keys ``k``
+    [Nk, H, D] (plain attention), one head at a time so one [Nq, Nk] block is held."""
+    scale = q.shape[-1] ** -0.5
+    total = torch.zeros(q.shape[0], k.shape[0], device=q.device)
+    for h in range(q.shape[1]):
+        total += torch.softmax((q[:, h].float() @ k[:, h].float().T) * scale, dim=-1)
+    return total / q.shape[1]
+
+
+def generate(pipeline, prompt: str, entities: Sequence[str], *, height: int, width: int,
+             config: DeLeakerConfig = DeLeakerConfig(), max_sequence_length: int = 512,
+             **call_kwargs):
+    """One FluxPipeline generation with DeLeaker: ``(images, masks)``, the pipeline's images and
+    the entity regions (bool [E, height / 16, width / 16] on FLUX; None when the generation
+    ended before ``config.start_block``, so nothing was edited)."""
+    if call_kwargs.get("num_images_per_prompt", 1) != 1:
+        raise ValueError("DeLeaker: one image per call (num_images_per_prompt=1)")
+    leaker = DeLeaker.for_pipeline(pipeline, prompt, entities, height, width,
+                                   max_sequence_length, config)
+    with attach(pipeline, leaker):
+        images = pipeline(prompt=prompt, height=height, width=width,
+                          max_sequence_length=max_sequence_length, **call_kwargs).images
+    return images, leaker.masks

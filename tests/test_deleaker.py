@@ -1,0 +1,194 @@
+"""DeLeaker: entity tokens, entity regions, and its attention edits against the paper's rule
+computed densely."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from ditflow import flow_attention
+from ditflow.functional import FlowAttentionOutput
+from ditflow.layout import TokenLayout
+from ditflow.methods.deleaker import (
+    DeLeaker,
+    DeLeakerConfig,
+    entity_masks,
+    entity_token_positions,
+    generate,
+)
+from ditflow.session import BlockId, StepInfo
+from ditflow.testbed.models import build_text_encoders
+from ditflow.tiny import tiny_flux_pipeline
+
+PROMPT = "a red circle top left and a blue square bottom middle on sand"
+EARLY = (StepInfo(0, 1.0), BlockId("double", 0, 0))  # call 0: statistics, no edits
+LATE = (StepInfo(5, 0.5), BlockId("single", 1, 3))  # call 5 * 4 + 3 = 23 >= 18: edits
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_text_encoders()[3]
+
+
+def test_entity_token_positions(tokenizer):
+    assert entity_token_positions(tokenizer, PROMPT, ["red circle", "blue square"], 24) == [
+        [1, 2], [7, 8]]
+    assert entity_token_positions(tokenizer, PROMPT, ["square"], 24) == [[8]]
+
+
+@pytest.mark.parametrize("entities, max_length, message", [
+    (["green circle"], 24, "not in the prompt"),
+    (["blue square"], 5, "beyond the first 5 tokens"),
+    (["red circle", "circle"], 24, "shares tokens"),
+])
+def test_entity_token_errors(tokenizer, entities, max_length, message):
+    with pytest.raises(ValueError, match=message):
+        entity_token_positions(tokenizer, PROMPT, entities, max_length)
+
+
+def test_entity_tokens_need_offsets():
+    class SlowTokenizer:
+        is_fast = False
+
+    with pytest.raises(TypeError, match="fast tokenizer"):
+        entity_token_positions(SlowTokenizer(), PROMPT, ["red circle"], 24)
+
+
+def _blobs() -> torch.Tensor:
+    truth = torch.zeros(2, 10, 12, dtype=torch.bool)
+    truth[0, 1:5, 1:5] = True
+    truth[1, 5:9, 6:11] = True
+    return truth
+
+
+def test_entity_masks_find_blobs_drop_specks_and_are_disjoint():
+    truth = _blobs()
+    scores = torch.rand(2, 10, 12) * 0.1 + truth * 1.0
+    scores[0, 8, 1] = 5.0  # a one-token speck: removed by the opening
+    assert torch.equal(entity_masks(scores, 1.0), truth)
+    # entity 1 also claims entity 0's blob, less strongly: the blob stays entity 0's
+    scores[1] += truth[0] * 0.6
+    masks = entity_masks(scores, 0.5)
+    assert torch.equal(masks[0], truth[0]) and not (masks[0] & masks[1]).any()
+    assert torch.equal(masks[1], truth[1])
+
+
+def _leaker(**config) -> DeLeaker:
+    return DeLeaker([[1, 2], [4]], (4, 5), blocks_per_step=4, config=DeLeakerConfig(**config))
+
+
+def test_regions_come_from_the_recorded_attention_mass():
+    """observe() averages image-to-entity-text mass over blocks; the first edited block turns
+    it into regions and entity groups."""
+    leaker = DeLeaker([[1, 2], [4]], (10, 12), blocks_per_step=4,
+                      config=DeLeakerConfig(open_iterations=0, close_iterations=0))
+    base = TokenLayout.from_segments(6, 120)
+    early = leaker.layout(*EARLY, base)
+    assert early.names[3:] == ("entity0.text", "entity1.text") and leaker.rules(*EARLY, early) \
+        is None and leaker.wants_mass(*EARLY)
+    truth = _blobs()
+    mass = torch.rand(1, 2, 126, early.num_groups) * 0.05
+    for e, group in enumerate((3, 4)):
+        mass[0, :, 6:, group] += truth[e].flatten() * (2.0 if e == 0 else 1.0)
+    leaker.observe(*EARLY, early, FlowAttentionOutput(None, None, mass))
+    late = leaker.layout(*LATE, base)
+    assert torch.equal(leaker.masks, truth)
+    for e in range(2):
+        assert torch.equal(late.mask(f"entity{e}.image")[6:], truth[e].flatten())
+    with pytest.raises(ValueError, match="one image per transformer call"):
+        leaker.observe(*EARLY, early, FlowAttentionOutput(None, None, mass.expand(2, -1, -1, -1)))
+
+
+def test_token_grid_must_match_the_call():
+    with pytest.raises(ValueError, match="token grid is 4x5"):
+        _leaker().layout(*EARLY, TokenLayout.from_segments(6, 21))
+
+
+def _papers_rule(q, k, v, text, regions, alpha, pair_threshold):
+    """The DeLeaker edit of one attention call, densely: image tokens of entity i get -inf on
+    entity j's text, logits x alpha on their own text, and -inf on entity j's image tokens where
+    the head-mean probability of the unedited attention exceeds mean + t * std over the pair
+    region; then the softmax."""
+    logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+    plain = logits.softmax(-1).mean(1)[0]
+    edited = logits.clone()
+    for i, rows in enumerate(regions):
+        for j, cols in enumerate(regions):
+            r, c = rows[:, None], cols[None, :]
+            if i == j:
+                edited[:, :, r, text[i][None, :]] *= alpha
+                continue
+            edited[:, :, r, text[j][None, :]] = float("-inf")
+            pair = plain[r, c]
+            cut = pair > pair.mean() + pair_threshold * pair.std()
+            edited[:, :, r, c] = edited[:, :, r, c].masked_fill(cut, float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", edited.softmax(-1), v)
+
+
+def test_edits_equal_the_papers_rule_computed_densely():
+    torch.manual_seed(0)
+    leaker = _leaker()
+    leaker.masks = torch.zeros(2, 4, 5, dtype=torch.bool)
+    leaker.masks[0, :2, :3] = True
+    leaker.masks[1, 2:, 1:] = True
+    base = TokenLayout.from_segments(6, 20)
+    q, k, v = (torch.randn(1, 26, 3, 8, dtype=torch.float64) * 2 for _ in range(3))
+    layout = leaker.layout(*LATE, base)
+    result = flow_attention(q, k, v, layout.groups(), rules=leaker.rules(*LATE, layout),
+                            pair_mask=leaker.pair_mask(*LATE, layout, q, k))
+    regions = [6 + m.flatten().nonzero().squeeze(1) for m in leaker.masks]
+    alpha = torch.tensor(1.2).item()  # the rule tables hold fp32
+    expected = _papers_rule(q, k, v, [torch.tensor([1, 2]), torch.tensor([4])], regions, alpha,
+                            1.0)
+    torch.testing.assert_close(result.out, expected, rtol=1e-9, atol=1e-9)
+    # before start_block nothing is edited
+    early = leaker.layout(*EARLY, base)
+    assert leaker.rules(*EARLY, early) is None
+    assert leaker.pair_mask(*EARLY, early, q, k) is None
+
+
+def test_generation_on_a_tiny_pipeline():
+    """A FluxPipeline call with DeLeaker gives an image and regions; with edits never reached,
+    the image is the stock pipeline's and the processors are restored."""
+    pipe = tiny_flux_pipeline("t2i")
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a red circle and a blue square"
+    call = dict(height=12, width=8, num_inference_steps=3, max_sequence_length=16,
+                guidance_scale=1.0, output_type="pt")
+    stock = pipe(prompt, generator=torch.Generator().manual_seed(0), **call).images
+    processors = [b.attn.processor for b in pipe.transformer.transformer_blocks]
+    unedited, _ = generate(pipe, prompt, ["red circle", "blue square"],
+                           config=DeLeakerConfig(start_block=10**6),
+                           generator=torch.Generator().manual_seed(0), **call)
+    torch.testing.assert_close(unedited, stock, rtol=1e-5, atol=1e-5)
+    assert [b.attn.processor for b in pipe.transformer.transformer_blocks] == processors
+    edited, masks = generate(pipe, prompt, ["red circle", "blue square"],
+                             config=DeLeakerConfig(start_block=2, mask_steps=2),
+                             generator=torch.Generator().manual_seed(0), **call)
+    assert edited.shape == stock.shape and torch.isfinite(edited).all()
+    assert masks.shape == (2, 6, 4) and masks.dtype == torch.bool
+    with pytest.raises(ValueError, match="multiples of 2"):
+        generate(pipe, prompt, ["red circle"], height=13, width=8)
+
+
+def test_generate_command(tmp_path, capsys):
+    from ditflow.cli import main
+
+    out = tmp_path / "cow.png"
+    prompt = "a red circle and a blue square"
+    assert main(["generate", prompt, "--entity", "red circle", "--entity", "blue square",
+                 "--model", "tiny", "--size", "16", "--steps", "6", "-o", str(out)]) == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (16, 16)
+    assert Image.open(tmp_path / "cow-regions.png").size == (16, 16)
+    assert "'red circle'" in capsys.readouterr().out
+    assert main(["generate", prompt, "--entity", "green", "--model", "tiny", "--size", "16",
+                 "--steps", "1", "-o", str(tmp_path / "x.png")]) == 2
+    assert "'green' is not in the prompt" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+    assert main(["generate", prompt, "--entity", "red circle", "--model", "tiny", "--size",
+                 "16", "--steps", "2", "-o", str(tmp_path / "short.png")]) == 0
+    assert "DeLeaker made no edits" in capsys.readouterr().err
