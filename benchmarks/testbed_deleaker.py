@@ -1,6 +1,6 @@
 """DeLeaker on the trained testbed text-to-image model: colour bleeding with and without it.
 
-    python -m benchmarks.testbed_deleaker --captions 48
+    python -m benchmarks.testbed_deleaker --captions 64
 
 Generates held-out captions of two or three differently coloured objects without DeLeaker and
 with each variant below (same seeds), and writes ``testbed-deleaker-<device>-<date>.json``
@@ -37,7 +37,7 @@ VARIANTS = {
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--captions", type=int, default=48, help="held-out captions")
+    parser.add_argument("--captions", type=int, default=64, help="held-out captions")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)

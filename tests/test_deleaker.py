@@ -171,6 +171,10 @@ def test_generation_on_a_tiny_pipeline():
     assert masks.shape == (2, 6, 4) and masks.dtype == torch.bool
     with pytest.raises(ValueError, match="multiples of 2"):
         generate(pipe, prompt, ["red circle"], height=13, width=8)
+    with pytest.raises(ValueError, match="no negative prompt"):
+        generate(pipe, prompt, ["red circle"], height=12, width=8, negative_prompt="blurry")
+    with pytest.raises(ValueError, match="one image per call"):
+        generate(pipe, prompt, ["red circle"], height=12, width=8, num_images_per_prompt=2)
 
 
 def test_generate_command(tmp_path, capsys):

@@ -276,6 +276,10 @@ def generate(pipeline, prompt: str, entities: Sequence[str], *, height: int, wid
     ended before ``config.start_block``, so nothing was edited)."""
     if call_kwargs.get("num_images_per_prompt", 1) != 1:
         raise ValueError("DeLeaker: one image per call (num_images_per_prompt=1)")
+    if call_kwargs.get("negative_prompt") is not None or call_kwargs.get(
+            "negative_prompt_embeds") is not None:
+        raise ValueError("DeLeaker: no negative prompt (true CFG would run the entity rules on "
+                         "the negative prompt's tokens too)")
     leaker = DeLeaker.for_pipeline(pipeline, prompt, entities, height, width,
                                    max_sequence_length, config)
     with attach(pipeline, leaker):
