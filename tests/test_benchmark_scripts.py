@@ -81,5 +81,5 @@ def test_testbed_deleaker_benchmark_scores_every_variant(tmp_path):
     assert set(result["summary"]) == {"none", *testbed_deleaker.VARIANTS}
     for name, scores in result["summary"].items():
         assert 0 <= scores["color_bleed"] <= 1 and scores["seconds"] > 0
-        assert (name == "none") == ("region_iou" not in scores)
+        assert (name == "none") == ("region_iou_drawn" not in scores)
     assert path.with_suffix(".png").exists()

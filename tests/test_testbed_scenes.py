@@ -12,6 +12,7 @@ from ditflow.testbed.scenes import (
     Scene,
     Shape,
     color_bleed,
+    color_masks,
     masks,
     object_agreement,
     random_edit,
@@ -62,6 +63,17 @@ def test_color_bleed_is_zero_on_renders_and_measures_leaked_pixels():
     one_color = Scene("gray", (Shape("circle", "red", "left", "top"),
                                Shape("square", "red", "right", "bottom")))
     assert color_bleed(render(one_color), one_color) == 0.0
+
+
+def test_color_masks_find_each_object_where_it_is_drawn():
+    rng = random.Random(11)
+    for _ in range(50):
+        scene = random_scene(rng)
+        if len({s.color for s in scene.shapes}) == len(scene.shapes):
+            assert np.array_equal(color_masks(render(scene), scene), np.stack(masks(scene)))
+    scene = Scene("gray", (Shape("circle", "red", "left", "top"),))
+    moved = Scene("gray", (Shape("circle", "red", "right", "bottom"),))
+    assert np.array_equal(color_masks(render(moved), scene)[0], masks(moved)[0])
 
 
 def test_edits_name_one_object_and_change_the_scene():

@@ -28,6 +28,7 @@ from .scenes import (
     Edit,
     Scene,
     color_bleed,
+    color_masks,
     masks,
     object_agreement,
     random_edit,
@@ -176,19 +177,44 @@ def entities(scene: Scene) -> list[str]:
     return [f"{s.color} {s.kind}" for s in scene.shapes]
 
 
+def _on_token_grid(pixel_masks: np.ndarray) -> torch.Tensor:
+    """bool [n, SIZE, SIZE] pixel masks -> [n, 16, 16] image-token masks (a token is in when at
+    least half of its 2x2 pixels are)."""
+    pixels = torch.from_numpy(pixel_masks).float()
+    return pixels.reshape(len(pixels), SIZE // 2, 2, SIZE // 2, 2).mean((2, 4)) >= 0.5
+
+
 def token_masks(scene: Scene) -> torch.Tensor:
-    """Each object's mask on the 16x16 image-token grid (a token is in an object when at least
-    half of its 2x2 pixels are): bool [objects, 16, 16]."""
-    pixels = torch.from_numpy(np.stack(masks(scene))).float()
-    return pixels.reshape(len(scene.shapes), SIZE // 2, 2, SIZE // 2, 2).mean((2, 4)) >= 0.5
+    """Each object's mask on the image-token grid, as the scene lays it out: bool
+    [objects, 16, 16]."""
+    return _on_token_grid(np.stack(masks(scene)))
 
 
-def leakage_mitigation(pipeline, configs: dict, n: int = 32, steps: int = 20) -> dict:
+def drawn_masks(image: np.ndarray, scene: Scene) -> torch.Tensor:
+    """Where ``image`` shows each object's colour, on the image-token grid: bool
+    [objects, 16, 16]. Generated objects need not sit where the caption put them; this is where
+    they were drawn."""
+    return _on_token_grid(color_masks(image, scene))
+
+
+def _region_iou(regions: torch.Tensor, truth: torch.Tensor) -> float:
+    """Mean IoU over the objects that ``truth`` has at all."""
+    present = truth.flatten(1).any(1)
+    if not present.any():
+        return float("nan")
+    regions, truth = regions[present].cpu(), truth[present]
+    union = (regions | truth).flatten(1).sum(1)
+    return float(((regions & truth).flatten(1).sum(1) / union).mean())
+
+
+def leakage_mitigation(pipeline, configs: dict, n: int = 32, steps: int = 20,
+                       figure_rows: int = 16) -> dict:
     """Generations of ``n`` held-out captions with two or three differently coloured objects,
     without DeLeaker and with each of ``configs`` (name -> DeLeakerConfig), same seeds.
     Per variant: colour bleeding, colour and shape scores, seconds per image, and the IoU of
-    DeLeaker's entity regions with the objects (token grid). ``figure``: rows of
-    (scene | no DeLeaker | each variant)."""
+    DeLeaker's entity regions with the objects on the token grid, as the caption lays them out
+    (``region_iou_layout``) and as the image draws them (``region_iou_drawn``). ``figure``: rows
+    of (scene | no DeLeaker | each variant) for the first ``figure_rows`` captions."""
     import time
 
     from ..methods.deleaker import generate as deleaker_generate
@@ -219,15 +245,13 @@ def leakage_mitigation(pipeline, configs: dict, n: int = 32, steps: int = 20) ->
             row[name] = dict(color_bleed=color_bleed(image, scene), color=scores["color"],
                              shape_iou=scores["shape_iou"], seconds=seconds)
             if regions is not None:
-                truth = token_masks(scene)
-                union = (regions.cpu() | truth).flatten(1).sum(1).clamp_min(1)
-                row[name]["region_iou"] = float(
-                    ((regions.cpu() & truth).flatten(1).sum(1) / union).mean())
+                row[name]["region_iou_layout"] = _region_iou(regions, token_masks(scene))
+                row[name]["region_iou_drawn"] = _region_iou(regions, drawn_masks(image, scene))
         rows.append(row)
         figures.append(np.concatenate(images, axis=1))
-    summary = {name: {key: float(np.mean([r[name][key] for r in rows]))
+    summary = {name: {key: float(np.nanmean([r[name][key] for r in rows]))
                       for key in rows[0][name]} for name in ["none", *configs]}
-    return dict(summary=summary, rows=rows, figure=figure_grid(figures))
+    return dict(summary=summary, rows=rows, figure=figure_grid(figures[:figure_rows]))
 
 
 def figure_grid(rows: list[np.ndarray], scale: int = 4, gap: int = 2) -> np.ndarray:

@@ -194,6 +194,14 @@ def object_agreement(image: np.ndarray, scene: Scene) -> dict[str, float]:
     return {"color": float(np.mean(color_hits)), "shape_iou": float(np.mean(ious))}
 
 
+def color_masks(image: np.ndarray, scene: Scene) -> np.ndarray:
+    """Per object, the pixels of ``image`` whose nearest colour (among the palette and the
+    scene's background) is the object's colour: bool [objects, SIZE, SIZE]."""
+    background = np.mean(BACKGROUNDS[scene.background], axis=0)
+    nearest = _nearest_names(image.astype(float), {**_PALETTE, "background": background})
+    return np.stack([nearest == s.color for s in scene.shapes])
+
+
 def color_bleed(image: np.ndarray, scene: Scene) -> float:
     """Semantic leakage between objects, measured inside each object's mask: the share of its
     pixels whose nearest palette colour is another object's colour in the scene and not its own
