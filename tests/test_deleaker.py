@@ -18,7 +18,7 @@ from ditflow.methods.deleaker import (
     entity_token_positions,
     generate,
 )
-from ditflow.session import BlockId, StepInfo
+from ditflow.session import BlockId, StepInfo, attach
 from ditflow.testbed.models import build_text_encoders
 from ditflow.tiny import tiny_flux_pipeline
 
@@ -169,6 +169,15 @@ def test_generation_on_a_tiny_pipeline():
                              generator=torch.Generator().manual_seed(0), **call)
     assert edited.shape == stock.shape and torch.isfinite(edited).all()
     assert masks.shape == (2, 6, 4) and masks.dtype == torch.bool
+    # one instance, two generations: the second starts afresh and repeats the first
+    leaker = DeLeaker.for_pipeline(pipe, prompt, ["red circle", "blue square"], 12, 8, 16,
+                                   DeLeakerConfig(start_block=2, mask_steps=2))
+    with attach(pipe, leaker):
+        first = pipe(prompt, generator=torch.Generator().manual_seed(0), **call).images
+    with attach(pipe, leaker):
+        second = pipe(prompt, generator=torch.Generator().manual_seed(0), **call).images
+    torch.testing.assert_close(first, edited, rtol=0, atol=0)
+    torch.testing.assert_close(second, edited, rtol=0, atol=0)
     with pytest.raises(ValueError, match="multiples of 2"):
         generate(pipe, prompt, ["red circle"], height=13, width=8)
     with pytest.raises(ValueError, match="no negative prompt"):

@@ -35,12 +35,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..layout import TokenLayout
+from ..layout import BASE_GROUPS, TokenLayout
 from ..rules import MAX_GROUPS, FlowRules
 from ..session import BlockId, Intervention, StepInfo, attach
 
-BASE = 3  # text, target, context come first in every layout
-MAX_ENTITIES = (MAX_GROUPS - BASE) // 2  # each entity adds a text and an image group
+MAX_ENTITIES = (MAX_GROUPS - len(BASE_GROUPS)) // 2  # each entity adds a text and an image group
 
 
 @dataclass(frozen=True)
@@ -124,7 +123,9 @@ def entity_masks(scores: torch.Tensor, threshold: float, open_iterations: int = 
 
 class DeLeaker(Intervention):
     """The DeLeaker intervention for one prompt: attach it to a FLUX text-to-image pipeline
-    (``with ditflow.attach(pipe, leaker): pipe(prompt, ...)``) or use :func:`generate`.
+    (``with ditflow.session.attach(pipe, leaker): pipe(prompt, ...)``) or use
+    :func:`generate`. Attach it around each pipeline call (steps are counted per attachment);
+    each generation starts afresh, so one instance serves many seeds of its prompt.
 
     Args:
         entity_tokens: per entity, its text-token positions (:func:`entity_token_positions`).
@@ -144,10 +145,7 @@ class DeLeaker(Intervention):
         self.token_grid = tuple(token_grid)
         self.blocks_per_step = blocks_per_step
         self.config = config
-        self.masks: torch.Tensor | None = None
-        self._score_sum: torch.Tensor | None = None  # summed per-entity scores [E, h, w]
-        self._score_count = 0  # blocks summed
-        self._masks_from = 0  # blocks the current masks were built from
+        self._reset()
         self._plan_key: tuple | None = None  # (base layout, masks) of the cached plan
         self._plan: tuple[TokenLayout, FlowRules | None] | None = None
 
@@ -166,6 +164,12 @@ class DeLeaker(Intervention):
         return cls(positions, (height // patch, width // patch),
                    model.num_layers + model.num_single_layers, config)
 
+    def _reset(self) -> None:
+        self.masks: torch.Tensor | None = None
+        self._score_sum: torch.Tensor | None = None  # summed per-entity scores [E, h, w]
+        self._score_count = 0  # blocks summed
+        self._masks_from = 0  # blocks the current masks were built from
+
     # -- the intervention ----------------------------------------------------------------------
 
     def _editing(self, step: StepInfo, block: BlockId) -> bool:
@@ -173,6 +177,8 @@ class DeLeaker(Intervention):
         return call >= self.config.start_block
 
     def layout(self, step, block, layout):
+        if step.index == 0 and block.order == 0:  # a new generation
+            self._reset()
         image_tokens = len(layout) - layout.text_len
         if image_tokens != self.token_grid[0] * self.token_grid[1]:
             raise ValueError(f"DeLeaker: {image_tokens} image tokens, but the token grid is "
