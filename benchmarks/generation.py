@@ -7,8 +7,9 @@ Full-size FLUX.1 architecture with random weights (timing does not depend on the
 needs a GPU), random prompt embeddings instead of the text encoders; ``--model tiny`` is the
 random tiny FLUX pipeline, which runs anywhere. Providers: stock diffusers (SDPA); ditflow
 attached with rules in every block and step (text -> image logits x1.2, image -> image
-probabilities x0.9); ditflow attached with per-group mass recorded in every block. Writes
-``generation-<device>-<date>.json``.
+probabilities x0.9); ditflow attached with per-group mass recorded in every block; DeLeaker
+with two entities (text tokens 1-2 and 4-5; regions from the attention, pair masks in every
+edited block). Writes ``generation-<device>-<date>.json``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from benchmarks.protect_step import full_size_models
 from benchmarks.results import save
 from ditflow.layout import TARGET, TEXT
+from ditflow.methods.deleaker import DeLeaker
 from ditflow.session import Intervention, StatsRecorder, attach
 
 
@@ -81,11 +83,19 @@ def main(argv=None) -> Path:
                     times.append(time.perf_counter() - start)
         return statistics.median(times)
 
+    patch = pipe.vae_scale_factor * 2
+    config = pipe.transformer.config
+
+    def deleaker():
+        return attach(pipe, DeLeaker([[1, 2], [4, 5]], (args.size // patch, args.size // patch),
+                                     config.num_layers + config.num_single_layers))
+
     rows = []
     for name, factory in (
         ("stock diffusers (SDPA)", nullcontext),
         ("ditflow, rules in every block and step", lambda: attach(pipe, AlwaysOnRules())),
         ("ditflow, mass recorded in every block", lambda: attach(pipe, StatsRecorder())),
+        ("ditflow, DeLeaker (2 entities)", deleaker),
     ):
         seconds = timed(factory)
         rows.append(dict(model=args.model, provider=name, seconds=seconds, size=args.size,
