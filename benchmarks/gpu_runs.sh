@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The measurements that need a GPU, in three stages:
+#
+#   bash benchmarks/gpu_runs.sh tests      OUTDIR   # compiled kernel suite, FLUX shapes, compile, offload
+#   bash benchmarks/gpu_runs.sh attention  OUTDIR   # the provider sweep at the four FLUX shapes
+#   bash benchmarks/gpu_runs.sh end-to-end OUTDIR   # DeContext PGD step, generation overhead
+#
+# Results go to OUTDIR (default benchmarks/results), named by device and date like every other
+# result; render the README tables from them with benchmarks.render_table.
+set -euo pipefail
+stage=${1:?usage: gpu_runs.sh tests|attention|end-to-end [OUTDIR]}
+out=${2:-benchmarks/results}
+mkdir -p "$out"
+python=${PYTHON:-python}
+device=$($python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
+today=$(date -u +%F)
+
+case "$stage" in
+  tests)
+    log="$out/gpu-tests-$device-$today.txt"
+    {
+      echo "# GPU correctness run, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+      $python -c "import torch, triton; print('#', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
+      $python -m pytest tests/test_flow_attention.py tests/test_gpu_flux_shapes.py tests/test_ops.py \
+        tests/test_deleaker.py "tests/test_flux_integration.py" -q -p no:cacheprovider -rA 2>&1
+    } | tee "$log"
+    ;;
+  attention)
+    $python -m benchmarks.attention --shape kontext-512 step1x-512 flux-1024 kontext-1024 \
+      --dtype bf16 fp16 --out "$out"
+    ;;
+  end-to-end)
+    $python -m benchmarks.protect_step --out "$out"
+    $python -m benchmarks.generation --out "$out"
+    ;;
+  *)
+    echo "unknown stage $stage: tests, attention or end-to-end" >&2
+    exit 2
+    ;;
+esac
