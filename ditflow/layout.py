@@ -40,7 +40,9 @@ class TokenLayout:
             raise ValueError(f"TokenLayout: duplicate group names in {names}")
         if groups.numel() and (groups.min() < 0 or groups.max() >= len(names)):
             raise ValueError("TokenLayout: group ids outside the named groups")
-        if not 0 <= text_len <= groups.numel() or (groups[text_len:] == TEXT).any():
+        head = groups[:text_len]
+        if not 0 <= text_len <= groups.numel() or (groups[text_len:] == TEXT).any() or (
+                (head == TARGET) | (head == CONTEXT)).any():
             raise ValueError(f"TokenLayout: text tokens must be the first {text_len} tokens")
         self._groups = groups
         self._names = names

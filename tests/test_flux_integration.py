@@ -55,6 +55,16 @@ def test_layout_from_the_call():
     assert repr(session.layout) == "TokenLayout(text=5, target=6, context=12)"
 
 
+def test_layout_regions_carved_from_text_stay_text():
+    layout = TokenLayout.from_segments(4, 6).with_region("word", torch.tensor([1, 2]))
+    assert layout.text_len == 4 and layout.groups()[:4].tolist() == [0, 3, 3, 0]
+    image_first = torch.tensor([TARGET] + [TEXT] * 3 + [TARGET] * 6)
+    trailing_text = torch.tensor([TEXT] * 4 + [TARGET] * 5 + [TEXT])
+    for groups in (image_first, trailing_text):
+        with pytest.raises(ValueError, match="text tokens must be the first 4 tokens"):
+            TokenLayout(groups, ("text", "target", "context"), 4)
+
+
 def test_rules_match_reference_processor_with_gradients(monkeypatch):
     """Triton kernels (interpreter) vs the reference behind the same processor, outputs and
     gradients with respect to the context latents."""
