@@ -187,9 +187,11 @@ class DeLeaker(Intervention):
         editing = self._editing(step, block)
         if editing and self._score_count and self._masks_from != self._score_count and (
                 step.index < self.config.mask_steps or self.masks is None):
-            self.masks = entity_masks(self._score_sum / self._score_count,
-                                      self.config.mask_threshold, self.config.open_iterations,
-                                      self.config.close_iterations)
+            masks = entity_masks(self._score_sum / self._score_count,
+                                 self.config.mask_threshold, self.config.open_iterations,
+                                 self.config.close_iterations)
+            if self.masks is None or not torch.equal(masks, self.masks):
+                self.masks = masks  # a new tensor: a new plan; unchanged regions keep theirs
             self._masks_from = self._score_count
         key = (layout, self.masks if editing else None)
         if self._plan_key is None or any(a is not b for a, b in zip(key, self._plan_key,
