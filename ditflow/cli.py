@@ -182,7 +182,6 @@ def evaluate_command(args) -> int:
 
 def _edit(pipeline, photo, prompt, size, config, steps):
     """The editor's output for ``photo`` (uint8 [H, W, 3]) at the working size, fixed seed."""
-    import numpy as np
     from PIL import Image
 
     h, w = size
@@ -196,7 +195,6 @@ def _edit(pipeline, photo, prompt, size, config, steps):
 def demo_command(args) -> int:
     """Protect held-out testbed scenes and the sample photos, then edit the clean and the
     protected scenes."""
-    import numpy as np
     from PIL import Image
 
     from .io import Manifest
@@ -258,7 +256,7 @@ REGION_COLORS = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130
 def generate_command(args) -> int:
     from PIL import Image
 
-    from .io import save_photo
+    from .io import save_photo, to_uint8
     from .methods.deleaker import DeLeakerConfig, generate
 
     defaults = GENERATE_DEFAULTS.get(args.model, REAL_GENERATE_DEFAULTS)
@@ -301,7 +299,7 @@ def generate_command(args) -> int:
         print("no --entity given: plain generation, without DeLeaker", file=sys.stderr)
         images = pipeline(prompt=args.prompt, height=size, width=size,
                           max_sequence_length=text_tokens, **call).images
-    save_photo(output, np.clip(np.rint(images[0] * 255), 0, 255).astype(np.uint8))
+    save_photo(output, to_uint8(images[0]))
     print(f"wrote {output}")
     return 0
 

@@ -84,6 +84,11 @@ def load_photo(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
     return Photo(path, np.asarray(image).copy(), alpha, icc, "; ".join(notes))
 
 
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A pipeline's float image in [0, 1] (``output_type="np"``, [H, W, 3]) as uint8."""
+    return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
+
+
 def quantize_within_budget(original: np.ndarray, protected: torch.Tensor, epsilon: float
                            ) -> np.ndarray:
     """uint8 [H, W, 3] from a float [3, H, W] result, with |protected - original| <= epsilon

@@ -16,12 +16,14 @@
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import asdict, replace
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..io import to_uint8
 from .models import TEXT_TOKENS
 from .scenes import (
     SIZE,
@@ -46,13 +48,13 @@ def edit(pipeline, context: np.ndarray, instruction: str, steps: int = 20,
                    max_area=SIZE * SIZE, _auto_resize=False, num_inference_steps=steps,
                    max_sequence_length=24, guidance_scale=1.0, output_type="np",
                    generator=torch.Generator().manual_seed(seed)).images[0]
-    return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
+    return to_uint8(out)
 
 
 def generate(pipeline, caption: str, steps: int = 20, seed: int = 0) -> np.ndarray:
     """The text-to-image model's output (uint8 [SIZE, SIZE, 3]) for a caption."""
     out = pipeline(prompt=caption, height=SIZE, width=SIZE, **_t2i_options(steps, seed))
-    return np.clip(np.rint(out.images[0] * 255), 0, 255).astype(np.uint8)
+    return to_uint8(out.images[0])
 
 
 def _t2i_options(steps: int, seed: int) -> dict:
@@ -215,8 +217,6 @@ def leakage_mitigation(pipeline, configs: dict, n: int = 32, steps: int = 20,
     DeLeaker's entity regions with the objects on the token grid, as the caption lays them out
     (``region_iou_layout``) and as the image draws them (``region_iou_drawn``). ``figure``: rows
     of (scene | no DeLeaker | each variant) for the first ``figure_rows`` captions."""
-    import time
-
     from ..methods.deleaker import generate as deleaker_generate
 
     rng = random.Random(HELD_OUT_SEED + 4)
@@ -239,7 +239,7 @@ def leakage_mitigation(pipeline, configs: dict, n: int = 32, steps: int = 20,
                     pipeline, scene.caption(), entities(scene), height=SIZE, width=SIZE,
                     config=configs[name], **_t2i_options(steps, seed=i))
             seconds = time.perf_counter() - start
-            image = np.clip(np.rint(out[0] * 255), 0, 255).astype(np.uint8)
+            image = to_uint8(out[0])
             images.append(image)
             scores = object_agreement(image, scene)
             row[name] = dict(color_bleed=color_bleed(image, scene), color=scores["color"],

@@ -166,6 +166,11 @@ def _nearest_names(pixels: np.ndarray, candidates: dict[str, np.ndarray]) -> np.
     return np.array(names)[dist.argmin(0)]
 
 
+def _scene_colors(scene: Scene) -> dict[str, np.ndarray]:
+    """The palette and the scene's (mean) background colour."""
+    return {**_PALETTE, "background": np.mean(BACKGROUNDS[scene.background], axis=0)}
+
+
 def object_agreement(image: np.ndarray, scene: Scene) -> dict[str, float]:
     """How well ``image`` (uint8 [SIZE, SIZE, 3]) shows ``scene``, measured inside each
     object's mask: ``color`` = share of objects whose mean colour is nearest to their named
@@ -173,8 +178,7 @@ def object_agreement(image: np.ndarray, scene: Scene) -> dict[str, float]:
     object's mask and the pixels nearest to its colour around it."""
     if not scene.shapes:
         return {"color": 1.0, "shape_iou": 1.0}
-    background = np.mean(BACKGROUNDS[scene.background], axis=0)
-    candidates = {**_PALETTE, "background": background}
+    candidates = _scene_colors(scene)
     pixels = image.astype(float)
     nearest = _nearest_names(pixels, candidates)  # each pixel's palette entry or background
     color_hits, ious = [], []
@@ -197,8 +201,7 @@ def object_agreement(image: np.ndarray, scene: Scene) -> dict[str, float]:
 def color_masks(image: np.ndarray, scene: Scene) -> np.ndarray:
     """Per object, the pixels of ``image`` whose nearest colour (among the palette and the
     scene's background) is the object's colour: bool [objects, SIZE, SIZE]."""
-    background = np.mean(BACKGROUNDS[scene.background], axis=0)
-    nearest = _nearest_names(image.astype(float), {**_PALETTE, "background": background})
+    nearest = _nearest_names(image.astype(float), _scene_colors(scene))
     return np.stack([nearest == s.color for s in scene.shapes])
 
 
