@@ -1,5 +1,5 @@
 """The ``ditflow`` command: ``protect`` photos, ``evaluate`` a protection, run the ``demo``,
-``generate`` images with DeLeaker.
+``generate`` images with DeLeaker, ``edit`` several objects at once with ALE.
 
 Models: ``--model testbed`` (the default) is the small FLUX Kontext-style editor (for
 ``generate``: the text-to-image model) trained offline on procedural scenes that ships with
@@ -253,9 +253,25 @@ REGION_COLORS = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130
                           (145, 30, 180), (70, 240, 240)], dtype=np.uint8)
 
 
-def generate_command(args) -> int:
+def _save_regions(output: Path, regions: torch.Tensor, phrases: list[str],
+                  size: tuple[int, int], what: str) -> None:
+    """Write ``<output stem>-regions.png``: each region (bool [n, rows, columns] on the token
+    grid) in its own colour, at ``size`` (height, width); print the regions' sizes."""
     from PIL import Image
 
+    from .io import save_photo
+
+    overlay = np.full((*regions.shape[1:], 3), 255, dtype=np.uint8)
+    for color, region in zip(REGION_COLORS, regions.cpu().numpy(), strict=False):
+        overlay[region] = color
+    path = output.with_name(f"{output.stem}-regions.png")
+    save_photo(path, np.asarray(Image.fromarray(overlay).resize(size[::-1],
+                                                                Image.Resampling.NEAREST)))
+    sizes = ", ".join(f"{p!r} {int(r.sum())}" for p, r in zip(phrases, regions, strict=True))
+    print(f"{what} regions (image tokens): {sizes}; map: {path}")
+
+
+def generate_command(args) -> int:
     from .io import save_photo, to_uint8
     from .methods.deleaker import DeLeakerConfig, generate
 
@@ -286,19 +302,82 @@ def generate_command(args) -> int:
                   "DeLeaker made no edits (more --steps or a lower --start-block)",
                   file=sys.stderr)
         else:
-            overlay = np.full((*regions.shape[1:], 3), 255, dtype=np.uint8)
-            for color, region in zip(REGION_COLORS, regions.cpu().numpy(), strict=False):
-                overlay[region] = color
-            region_path = output.with_name(f"{output.stem}-regions.png")
-            save_photo(region_path, np.asarray(Image.fromarray(overlay).resize(
-                (size, size), Image.Resampling.NEAREST)))
-            sizes = ", ".join(f"{e!r} {int(r.sum())}" for e, r in zip(args.entity, regions,
-                                                                       strict=True))
-            print(f"entity regions (image tokens): {sizes}; map: {region_path}")
+            _save_regions(output, regions, args.entity, (size, size), "entity")
     else:
         print("no --entity given: plain generation, without DeLeaker", file=sys.stderr)
         images = pipeline(prompt=args.prompt, height=size, width=size,
                           max_sequence_length=text_tokens, **call).images
+    save_photo(output, to_uint8(images[0]))
+    print(f"wrote {output}")
+    return 0
+
+
+# edit: working resolution, T5 tokens, guidance, steps per model (FLUX.1 Kontext: the
+# pipeline's 1024², 512 tokens, 3.5, 28 steps)
+EDIT_DEFAULTS = {
+    "testbed": dict(resolution=32, text_tokens=24, guidance=1.0, steps=20),
+    "tiny": dict(resolution=32, text_tokens=16, guidance=1.0, steps=20),
+}
+REAL_EDIT_DEFAULTS = dict(resolution=1024, text_tokens=512, guidance=3.5, steps=28)
+
+
+def _load_mask(path: str) -> np.ndarray:
+    """A mask image: bool [H, W], True where its grey level is above half."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from .io import ImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(ImageOps.exif_transpose(image).convert("L")) > 127
+    except (OSError, UnidentifiedImageError) as error:
+        raise ImageError(f"{path}: cannot read the mask ({error})") from None
+
+
+def edit_command(args) -> int:
+    from PIL import Image
+
+    from .io import ImageError, load_photo, save_photo, to_uint8
+    from .methods.ale import ALEConfig, edit
+    from .models.flux import vae_scale_factor, working_size
+
+    defaults = {**REAL_EDIT_DEFAULTS, **EDIT_DEFAULTS.get(args.model, {})}
+    settings = {key: defaults[key] if getattr(args, key) is None else getattr(args, key)
+                for key in defaults}
+    if args.model in EDIT_DEFAULTS:
+        print(f"note: --model {args.model} is a small offline model for demos and tests; pass "
+              "--model with a local FLUX.1 Kontext folder for real photos", file=sys.stderr)
+    try:
+        photo = load_photo(args.image)
+        masks = [_load_mask(path) for _, path in args.object]
+    except ImageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    pipeline = _pipeline(args.model, args.device, kind="kontext")
+    call = dict(num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+                output_type="np", generator=torch.Generator().manual_seed(args.seed))
+    output = Path(args.output)
+    if args.object:
+        phrases = [phrase for phrase, _ in args.object]
+        config = ALEConfig(dilation=args.dilation, restrict_embeddings=not args.no_ore,
+                           mask_attention=not args.no_rgb_cam,
+                           blend_background=not args.no_blending)
+        try:
+            images, regions = edit(pipeline, photo.pixels, args.prompt, phrases, masks,
+                                   resolution=settings["resolution"], config=config,
+                                   max_sequence_length=settings["text_tokens"], **call)
+        except ValueError as error:  # phrases not in the prompt, masks of the wrong size
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        _save_regions(output, regions, phrases, images[0].shape[:2], "object")
+    else:
+        print("no --object given: plain edit, without ALE", file=sys.stderr)
+        height, width = working_size(*photo.pixels.shape[:2], settings["resolution"],
+                                     2 * vae_scale_factor(pipeline.vae))
+        images = pipeline(image=Image.fromarray(photo.pixels), prompt=args.prompt,
+                          height=height, width=width, max_area=height * width,
+                          _auto_resize=False, max_sequence_length=settings["text_tokens"],
+                          **call).images
     save_photo(output, to_uint8(images[0]))
     print(f"wrote {output}")
     return 0
@@ -401,6 +480,34 @@ def main(argv: list[str] | None = None) -> int:
                    help="block call (counted over the generation) from which edits apply")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(run=generate_command)
+
+    p = sub.add_parser("edit", help="in-context edit of several objects at once with ALE "
+                       "(attribute-leakage-free editing)")
+    p.add_argument("image", help="the source photo")
+    p.add_argument("prompt", help="the instruction, e.g. 'make the car blue and the bike red'")
+    p.add_argument("-o", "--output", required=True, help="image file (.png or .jpg)")
+    p.add_argument("--object", nargs=2, action="append", default=[], metavar=("PHRASE", "MASK"),
+                   help="an edited object: its phrase in the prompt ('the car blue') and a "
+                        "mask image of the photo's size (white = object); repeat per object "
+                        "(1-4; none: plain edit)")
+    p.add_argument("--model", default="testbed",
+                   help="'testbed' (default), 'tiny' or a local FLUX.1 Kontext folder")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="working resolution (default 1024; 32 for the testbed and tiny models)")
+    p.add_argument("--steps", type=int, default=None, help="default 28 (20 testbed)")
+    p.add_argument("--guidance", type=float, default=None, help="default 3.5 (1.0 testbed)")
+    p.add_argument("--text-tokens", type=int, default=None, help="T5 tokens (default 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dilation", type=float, default=0.04,
+                   help="region dilation, a fraction of the image's longer side")
+    p.add_argument("--no-ore", action="store_true",
+                   help="ablation: the phrases keep their in-prompt embeddings")
+    p.add_argument("--no-rgb-cam", action="store_true",
+                   help="ablation: no region-restricted attention to the phrases")
+    p.add_argument("--no-blending", action="store_true",
+                   help="ablation: the background is generated, not kept")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(run=edit_command)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -15,9 +15,9 @@ from ditflow.methods.deleaker import (
     DeLeaker,
     DeLeakerConfig,
     entity_masks,
-    entity_token_positions,
     generate,
 )
+from ditflow.methods.phrases import phrase_token_positions
 from ditflow.session import BlockId, StepInfo, attach
 from ditflow.testbed.models import build_text_encoders
 from ditflow.tiny import tiny_flux_pipeline
@@ -32,10 +32,10 @@ def tokenizer():
     return build_text_encoders()[3]
 
 
-def test_entity_token_positions(tokenizer):
-    assert entity_token_positions(tokenizer, PROMPT, ["red circle", "blue square"], 24) == [
+def test_phrase_token_positions(tokenizer):
+    assert phrase_token_positions(tokenizer, PROMPT, ["red circle", "blue square"], 24) == [
         [1, 2], [7, 8]]
-    assert entity_token_positions(tokenizer, PROMPT, ["square"], 24) == [[8]]
+    assert phrase_token_positions(tokenizer, PROMPT, ["square"], 24) == [[8]]
 
 
 @pytest.mark.parametrize("entities, max_length, message", [
@@ -43,17 +43,17 @@ def test_entity_token_positions(tokenizer):
     (["blue square"], 5, "beyond the first 5 tokens"),
     (["red circle", "circle"], 24, "shares tokens"),
 ])
-def test_entity_token_errors(tokenizer, entities, max_length, message):
+def test_phrase_token_errors(tokenizer, entities, max_length, message):
     with pytest.raises(ValueError, match=message):
-        entity_token_positions(tokenizer, PROMPT, entities, max_length)
+        phrase_token_positions(tokenizer, PROMPT, entities, max_length)
 
 
-def test_entity_tokens_need_offsets():
+def test_phrase_tokens_need_offsets():
     class SlowTokenizer:
         is_fast = False
 
     with pytest.raises(TypeError, match="fast tokenizer"):
-        entity_token_positions(SlowTokenizer(), PROMPT, ["red circle"], 24)
+        phrase_token_positions(SlowTokenizer(), PROMPT, ["red circle"], 24)
 
 
 def _blobs() -> torch.Tensor:

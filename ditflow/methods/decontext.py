@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -37,7 +36,13 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import TokenLayout
-from ..models.flux import encode_image, image_ids, pack_latents, vae_scale_factor
+from ..models.flux import (
+    encode_image,
+    image_ids,
+    pack_latents,
+    vae_scale_factor,
+    working_size,
+)
 from ..session import StatsRecorder, attach
 from .prompts import PROMPT_POOL
 
@@ -216,12 +221,7 @@ class Protector:
     def working_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w): about resolution² pixels at the photo's aspect ratio, multiples of the
         model's 16 (vae factor x 2x2 packing)."""
-        area = self.config.resolution**2
-        aspect = width / height
-        m = self.multiple
-        w = max(m, round(math.sqrt(area * aspect) / m) * m)
-        h = max(m, round(math.sqrt(area / aspect) / m) * m)
-        return h, w
+        return working_size(height, width, self.config.resolution, self.multiple)
 
     # -- model inputs --------------------------------------------------------------------------
 

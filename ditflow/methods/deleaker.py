@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..layout import BASE_GROUPS, TokenLayout
 from ..rules import MAX_GROUPS, FlowRules
 from ..session import BlockId, Intervention, StepInfo, attach
+from .phrases import phrase_token_positions
 
 MAX_ENTITIES = (MAX_GROUPS - len(BASE_GROUPS)) // 2  # each entity adds a text and an image group
 
@@ -65,33 +66,6 @@ class DeLeakerConfig:
                self.close_iterations) < 0:
             raise ValueError("DeLeakerConfig: mask_steps >= 1; start_block, open_iterations, "
                              "close_iterations >= 0")
-
-
-def entity_token_positions(tokenizer, prompt: str, entities: Sequence[str],
-                           max_length: int) -> list[list[int]]:
-    """Token positions of each entity phrase in ``prompt`` as ``tokenizer`` encodes it (FLUX:
-    the T5 tokenizer, ``max_length`` = the pipeline's ``max_sequence_length``): the tokens whose
-    characters overlap the phrase's first occurrence."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise TypeError(f"entity_token_positions: {type(tokenizer).__name__} gives no character "
-                        "offsets; use a fast tokenizer (FLUX's T5TokenizerFast)")
-    offsets = tokenizer(prompt, max_length=max_length, truncation=True,
-                        return_offsets_mapping=True)["offset_mapping"]
-    positions, seen = [], set()
-    for phrase in entities:
-        start = prompt.find(phrase)
-        if not phrase or start < 0:
-            raise ValueError(f"DeLeaker: entity {phrase!r} is not in the prompt {prompt!r}")
-        end = start + len(phrase)
-        tokens = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
-        if not tokens:
-            raise ValueError(f"DeLeaker: entity {phrase!r} falls beyond the first {max_length} "
-                             "tokens of the prompt")
-        if seen & set(tokens):
-            raise ValueError(f"DeLeaker: entity {phrase!r} shares tokens with another entity")
-        seen.update(tokens)
-        positions.append(tokens)
-    return positions
 
 
 def _dilate(mask: torch.Tensor) -> torch.Tensor:
@@ -128,7 +102,8 @@ class DeLeaker(Intervention):
     each generation starts afresh, so one instance serves many seeds of its prompt.
 
     Args:
-        entity_tokens: per entity, its text-token positions (:func:`entity_token_positions`).
+        entity_tokens: per entity, its text-token positions
+            (:func:`ditflow.methods.phrases.phrase_token_positions`).
         token_grid: (rows, columns) of the image tokens (FLUX: height and width / 16).
         blocks_per_step: transformer blocks per denoising step (FLUX.1: 19 + 38 = 57).
         config: hyperparameters.
@@ -158,7 +133,7 @@ class DeLeaker(Intervention):
         if height % patch or width % patch:
             raise ValueError(f"DeLeaker: height and width must be multiples of {patch}, "
                              f"got {height}x{width}")
-        positions = entity_token_positions(pipeline.tokenizer_2, prompt, entities,
+        positions = phrase_token_positions(pipeline.tokenizer_2, prompt, entities,
                                            max_sequence_length)
         model = pipeline.transformer.config
         return cls(positions, (height // patch, width // patch),

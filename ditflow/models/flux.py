@@ -9,6 +9,8 @@ original processor, untouched.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
@@ -126,6 +128,16 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     b, c, h, w = latents.shape
     patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def working_size(height: int, width: int, resolution: int, multiple: int) -> tuple[int, int]:
+    """(h, w): about ``resolution``² pixels at the aspect ratio of ``height x width``, each a
+    multiple of ``multiple`` (FLUX: the VAE factor x the 2x2 packing, 16)."""
+    area = resolution**2
+    aspect = width / height
+    w = max(multiple, round(math.sqrt(area * aspect) / multiple) * multiple)
+    h = max(multiple, round(math.sqrt(area / aspect) / multiple) * multiple)
+    return h, w
 
 
 def vae_scale_factor(vae) -> int:

@@ -205,6 +205,13 @@ def color_masks(image: np.ndarray, scene: Scene) -> np.ndarray:
     return np.stack([nearest == s.color for s in scene.shapes])
 
 
+def color_share(image: np.ndarray, region: np.ndarray, colors, scene: Scene) -> float:
+    """Share of the pixels of ``image`` in ``region`` (bool [SIZE, SIZE]) whose nearest colour
+    (among the palette and the scene's background) is one of ``colors``."""
+    nearest = _nearest_names(image.astype(float), _scene_colors(scene))
+    return float(np.isin(nearest[region], sorted(colors)).mean())
+
+
 def color_bleed(image: np.ndarray, scene: Scene) -> float:
     """Semantic leakage between objects, measured inside each object's mask: the share of its
     pixels whose nearest palette colour is another object's colour in the scene and not its own
