@@ -54,7 +54,7 @@ class FaceEmbedder:
         """Unit-norm embeddings ``[len(images), E]`` of uint8 ``[H, W, 3]`` RGB images."""
         rows = []
         for image in images:
-            x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+            x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float()  # a writable copy
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                               antialias=True)
             with torch.no_grad():

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from benchmarks import attention, generation, protect_step, testbed_deleaker
+from benchmarks import attention, generation, protect_step, testbed_ale, testbed_deleaker
 from benchmarks.render_table import render
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -82,4 +82,18 @@ def test_testbed_deleaker_benchmark_scores_every_variant(tmp_path):
     for name, scores in result["summary"].items():
         assert 0 <= scores["color_bleed"] <= 1 and scores["seconds"] > 0
         assert (name == "none") == ("region_iou_drawn" not in scores)
+    assert path.with_suffix(".png").exists()
+
+
+def test_testbed_ale_benchmark_scores_every_variant(tmp_path):
+    testbed_ale.main(["--edits", "1", "--steps", "4", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("testbed-ale-*.json")
+    result = json.loads(path.read_text())
+    assert set(result["summary"]) == {"one object", "two objects"}
+    for by_variant in result["summary"].values():
+        assert set(by_variant) == {"none", *testbed_ale.VARIANTS}
+        for scores in by_variant.values():
+            assert 0 <= scores["leaked_pixels"] <= 1 and 0 <= scores["edited_color"] <= 1
+            assert scores["background_psnr"] > 0 and scores["seconds"] > 0
+    assert [row["kind"] for row in result["rows"]] == ["one object", "two objects"]
     assert path.with_suffix(".png").exists()

@@ -14,12 +14,12 @@ from ditflow.testbed.evaluate import (
     generation_quality,
     held_out_edits,
 )
-from ditflow.testbed.models import testbed_pipeline
+from ditflow.testbed.models import testbed_pipeline as load_testbed
 from ditflow.testbed.scenes import render
 
 
 def _quiet(kind: str):
-    pipeline = testbed_pipeline(kind)
+    pipeline = load_testbed(kind)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -63,4 +63,4 @@ def test_t2i_draws_what_the_caption_says(t2i):
 
 def test_missing_weights_are_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"python -m ditflow\.testbed\.train editor"):
-        testbed_pipeline("editor", weights=tmp_path)
+        load_testbed("editor", weights=tmp_path)
