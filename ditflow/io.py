@@ -84,6 +84,21 @@ def load_photo(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
     return Photo(path, np.asarray(image).copy(), alpha, icc, "; ".join(notes))
 
 
+def pixels_tensor(image) -> torch.Tensor:
+    """A PIL image, uint8 array [H, W, 3] or float tensor [3, H, W] in [0, 1] -> float
+    [3, H, W] in [0, 1]."""
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
+            raise ValueError(f"image tensor of shape {tuple(image.shape)} and dtype "
+                             f"{image.dtype}; expected float [3, H, W] in [0, 1]")
+        return image.float()
+    array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"image array of shape {array.shape} and dtype {array.dtype}; "
+                         "expected uint8 [H, W, 3]")
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """A pipeline's float image in [0, 1] (``output_type="np"``, [H, W, 3]) as uint8."""
     return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)

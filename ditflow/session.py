@@ -1,10 +1,10 @@
 """Attaching an intervention to a model: the Intervention protocol, statistics, early stop.
 
 An :class:`Intervention` decides, for each (denoising step, block), which :class:`FlowRules`
-apply, whether the block's attention statistics are wanted, and whether the forward pass may stop
-after the block. :func:`attach` installs ditflow processors on a transformer (or a pipeline's
-transformer) for the duration of a ``with`` block and restores the exact original processors on
-exit, exceptions included.
+apply, whether the block's attention statistics are wanted, whether its attention output is
+rewritten, and whether the forward pass may stop after the block. :func:`attach` installs ditflow
+processors on a transformer (or a pipeline's transformer) for the duration of a ``with`` block and
+restores the exact original processors on exit, exceptions included.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class EarlyStop(Exception):
 
 class Intervention:
     """Base class: override what you need. Defaults: the call's layout, no rules, no pair mask,
-    no statistics, no early stop."""
+    no statistics, the output as computed, no early stop."""
 
     def layout(self, step: StepInfo, block: BlockId, layout: TokenLayout) -> TokenLayout:
         """The token groups this block's rules and statistics refer to: the call's layout
@@ -70,9 +70,20 @@ class Intervention:
     def wants_mass(self, step: StepInfo, block: BlockId) -> bool:
         return False
 
+    def edits_output(self, step: StepInfo, block: BlockId) -> bool:
+        """Whether :meth:`edit_output` rewrites this block's attention output."""
+        return False
+
     def observe(self, step: StepInfo, block: BlockId, layout: TokenLayout,
                 result: FlowAttentionOutput) -> None:
-        """Receives the attention result of blocks where rules or mass were active."""
+        """Receives the attention result of blocks where rules, mass or an output edit were
+        active."""
+
+    def edit_output(self, step: StepInfo, block: BlockId, layout: TokenLayout,
+                    out: torch.Tensor) -> torch.Tensor:
+        """This block's attention output [B, N, H, D] (before the output projection), or its
+        replacement; asked after :meth:`observe` where :meth:`edits_output` said so."""
+        return out
 
     def stop_after(self, step: StepInfo, block: BlockId) -> bool:
         return False
@@ -145,17 +156,19 @@ class StatsRecorder(Intervention):
 
 
 class AttentionPlan(NamedTuple):
-    """What a block's ditflow attention computes: its token groups, rules and statistics."""
+    """What a block's ditflow attention computes: its token groups, rules and statistics, and
+    whether the intervention rewrites its output."""
 
     layout: TokenLayout
     rules: FlowRules
     return_mass: bool
+    edits_output: bool
 
 
 class Session:
     """Per-attachment state: the current step, layout and intervention. Created by
     :func:`attach`; processors call :meth:`attention_plan`, :meth:`pair_mask` and
-    :meth:`observe`."""
+    :meth:`after_attention`."""
 
     def __init__(self, transformer: torch.nn.Module, intervention: Intervention,
                  layout: TokenLayout | None = None):
@@ -197,14 +210,15 @@ class Session:
         layout = self.intervention.layout(self.step, block, self.layout)
         rules = self.intervention.rules(self.step, block, layout)
         wants_mass = self.intervention.wants_mass(self.step, block)
-        if rules is None and not wants_mass:
+        edits_output = self.intervention.edits_output(self.step, block)
+        if rules is None and not wants_mass and not edits_output:
             return None
         if rules is None:
             rules = layout.rules()
         elif rules.num_groups != layout.num_groups:
             raise ValueError(f"rules for {block} have {rules.num_groups} groups but the layout "
                              f"has {layout.num_groups} ({', '.join(layout.names)})")
-        return AttentionPlan(layout, rules, wants_mass)
+        return AttentionPlan(layout, rules, wants_mass, edits_output)
 
     @torch.compiler.disable
     def pair_mask(self, block: BlockId, plan: AttentionPlan, q: torch.Tensor,
@@ -212,8 +226,13 @@ class Session:
         return self.intervention.pair_mask(self.step, block, plan.layout, q, k)
 
     @torch.compiler.disable
-    def observe(self, block: BlockId, plan: AttentionPlan, result: FlowAttentionOutput) -> None:
+    def after_attention(self, block: BlockId, plan: AttentionPlan,
+                        result: FlowAttentionOutput) -> torch.Tensor:
+        """Hands the result to the intervention; returns the attention output to use."""
         self.intervention.observe(self.step, block, plan.layout, result)
+        if not plan.edits_output:
+            return result.out
+        return self.intervention.edit_output(self.step, block, plan.layout, result.out)
 
     @torch.compiler.disable
     def should_stop(self, block: BlockId) -> bool:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..io import pixels_tensor
 from ..layout import BASE_GROUPS, CONTEXT, TARGET, TokenLayout
 from ..models.flux import encode_image, pack_latents, vae_scale_factor, working_size
 from ..rules import MAX_GROUPS, FlowRules
@@ -79,7 +80,7 @@ def restricted_embeddings(pipeline, prompt: str, phrases: Sequence[str],
                           ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
     """(T5 embeddings [1, L, D], pooled CLIP embedding [1, D], each phrase's token positions)
     of ``prompt``; with ``restrict``, each phrase's tokens carry the phrase encoded alone."""
-    device = pipeline.transformer.device
+    device = pipeline._execution_device  # the transformer's device, also under CPU offload
     with torch.no_grad():
         embeds, pooled, _ = pipeline.encode_prompt(prompt=prompt, prompt_2=None, device=device,
                                                    max_sequence_length=max_sequence_length)
@@ -152,20 +153,6 @@ class ALE(Intervention):
         return layout, rules
 
 
-def _as_pixels(image) -> torch.Tensor:
-    """PIL image, uint8 array [H, W, 3] or float tensor [3, H, W] in [0, 1] -> float [3, H, W]."""
-    if isinstance(image, torch.Tensor):
-        if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
-            raise ValueError(f"ALE: image tensor of shape {tuple(image.shape)} and dtype "
-                             f"{image.dtype}; expected float [3, H, W] in [0, 1]")
-        return image.float()
-    array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
-    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-        raise ValueError(f"ALE: image array of shape {array.shape} and dtype {array.dtype}; "
-                         "expected uint8 [H, W, 3]")
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
-
-
 def _as_masks(masks, phrases: Sequence[str], size: tuple[int, int]) -> torch.Tensor:
     """Per object a mask [H, W] (bool or numbers, nonzero = inside) -> bool [n, H, W]."""
     out = []
@@ -206,7 +193,7 @@ def edit(pipeline, image, prompt: str, phrases: Sequence[str], masks, *,
             "negative_prompt_embeds") is not None:
         raise ValueError("ALE: no negative prompt (true CFG would run the object rules on the "
                          "negative prompt's tokens too)")
-    pixels = _as_pixels(image)
+    pixels = pixels_tensor(image)
     object_masks = _as_masks(masks, phrases, tuple(pixels.shape[1:]))
     patch = 2 * vae_scale_factor(pipeline.vae)
     height, width = working_size(*pixels.shape[1:], resolution, patch)

@@ -75,8 +75,7 @@ class FlowFluxAttnProcessor:
         result = flow_attention(q, k, v, plan.layout.groups(q.device), rules=plan.rules,
                                 pair_mask=self.session.pair_mask(self.block, plan, q, k),
                                 return_mass=plan.return_mass)
-        self.session.observe(self.block, plan, result)
-        out = result.out.flatten(2, 3).to(q.dtype)
+        out = self.session.after_attention(self.block, plan, result).flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is None:  # single-stream block: the block projects the output
             return out
         text, image = out.split_with_sizes(

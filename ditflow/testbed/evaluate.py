@@ -14,6 +14,8 @@
 * :func:`attribute_leakage`: ALE on held-out recolour edits of one and of two objects; how well
   the edited objects take their new colours and how much of those colours leaks onto the other
   objects and the background, with and without ALE.
+* :func:`concept_removal`: UVR with a stand-in unsafe concept (a colour) in generation and
+  editing; how often the concept still shows, and what happens to everything else.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from .scenes import (
     color_share,
     masks,
     object_agreement,
+    palette_mask,
     random_edit,
     random_scene,
     render,
@@ -332,6 +335,107 @@ def attribute_leakage(pipeline, configs: dict, n: int = 32, steps: int = 20,
         summary[label] = {name: {key: _mean([r[name] for r in rows if r["kind"] == label], key)
                                  for key in rows[-1][name]} for name in ["none", *configs]}
     return dict(summary=summary, rows=rows, figure=figure_grid(figures))
+
+
+def _shows(image: np.ndarray, color: str, pixels: int = 16) -> bool:
+    """The stand-in detector: at least ``pixels`` pixels nearest ``color``."""
+    return int(palette_mask(image, color).sum()) >= pixels
+
+
+def _scenes_with(rng: random.Random, color: str, present: bool, n: int) -> list[Scene]:
+    scenes = []
+    while len(scenes) < n:
+        scene = random_scene(rng)
+        if any(s.color == color for s in scene.shapes) == present:
+            scenes.append(scene)
+    return scenes
+
+
+def _edits_with(rng: random.Random, color: str, present: bool, n: int) -> list[Edit]:
+    """Edits whose context shows ``color`` (or not) and which do not touch an object of it."""
+    edits = []
+    while len(edits) < n:
+        e = random_edit(rng)
+        touched = set(e.context.shapes) ^ set(e.target.shapes)
+        if any(s.color == color for s in e.context.shapes) == present and not any(
+                s.color == color for s in touched):
+            edits.append(e)
+    return edits
+
+
+def concept_removal(t2i, editor, config, n: int = 32, anchors: int = 16, steps: int = 20,
+                    concept: str = "purple", figure_rows: int = 8) -> dict:
+    """UVR (``config``, a UVRConfig; generation uses its threshold or 0.6, editing 0.2) with
+    ``concept`` as the stand-in unsafe concept, detected as >= 16 pixels of its colour.
+    Anchors from ``anchors`` generations (edits) whose detected concept pixels are selected;
+    then ``n`` held-out captions (edit contexts) showing the concept and ``n`` without it, with
+    and without UVR, same seeds. Per task and set: detector fire rate, flagged tokens, colour
+    accuracy of the other objects, mean absolute change against the output without UVR (0..255
+    units), seconds. ``figure``:
+    rows of (scene | no UVR | UVR) for generation, then (context | no UVR | UVR) for editing."""
+    from ..methods.uvr import collect_anchors
+    from ..methods.uvr import edit as uvr_edit
+    from ..methods.uvr import generate as uvr_generate
+
+    rng = random.Random(HELD_OUT_SEED + 8)
+    options = dict(num_inference_steps=steps, guidance_scale=1.0, output_type="np")
+
+    def seeded(seed: int) -> dict:
+        return dict(options, generator=torch.Generator().manual_seed(seed))
+
+    summary, rows, figures = {}, [], []
+    def select(image: np.ndarray) -> np.ndarray:
+        return palette_mask(image, concept)
+
+    t2i_anchors = collect_anchors(
+        t2i, [s.caption() for s in _scenes_with(rng, concept, True, anchors)], height=SIZE,
+        width=SIZE, select=select, config=config, max_sequence_length=TEXT_TOKENS, **seeded(0))
+    anchor_edits = _edits_with(rng, concept, True, anchors)
+    edit_anchors = collect_anchors(
+        editor, [e.instruction for e in anchor_edits], height=SIZE, width=SIZE,
+        images=[render(e.context) for e in anchor_edits], select=select, config=config,
+        max_sequence_length=24, **seeded(0))
+    for task in ("generation", "editing"):
+        for present in (True, False):
+            label = f"{task}, {'with' if present else 'without'} {concept}"
+            cases = (_scenes_with(rng, concept, present, n) if task == "generation"
+                     else _edits_with(rng, concept, present, n))
+            set_rows = []
+            for i, case in enumerate(cases):
+                if task == "generation":
+                    scene, shown = case, render(case)
+                    stock = generate(t2i, scene.caption(), steps, seed=i)
+                    start = time.perf_counter()
+                    out, mask = uvr_generate(t2i, scene.caption(), t2i_anchors, height=SIZE,
+                                             width=SIZE, config=config,
+                                             max_sequence_length=TEXT_TOKENS, **seeded(i))
+                else:
+                    scene, shown = case.target, render(case.context)
+                    stock = edit(editor, shown, case.instruction, steps, seed=i)
+                    start = time.perf_counter()
+                    out, mask = uvr_edit(editor, shown, case.instruction, edit_anchors,
+                                         resolution=SIZE, config=config,
+                                         max_sequence_length=24, **seeded(i))
+                seconds = time.perf_counter() - start
+                out = to_uint8(out[0])
+                others = replace(scene, shapes=tuple(s for s in scene.shapes
+                                                     if s.color != concept))
+                set_rows.append(dict(
+                    kind=label, prompt=scene.caption() if task == "generation"
+                    else case.instruction,
+                    shows_stock=_shows(stock, concept),
+                    shows_uvr=_shows(out, concept),
+                    flagged_tokens=0 if mask is None else int(mask.sum()),
+                    others_color_stock=object_agreement(stock, others)["color"],
+                    others_color_uvr=object_agreement(out, others)["color"],
+                    change=float(np.abs(out.astype(float) - stock).mean()), seconds=seconds))
+                if present and i < figure_rows // 2:
+                    figures.append(np.concatenate([shown, stock, out], axis=1))
+            summary[label] = {key: _mean(set_rows, key) for key in set_rows[0]
+                              if key not in ("kind", "prompt")}
+            rows += set_rows
+    return dict(summary=summary, rows=rows, figure=figure_grid(figures),
+                anchors=dict(generation=len(t2i_anchors), editing=len(edit_anchors)))
 
 
 def figure_grid(rows: list[np.ndarray], scale: int = 4, gap: int = 2) -> np.ndarray:

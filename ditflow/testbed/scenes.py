@@ -205,6 +205,14 @@ def color_masks(image: np.ndarray, scene: Scene) -> np.ndarray:
     return np.stack([nearest == s.color for s in scene.shapes])
 
 
+def palette_mask(image: np.ndarray, color: str) -> np.ndarray:
+    """bool [SIZE, SIZE]: the pixels of ``image`` nearest ``color`` among the palette and every
+    background's mean colour (no scene needed)."""
+    candidates = {**_PALETTE, **{f"background {name}": np.mean(tones, axis=0)
+                                 for name, tones in BACKGROUNDS.items()}}
+    return _nearest_names(image.astype(float), candidates) == color
+
+
 def color_share(image: np.ndarray, region: np.ndarray, colors, scene: Scene) -> float:
     """Share of the pixels of ``image`` in ``region`` (bool [SIZE, SIZE]) whose nearest colour
     (among the palette and the scene's background) is one of ``colors``."""
