@@ -6,8 +6,9 @@ Collects anchors for the concept (default purple: its pixels, detected by colour
 anchor tokens) from the text-to-image model and from the editor, then generates held-out
 captions and edits held-out contexts with and without the concept, with and without UVR (same
 seeds), and writes ``testbed-uvr-<device>-<date>.json`` (summaries and per-prompt rows) and
-``.png`` (rows: scene or context | no UVR | UVR) under ``--out``. The testbed has 4 single
-blocks; UVR localises at single.1, the same depth as FLUX.1's single.10 of 38.
+``.png`` (rows: scene or context | no UVR | each variant) under ``--out``. Variants: the
+default threshold (0.6) and a stricter one (1.0). The testbed has 4 single blocks; UVR
+localises at single.1, the same depth as FLUX.1's single.10 of 38.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from ditflow.methods.uvr import UVRConfig
 from ditflow.testbed.evaluate import concept_removal
 from ditflow.testbed.models import testbed_pipeline
 
-CONFIG = UVRConfig(block="single.1")
+VARIANTS = {
+    "uvr": UVRConfig(block="single.1"),
+    "uvr-threshold-1.0": UVRConfig(block="single.1", threshold=1.0),
+}
 
 
 def main(argv=None) -> None:
@@ -43,12 +47,12 @@ def main(argv=None) -> None:
     t2i, editor = testbed_pipeline("t2i"), testbed_pipeline("editor")
     for pipeline in (t2i, editor):
         pipeline.set_progress_bar_config(disable=True)
-    result = concept_removal(t2i, editor, CONFIG, args.prompts, args.anchors, args.steps,
+    result = concept_removal(t2i, editor, VARIANTS, args.prompts, args.anchors, args.steps,
                              args.concept)
     print(json.dumps(result["summary"], indent=1))
     figure = result.pop("figure")
     path = save(args.out, "testbed-uvr", "testbed_uvr", argv, concept=args.concept,
-                config=asdict(CONFIG), **result)
+                variants={name: asdict(config) for name, config in VARIANTS.items()}, **result)
     Image.fromarray(figure).save(path.with_suffix(".png"))
     print(f"wrote {path.with_suffix('.png')}")
 

@@ -1,5 +1,6 @@
 """The ``ditflow`` command: ``protect`` photos, ``evaluate`` a protection, run the ``demo``,
-``generate`` images with DeLeaker, ``edit`` several objects at once with ALE.
+``generate`` images with DeLeaker, ``edit`` several objects at once with ALE; ``generate`` and
+``edit`` restrict an unsafe concept with UVR (``--uvr ANCHORS``).
 
 Models: ``--model testbed`` (the default) is the small FLUX Kontext-style editor (for
 ``generate``: the text-to-image model) trained offline on procedural scenes that ships with
@@ -271,6 +272,31 @@ def _save_regions(output: Path, regions: torch.Tensor, phrases: list[str],
     print(f"{what} regions (image tokens): {sizes}; map: {path}")
 
 
+def _run_uvr(args, output: Path, run) -> int:
+    """Generation or edit with UVR: anchors from ``args.uvr`` (their block unless
+    ``--uvr-block``), ``run(anchors, metadata, config) -> (images, mask)``; writes the image
+    and the flagged-token map."""
+    from .io import save_photo, to_uint8
+    from .methods.uvr import UVRConfig, load_anchors
+
+    try:
+        anchors, metadata = load_anchors(args.uvr)
+        block = args.uvr_block or metadata.get("block", UVRConfig.block)
+        images, mask = run(anchors, metadata, UVRConfig(block=block,
+                                                        threshold=args.uvr_threshold))
+    except ValueError as error:  # not an anchors file, anchors for another block or mode
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if mask is None:
+        print("UVR flagged nothing: the output is the model's own", file=sys.stderr)
+    else:
+        _save_regions(output, mask[None], [metadata.get("concept", "concept")],
+                      images[0].shape[:2], "flagged")
+    save_photo(output, to_uint8(images[0]))
+    print(f"wrote {output}")
+    return 0
+
+
 def generate_command(args) -> int:
     from .io import save_photo, to_uint8
     from .methods.deleaker import DeLeakerConfig, generate
@@ -286,6 +312,15 @@ def generate_command(args) -> int:
     call = dict(num_inference_steps=args.steps, guidance_scale=guidance, output_type="np",
                 generator=torch.Generator().manual_seed(args.seed))
     output = Path(args.output)
+    if args.uvr and args.entity:
+        print("error: --uvr and --entity are separate methods; give one", file=sys.stderr)
+        return 2
+    if args.uvr:
+        from .methods.uvr import generate as uvr_generate
+
+        return _run_uvr(args, output, lambda anchors, metadata, config: uvr_generate(
+            pipeline, args.prompt, anchors, height=size, width=size, config=config,
+            anchor_metadata=metadata, max_sequence_length=text_tokens, **call))
     if args.entity:
         config = DeLeakerConfig(alpha=args.alpha, mask_threshold=args.mask_threshold,
                                 pair_threshold=args.pair_threshold, mask_steps=args.mask_steps,
@@ -357,6 +392,16 @@ def edit_command(args) -> int:
     call = dict(num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
                 output_type="np", generator=torch.Generator().manual_seed(args.seed))
     output = Path(args.output)
+    if args.uvr and args.object:
+        print("error: --uvr and --object are separate methods; give one", file=sys.stderr)
+        return 2
+    if args.uvr:
+        from .methods.uvr import edit as uvr_edit
+
+        return _run_uvr(args, output, lambda anchors, metadata, config: uvr_edit(
+            pipeline, photo.pixels, args.prompt, anchors, resolution=settings["resolution"],
+            config=config, anchor_metadata=metadata,
+            max_sequence_length=settings["text_tokens"], **call))
     if args.object:
         phrases = [phrase for phrase, _ in args.object]
         config = ALEConfig(dilation=args.dilation, restrict_embeddings=not args.no_ore,
@@ -412,6 +457,16 @@ def _protect_options(p: argparse.ArgumentParser, steps_default: int = 800,
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _uvr_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--uvr", default=None, metavar="ANCHORS",
+                   help="restrict an unsafe concept's flow (UVR) with these anchors "
+                        "(.safetensors from ditflow.methods.uvr.save_anchors)")
+    p.add_argument("--uvr-threshold", type=float, default=0.6,
+                   help="UVR: flag tokens scoring above this (1 = as close as the anchors)")
+    p.add_argument("--uvr-block", default=None,
+                   help="UVR: the localisation block (default: the anchors' own)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from .methods.deleaker import DeLeakerConfig
 
@@ -453,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=demo_command)
 
     p = sub.add_parser("generate", help="text-to-image with DeLeaker (semantic-leakage "
-                       "mitigation)")
+                       "mitigation) or UVR (unsafe-concept restriction)")
     p.add_argument("prompt")
     p.add_argument("-o", "--output", required=True, help="image file (.png or .jpg)")
     p.add_argument("--entity", action="append", default=[],
@@ -478,11 +533,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="denoising steps whose attention makes the entity regions")
     p.add_argument("--start-block", type=int, default=defaults.start_block,
                    help="block call (counted over the generation) from which edits apply")
+    _uvr_options(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(run=generate_command)
 
     p = sub.add_parser("edit", help="in-context edit of several objects at once with ALE "
-                       "(attribute-leakage-free editing)")
+                       "(attribute-leakage-free editing), or with UVR")
     p.add_argument("image", help="the source photo")
     p.add_argument("prompt", help="the instruction, e.g. 'make the car blue and the bike red'")
     p.add_argument("-o", "--output", required=True, help="image file (.png or .jpg)")
@@ -506,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="ablation: no region-restricted attention to the phrases")
     p.add_argument("--no-blending", action="store_true",
                    help="ablation: the background is generated, not kept")
+    _uvr_options(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(run=edit_command)
     args = parser.parse_args(argv)

@@ -193,12 +193,12 @@ def save_anchors(path: str | Path, anchors: torch.Tensor, concept: str, block: s
 
 def load_anchors(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
     """(anchors [A, H, D], metadata with concept, block and mode)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.get_tensor("anchors"), dict(f.metadata() or {})
-    except (OSError, KeyError) as error:
+    except (OSError, KeyError, SafetensorError) as error:
         raise ValueError(f"{path}: not a ditflow anchors file ({error}); make one with "
                          "`ditflow anchors`") from None
 
@@ -272,7 +272,9 @@ class UVR(Intervention):
         return self.mode == "edit" and self._localizes(step, block)
 
     def edits_output(self, step, block):
-        return self.mode == "generate" and step.timestep >= self.config.start_up
+        # the localisation block also goes through ditflow's attention, to be observed
+        return self.mode == "generate" and step.timestep >= self.config.start_up and (
+            self.soft is not None or self._localizes(step, block))
 
     def observe(self, step, block, layout, result):
         if not self._localizes(step, block):

@@ -363,38 +363,40 @@ def _edits_with(rng: random.Random, color: str, present: bool, n: int) -> list[E
     return edits
 
 
-def concept_removal(t2i, editor, config, n: int = 32, anchors: int = 16, steps: int = 20,
-                    concept: str = "purple", figure_rows: int = 8) -> dict:
-    """UVR (``config``, a UVRConfig; generation uses its threshold or 0.6, editing 0.2) with
-    ``concept`` as the stand-in unsafe concept, detected as >= 16 pixels of its colour.
-    Anchors from ``anchors`` generations (edits) whose detected concept pixels are selected;
-    then ``n`` held-out captions (edit contexts) showing the concept and ``n`` without it, with
-    and without UVR, same seeds. Per task and set: detector fire rate, flagged tokens, colour
-    accuracy of the other objects, mean absolute change against the output without UVR (0..255
-    units), seconds. ``figure``:
-    rows of (scene | no UVR | UVR) for generation, then (context | no UVR | UVR) for editing."""
+def concept_removal(t2i, editor, configs: dict, n: int = 32, anchors: int = 16,
+                    steps: int = 20, concept: str = "purple", figure_rows: int = 8) -> dict:
+    """UVR with ``concept`` as the stand-in unsafe concept, detected as >= 16 pixels of its
+    colour, for each of ``configs`` (name -> UVRConfig, one localisation block). Anchors from
+    ``anchors`` generations (edits) whose detected concept pixels are selected; then ``n``
+    held-out captions (edit contexts) showing the concept and ``n`` without it, without UVR and
+    with each variant, same seeds. Per task, set and variant: detector fire rate, flagged
+    tokens, colour accuracy of the other objects, mean absolute change against the output
+    without UVR (0..255 units), seconds. ``figure``: rows of (scene or context | no UVR | each
+    variant), generation then editing."""
     from ..methods.uvr import collect_anchors
     from ..methods.uvr import edit as uvr_edit
     from ..methods.uvr import generate as uvr_generate
 
+    (block,) = {config.block for config in configs.values()}
+    probe = next(iter(configs.values()))
     rng = random.Random(HELD_OUT_SEED + 8)
     options = dict(num_inference_steps=steps, guidance_scale=1.0, output_type="np")
 
     def seeded(seed: int) -> dict:
         return dict(options, generator=torch.Generator().manual_seed(seed))
 
-    summary, rows, figures = {}, [], []
     def select(image: np.ndarray) -> np.ndarray:
         return palette_mask(image, concept)
 
     t2i_anchors = collect_anchors(
         t2i, [s.caption() for s in _scenes_with(rng, concept, True, anchors)], height=SIZE,
-        width=SIZE, select=select, config=config, max_sequence_length=TEXT_TOKENS, **seeded(0))
+        width=SIZE, select=select, config=probe, max_sequence_length=TEXT_TOKENS, **seeded(0))
     anchor_edits = _edits_with(rng, concept, True, anchors)
     edit_anchors = collect_anchors(
         editor, [e.instruction for e in anchor_edits], height=SIZE, width=SIZE,
-        images=[render(e.context) for e in anchor_edits], select=select, config=config,
+        images=[render(e.context) for e in anchor_edits], select=select, config=probe,
         max_sequence_length=24, **seeded(0))
+    summary, rows, figures = {}, [], []
     for task in ("generation", "editing"):
         for present in (True, False):
             label = f"{task}, {'with' if present else 'without'} {concept}"
@@ -403,38 +405,47 @@ def concept_removal(t2i, editor, config, n: int = 32, anchors: int = 16, steps: 
             set_rows = []
             for i, case in enumerate(cases):
                 if task == "generation":
-                    scene, shown = case, render(case)
-                    stock = generate(t2i, scene.caption(), steps, seed=i)
+                    scene, shown, prompt = case, render(case), case.caption()
                     start = time.perf_counter()
-                    out, mask = uvr_generate(t2i, scene.caption(), t2i_anchors, height=SIZE,
-                                             width=SIZE, config=config,
-                                             max_sequence_length=TEXT_TOKENS, **seeded(i))
+                    stock = generate(t2i, prompt, steps, seed=i)
                 else:
-                    scene, shown = case.target, render(case.context)
-                    stock = edit(editor, shown, case.instruction, steps, seed=i)
+                    scene, shown, prompt = case.target, render(case.context), case.instruction
                     start = time.perf_counter()
-                    out, mask = uvr_edit(editor, shown, case.instruction, edit_anchors,
-                                         resolution=SIZE, config=config,
-                                         max_sequence_length=24, **seeded(i))
-                seconds = time.perf_counter() - start
-                out = to_uint8(out[0])
+                    stock = edit(editor, shown, prompt, steps, seed=i)
                 others = replace(scene, shapes=tuple(s for s in scene.shapes
                                                      if s.color != concept))
-                set_rows.append(dict(
-                    kind=label, prompt=scene.caption() if task == "generation"
-                    else case.instruction,
-                    shows_stock=_shows(stock, concept),
-                    shows_uvr=_shows(out, concept),
-                    flagged_tokens=0 if mask is None else int(mask.sum()),
-                    others_color_stock=object_agreement(stock, others)["color"],
-                    others_color_uvr=object_agreement(out, others)["color"],
-                    change=float(np.abs(out.astype(float) - stock).mean()), seconds=seconds))
+                row = dict(kind=label, prompt=prompt, none=dict(
+                    shows=_shows(stock, concept), flagged_tokens=0,
+                    others_color=object_agreement(stock, others)["color"], change=0.0,
+                    seconds=time.perf_counter() - start))
+                images = [shown, stock]
+                for name, config in configs.items():
+                    start = time.perf_counter()
+                    if task == "generation":
+                        out, mask = uvr_generate(t2i, prompt, t2i_anchors, height=SIZE,
+                                                 width=SIZE, config=config,
+                                                 max_sequence_length=TEXT_TOKENS, **seeded(i))
+                    else:
+                        out, mask = uvr_edit(editor, shown, prompt, edit_anchors,
+                                             resolution=SIZE, config=config,
+                                             max_sequence_length=24, **seeded(i))
+                    seconds = time.perf_counter() - start
+                    out = to_uint8(out[0])
+                    images.append(out)
+                    row[name] = dict(
+                        shows=_shows(out, concept),
+                        flagged_tokens=0 if mask is None else int(mask.sum()),
+                        others_color=object_agreement(out, others)["color"],
+                        change=float(np.abs(out.astype(float) - stock).mean()),
+                        seconds=seconds)
+                set_rows.append(row)
                 if present and i < figure_rows // 2:
-                    figures.append(np.concatenate([shown, stock, out], axis=1))
-            summary[label] = {key: _mean(set_rows, key) for key in set_rows[0]
-                              if key not in ("kind", "prompt")}
+                    figures.append(np.concatenate(images, axis=1))
+            summary[label] = {name: {key: _mean([r[name] for r in set_rows], key)
+                                     for key in set_rows[0][name]}
+                              for name in ["none", *configs]}
             rows += set_rows
-    return dict(summary=summary, rows=rows, figure=figure_grid(figures),
+    return dict(summary=summary, rows=rows, figure=figure_grid(figures), block=block,
                 anchors=dict(generation=len(t2i_anchors), editing=len(edit_anchors)))
 
 

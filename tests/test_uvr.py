@@ -1,0 +1,225 @@
+"""UVR: scores, localisation, the generation output edit and the editing weights against the
+rules computed densely, anchors, and generation / editing end to end on the testbed models."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("scipy")
+
+from ditflow import flow_attention, ops
+from ditflow.layout import TokenLayout
+from ditflow.methods.uvr import (
+    UVR,
+    UVRConfig,
+    collect_anchors,
+    edit,
+    generate,
+    load_anchors,
+    localize,
+    save_anchors,
+    token_scores,
+)
+from ditflow.session import BlockId, StepInfo
+from ditflow.testbed import evaluate
+from ditflow.testbed.models import TEXT_TOKENS
+from ditflow.testbed.models import testbed_pipeline as load_testbed
+from ditflow.testbed.scenes import SIZE, palette_mask, render
+
+CONFIG = UVRConfig(block="single.1")
+START_UP = StepInfo(1, 0.95)
+LATER = StepInfo(9, 0.5)
+BLOCK = BlockId("double", 0, 0)
+
+
+def test_token_scores_are_relative_to_the_anchors_and_centred():
+    anchor = torch.randn(2, 8)
+    outputs = torch.stack([anchor, -anchor, torch.zeros(2, 8)]) + torch.randn(2, 8)  # + common
+    scores = token_scores(outputs, torch.stack([anchor, anchor]))
+    torch.testing.assert_close(scores, torch.tensor([1.0, -1.0, 0.0]), rtol=1e-5, atol=1e-5)
+
+
+def test_localize_cleans_the_mask_and_peaks_the_soft_mask_at_the_best_token():
+    scores = torch.zeros(12, 12)
+    scores[2:7, 2:7] = 1.0
+    scores[4, 4] = 0.1  # a hole: filled
+    scores[3, 5] = 2.0  # the strongest token
+    scores[10, 10] = 3.0  # a one-token speck: under min_area (2% of 144 = 2.9 tokens)
+    mask, soft = localize(scores, 0.6, 0.02)
+    expected = torch.zeros(12, 12, dtype=torch.bool)
+    expected[2:7, 2:7] = True
+    assert torch.equal(mask, expected)
+    assert soft.flatten().argmax() == 3 * 12 + 5 and soft.max() <= 1
+    grown = torch.nn.functional.max_pool2d(mask[None].float(), 3, 1, 1)[0] > 0
+    assert (soft[~grown] == 0).all() and (soft[mask] > 0).all()
+    nothing, none_soft = localize(scores, 5.0, 0.02)
+    assert not nothing.any() and not none_soft.any()
+
+
+def _uvr(mode: str, grid=(3, 4), **config) -> UVR:
+    return UVR(torch.randn(2, 2, 8), grid, mode, UVRConfig(block="double.0", **config))
+
+
+def test_generation_replaces_flagged_rows_with_noise_in_the_start_up_stage():
+    uvr = _uvr("generate")
+    layout = TokenLayout.from_segments(5, 12)
+    assert uvr.layout(START_UP, BLOCK, layout) is layout and uvr.rules(START_UP, BLOCK,
+                                                                        layout) is None
+    assert uvr.edits_output(START_UP, BLOCK)  # the localisation block (double.0 here)
+    assert not uvr.edits_output(START_UP, BlockId("double", 1, 1))  # nothing flagged yet
+    uvr.soft = torch.zeros(3, 4)
+    uvr.soft[0, 1], uvr.soft[2, 3] = 1.0, 0.5
+    assert uvr.edits_output(START_UP, BlockId("double", 1, 1))
+    assert not uvr.edits_output(LATER, BLOCK)
+    out = torch.randn(1, 17, 2, 8)
+    edited = uvr.edit_output(START_UP, BLOCK, layout, out)
+    noise = torch.randn(1, 12, 2, 8, generator=torch.Generator().manual_seed(0))
+    expected = out.clone()
+    for token, weight in ((1, 1.0), (11, 0.5)):
+        replaced = 0.001 * out[:, 5 + token] + 0.999 * noise[:, token]
+        expected[:, 5 + token] = out[:, 5 + token] + weight * (replaced - out[:, 5 + token])
+    torch.testing.assert_close(edited, expected)
+
+
+def test_editing_weights_equal_the_rule_computed_densely():
+    """Text and target queries: probabilities on flagged context tokens x0.2, on the ring
+    x0.4; target queries on text and target keys x1.05; no renormalisation."""
+    uvr = _uvr("edit", grid=(3, 4))
+    base = TokenLayout.from_segments(5, 12, 12)
+    assert uvr.rules(START_UP, BLOCK, uvr.layout(START_UP, BLOCK, base)) is None  # no mask yet
+    uvr.mask = torch.zeros(3, 4, dtype=torch.bool)
+    uvr.mask[0, 0] = True
+    layout = uvr.layout(START_UP, BLOCK, base)
+    rules = uvr.rules(START_UP, BLOCK, layout)
+    assert layout.names[3:] == ("uvr.core", "uvr.ring") and rules is not None
+    assert uvr.layout(LATER, BLOCK, base) is base and uvr.rules(LATER, BLOCK, base) is None
+    q, k, v = (torch.randn(1, 29, 2, 8, dtype=torch.float64) * 2 for _ in range(3))
+    probs = (torch.einsum("bqhd,bkhd->bhqk", q, k) * 8**-0.5).softmax(-1)
+    core, ring = [17], [18, 21, 22]  # context token (0, 0) and its 3x3 neighbours
+    fp32 = [torch.tensor(x).item() for x in (0.2, 0.4, 1.05)]  # the rule tables hold fp32
+    probs[:, :, :17, core] *= fp32[0]
+    probs[:, :, :17, ring] *= fp32[1]
+    probs[:, :, 5:17, :17] *= fp32[2]
+    expected = torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    backends = [("reference", torch.float64, 1e-9), ("triton", torch.float32, 2e-5)]
+    if ops.cpp_available():
+        backends.append(("cpp", torch.float32, 2e-5))
+    for backend, dtype, tol in backends:
+        low = [t.to(dtype) for t in (q, k, v)]
+        out = flow_attention(*low, layout.groups(), rules=rules, backend=backend).out
+        torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match="grid is 3x4"):
+        uvr.layout(START_UP, BLOCK, TokenLayout.from_segments(5, 12, 20))
+
+
+@pytest.fixture(scope="module")
+def t2i():
+    pipe = load_testbed("t2i")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def editor():
+    pipe = load_testbed("editor")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _purple(image: np.ndarray) -> np.ndarray:
+    return palette_mask(image, "purple")
+
+
+def _options(seed: int = 0) -> dict:
+    return dict(num_inference_steps=8, guidance_scale=1.0, output_type="np",
+                generator=torch.Generator().manual_seed(seed))
+
+
+def test_generation_on_the_testbed(t2i, tmp_path):
+    rng = random.Random(3)
+    scenes = evaluate._scenes_with(rng, "purple", True, 6)
+    anchors = collect_anchors(t2i, [s.caption() for s in scenes[:4]], height=SIZE, width=SIZE,
+                              select=_purple, config=CONFIG, max_sequence_length=TEXT_TOKENS,
+                              **_options())
+    assert anchors.shape[1:] == (4, 16) and 1 <= len(anchors) <= 4
+    save_anchors(tmp_path / "purple.safetensors", anchors, "purple", CONFIG.block, "generate")
+    loaded, metadata = load_anchors(tmp_path / "purple.safetensors")
+    assert torch.equal(loaded, anchors) and metadata == dict(
+        concept="purple", block="single.1", mode="generate")
+    caption = scenes[5].caption()  # "a purple circle top left and a red circle ..."
+    stock = t2i(prompt=caption, height=SIZE, width=SIZE, max_sequence_length=TEXT_TOKENS,
+                **_options()).images
+    unflagged, mask = generate(t2i, caption, anchors, height=SIZE, width=SIZE,
+                               config=UVRConfig(block="single.1", threshold=1e9),
+                               max_sequence_length=TEXT_TOKENS, **_options())
+    assert mask is None and np.allclose(unflagged, stock, atol=1e-5)  # kernel vs SDPA
+    out, mask = generate(t2i, caption, anchors, height=SIZE, width=SIZE, config=CONFIG,
+                         max_sequence_length=TEXT_TOKENS, **_options())
+    assert mask is not None and mask.shape == (16, 16) and not np.allclose(out, stock)
+    with pytest.raises(ValueError, match="anchors are for mode 'generate'"):
+        edit(load_testbed("editor"), render(scenes[0]), "make it red", anchors,
+             resolution=SIZE, config=CONFIG, anchor_metadata=metadata)
+    with pytest.raises(ValueError, match="no negative prompt"):
+        generate(t2i, caption, anchors, height=SIZE, width=SIZE, negative_prompt="x")
+    with pytest.raises(ValueError, match="multiples of 2"):
+        generate(t2i, caption, anchors, height=SIZE + 1, width=SIZE)
+    with pytest.raises(TypeError, match="FluxKontextPipeline"):
+        edit(t2i, render(scenes[0]), caption, anchors)
+
+
+def test_editing_on_the_testbed(editor):
+    rng = random.Random(4)
+    edits = evaluate._edits_with(rng, "purple", True, 5)
+    anchors = collect_anchors(editor, [e.instruction for e in edits[:4]], height=SIZE,
+                              width=SIZE, images=[render(e.context) for e in edits[:4]],
+                              select=_purple, config=CONFIG, max_sequence_length=24,
+                              **_options())
+    e = edits[4]  # "add a red circle top middle" to a scene with a purple object
+    stock = evaluate.edit(editor, render(e.context), e.instruction, steps=8, seed=0)
+    unflagged, mask = edit(editor, render(e.context), e.instruction, anchors, resolution=SIZE,
+                           config=UVRConfig(block="single.1", threshold=1e9),
+                           max_sequence_length=24, **_options())
+    assert mask is None and np.array_equal((unflagged[0] * 255).round().astype(np.uint8), stock)
+    out, mask = edit(editor, render(e.context), e.instruction, anchors, resolution=SIZE,
+                     config=CONFIG, max_sequence_length=24, **_options())
+    truth = torch.from_numpy(_purple(render(e.context))).float()
+    on_tokens = truth.reshape(16, 2, 16, 2).mean((1, 3)) >= 0.5
+    # flagged: mostly the purple object, a good part of it (8 of its 20 tokens)
+    assert mask is not None and (mask & on_tokens).sum() >= max(0.3 * on_tokens.sum(),
+                                                                0.8 * mask.sum())
+    assert not np.array_equal((out[0] * 255).round().astype(np.uint8), stock)
+    with pytest.raises(ValueError, match="select marked no tokens"):
+        collect_anchors(editor, [edits[0].instruction], height=SIZE, width=SIZE,
+                        images=[render(edits[0].context)], select=lambda im: im[..., 0] < 0,
+                        config=CONFIG, max_sequence_length=24, **_options())
+
+
+def test_uvr_commands(tmp_path, capsys):
+    from PIL import Image
+
+    from ditflow.cli import main
+
+    anchors = torch.randn(3, 2, 16)
+    save_anchors(tmp_path / "a.safetensors", anchors, "purple", "single.0", "generate")
+    out = tmp_path / "gen.png"
+    assert main(["generate", "a red circle", "--model", "tiny", "--size", "16", "--steps", "2",
+                 "--uvr", str(tmp_path / "a.safetensors"), "--uvr-threshold", "-100",
+                 "-o", str(out)]) == 0
+    assert Image.open(out).size == (16, 16)
+    assert Image.open(tmp_path / "gen-regions.png").size == (16, 16)
+    assert "flagged regions" in capsys.readouterr().out
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    assert main(["edit", str(tmp_path / "photo.png"), "make it red", "--model", "tiny",
+                 "--steps", "2", "--uvr", str(tmp_path / "a.safetensors"),
+                 "-o", str(tmp_path / "x.png")]) == 2
+    assert "anchors are for mode 'generate'" in capsys.readouterr().err
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    assert main(["generate", "a red circle", "--model", "tiny", "--size", "16", "--uvr",
+                 str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "x.png")]) == 2
+    assert "not a ditflow anchors file" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
