@@ -7,7 +7,14 @@ import json
 import math
 from pathlib import Path
 
-from benchmarks import attention, generation, protect_step, testbed_ale, testbed_deleaker
+from benchmarks import (
+    attention,
+    generation,
+    protect_step,
+    testbed_ale,
+    testbed_deleaker,
+    testbed_uvr,
+)
 from benchmarks.render_table import render
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
@@ -96,4 +103,19 @@ def test_testbed_ale_benchmark_scores_every_variant(tmp_path):
             assert 0 <= scores["leaked_pixels"] <= 1 and 0 <= scores["edited_color"] <= 1
             assert scores["background_psnr"] > 0 and scores["seconds"] > 0
     assert [row["kind"] for row in result["rows"]] == ["one object", "two objects"]
+    assert path.with_suffix(".png").exists()
+
+
+def test_testbed_uvr_benchmark_scores_every_set_and_variant(tmp_path):
+    testbed_uvr.main(["--prompts", "1", "--anchors", "4", "--steps", "8", "--out",
+                      str(tmp_path)])
+    (path,) = tmp_path.glob("testbed-uvr-*.json")
+    result = json.loads(path.read_text())
+    assert len(result["summary"]) == 4 and len(result["rows"]) == 4
+    for by_variant in result["summary"].values():
+        assert set(by_variant) == {"none", "scores", *testbed_uvr.VARIANTS}
+        for name in ["none", *testbed_uvr.VARIANTS]:
+            assert 0 <= by_variant[name]["shows"] <= 1 and by_variant[name]["change"] >= 0
+        assert 0 <= by_variant["scores"]["share_of_other_tokens_above_0.6"] <= 1
+    assert result["anchors"]["generation"] >= 1 and result["anchors"]["editing"] >= 1
     assert path.with_suffix(".png").exists()

@@ -363,6 +363,17 @@ def _edits_with(rng: random.Random, color: str, present: bool, n: int) -> list[E
     return edits
 
 
+def _roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Probability that a positive scores above a negative (ties count half)."""
+    from scipy.stats import rankdata
+
+    if not len(positive) or not len(negative):
+        return float("nan")
+    ranks = rankdata(np.concatenate([positive, negative]))[:len(positive)]
+    wins = ranks.sum() - len(positive) * (len(positive) + 1) / 2
+    return float(wins / (len(positive) * len(negative)))
+
+
 def concept_removal(t2i, editor, configs: dict, n: int = 32, anchors: int = 16,
                     steps: int = 20, concept: str = "purple", figure_rows: int = 8) -> dict:
     """UVR with ``concept`` as the stand-in unsafe concept, detected as >= 16 pixels of its
@@ -371,11 +382,15 @@ def concept_removal(t2i, editor, configs: dict, n: int = 32, anchors: int = 16,
     held-out captions (edit contexts) showing the concept and ``n`` without it, without UVR and
     with each variant, same seeds. Per task, set and variant: detector fire rate, flagged
     tokens, colour accuracy of the other objects, mean absolute change against the output
-    without UVR (0..255 units), seconds. ``figure``: rows of (scene or context | no UVR | each
-    variant), generation then editing."""
-    from ..methods.uvr import collect_anchors
+    without UVR (0..255 units), seconds; and the localisation scores alone (the first variant's
+    block, at the last localisation): ROC AUC of the concept's tokens (its pixels in the output
+    without UVR, or in the context) against the others, and the share of other tokens above
+    0.2, 0.6 and 1.0. ``figure``: rows of (scene or context | no UVR | each variant),
+    generation then editing."""
+    from ..methods.uvr import UVR, collect_anchors
     from ..methods.uvr import edit as uvr_edit
     from ..methods.uvr import generate as uvr_generate
+    from ..session import attach
 
     (block,) = {config.block for config in configs.values()}
     probe = next(iter(configs.values()))
@@ -418,6 +433,19 @@ def concept_removal(t2i, editor, configs: dict, n: int = 32, anchors: int = 16,
                     shows=_shows(stock, concept), flagged_tokens=0,
                     others_color=object_agreement(stock, others)["color"], change=0.0,
                     seconds=time.perf_counter() - start))
+                # the localisation scores alone: UVR attached with nothing flagged
+                scorer = UVR(t2i_anchors if task == "generation" else edit_anchors,
+                             (SIZE // 2, SIZE // 2), "generate" if task == "generation"
+                             else "edit", replace(probe, threshold=float("inf")))
+                with attach(t2i if task == "generation" else editor, scorer):
+                    if task == "generation":
+                        generate(t2i, prompt, steps, seed=i)
+                    else:
+                        edit(editor, shown, prompt, steps, seed=i)
+                truth = _on_token_grid(palette_mask(stock if task == "generation" else shown,
+                                                    concept)[None])[0]
+                row["scores"] = dict(concept=scorer.scores[truth].tolist(),
+                                     other=scorer.scores[~truth].tolist())
                 images = [shown, stock]
                 for name, config in configs.items():
                     start = time.perf_counter()
@@ -444,6 +472,14 @@ def concept_removal(t2i, editor, configs: dict, n: int = 32, anchors: int = 16,
             summary[label] = {name: {key: _mean([r[name] for r in set_rows], key)
                                      for key in set_rows[0][name]}
                               for name in ["none", *configs]}
+            concept_scores = np.concatenate([r["scores"]["concept"] for r in set_rows])
+            other_scores = np.concatenate([r["scores"]["other"] for r in set_rows])
+            summary[label]["scores"] = dict(
+                {f"share_of_other_tokens_above_{t}": float((other_scores > t).mean())
+                 for t in (0.2, 0.6, 1.0)},
+                roc_auc=_roc_auc(concept_scores, other_scores) if present else None)
+            for row in set_rows:  # per-token scores are summarised, not kept
+                del row["scores"]
             rows += set_rows
     return dict(summary=summary, rows=rows, figure=figure_grid(figures), block=block,
                 anchors=dict(generation=len(t2i_anchors), editing=len(edit_anchors)))
