@@ -95,6 +95,36 @@ def test_rules_change_the_output():
     assert (ruled - stock).abs().max() > 1e-3
 
 
+def test_edit_output_replaces_the_attention_output_of_the_chosen_blocks():
+    """What edit_output returns is what the block projects: the identity keeps the stock
+    output; scaling the output of one block changes it; observe sees the output unedited."""
+
+    class ScaleOutput(Intervention):
+        def __init__(self, factor):
+            self.factor, self.seen = factor, []
+
+        def edits_output(self, step, block):
+            return str(block) == "single.0"
+
+        def observe(self, step, block, layout, result):
+            self.seen.append(result.out.clone())
+
+        def edit_output(self, step, block, layout, out):
+            return out * self.factor
+
+    model = tiny_flux_transformer()
+    inputs = flux_inputs(3, 4, contexts=1)
+    stock = model(**inputs)[0]
+    identity, half = ScaleOutput(1.0), ScaleOutput(0.5)
+    with attach(model, identity):
+        same = model(**inputs)[0]
+    with attach(model, half):
+        scaled = model(**inputs)[0]
+    torch.testing.assert_close(same, stock, rtol=1e-5, atol=1e-5)
+    assert (scaled - stock).abs().max() > 1e-3
+    assert len(half.seen) == 1 and torch.equal(half.seen[0], identity.seen[0])
+
+
 def test_r_ctx_matches_explicit_probabilities(monkeypatch):
     """r_ctx from the engine = r_ctx from explicit softmax probabilities of target queries over
     all keys, computed by diffusers' own processor (its attention call replaced by an eager
