@@ -312,9 +312,6 @@ def generate_command(args) -> int:
     call = dict(num_inference_steps=args.steps, guidance_scale=guidance, output_type="np",
                 generator=torch.Generator().manual_seed(args.seed))
     output = Path(args.output)
-    if args.uvr and args.entity:
-        print("error: --uvr and --entity are separate methods; give one", file=sys.stderr)
-        return 2
     if args.uvr:
         from .methods.uvr import generate as uvr_generate
 
@@ -392,9 +389,6 @@ def edit_command(args) -> int:
     call = dict(num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
                 output_type="np", generator=torch.Generator().manual_seed(args.seed))
     output = Path(args.output)
-    if args.uvr and args.object:
-        print("error: --uvr and --object are separate methods; give one", file=sys.stderr)
-        return 2
     if args.uvr:
         from .methods.uvr import edit as uvr_edit
 
@@ -566,6 +560,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(run=edit_command)
     args = parser.parse_args(argv)
+    other = getattr(args, "entity", None) or getattr(args, "object", None)
+    if getattr(args, "uvr", None) and other:
+        parser.error(f"--uvr and --{'entity' if args.command == 'generate' else 'object'} are "
+                     "separate methods; give one")
     return args.run(args)
 
 

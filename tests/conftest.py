@@ -45,3 +45,24 @@ def _seed(request):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(scope="session")
+def testbed_editor():
+    """The trained testbed editor (FluxKontextPipeline), progress bars off."""
+    return _testbed("editor")
+
+
+@pytest.fixture(scope="session")
+def testbed_t2i():
+    """The trained testbed text-to-image model (FluxPipeline), progress bars off."""
+    return _testbed("t2i")
+
+
+def _testbed(kind: str):
+    pytest.importorskip("diffusers")
+    from ditflow.testbed.models import testbed_pipeline
+
+    pipe = testbed_pipeline(kind)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

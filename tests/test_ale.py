@@ -16,18 +16,15 @@ from ditflow.models.flux import encode_image, pack_latents
 from ditflow.session import BlockId, StepInfo
 from ditflow.testbed.evaluate import edit as stock_edit
 from ditflow.testbed.evaluate import recolor_edits
-from ditflow.testbed.models import testbed_pipeline as load_testbed
 from ditflow.testbed.scenes import SIZE, masks, render
 
 CALL = (StepInfo(3, 0.5), BlockId("single", 0, 2))
 OFF = ALEConfig(restrict_embeddings=False, mask_attention=False, blend_background=False)
 
 
-@pytest.fixture(scope="module")
-def editor():
-    pipe = load_testbed("editor")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+@pytest.fixture
+def editor(testbed_editor):
+    return testbed_editor
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,6 @@ from ditflow.methods.uvr import (
 from ditflow.session import BlockId, StepInfo
 from ditflow.testbed import evaluate
 from ditflow.testbed.models import TEXT_TOKENS
-from ditflow.testbed.models import testbed_pipeline as load_testbed
 from ditflow.testbed.scenes import SIZE, palette_mask, render
 
 CONFIG = UVRConfig(block="single.1")
@@ -117,18 +116,14 @@ def test_editing_weights_equal_the_rule_computed_densely():
         uvr.layout(START_UP, BLOCK, TokenLayout.from_segments(5, 12, 20))
 
 
-@pytest.fixture(scope="module")
-def t2i():
-    pipe = load_testbed("t2i")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+@pytest.fixture
+def t2i(testbed_t2i):
+    return testbed_t2i
 
 
-@pytest.fixture(scope="module")
-def editor():
-    pipe = load_testbed("editor")
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+@pytest.fixture
+def editor(testbed_editor):
+    return testbed_editor
 
 
 def _purple(image: np.ndarray) -> np.ndarray:
@@ -140,7 +135,7 @@ def _options(seed: int = 0) -> dict:
                 generator=torch.Generator().manual_seed(seed))
 
 
-def test_generation_on_the_testbed(t2i, tmp_path):
+def test_generation_on_the_testbed(t2i, editor, tmp_path):
     rng = random.Random(3)
     scenes = evaluate._scenes_with(rng, "purple", True, 6)
     anchors = collect_anchors(t2i, [s.caption() for s in scenes[:4]], height=SIZE, width=SIZE,
@@ -162,7 +157,7 @@ def test_generation_on_the_testbed(t2i, tmp_path):
                          max_sequence_length=TEXT_TOKENS, **_options())
     assert mask is not None and mask.shape == (16, 16) and not np.allclose(out, stock)
     with pytest.raises(ValueError, match="anchors are for mode 'generate'"):
-        edit(load_testbed("editor"), render(scenes[0]), "make it red", anchors,
+        edit(editor, render(scenes[0]), "make it red", anchors,
              resolution=SIZE, config=CONFIG, anchor_metadata=metadata)
     with pytest.raises(ValueError, match="no negative prompt"):
         generate(t2i, caption, anchors, height=SIZE, width=SIZE, negative_prompt="x")
@@ -222,4 +217,8 @@ def test_uvr_commands(tmp_path, capsys):
     assert main(["generate", "a red circle", "--model", "tiny", "--size", "16", "--uvr",
                  str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "x.png")]) == 2
     assert "not a ditflow anchors file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "a red circle", "--uvr", str(tmp_path / "a.safetensors"),
+              "--entity", "red circle", "-o", str(tmp_path / "x.png")])
+    assert "--uvr and --entity are separate methods" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()

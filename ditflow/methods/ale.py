@@ -38,6 +38,7 @@ from ..layout import BASE_GROUPS, CONTEXT, TARGET, TokenLayout
 from ..models.flux import encode_image, pack_latents, vae_scale_factor, working_size
 from ..rules import MAX_GROUPS, FlowRules
 from ..session import Intervention, attach
+from .calls import check_one_image_call
 from .phrases import phrase_token_positions
 
 MAX_OBJECTS = (MAX_GROUPS - len(BASE_GROUPS)) // 3  # text, target and context group per object
@@ -187,12 +188,7 @@ def edit(pipeline, image, prompt: str, phrases: Sequence[str], masks, *,
         raise ValueError(f"ALE: {len(phrases)} phrases but {len(masks)} masks")
     if not 1 <= len(phrases) <= MAX_OBJECTS:
         raise ValueError(f"ALE: 1..{MAX_OBJECTS} objects, got {len(phrases)}")
-    if call_kwargs.get("num_images_per_prompt", 1) != 1:
-        raise ValueError("ALE: one image per call (num_images_per_prompt=1)")
-    if call_kwargs.get("negative_prompt") is not None or call_kwargs.get(
-            "negative_prompt_embeds") is not None:
-        raise ValueError("ALE: no negative prompt (true CFG would run the object rules on the "
-                         "negative prompt's tokens too)")
+    check_one_image_call("ALE", call_kwargs)
     pixels = pixels_tensor(image)
     object_masks = _as_masks(masks, phrases, tuple(pixels.shape[1:]))
     patch = 2 * vae_scale_factor(pipeline.vae)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..layout import BASE_GROUPS, TokenLayout
 from ..rules import MAX_GROUPS, FlowRules
 from ..session import BlockId, Intervention, StepInfo, attach
+from .calls import check_one_image_call
 from .phrases import phrase_token_positions
 
 MAX_ENTITIES = (MAX_GROUPS - len(BASE_GROUPS)) // 2  # each entity adds a text and an image group
@@ -257,12 +258,7 @@ def generate(pipeline, prompt: str, entities: Sequence[str], *, height: int, wid
     """One FluxPipeline generation with DeLeaker: ``(images, masks)``, the pipeline's images and
     the entity regions (bool [E, height / 16, width / 16] on FLUX; None when the generation
     ended before ``config.start_block``, so nothing was edited)."""
-    if call_kwargs.get("num_images_per_prompt", 1) != 1:
-        raise ValueError("DeLeaker: one image per call (num_images_per_prompt=1)")
-    if call_kwargs.get("negative_prompt") is not None or call_kwargs.get(
-            "negative_prompt_embeds") is not None:
-        raise ValueError("DeLeaker: no negative prompt (true CFG would run the entity rules on "
-                         "the negative prompt's tokens too)")
+    check_one_image_call("DeLeaker", call_kwargs)
     leaker = DeLeaker.for_pipeline(pipeline, prompt, entities, height, width,
                                    max_sequence_length, config)
     with attach(pipeline, leaker):

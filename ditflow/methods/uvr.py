@@ -47,6 +47,7 @@ from ..io import pixels_tensor, to_uint8
 from ..layout import TARGET, TEXT, TokenLayout
 from ..models.flux import vae_scale_factor, working_size
 from ..session import BlockId, Intervention, StepInfo, attach
+from .calls import check_one_image_call
 
 MODES = ("generate", "edit")
 
@@ -343,14 +344,6 @@ def _call(pipeline, prompt: str, source, height: int, width: int, **call_kwargs)
                     max_area=height * width, _auto_resize=False, **call_kwargs)
 
 
-def _check_call(call_kwargs: dict) -> None:
-    if call_kwargs.get("num_images_per_prompt", 1) != 1:
-        raise ValueError("UVR: one image per call (num_images_per_prompt=1)")
-    if call_kwargs.get("negative_prompt") is not None or call_kwargs.get(
-            "negative_prompt_embeds") is not None:
-        raise ValueError("UVR: no negative prompt (true CFG calls the model twice per step)")
-
-
 def _check_anchors(metadata: dict[str, str] | None, mode: str, config: UVRConfig) -> None:
     for key, wanted in (("mode", mode), ("block", config.block)):
         if metadata and metadata.get(key, wanted) != wanted:
@@ -366,7 +359,7 @@ def generate(pipeline, prompt: str, anchors: torch.Tensor, *, height: int, width
     flagged, and the generation is then the stock one)."""
     if _mode_of(pipeline) != "generate":
         raise TypeError("UVR generate: expected a FluxPipeline (for Kontext use uvr.edit)")
-    _check_call(call_kwargs)
+    check_one_image_call("UVR", call_kwargs)
     _check_anchors(anchor_metadata, "generate", config)
     uvr = UVR(anchors, _grid(pipeline, height, width), "generate", config)
     with attach(pipeline, uvr):
@@ -383,7 +376,7 @@ def edit(pipeline, image, prompt: str, anchors: torch.Tensor, *, resolution: int
     if _mode_of(pipeline) != "edit":
         raise TypeError("UVR edit: expected a FluxKontextPipeline (for FLUX.1 use "
                         "uvr.generate)")
-    _check_call(call_kwargs)
+    check_one_image_call("UVR", call_kwargs)
     _check_anchors(anchor_metadata, "edit", config)
     pixels = pixels_tensor(image)
     height, width = working_size(*pixels.shape[1:], resolution,
