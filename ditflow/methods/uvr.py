@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from ..io import pixels_tensor, to_uint8
 from ..layout import TARGET, TEXT, TokenLayout
 from ..models.flux import vae_scale_factor, working_size
+from ..rules import FlowRules
 from ..session import BlockId, Intervention, StepInfo, attach
 from .calls import check_one_image_call
 
@@ -201,7 +202,7 @@ def load_anchors(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
             return f.get_tensor("anchors"), dict(f.metadata() or {})
     except (OSError, KeyError, SafetensorError) as error:
         raise ValueError(f"{path}: not a ditflow anchors file ({error}); make one with "
-                         "`ditflow anchors`") from None
+                         "ditflow.methods.uvr.collect_anchors and save_anchors") from None
 
 
 # -- the intervention ------------------------------------------------------------------------
@@ -212,7 +213,7 @@ class UVR(Intervention):
     (FluxKontextPipeline), ``anchors`` [A, H, D] from :func:`collect_anchors` with the same
     model, block and mode, ``grid`` the (rows, columns) of the scored image. After a call,
     :attr:`scores` holds the last localisation's token scores ([rows, columns]) and
-    :attr:`mask` the flagged tokens (bool [rows, columns]) or None."""
+    :attr:`mask` the tokens flagged at any localisation (bool [rows, columns]) or None."""
 
     def __init__(self, anchors: torch.Tensor, grid: tuple[int, int], mode: str,
                  config: UVRConfig = UVRConfig()):
@@ -222,7 +223,7 @@ class UVR(Intervention):
             raise ValueError(f"UVR: anchors of shape {tuple(anchors.shape)}; expected [A, H, D]")
         self.anchors, self.grid, self.mode, self.config = anchors, tuple(grid), mode, config
         self._reset()
-        self._plan: tuple[TokenLayout, TokenLayout, torch.Tensor, object] | None = None
+        self._plan: tuple[TokenLayout, TokenLayout, torch.Tensor, FlowRules] | None = None
         self._noise: torch.Generator | None = None
 
     def _reset(self) -> None:
@@ -286,7 +287,11 @@ class UVR(Intervention):
         outputs = result.out[0, _scored_tokens(layout, self.mode).to(result.out.device)]
         self.scores = token_scores(outputs.detach(), self.anchors).reshape(self.grid)
         mask, soft = localize(self.scores, self.config.threshold, self.config.min_area)
-        self.mask, self.soft = (mask, soft) if mask.any() else (None, None)
+        if not mask.any():
+            self.soft = None  # this step's outputs stay as computed
+            return
+        self.soft = soft
+        self.mask = mask if self.mask is None else self.mask | mask
 
     def edit_output(self, step, block, layout, out):
         if self.soft is None:
@@ -355,8 +360,9 @@ def generate(pipeline, prompt: str, anchors: torch.Tensor, *, height: int, width
              config: UVRConfig = UVRConfig(), anchor_metadata: dict[str, str] | None = None,
              **call_kwargs):
     """One FluxPipeline generation with UVR: ``(images, mask)``, the pipeline's images and the
-    flagged tokens of the last start-up step (bool [rows, columns]; None when nothing was
-    flagged, and the generation is then the stock one)."""
+    tokens flagged at any start-up step (bool [rows, columns]; None when nothing was flagged:
+    the generation is then the model's own, up to the kernel's rounding at the localisation
+    block)."""
     if _mode_of(pipeline) != "generate":
         raise TypeError("UVR generate: expected a FluxPipeline (for Kontext use uvr.edit)")
     check_one_image_call("UVR", call_kwargs)
