@@ -9,7 +9,8 @@ random tiny FLUX pipeline, which runs anywhere. Providers: stock diffusers (SDPA
 attached with rules in every block and step (text -> image logits x1.2, image -> image
 probabilities x0.9); ditflow attached with per-group mass recorded in every block; DeLeaker
 with two entities (text tokens 1-2 and 4-5; regions from the attention, pair masks in every
-edited block). Writes ``generation-<device>-<date>.json``.
+edited block); UVR with random anchors and every token flagged (the most it can cost: noise in
+every block of the start-up steps). Writes ``generation-<device>-<date>.json``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from benchmarks.protect_step import full_size_models
 from benchmarks.results import save
 from ditflow.layout import TARGET, TEXT
 from ditflow.methods.deleaker import DeLeaker
+from ditflow.methods.uvr import UVR, UVRConfig
 from ditflow.session import Intervention, StatsRecorder, attach
 
 
@@ -90,12 +92,21 @@ def main(argv=None) -> Path:
         return attach(pipe, DeLeaker([[1, 2], [4, 5]], (args.size // patch, args.size // patch),
                                      config.num_layers + config.num_single_layers))
 
+    def uvr():
+        grid = (args.size // patch, args.size // patch)
+        block = f"single.{min(10, config.num_single_layers - 1)}"  # FLUX.1's single.10
+        heads, dim = config.num_attention_heads, config.attention_head_dim
+        anchors = torch.randn(4, heads, dim, generator=torch.Generator().manual_seed(0))
+        return attach(pipe, UVR(anchors, grid, "generate",
+                                UVRConfig(block=block, threshold=float("-inf"))))
+
     rows = []
     for name, factory in (
         ("stock diffusers (SDPA)", nullcontext),
         ("ditflow, rules in every block and step", lambda: attach(pipe, AlwaysOnRules())),
         ("ditflow, mass recorded in every block", lambda: attach(pipe, StatsRecorder())),
         ("ditflow, DeLeaker (2 entities)", deleaker),
+        ("ditflow, UVR (every token flagged)", uvr),
     ):
         seconds = timed(factory)
         rows.append(dict(model=args.model, provider=name, seconds=seconds, size=args.size,

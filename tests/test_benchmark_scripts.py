@@ -77,7 +77,7 @@ def test_protect_step_benchmark_runs_both_recipes(tmp_path):
 def test_generation_benchmark_reports_overhead_against_stock(tmp_path):
     rows = _rows(generation.main(["--model", "tiny", "--size", "32", "--steps", "2",
                                   "--repeats", "1", "--out", str(tmp_path)]))
-    assert len(rows) == 4 and rows[0]["overhead"] == 0
+    assert len(rows) == 5 and rows[0]["overhead"] == 0
     assert all(r["seconds"] > 0 and math.isfinite(r["overhead"]) for r in rows)
 
 
