@@ -55,3 +55,14 @@ def save(out: Path, kind: str, module: str, argv: list[str], **payload) -> Path:
     path.write_text(json.dumps(dict(meta=meta, **payload), indent=1))
     print(f"wrote {path}")
     return path
+
+
+def save_with_figure(out: Path, kind: str, module: str, argv: list[str], figure, **payload
+                     ) -> Path:
+    """:func:`save`, and ``figure`` (uint8 [H, W, 3]) beside it as ``.png``."""
+    from PIL import Image
+
+    path = save(out, kind, module, argv, **payload)
+    Image.fromarray(figure).save(path.with_suffix(".png"))
+    print(f"wrote {path.with_suffix('.png')}")
+    return path

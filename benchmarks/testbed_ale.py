@@ -16,9 +16,8 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from benchmarks.results import save
+from benchmarks.results import save_with_figure
 from ditflow.methods.ale import ALEConfig
 from ditflow.testbed.evaluate import attribute_leakage
 from ditflow.testbed.models import testbed_pipeline
@@ -43,11 +42,9 @@ def main(argv=None) -> None:
     pipeline.set_progress_bar_config(disable=True)
     result = attribute_leakage(pipeline, VARIANTS, args.edits, args.steps)
     print(json.dumps(result["summary"], indent=1))
-    figure = result.pop("figure")
-    path = save(args.out, "testbed-ale", "testbed_ale", argv,
-                variants={name: vars(config) for name, config in VARIANTS.items()}, **result)
-    Image.fromarray(figure).save(path.with_suffix(".png"))
-    print(f"wrote {path.with_suffix('.png')}")
+    save_with_figure(args.out, "testbed-ale", "testbed_ale", argv,
+                     variants={name: vars(config) for name, config in VARIANTS.items()},
+                     **result)
 
 
 if __name__ == "__main__":

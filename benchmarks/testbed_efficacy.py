@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from benchmarks.results import save
+from benchmarks.results import save, save_with_figure
 from ditflow.methods.decontext import ProtectConfig
 from ditflow.testbed.evaluate import (
     edit_quality,
@@ -91,9 +91,8 @@ def t2i(args, argv) -> None:
     quality = generation_quality(pipeline, args.edits, args.edit_steps)
     print("generation quality:", json.dumps(quality["summary"], indent=1), flush=True)
     figure = quality.pop("figure")
-    path = save(args.out, "testbed-t2i", "testbed_efficacy", argv, generation_quality=quality)
-    Image.fromarray(figure).save(path.with_suffix(".png"))
-    print(f"wrote {path.with_suffix('.png')}")
+    save_with_figure(args.out, "testbed-t2i", "testbed_efficacy", argv, figure,
+                     generation_quality=quality)
 
 
 if __name__ == "__main__":

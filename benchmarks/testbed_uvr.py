@@ -20,9 +20,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from benchmarks.results import save
+from benchmarks.results import save_with_figure
 from ditflow.methods.uvr import UVRConfig
 from ditflow.testbed.evaluate import concept_removal
 from ditflow.testbed.models import testbed_pipeline
@@ -50,11 +49,9 @@ def main(argv=None) -> None:
     result = concept_removal(t2i, editor, VARIANTS, args.prompts, args.anchors, args.steps,
                              args.concept)
     print(json.dumps(result["summary"], indent=1))
-    figure = result.pop("figure")
-    path = save(args.out, "testbed-uvr", "testbed_uvr", argv, concept=args.concept,
-                variants={name: asdict(config) for name, config in VARIANTS.items()}, **result)
-    Image.fromarray(figure).save(path.with_suffix(".png"))
-    print(f"wrote {path.with_suffix('.png')}")
+    save_with_figure(args.out, "testbed-uvr", "testbed_uvr", argv, concept=args.concept,
+                     variants={name: asdict(config) for name, config in VARIANTS.items()},
+                     **result)
 
 
 if __name__ == "__main__":
