@@ -35,7 +35,13 @@ import torch.nn.functional as F
 
 from ..io import pixels_tensor
 from ..layout import BASE_GROUPS, CONTEXT, TARGET, TokenLayout
-from ..models.flux import encode_image, pack_latents, vae_scale_factor, working_size
+from ..models.flux import (
+    encode_image,
+    pack_latents,
+    token_coverage,
+    vae_scale_factor,
+    working_size,
+)
 from ..rules import MAX_GROUPS, FlowRules
 from ..session import Intervention, attach
 from .calls import check_one_image_call
@@ -66,11 +72,11 @@ def object_regions(masks: torch.Tensor, grid: tuple[int, int], dilation: float) 
     a token belongs to a region when any of its pixels does; a token several regions claim goes
     to the object whose undilated mask covers most of it (dilated coverage breaks ties).
     bool [n, rows, columns]."""
-    masks = masks.float()[:, None]
+    masks = masks.float()
     radius = round(dilation * max(masks.shape[-2:]))
-    dilated = F.max_pool2d(masks, 2 * radius + 1, stride=1, padding=radius) if radius else masks
-    inside = F.adaptive_avg_pool2d(masks, grid)[:, 0]
-    near = F.adaptive_avg_pool2d(dilated, grid)[:, 0]
+    dilated = F.max_pool2d(masks[:, None], 2 * radius + 1, stride=1, padding=radius)[:, 0] \
+        if radius else masks
+    inside, near = token_coverage(masks, grid), token_coverage(dilated, grid)
     # coverage steps are >= 1/1024 (tokens up to 32x32 pixels), so x1000 ranks inside first
     owner = (inside * 1000 + near).argmax(0)
     return (near > 0) & (owner == torch.arange(len(masks))[:, None, None])

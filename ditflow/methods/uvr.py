@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ..io import pixels_tensor, to_uint8
 from ..layout import TARGET, TEXT, TokenLayout
-from ..models.flux import vae_scale_factor, working_size
+from ..models.flux import token_coverage, vae_scale_factor, working_size
 from ..rules import FlowRules
 from ..session import BlockId, Intervention, StepInfo, attach
 from .calls import check_one_image_call
@@ -118,12 +118,6 @@ def localize(scores: torch.Tensor, threshold: float, min_area: float
     return mask, soft.clamp(0, 1)
 
 
-def _token_grid(pixel_mask: np.ndarray, grid: tuple[int, int]) -> torch.Tensor:
-    """bool [H, W] pixel mask -> bool [rows, columns]: tokens at least half covered."""
-    pixels = torch.from_numpy(np.asarray(pixel_mask, dtype=bool)).float()[None, None]
-    return F.adaptive_avg_pool2d(pixels, grid)[0, 0] >= 0.5
-
-
 class _AnchorRecorder(Intervention):
     """Keeps the attention outputs of the scored tokens at ``block`` in the start-up stage
     (generation: every start-up step; editing: the first step)."""
@@ -174,7 +168,9 @@ def collect_anchors(pipeline, prompts: Sequence[str], *, height: int, width: int
             raise ValueError(f"collect_anchors: no {config.block} output in the start-up stage "
                              f"(t >= {config.start_up * 1000:.0f}); check the block name")
         shown = to_uint8(out) if mode == "generate" else np.asarray(source)
-        chosen = _token_grid(select(shown), grid)
+        # tokens at least half covered by the selected pixels
+        chosen = token_coverage(torch.from_numpy(np.asarray(select(shown), dtype=bool))[None],
+                                grid)[0] >= 0.5
         if chosen.any() and not chosen.all():
             tokens = chosen.flatten().to(recorder.outputs[0].device)
             anchors.append(torch.stack([o[tokens].mean(0) for o in recorder.outputs]).mean(0))

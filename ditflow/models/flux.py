@@ -139,6 +139,12 @@ def working_size(height: int, width: int, resolution: int, multiple: int) -> tup
     return h, w
 
 
+def token_coverage(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Share of each image token's pixels inside each pixel mask: ``[n, H, W]`` (bool or
+    float; H, W multiples of the grid) -> float ``[n, rows, columns]``."""
+    return torch.nn.functional.adaptive_avg_pool2d(masks.float()[:, None], grid)[:, 0]
+
+
 def vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 

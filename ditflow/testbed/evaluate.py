@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from ..io import psnr, to_uint8
+from ..models.flux import token_coverage
 from .models import TEXT_TOKENS
 from .scenes import (
     COLORS,
@@ -190,8 +191,7 @@ def entities(scene: Scene) -> list[str]:
 def _on_token_grid(pixel_masks: np.ndarray) -> torch.Tensor:
     """bool [n, SIZE, SIZE] pixel masks -> [n, 16, 16] image-token masks (a token is in when at
     least half of its 2x2 pixels are)."""
-    pixels = torch.from_numpy(pixel_masks).float()
-    return pixels.reshape(len(pixels), SIZE // 2, 2, SIZE // 2, 2).mean((2, 4)) >= 0.5
+    return token_coverage(torch.from_numpy(pixel_masks), (SIZE // 2, SIZE // 2)) >= 0.5
 
 
 def token_masks(scene: Scene) -> torch.Tensor:
