@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The measurements that need a GPU, in three stages:
 #
-#   bash benchmarks/gpu_runs.sh tests      OUTDIR   # compiled kernel suite, FLUX shapes, compile, offload
+#   bash benchmarks/gpu_runs.sh tests      OUTDIR   # compiled kernel suite, FLUX shapes, compile, offload (FLUX, Qwen)
 #   bash benchmarks/gpu_runs.sh attention  OUTDIR   # the provider sweep at the four FLUX shapes
 #   bash benchmarks/gpu_runs.sh end-to-end OUTDIR   # DeContext PGD step, generation overhead
 #
@@ -22,7 +22,7 @@ case "$stage" in
       echo "# GPU correctness run, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
       $python -c "import torch, triton; print('#', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
       $python -m pytest tests/test_flow_attention.py tests/test_gpu_flux_shapes.py tests/test_ops.py \
-        tests/test_deleaker.py "tests/test_flux_integration.py" -q -p no:cacheprovider -rA 2>&1
+        tests/test_deleaker.py tests/test_flux_integration.py tests/test_qwenimage_integration.py -q -p no:cacheprovider -rA 2>&1
     } | tee "$log"
     ;;
   attention)

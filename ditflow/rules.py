@@ -162,6 +162,24 @@ class FlowRules:
         (no renormalisation)."""
         return self._edited("weight", src, dst, heads, num_heads, "mul", factor)
 
+    def with_hidden_group(self) -> FlowRules:
+        """These rules plus one last group, G, whose keys no query attends to (text padding):
+        the tables grow by a row and a column, the new column blocked."""
+        g = self._num_groups
+        if g == MAX_GROUPS:
+            raise ValueError(f"FlowRules: a hidden group needs a free group; these rules have "
+                             f"{g} (at most {MAX_GROUPS})")
+
+        def grown(table: torch.Tensor, fill: float) -> torch.Tensor:
+            out = torch.full((table.shape[0], g + 1, g + 1), fill)
+            out[:, :g, :g] = table
+            return out
+
+        tables = {name: grown(t, 0.0 if name == "bias" else 1.0)
+                  for name, t in self._tables.items()}
+        tables.setdefault("bias", torch.zeros(1, g + 1, g + 1))[:, :, g] = float("-inf")
+        return FlowRules(**tables, num_groups=g + 1)
+
     # -- kernel side ---------------------------------------------------------------------------
 
     def tables_on(self, device: torch.device) -> tuple[torch.Tensor | None, ...]:

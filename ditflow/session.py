@@ -38,10 +38,12 @@ class BlockId(NamedTuple):
 class StepInfo(NamedTuple):
     """``index``: denoising step, counted from 0 per attached session (two calls with the same
     timestep, as with true CFG, share one index); ``timestep``: the model's timestep input (FLUX
-    pipelines pass t/1000)."""
+    and Qwen-Image pipelines pass t/1000); ``call``: the transformer call within the step (0,
+    then 1 for true CFG's negative prompt, which pipelines run second)."""
 
     index: int
     timestep: float
+    call: int = 0
 
 
 class EarlyStop(Exception):
@@ -107,6 +109,9 @@ class StatsRecorder(Intervention):
         mass_maps: also keep head-mean mass per query and group ([B, N, G]).
         stop_after_last: end the forward pass after the last recorded block (only with an
             explicit ``blocks`` list; a loss over blocks 0..k need not pay for the rest).
+        call: which transformer call of each step to record: None, every call (a later call
+            at the same step replaces the entry); 0, only the prompt's under true CFG; 1, only
+            the negative prompt's (pipelines run it second).
 
     ``r_ctx[(step, "single.3")]`` is a [B] tensor that keeps its autograd graph.
     """
@@ -116,6 +121,7 @@ class StatsRecorder(Intervention):
     dst: int = CONTEXT
     mass_maps: bool = False
     stop_after_last: bool = False
+    call: int | None = None
     r_ctx: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     maps: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
@@ -127,14 +133,15 @@ class StatsRecorder(Intervention):
         self._last = None if not self._names else max(
             self._names, key=lambda name: (name.split(".")[0] == "single", int(name.split(".")[1])))
 
-    def _recorded(self, block: BlockId) -> bool:
-        return self._names is None or str(block) in self._names
+    def _recorded(self, step: StepInfo, block: BlockId) -> bool:
+        return ((self.call is None or step.call == self.call)
+                and (self._names is None or str(block) in self._names))
 
     def wants_mass(self, step, block):
-        return self._recorded(block)
+        return self._recorded(step, block)
 
     def observe(self, step, block, layout, result):
-        if result.mass is None or not self._recorded(block):
+        if result.mass is None or not self._recorded(step, block):
             return
         self.r_ctx[(step.index, str(block))] = context_ratio(result.mass, layout, self.src,
                                                              self.dst)
@@ -170,17 +177,19 @@ class Session:
     :func:`attach`; processors call :meth:`attention_plan`, :meth:`pair_mask` and
     :meth:`after_attention`."""
 
-    def __init__(self, transformer: torch.nn.Module, intervention: Intervention,
+    def __init__(self, transformer: torch.nn.Module, intervention: Intervention, adapter,
                  layout: TokenLayout | None = None):
         self.transformer = transformer
         self.intervention = intervention
+        self.adapter = adapter
         self.fixed_layout = layout
         self.layout: TokenLayout | None = layout
         self.step: StepInfo | None = None
         self.blocks_run = 0
         self._stopped = False
         self._last_timestep: float | None = None
-        self._layouts = TensorMemo(max_entries=8)
+        # Per-call values derived from the call's tensors (layouts, padded key groups).
+        self.derived = TensorMemo(max_entries=8)
 
     # The methods processors and hooks call run eagerly under torch.compile: their Python state
     # (step counter, layouts, the intervention's choices) changes per call and must not become
@@ -196,12 +205,11 @@ class Session:
             self.step = StepInfo(0, t)
         elif t != self._last_timestep:
             self.step = StepInfo(self.step.index + 1, t)
+        else:
+            self.step = self.step._replace(call=self.step.call + 1)
         self._last_timestep = t
         if self.fixed_layout is None:
-            text = kwargs["encoder_hidden_states"].shape[1]
-            img_ids = kwargs["img_ids"]
-            self.layout = self._layouts.get(
-                (img_ids,), text, lambda: TokenLayout.from_flux_inputs(text, img_ids))
+            self.layout = self.adapter.call_layout(kwargs, self.derived)
 
     @torch.compiler.disable
     def attention_plan(self, block: BlockId) -> AttentionPlan | None:
@@ -266,15 +274,15 @@ def attach(model, intervention: Intervention, layout: TokenLayout | None = None
     """Install ditflow processors on every attention block of ``model`` (a transformer or a
     diffusers pipeline) for the duration of the ``with`` block.
 
-    The token layout is read from each transformer call (text length, ``img_ids``) unless
-    ``layout`` is given. Blocks where the intervention asks for nothing run the model's own
-    processor unchanged.
+    The token layout is read from each transformer call (FLUX: text length and ``img_ids``;
+    Qwen-Image: text length and ``img_shapes``) unless ``layout`` is given. Blocks where the
+    intervention asks for nothing run the model's own processor unchanged.
     """
     from .models import adapter_for
 
     transformer = _transformer_of(model)
     adapter = adapter_for(transformer)
-    session = Session(transformer, intervention, layout)
+    session = Session(transformer, intervention, adapter, layout)
     originals = adapter.install(transformer, session)
     hook = transformer.register_forward_pre_hook(
         lambda module, args, kwargs: session.begin_call(kwargs), with_kwargs=True)

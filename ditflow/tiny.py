@@ -1,7 +1,7 @@
-"""Offline tiny FLUX models, built in code (no hub access), for tests and demos.
+"""Offline tiny FLUX and Qwen-Image models, built in code (no hub access), for tests and demos.
 
-The transformer follows the configuration diffusers' own tests use for FLUX, with two blocks of
-each kind so early stop and per-block statistics have something to skip.
+The transformers follow the configurations diffusers' own tests use, with two blocks of each
+kind so early stop and per-block statistics have something to skip.
 """
 
 from __future__ import annotations
@@ -46,6 +46,72 @@ def flux_inputs(height: int, width: int, text_len: int = 8, contexts: int = 0, b
         guidance=None,
         return_dict=False,
     )
+
+
+def tiny_qwen_transformer(seed: int = 0, num_layers: int = 2,
+                          dtype: torch.dtype = torch.float32):
+    """A random QwenImageTransformer2DModel: 2 heads x 16, 16 input channels (4 latent
+    channels in 2x2 patches), text width 16, rope axes (8, 4, 4)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=num_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+        axes_dims_rope=(8, 4, 4)).eval()
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def qwen_inputs(height: int, width: int, text_len: int = 8,
+                contexts: tuple[tuple[int, int], ...] = (), batch: int = 1,
+                padding: tuple[int, ...] | None = None, seed: int = 0,
+                dtype: torch.dtype = torch.float32, device="cpu") -> dict:
+    """Random keyword inputs for one call of the tiny Qwen-Image transformer: a ``height x
+    width`` target (packed tokens), then context images of the given (height, width) sizes, as
+    Qwen-Image-Edit lays them out. ``padding``: per batch element, how many trailing text
+    tokens are padding (``encoder_hidden_states_mask`` False); None = no mask."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(1, height, width)] + [(1, h, w) for h, w in contexts]
+    tokens = sum(h * w for _, h, w in shapes)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    mask = None
+    if padding is not None:
+        if len(padding) != batch:
+            raise ValueError(f"padding: one count per batch element ({batch}), got {padding}")
+        mask = torch.arange(text_len)[None, :] < torch.tensor([text_len - p for p in padding])[
+            :, None]
+        mask = mask.to(device)
+    return dict(
+        hidden_states=rand(batch, tokens, 16),
+        encoder_hidden_states=rand(batch, text_len, 16),
+        encoder_hidden_states_mask=mask,
+        timestep=torch.full((batch,), 0.99, device=device, dtype=dtype),
+        img_shapes=[shapes] * batch,
+        return_dict=False,
+    )
+
+
+def tiny_qwen_edit_pipeline(seed: int = 0):
+    """A random QwenImageEditPipeline built offline, without a text encoder: call it with
+    ``prompt_embeds`` ([B, L, 16]) and ``prompt_embeds_mask`` instead of a prompt. The VAE
+    (4 latent channels) downsamples 64x, so the ~1 MP context image the pipeline makes of any
+    input becomes 8 x 8 tokens; ``height``/``width`` are rounded down to multiples of 128."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPipeline,
+    )
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(
+        base_dim=4, z_dim=4, dim_mult=[1] * 7, num_res_blocks=1, temperal_downsample=[False] * 6,
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+    return QwenImageEditPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
+        processor=None, transformer=tiny_qwen_transformer(seed=seed))
 
 
 # Words the tiny tokenizers know; anything else maps to [UNK].

@@ -14,7 +14,9 @@ import math
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
+from .._memo import TensorMemo
 from ..functional import flow_attention
+from ..layout import TokenLayout
 from ..session import AttentionPlan, BlockId, EarlyStop, Session
 
 
@@ -107,6 +109,14 @@ class FluxAdapter:
     def restore(originals) -> None:
         for attn, processor in originals:
             attn.processor = processor
+
+    @staticmethod
+    def call_layout(kwargs: dict, memo: TensorMemo) -> TokenLayout:
+        """The layout of one transformer call: its text length, then one token per ``img_ids``
+        row (context images carry index 1 on the first axis)."""
+        text = kwargs["encoder_hidden_states"].shape[1]
+        img_ids = kwargs["img_ids"]
+        return memo.get((img_ids,), text, lambda: TokenLayout.from_flux_inputs(text, img_ids))
 
 
 # -- latents ---------------------------------------------------------------------------------------

@@ -1,0 +1,172 @@
+"""Qwen-Image / Qwen-Image-Edit adapter: processors for ``QwenImageTransformer2DModel`` blocks.
+
+Every Qwen-Image block is dual-stream: text and image tokens have their own projections and
+attend jointly over ``[text | target | context images...]``. The processor does what diffusers'
+``QwenDoubleStreamAttnProcessor2_0`` does (projections, QK RMS-norm, complex RoPE per stream,
+``[text, image]`` concatenation, output split and projections), with the attention call replaced
+by :func:`ditflow.flow_attention`. Text padding (``encoder_hidden_states_mask``) becomes one
+extra key group that no query sees, per batch element; interventions never see it (their
+layout, rules and mass exclude it). Blocks where the intervention asks for nothing run the
+model's original processor, untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
+
+from .._memo import TensorMemo
+from ..functional import flow_attention
+from ..layout import TokenLayout
+from ..rules import FlowRules
+from ..session import AttentionPlan, BlockId, EarlyStop, Session
+
+
+@functools.lru_cache(maxsize=16)
+def _hidden_padding(rules: FlowRules) -> FlowRules:
+    # One FlowRules object per intervention rules object, so its device tables are copied once.
+    return rules.with_hidden_group()
+
+
+def padded_key_groups(groups: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    """Key groups [B, N]: ``groups`` ([N], text first) with the padded text tokens of each batch
+    element (``text_mask`` False) moved to one more group, ``max id + 1`` of the layout."""
+    batch, text = text_mask.shape
+    padding = torch.full_like(groups[:text], int(groups.max()) + 1)
+    keys = groups.expand(batch, -1).clone()
+    keys[:, :text] = torch.where(text_mask, groups[:text], padding)
+    return keys
+
+
+class FlowQwenAttnProcessor:
+    """Processor for one Qwen-Image attention module (a dual-stream block)."""
+
+    def __init__(self, session: Session, block: BlockId, original):
+        self.session = session
+        self.block = block
+        self.original = original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None,
+                 encoder_hidden_states_mask=None, attention_mask=None, image_rotary_emb=None):
+        plan = self.session.attention_plan(self.block)
+        if plan is None:
+            out = self.original(attn, hidden_states, encoder_hidden_states,
+                                encoder_hidden_states_mask, attention_mask, image_rotary_emb)
+        else:
+            out = self._flow(attn, hidden_states, encoder_hidden_states,
+                             encoder_hidden_states_mask, attention_mask, image_rotary_emb, plan)
+        if self.session.should_stop(self.block):
+            raise EarlyStop(str(self.block))
+        return out
+
+    @torch.compiler.disable
+    def _with_padding(self, groups: torch.Tensor, text_mask: torch.Tensor, rules: FlowRules
+                      ) -> tuple[torch.Tensor, FlowRules]:
+        # Eager under torch.compile: the padding group id is read from the groups' values.
+        text_mask = text_mask.to(device=groups.device, dtype=torch.bool)
+        key_groups = self.session.derived.get(
+            (groups, text_mask), "padded keys", lambda: padded_key_groups(groups, text_mask))
+        return key_groups, _hidden_padding(rules)
+
+    def _flow(self, attn, hidden_states, encoder_hidden_states, text_mask, attention_mask,
+              image_rotary_emb, plan: AttentionPlan):
+        if encoder_hidden_states is None or attention_mask is not None:
+            raise ValueError("ditflow's Qwen-Image processor needs encoder_hidden_states and takes "
+                             "no attention_mask (text padding comes as "
+                             "encoder_hidden_states_mask; other masks as groups or a pair mask)")
+        head_dim = attn.inner_dim // attn.heads
+
+        def heads(t):
+            return t.unflatten(-1, (-1, head_dim))
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(
+            attn.to_v(hidden_states))
+        tq, tk, tv = (heads(attn.add_q_proj(encoder_hidden_states)),
+                      heads(attn.add_k_proj(encoder_hidden_states)),
+                      heads(attn.add_v_proj(encoder_hidden_states)))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if attn.norm_added_q is not None:
+            tq = attn.norm_added_q(tq)
+        if attn.norm_added_k is not None:
+            tk = attn.norm_added_k(tk)
+        if image_rotary_emb is not None:
+            image_freqs, text_freqs = image_rotary_emb
+            q, k = (apply_rotary_emb_qwen(t, image_freqs, use_real=False) for t in (q, k))
+            tq, tk = (apply_rotary_emb_qwen(t, text_freqs, use_real=False) for t in (tq, tk))
+        q, k, v = torch.cat([tq, q], dim=1), torch.cat([tk, k], dim=1), torch.cat([tv, v], dim=1)
+        if q.shape[1] != len(plan.layout):
+            raise ValueError(f"{self.block}: the joint sequence has {q.shape[1]} tokens but the "
+                             f"layout has {len(plan.layout)}")
+
+        groups = plan.layout.groups(q.device)
+        key_groups, rules = (groups, plan.rules) if text_mask is None else self._with_padding(
+            groups, text_mask, plan.rules)
+        result = flow_attention(q, k, v, groups, key_groups, rules=rules,
+                                pair_mask=self.session.pair_mask(self.block, plan, q, k),
+                                return_mass=plan.return_mass)
+        if text_mask is not None and result.mass is not None:
+            result = result._replace(mass=result.mass[..., :plan.layout.num_groups])
+        out = self.session.after_attention(self.block, plan, result).flatten(2, 3).to(q.dtype)
+
+        text, image = out.split_with_sizes(
+            [encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+        image = attn.to_out[0](image.contiguous())
+        if len(attn.to_out) > 1:
+            image = attn.to_out[1](image)  # dropout
+        return image, attn.to_add_out(text.contiguous())
+
+
+class QwenImageAdapter:
+    """Installs :class:`FlowQwenAttnProcessor` on every block of a QwenImageTransformer2DModel:
+    blocks ``double.0`` ... ``double.{n-1}`` (Qwen-Image: 60)."""
+
+    @staticmethod
+    def blocks(transformer):
+        return [(BlockId("double", i, i), block)
+                for i, block in enumerate(transformer.transformer_blocks)]
+
+    def install(self, transformer, session: Session):
+        if getattr(transformer.config, "use_layer3d_rope", False):
+            raise TypeError("ditflow's Qwen-Image adapter does not support Qwen-Image-Layered "
+                            "(use_layer3d_rope): its image segments are layers, not "
+                            "target and context")
+        originals = []
+        for block_id, block in self.blocks(transformer):
+            originals.append((block.attn, block.attn.processor))
+            block.attn.processor = FlowQwenAttnProcessor(session, block_id, block.attn.processor)
+        return originals
+
+    @staticmethod
+    def restore(originals) -> None:
+        for attn, processor in originals:
+            attn.processor = processor
+
+    @staticmethod
+    def call_layout(kwargs: dict, memo: TensorMemo) -> TokenLayout:
+        """The layout of one transformer call: its text tokens, then the images of
+        ``img_shapes`` in order, the first the target, the others context (Qwen-Image-Edit's
+        input images)."""
+        text = kwargs["encoder_hidden_states"].shape[1]
+        images = image_token_counts(kwargs.get("img_shapes"))
+        return memo.get((), ("qwen", text, images),
+                        lambda: TokenLayout.from_segments(text, images[0], list(images[1:])))
+
+
+def image_token_counts(img_shapes) -> tuple[int, ...]:
+    """Tokens per image of a Qwen-Image call's ``img_shapes``: per batch element a list of
+    ``(frames, rows, columns)`` (or one such tuple); every batch element must have the same."""
+    if not img_shapes:
+        raise ValueError("Qwen-Image call without img_shapes: ditflow reads the image segments "
+                         "from it")
+    per_batch = img_shapes if isinstance(img_shapes, list) else [img_shapes]
+    shapes = [[entry] if isinstance(entry, tuple) else list(entry) for entry in per_batch]
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError(f"img_shapes differ across the batch ({img_shapes}); Qwen-Image's RoPE "
+                         "needs one image layout per call")
+    return tuple(math.prod(shape) for shape in shapes[0])
