@@ -75,6 +75,7 @@ def run(jobs: list[Job], pipeline, config: ProtectConfig, manifest: Manifest,
     from tqdm.auto import tqdm
 
     protector = Protector(pipeline, config)
+    config = protector.config  # the model's defaults filled in: the manifest records them
     counts = {"ok": 0, "failed": 0, "skipped": 0}
     pending: dict[tuple[int, int], list[tuple[Job, Photo]]] = {}
     images_bar = tqdm(total=len(jobs), desc="photos", unit="photo", disable=not progress)

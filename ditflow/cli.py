@@ -4,9 +4,10 @@
 
 Models: ``--model testbed`` (the default) is the small FLUX Kontext-style editor (for
 ``generate``: the text-to-image model) trained offline on procedural scenes that ships with
-ditflow (32x32 scenes of coloured shapes); ``--model tiny`` is a random tiny FLUX (machinery
-only); ``--model DIR`` loads a local diffusers folder of FLUX.1 Kontext (for ``generate``:
-FLUX.1) and never downloads.
+ditflow (32x32 scenes of coloured shapes); ``--model tiny`` is a random tiny FLUX and
+``--model tiny-qwen`` a random tiny Qwen-Image-Edit (``protect`` and ``evaluate``; machinery
+only); ``--model DIR`` loads a local diffusers folder and never downloads: FLUX.1 Kontext or
+(``protect``, ``evaluate``) Qwen-Image-Edit; FLUX.1 for ``generate``.
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ MODEL_DEFAULTS = {
                     blocks=("single.0", "single.1", "single.2")),
     "tiny": dict(resolution=32, max_sequence_length=16,
                  blocks=("double.0", "double.1", "single.0", "single.1")),
+    "tiny-qwen": dict(resolution=64, max_sequence_length=16, blocks=("double.0", "double.1")),
 }
 
 
 def _pipeline(model: str, device: str, kind: str = "kontext"):
+    """``kind``: "kontext" (FLUX.1 Kontext), "t2i" (FLUX.1) or "editor" (any in-context editor
+    DeContext protects against: FLUX.1 Kontext or Qwen-Image-Edit)."""
     # The libraries' own chatter (optional image processors, prompt truncation) is not for
     # users of this command; errors still show.
     import diffusers
@@ -45,24 +49,31 @@ def _pipeline(model: str, device: str, kind: str = "kontext"):
     if model == "tiny":
         from .tiny import tiny_flux_pipeline
 
-        return tiny_flux_pipeline(kind).to(device)
+        return tiny_flux_pipeline("t2i" if kind == "t2i" else "kontext").to(device)
+    if model == "tiny-qwen":
+        if kind != "editor":
+            raise SystemExit("error: --model tiny-qwen serves protect and evaluate only")
+        from .tiny import tiny_qwen_edit_pipeline
+
+        return tiny_qwen_edit_pipeline().to(device)
     if model == "testbed":
         from .testbed.models import testbed_pipeline
 
-        return testbed_pipeline("editor" if kind == "kontext" else "t2i").to(device)
-    from .models.loading import load_flux_pipeline
+        return testbed_pipeline("t2i" if kind == "t2i" else "editor").to(device)
+    from .models.loading import load_editor, load_flux_pipeline
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if kind == "editor":
+        return load_editor(model, dtype=dtype).to(device)
     return load_flux_pipeline(model, kind=kind, dtype=dtype).to(device)
 
 
 def _model_settings(args) -> dict:
-    """Resolution, attacked blocks and text length: the user's, else the model's defaults; the
-    testbed editor's own instruction pool."""
-    from .methods.decontext import DEFAULT_BLOCKS
-
-    defaults = MODEL_DEFAULTS.get(args.model, dict(resolution=512, max_sequence_length=512,
-                                                   blocks=DEFAULT_BLOCKS))
+    """Resolution, attacked blocks and text length: the user's, else the model's defaults
+    (None: the protector picks the loaded editor's); the testbed editor's own instruction
+    pool."""
+    defaults = MODEL_DEFAULTS.get(args.model, dict(resolution=None, max_sequence_length=512,
+                                                   blocks=None))
     settings = dict(resolution=args.resolution or defaults["resolution"],
                     blocks=tuple(args.blocks.split(",")) if args.blocks else defaults["blocks"],
                     max_sequence_length=args.text_tokens or defaults["max_sequence_length"])
@@ -97,7 +108,7 @@ def protect_command(args) -> int:
     if args.model in MODEL_DEFAULTS:
         print(f"note: --model {args.model} is a small offline model for demos and tests; its "
               "perturbation does not protect against real editors: pass --model with a local "
-              "FLUX.1 Kontext folder for that", file=sys.stderr)
+              "FLUX.1 Kontext or Qwen-Image-Edit folder for that", file=sys.stderr)
     manifest = Manifest(outdir / "manifest.jsonl")
     if manifest.records and not args.resume:
         print(f"error: {manifest.path} exists from an earlier run; pass --resume to continue it "
@@ -105,7 +116,7 @@ def protect_command(args) -> int:
         return 2
     config = _config(args)
     jobs = bulk.gather(args.inputs, outdir, suffix)
-    pipeline = _pipeline(args.model, args.device)
+    pipeline = _pipeline(args.model, args.device, kind="editor")
     try:
         counts = bulk.run(jobs, pipeline, config, manifest, resume=args.resume,
                           max_pixels=args.max_pixels, progress=not args.quiet)
@@ -132,7 +143,7 @@ def evaluate_command(args) -> int:
         from .faces import FaceEmbedder
 
         faces = FaceEmbedder(args.face_model, args.face_size)
-    pipeline = _pipeline(args.model, args.device)
+    pipeline = _pipeline(args.model, args.device, kind="editor")
     protector = Protector(pipeline, config)
     clean_dir, protected_dir = Path(args.clean), Path(args.protected)
     prompt = args.prompt or ("make the red circle blue" if args.model == "testbed"
@@ -154,7 +165,7 @@ def evaluate_command(args) -> int:
         pair = torch.stack([clean.tensor(), protected.tensor()])
         pair = torch.nn.functional.interpolate(pair, size=size, mode="bilinear", antialias=True)
         r_clean, r_protected = protector.evaluate_r_ctx(pair.clamp(0, 1).to(protector.device))
-        edits = [_edit(pipeline, image, prompt, size, config, args.edit_steps)
+        edits = [_edit(protector, image, prompt, size, args.edit_steps)
                  for image in (clean, protected)]
         rows.append(dict(
             photo=clean_path.name, r_ctx_clean=r_clean, r_ctx_protected=r_protected,
@@ -181,15 +192,14 @@ def evaluate_command(args) -> int:
     return 0 if rows else 1
 
 
-def _edit(pipeline, photo, prompt, size, config, steps):
+def _edit(protector, photo, prompt, size, steps):
     """The editor's output for ``photo`` (uint8 [H, W, 3]) at the working size, fixed seed."""
     from PIL import Image
 
-    h, w = size
-    image = pipeline(image=Image.fromarray(photo.pixels), prompt=prompt, height=h, width=w,
-                     max_area=h * w, _auto_resize=False, num_inference_steps=steps,
-                     guidance_scale=config.guidance, max_sequence_length=config.max_sequence_length,
-                     generator=torch.Generator().manual_seed(0)).images[0]
+    config = protector.config
+    image = protector.calls.edit(Image.fromarray(photo.pixels), prompt, size, steps,
+                                 config.guidance, config.max_sequence_length,
+                                 torch.Generator().manual_seed(0))[0]
     return np.asarray(image.convert("RGB"))
 
 
@@ -427,18 +437,22 @@ def _protect_options(p: argparse.ArgumentParser, steps_default: int = 800,
     p.add_argument("-o", "--output", required=output_default is None, default=output_default,
                    help="output folder")
     p.add_argument("--model", default="testbed",
-                   help="'testbed' (default), 'tiny' or a local FLUX.1 Kontext folder")
+                   help="'testbed' (default), 'tiny', 'tiny-qwen' or a local FLUX.1 Kontext or "
+                        "Qwen-Image-Edit folder")
     p.add_argument("--method", default="decontext", choices=["decontext", "diff-pgd"])
     p.add_argument("--epsilon", type=float, default=12.75, help="L-inf budget, 0..255 units")
     p.add_argument("--step-size", type=float, default=0.6375, help="PGD step, 0..255 units")
     p.add_argument("--steps", type=int, default=steps_default)
     p.add_argument("--resolution", type=int, default=None,
-                   help="working resolution (default 512; 32 for the tiny model)")
+                   help="working resolution (default: FLUX.1 Kontext 512, Qwen-Image-Edit 1024; "
+                        "32 for the testbed and tiny models)")
     p.add_argument("--blocks", default=None,
-                   help="attacked blocks, e.g. single.0,single.1 (default single.0..single.25)")
+                   help="attacked blocks, e.g. single.0,single.1 (default: FLUX.1 Kontext "
+                        "single.0..single.25, Qwen-Image-Edit double.0..double.39)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text-tokens", type=int, default=None, help="T5 tokens (default 512)")
+    p.add_argument("--text-tokens", type=int, default=None,
+                   help="FLUX's T5 tokens (default 512)")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     p.add_argument("--eot-jpeg", type=int, nargs=2, metavar=("LOW", "HIGH"),
                    help="JPEG quality range for expectation over transformations")
@@ -480,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("evaluate", help="compare protected photos with the clean ones")
     p.add_argument("clean", help="folder of clean photos")
     p.add_argument("protected", help="folder of protected photos (same file stems)")
-    p.add_argument("--model", default="testbed")
+    p.add_argument("--model", default="testbed", help="as for protect")
     p.add_argument("--prompt", default=None,
                    help="the edit (default: a testbed edit for --model testbed, else "
                         "'Make the person smile broadly')")
@@ -546,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="working resolution (default 1024; 32 for the testbed and tiny models)")
     p.add_argument("--steps", type=int, default=None, help="default 28 (20 testbed)")
     p.add_argument("--guidance", type=float, default=None, help="default 3.5 (1.0 testbed)")
-    p.add_argument("--text-tokens", type=int, default=None, help="T5 tokens (default 512)")
+    p.add_argument("--text-tokens", type=int, default=None,
+                   help="FLUX's T5 tokens (default 512)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dilation", type=float, default=0.04,
                    help="region dilation, a fraction of the image's longer side")

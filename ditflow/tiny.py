@@ -94,24 +94,97 @@ def qwen_inputs(height: int, width: int, text_len: int = 8,
     )
 
 
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                       "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+class TinyQwenVLProcessor:
+    """What QwenImageEditPipeline asks of Qwen2VLProcessor, for the tiny pipeline: image
+    patches from Qwen2-VL's (PIL) image processor, and each ``<|image_pad|>`` of a text
+    expanded to its image's merged patch count before tokenizing. One image per text (a single
+    image serves every text)."""
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+
+    def __call__(self, text, images=None, padding=True, return_tensors="pt"):
+        from transformers import BatchFeature
+
+        text = [text] if isinstance(text, str) else list(text)
+        features = {}
+        if images is not None:
+            images = images if isinstance(images, list) else [images] * len(text)
+            features = dict(self.image_processor(images=images, return_tensors=return_tensors))
+            merged = self.image_processor.merge_size ** 2
+            counts = (features["image_grid_thw"].prod(-1) // merged).tolist()
+            text = [t.replace("<|image_pad|>", "<|image_pad|>" * n)
+                    for t, n in zip(text, counts, strict=True)]
+        encoded = self.tokenizer(text, padding=padding, return_tensors=return_tensors)
+        return BatchFeature({**encoded, **features})
+
+
+def tiny_qwen_text_encoder(seed: int = 0):
+    """(encoder, tokenizer, processor): a random Qwen2.5-VL of width 16 (one text layer, one
+    vision layer), a byte-level tokenizer with Qwen's special tokens and no merges, and
+    :class:`TinyQwenVLProcessor` with images scaled to at most 112 x 112 pixels."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2TokenizerFast,
+    )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    byte_level = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(
+        sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[]))
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=byte_level, pad_token="<|endoftext|>",
+                                   eos_token="<|im_end|>", unk_token=None)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    token_id = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+            bos_token_id=token_id("<|endoftext|>"), eos_token_id=token_id("<|im_end|>")),
+        vision_config=dict(
+            depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+            fullatt_block_indexes=[0]),
+        image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"),
+        vision_end_token_id=token_id("<|vision_end|>"))
+    torch.manual_seed(seed)
+    encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112,
+                                               patch_size=14, merge_size=2, temporal_patch_size=2)
+    return encoder, tokenizer, TinyQwenVLProcessor(tokenizer, image_processor)
+
+
 def tiny_qwen_edit_pipeline(seed: int = 0):
-    """A random QwenImageEditPipeline built offline, without a text encoder: call it with
-    ``prompt_embeds`` ([B, L, 16]) and ``prompt_embeds_mask`` instead of a prompt. The VAE
-    (4 latent channels) downsamples 64x, so the ~1 MP context image the pipeline makes of any
-    input becomes 8 x 8 tokens; ``height``/``width`` are rounded down to multiples of 128."""
+    """A random QwenImageEditPipeline built offline: the tiny transformer, a Qwen-Image VAE
+    with 4 latent channels and Qwen's 8x downsampling, and :func:`tiny_qwen_text_encoder`.
+    Like the real pipeline it resizes the input image to about 1 MP (64 x 64 context tokens);
+    pass a small ``height``/``width`` (multiples of 16) for the output."""
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
         QwenImageEditPipeline,
     )
 
+    encoder, tokenizer, processor = tiny_qwen_text_encoder(seed)
     torch.manual_seed(seed)
     vae = AutoencoderKLQwenImage(
-        base_dim=4, z_dim=4, dim_mult=[1] * 7, num_res_blocks=1, temperal_downsample=[False] * 6,
-        latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
+        base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        temperal_downsample=[False] * 3, latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
     return QwenImageEditPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
-        processor=None, transformer=tiny_qwen_transformer(seed=seed))
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=encoder,
+        tokenizer=tokenizer, processor=processor, transformer=tiny_qwen_transformer(seed=seed))
 
 
 # Words the tiny tokenizers know; anything else maps to [UNK].

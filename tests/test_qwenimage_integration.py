@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -230,8 +231,7 @@ def test_bad_calls_are_refused_with_the_reason():
 
 def test_edit_pipeline_with_an_intervention_and_true_cfg(tmp_path):
     """A QwenImageEditPipeline call (true CFG: a padded negative prompt, a call per prompt at
-    each step) runs under an intervention, produces an image, and loads back offline without
-    its text encoder (precomputed prompt embeddings)."""
+    each step) runs under an intervention, produces an image, and loads back offline."""
     from PIL import Image
 
     from ditflow.models.loading import load_qwen_pipeline
@@ -239,20 +239,18 @@ def test_edit_pipeline_with_an_intervention_and_true_cfg(tmp_path):
 
     pipe = tiny_qwen_edit_pipeline()
     photo = Image.fromarray(torch.randint(0, 255, (48, 64, 3), dtype=torch.uint8).numpy())
-    negative_mask = torch.tensor([[1, 1, 1, 0, 0]])
-    call = dict(image=photo, prompt_embeds=torch.randn(1, 7, 16),
-                prompt_embeds_mask=torch.ones(1, 7, dtype=torch.long),
+    call = dict(image=photo, prompt="make the cat smile",
                 negative_prompt_embeds=torch.randn(1, 5, 16),
-                negative_prompt_embeds_mask=negative_mask, true_cfg_scale=2.0,
-                num_inference_steps=2, height=256, width=128)
+                negative_prompt_embeds_mask=torch.tensor([[1, 1, 1, 0, 0]]), true_cfg_scale=2.0,
+                num_inference_steps=2, height=32, width=48)
     recorder, negative = StatsRecorder(blocks=["double.1"], call=0), StatsRecorder(call=1)
     with attach(pipe, RulesEverywhere(_edit_rules)) as session:
         image = pipe(**call, generator=torch.Generator().manual_seed(0)).images[0]
-    assert image.size == (128, 256)
-    # the last call is the negative prompt's: 5 text tokens, 2 x 1 target, 8 x 8 context (4:3)
-    assert repr(session.layout) == "TokenLayout(text=5, target=2, context=63)"
-    assert session.step.index == 1
-    assert session.step.call == 1
+    assert image.size == (48, 32)
+    # the last call is the negative prompt's: 5 text tokens, a 2 x 3 target, and the ~1 MP
+    # context the pipeline makes of the 4:3 photo (896 x 1184 pixels: 56 x 74 tokens)
+    assert repr(session.layout) == "TokenLayout(text=5, target=6, context=4144)"
+    assert session.step.index == 1 and session.step.call == 1
     for stats in (recorder, negative):
         with attach(pipe, stats):
             pipe(**call, generator=torch.Generator().manual_seed(0))
@@ -261,10 +259,12 @@ def test_edit_pipeline_with_an_intervention_and_true_cfg(tmp_path):
     # one context, both calls: the prompt's and the negative prompt's statistics differ
     assert not torch.allclose(recorder.r_ctx[(0, "double.1")], negative.r_ctx[(0, "double.1")])
 
-    pipe.save_pretrained(tmp_path)
-    loaded = load_qwen_pipeline(tmp_path, dtype=torch.float32, text_encoder=None, tokenizer=None,
-                                processor=None)
-    assert loaded(**call, generator=torch.Generator().manual_seed(0)).images[0].size == (128, 256)
+    stock = np.asarray(pipe(**call, generator=torch.Generator().manual_seed(0)).images[0])
+    assert not np.array_equal(stock, np.asarray(image))  # the rules changed the edit
+    pipe.save_pretrained(tmp_path)  # the tiny processor is ours: passed in, not saved
+    loaded = load_qwen_pipeline(tmp_path, dtype=torch.float32, processor=pipe.processor)
+    again = loaded(**call, generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.array_equal(np.asarray(again), stock)
 
 
 def test_local_loading_errors_name_what_is_missing(tmp_path):
@@ -343,7 +343,6 @@ def test_model_cpu_offload_with_an_intervention():
     photo = Image.fromarray(torch.randint(0, 255, (48, 64, 3), dtype=torch.uint8).numpy())
     recorder = StatsRecorder(blocks=["double.1"])
     with attach(pipe, recorder):
-        pipe(image=photo, prompt_embeds=torch.randn(1, 7, 16),
-             prompt_embeds_mask=torch.tensor([[1, 1, 1, 1, 1, 0, 0]]), num_inference_steps=2,
-             height=128, width=128)
+        pipe(image=photo, prompt="make the cat smile", negative_prompt="blurry",
+             true_cfg_scale=2.0, num_inference_steps=2, height=32, width=32)
     assert all(r.device.type == "cuda" for r in recorder.r_ctx.values())

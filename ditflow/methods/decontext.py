@@ -1,21 +1,29 @@
 """DeContext: protect photos against in-context editing (and the Diff-PGD baseline).
 
-DeContext perturbs a photo, within an L-inf budget, so that an in-context editor (FLUX.1 Kontext)
-stops attending to it: the loss is ``r_ctx``, the attention mass of the edit's target tokens on
-the photo's context tokens (softmax over all keys), averaged over heads, target queries and the
-attacked blocks (single-stream blocks 0..25 by default). Each PGD step samples an instruction from
-:data:`PROMPT_POOL`, a timestep in [980, 1000) and fresh target noise, takes the gradient of
-``r_ctx`` through the fused kernel's mass gradient (the forward stops after the last attacked
-block), and moves the photo by a signed step, projected back into the budget and [0, 1].
+DeContext perturbs a photo, within an L-inf budget, so that an in-context editor (FLUX.1 Kontext
+or Qwen-Image-Edit) stops attending to it: the loss is ``r_ctx``, the attention mass of the
+edit's target tokens on the photo's context tokens (softmax over all keys), averaged over heads,
+target queries and the attacked blocks (FLUX.1 Kontext: single-stream blocks 0..25, the
+authors'; Qwen-Image-Edit: blocks 0..39, the same front two thirds, our analogue). Each PGD
+step samples an instruction from :data:`PROMPT_POOL`, a timestep in [980, 1000) and fresh target
+noise, takes the gradient of ``r_ctx`` through the fused kernel's mass gradient (the forward stops
+after the last attacked block), and moves the photo by a signed step, projected back into the
+budget and [0, 1].
 
 Units: ``epsilon`` and ``step_size`` are in 0..255 pixel units. The authors' Kontext budget,
 epsilon 0.1 and step 0.005 in the [-1, 1] range, is 12.75/255 and 0.6375/255.
 
 Resolution: the photo is optimised at the editor's working resolution (``resolution``² pixels,
-aspect ratio kept, snapped to the model's multiple of 16; the authors used 512x512 crops) and the
-perturbation is resized back (bilinear) to the photo's own resolution, added to the original and
-clipped to the budget. FLUX.1 Kontext's pipeline itself snaps inputs to its preferred resolutions
-(about 1 megapixel) unless called with ``_auto_resize=False``.
+aspect ratio kept, snapped to the model's multiple: 16 for FLUX.1 Kontext, 32 for Qwen-Image-Edit;
+the authors used 512x512 crops) and the perturbation is resized back (bilinear) to the photo's
+own resolution, added to the original and clipped to the budget. FLUX.1 Kontext's pipeline itself
+snaps inputs to its preferred resolutions (about 1 megapixel) unless called with
+``_auto_resize=False``; Qwen-Image-Edit's always resizes its input to about 1 megapixel (its
+default working resolution here, 1024, is exactly that size).
+
+Qwen-Image-Edit's prompt embeddings come from Qwen2.5-VL, which sees the photo as well: they are
+computed once per instruction from the clean photo, and the perturbation acts through the
+context tokens only.
 
 ``method="diff-pgd"``: the baseline maximises the flow-matching loss of the target prediction
 against clean edits of the same photo (noisy target ``(1 - s) z + s e``), all blocks, same
@@ -29,24 +37,28 @@ import io
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._memo import TensorMemo
 from ..layout import TokenLayout
-from ..models.flux import (
-    encode_image,
-    image_ids,
-    pack_latents,
-    vae_scale_factor,
-    working_size,
-)
+from ..models import adapter_for, edit_calls_for
+from ..models.flux import working_size
 from ..session import StatsRecorder, attach
 from .prompts import PROMPT_POOL
 
+# The attacked blocks and working resolution when the config leaves them to the model. FLUX.1
+# Kontext: the authors'. Qwen-Image-Edit: ours (the front two thirds of its 60 blocks, as
+# single.0..25 of FLUX's 38 single blocks; the ~1 MP size its pipeline feeds the model).
 DEFAULT_BLOCKS = tuple(f"single.{i}" for i in range(26))
+MODEL_DEFAULTS = {
+    "FluxTransformer2DModel": dict(blocks=DEFAULT_BLOCKS, resolution=512),
+    "QwenImageTransformer2DModel": dict(blocks=tuple(f"double.{i}" for i in range(40)),
+                                        resolution=1024),
+}
 METHODS = ("decontext", "diff-pgd")
 
 
@@ -59,11 +71,12 @@ class ProtectConfig:
         epsilon: L-inf budget in 0..255 pixel units.
         step_size: signed-gradient step per iteration, 0..255 units.
         steps: PGD iterations (the authors: 800 for DeContext, 600 for Diff-PGD).
-        resolution: working resolution: the photo is optimised at about resolution² pixels.
+        resolution: working resolution: the photo is optimised at about resolution² pixels;
+            None = the model's (FLUX.1 Kontext 512, Qwen-Image-Edit 1024).
         blocks: attacked blocks (``"single.3"``, ``"double.7"``); the forward stops after the
-            last one.
+            last one. None = the model's (see ``MODEL_DEFAULTS``).
         timesteps: the range t is drawn from, in the scheduler's 0..1000 units.
-        guidance: FLUX guidance embedding value.
+        guidance: guidance embedding value (FLUX.1 Kontext; models without one ignore it).
         batch_size: photos optimised together (same working resolution).
         seed: every random draw of a photo comes from (seed, photo name): results do not depend
             on batching or on resuming.
@@ -86,8 +99,8 @@ class ProtectConfig:
     epsilon: float = 12.75
     step_size: float = 0.6375
     steps: int = 800
-    resolution: int = 512
-    blocks: tuple[str, ...] = DEFAULT_BLOCKS
+    resolution: int | None = None
+    blocks: tuple[str, ...] | None = None
     timesteps: tuple[float, float] = (980.0, 1000.0)
     guidance: float = 3.5
     batch_size: int = 1
@@ -110,8 +123,9 @@ class ProtectConfig:
                                       "(pixel units; 12.75 is the authors' 0.1 in [-1, 1])"),
             (self.step_size > 0, f"step_size={self.step_size}: expected > 0 (pixel units)"),
             (self.steps >= 0, f"steps={self.steps}: expected >= 0"),
-            (self.resolution >= 16, f"resolution={self.resolution}: expected >= 16"),
-            (len(self.blocks) > 0, "blocks: expected at least one block"),
+            (self.resolution is None or self.resolution >= 16,
+             f"resolution={self.resolution}: expected >= 16"),
+            (self.blocks is None or len(self.blocks) > 0, "blocks: expected at least one block"),
             (0 <= self.timesteps[0] < self.timesteps[1] <= 1000,
              f"timesteps={self.timesteps}: expected 0 <= low < high <= 1000"),
             (self.batch_size >= 1, f"batch_size={self.batch_size}: expected >= 1"),
@@ -154,6 +168,17 @@ def _photo_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def _digest(image: torch.Tensor) -> str:
+    return hashlib.sha256(image.detach().float().cpu().numpy().tobytes()).hexdigest()
+
+
+def _to_pil(image: torch.Tensor):
+    from PIL import Image
+
+    return Image.fromarray(image.detach().float().clamp(0, 1).mul(255).round().byte()
+                           .permute(1, 2, 0).cpu().numpy())
+
+
 def _straight_through_jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
     """JPEG-compress in the forward pass, identity gradient (BPDA)."""
     from PIL import Image
@@ -194,71 +219,64 @@ def _checkpointing(transformer, enabled: bool):
 
 
 class Protector:
-    """DeContext / Diff-PGD against a FluxKontextPipeline (real or tiny). See the module doc."""
+    """DeContext / Diff-PGD against an in-context editor pipeline: FluxKontextPipeline or
+    QwenImageEditPipeline (real or tiny). See the module doc."""
 
     def __init__(self, pipeline, config: ProtectConfig | None = None):
         self.pipe = pipeline
-        self.config = config or ProtectConfig()
         self.transformer = pipeline.transformer
+        self.calls = edit_calls_for(pipeline)
+        config = config or ProtectConfig()
+        defaults = MODEL_DEFAULTS[type(self.transformer).__name__]
+        self.config = replace(config, blocks=config.blocks or defaults["blocks"],
+                              resolution=config.resolution or defaults["resolution"])
         self.vae = pipeline.vae
         self.device = self.transformer.device
         self.dtype = self.transformer.dtype
-        self.multiple = 2 * vae_scale_factor(self.vae)
-        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        # One layout per working size: its group ids stay the same tensor, so the kernels'
-        # layout checks and tile plans are computed once, not every step.
-        self._layouts: dict[tuple[int, int, int], TokenLayout] = {}
+        self.multiple = self.calls.multiple
+        self._prompt_cache: dict[tuple[str, str | None], dict] = {}
+        # Layouts are cached per call shape: their group ids stay the same tensors, so the
+        # kernels' layout checks and tile plans are computed once, not every step.
+        self._adapter = adapter_for(self.transformer)
+        self._layouts = TensorMemo(max_entries=64)
         names = {str(b) for b in self.config.blocks}
-        known = {f"double.{i}" for i in range(len(self.transformer.transformer_blocks))}
-        known |= {f"single.{i}" for i in range(len(self.transformer.single_transformer_blocks))}
-        if not names <= known:
-            raise ValueError(f"ProtectConfig.blocks: {sorted(names - known)} not in this model "
-                             f"({len(known)} blocks: double.0.., single.0..)")
+        known = self.calls.block_names()
+        if not names <= set(known):
+            raise ValueError(f"ProtectConfig.blocks: {sorted(names - set(known))} not in this "
+                             f"model ({len(known)} blocks: {known[0]} .. {known[-1]})")
         self.eval_prompts = self.config.prompts[: self.config.eval_prompts]
 
     # -- geometry ------------------------------------------------------------------------------
 
     def working_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w): about resolution² pixels at the photo's aspect ratio, multiples of the
-        model's 16 (vae factor x 2x2 packing)."""
+        model's size step (FLUX.1 Kontext 16, Qwen-Image-Edit 32)."""
         return working_size(height, width, self.config.resolution, self.multiple)
 
     # -- model inputs --------------------------------------------------------------------------
 
-    def _prompt(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        cached = self._prompt_cache.get(text)
+    def _prompt(self, text: str, image: torch.Tensor) -> dict:
+        """An instruction's embeddings; for editors whose text encoder sees the photo
+        (Qwen-Image-Edit), those of ``image`` ([3, H, W] in [0, 1]) with it."""
+        key = (text, _digest(image) if self.calls.prompt_sees_image else None)
+        cached = self._prompt_cache.get(key)
         if cached is None:
+            photo = _to_pil(image) if self.calls.prompt_sees_image else None
             with torch.no_grad():
-                embeds, pooled, _ = self.pipe.encode_prompt(
-                    prompt=text, prompt_2=None, device=self.device,
-                    max_sequence_length=self.config.max_sequence_length)
-            cached = (embeds[0].to(self.dtype), pooled[0].to(self.dtype))
-            self._prompt_cache[text] = cached
+                cached = self.calls.encode_prompt(text, photo, self.config.max_sequence_length)
+            self._prompt_cache[key] = cached
         return cached
 
-    def _inputs(self, pixels, prompts, timesteps, noise):
-        """Transformer keyword inputs: target noise, then the photo's context tokens."""
-        context = pack_latents(encode_image(self.vae, pixels.to(self.vae.dtype))).to(self.dtype)
-        h, w = pixels.shape[-2] // self.multiple, pixels.shape[-1] // self.multiple
-        embeds, pooled = zip(*(self._prompt(p) for p in prompts), strict=True)
-        ids = torch.cat([image_ids(h, w, 0), image_ids(h, w, 1)]).to(self.device, self.dtype)
-        guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full((len(prompts),), self.config.guidance, device=self.device)
-        return dict(
-            hidden_states=torch.cat([noise.to(self.dtype), context], dim=1),
-            encoder_hidden_states=torch.stack(embeds),
-            pooled_projections=torch.stack(pooled),
-            timestep=torch.tensor(timesteps, device=self.device, dtype=self.dtype) / 1000,
-            img_ids=ids,
-            txt_ids=torch.zeros(embeds[0].shape[0], 3, device=self.device, dtype=self.dtype),
-            guidance=guidance,
-            return_dict=False,
-        )
+    def _inputs(self, pixels, prompts, timesteps, noise, prompt_images=None):
+        """Transformer keyword inputs: target noise, then the photos' context tokens; the
+        prompt encoder sees ``prompt_images`` (default: the photos themselves)."""
+        seen = pixels.detach() if prompt_images is None else prompt_images
+        embeds = [self._prompt(p, image) for p, image in zip(prompts, seen, strict=True)]
+        return self.calls.inputs(noise, self.calls.context_tokens(pixels), embeds, timesteps,
+                                 self.config.guidance, tuple(pixels.shape[-2:]))
 
     def _target_shape(self, pixels) -> tuple[int, int]:
-        h, w = pixels.shape[-2] // self.multiple, pixels.shape[-1] // self.multiple
-        return h * w, 4 * self.vae.config.latent_channels
+        return self.calls.target_shape(*pixels.shape[-2:])
 
     def _draw(self, gens, pixels):
         """Per-photo draws for one step: instruction, timestep, target noise, EOT choices."""
@@ -297,22 +315,20 @@ class Protector:
     # -- losses --------------------------------------------------------------------------------
 
     def _layout(self, inputs) -> TokenLayout:
-        text = inputs["encoder_hidden_states"].shape[1]
-        key = (text, inputs["hidden_states"].shape[1], inputs["img_ids"].shape[0])
-        if key not in self._layouts:
-            self._layouts[key] = TokenLayout.from_flux_inputs(text, inputs["img_ids"])
-        return self._layouts[key]
+        return self._adapter.call_layout(inputs, self._layouts)
 
-    def r_ctx(self, pixels, prompts, timesteps, noise) -> torch.Tensor:
-        """Per-photo r_ctx [B] over the attacked blocks; the forward stops after the last one."""
-        inputs = self._inputs(pixels, prompts, timesteps, noise)
+    def r_ctx(self, pixels, prompts, timesteps, noise, prompt_images=None) -> torch.Tensor:
+        """Per-photo r_ctx [B] over the attacked blocks; the forward stops after the last one.
+        ``prompt_images``: what the prompt encoder sees, if not ``pixels`` (Qwen-Image-Edit)."""
+        inputs = self._inputs(pixels, prompts, timesteps, noise, prompt_images)
         recorder = StatsRecorder(blocks=self.config.blocks, stop_after_last=True)
         with attach(self.transformer, recorder, self._layout(inputs)) as session:
             session.forward(**inputs)
         return recorder.mean_r_ctx().float()
 
     def evaluate_r_ctx(self, pixels: torch.Tensor) -> list[float]:
-        """Evaluation r_ctx per photo: fixed instructions, t = 990, noise from a fixed seed."""
+        """Evaluation r_ctx per photo: fixed instructions, t = 990, noise from a fixed seed;
+        the editor sees these photos everywhere (its prompt encoder included)."""
         g = torch.Generator().manual_seed(1234)
         tokens, channels = self._target_shape(pixels)
         noise = torch.randn(tokens, channels, generator=g).to(self.device)
@@ -324,32 +340,26 @@ class Protector:
 
     def _clean_edits(self, pixels, gens) -> list[torch.Tensor]:
         """Diff-PGD targets: packed latents of clean edits of each photo [K, B, N, C]."""
-        from PIL import Image
-
         cfg = self.config
-        h, w = pixels.shape[-2:]
+        size = tuple(pixels.shape[-2:])
+        images = [_to_pil(p) for p in pixels]
         edits = []
         for _ in range(cfg.diffpgd_edits):
             prompts = [cfg.prompts[int(torch.randint(len(cfg.prompts), (1,), generator=g))]
                        for g in gens]
-            images = [Image.fromarray(p.mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
-                      for p in pixels]
-            latents = [self.pipe(image=img, prompt=prompt, height=h, width=w, max_area=h * w,
-                                 _auto_resize=False, num_inference_steps=cfg.diffpgd_edit_steps,
-                                 guidance_scale=cfg.guidance, output_type="latent",
-                                 max_sequence_length=cfg.max_sequence_length,
-                                 generator=g, ).images
-                       for img, prompt, g in zip(images, prompts, gens, strict=True)]
+            latents = [self.calls.edit(image, prompt, size, cfg.diffpgd_edit_steps, cfg.guidance,
+                                       cfg.max_sequence_length, g, output_type="latent")
+                       for image, prompt, g in zip(images, prompts, gens, strict=True)]
             edits.append(torch.cat(latents).to(self.dtype))
         return edits
 
-    def _flow_matching_loss(self, pixels, edits, gens, prompts, timesteps, noise):
+    def _flow_matching_loss(self, pixels, edits, gens, prompts, timesteps, noise, prompt_images):
         """Per-photo MSE of the velocity prediction against a clean edit (to be maximised)."""
         picks = [int(torch.randint(len(edits), (1,), generator=g)) for g in gens]
         target = torch.stack([edits[k][i] for i, k in enumerate(picks)])
         sigma = torch.tensor(timesteps, device=self.device, dtype=self.dtype)[:, None, None] / 1000
         noisy = (1 - sigma) * target + sigma * noise.to(self.dtype)
-        inputs = self._inputs(pixels, prompts, timesteps, noisy)
+        inputs = self._inputs(pixels, prompts, timesteps, noisy, prompt_images)
         pred = self.transformer(**inputs)[0][:, : target.shape[1]]
         return (pred.float() - (noise - target).float()).square().mean(dim=(1, 2))
 
@@ -386,12 +396,12 @@ class Protector:
                 with torch.enable_grad():
                     seen = self._transform(x, jpeg, scale)
                     if cfg.method == "decontext":
-                        loss = self.r_ctx(seen, prompts, ts, noise).sum()
+                        loss = self.r_ctx(seen, prompts, ts, noise, clean[active]).sum()
                         direction = -1.0  # minimise r_ctx
                     else:
                         loss = self._flow_matching_loss(
                             seen, [e[active] for e in edits], [gens[i] for i in active],
-                            prompts, ts, noise).sum()
+                            prompts, ts, noise, clean[active]).sum()
                         direction = 1.0  # maximise the denoising error
                     (grad,) = torch.autograd.grad(loss, x)
                 with torch.no_grad():
@@ -412,6 +422,8 @@ class Protector:
                         history[i].append(r)
                     active = still
             after = self.evaluate_r_ctx(adv)
+        if self.calls.prompt_sees_image:  # embeddings of these photos: not needed again
+            self._prompt_cache.clear()
         seconds = (time.perf_counter() - start) / len(photos)
         results = []
         for i, (name, photo) in enumerate(zip(names, photos, strict=True)):

@@ -2,7 +2,8 @@
 
 An adapter names a transformer's blocks (``blocks``), installs ditflow processors on them
 (``install`` / ``restore``) and reads the token layout of each transformer call
-(``call_layout``).
+(``call_layout``). Edit-call builders (``KontextCalls``, ``QwenEditCalls``) make the
+transformer inputs of an edit step directly, for drivers that differentiate through the model.
 """
 
 from __future__ import annotations
@@ -11,23 +12,34 @@ import importlib
 
 import torch
 
-# transformer class name -> (module, adapter class, models it serves)
+# transformer class name -> (module, adapter class, edit-call builder, models it serves)
 ADAPTERS = {
-    "FluxTransformer2DModel": ("flux", "FluxAdapter", "FLUX.1, FLUX.1 Kontext"),
-    "QwenImageTransformer2DModel": ("qwenimage", "QwenImageAdapter",
+    "FluxTransformer2DModel": ("flux", "FluxAdapter", "KontextCalls",
+                               "FLUX.1, FLUX.1 Kontext"),
+    "QwenImageTransformer2DModel": ("qwenimage", "QwenImageAdapter", "QwenEditCalls",
                                     "Qwen-Image, Qwen-Image-Edit"),
 }
 
 
-def adapter_for(transformer: torch.nn.Module):
-    """The adapter for ``transformer``; a clear error for models ditflow does not know."""
+def _member(transformer: torch.nn.Module, index: int):
     name = type(transformer).__name__
     if name not in ADAPTERS:
-        supported = "; ".join(f"{cls} ({models})" for cls, (_, _, models) in ADAPTERS.items())
+        supported = "; ".join(f"{cls} ({entry[-1]})" for cls, entry in ADAPTERS.items())
         raise TypeError(f"ditflow has no adapter for {name}; supported: {supported}")
-    module, adapter, _ = ADAPTERS[name]
+    module = ADAPTERS[name][0]
     try:
-        return getattr(importlib.import_module(f".{module}", __name__), adapter)()
+        return getattr(importlib.import_module(f".{module}", __name__), ADAPTERS[name][index])
     except ImportError as exc:
         raise ImportError(f"{name} support needs diffusers: pip install 'ditflow[diffusers]'"
                           ) from exc
+
+
+def adapter_for(transformer: torch.nn.Module):
+    """The adapter for ``transformer``; a clear error for models ditflow does not know."""
+    return _member(transformer, 1)()
+
+
+def edit_calls_for(pipeline):
+    """The builder of direct transformer calls for edits with ``pipeline`` (an in-context
+    editor: FLUX.1 Kontext or Qwen-Image-Edit)."""
+    return _member(pipeline.transformer, 2)(pipeline)

@@ -119,6 +119,75 @@ class FluxAdapter:
         return memo.get((img_ids,), text, lambda: TokenLayout.from_flux_inputs(text, img_ids))
 
 
+class KontextCalls:
+    """Transformer calls of FLUX.1 Kontext edits, built directly for drivers that differentiate
+    through the model (DeContext): ``[text | target noise | context photo]``. The prompt
+    embeddings depend on the instruction only."""
+
+    prompt_sees_image = False
+
+    def __init__(self, pipeline):
+        self.pipe = pipeline
+        self.transformer = pipeline.transformer
+        self.vae = pipeline.vae
+        self.multiple = 2 * vae_scale_factor(self.vae)
+        self._ids: dict[tuple[int, int], torch.Tensor] = {}
+
+    def block_names(self) -> list[str]:
+        return [str(block) for block, _ in FluxAdapter.blocks(self.transformer)]
+
+    def target_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(tokens, channels) of the target latents of a ``height x width`` pixel image."""
+        return (height // self.multiple) * (width // self.multiple), \
+            4 * self.vae.config.latent_channels
+
+    def encode_prompt(self, text: str, image, max_sequence_length: int) -> dict:
+        """One instruction's embeddings (no batch dimension); ``image`` is not used."""
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=text, prompt_2=None, device=self.transformer.device,
+            max_sequence_length=max_sequence_length)
+        dtype = self.transformer.dtype
+        return dict(encoder_hidden_states=embeds[0].to(dtype),
+                    pooled_projections=pooled[0].to(dtype))
+
+    def context_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Packed, normalised latents of photos in [0, 1], [B, 3, H, W] (differentiable)."""
+        latents = encode_image(self.vae, pixels.to(self.vae.dtype))
+        return pack_latents(latents).to(self.transformer.dtype)
+
+    def inputs(self, noise: torch.Tensor, context: torch.Tensor, prompts: list[dict],
+               timesteps: list[float], guidance: float, size: tuple[int, int]) -> dict:
+        """Keyword inputs of one transformer call: target ``noise`` [B, N, C] and ``context``
+        tokens of ``size`` (pixels), one prompt and timestep (0..1000) per batch element."""
+        device, dtype = self.transformer.device, self.transformer.dtype
+        h, w = size[0] // self.multiple, size[1] // self.multiple
+        if (h, w) not in self._ids:  # one tensor per size: layouts and tile plans are cached
+            self._ids[(h, w)] = torch.cat([image_ids(h, w, 0), image_ids(h, w, 1)]).to(
+                device, dtype)
+        text = prompts[0]["encoder_hidden_states"].shape[0]
+        return dict(
+            hidden_states=torch.cat([noise.to(dtype), context], dim=1),
+            encoder_hidden_states=torch.stack([p["encoder_hidden_states"] for p in prompts]),
+            pooled_projections=torch.stack([p["pooled_projections"] for p in prompts]),
+            timestep=torch.tensor(timesteps, device=device, dtype=dtype) / 1000,
+            img_ids=self._ids[(h, w)],
+            txt_ids=torch.zeros(text, 3, device=device, dtype=dtype),
+            guidance=(torch.full((len(prompts),), guidance, device=device)
+                      if self.transformer.config.guidance_embeds else None),
+            return_dict=False,
+        )
+
+    def edit(self, image, prompt: str, size: tuple[int, int], steps: int, guidance: float,
+             max_sequence_length: int, generator, output_type: str = "pil"):
+        """The pipeline's edit of ``image`` (PIL) at ``size``, fed to the model at that size:
+        ``.images`` of the call (``output_type="latent"``: packed latents [1, N, C])."""
+        h, w = size
+        return self.pipe(image=image, prompt=prompt, height=h, width=w, max_area=h * w,
+                         _auto_resize=False, num_inference_steps=steps, guidance_scale=guidance,
+                         output_type=output_type, max_sequence_length=max_sequence_length,
+                         generator=generator).images
+
+
 # -- latents ---------------------------------------------------------------------------------------
 
 

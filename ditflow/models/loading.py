@@ -48,6 +48,25 @@ def _pipeline_name(kind: str, pipelines: dict[str, str]) -> str:
     return pipelines[kind]
 
 
+# In-context editors ditflow protects against: pipeline class -> the loader's kind.
+EDITORS = {"FluxKontextPipeline": ("flux", "kontext"), "QwenImageEditPipeline": ("qwen", "edit")}
+
+
+def load_editor(path: str | Path, dtype: torch.dtype = torch.bfloat16):
+    """The in-context editor in a local diffusers folder, FLUX.1 Kontext or Qwen-Image-Edit,
+    chosen by its model_index.json; an error names what the folder holds otherwise."""
+    index = Path(path).expanduser() / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    if name is None:  # the loader explains what is missing
+        return load_flux_pipeline(path, "kontext", dtype)
+    if name not in EDITORS:
+        raise ValueError(f"{path} holds a {name}; ditflow's editors are "
+                         f"{', '.join(EDITORS)}")
+    family, kind = EDITORS[name]
+    loader = load_flux_pipeline if family == "flux" else load_qwen_pipeline
+    return loader(path, kind, dtype)
+
+
 def load_flux_pipeline(path: str | Path, kind: str = "kontext",
                        dtype: torch.dtype = torch.bfloat16):
     """FLUX.1 Kontext (``kind="kontext"``) or FLUX.1 (``"t2i"``) from a local diffusers folder,

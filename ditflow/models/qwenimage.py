@@ -170,3 +170,89 @@ def image_token_counts(img_shapes) -> tuple[int, ...]:
         raise ValueError(f"img_shapes differ across the batch ({img_shapes}); Qwen-Image's RoPE "
                          "needs one image layout per call")
     return tuple(math.prod(shape) for shape in shapes[0])
+
+
+class QwenEditCalls:
+    """Transformer calls of Qwen-Image-Edit edits, built directly for drivers that
+    differentiate through the model (DeContext): ``[text | target noise | context photo]``.
+
+    The prompt embeddings come from Qwen2.5-VL, which sees the photo too: they are computed
+    from the clean photo (no gradient flows through the 7B encoder). Sizes are multiples of
+    32 pixels, as the pipeline's own resize to about 1 MP makes them, so a working
+    resolution of 1024 reproduces the context the pipeline feeds the model.
+    """
+
+    prompt_sees_image = True
+
+    def __init__(self, pipeline):
+        self.pipe = pipeline
+        self.transformer = pipeline.transformer
+        self.vae = pipeline.vae
+        self.vae_scale_factor = 2 ** len(self.vae.temperal_downsample)
+        self.multiple = 4 * self.vae_scale_factor
+        channels = self.vae.config.z_dim
+        self._latents_mean = torch.tensor(self.vae.config.latents_mean).view(1, channels, 1, 1, 1)
+        self._latents_std = torch.tensor(self.vae.config.latents_std).view(1, channels, 1, 1, 1)
+
+    def block_names(self) -> list[str]:
+        return [str(block) for block, _ in QwenImageAdapter.blocks(self.transformer)]
+
+    def _grid(self, height: int, width: int) -> tuple[int, int]:
+        patch = 2 * self.vae_scale_factor
+        return height // patch, width // patch
+
+    def target_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(tokens, channels) of the target latents of a ``height x width`` pixel image."""
+        rows, columns = self._grid(height, width)
+        return rows * columns, 4 * self.vae.config.z_dim
+
+    def encode_prompt(self, text: str, image, max_sequence_length: int) -> dict:
+        """One instruction's embeddings for one photo (PIL), no batch dimension."""
+        embeds, mask = self.pipe.encode_prompt(prompt=text, image=image,
+                                               device=self.transformer.device)
+        if mask is not None:
+            embeds = embeds[:, mask[0].bool()]
+        return dict(encoder_hidden_states=embeds[0].to(self.transformer.dtype))
+
+    def context_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Packed, normalised latents of photos in [0, 1], [B, 3, H, W] (differentiable)."""
+        from .flux import pack_latents
+
+        video = (pixels.to(self.vae.dtype) * 2 - 1)[:, :, None]  # one frame
+        latents = self.vae.encode(video).latent_dist.mode()
+        mean = self._latents_mean.to(latents.device, latents.dtype)
+        std = self._latents_std.to(latents.device, latents.dtype)
+        return pack_latents(((latents - mean) / std)[:, :, 0]).to(self.transformer.dtype)
+
+    def inputs(self, noise: torch.Tensor, context: torch.Tensor, prompts: list[dict],
+               timesteps: list[float], guidance: float, size: tuple[int, int]) -> dict:
+        """Keyword inputs of one transformer call: target ``noise`` [B, N, C] and ``context``
+        tokens of ``size`` (pixels), one prompt and timestep (0..1000) per batch element;
+        prompts of different lengths are padded and masked."""
+        device, dtype = self.transformer.device, self.transformer.dtype
+        embeds = [p["encoder_hidden_states"] for p in prompts]
+        longest = max(e.shape[0] for e in embeds)
+        padded = torch.stack([torch.nn.functional.pad(e, (0, 0, 0, longest - e.shape[0]))
+                              for e in embeds])
+        mask = torch.stack([torch.arange(longest, device=device) < e.shape[0] for e in embeds])
+        grid = (1, *self._grid(*size))
+        return dict(
+            hidden_states=torch.cat([noise.to(dtype), context], dim=1),
+            encoder_hidden_states=padded,
+            encoder_hidden_states_mask=None if mask.all() else mask,
+            timestep=torch.tensor(timesteps, device=device, dtype=dtype) / 1000,
+            img_shapes=[[grid, grid]] * len(prompts),
+            guidance=(torch.full((len(prompts),), guidance, device=device)
+                      if self.transformer.config.guidance_embeds else None),
+            return_dict=False,
+        )
+
+    def edit(self, image, prompt: str, size: tuple[int, int], steps: int, guidance: float,
+             max_sequence_length: int, generator, output_type: str = "pil"):
+        """The pipeline's edit of ``image`` (PIL) at ``size`` (the pipeline feeds the model its
+        own ~1 MP copy of the image): ``.images`` of the call (``output_type="latent"``:
+        packed latents [1, N, C])."""
+        h, w = size
+        return self.pipe(image=image, prompt=prompt, height=h, width=w,
+                         num_inference_steps=steps, output_type=output_type,
+                         generator=generator).images

@@ -1,0 +1,126 @@
+"""DeContext against Qwen-Image-Edit, on the tiny offline Qwen-Image-Edit pipeline (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+from ditflow.cli import SAMPLES, main
+from ditflow.methods.decontext import ProtectConfig, Protector, _to_pil, protect
+from ditflow.tiny import tiny_qwen_edit_pipeline
+
+BLOCKS = ("double.0", "double.1")
+
+
+def qwen_config(**overrides) -> ProtectConfig:
+    settings = dict(steps=4, resolution=64, blocks=BLOCKS, eval_prompts=2)
+    return ProtectConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return tiny_qwen_edit_pipeline()
+
+
+def test_model_defaults_and_the_pipelines_own_size(qwen):
+    # the tiny model has 2 blocks: Qwen-Image-Edit's default double.0..39 is refused, by name
+    message = r"not in this model \(2 blocks: double\.0 \.\. double\.1\)"
+    with pytest.raises(ValueError, match=message):
+        Protector(qwen, ProtectConfig())
+    protector = Protector(qwen, qwen_config(resolution=None))
+    assert protector.config.resolution == 1024
+    # at 1024 the working size is the ~1 MP size the pipeline itself feeds the model
+    for height, width in ((480, 640), (1000, 333), (512, 512)):
+        pipeline_width, pipeline_height, _ = calculate_dimensions(1024 * 1024, width / height)
+        assert protector.working_size(height, width) == (pipeline_height, pipeline_width)
+
+
+def test_protection_lowers_r_ctx_within_the_exact_budget(qwen):
+    photo = torch.rand(3, 40, 80)
+    (result,) = protect([photo], qwen, qwen_config(steps=10))
+    assert result.image.shape == photo.shape
+    assert (result.image - photo).abs().max() <= 12.75 / 255 + 1e-6
+    assert result.r_ctx_after < result.r_ctx_before
+    assert result.working_size == (32, 96)  # multiples of 32
+
+
+def test_a_batch_of_instructions_of_different_lengths_equals_each_alone(qwen):
+    """Prompts of different lengths in one call are padded and the padding masked: each photo's
+    r_ctx and pixel gradient are those it gets alone."""
+    protector = Protector(qwen, qwen_config())
+    pixels = torch.rand(2, 3, 64, 64)
+    prompts, timesteps = ["make the cat smile", "add a hat"], [985.0, 991.0]
+    tokens, channels = protector._target_shape(pixels)
+    noise = torch.randn(2, tokens, channels)
+    assert protector._inputs(pixels, prompts, timesteps, noise)[
+        "encoder_hidden_states_mask"] is not None
+
+    def r_ctx_and_grad(i: slice):
+        x = pixels[i].clone().requires_grad_()
+        r = protector.r_ctx(x, prompts[i], timesteps[i], noise[i])
+        return r.detach(), torch.autograd.grad(r.sum(), x)[0]
+
+    together = r_ctx_and_grad(slice(0, 2))
+    alone = [r_ctx_and_grad(slice(i, i + 1)) for i in range(2)]
+    torch.testing.assert_close(together[0], torch.cat([a[0] for a in alone]), atol=1e-6,
+                               rtol=1e-5)
+    torch.testing.assert_close(together[1], torch.cat([a[1] for a in alone]), atol=1e-6,
+                               rtol=1e-4)
+    assert together[1].abs().sum() > 0
+
+
+def test_the_prompt_encoder_sees_the_clean_photo_while_optimising(qwen, monkeypatch):
+    """Qwen2.5-VL embeds the photo with the instruction: PGD steps use the clean photo's
+    embeddings (computed once); the final evaluation uses the protected photo's."""
+    protector = Protector(qwen, qwen_config(steps=3, prompts=("make the cat smile",),
+                                            eval_prompts=1))
+    seen = []
+    encode = protector.calls.encode_prompt
+
+    def spy(text, image, max_sequence_length):
+        seen.append(np.asarray(image))
+        return encode(text, image, max_sequence_length)
+
+    monkeypatch.setattr(protector.calls, "encode_prompt", spy)
+    photo = torch.rand(3, 64, 64)
+    (result,) = protector.run(["photo"], [photo])
+    assert len(seen) == 2
+    np.testing.assert_array_equal(seen[0], np.asarray(_to_pil(photo)))
+    assert not np.array_equal(seen[1], seen[0])
+    assert result.steps == 3 and not protector._prompt_cache
+
+
+def test_cli_protects_and_evaluates_against_the_tiny_qwen_editor(tmp_path):
+    out = tmp_path / "protected"
+    assert main(["protect", str(SAMPLES / "coffee.png"), "-o", str(out), "--model", "tiny-qwen",
+                 "--steps", "3", "--quiet"]) == 0
+    (record,) = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert record["status"] == "ok" and record["linf"] <= 12
+    assert record["config"]["blocks"] == list(BLOCKS) and record["config"]["resolution"] == 64
+    rows = tmp_path / "rows.json"
+    assert main(["evaluate", str(SAMPLES), str(out), "--model", "tiny-qwen", "--edit-steps", "1",
+                 "--json", str(rows)]) == 0
+    (row,) = json.loads(rows.read_text())
+    assert row["photo"] == "coffee.png" and 0 < row["r_ctx_protected"] < 1
+
+
+def test_editor_folders_are_told_apart_by_their_pipeline_class(tmp_path):
+    from ditflow.models.loading import load_editor
+
+    (tmp_path / "model_index.json").write_text('{"_class_name": "QwenImagePipeline"}')
+    with pytest.raises(ValueError, match="holds a QwenImagePipeline; ditflow's editors are "
+                                         "FluxKontextPipeline, QwenImageEditPipeline"):
+        load_editor(tmp_path)
+    (tmp_path / "model_index.json").write_text(
+        '{"_class_name": "QwenImageEditPipeline", "vae": ["diffusers", "AutoencoderKLQwenImage"]}')
+    with pytest.raises(FileNotFoundError, match=r"missing: vae/.*"):
+        load_editor(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+        load_editor(tmp_path / "nowhere")
