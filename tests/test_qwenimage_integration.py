@@ -16,10 +16,11 @@ from ditflow.models.qwenimage import image_token_counts, padded_key_groups
 from ditflow.session import Intervention, StatsRecorder, attach
 from ditflow.tiny import qwen_inputs, tiny_qwen_transformer
 
-# (height, width, context sizes, batch, padding): T2I, an edit with a context of its own size,
-# two contexts, a batch whose elements pad their text differently
+# (height, width, context sizes, batch, padding): T2I without and with text padding, an edit with
+# a context of its own size, two contexts, a batch whose elements pad their text differently
 CALLS = [
     (3, 5, (), 1, None),
+    (3, 5, (), 1, (3,)),
     (4, 3, ((3, 5),), 1, (2,)),
     (2, 3, ((2, 3), (3, 3)), 1, None),
     (3, 4, ((2, 2),), 2, (0, 3)),
@@ -64,7 +65,7 @@ def test_statistics_only_matches_stock_diffusers(call, dtype, tol):
 def test_text_padding_matters_to_the_stock_model():
     """The padded calls above test something: the stock model's output depends on the mask."""
     model = tiny_qwen_transformer()
-    padded = _inputs(CALLS[3])
+    padded = _inputs(CALLS[-1])
     unmasked = {**padded, "encoder_hidden_states_mask": None}
     assert (model(**padded)[0] - model(**unmasked)[0]).abs().max() > 1e-3
 
@@ -81,7 +82,8 @@ def test_layout_from_the_call():
 def test_padded_key_groups_and_the_hidden_group():
     groups = torch.tensor([0, 0, 0, 1, 1, 2], dtype=torch.int32)
     mask = torch.tensor([[True, True, True], [True, False, False]])
-    assert padded_key_groups(groups, mask).tolist() == [[0, 0, 0, 1, 1, 2], [0, 3, 3, 1, 1, 2]]
+    assert padded_key_groups(groups, mask, 3).tolist() == [[0, 0, 0, 1, 1, 2],
+                                                           [0, 3, 3, 1, 1, 2]]
     rules = FlowRules(num_groups=3).weight_probs(TARGET, CONTEXT, 0.5).block(TEXT, TARGET)
     hidden = rules.with_hidden_group()
     assert hidden.num_groups == 4

@@ -31,11 +31,12 @@ def _hidden_padding(rules: FlowRules) -> FlowRules:
     return rules.with_hidden_group()
 
 
-def padded_key_groups(groups: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+def padded_key_groups(groups: torch.Tensor, text_mask: torch.Tensor, padding_group: int
+                      ) -> torch.Tensor:
     """Key groups [B, N]: ``groups`` ([N], text first) with the padded text tokens of each batch
-    element (``text_mask`` False) moved to one more group, ``max id + 1`` of the layout."""
+    element (``text_mask`` False) moved to ``padding_group``."""
     batch, text = text_mask.shape
-    padding = torch.full_like(groups[:text], int(groups.max()) + 1)
+    padding = torch.full_like(groups[:text], padding_group)
     keys = groups.expand(batch, -1).clone()
     keys[:, :text] = torch.where(text_mask, groups[:text], padding)
     return keys
@@ -65,10 +66,12 @@ class FlowQwenAttnProcessor:
     @torch.compiler.disable
     def _with_padding(self, groups: torch.Tensor, text_mask: torch.Tensor, rules: FlowRules
                       ) -> tuple[torch.Tensor, FlowRules]:
-        # Eager under torch.compile: the padding group id is read from the groups' values.
+        # Eager under torch.compile, like the session: cached per call, not traced per block.
         text_mask = text_mask.to(device=groups.device, dtype=torch.bool)
+        padding = rules.num_groups  # the group with_hidden_group adds
         key_groups = self.session.derived.get(
-            (groups, text_mask), "padded keys", lambda: padded_key_groups(groups, text_mask))
+            (groups, text_mask), ("padded keys", padding),
+            lambda: padded_key_groups(groups, text_mask, padding))
         return key_groups, _hidden_padding(rules)
 
     def _flow(self, attn, hidden_states, encoder_hidden_states, text_mask, attention_mask,
