@@ -134,9 +134,11 @@ def tiny_qwen_text_encoder(seed: int = 0):
         Qwen2_5_VLForConditionalGeneration,
         Qwen2TokenizerFast,
     )
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-        Qwen2VLImageProcessorPil,
-    )
+
+    try:  # transformers 5: the PIL backend by name (the default one needs torchvision)
+        from transformers import Qwen2VLImageProcessorPil as ImageProcessor
+    except ImportError:  # transformers 4: the default one is PIL-based
+        from transformers import Qwen2VLImageProcessor as ImageProcessor
 
     byte_level = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(
         sorted(pre_tokenizers.ByteLevel.alphabet()))}, merges=[]))
@@ -161,8 +163,8 @@ def tiny_qwen_text_encoder(seed: int = 0):
         vision_end_token_id=token_id("<|vision_end|>"))
     torch.manual_seed(seed)
     encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112,
-                                               patch_size=14, merge_size=2, temporal_patch_size=2)
+    image_processor = ImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14,
+                                     merge_size=2, temporal_patch_size=2)
     return encoder, tokenizer, TinyQwenVLProcessor(tokenizer, image_processor)
 
 
