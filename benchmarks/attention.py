@@ -37,7 +37,7 @@ class Shape:
     text: int
     target: int
     context: int
-    heads: int = 24  # 24 heads x 128 for all FLUX-family models
+    heads: int = 24  # 24 heads x 128 for FLUX-family models and Qwen-Image
     head_dim: int = 128
 
     @property
@@ -50,6 +50,10 @@ SHAPES = {
     "kontext-512": Shape(512, 1024, 1024),
     "step1x-512": Shape(640, 1024, 1024),
     "kontext-1024": Shape(512, 4096, 4096),
+    # Qwen-Image-Edit at 1 MP: its text is Qwen2.5-VL's output for the photo (at most 37 x 37
+    # merged 28-px patches, 1369 tokens, depending on the processor's max_pixels) plus the
+    # instruction and the template's tail: about 1390
+    "qwen-edit-1024": Shape(1390, 4096, 4096),
     "tiny": Shape(8, 40, 40, heads=2, head_dim=32),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -2,7 +2,7 @@
 # The measurements that need a GPU, in three stages:
 #
 #   bash benchmarks/gpu_runs.sh tests      OUTDIR   # compiled kernel suite, FLUX shapes, compile, offload (FLUX, Qwen)
-#   bash benchmarks/gpu_runs.sh attention  OUTDIR   # the provider sweep at the four FLUX shapes
+#   bash benchmarks/gpu_runs.sh attention  OUTDIR   # the provider sweep at the FLUX and Qwen shapes
 #   bash benchmarks/gpu_runs.sh end-to-end OUTDIR   # DeContext PGD step, generation overhead
 #
 # Results go to OUTDIR (default benchmarks/results), named by device and date like every other
@@ -26,7 +26,7 @@ case "$stage" in
     } | tee "$log"
     ;;
   attention)
-    $python -m benchmarks.attention --shape kontext-512 step1x-512 flux-1024 kontext-1024 \
+    $python -m benchmarks.attention --shape kontext-512 step1x-512 flux-1024 kontext-1024 qwen-edit-1024 \
       --dtype bf16 fp16 --out "$out"
     ;;
   end-to-end)
