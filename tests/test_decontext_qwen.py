@@ -112,7 +112,7 @@ def test_cli_protects_and_evaluates_against_the_tiny_qwen_editor(tmp_path):
 
 
 def test_editor_folders_are_told_apart_by_their_pipeline_class(tmp_path):
-    from ditflow.models.loading import load_editor
+    from ditflow.models.loading import load_editor, load_flux_pipeline
 
     (tmp_path / "model_index.json").write_text('{"_class_name": "QwenImagePipeline"}')
     with pytest.raises(ValueError, match="holds a QwenImagePipeline; ditflow's editors are "
@@ -124,3 +124,7 @@ def test_editor_folders_are_told_apart_by_their_pipeline_class(tmp_path):
         load_editor(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such model directory"):
         load_editor(tmp_path / "nowhere")
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(ValueError, match="holds a QwenImageEditPipeline; this needs a "
+                                         "FluxKontextPipeline"):
+        load_flux_pipeline(tmp_path)  # e.g. `ditflow edit`, FLUX-only, given a Qwen folder

@@ -38,6 +38,9 @@ def _load_local(path: str | Path, pipeline_name: str, example: str, dtype: torch
     if missing:
         raise FileNotFoundError(f"{path} is not a complete diffusers pipeline folder; missing: "
                                 f"{', '.join(missing)}")
+    held = json.loads((path / "model_index.json").read_text()).get("_class_name")
+    if held is not None and held != pipeline_name:
+        raise ValueError(f"{path} holds a {held}; this needs a {pipeline_name}")
     pipeline_class = getattr(diffusers, pipeline_name)
     return pipeline_class.from_pretrained(path, dtype=dtype, local_files_only=True, **components)
 
