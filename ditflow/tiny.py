@@ -49,16 +49,17 @@ def flux_inputs(height: int, width: int, text_len: int = 8, contexts: int = 0, b
 
 
 def tiny_qwen_transformer(seed: int = 0, num_layers: int = 2,
-                          dtype: torch.dtype = torch.float32):
+                          dtype: torch.dtype = torch.float32, zero_cond_t: bool = False):
     """A random QwenImageTransformer2DModel: 2 heads x 16, 16 input channels (4 latent
-    channels in 2x2 patches), text width 16, rope axes (8, 4, 4)."""
+    channels in 2x2 patches), text width 16, rope axes (8, 4, 4); ``zero_cond_t``: input
+    images modulated as at t = 0 (Qwen-Image-Edit-2511)."""
     from diffusers import QwenImageTransformer2DModel
 
     torch.manual_seed(seed)
     model = QwenImageTransformer2DModel(
         patch_size=2, in_channels=16, out_channels=4, num_layers=num_layers,
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
-        axes_dims_rope=(8, 4, 4)).eval()
+        axes_dims_rope=(8, 4, 4), zero_cond_t=zero_cond_t).eval()
     return model if dtype == torch.float32 else model.to(dtype)
 
 
@@ -168,15 +169,18 @@ def tiny_qwen_text_encoder(seed: int = 0):
     return encoder, tokenizer, TinyQwenVLProcessor(tokenizer, image_processor)
 
 
-def tiny_qwen_edit_pipeline(seed: int = 0):
-    """A random QwenImageEditPipeline built offline: the tiny transformer, a Qwen-Image VAE
-    with 4 latent channels and Qwen's 8x downsampling, and :func:`tiny_qwen_text_encoder`.
-    Like the real pipeline it resizes the input image to about 1 MP (64 x 64 context tokens);
-    pass a small ``height``/``width`` (multiples of 16) for the output."""
+def tiny_qwen_edit_pipeline(seed: int = 0, plus: bool = False):
+    """A random QwenImageEditPipeline built offline (``plus``: QwenImageEditPlusPipeline, as
+    Qwen-Image-Edit-2511, its transformer with ``zero_cond_t``): the tiny transformer, a
+    Qwen-Image VAE with 4 latent channels and Qwen's 8x downsampling, and
+    :func:`tiny_qwen_text_encoder`. Like the real pipelines it resizes input images to about
+    1 MP (64 x 64 context tokens); pass a small ``height``/``width`` (multiples of 16) for the
+    output."""
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
         QwenImageEditPipeline,
+        QwenImageEditPlusPipeline,
     )
 
     encoder, tokenizer, processor = tiny_qwen_text_encoder(seed)
@@ -184,9 +188,11 @@ def tiny_qwen_edit_pipeline(seed: int = 0):
     vae = AutoencoderKLQwenImage(
         base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
         temperal_downsample=[False] * 3, latents_mean=[0.0] * 4, latents_std=[1.0] * 4).eval()
-    return QwenImageEditPipeline(
+    pipeline_class = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    return pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=encoder,
-        tokenizer=tokenizer, processor=processor, transformer=tiny_qwen_transformer(seed=seed))
+        tokenizer=tokenizer, processor=processor,
+        transformer=tiny_qwen_transformer(seed=seed, zero_cond_t=plus))
 
 
 # Words the tiny tokenizers know; anything else maps to [UNK].

@@ -97,6 +97,30 @@ def test_the_prompt_encoder_sees_the_clean_photo_while_optimising(qwen, monkeypa
     assert result.steps == 3 and not protector._prompt_cache
 
 
+def test_qwen_image_edit_2511_sees_the_photo_as_picture_1_at_384_squared(monkeypatch):
+    """QwenImageEditPlusPipeline (2509/2511, here with zero_cond_t): the prompt encoder gets the
+    photo as its one input image, resized as the pipeline resizes it; protection works."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
+        CONDITION_IMAGE_SIZE,
+        calculate_dimensions,
+    )
+
+    plus = tiny_qwen_edit_pipeline(plus=True)
+    seen = []
+    encode = plus.encode_prompt
+
+    def spy(prompt, image=None, **kwargs):
+        seen.append(image)
+        return encode(prompt, image=image, **kwargs)
+
+    monkeypatch.setattr(plus, "encode_prompt", spy)
+    photo = torch.rand(3, 40, 80)
+    (result,) = protect([photo], plus, qwen_config(steps=6))
+    assert result.r_ctx_after < result.r_ctx_before
+    assert all(isinstance(images, list) and len(images) == 1 for images in seen)
+    assert seen[0][0].size == calculate_dimensions(CONDITION_IMAGE_SIZE, 96 / 32)
+
+
 def test_cli_protects_and_evaluates_against_the_tiny_qwen_editor(tmp_path):
     out = tmp_path / "protected"
     assert main(["protect", str(SAMPLES / "coffee.png"), "-o", str(out), "--model", "tiny-qwen",
@@ -116,7 +140,8 @@ def test_editor_folders_are_told_apart_by_their_pipeline_class(tmp_path):
 
     (tmp_path / "model_index.json").write_text('{"_class_name": "QwenImagePipeline"}')
     with pytest.raises(ValueError, match="holds a QwenImagePipeline; ditflow's editors are "
-                                         "FluxKontextPipeline, QwenImageEditPipeline"):
+                                         "FluxKontextPipeline, QwenImageEditPipeline, "
+                                         "QwenImageEditPlusPipeline"):
         load_editor(tmp_path)
     (tmp_path / "model_index.json").write_text(
         '{"_class_name": "QwenImageEditPipeline", "vae": ["diffusers", "AutoencoderKLQwenImage"]}')

@@ -62,6 +62,17 @@ def test_statistics_only_matches_stock_diffusers(call, dtype, tol):
     assert err <= tol
 
 
+def test_zero_cond_t_model_matches_stock_diffusers():
+    """Qwen-Image-Edit-2511's transformer (input images modulated as at t = 0) under
+    statistics-only attention: the stock output."""
+    model = tiny_qwen_transformer(zero_cond_t=True)
+    inputs = qwen_inputs(3, 4, contexts=((3, 4), (2, 2)), padding=(2,))
+    stock = model(**inputs)[0]
+    with attach(model, StatsRecorder()):
+        ours = model(**inputs)[0]
+    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
+
+
 def test_text_padding_matters_to_the_stock_model():
     """The padded calls above test something: the stock model's output depends on the mask."""
     model = tiny_qwen_transformer()

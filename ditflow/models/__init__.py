@@ -2,8 +2,9 @@
 
 An adapter names a transformer's blocks (``blocks``), installs ditflow processors on them
 (``install`` / ``restore``) and reads the token layout of each transformer call
-(``call_layout``). Edit-call builders (``KontextCalls``, ``QwenEditCalls``) make the
-transformer inputs of an edit step directly, for drivers that differentiate through the model.
+(``call_layout``). Edit-call builders (``KontextCalls``, ``QwenEditCalls``,
+``QwenEditPlusCalls``) make the transformer inputs of an edit step directly, for drivers that
+differentiate through the model.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import importlib
 
 import torch
 
-# transformer class name -> (module, adapter class, edit-call builder, models it serves)
+# transformer class name -> (module, adapter class, edit-call builder factory, models it serves)
 ADAPTERS = {
     "FluxTransformer2DModel": ("flux", "FluxAdapter", "KontextCalls",
                                "FLUX.1, FLUX.1 Kontext"),
-    "QwenImageTransformer2DModel": ("qwenimage", "QwenImageAdapter", "QwenEditCalls",
+    "QwenImageTransformer2DModel": ("qwenimage", "QwenImageAdapter", "qwen_edit_calls",
                                     "Qwen-Image, Qwen-Image-Edit"),
 }
 
@@ -41,5 +42,5 @@ def adapter_for(transformer: torch.nn.Module):
 
 def edit_calls_for(pipeline):
     """The builder of direct transformer calls for edits with ``pipeline`` (an in-context
-    editor: FLUX.1 Kontext or Qwen-Image-Edit)."""
+    editor: FLUX.1 Kontext, Qwen-Image-Edit or Qwen-Image-Edit-2509/2511)."""
     return _member(pipeline.transformer, 2)(pipeline)

@@ -52,12 +52,14 @@ def _pipeline_name(kind: str, pipelines: dict[str, str]) -> str:
 
 
 # In-context editors ditflow protects against: pipeline class -> the loader's kind.
-EDITORS = {"FluxKontextPipeline": ("flux", "kontext"), "QwenImageEditPipeline": ("qwen", "edit")}
+EDITORS = {"FluxKontextPipeline": ("flux", "kontext"), "QwenImageEditPipeline": ("qwen", "edit"),
+           "QwenImageEditPlusPipeline": ("qwen", "edit-plus")}
 
 
 def load_editor(path: str | Path, dtype: torch.dtype = torch.bfloat16):
-    """The in-context editor in a local diffusers folder, FLUX.1 Kontext or Qwen-Image-Edit,
-    chosen by its model_index.json; an error names what the folder holds otherwise."""
+    """The in-context editor in a local diffusers folder, FLUX.1 Kontext or Qwen-Image-Edit
+    (-2509/2511), chosen by its model_index.json; an error names what the folder holds
+    otherwise."""
     index = Path(path).expanduser() / "model_index.json"
     name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
     if name is None:  # the loader explains what is missing

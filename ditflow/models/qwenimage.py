@@ -259,3 +259,29 @@ class QwenEditCalls:
         return self.pipe(image=image, prompt=prompt, height=h, width=w,
                          num_inference_steps=steps, output_type=output_type,
                          generator=generator).images
+
+
+class QwenEditPlusCalls(QwenEditCalls):
+    """:class:`QwenEditCalls` for Qwen-Image-Edit-2509/2511 (``QwenImageEditPlusPipeline``),
+    with one input image: its prompt encoder sees the photo as "Picture 1", resized (as the
+    pipeline does) to about 384² pixels."""
+
+    def encode_prompt(self, text: str, image, max_sequence_length: int) -> dict:
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
+            CONDITION_IMAGE_SIZE,
+            calculate_dimensions,
+        )
+
+        width, height = calculate_dimensions(CONDITION_IMAGE_SIZE, image.width / image.height)
+        condition = self.pipe.image_processor.resize(image, height, width)
+        embeds, mask = self.pipe.encode_prompt(prompt=text, image=[condition],
+                                               device=self.transformer.device)
+        if mask is not None:
+            embeds = embeds[:, mask[0].bool()]
+        return dict(encoder_hidden_states=embeds[0].to(self.transformer.dtype))
+
+
+def qwen_edit_calls(pipeline) -> QwenEditCalls:
+    """The edit-call builder for a Qwen-Image-Edit pipeline (the 2509/2511 one included)."""
+    plus = type(pipeline).__name__ == "QwenImageEditPlusPipeline"
+    return (QwenEditPlusCalls if plus else QwenEditCalls)(pipeline)
