@@ -235,6 +235,7 @@ class Protector:
         self.dtype = self.transformer.dtype
         self.multiple = self.calls.multiple
         self._prompt_cache: dict[tuple[str, str | None], dict] = {}
+        self._digests = TensorMemo()  # photo -> content digest, the prompt cache's key
         # Layouts are cached per call shape: their group ids stay the same tensors, so the
         # kernels' layout checks and tile plans are computed once, not every step.
         self._adapter = adapter_for(self.transformer)
@@ -258,7 +259,8 @@ class Protector:
     def _prompt(self, text: str, image: torch.Tensor) -> dict:
         """An instruction's embeddings; for editors whose text encoder sees the photo
         (Qwen-Image-Edit), those of ``image`` ([3, H, W] in [0, 1]) with it."""
-        key = (text, _digest(image) if self.calls.prompt_sees_image else None)
+        key = (text, self._digests.get((image,), "sha256", lambda: _digest(image))
+               if self.calls.prompt_sees_image else None)
         cached = self._prompt_cache.get(key)
         if cached is None:
             photo = _to_pil(image) if self.calls.prompt_sees_image else None
@@ -319,7 +321,8 @@ class Protector:
 
     def r_ctx(self, pixels, prompts, timesteps, noise, prompt_images=None) -> torch.Tensor:
         """Per-photo r_ctx [B] over the attacked blocks; the forward stops after the last one.
-        ``prompt_images``: what the prompt encoder sees, if not ``pixels`` (Qwen-Image-Edit)."""
+        ``prompt_images``: what the prompt encoder sees ([3, H, W] each), if not ``pixels``
+        (Qwen-Image-Edit)."""
         inputs = self._inputs(pixels, prompts, timesteps, noise, prompt_images)
         recorder = StatsRecorder(blocks=self.config.blocks, stop_after_last=True)
         with attach(self.transformer, recorder, self._layout(inputs)) as session:
@@ -383,6 +386,14 @@ class Protector:
         with _frozen(self.transformer, self.vae), \
                 _checkpointing(self.transformer, cfg.gradient_checkpointing):
             before = self.evaluate_r_ctx(clean)
+            # What the prompt encoder sees while optimising: the clean photos, one stable tensor
+            # each (their digests are computed once). An encoder that sees them embeds every
+            # instruction now, so it idles (and can be offloaded) during the steps.
+            clean_photos = clean.unbind()
+            if self.calls.prompt_sees_image:
+                for photo in clean_photos:
+                    for text in dict.fromkeys(cfg.prompts):
+                        self._prompt(text, photo)
             edits = self._clean_edits(clean, gens) if cfg.method == "diff-pgd" else None
             adv = clean.clone()
             active = list(range(len(photos)))
@@ -396,12 +407,13 @@ class Protector:
                 with torch.enable_grad():
                     seen = self._transform(x, jpeg, scale)
                     if cfg.method == "decontext":
-                        loss = self.r_ctx(seen, prompts, ts, noise, clean[active]).sum()
+                        loss = self.r_ctx(seen, prompts, ts, noise,
+                                          [clean_photos[i] for i in active]).sum()
                         direction = -1.0  # minimise r_ctx
                     else:
                         loss = self._flow_matching_loss(
                             seen, [e[active] for e in edits], [gens[i] for i in active],
-                            prompts, ts, noise, clean[active]).sum()
+                            prompts, ts, noise, [clean_photos[i] for i in active]).sum()
                         direction = 1.0  # maximise the denoising error
                     (grad,) = torch.autograd.grad(loss, x)
                 with torch.no_grad():
