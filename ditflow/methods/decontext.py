@@ -388,7 +388,7 @@ class Protector:
             before = self.evaluate_r_ctx(clean)
             # What the prompt encoder sees while optimising: the clean photos, one stable tensor
             # each (their digests are computed once). An encoder that sees them embeds every
-            # instruction now, so it idles (and can be offloaded) during the steps.
+            # instruction now and then idles through the steps.
             clean_photos = clean.unbind()
             if self.calls.prompt_sees_image:
                 for photo in clean_photos:
