@@ -359,3 +359,10 @@ def test_model_cpu_offload_with_an_intervention():
         pipe(image=photo, prompt="make the cat smile", negative_prompt="blurry",
              true_cfg_scale=2.0, num_inference_steps=2, height=32, width=32)
     assert all(r.device.type == "cuda" for r in recorder.r_ctx.values())
+
+
+def test_unknown_models_are_refused_with_the_supported_ones():
+    message = (r"no adapter for Linear; supported: FluxTransformer2DModel \(FLUX.1, FLUX.1 "
+               r"Kontext\); QwenImageTransformer2DModel \(Qwen-Image, Qwen-Image-Edit\)")
+    with pytest.raises(TypeError, match=message), attach(torch.nn.Linear(2, 2), StatsRecorder()):
+        pass

@@ -10,37 +10,46 @@ differentiate through the model.
 from __future__ import annotations
 
 import importlib
+from typing import NamedTuple
 
 import torch
 
-# transformer class name -> (module, adapter class, edit-call builder factory, models it serves)
-ADAPTERS = {
-    "FluxTransformer2DModel": ("flux", "FluxAdapter", "KontextCalls",
-                               "FLUX.1, FLUX.1 Kontext"),
-    "QwenImageTransformer2DModel": ("qwenimage", "QwenImageAdapter", "qwen_edit_calls",
-                                    "Qwen-Image, Qwen-Image-Edit"),
+
+class ModelFamily(NamedTuple):
+    module: str  # ditflow.models.<module>
+    adapter: str  # processors, block names, each call's layout
+    edit_calls: str  # builds an edit step's transformer inputs (in-context editors)
+    models: str  # what it serves, for error messages
+
+
+FAMILIES = {
+    "FluxTransformer2DModel": ModelFamily("flux", "FluxAdapter", "KontextCalls",
+                                          "FLUX.1, FLUX.1 Kontext"),
+    "QwenImageTransformer2DModel": ModelFamily("qwenimage", "QwenImageAdapter",
+                                               "qwen_edit_calls", "Qwen-Image, Qwen-Image-Edit"),
 }
 
 
-def _member(transformer: torch.nn.Module, index: int):
+def _member(transformer: torch.nn.Module, member: str):
     name = type(transformer).__name__
-    if name not in ADAPTERS:
-        supported = "; ".join(f"{cls} ({entry[-1]})" for cls, entry in ADAPTERS.items())
+    family = FAMILIES.get(name)
+    if family is None:
+        supported = "; ".join(f"{cls} ({f.models})" for cls, f in FAMILIES.items())
         raise TypeError(f"ditflow has no adapter for {name}; supported: {supported}")
-    module = ADAPTERS[name][0]
     try:
-        return getattr(importlib.import_module(f".{module}", __name__), ADAPTERS[name][index])
+        module = importlib.import_module(f".{family.module}", __name__)
     except ImportError as exc:
         raise ImportError(f"{name} support needs diffusers: pip install 'ditflow[diffusers]'"
                           ) from exc
+    return getattr(module, getattr(family, member))
 
 
 def adapter_for(transformer: torch.nn.Module):
     """The adapter for ``transformer``; a clear error for models ditflow does not know."""
-    return _member(transformer, 1)()
+    return _member(transformer, "adapter")()
 
 
 def edit_calls_for(pipeline):
     """The builder of direct transformer calls for edits with ``pipeline`` (an in-context
     editor: FLUX.1 Kontext, Qwen-Image-Edit or Qwen-Image-Edit-2509/2511)."""
-    return _member(pipeline.transformer, 2)(pipeline)
+    return _member(pipeline.transformer, "edit_calls")(pipeline)
