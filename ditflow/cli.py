@@ -51,8 +51,6 @@ def _pipeline(model: str, device: str, kind: str = "kontext"):
 
         return tiny_flux_pipeline("t2i" if kind == "t2i" else "kontext").to(device)
     if model == "tiny-qwen":
-        if kind != "editor":
-            raise SystemExit("error: --model tiny-qwen serves protect and evaluate only")
         from .tiny import tiny_qwen_edit_pipeline
 
         return tiny_qwen_edit_pipeline().to(device)
@@ -575,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(run=edit_command)
     args = parser.parse_args(argv)
+    if args.command in ("generate", "edit") and args.model == "tiny-qwen":
+        parser.error(f"--model tiny-qwen serves protect and evaluate; {args.command} drives "
+                     "FLUX.1 pipelines")
     other = getattr(args, "entity", None) or getattr(args, "object", None)
     if getattr(args, "uvr", None) and other:
         parser.error(f"--uvr and --{'entity' if args.command == 'generate' else 'object'} are "

@@ -135,6 +135,13 @@ def test_cli_protects_and_evaluates_against_the_tiny_qwen_editor(tmp_path):
     assert row["photo"] == "coffee.png" and 0 < row["r_ctx_protected"] < 1
 
 
+def test_generate_and_edit_refuse_the_qwen_editor(capsys):
+    for command in (["generate", "a red circle"], ["edit", str(SAMPLES / "coffee.png"), "x"]):
+        with pytest.raises(SystemExit):
+            main([*command, "-o", "out.png", "--model", "tiny-qwen"])
+        assert "tiny-qwen serves protect and evaluate" in capsys.readouterr().err
+
+
 def test_editor_folders_are_told_apart_by_their_pipeline_class(tmp_path):
     from ditflow.models.loading import load_editor, load_flux_pipeline
 

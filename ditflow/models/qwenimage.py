@@ -210,7 +210,8 @@ class QwenEditCalls:
         return rows * columns, 4 * self.vae.config.z_dim
 
     def encode_prompt(self, text: str, image, max_sequence_length: int) -> dict:
-        """One instruction's embeddings for one photo (PIL), no batch dimension."""
+        """One instruction's embeddings for one photo (PIL), no batch dimension
+        (``max_sequence_length`` is FLUX's: Qwen's pipelines keep every token)."""
         embeds, mask = self.pipe.encode_prompt(prompt=text, image=image,
                                                device=self.transformer.device)
         if mask is not None:
