@@ -19,20 +19,13 @@ SEED = int(os.environ.get("DITFLOW_TEST_SEED", random.SystemRandom().randrange(2
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
-
-
 def pytest_report_header(config):
     return f"ditflow: device={DEVICE}, DITFLOW_TEST_SEED={SEED}"
 
 
 def pytest_collection_modifyitems(config, items):
-    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "slow" in item.keywords and not config.getoption("--runslow"):
-            item.add_marker(skip_slow)
         if "gpu" in item.keywords and DEVICE.type != "cuda":
             item.add_marker(skip_gpu)
 
