@@ -51,9 +51,8 @@ def _pipeline_name(kind: str, pipelines: dict[str, str]) -> str:
     return pipelines[kind]
 
 
-# In-context editors ditflow protects against: pipeline class -> the loader's kind.
-EDITORS = {"FluxKontextPipeline": ("flux", "kontext"), "QwenImageEditPipeline": ("qwen", "edit"),
-           "QwenImageEditPlusPipeline": ("qwen", "edit-plus")}
+# The in-context editors ditflow protects against, by pipeline class.
+EDITORS = ("FluxKontextPipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
 
 
 def load_editor(path: str | Path, dtype: torch.dtype = torch.bfloat16):
@@ -61,15 +60,12 @@ def load_editor(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     (-2509/2511), chosen by its model_index.json; an error names what the folder holds
     otherwise."""
     index = Path(path).expanduser() / "model_index.json"
-    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-    if name is None:  # the loader explains what is missing
-        return load_flux_pipeline(path, "kontext", dtype)
+    # without a model_index.json the loader explains what is missing
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else EDITORS[0]
     if name not in EDITORS:
-        raise ValueError(f"{path} holds a {name}; ditflow's editors are "
-                         f"{', '.join(EDITORS)}")
-    family, kind = EDITORS[name]
-    loader = load_flux_pipeline if family == "flux" else load_qwen_pipeline
-    return loader(path, kind, dtype)
+        raise ValueError(f"{path} holds a {name}; ditflow's editors are {', '.join(EDITORS)}")
+    return _load_local(path, name, "black-forest-labs/FLUX.1-Kontext-dev or Qwen/Qwen-Image-Edit",
+                       dtype)
 
 
 def load_flux_pipeline(path: str | Path, kind: str = "kontext",
