@@ -82,9 +82,8 @@ def qwen_inputs(height: int, width: int, text_len: int = 8,
     if padding is not None:
         if len(padding) != batch:
             raise ValueError(f"padding: one count per batch element ({batch}), got {padding}")
-        mask = torch.arange(text_len)[None, :] < torch.tensor([text_len - p for p in padding])[
-            :, None]
-        mask = mask.to(device)
+        kept = torch.tensor([text_len - p for p in padding])
+        mask = (torch.arange(text_len)[None, :] < kept[:, None]).to(device)
     return dict(
         hidden_states=rand(batch, tokens, 16),
         encoder_hidden_states=rand(batch, text_len, 16),
