@@ -77,3 +77,34 @@ def weighted_loss(result, cotangents):
     if result.mass is not None:
         loss = loss + (result.mass.double() * dmass).sum()
     return loss
+
+
+def assert_compiled_matches_eager(model, inputs: dict, intervention) -> None:
+    """``torch.compile(model)`` under ``intervention()`` (fresh per attach) gives the eager
+    output; recording r_ctx over three steps compiles once (no recompile per step) and records
+    what eager recording does."""
+    from torch._dynamo.utils import counters
+
+    from ditflow.session import StatsRecorder, attach
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    steps = [torch.tensor([t]) for t in (0.9, 0.8, 0.7)]
+    with attach(model, intervention()):
+        want = model(**{**inputs, "timestep": steps[0]})[0]
+    with attach(model, intervention()):
+        got = compiled(**{**inputs, "timestep": steps[0]})[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    eager, compiled_r = StatsRecorder(), StatsRecorder()
+    with attach(model, compiled_r):
+        compiled(**{**inputs, "timestep": steps[0]})  # warm: compiles the mass variant
+        graphs = counters["stats"]["unique_graphs"]
+        for t in steps[1:]:
+            compiled(**{**inputs, "timestep": t})
+    assert counters["stats"]["unique_graphs"] == graphs, "recompiled for a new step"
+    with attach(model, eager):
+        for t in steps:
+            model(**{**inputs, "timestep": t})
+    assert compiled_r.r_ctx.keys() == eager.r_ctx.keys()
+    for key in eager.r_ctx:
+        torch.testing.assert_close(compiled_r.r_ctx[key], eager.r_ctx[key])

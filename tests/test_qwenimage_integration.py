@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import diffusers.models.transformers.transformer_qwenimage as qwen_module
+from helpers import assert_compiled_matches_eager
 
 from ditflow import FlowRules
 from ditflow.layout import CONTEXT, TARGET, TEXT, TokenLayout
@@ -296,31 +297,9 @@ def test_local_loading_errors_name_what_is_missing(tmp_path):
 
 
 def test_compiled_transformer_matches_eager_without_recompiling_per_step():
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
     model = tiny_qwen_transformer()
     inputs = qwen_inputs(3, 4, contexts=((3, 4),), padding=(2,))
-    compiled = torch.compile(model)
-    steps = [torch.tensor([t]) for t in (0.9, 0.8, 0.7)]
-    with attach(model, RulesEverywhere(_edit_rules)):
-        want = model(**{**inputs, "timestep": steps[0]})[0]
-    with attach(model, RulesEverywhere(_edit_rules)):
-        got = compiled(**{**inputs, "timestep": steps[0]})[0]
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    eager, compiled_r = StatsRecorder(), StatsRecorder()
-    with attach(model, compiled_r):
-        compiled(**{**inputs, "timestep": steps[0]})  # warm: compiles the mass variant
-        graphs = counters["stats"]["unique_graphs"]
-        for t in steps[1:]:
-            compiled(**{**inputs, "timestep": t})
-    assert counters["stats"]["unique_graphs"] == graphs, "recompiled for a new step"
-    with attach(model, eager):
-        for t in steps:
-            model(**{**inputs, "timestep": t})
-    assert compiled_r.r_ctx.keys() == eager.r_ctx.keys()
-    for key in eager.r_ctx:
-        torch.testing.assert_close(compiled_r.r_ctx[key], eager.r_ctx[key])
+    assert_compiled_matches_eager(model, inputs, lambda: RulesEverywhere(_edit_rules))
 
 
 def test_gradient_checkpointing_with_early_stop():

@@ -18,6 +18,7 @@ from .._memo import TensorMemo
 from ..functional import flow_attention
 from ..layout import TokenLayout
 from ..session import AttentionPlan, BlockId, EarlyStop, Session
+from .adapter import ProcessorAdapter
 
 
 def _projections(attn, hidden_states, encoder_hidden_states):
@@ -86,8 +87,10 @@ class FlowFluxAttnProcessor:
         return image, attn.to_add_out(text.contiguous())
 
 
-class FluxAdapter:
+class FluxAdapter(ProcessorAdapter):
     """Installs :class:`FlowFluxAttnProcessor` on every block of a FluxTransformer2DModel."""
+
+    processor = FlowFluxAttnProcessor
 
     @staticmethod
     def blocks(transformer):
@@ -96,19 +99,6 @@ class FluxAdapter:
         ids = [BlockId("double", i, i) for i in range(len(double))]
         ids += [BlockId("single", i, len(double) + i) for i in range(len(single))]
         return list(zip(ids, double + single, strict=True))
-
-    def install(self, transformer, session: Session):
-        originals = []
-        for block_id, block in self.blocks(transformer):
-            originals.append((block.attn, block.attn.processor))
-            # Assigned directly: set_processor would also touch unrelated module state.
-            block.attn.processor = FlowFluxAttnProcessor(session, block_id, block.attn.processor)
-        return originals
-
-    @staticmethod
-    def restore(originals) -> None:
-        for attn, processor in originals:
-            attn.processor = processor
 
     @staticmethod
     def call_layout(kwargs: dict, memo: TensorMemo) -> TokenLayout:

@@ -23,6 +23,7 @@ from ..functional import flow_attention
 from ..layout import TokenLayout
 from ..rules import FlowRules
 from ..session import AttentionPlan, BlockId, EarlyStop, Session
+from .adapter import ProcessorAdapter
 
 
 @functools.lru_cache(maxsize=16)
@@ -125,9 +126,11 @@ class FlowQwenAttnProcessor:
         return image, attn.to_add_out(text.contiguous())
 
 
-class QwenImageAdapter:
+class QwenImageAdapter(ProcessorAdapter):
     """Installs :class:`FlowQwenAttnProcessor` on every block of a QwenImageTransformer2DModel:
     blocks ``double.0`` ... ``double.{n-1}`` (Qwen-Image: 60)."""
+
+    processor = FlowQwenAttnProcessor
 
     @staticmethod
     def blocks(transformer):
@@ -139,16 +142,7 @@ class QwenImageAdapter:
             raise TypeError("ditflow's Qwen-Image adapter does not support Qwen-Image-Layered "
                             "(use_layer3d_rope): its image segments are layers, not "
                             "target and context")
-        originals = []
-        for block_id, block in self.blocks(transformer):
-            originals.append((block.attn, block.attn.processor))
-            block.attn.processor = FlowQwenAttnProcessor(session, block_id, block.attn.processor)
-        return originals
-
-    @staticmethod
-    def restore(originals) -> None:
-        for attn, processor in originals:
-            attn.processor = processor
+        return super().install(transformer, session)
 
     @staticmethod
     def call_layout(kwargs: dict, memo: TensorMemo) -> TokenLayout:
