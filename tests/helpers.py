@@ -108,3 +108,44 @@ def assert_compiled_matches_eager(model, inputs: dict, intervention) -> None:
     assert compiled_r.r_ctx.keys() == eager.r_ctx.keys()
     for key in eager.r_ctx:
         torch.testing.assert_close(compiled_r.r_ctx[key], eager.r_ctx[key])
+
+
+def rules_everywhere(rules_of):
+    """An intervention applying ``rules_of(layout)`` in every block at every step."""
+    from ditflow.session import Intervention
+
+    class RulesEverywhere(Intervention):
+        def rules(self, step, block, layout):
+            return rules_of(layout)
+
+    return RulesEverywhere()
+
+
+def edit_rules(layout):
+    """Rules of every kind on an edit's groups: context probabilities damped for text and
+    target queries, target-to-text logits scaled, target-to-target logits biased."""
+    from ditflow.layout import CONTEXT, TARGET, TEXT
+
+    return (layout.rules().weight_probs([TEXT, TARGET], CONTEXT, 0.3)
+            .scale_logits(TARGET, TEXT, 1.2).add_bias(TARGET, TARGET, 0.5))
+
+
+def assert_checkpointing_keeps_the_gradient(model, inputs: dict, blocks: list[str]) -> None:
+    """The early-stopped r_ctx loss over ``blocks`` has the same input gradient with and
+    without gradient checkpointing: the recomputation in backward re-runs the stopping block
+    without stopping again."""
+    from ditflow.session import StatsRecorder, attach
+
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        latents = inputs["hidden_states"].clone().requires_grad_()
+        recorder = StatsRecorder(blocks=blocks, stop_after_last=True)
+        with torch.enable_grad(), attach(model, recorder) as session:
+            session.forward(**{**inputs, "hidden_states": latents})
+            (grad,) = torch.autograd.grad(recorder.mean_r_ctx().sum(), latents)
+        grads.append(grad)
+    model.disable_gradient_checkpointing()
+    torch.testing.assert_close(grads[1], grads[0])
+    assert grads[0].abs().sum() > 0

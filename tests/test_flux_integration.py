@@ -8,28 +8,20 @@ import torch
 pytest.importorskip("diffusers")
 
 import diffusers.models.transformers.transformer_flux as flux_module
-from helpers import assert_compiled_matches_eager
+from helpers import (
+    assert_checkpointing_keeps_the_gradient,
+    assert_compiled_matches_eager,
+    edit_rules,
+    rules_everywhere,
+)
 
 from ditflow import FlowRules
-from ditflow.layout import CONTEXT, TARGET, TEXT, TokenLayout
+from ditflow.layout import TARGET, TEXT, TokenLayout
 from ditflow.session import Intervention, StatsRecorder, attach
 from ditflow.tiny import flux_inputs, tiny_flux_transformer
 
 # (height, width, context images): T2I, Kontext with one and two contexts, non-square
 CALLS = [(3, 5, 0), (4, 3, 1), (3, 5, 1), (2, 3, 2)]
-
-
-class RulesEverywhere(Intervention):
-    def __init__(self, rules_of):
-        self.rules_of = rules_of
-
-    def rules(self, step, block, layout):
-        return self.rules_of(layout)
-
-
-def _kontext_rules(layout: TokenLayout) -> FlowRules:
-    return (layout.rules().weight_probs([TEXT, TARGET], CONTEXT, 0.3)
-            .scale_logits(TARGET, TEXT, 1.2).add_bias(TARGET, TARGET, 0.5))
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)],
@@ -76,7 +68,7 @@ def test_rules_match_reference_processor_with_gradients(monkeypatch):
     for backend in ("triton", "reference"):
         monkeypatch.setenv("DITFLOW_BACKEND", backend)
         latents = inputs["hidden_states"].clone().requires_grad_()
-        with attach(model, RulesEverywhere(_kontext_rules)):
+        with attach(model, rules_everywhere(edit_rules)):
             out = model(**{**inputs, "hidden_states": latents})[0]
         (grad,) = torch.autograd.grad(out[:, :12].square().sum(), latents)
         results[backend] = (out, grad[:, context])
@@ -91,7 +83,7 @@ def test_rules_change_the_output():
     model = tiny_flux_transformer()
     inputs = flux_inputs(3, 4, contexts=1)
     stock = model(**inputs)[0]
-    with attach(model, RulesEverywhere(_kontext_rules)):
+    with attach(model, rules_everywhere(edit_rules)):
         ruled = model(**inputs)[0]
     assert (ruled - stock).abs().max() > 1e-3
 
@@ -160,7 +152,7 @@ def test_attach_round_trip_and_exception_restore():
     processors = [b.attn.processor for b in (*model.transformer_blocks,
                                               *model.single_transformer_blocks)]
     before = model(**inputs)[0]
-    with attach(model, RulesEverywhere(_kontext_rules)):
+    with attach(model, rules_everywhere(edit_rules)):
         model(**inputs)
     assert [b.attn.processor for b in (*model.transformer_blocks,
                                         *model.single_transformer_blocks)] == processors
@@ -211,28 +203,16 @@ def test_steps_are_counted_by_timestep():
 
 def test_rules_with_wrong_group_count_are_refused():
     model = tiny_flux_transformer()
-    wrong = RulesEverywhere(lambda layout: FlowRules(num_groups=2))
+    wrong = rules_everywhere(lambda layout: FlowRules(num_groups=2))
     message = r"rules for double\.0 have 2 groups but the layout has 3"
     with pytest.raises(ValueError, match=message), attach(model, wrong):
         model(**flux_inputs(2, 2, contexts=1))
 
 
 def test_gradient_checkpointing_with_early_stop():
-    """Same loss gradient with and without checkpointing; the recomputation in backward re-runs
-    the stopping block without stopping again."""
     model = tiny_flux_transformer()
     inputs = flux_inputs(3, 4, contexts=1)
-    grads = []
-    for checkpointing in (False, True):
-        if checkpointing:
-            model.enable_gradient_checkpointing()
-        latents = inputs["hidden_states"].clone().requires_grad_()
-        recorder = StatsRecorder(blocks=["double.1", "single.0"], stop_after_last=True)
-        with torch.enable_grad(), attach(model, recorder) as session:
-            session.forward(**{**inputs, "hidden_states": latents})
-            (grad,) = torch.autograd.grad(recorder.mean_r_ctx().sum(), latents)
-        grads.append(grad)
-    torch.testing.assert_close(grads[1], grads[0])
+    assert_checkpointing_keeps_the_gradient(model, inputs, ["double.1", "single.0"])
 
 
 def test_kontext_pipeline_with_an_intervention_produces_an_image():
@@ -243,7 +223,7 @@ def test_kontext_pipeline_with_an_intervention_produces_an_image():
     pipe = tiny_flux_pipeline("kontext")
     photo = Image.fromarray(torch.randint(0, 255, (12, 16, 3), dtype=torch.uint8).numpy())
     recorder = StatsRecorder(blocks=["single.0"])
-    with attach(pipe, RulesEverywhere(_kontext_rules)) as session:
+    with attach(pipe, rules_everywhere(edit_rules)) as session:
         image = pipe(image=photo, prompt="make the cat smile", height=12, width=16,
                      max_area=12 * 16, _auto_resize=False, num_inference_steps=3,
                      max_sequence_length=8, generator=torch.Generator().manual_seed(0)).images[0]
@@ -286,7 +266,7 @@ def test_local_loading_round_trip(tmp_path):
 def test_compiled_transformer_matches_eager_without_recompiling_per_step():
     model = tiny_flux_transformer()
     inputs = flux_inputs(3, 4, contexts=1)
-    assert_compiled_matches_eager(model, inputs, lambda: RulesEverywhere(_kontext_rules))
+    assert_compiled_matches_eager(model, inputs, lambda: rules_everywhere(edit_rules))
 
 
 def test_mass_maps_are_head_means_per_query_and_group():

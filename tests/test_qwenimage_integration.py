@@ -9,7 +9,12 @@ import torch
 pytest.importorskip("diffusers")
 
 import diffusers.models.transformers.transformer_qwenimage as qwen_module
-from helpers import assert_compiled_matches_eager
+from helpers import (
+    assert_checkpointing_keeps_the_gradient,
+    assert_compiled_matches_eager,
+    edit_rules,
+    rules_everywhere,
+)
 
 from ditflow import FlowRules
 from ditflow.layout import CONTEXT, TARGET, TEXT, TokenLayout
@@ -26,19 +31,6 @@ CALLS = [
     (2, 3, ((2, 3), (3, 3)), 1, None),
     (3, 4, ((2, 2),), 2, (0, 3)),
 ]
-
-
-class RulesEverywhere(Intervention):
-    def __init__(self, rules_of):
-        self.rules_of = rules_of
-
-    def rules(self, step, block, layout):
-        return self.rules_of(layout)
-
-
-def _edit_rules(layout: TokenLayout) -> FlowRules:
-    return (layout.rules().weight_probs([TEXT, TARGET], CONTEXT, 0.3)
-            .scale_logits(TARGET, TEXT, 1.2).add_bias(TARGET, TARGET, 0.5))
 
 
 def _inputs(call, **kwargs):
@@ -115,7 +107,7 @@ def test_rules_match_reference_processor_with_gradients(monkeypatch):
     for backend in ("triton", "reference"):
         monkeypatch.setenv("DITFLOW_BACKEND", backend)
         latents = inputs["hidden_states"].clone().requires_grad_()
-        with attach(model, RulesEverywhere(_edit_rules)):
+        with attach(model, rules_everywhere(edit_rules)):
             out = model(**{**inputs, "hidden_states": latents})[0]
         (grad,) = torch.autograd.grad(out[:, :12].square().sum(), latents)
         results[backend] = (out, grad[:, 12:])
@@ -128,7 +120,7 @@ def test_rules_change_the_output():
     model = tiny_qwen_transformer()
     inputs = qwen_inputs(3, 4, contexts=((3, 4),))
     stock = model(**inputs)[0]
-    with attach(model, RulesEverywhere(_edit_rules)):
+    with attach(model, rules_everywhere(edit_rules)):
         ruled = model(**inputs)[0]
     assert (ruled - stock).abs().max() > 1e-3
 
@@ -194,7 +186,7 @@ def test_attach_round_trip_and_exception_restore():
     inputs = qwen_inputs(3, 4, contexts=((3, 4),), padding=(2,))
     processors = [b.attn.processor for b in model.transformer_blocks]
     before = model(**inputs)[0]
-    with attach(model, RulesEverywhere(_edit_rules)):
+    with attach(model, rules_everywhere(edit_rules)):
         model(**inputs)
     assert [b.attn.processor for b in model.transformer_blocks] == processors
     assert torch.equal(model(**inputs)[0], before)
@@ -228,13 +220,16 @@ def test_bad_calls_are_refused_with_the_reason():
             model, StatsRecorder()):
         model(**mixed)
 
-    class SixteenGroups(RulesEverywhere):
+    class SixteenGroups(Intervention):
         def layout(self, step, block, layout):
             for i in range(13):
                 layout = layout.with_region(f"patch{i}", torch.tensor([8 + i]))
             return layout
 
-    sixteen = SixteenGroups(lambda layout: layout.rules())
+        def rules(self, step, block, layout):
+            return layout.rules()
+
+    sixteen = SixteenGroups()
     with pytest.raises(ValueError, match="a hidden group needs a free group"), attach(
             model, sixteen):
         model(**qwen_inputs(4, 4, padding=(2,)))
@@ -258,7 +253,7 @@ def test_edit_pipeline_with_an_intervention_and_true_cfg(tmp_path):
                 negative_prompt_embeds_mask=torch.tensor([[1, 1, 1, 0, 0]]), true_cfg_scale=2.0,
                 num_inference_steps=2, height=32, width=48)
     recorder, negative = StatsRecorder(blocks=["double.1"], call=0), StatsRecorder(call=1)
-    with attach(pipe, RulesEverywhere(_edit_rules)) as session:
+    with attach(pipe, rules_everywhere(edit_rules)) as session:
         image = pipe(**call, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (48, 32)
     # the last call is the negative prompt's: 5 text tokens, a 2 x 3 target, and the ~1 MP
@@ -299,26 +294,13 @@ def test_local_loading_errors_name_what_is_missing(tmp_path):
 def test_compiled_transformer_matches_eager_without_recompiling_per_step():
     model = tiny_qwen_transformer()
     inputs = qwen_inputs(3, 4, contexts=((3, 4),), padding=(2,))
-    assert_compiled_matches_eager(model, inputs, lambda: RulesEverywhere(_edit_rules))
+    assert_compiled_matches_eager(model, inputs, lambda: rules_everywhere(edit_rules))
 
 
 def test_gradient_checkpointing_with_early_stop():
-    """Same loss gradient with and without checkpointing; the recomputation in backward re-runs
-    the stopping block without stopping again."""
     model = tiny_qwen_transformer(num_layers=3)
     inputs = qwen_inputs(3, 4, contexts=((3, 4),), padding=(2,))
-    grads = []
-    for checkpointing in (False, True):
-        if checkpointing:
-            model.enable_gradient_checkpointing()
-        latents = inputs["hidden_states"].clone().requires_grad_()
-        recorder = StatsRecorder(blocks=["double.0", "double.1"], stop_after_last=True)
-        with torch.enable_grad(), attach(model, recorder) as session:
-            session.forward(**{**inputs, "hidden_states": latents})
-            (grad,) = torch.autograd.grad(recorder.mean_r_ctx().sum(), latents)
-        grads.append(grad)
-    torch.testing.assert_close(grads[1], grads[0])
-    assert grads[0].abs().sum() > 0
+    assert_checkpointing_keeps_the_gradient(model, inputs, ["double.0", "double.1"])
 
 
 @pytest.mark.gpu
