@@ -83,22 +83,17 @@ class FlowQwenAttnProcessor:
                              "encoder_hidden_states_mask; other masks as groups or a pair mask)")
         head_dim = attn.inner_dim // attn.heads
 
-        def heads(t):
-            return t.unflatten(-1, (-1, head_dim))
+        def project(layer, states):
+            return layer(states).unflatten(-1, (-1, head_dim))
 
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(
-            attn.to_v(hidden_states))
-        tq, tk, tv = (heads(attn.add_q_proj(encoder_hidden_states)),
-                      heads(attn.add_k_proj(encoder_hidden_states)),
-                      heads(attn.add_v_proj(encoder_hidden_states)))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        if attn.norm_added_q is not None:
-            tq = attn.norm_added_q(tq)
-        if attn.norm_added_k is not None:
-            tk = attn.norm_added_k(tk)
+        def normed(layer, t):
+            return t if layer is None else layer(t)
+
+        q, k, v = (project(layer, hidden_states) for layer in (attn.to_q, attn.to_k, attn.to_v))
+        tq, tk, tv = (project(layer, encoder_hidden_states)
+                      for layer in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        q, k = normed(attn.norm_q, q), normed(attn.norm_k, k)
+        tq, tk = normed(attn.norm_added_q, tq), normed(attn.norm_added_k, tk)
         if image_rotary_emb is not None:
             image_freqs, text_freqs = image_rotary_emb
             q, k = (apply_rotary_emb_qwen(t, image_freqs, use_real=False) for t in (q, k))
