@@ -31,3 +31,13 @@ def test_wheel_contains_kernels_as_subpackage(tmp_path):
                  "ditflow/testbed/weights/editor/model_index.json",
                  "ditflow/testbed/weights/editor/transformer/diffusion_pytorch_model.safetensors"):
         assert path in names, path
+
+
+def test_the_public_api_is_importable_from_the_package():
+    import ditflow
+    from ditflow import layout, session
+
+    assert ditflow.attach is session.attach and ditflow.StatsRecorder is session.StatsRecorder
+    assert ditflow.TokenLayout is layout.TokenLayout
+    assert (ditflow.TEXT, ditflow.TARGET, ditflow.CONTEXT) == (0, 1, 2)
+    assert set(ditflow.__all__) <= set(dir(ditflow))
