@@ -1,4 +1,5 @@
-"""Compiled kernels at real FLUX Kontext shapes (GPU only): bf16/fp16, forward and backward.
+"""Compiled kernels at real FLUX Kontext and Qwen-Image-Edit shapes (GPU only): bf16/fp16,
+forward and backward.
 
 Truth is the reference in fp32 (forward chunked, closed-form backward chunked: the full autograd
 graph would not fit); the kernel must stay within 2x the error of the reference run in the low
@@ -28,25 +29,22 @@ def kontext_rules() -> FlowRules:
             .block(TEXT, CONTEXT, heads=[0, 5], num_heads=24))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_flux_shape_forward_backward(shape, dtype):
+def _check_against_reference(name: str, q_groups, k_groups, rules: FlowRules, batch: int,
+                             dtype) -> None:
+    """Compiled kernels vs the fp32 reference: out, lse, mass and all three gradients."""
     device = torch.device("cuda")
-    sizes = SHAPES[shape]
-    n, heads, head_dim = sum(sizes), 24, 128
-    groups = torch.cat([torch.full((s,), g, device=device) for g, s in enumerate(sizes)])
-    rules = kontext_rules()
-    q, k, v = (torch.randn(1, n, heads, head_dim, device=device) for _ in range(3))
-    dout = torch.randn(1, n, heads, head_dim, device=device)
-    dmass = torch.randn(1, heads, n, 3, device=device)
-    dlse = torch.randn(1, heads, n, device=device)
+    n, heads, head_dim, g = q_groups.shape[-1], 24, 128, rules.num_groups
+    q, k, v = (torch.randn(batch, n, heads, head_dim, device=device) for _ in range(3))
+    dout = torch.randn(batch, n, heads, head_dim, device=device)
+    dmass = torch.randn(batch, heads, n, g, device=device)
+    dlse = torch.randn(batch, heads, n, device=device)
     tables = [None if t is None else t.to(device) for t in (rules.scale, rules.bias, rules.weight)]
 
     def reference(dt):
         args = [t.to(dt) for t in (q, k, v)]
-        common = dict(q_groups=groups[None], k_groups=groups[None], scale_table=tables[0],
-                      bias_table=tables[1], weight_table=tables[2], num_groups=3)
+        common = dict(q_groups=q_groups.expand(batch, n), k_groups=k_groups.expand(batch, n),
+                      scale_table=tables[0], bias_table=tables[1], weight_table=tables[2],
+                      num_groups=g)
         out, lse, mass = flow_attention_reference(*args, return_mass=True, **common)
         grads = flow_attention_reference_backward(dout.to(dt), dlse, dmass, *args, **common)
         return out, lse, mass, *grads
@@ -54,10 +52,39 @@ def test_flux_shape_forward_backward(shape, dtype):
     truth = reference(torch.float32)
     lowprec = reference(dtype)
     leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-    res = flow_attention(*leaves, groups, rules=rules, return_lse=True, return_mass=True)
+    res = flow_attention(*leaves, q_groups, k_groups, rules=rules, return_lse=True,
+                         return_mass=True)
     grads = torch.autograd.grad([res.out, res.lse, res.mass], leaves,
                                 [dout.to(dtype), dlse, dmass])
     names = ("out", "lse", "mass", "dq", "dk", "dv")
     results = (res.out, res.lse, res.mass, *grads)
-    for name, got, low, want in zip(names, results, lowprec, truth, strict=True):
-        assert_within_rule(f"{shape} {dtype} {name}", got, low, want, floor_for(dtype))
+    for part, got, low, want in zip(names, results, lowprec, truth, strict=True):
+        assert_within_rule(f"{name} {dtype} {part}", got, low, want, floor_for(dtype))
+
+
+def _segments(sizes, device) -> torch.Tensor:
+    return torch.cat([torch.full((s,), g, device=device) for g, s in enumerate(sizes)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_flux_shape_forward_backward(shape, dtype):
+    groups = _segments(SHAPES[shape], torch.device("cuda"))
+    _check_against_reference(shape, groups, groups, kontext_rules(), 1, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_qwen_edit_shape_with_text_padding(dtype):
+    """Qwen-Image-Edit at 1 MP, two prompts in a batch, the second padded by 40 tokens: key
+    groups per batch element, the padding in a hidden group no query sees."""
+    from ditflow.models.qwenimage import padded_key_groups
+
+    text, image = 1390, 4096
+    groups = _segments((text, image, image), torch.device("cuda")).int()
+    mask = torch.ones(2, text, dtype=torch.bool, device="cuda")
+    mask[1, -40:] = False
+    rules = kontext_rules().with_hidden_group()
+    keys = padded_key_groups(groups, mask, rules.num_groups - 1)
+    _check_against_reference("qwen-edit-1024", groups, keys, rules, 2, dtype)
