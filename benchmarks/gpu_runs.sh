@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_runs.sh tests      OUTDIR   # compiled kernel suite, FLUX shapes, compile, offload (FLUX, Qwen)
 #   bash benchmarks/gpu_runs.sh attention  OUTDIR   # the provider sweep at the FLUX and Qwen shapes
-#   bash benchmarks/gpu_runs.sh end-to-end OUTDIR   # DeContext PGD step, generation overhead
+#   bash benchmarks/gpu_runs.sh end-to-end OUTDIR   # DeContext PGD step (Kontext, Qwen), generation overhead
 #
 # Results go to OUTDIR (default benchmarks/results), named by device and date like every other
 # result; render the README tables from them with benchmarks.render_table.
@@ -31,6 +31,7 @@ case "$stage" in
     ;;
   end-to-end)
     $python -m benchmarks.protect_step --out "$out"
+    $python -m benchmarks.protect_step --model qwen-edit --out "$out"
     $python -m benchmarks.generation --out "$out"
     ;;
   *)

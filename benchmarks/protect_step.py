@@ -1,16 +1,20 @@
-"""One DeContext PGD step on the full-size FLUX.1 Kontext architecture (random weights).
+"""One DeContext PGD step on the full-size FLUX.1 Kontext or Qwen-Image-Edit architecture
+(random weights).
 
     python -m benchmarks.protect_step --resolution 512 1024 --out benchmarks/results
+    python -m benchmarks.protect_step --model qwen-edit --resolution 512 1024
     python -m benchmarks.protect_step --model tiny --resolution 32   # the script itself, on a CPU
 
-ditflow's step: forward through single block 25 only (early stop), r_ctx from the fused kernel's
-mass, backward through its mass gradient. The authors' recipe: all 57 blocks, softmax
-probabilities of the target queries over all keys materialised in every attacked block,
-gradient checkpointing. Both differentiate r_ctx with respect to the photo's pixels through the
-VAE encoder. Random text embeddings stand in for the T5/CLIP encoders (computed once per prompt
-in real runs, so outside the step). Writes ``protect-step-<device>-<date>.json``. The full-size
-model needs a GPU; ``--model tiny`` (the random tiny Kontext model, two single blocks attacked)
-runs on any device, which is how the tests keep the script working between GPU runs.
+ditflow's step: forward through the last attacked block only (early stop: FLUX.1 Kontext's
+single block 25, Qwen-Image-Edit's block 39), r_ctx from the fused kernel's mass, backward
+through its mass gradient. The authors' recipe (FLUX.1 Kontext; the "eager recipe" on
+Qwen-Image-Edit): all blocks, softmax probabilities of the target queries over all keys
+materialised in every attacked block, gradient checkpointing. Both differentiate r_ctx with
+respect to the photo's pixels through the VAE encoder. Random text embeddings stand in for the
+text encoders (computed once per prompt in real runs, so outside the step). Writes
+``protect-step-<device>-<date>.json``. The full-size models need a GPU; ``--model tiny`` and
+``--model tiny-qwen`` (random tiny models, two blocks attacked) run on any device, which is how
+the tests keep the script working between GPU runs.
 """
 
 from __future__ import annotations
@@ -39,6 +43,30 @@ class RandomTextPipeline:
         return embeds.bfloat16(), pooled.bfloat16(), None
 
 
+class RandomQwenTextPipeline:
+    """What Protector needs from a Qwen-Image-Edit pipeline, with random embeddings of the
+    length Qwen2.5-VL gives a 1 MP photo plus an instruction (about 1390 tokens)."""
+
+    def __init__(self, transformer, vae):
+        self.transformer, self.vae = transformer, vae
+
+    def encode_prompt(self, prompt, image=None, device=None):
+        g = torch.Generator(device=device).manual_seed(hash(prompt) % 2**31)
+        return torch.randn(1, 1390, 3584, device=device, generator=g).bfloat16(), None
+
+
+def full_size_qwen_models():
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    with torch.device("cuda"):
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            return QwenImageTransformer2DModel().eval(), AutoencoderKLQwenImage().eval()
+        finally:
+            torch.set_default_dtype(default)
+
+
 def full_size_models():
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
@@ -58,39 +86,45 @@ def full_size_models():
     return transformer, vae
 
 
-def authors_step(protector, pixels, prompts, timesteps, noise):
-    """All blocks, eager probabilities in the attacked blocks, gradient checkpointing."""
-    import diffusers.models.transformers.transformer_flux as flux_module
+def eager_step(protector, pixels, prompts, timesteps, noise):
+    """The authors' recipe (for FLUX.1 Kontext; the same recipe on any editor): all blocks,
+    eager probabilities of the target queries over all keys in the attacked blocks, gradient
+    checkpointing left to the caller."""
+    import importlib
 
+    from ditflow.models import adapter_for
+
+    transformer = protector.transformer
+    # The module whose processors call dispatch_attention_fn (FLUX's or Qwen-Image's).
+    model_module = importlib.import_module(type(transformer).__module__)
     layout = protector._layout(protector._inputs(pixels.detach(), prompts, timesteps, noise))
     target, context = layout.mask("target", pixels.device), layout.mask("context", pixels.device)
-    attacked = {int(b.split(".")[1]) for b in protector.config.blocks if b.startswith("single")}
+    attacked = set(protector.config.blocks)
     ratios, current = [], [None]
-    original = flux_module.dispatch_attention_fn
+    original = model_module.dispatch_attention_fn
 
     def probe(query, key, value, attn_mask=None, **kwargs):
         if current[0] in attacked:
             scale = query.shape[-1] ** -0.5
-            probs = (torch.einsum("bihd,bjhd->bhij", query[:, target], key) * scale).softmax(-1)
-            ratios.append(probs[..., context].sum(-1).mean())
+            scores = torch.einsum("bihd,bjhd->bhij", query[:, target], key) * scale
+            if attn_mask is not None:  # Qwen-Image's text padding: bool [B, 1, 1, N]
+                scores = scores.masked_fill(~attn_mask, float("-inf"))
+            ratios.append(scores.softmax(-1)[..., context].sum(-1).mean())
         return original(query, key, value, attn_mask=attn_mask, **kwargs)
 
     # Which block is running, set by hooks (they run again in checkpointing's recomputation, so
     # the recomputed block matches its first run).
-    blocks = [*protector.transformer.transformer_blocks,
-              *protector.transformer.single_transformer_blocks]
-    n_double = len(protector.transformer.transformer_blocks)
     hooks = [block.register_forward_pre_hook(
-        lambda module, inputs, i=i: current.__setitem__(0, i - n_double))
-        for i, block in enumerate(blocks)]
-    flux_module.dispatch_attention_fn = probe
+        lambda module, inputs, name=str(block_id): current.__setitem__(0, name))
+        for block_id, block in adapter_for(transformer).blocks(transformer)]
+    model_module.dispatch_attention_fn = probe
     try:
         x = pixels.clone().requires_grad_()
         inputs = protector._inputs(x, prompts, timesteps, noise)
-        protector.transformer(**inputs)
+        transformer(**inputs)
         (grad,) = torch.autograd.grad(torch.stack(ratios).mean(), x)
     finally:
-        flux_module.dispatch_attention_fn = original
+        model_module.dispatch_attention_fn = original
         for hook in hooks:
             hook.remove()
     return grad
@@ -110,6 +144,14 @@ def _pipeline_and_config(model: str, resolution: int):
 
         return tiny_flux_pipeline("kontext"), ProtectConfig(
             resolution=resolution, blocks=("single.0", "single.1"), max_sequence_length=8)
+    if model == "tiny-qwen":
+        from ditflow.tiny import tiny_qwen_edit_pipeline
+
+        return tiny_qwen_edit_pipeline(), ProtectConfig(resolution=resolution,
+                                                        blocks=("double.0", "double.1"))
+    if model == "qwen-edit":
+        return RandomQwenTextPipeline(*full_size_qwen_models()), ProtectConfig(
+            resolution=resolution)
     return RandomTextPipeline(*full_size_models()), ProtectConfig(resolution=resolution)
 
 
@@ -118,7 +160,8 @@ def main(argv=None) -> Path:
 
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["full", "tiny"], default="full")
+    parser.add_argument("--model", choices=["full", "tiny", "qwen-edit", "tiny-qwen"],
+                        default="full", help="full: FLUX.1 Kontext; qwen-edit: Qwen-Image-Edit")
     parser.add_argument("--resolution", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
@@ -132,11 +175,14 @@ def main(argv=None) -> Path:
         tokens, channels = protector._target_shape(pixels)
         noise = torch.randn(1, tokens, channels, device=device)
         prompts, timesteps = [config.prompts[0]], [990.0]
+        with torch.no_grad():  # the joint sequence: text, target and context tokens
+            sequence = len(protector._layout(protector._inputs(pixels, prompts, timesteps,
+                                                                noise)))
+        eager = "authors' recipe" if "qwen" not in args.model else "eager recipe"
         providers = (("ditflow (early stop, fused mass)", ditflow_step, False),
-                     ("authors' recipe", authors_step, True))
+                     (eager, eager_step, True))
         for name, step, checkpointing in providers:
-            row = dict(model=args.model, resolution=resolution,
-                       tokens=config.max_sequence_length + 2 * tokens, provider=name)
+            row = dict(model=args.model, resolution=resolution, tokens=sequence, provider=name)
             try:
                 with _frozen(pipe.transformer, pipe.vae), \
                         _checkpointing(pipe.transformer, checkpointing):

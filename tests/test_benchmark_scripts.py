@@ -72,6 +72,10 @@ def test_protect_step_benchmark_runs_both_recipes(tmp_path):
     assert [r["provider"] for r in rows] == ["ditflow (early stop, fused mass)",
                                              "authors' recipe"]
     assert all(r["ms"] > 0 and r["tokens"] == 8 + 2 * 16 * 16 for r in rows)
+    rows = _rows(protect_step.main(["--model", "tiny-qwen", "--resolution", "64",
+                                    "--out", str(tmp_path)]))
+    assert [r["provider"] for r in rows] == ["ditflow (early stop, fused mass)", "eager recipe"]
+    assert all(r["ms"] > 0 and r["tokens"] > 2 * 4 * 4 for r in rows)
 
 
 def test_generation_benchmark_reports_overhead_against_stock(tmp_path):

@@ -92,7 +92,7 @@ def test_diff_pgd_baseline_moves_within_budget(pipe):
 def test_gradient_matches_the_authors_recipe(pipe):
     """ditflow's step (early stop, fused mass gradient) and the authors' recipe (all blocks,
     eager probabilities, gradient checkpointing) give the same pixel gradient."""
-    from benchmarks.protect_step import authors_step, ditflow_step
+    from benchmarks.protect_step import ditflow_step, eager_step
     from ditflow.methods.decontext import _checkpointing, _frozen
 
     protector = Protector(pipe, tiny_config(blocks=("single.0", "single.1")))
@@ -103,6 +103,6 @@ def test_gradient_matches_the_authors_recipe(pipe):
     with _frozen(pipe.transformer, pipe.vae):
         ours = ditflow_step(protector, pixels, *step)
         with _checkpointing(pipe.transformer, True):
-            theirs = authors_step(protector, pixels, *step)
+            theirs = eager_step(protector, pixels, *step)
     assert ours.abs().max() > 0
     torch.testing.assert_close(ours, theirs, atol=1e-7, rtol=1e-4)

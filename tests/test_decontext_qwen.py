@@ -160,3 +160,25 @@ def test_editor_folders_are_told_apart_by_their_pipeline_class(tmp_path):
     with pytest.raises(ValueError, match="holds a QwenImageEditPipeline; this needs a "
                                          "FluxKontextPipeline"):
         load_flux_pipeline(tmp_path)  # e.g. `ditflow edit`, FLUX-only, given a Qwen folder
+
+
+def test_gradient_matches_the_eager_recipe_through_diffusers_own_processor(qwen):
+    """ditflow's step (early stop, fused mass gradient, padding as a hidden key group) and the
+    eager recipe (all blocks through diffusers' own processor and its padding mask, explicit
+    probabilities, gradient checkpointing) give the same pixel gradient, for two photos whose
+    instructions differ in length."""
+    from benchmarks.protect_step import ditflow_step, eager_step
+    from ditflow.methods.decontext import _checkpointing, _frozen
+
+    protector = Protector(qwen, qwen_config(blocks=("double.0", "double.1")))
+    pixels = torch.rand(2, 3, 64, 64)
+    tokens, channels = protector._target_shape(pixels)
+    step = (["make the cat smile", "add a hat"], [985.0, 991.0],
+            torch.randn(2, tokens, channels))
+    with _frozen(qwen.transformer, qwen.vae):
+        ours = ditflow_step(protector, pixels, *step)
+        with _checkpointing(qwen.transformer, True):
+            theirs = eager_step(protector, pixels, *step)
+    assert ours.abs().max() > 0
+    # ditflow sums the photos' r_ctx, the recipe averages them
+    torch.testing.assert_close(ours, 2 * theirs, atol=1e-7, rtol=1e-4)
