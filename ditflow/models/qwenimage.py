@@ -201,11 +201,15 @@ class QwenEditCalls:
     def encode_prompt(self, text: str, image, max_sequence_length: int) -> dict:
         """One instruction's embeddings for one photo (PIL), no batch dimension
         (``max_sequence_length`` is FLUX's: Qwen's pipelines keep every token)."""
-        embeds, mask = self.pipe.encode_prompt(prompt=text, image=image,
+        embeds, mask = self.pipe.encode_prompt(prompt=text, image=self._encoder_image(image),
                                                device=self.transformer.device)
         if mask is not None:
             embeds = embeds[:, mask[0].bool()]
         return dict(encoder_hidden_states=embeds[0].to(self.transformer.dtype))
+
+    def _encoder_image(self, image):
+        """What the pipeline's prompt encoder is given for the photo."""
+        return image
 
     def context_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """Packed, normalised latents of photos in [0, 1], [B, 3, H, W] (differentiable)."""
@@ -256,19 +260,14 @@ class QwenEditPlusCalls(QwenEditCalls):
     with one input image: its prompt encoder sees the photo as "Picture 1", resized (as the
     pipeline does) to about 384² pixels."""
 
-    def encode_prompt(self, text: str, image, max_sequence_length: int) -> dict:
+    def _encoder_image(self, image):
         from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
             CONDITION_IMAGE_SIZE,
             calculate_dimensions,
         )
 
         width, height = calculate_dimensions(CONDITION_IMAGE_SIZE, image.width / image.height)
-        condition = self.pipe.image_processor.resize(image, height, width)
-        embeds, mask = self.pipe.encode_prompt(prompt=text, image=[condition],
-                                               device=self.transformer.device)
-        if mask is not None:
-            embeds = embeds[:, mask[0].bool()]
-        return dict(encoder_hidden_states=embeds[0].to(self.transformer.dtype))
+        return [self.pipe.image_processor.resize(image, height, width)]
 
 
 def qwen_edit_calls(pipeline) -> QwenEditCalls:
