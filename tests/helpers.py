@@ -149,3 +149,17 @@ def assert_checkpointing_keeps_the_gradient(model, inputs: dict, blocks: list[st
     model.disable_gradient_checkpointing()
     torch.testing.assert_close(grads[1], grads[0])
     assert grads[0].abs().sum() > 0
+
+
+def assert_statistics_only_is_stock(model, inputs: dict, blocks: int, tol: float) -> None:
+    """Recording mass in every one of the model's ``blocks`` blocks (flow attention everywhere,
+    identity rules) leaves the stock output, within ``tol`` relative to its largest value."""
+    from ditflow.session import StatsRecorder, attach
+
+    stock = model(**inputs)[0]
+    recorder = StatsRecorder()
+    with attach(model, recorder) as session:
+        ours = model(**inputs)[0]
+    assert len(recorder.r_ctx) == blocks and session.blocks_run == blocks
+    err = (ours.float() - stock.float()).abs().max() / stock.float().abs().max()
+    assert err <= tol

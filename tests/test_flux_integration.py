@@ -11,6 +11,7 @@ import diffusers.models.transformers.transformer_flux as flux_module
 from helpers import (
     assert_checkpointing_keeps_the_gradient,
     assert_compiled_matches_eager,
+    assert_statistics_only_is_stock,
     edit_rules,
     rules_everywhere,
 )
@@ -31,13 +32,7 @@ def test_statistics_only_matches_stock_diffusers(call, dtype, tol):
     """Recording mass in every block (flow attention everywhere, identity rules) changes nothing."""
     model = tiny_flux_transformer(dtype=dtype)
     inputs = flux_inputs(*call[:2], contexts=call[2], dtype=dtype)
-    stock = model(**inputs)[0]
-    recorder = StatsRecorder()
-    with attach(model, recorder) as session:
-        ours = model(**inputs)[0]
-    assert len(recorder.r_ctx) == 4 and session.blocks_run == 4
-    err = (ours.float() - stock.float()).abs().max() / stock.float().abs().max()
-    assert err <= tol
+    assert_statistics_only_is_stock(model, inputs, 4, tol)
 
 
 def test_layout_from_the_call():

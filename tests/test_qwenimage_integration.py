@@ -12,6 +12,7 @@ import diffusers.models.transformers.transformer_qwenimage as qwen_module
 from helpers import (
     assert_checkpointing_keeps_the_gradient,
     assert_compiled_matches_eager,
+    assert_statistics_only_is_stock,
     edit_rules,
     rules_everywhere,
 )
@@ -46,13 +47,7 @@ def test_statistics_only_matches_stock_diffusers(call, dtype, tol):
     a hidden key group) changes nothing."""
     model = tiny_qwen_transformer(dtype=dtype)
     inputs = _inputs(call, dtype=dtype)
-    stock = model(**inputs)[0]
-    recorder = StatsRecorder()
-    with attach(model, recorder) as session:
-        ours = model(**inputs)[0]
-    assert len(recorder.r_ctx) == 2 and session.blocks_run == 2
-    err = (ours.float() - stock.float()).abs().max() / stock.float().abs().max()
-    assert err <= tol
+    assert_statistics_only_is_stock(model, inputs, 2, tol)
 
 
 def test_zero_cond_t_model_matches_stock_diffusers():

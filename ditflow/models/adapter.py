@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
+from .._memo import TensorMemo
+from ..layout import TokenLayout
 from ..session import BlockId, Session
 
 
-class ProcessorAdapter:
+class ProcessorAdapter(ABC):
     """Installs ``processor(session, block_id, original)`` on every attention block that
-    :meth:`blocks` names, and restores the originals. Subclasses give ``processor``,
-    ``blocks`` and ``call_layout`` (the token layout of one transformer call)."""
+    :meth:`blocks` names, and restores the originals."""
 
     processor: type
 
     @staticmethod
+    @abstractmethod
     def blocks(transformer) -> list[tuple[BlockId, object]]:
-        raise NotImplementedError
+        """(block id, block) for every attention block, in forward order."""
+
+    @staticmethod
+    @abstractmethod
+    def call_layout(kwargs: dict, memo: TensorMemo) -> TokenLayout:
+        """The token layout of one transformer call, from its keyword inputs."""
 
     def install(self, transformer, session: Session) -> list:
         originals = []
