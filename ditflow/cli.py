@@ -5,9 +5,10 @@
 Models: ``--model testbed`` (the default) is the small FLUX Kontext-style editor (for
 ``generate``: the text-to-image model) trained offline on procedural scenes that ships with
 ditflow (32x32 scenes of coloured shapes); ``--model tiny`` is a random tiny FLUX and
-``--model tiny-qwen`` a random tiny Qwen-Image-Edit (``protect`` and ``evaluate``; machinery
-only); ``--model DIR`` loads a local diffusers folder and never downloads: FLUX.1 Kontext or
-(``protect``, ``evaluate``) Qwen-Image-Edit; FLUX.1 for ``generate``.
+``--model tiny-qwen`` / ``tiny-step1x`` a random tiny Qwen-Image-Edit / Step1X-Edit
+(``protect`` and ``evaluate``; machinery only); ``--model DIR`` loads a local folder and never
+downloads: FLUX.1 Kontext or (``protect``, ``evaluate``) Qwen-Image-Edit or Step1X-Edit; FLUX.1
+for ``generate``.
 """
 
 from __future__ import annotations
@@ -33,12 +34,16 @@ MODEL_DEFAULTS = {
     "tiny": dict(resolution=32, max_sequence_length=16,
                  blocks=("double.0", "double.1", "single.0", "single.1")),
     "tiny-qwen": dict(resolution=64, max_sequence_length=16, blocks=("double.0", "double.1")),
+    "tiny-step1x": dict(resolution=32, max_sequence_length=16,
+                        blocks=("double.0", "double.1", "single.0", "single.1")),
 }
+# Tiny editors that only protect and evaluate (generate and edit drive FLUX.1 pipelines).
+EDITOR_ONLY = ("tiny-qwen", "tiny-step1x")
 
 
 def _pipeline(model: str, device: str, kind: str = "kontext"):
     """``kind``: "kontext" (FLUX.1 Kontext), "t2i" (FLUX.1) or "editor" (any in-context editor
-    DeContext protects against: FLUX.1 Kontext or Qwen-Image-Edit)."""
+    DeContext protects against: FLUX.1 Kontext, Qwen-Image-Edit or Step1X-Edit)."""
     # The libraries' own chatter (optional image processors, prompt truncation) is not for
     # users of this command; errors still show.
     import diffusers
@@ -54,6 +59,10 @@ def _pipeline(model: str, device: str, kind: str = "kontext"):
         from .tiny import tiny_qwen_edit_pipeline
 
         return tiny_qwen_edit_pipeline().to(device)
+    if model == "tiny-step1x":
+        from .tiny import tiny_step1x_edit_pipeline
+
+        return tiny_step1x_edit_pipeline().to(device)
     if model == "testbed":
         from .testbed.models import testbed_pipeline
 
@@ -106,7 +115,7 @@ def protect_command(args) -> int:
     if args.model in MODEL_DEFAULTS:
         print(f"note: --model {args.model} is a small offline model for demos and tests; its "
               "perturbation does not protect against real editors: pass --model with a local "
-              "FLUX.1 Kontext or Qwen-Image-Edit folder for that", file=sys.stderr)
+              "FLUX.1 Kontext, Qwen-Image-Edit or Step1X-Edit folder for that", file=sys.stderr)
     manifest = Manifest(outdir / "manifest.jsonl")
     if manifest.records and not args.resume:
         print(f"error: {manifest.path} exists from an earlier run; pass --resume to continue it "
@@ -435,18 +444,18 @@ def _protect_options(p: argparse.ArgumentParser, steps_default: int = 800,
     p.add_argument("-o", "--output", required=output_default is None, default=output_default,
                    help="output folder")
     p.add_argument("--model", default="testbed",
-                   help="'testbed' (default), 'tiny', 'tiny-qwen' or a local FLUX.1 Kontext or "
-                        "Qwen-Image-Edit folder")
+                   help="'testbed' (default), 'tiny', 'tiny-qwen', 'tiny-step1x' or a local "
+                        "FLUX.1 Kontext, Qwen-Image-Edit or Step1X-Edit folder")
     p.add_argument("--method", default="decontext", choices=["decontext", "diff-pgd"])
     p.add_argument("--epsilon", type=float, default=12.75, help="L-inf budget, 0..255 units")
     p.add_argument("--step-size", type=float, default=0.6375, help="PGD step, 0..255 units")
     p.add_argument("--steps", type=int, default=steps_default)
     p.add_argument("--resolution", type=int, default=None,
-                   help="working resolution (default: FLUX.1 Kontext 512, Qwen-Image-Edit 1024; "
-                        "32 for the testbed and tiny models)")
+                   help="working resolution (default: FLUX.1 Kontext and Step1X-Edit 512, "
+                        "Qwen-Image-Edit 1024; 32 for the testbed and tiny FLUX models)")
     p.add_argument("--blocks", default=None,
-                   help="attacked blocks, e.g. single.0,single.1 (default: FLUX.1 Kontext "
-                        "single.0..single.25, Qwen-Image-Edit double.0..double.39)")
+                   help="attacked blocks, e.g. single.0,single.1 (default: FLUX.1 Kontext and "
+                        "Step1X-Edit single.0..single.25, Qwen-Image-Edit double.0..double.39)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-tokens", type=int, default=None,
@@ -573,8 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(run=edit_command)
     args = parser.parse_args(argv)
-    if args.command in ("generate", "edit") and args.model == "tiny-qwen":
-        parser.error(f"--model tiny-qwen serves protect and evaluate; {args.command} drives "
+    if args.command in ("generate", "edit") and args.model in EDITOR_ONLY:
+        parser.error(f"--model {args.model} serves protect and evaluate; {args.command} drives "
                      "FLUX.1 pipelines")
     other = getattr(args, "entity", None) or getattr(args, "object", None)
     if getattr(args, "uvr", None) and other:

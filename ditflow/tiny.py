@@ -1,4 +1,5 @@
-"""Offline tiny FLUX and Qwen-Image models, built in code (no hub access), for tests and demos.
+"""Offline tiny FLUX, Qwen-Image and Step1X-Edit models, built in code (no hub access), for
+tests and demos.
 
 The transformers follow the configurations diffusers' own tests use, with two blocks of each
 kind so early stop and per-block statistics have something to skip.
@@ -194,6 +195,66 @@ def tiny_qwen_edit_pipeline(seed: int = 0, plus: bool = False):
         transformer=tiny_qwen_transformer(seed=seed, zero_cond_t=plus))
 
 
+def tiny_step1x_transformer(seed: int = 0, num_layers: int = 2, num_single_layers: int = 2,
+                            dtype: torch.dtype = torch.float32, reference_index: int = 0):
+    """A random Step1XEditTransformer: the FLUX part as :func:`tiny_flux_transformer` (2 heads
+    x 16, 4 packed channels, rope axes (4, 4, 8)), a two-block connector from width 16 (the
+    tiny Qwen2.5-VL's) to text width 32."""
+    from .models.step1x import Step1XEditTransformer
+
+    torch.manual_seed(seed)
+    model = Step1XEditTransformer(
+        in_channels=4, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, axes_dims_rope=(4, 4, 8),
+        llm_channels=16, connector_heads=2, connector_head_dim=16, pooled_dim=32,
+        reference_index=reference_index).eval()
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
+def step1x_inputs(height: int, width: int, text_len: int = 8, batch: int = 1,
+                  padding: tuple[int, ...] | None = None, reference_index: int = 0, seed: int = 0,
+                  dtype: torch.dtype = torch.float32, device="cpu") -> dict:
+    """Random keyword inputs for one call of the tiny Step1X-Edit transformer: a ``height x
+    width`` target then a reference of the same size (packed tokens); ``padding``: per batch
+    element, how many trailing text tokens are padding (mask 0)."""
+    from .models.flux import image_ids
+
+    g = torch.Generator().manual_seed(seed)
+    padding = padding or (0,) * batch
+    if len(padding) != batch:
+        raise ValueError(f"padding: one count per batch element ({batch}), got {padding}")
+    kept = torch.tensor([text_len - p for p in padding])
+    ids = torch.cat([image_ids(height, width), image_ids(height, width, reference_index)])
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    return dict(
+        hidden_states=rand(batch, 2 * height * width, 4),
+        encoder_hidden_states=rand(batch, text_len, 16),
+        encoder_attention_mask=(torch.arange(text_len)[None] < kept[:, None]).long().to(device),
+        timestep=torch.full((batch,), 0.99, device=device, dtype=dtype),
+        img_ids=ids.to(device, dtype),
+        return_dict=False,
+    )
+
+
+def tiny_step1x_edit_pipeline(seed: int = 0):
+    """A random :class:`~ditflow.models.step1x.Step1XEditPipeline` built offline: the tiny
+    transformer, :func:`tiny_qwen_text_encoder`, the tiny FLUX pipelines' VAE and 64 text
+    tokens; call with small ``height``/``width`` (multiples of 2)."""
+    from .models.step1x import CHAT, QWEN_PREFIX, Step1XEditPipeline
+
+    encoder, tokenizer, processor = tiny_qwen_text_encoder(seed)
+    torch.manual_seed(seed)
+    # the template: every token before the photo's "Picture 1: " label
+    template = CHAT.format(prefix=QWEN_PREFIX, instruction="").split("Picture 1: ")[0]
+    return Step1XEditPipeline(
+        transformer=tiny_step1x_transformer(seed=seed), vae=tiny_flux_vae(),
+        text_encoder=encoder, processor=processor,
+        template_tokens=len(tokenizer(template).input_ids), max_text_tokens=64)
+
+
 # Words the tiny tokenizers know; anything else maps to [UNK].
 VOCABULARY = (
     "a an the of and with in on to this that is are make turn change add remove put give "
@@ -237,24 +298,27 @@ def tiny_text_encoders(vocabulary: tuple[str, ...], text_tokens: int, feed_forwa
     return clip, tiny_tokenizer(77, vocabulary), t5, tiny_tokenizer(text_tokens, vocabulary)
 
 
+def tiny_flux_vae():
+    """A random FLUX-style AutoencoderKL: one latent channel, no downsampling."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,),
+        layers_per_block=1, latent_channels=1, norm_num_groups=1, use_quant_conv=False,
+        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035).eval()
+
+
 def tiny_flux_pipeline(kind: str = "kontext", seed: int = 0):
     """A random FLUX pipeline built offline: ``kind`` is ``"kontext"`` (FluxKontextPipeline) or
     ``"t2i"`` (FluxPipeline). VAE with one latent channel (x1 scale), CLIP and T5 encoders of
     width 32, word-level tokenizers; call with small ``height``/``width`` (multiples of 2) and a
     small ``max_sequence_length``."""
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxKontextPipeline,
-        FluxPipeline,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
+
     if kind not in ("kontext", "t2i"):
         raise ValueError(f"kind={kind!r}: expected 'kontext' or 't2i'")
     clip, clip_tokenizer, t5, t5_tokenizer = tiny_text_encoders(VOCABULARY, 512, 37, seed)
-    vae = AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,),
-        layers_per_block=1, latent_channels=1, norm_num_groups=1, use_quant_conv=False,
-        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035).eval()
+    vae = tiny_flux_vae()
     pipeline_class = FluxKontextPipeline if kind == "kontext" else FluxPipeline
     return pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=clip,

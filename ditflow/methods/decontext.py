@@ -1,29 +1,33 @@
 """DeContext: protect photos against in-context editing (and the Diff-PGD baseline).
 
-DeContext perturbs a photo, within an L-inf budget, so that an in-context editor (FLUX.1 Kontext
-or Qwen-Image-Edit) stops attending to it: the loss is ``r_ctx``, the attention mass of the
-edit's target tokens on the photo's context tokens (softmax over all keys), averaged over heads,
-target queries and the attacked blocks (FLUX.1 Kontext: single-stream blocks 0..25, the
-authors'; Qwen-Image-Edit: blocks 0..39, the same front two thirds, our analogue). Each PGD
+DeContext perturbs a photo, within an L-inf budget, so that an in-context editor (FLUX.1 Kontext,
+Qwen-Image-Edit or Step1X-Edit) stops attending to it: the loss is ``r_ctx``, the attention mass
+of the edit's target tokens on the photo's context tokens (softmax over all keys), averaged over
+heads, target queries and the attacked blocks (FLUX.1 Kontext and Step1X-Edit: single-stream
+blocks 0..25, the authors'; Qwen-Image-Edit: blocks 0..39, the same front two thirds, our
+analogue). Each PGD
 step samples an instruction from :data:`PROMPT_POOL`, a timestep in [980, 1000) and fresh target
 noise, takes the gradient of ``r_ctx`` through the fused kernel's mass gradient (the forward stops
 after the last attacked block), and moves the photo by a signed step, projected back into the
 budget and [0, 1].
 
 Units: ``epsilon`` and ``step_size`` are in 0..255 pixel units. The authors' Kontext budget,
-epsilon 0.1 and step 0.005 in the [-1, 1] range, is 12.75/255 and 0.6375/255.
+epsilon 0.1 and step 0.005 in the [-1, 1] range, is 12.75/255 and 0.6375/255 (their Step1X-Edit
+script works in [0, 1]: its 0.1 is 25.5/255; pass it as ``epsilon`` to reproduce it).
 
 Resolution: the photo is optimised at the editor's working resolution (``resolution``² pixels,
-aspect ratio kept, snapped to the model's multiple: 16 for FLUX.1 Kontext, 32 for Qwen-Image-Edit;
-the authors used 512x512 crops) and the perturbation is resized back (bilinear) to the photo's
+aspect ratio kept, snapped to the model's multiple: 16 for FLUX.1 Kontext and Step1X-Edit (as
+its pipeline snaps at ``size_level = resolution``), 32 for Qwen-Image-Edit; the authors used
+512x512 crops) and the perturbation is resized back (bilinear) to the photo's
 own resolution, added to the original and clipped to the budget. FLUX.1 Kontext's pipeline itself
 snaps inputs to its preferred resolutions (about 1 megapixel) unless called with
 ``_auto_resize=False``; Qwen-Image-Edit's always resizes its input to about 1 megapixel (its
 default working resolution here, 1024, is exactly that size).
 
-Qwen-Image-Edit's prompt embeddings come from Qwen2.5-VL, which sees the photo as well: they are
-computed once per instruction from the clean photo, and the perturbation acts through the
-context tokens only.
+Qwen-Image-Edit's and Step1X-Edit's prompt embeddings come from Qwen2.5-VL, which sees the photo
+as well: they are computed once per instruction from the clean photo, and the perturbation acts
+through the context tokens only. Timesteps are drawn from [980, 1000) for every editor (the
+authors' Step1X-Edit script also uses t = 1000 every tenth step).
 
 ``method="diff-pgd"``: the baseline maximises the flow-matching loss of the target prediction
 against clean edits of the same photo (noisy target ``(1 - s) z + s e``), all blocks, same
@@ -46,18 +50,19 @@ import torch.nn.functional as F
 from .._memo import TensorMemo
 from ..layout import TokenLayout
 from ..models import adapter_for, edit_calls_for
-from ..models.flux import working_size
 from ..session import StatsRecorder, attach
 from .prompts import PROMPT_POOL
 
 # The attacked blocks and working resolution when the config leaves them to the model. FLUX.1
-# Kontext: the authors'. Qwen-Image-Edit: ours (the front two thirds of its 60 blocks, as
-# single.0..25 of FLUX's 38 single blocks; the ~1 MP size its pipeline feeds the model).
+# Kontext and Step1X-Edit (the same transformer layout): the authors'. Qwen-Image-Edit: ours
+# (the front two thirds of its 60 blocks, as single.0..25 of FLUX's 38 single blocks; the ~1 MP
+# size its pipeline feeds the model).
 DEFAULT_BLOCKS = tuple(f"single.{i}" for i in range(26))
 MODEL_DEFAULTS = {
     "FluxTransformer2DModel": dict(blocks=DEFAULT_BLOCKS, resolution=512),
     "QwenImageTransformer2DModel": dict(blocks=tuple(f"double.{i}" for i in range(40)),
                                         resolution=1024),
+    "Step1XEditTransformer": dict(blocks=DEFAULT_BLOCKS, resolution=512),
 }
 METHODS = ("decontext", "diff-pgd")
 
@@ -250,9 +255,10 @@ class Protector:
     # -- geometry ------------------------------------------------------------------------------
 
     def working_size(self, height: int, width: int) -> tuple[int, int]:
-        """(h, w): about resolution² pixels at the photo's aspect ratio, multiples of the
-        model's size step (FLUX.1 Kontext 16, Qwen-Image-Edit 32)."""
-        return working_size(height, width, self.config.resolution, self.multiple)
+        """(h, w): about resolution² pixels at the photo's aspect ratio, snapped as the editor
+        snaps (FLUX.1 Kontext: nearest multiples of 16; Qwen-Image-Edit: of 32; Step1X-Edit:
+        its pipeline's rounding)."""
+        return self.calls.working_size(height, width, self.config.resolution)
 
     # -- model inputs --------------------------------------------------------------------------
 

@@ -3,8 +3,8 @@
 An adapter names a transformer's blocks (``blocks``), installs ditflow processors on them
 (``install`` / ``restore``) and reads the token layout of each transformer call
 (``call_layout``). Edit-call builders (``KontextCalls``, ``QwenEditCalls``,
-``QwenEditPlusCalls``) make the transformer inputs of an edit step directly, for drivers that
-differentiate through the model.
+``QwenEditPlusCalls``, ``Step1XEditCalls``) make the transformer inputs of an edit step
+directly, for drivers that differentiate through the model.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ FAMILIES = {
                                           "FLUX.1, FLUX.1 Kontext"),
     "QwenImageTransformer2DModel": ModelFamily("qwenimage", "QwenImageAdapter",
                                                "qwen_edit_calls", "Qwen-Image, Qwen-Image-Edit"),
+    "Step1XEditTransformer": ModelFamily("step1x", "Step1XAdapter", "Step1XEditCalls",
+                                         "Step1X-Edit"),
 }
 
 
@@ -51,5 +53,5 @@ def adapter_for(transformer: torch.nn.Module):
 
 def edit_calls_for(pipeline):
     """The builder of direct transformer calls for edits with ``pipeline`` (an in-context
-    editor: FLUX.1 Kontext, Qwen-Image-Edit or Qwen-Image-Edit-2509/2511)."""
+    editor: FLUX.1 Kontext, Qwen-Image-Edit, Qwen-Image-Edit-2509/2511 or Step1X-Edit)."""
     return _member(pipeline.transformer, "edit_calls")(pipeline)

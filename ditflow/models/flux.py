@@ -126,6 +126,10 @@ class KontextCalls:
     def block_names(self) -> list[str]:
         return [str(block) for block, _ in FluxAdapter.blocks(self.transformer)]
 
+    def working_size(self, height: int, width: int, resolution: int) -> tuple[int, int]:
+        """About ``resolution``² pixels at the photo's aspect ratio, multiples of 16."""
+        return working_size(height, width, resolution, self.multiple)
+
     def target_shape(self, height: int, width: int) -> tuple[int, int]:
         """(tokens, channels) of the target latents of a ``height x width`` pixel image."""
         return (height // self.multiple) * (width // self.multiple), \

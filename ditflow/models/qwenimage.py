@@ -189,6 +189,12 @@ class QwenEditCalls:
     def block_names(self) -> list[str]:
         return [str(block) for block, _ in QwenImageAdapter.blocks(self.transformer)]
 
+    def working_size(self, height: int, width: int, resolution: int) -> tuple[int, int]:
+        """About ``resolution``² pixels at the photo's aspect ratio, multiples of 32."""
+        from .flux import working_size
+
+        return working_size(height, width, resolution, self.multiple)
+
     def _grid(self, height: int, width: int) -> tuple[int, int]:
         patch = 2 * self.vae_scale_factor
         return height // patch, width // patch

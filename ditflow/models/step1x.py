@@ -1,0 +1,358 @@
+"""Step1X-Edit: its transformer, pipeline and adapter (Step1X-Edit is not in diffusers).
+
+Step1X-Edit's diffusion transformer is FLUX.1's architecture (19 double- and 38 single-stream
+blocks, 24 heads x 128, RoPE axes (16, 56, 56)) without a guidance embedding, fed by a
+*connector* instead of T5 and CLIP: the last hidden states of Qwen2.5-VL-7B (which reads the
+instruction together with the photo) go through a two-block token refiner (HunyuanVideo's) to
+become the 640 text tokens, and their masked mean, projected, replaces CLIP's pooled vector.
+:class:`Step1XEditTransformer` is therefore diffusers' ``FluxTransformer2DModel`` plus
+diffusers' ``HunyuanVideoTokenRefiner``; ditflow's FLUX processors serve its attention blocks,
+so every intervention that runs on FLUX.1 Kontext runs on Step1X-Edit.
+
+The joint sequence is ``[text 640 | target | reference]``. Text padding is not masked in the
+transformer (the authors' model attends to all 640 text tokens); the reference image carries
+RoPE index 0 on the first axis in Step1X-Edit v1.0 (the same ids as the target) and 1 in v1.1,
+so the layout is read from where the image ids restart at row 0, column 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, FluxTransformer2DModel, ModelMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoTokenRefiner
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .._memo import TensorMemo
+from ..layout import TokenLayout
+from .adapter import ProcessorAdapter
+from .flux import FlowFluxAttnProcessor, FluxAdapter, encode_image, image_ids, pack_latents
+
+# What Step1X-Edit's embedder puts before the photo and the instruction (the model was trained
+# on hidden states of this chat; the embedding keeps what follows its first 217 tokens).
+QWEN_PREFIX = (
+    'Given a user prompt, generate an "Enhanced prompt" that provides detailed visual '
+    'descriptions suitable for image generation. Evaluate the level of detail in the user '
+    'prompt:\n- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, '
+    'textures, and spatial relationships to create vivid and concrete scenes.\n- If the prompt '
+    'is already detailed, refine and enhance the existing details slightly without '
+    'overcomplicating.\n\nHere are examples of how to transform or refine prompts:\n- User '
+    'Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, '
+    'sleeping peacefully on a warm sunny windowsill, surrounded by pots of blooming red '
+    'flowers.\n- User Prompt: A busy city street -> Enhanced: A bustling city street scene at '
+    'dusk, featuring glowing street lamps, a diverse crowd of people in colorful clothing, and '
+    'a double-decker bus passing by towering glass skyscrapers.\n\nPlease generate only the '
+    'enhanced description for the prompt below and avoid including any additional commentary '
+    'or evaluations:\nUser Prompt:')
+CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{prefix}"
+        "Picture 1: <|vision_start|><|image_pad|><|vision_end|>{instruction}<|im_end|>\n"
+        "<|im_start|>assistant\n")
+# Qwen2.5-VL's image size range in Step1X-Edit's embedder (pixels).
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 256 * 28 * 28, 324 * 28 * 28
+
+
+class Step1XConnector(torch.nn.Module):
+    """Qwen2.5-VL hidden states [B, L, in_channels] -> (text tokens [B, L, heads x head_dim],
+    pooled vector [B, pooled_dim]). The pooled vector is the masked mean of the hidden states,
+    scaled by ``1 + pool_scale`` (a learned scalar, initialised as the authors' to -0.91) and
+    projected."""
+
+    def __init__(self, in_channels: int, num_attention_heads: int, attention_head_dim: int,
+                 num_layers: int, pooled_dim: int):
+        super().__init__()
+        self.refiner = HunyuanVideoTokenRefiner(in_channels, num_attention_heads,
+                                                attention_head_dim, num_layers)
+        self.pool = torch.nn.Linear(in_channels, pooled_dim)
+        self.pool_scale = torch.nn.Parameter(torch.full((1,), -0.91))
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor, timestep: torch.Tensor):
+        weights = mask.to(hidden_states.dtype).unsqueeze(-1)
+        mean = (hidden_states * weights).sum(dim=1) / weights.sum(dim=1)
+        pooled = self.pool(mean * (1 + self.pool_scale.to(hidden_states.dtype)))
+        # the refiner embeds the timestep in the model's 0..1000 units
+        return self.refiner(hidden_states, timestep * 1000, mask), pooled
+
+
+class Step1XEditTransformer(ModelMixin, ConfigMixin):
+    """Step1X-Edit's transformer: :class:`Step1XConnector` then a ``FluxTransformer2DModel``
+    (``dit``) without guidance embedding. Defaults are the released model's sizes.
+
+    ``reference_index``: the reference image's RoPE index on the first axis (v1.0: 0, v1.1: 1).
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(self, in_channels: int = 64, num_layers: int = 19, num_single_layers: int = 38,
+                 attention_head_dim: int = 128, num_attention_heads: int = 24,
+                 axes_dims_rope: tuple[int, ...] = (16, 56, 56), llm_channels: int = 3584,
+                 connector_heads: int = 32, connector_head_dim: int = 128,
+                 connector_layers: int = 2, pooled_dim: int = 768, reference_index: int = 0):
+        super().__init__()
+        self.connector = Step1XConnector(llm_channels, connector_heads, connector_head_dim,
+                                         connector_layers, pooled_dim)
+        self.dit = FluxTransformer2DModel(
+            patch_size=1, in_channels=in_channels, num_layers=num_layers,
+            num_single_layers=num_single_layers, attention_head_dim=attention_head_dim,
+            num_attention_heads=num_attention_heads,
+            joint_attention_dim=connector_heads * connector_head_dim,
+            pooled_projection_dim=pooled_dim, guidance_embeds=False,
+            axes_dims_rope=tuple(axes_dims_rope))
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                encoder_attention_mask: torch.Tensor, timestep: torch.Tensor,
+                img_ids: torch.Tensor, txt_ids: torch.Tensor | None = None,
+                return_dict: bool = False):
+        """``hidden_states``: packed ``[target | reference]`` latents [B, N, in_channels];
+        ``encoder_hidden_states``: Qwen2.5-VL hidden states [B, L, llm_channels] with their
+        ``encoder_attention_mask`` [B, L]; ``timestep`` in 0..1 [B]; ``img_ids`` [N, 3]. Returns
+        the velocity of every image token (FLUX's output)."""
+        text, pooled = self.connector(encoder_hidden_states, encoder_attention_mask, timestep)
+        if txt_ids is None:
+            txt_ids = torch.zeros(text.shape[1], 3, device=text.device, dtype=img_ids.dtype)
+        return self.dit(hidden_states=hidden_states, encoder_hidden_states=text,
+                        pooled_projections=pooled, timestep=timestep, img_ids=img_ids,
+                        txt_ids=txt_ids, return_dict=return_dict)
+
+
+def step1x_layout(text_len: int, img_ids: torch.Tensor) -> TokenLayout:
+    """``[text | target | reference...]``: the target is the first image, which ends where the
+    image ids restart at row 0, column 0 (whatever the reference's first-axis index)."""
+    if img_ids.dim() == 3:
+        img_ids = img_ids[0]
+    ids = img_ids.detach().cpu()
+    restarts = ((ids[1:, 1] == 0) & (ids[1:, 2] == 0)).nonzero()
+    target = int(restarts[0]) + 1 if len(restarts) else ids.shape[0]
+    return TokenLayout.from_segments(text_len, target, ids.shape[0] - target)
+
+
+class Step1XAdapter(ProcessorAdapter):
+    """ditflow's FLUX processors on the transformer's ``dit``; layouts from the Step1X call."""
+
+    processor = FlowFluxAttnProcessor
+
+    @staticmethod
+    def blocks(transformer):
+        return FluxAdapter.blocks(transformer.dit)
+
+    @staticmethod
+    def call_layout(kwargs: dict, memo: TensorMemo) -> TokenLayout:
+        text = kwargs["encoder_hidden_states"].shape[1]
+        img_ids = kwargs["img_ids"]
+        return memo.get((img_ids,), text, lambda: step1x_layout(text, img_ids))
+
+
+# -- pipeline --------------------------------------------------------------------------------------
+
+
+def step1x_size(height: int, width: int, size_level: int, multiple: int = 16
+                ) -> tuple[int, int]:
+    """(h, w) Step1X-Edit edits a ``height x width`` photo at: about ``size_level``² pixels at
+    its aspect ratio, rounded up, then down to multiples of ``multiple`` (the authors'
+    snapping)."""
+    aspect = width / height
+    if width > height:
+        w = math.ceil(math.sqrt(size_level**2 * aspect))
+        h = math.ceil(w / aspect)
+    else:
+        h = math.ceil(math.sqrt(size_level**2 / aspect))
+        w = math.ceil(h * aspect)
+    return max(multiple, h // multiple * multiple), max(multiple, w // multiple * multiple)
+
+
+def shifted_timesteps(steps: int, image_tokens: int) -> torch.Tensor:
+    """FLUX.1's schedule: ``steps + 1`` times from 1 to 0, shifted towards 1 by an amount
+    linear in the image's token count (0.5 at 256 tokens, 1.15 at 4096)."""
+    mu = 0.5 + (1.15 - 0.5) * (image_tokens - 256) / (4096 - 256)
+    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+
+
+class Step1XEditPipeline(DiffusionPipeline):
+    """Edits a photo with Step1X-Edit, as the authors' inference does: the photo resized to
+    about ``size_level``² pixels, Qwen2.5-VL embeddings of instruction and photo (the first
+    ``template_tokens`` hidden states dropped, at most ``max_text_tokens`` kept, zero-padded),
+    FLUX.1's shifted schedule, classifier-free guidance against ``negative_prompt``, the edit
+    resized back to the photo's size.
+
+    Quoted text in instructions is tokenized as written (the authors tokenize text inside
+    quotes character by character for text rendering); the reference image is encoded with the
+    mode of the VAE posterior (the authors sample it).
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+
+    def __init__(self, transformer: Step1XEditTransformer, vae, text_encoder, processor,
+                 template_tokens: int = 217, max_text_tokens: int = 640):
+        super().__init__()
+        self.register_modules(transformer=transformer, vae=vae, text_encoder=text_encoder,
+                              processor=processor)
+        self.register_to_config(template_tokens=template_tokens, max_text_tokens=max_text_tokens)
+
+    @property
+    def multiple(self) -> int:
+        """Pixels per image token side: the VAE factor times FLUX's 2x2 packing."""
+        return 2 ** len(self.vae.config.block_out_channels)
+
+    def encode_prompt(self, prompts: list[str], images: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden states [B, max_text_tokens, C], mask [B, max_text_tokens]) of each
+        instruction read together with its photo (PIL)."""
+        device = self.text_encoder.device
+        total, start = self.config.max_text_tokens, self.config.template_tokens
+        width = self.text_encoder.config.text_config.hidden_size
+        embeds = torch.zeros(len(prompts), total, width, device=device,
+                             dtype=self.transformer.dtype)
+        mask = torch.zeros(len(prompts), total, device=device, dtype=torch.long)
+        for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
+            chat = CHAT.format(prefix=QWEN_PREFIX, instruction=prompt)
+            inputs = self.processor(text=[chat], images=[image], padding=True,
+                                    return_tensors="pt").to(device)
+            hidden = self.text_encoder(**inputs, output_hidden_states=True).hidden_states[-1]
+            kept = hidden[0, start:start + total]
+            embeds[i, : kept.shape[0]] = kept.to(embeds.dtype)
+            mask[i, : kept.shape[0]] = 1
+        return embeds, mask
+
+    def _ids(self, rows: int, columns: int) -> torch.Tensor:
+        reference = self.transformer.config.reference_index
+        return torch.cat([image_ids(rows, columns, 0), image_ids(rows, columns, reference)])
+
+    @torch.no_grad()
+    def __call__(self, image, prompt: str, negative_prompt: str = "",
+                 num_inference_steps: int = 28, guidance_scale: float = 6.0,
+                 size_level: int = 512, height: int | None = None, width: int | None = None,
+                 generator: torch.Generator | None = None, output_type: str = "pil"):
+        """Edit ``image`` (PIL) by ``prompt``. ``height``/``width`` (multiples of
+        :attr:`multiple`, 16) replace the ``size_level`` snapping. ``output_type``: ``"pil"``
+        (at the photo's own size), ``"pt"`` ([1, 3, h, w] in [0, 1] at the working size) or
+        ``"latent"`` (packed [1, N, C])."""
+        if output_type not in ("pil", "pt", "latent"):
+            raise ValueError(f"output_type={output_type!r}: expected 'pil', 'pt' or 'latent'")
+        device, dtype = self._execution_device, self.transformer.dtype
+        if height is None or width is None:
+            height, width = step1x_size(image.height, image.width, size_level, self.multiple)
+        if height % self.multiple or width % self.multiple:
+            raise ValueError(f"height={height}, width={width}: expected multiples of "
+                             f"{self.multiple}")
+        photo = image.convert("RGB").resize((width, height))
+        pixels = torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1)
+        pixels = (pixels.float() / 255)[None].to(device)
+        reference = pack_latents(encode_image(self.vae, pixels.to(self.vae.dtype))).to(dtype)
+        channels = self.vae.config.latent_channels
+        rows, columns = height // self.multiple, width // self.multiple
+        noise = randn_tensor((1, channels, 2 * rows, 2 * columns), generator=generator,
+                             device=device, dtype=dtype)
+        latents = pack_latents(noise)
+        guided = guidance_scale > 1
+        prompts = [prompt, negative_prompt] if guided else [prompt]
+        embeds, mask = self.encode_prompt(prompts, [photo] * len(prompts))
+        ids = self._ids(rows, columns).to(device, dtype)
+        times = shifted_timesteps(num_inference_steps, rows * columns).tolist()
+        with self.progress_bar(total=num_inference_steps) as progress:
+            for t, t_next in itertools.pairwise(times):
+                batch = len(prompts)
+                tokens = torch.cat([latents, reference], dim=1).expand(batch, -1, -1)
+                velocity = self.transformer(
+                    hidden_states=tokens, encoder_hidden_states=embeds,
+                    encoder_attention_mask=mask,
+                    timestep=torch.full((batch,), t, device=device, dtype=dtype), img_ids=ids,
+                    return_dict=False)[0][:, : latents.shape[1]]
+                if guided:
+                    cond, uncond = velocity.chunk(2)
+                    velocity = uncond + guidance_scale * (cond - uncond)
+                latents = (latents.float() + (t_next - t) * velocity.float()).to(dtype)
+                progress.update()
+        if output_type == "latent":
+            return ImagePipelineOutput(images=latents)
+        edited = self._decode(latents, rows, columns)
+        if output_type == "pt":
+            return ImagePipelineOutput(images=edited)
+        from PIL import Image
+
+        array = edited[0].permute(1, 2, 0).mul(255).round().byte().cpu().numpy()
+        return ImagePipelineOutput(images=[Image.fromarray(array).resize(image.size)])
+
+    def _decode(self, latents: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+        """Packed latents -> pixels [1, 3, h, w] in [0, 1]."""
+        b, _, features = latents.shape
+        channels = features // 4
+        grid = latents.view(b, rows, columns, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        grid = grid.reshape(b, channels, 2 * rows, 2 * columns).to(self.vae.dtype)
+        config = self.vae.config
+        decoded = self.vae.decode(grid / config.scaling_factor + config.shift_factor).sample
+        return (decoded.float().clamp(-1, 1) + 1) / 2
+
+
+# -- direct calls for DeContext --------------------------------------------------------------------
+
+
+class Step1XEditCalls:
+    """Transformer calls of Step1X-Edit edits, built directly for drivers that differentiate
+    through the model (DeContext): ``[text 640 | target noise | reference photo]``. The prompt
+    embeddings come from Qwen2.5-VL, which sees the photo too: they are computed from the clean
+    photo (no gradient flows through the 7B encoder)."""
+
+    prompt_sees_image = True
+
+    def __init__(self, pipeline: Step1XEditPipeline):
+        self.pipe = pipeline
+        self.transformer = pipeline.transformer
+        self.vae = pipeline.vae
+        self.multiple = pipeline.multiple
+        self._ids: dict[tuple[int, int], torch.Tensor] = {}
+
+    def block_names(self) -> list[str]:
+        return [str(block) for block, _ in Step1XAdapter.blocks(self.transformer)]
+
+    def working_size(self, height: int, width: int, resolution: int) -> tuple[int, int]:
+        """The size the pipeline edits a ``height x width`` photo at with ``size_level =
+        resolution``."""
+        return step1x_size(height, width, resolution, self.multiple)
+
+    def target_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(tokens, channels) of the target latents of a ``height x width`` pixel image."""
+        return (height // self.multiple) * (width // self.multiple), \
+            4 * self.vae.config.latent_channels
+
+    def encode_prompt(self, text: str, image, max_sequence_length: int) -> dict:
+        """One instruction's embeddings for one photo (PIL), no batch dimension (Step1X-Edit
+        always uses its own 640 text tokens; ``max_sequence_length`` is FLUX's)."""
+        embeds, mask = self.pipe.encode_prompt([text], [image])
+        return dict(encoder_hidden_states=embeds[0], encoder_attention_mask=mask[0])
+
+    def context_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Packed, normalised latents of photos in [0, 1], [B, 3, H, W] (differentiable)."""
+        latents = encode_image(self.vae, pixels.to(self.vae.dtype))
+        return pack_latents(latents).to(self.transformer.dtype)
+
+    def inputs(self, noise: torch.Tensor, context: torch.Tensor, prompts: list[dict],
+               timesteps: list[float], guidance: float, size: tuple[int, int]) -> dict:
+        """Keyword inputs of one transformer call: target ``noise`` [B, N, C] and ``context``
+        tokens of ``size`` (pixels), one prompt and timestep (0..1000) per batch element
+        (``guidance``: Step1X-Edit has no guidance embedding)."""
+        device, dtype = self.transformer.device, self.transformer.dtype
+        rows, columns = size[0] // self.multiple, size[1] // self.multiple
+        if (rows, columns) not in self._ids:  # one tensor per size: layouts are cached
+            self._ids[(rows, columns)] = self.pipe._ids(rows, columns).to(device, dtype)
+        return dict(
+            hidden_states=torch.cat([noise.to(dtype), context], dim=1),
+            encoder_hidden_states=torch.stack([p["encoder_hidden_states"] for p in prompts]),
+            encoder_attention_mask=torch.stack([p["encoder_attention_mask"] for p in prompts]),
+            timestep=torch.tensor(timesteps, device=device, dtype=dtype) / 1000,
+            img_ids=self._ids[(rows, columns)],
+            return_dict=False,
+        )
+
+    def edit(self, image, prompt: str, size: tuple[int, int], steps: int, guidance: float,
+             max_sequence_length: int, generator, output_type: str = "pil"):
+        """The pipeline's edit of ``image`` (PIL) at ``size`` with its own guidance scale
+        (``guidance`` is FLUX's embedding): ``.images`` of the call."""
+        h, w = size
+        return self.pipe(image=image, prompt=prompt, height=h, width=w,
+                         num_inference_steps=steps, generator=generator,
+                         output_type=output_type).images
