@@ -22,7 +22,8 @@ case "$stage" in
       echo "# GPU correctness run, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
       $python -c "import torch, triton; print('#', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
       $python -m pytest tests/test_flow_attention.py tests/test_gpu_flux_shapes.py tests/test_ops.py \
-        tests/test_deleaker.py tests/test_flux_integration.py tests/test_qwenimage_integration.py -q -p no:cacheprovider -rA 2>&1
+        tests/test_deleaker.py tests/test_flux_integration.py tests/test_qwenimage_integration.py \
+        tests/test_step1x_integration.py -q -p no:cacheprovider -rA 2>&1
     } | tee "$log"
     ;;
   attention)
@@ -32,6 +33,7 @@ case "$stage" in
   end-to-end)
     $python -m benchmarks.protect_step --out "$out"
     $python -m benchmarks.protect_step --model qwen-edit --out "$out"
+    $python -m benchmarks.protect_step --model step1x --out "$out"
     $python -m benchmarks.generation --out "$out"
     ;;
   *)

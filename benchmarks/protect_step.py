@@ -1,20 +1,21 @@
-"""One DeContext PGD step on the full-size FLUX.1 Kontext or Qwen-Image-Edit architecture
-(random weights).
+"""One DeContext PGD step on the full-size FLUX.1 Kontext, Step1X-Edit or Qwen-Image-Edit
+architecture (random weights).
 
     python -m benchmarks.protect_step --resolution 512 1024 --out benchmarks/results
+    python -m benchmarks.protect_step --model step1x --resolution 512 1024
     python -m benchmarks.protect_step --model qwen-edit --resolution 512 1024
     python -m benchmarks.protect_step --model tiny --resolution 32   # the script itself, on a CPU
 
-ditflow's step: forward through the last attacked block only (early stop: FLUX.1 Kontext's
-single block 25, Qwen-Image-Edit's block 39), r_ctx from the fused kernel's mass, backward
-through its mass gradient. The authors' recipe (FLUX.1 Kontext; the "eager recipe" on
-Qwen-Image-Edit): all blocks, softmax probabilities of the target queries over all keys
-materialised in every attacked block, gradient checkpointing. Both differentiate r_ctx with
-respect to the photo's pixels through the VAE encoder. Random text embeddings stand in for the
-text encoders (computed once per prompt in real runs, so outside the step). Writes
-``protect-step-<device>-<date>.json``. The full-size models need a GPU; ``--model tiny`` and
-``--model tiny-qwen`` (random tiny models, two blocks attacked) run on any device, which is how
-the tests keep the script working between GPU runs.
+ditflow's step: forward through the last attacked block only (early stop: FLUX.1 Kontext's and
+Step1X-Edit's single block 25, Qwen-Image-Edit's block 39), r_ctx from the fused kernel's mass,
+backward through its mass gradient. The authors' recipe (FLUX.1 Kontext and Step1X-Edit; the
+"eager recipe" on Qwen-Image-Edit): all blocks, softmax probabilities of the target queries over
+all keys materialised in every attacked block, gradient checkpointing. Both differentiate r_ctx
+with respect to the photo's pixels through the VAE encoder. Random text embeddings stand in for
+the text encoders (computed once per prompt in real runs, so outside the step). Writes
+``protect-step-<device>-<date>.json``. The full-size models need a GPU; ``--model tiny``,
+``tiny-qwen`` and ``tiny-step1x`` (random tiny models, two blocks attacked) run on any device,
+which is how the tests keep the script working between GPU runs.
 """
 
 from __future__ import annotations
@@ -55,6 +56,34 @@ class RandomQwenTextPipeline:
         return torch.randn(1, 1390, 3584, device=device, generator=g).bfloat16(), None
 
 
+class RandomStep1XTextPipeline:
+    """What Protector needs from a Step1X-Edit pipeline: random Qwen2.5-VL hidden states, the
+    640 tokens Step1X-Edit always uses, about 400 of them unpadded."""
+
+    def __init__(self, transformer, vae):
+        self.transformer, self.vae = transformer, vae
+
+    def encode_prompt(self, prompts, images):
+        device = self.transformer.device
+        g = torch.Generator(device=device).manual_seed(hash(prompts[0]) % 2**31)
+        embeds = torch.randn(len(prompts), 640, 3584, device=device, generator=g).bfloat16()
+        mask = (torch.arange(640, device=device) < 400).long().expand(len(prompts), -1)
+        return embeds, mask
+
+
+def full_size_step1x_models():
+    from ditflow.models.step1x import Step1XEditTransformer
+
+    _, vae = full_size_models(transformer=False)
+    with torch.device("cuda"):
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            return Step1XEditTransformer().eval(), vae
+        finally:
+            torch.set_default_dtype(default)
+
+
 def full_size_qwen_models():
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
@@ -67,14 +96,16 @@ def full_size_qwen_models():
             torch.set_default_dtype(default)
 
 
-def full_size_models():
+def full_size_models(transformer: bool = True):
+    """FLUX.1 Kontext's transformer (None without ``transformer``) and VAE, random, in bf16."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     with torch.device("cuda"):
         default = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)
         try:
-            transformer = FluxTransformer2DModel(guidance_embeds=True).eval()
+            transformer = FluxTransformer2DModel(guidance_embeds=True).eval() if transformer \
+                else None
             vae = AutoencoderKL(
                 in_channels=3, out_channels=3, latent_channels=16,
                 block_out_channels=(128, 256, 512, 512), layers_per_block=2,
@@ -95,8 +126,9 @@ def eager_step(protector, pixels, prompts, timesteps, noise):
     from ditflow.models import adapter_for
 
     transformer = protector.transformer
+    blocks = adapter_for(transformer).blocks(transformer)
     # The module whose processors call dispatch_attention_fn (FLUX's or Qwen-Image's).
-    model_module = importlib.import_module(type(transformer).__module__)
+    model_module = importlib.import_module(type(blocks[0][1].attn.processor).__module__)
     layout = protector._layout(protector._inputs(pixels.detach(), prompts, timesteps, noise))
     target, context = layout.mask("target", pixels.device), layout.mask("context", pixels.device)
     attacked = set(protector.config.blocks)
@@ -116,7 +148,7 @@ def eager_step(protector, pixels, prompts, timesteps, noise):
     # the recomputed block matches its first run).
     hooks = [block.register_forward_pre_hook(
         lambda module, inputs, name=str(block_id): current.__setitem__(0, name))
-        for block_id, block in adapter_for(transformer).blocks(transformer)]
+        for block_id, block in blocks]
     model_module.dispatch_attention_fn = probe
     try:
         x = pixels.clone().requires_grad_()
@@ -149,6 +181,14 @@ def _pipeline_and_config(model: str, resolution: int):
 
         return tiny_qwen_edit_pipeline(), ProtectConfig(resolution=resolution,
                                                         blocks=("double.0", "double.1"))
+    if model == "tiny-step1x":
+        from ditflow.tiny import tiny_step1x_edit_pipeline
+
+        return tiny_step1x_edit_pipeline(), ProtectConfig(
+            resolution=resolution, blocks=("single.0", "single.1"))
+    if model == "step1x":
+        return RandomStep1XTextPipeline(*full_size_step1x_models()), ProtectConfig(
+            resolution=resolution)
     if model == "qwen-edit":
         return RandomQwenTextPipeline(*full_size_qwen_models()), ProtectConfig(
             resolution=resolution)
@@ -160,8 +200,11 @@ def main(argv=None) -> Path:
 
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["full", "tiny", "qwen-edit", "tiny-qwen"],
-                        default="full", help="full: FLUX.1 Kontext; qwen-edit: Qwen-Image-Edit")
+    parser.add_argument("--model", default="full",
+                        choices=["full", "tiny", "qwen-edit", "tiny-qwen", "step1x",
+                                 "tiny-step1x"],
+                        help="full: FLUX.1 Kontext; qwen-edit: Qwen-Image-Edit; step1x: "
+                             "Step1X-Edit")
     parser.add_argument("--resolution", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
@@ -178,7 +221,7 @@ def main(argv=None) -> Path:
         with torch.no_grad():  # the joint sequence: text, target and context tokens
             sequence = len(protector._layout(protector._inputs(pixels, prompts, timesteps,
                                                                 noise)))
-        eager = "authors' recipe" if "qwen" not in args.model else "eager recipe"
+        eager = "eager recipe" if "qwen" in args.model else "authors' recipe"
         providers = (("ditflow (early stop, fused mass)", ditflow_step, False),
                      (eager, eager_step, True))
         for name, step, checkpointing in providers:

@@ -76,6 +76,11 @@ def test_protect_step_benchmark_runs_both_recipes(tmp_path):
                                     "--out", str(tmp_path)]))
     assert [r["provider"] for r in rows] == ["ditflow (early stop, fused mass)", "eager recipe"]
     assert all(r["ms"] > 0 and r["tokens"] > 2 * 4 * 4 for r in rows)
+    rows = _rows(protect_step.main(["--model", "tiny-step1x", "--resolution", "32",
+                                    "--out", str(tmp_path)]))
+    assert [r["provider"] for r in rows] == ["ditflow (early stop, fused mass)",
+                                             "authors' recipe"]
+    assert all(r["ms"] > 0 and r["tokens"] == 64 + 2 * 16 * 16 for r in rows)
 
 
 def test_generation_benchmark_reports_overhead_against_stock(tmp_path):

@@ -31,7 +31,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from .._memo import TensorMemo
 from ..layout import TokenLayout
 from .adapter import ProcessorAdapter
-from .flux import FlowFluxAttnProcessor, FluxAdapter, encode_image, image_ids, pack_latents
+from .flux import (
+    FlowFluxAttnProcessor,
+    FluxAdapter,
+    encode_image,
+    image_ids,
+    pack_latents,
+    vae_scale_factor,
+)
 
 # What Step1X-Edit's embedder puts before the photo and the instruction (the model was trained
 # on hidden states of this chat; the embedding keeps what follows its first 217 tokens).
@@ -131,6 +138,13 @@ def step1x_layout(text_len: int, img_ids: torch.Tensor) -> TokenLayout:
     return TokenLayout.from_segments(text_len, target, ids.shape[0] - target)
 
 
+def step1x_image_ids(transformer: Step1XEditTransformer, rows: int, columns: int
+                     ) -> torch.Tensor:
+    """Position ids of a ``rows x columns`` target and its reference: ``[2 N, 3]``."""
+    reference = transformer.config.reference_index
+    return torch.cat([image_ids(rows, columns, 0), image_ids(rows, columns, reference)])
+
+
 class Step1XAdapter(ProcessorAdapter):
     """ditflow's FLUX processors on the transformer's ``dit``; layouts from the Step1X call."""
 
@@ -197,7 +211,7 @@ class Step1XEditPipeline(DiffusionPipeline):
     @property
     def multiple(self) -> int:
         """Pixels per image token side: the VAE factor times FLUX's 2x2 packing."""
-        return 2 ** len(self.vae.config.block_out_channels)
+        return 2 * vae_scale_factor(self.vae)
 
     def encode_prompt(self, prompts: list[str], images: list) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden states [B, max_text_tokens, C], mask [B, max_text_tokens]) of each
@@ -217,10 +231,6 @@ class Step1XEditPipeline(DiffusionPipeline):
             embeds[i, : kept.shape[0]] = kept.to(embeds.dtype)
             mask[i, : kept.shape[0]] = 1
         return embeds, mask
-
-    def _ids(self, rows: int, columns: int) -> torch.Tensor:
-        reference = self.transformer.config.reference_index
-        return torch.cat([image_ids(rows, columns, 0), image_ids(rows, columns, reference)])
 
     @torch.no_grad()
     def __call__(self, image, prompt: str, negative_prompt: str = "",
@@ -251,7 +261,7 @@ class Step1XEditPipeline(DiffusionPipeline):
         guided = guidance_scale > 1
         prompts = [prompt, negative_prompt] if guided else [prompt]
         embeds, mask = self.encode_prompt(prompts, [photo] * len(prompts))
-        ids = self._ids(rows, columns).to(device, dtype)
+        ids = step1x_image_ids(self.transformer, rows, columns).to(device, dtype)
         times = shifted_timesteps(num_inference_steps, rows * columns).tolist()
         with self.progress_bar(total=num_inference_steps) as progress:
             for t, t_next in itertools.pairwise(times):
@@ -299,11 +309,13 @@ class Step1XEditCalls:
 
     prompt_sees_image = True
 
-    def __init__(self, pipeline: Step1XEditPipeline):
+    def __init__(self, pipeline):
+        """``pipeline``: a :class:`Step1XEditPipeline`, or anything with its ``transformer``,
+        ``vae`` and ``encode_prompt``."""
         self.pipe = pipeline
         self.transformer = pipeline.transformer
         self.vae = pipeline.vae
-        self.multiple = pipeline.multiple
+        self.multiple = 2 * vae_scale_factor(self.vae)
         self._ids: dict[tuple[int, int], torch.Tensor] = {}
 
     def block_names(self) -> list[str]:
@@ -338,7 +350,8 @@ class Step1XEditCalls:
         device, dtype = self.transformer.device, self.transformer.dtype
         rows, columns = size[0] // self.multiple, size[1] // self.multiple
         if (rows, columns) not in self._ids:  # one tensor per size: layouts are cached
-            self._ids[(rows, columns)] = self.pipe._ids(rows, columns).to(device, dtype)
+            self._ids[(rows, columns)] = step1x_image_ids(self.transformer, rows, columns).to(
+                device, dtype)
         return dict(
             hidden_states=torch.cat([noise.to(dtype), context], dim=1),
             encoder_hidden_states=torch.stack([p["encoder_hidden_states"] for p in prompts]),
