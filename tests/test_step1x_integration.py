@@ -260,3 +260,145 @@ def test_model_cpu_offload_with_an_intervention():
         pipe(image=photo, prompt="make the cat smile", num_inference_steps=2, height=16,
              width=16)
     assert all(r.device.type == "cuda" for r in recorder.r_ctx.values())
+
+
+# -- the authors' checkpoint -----------------------------------------------------------------------
+
+
+def _authors_connector(params, x, t, mask, heads, depth):
+    """Step1X-Edit's connector computed from the authors' parameter names and their
+    description (masked-mean pooling scaled by 1 + scale_factor; a token refiner: sinusoidal
+    timestep MLP plus pooled-text MLP as conditioning, gated self-attention and MLP blocks
+    under a pairwise padding mask whose first key is always visible)."""
+    import math
+
+    import torch.nn.functional as F
+
+    def linear(name, v):
+        return F.linear(v, params[f"{name}.weight"], params[f"{name}.bias"])
+
+    weights = mask.float().unsqueeze(-1)
+    mean = (x * weights).sum(1) / weights.sum(1)
+    pooled = linear("global_proj_out", mean * (1 + params["scale_factor"]))
+    freqs = torch.exp(-math.log(10000) * torch.arange(128) / 128)
+    angles = (t * 1000)[:, None] * freqs[None]
+    timestep = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    c = linear("S.t_embedder.mlp.2", F.silu(linear("S.t_embedder.mlp.0", timestep)))
+    c = c + linear("S.c_embedder.linear_2", F.silu(linear("S.c_embedder.linear_1", mean)))
+    h = linear("S.input_embedder", x)
+    b, n, width = h.shape
+    visible = (mask[:, None, :, None] * mask[:, None, None, :]).bool()
+    visible[..., 0] = True
+    for i in range(depth):
+        p = f"S.individual_token_refiner.blocks.{i}"
+        gate_attn, gate_mlp = linear(f"{p}.adaLN_modulation.1", F.silu(c)).chunk(2, dim=-1)
+
+        def norm(name, v, p=p):
+            return F.layer_norm(v, (width,), params[f"{p}.{name}.weight"],
+                                params[f"{p}.{name}.bias"], eps=1e-6)
+
+        q, k, v = linear(f"{p}.self_attn_qkv", norm("norm1", h)).view(
+            b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+        h = h + linear(f"{p}.self_attn_proj", attended.transpose(1, 2).reshape(b, n, width)) \
+            * gate_attn[:, None]
+        hidden = F.silu(linear(f"{p}.mlp.fc1", norm("norm2", h)))
+        h = h + linear(f"{p}.mlp.fc2", hidden) * gate_mlp[:, None]
+    return h, pooled
+
+
+def _authors_connector_shapes(llm: int, width: int, depth: int) -> dict[str, tuple]:
+    shapes = {"global_proj_out.weight": (768, llm), "global_proj_out.bias": (768,),
+              "scale_factor": (1,)}
+    layers = {"S.input_embedder": (width, llm), "S.t_embedder.mlp.0": (width, 256),
+              "S.t_embedder.mlp.2": (width, width), "S.c_embedder.linear_1": (width, llm),
+              "S.c_embedder.linear_2": (width, width)}
+    for i in range(depth):
+        p = f"S.individual_token_refiner.blocks.{i}"
+        layers.update({f"{p}.norm1": (width,), f"{p}.norm2": (width,),
+                       f"{p}.self_attn_qkv": (3 * width, width),
+                       f"{p}.self_attn_proj": (width, width),
+                       f"{p}.mlp.fc1": (4 * width, width), f"{p}.mlp.fc2": (width, 4 * width),
+                       f"{p}.adaLN_modulation.1": (2 * width, width)})
+    for name, shape in layers.items():
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = shape, shape[:1]
+    return shapes
+
+
+def test_the_connector_loads_the_authors_parameters_and_computes_their_function():
+    from ditflow.models.step1x import Step1XConnector, convert_step1x_checkpoint
+
+    torch.manual_seed(0)
+    params = {name: torch.randn(shape) * 0.3 for name, shape in
+              _authors_connector_shapes(llm=16, width=32, depth=2).items()}
+    params = {k: v.abs() + 0.5 if k.endswith("norm1.weight") or k.endswith("norm2.weight")
+              else v for k, v in params.items()}
+    converted = convert_step1x_checkpoint({f"connector.{k}": v for k, v in params.items()})
+    connector = Step1XConnector(16, 2, 16, 2, 768)
+    connector.load_state_dict({k.removeprefix("connector."): v for k, v in converted.items()},
+                              strict=True)
+    x, t = torch.randn(2, 7, 16), torch.tensor([0.99, 0.3])
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    ours = connector(x, mask, t)
+    theirs = _authors_connector(params, x, t, mask, heads=2, depth=2)
+    for got, want in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"unexpected connector parameter 'S\.cross_attn\."):
+        convert_step1x_checkpoint({"connector.S.cross_attn.weight": torch.zeros(1)})
+
+
+def test_every_parameter_of_the_released_model_is_loaded_with_its_shape():
+    """The released checkpoint's names and shapes (FLUX.1's original names for the 12B
+    transformer, the connector's) convert onto the full-size model exactly: no parameter
+    missing, none left over, every shape right (on the meta device, no memory)."""
+    from ditflow.models.step1x import Step1XEditTransformer, convert_step1x_checkpoint
+
+    width, mlp = 3072, 12288
+    shapes = {f"connector.{k}": v for k, v in _authors_connector_shapes(3584, 4096, 2).items()}
+    layers = {"img_in": (width, 64), "time_in.in_layer": (width, 256),
+              "time_in.out_layer": (width, width), "vector_in.in_layer": (width, 768),
+              "vector_in.out_layer": (width, width), "txt_in": (width, 4096),
+              "final_layer.linear": (64, width),
+              "final_layer.adaLN_modulation.1": (2 * width, width)}
+    for i in range(19):
+        for stream in ("img", "txt"):
+            p = f"double_blocks.{i}.{stream}"
+            layers.update({f"{p}_mod.lin": (6 * width, width),
+                           f"{p}_attn.qkv": (3 * width, width),
+                           f"{p}_attn.proj": (width, width), f"{p}_mlp.0": (mlp, width),
+                           f"{p}_mlp.2": (width, mlp)})
+            shapes.update({f"{p}_attn.norm.query_norm.scale": (128,),
+                           f"{p}_attn.norm.key_norm.scale": (128,)})
+    for i in range(38):
+        p = f"single_blocks.{i}"
+        layers.update({f"{p}.linear1": (3 * width + mlp, width),
+                       f"{p}.linear2": (width, width + mlp),
+                       f"{p}.modulation.lin": (3 * width, width)})
+        shapes.update({f"{p}.norm.query_norm.scale": (128,),
+                       f"{p}.norm.key_norm.scale": (128,)})
+    for name, shape in layers.items():
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = shape, shape[:1]
+    with torch.device("meta"):
+        checkpoint = {name: torch.empty(shape) for name, shape in shapes.items()}
+        model = Step1XEditTransformer()
+    model.load_state_dict(convert_step1x_checkpoint(checkpoint), strict=True, assign=True)
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        t.numel() for t in checkpoint.values())
+
+
+def test_step1x_folders_errors_name_what_is_missing(tmp_path):
+    from ditflow.models.loading import load_editor, load_step1x_pipeline
+
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+        load_step1x_pipeline(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"missing: step1x-edit\*\.safetensors, "
+                                                r"vae\.safetensors, Qwen2\.5-VL-7B-Instruct/"):
+        load_step1x_pipeline(tmp_path)
+    (tmp_path / "step1x-edit-i1258.safetensors").touch()
+    # a folder with a Step1X-Edit checkpoint and no model_index.json is a Step1X-Edit folder
+    with pytest.raises(FileNotFoundError, match=r"Step1X-Edit folder; missing: "
+                                                r"vae\.safetensors, Qwen2\.5-VL-7B-Instruct/$"):
+        load_editor(tmp_path)
+    (tmp_path / "step1x-edit-v1p1-official.safetensors").touch()
+    with pytest.raises(ValueError, match="several Step1X-Edit checkpoints"):
+        load_step1x_pipeline(tmp_path)

@@ -51,14 +51,18 @@ def _pipeline_name(kind: str, pipelines: dict[str, str]) -> str:
     return pipelines[kind]
 
 
-# The in-context editors ditflow protects against, by pipeline class.
+# The in-context editors ditflow protects against, by pipeline class (diffusers folders).
 EDITORS = ("FluxKontextPipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
 
 
 def load_editor(path: str | Path, dtype: torch.dtype = torch.bfloat16):
-    """The in-context editor in a local diffusers folder, FLUX.1 Kontext or Qwen-Image-Edit
-    (-2509/2511), chosen by its model_index.json; an error names what the folder holds
+    """The in-context editor in a local folder: FLUX.1 Kontext or Qwen-Image-Edit (-2509/2511)
+    from a diffusers folder, chosen by its model_index.json, or Step1X-Edit from the authors'
+    release files (:func:`load_step1x_pipeline`); an error names what the folder holds
     otherwise."""
+    if not (Path(path).expanduser() / "model_index.json").is_file() and \
+            list(Path(path).expanduser().glob(STEP1X_CHECKPOINTS)):
+        return load_step1x_pipeline(path, dtype)
     index = Path(path).expanduser() / "model_index.json"
     # without a model_index.json the loader explains what is missing
     name = json.loads(index.read_text()).get("_class_name") if index.is_file() else EDITORS[0]
@@ -85,3 +89,67 @@ def load_qwen_pipeline(path: str | Path, kind: str = "edit", dtype: torch.dtype 
     with precomputed ``prompt_embeds``. Errors name the folder and what is missing."""
     return _load_local(path, _pipeline_name(kind, QWEN_PIPELINES), "Qwen/Qwen-Image-Edit", dtype,
                        components)
+
+
+STEP1X_CHECKPOINTS = "step1x-edit*.safetensors"
+STEP1X_ENCODER = "Qwen2.5-VL-7B-Instruct"
+# FLUX.1's VAE, which Step1X-Edit ships as vae.safetensors (original parameter names).
+FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
+                block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, shift_factor=0.1159,
+                scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def load_step1x_pipeline(path: str | Path, dtype: torch.dtype = torch.bfloat16,
+                         checkpoint: str | None = None, reference_index: int | None = None):
+    """Step1X-Edit from a local folder laid out as the authors' release: a transformer
+    checkpoint ``step1x-edit*.safetensors`` (``checkpoint`` picks one when there are several),
+    ``vae.safetensors`` and the ``Qwen2.5-VL-7B-Instruct/`` folder. ``reference_index``: the
+    reference image's RoPE index, by default 1 for v1.1 checkpoints (``v1p1`` in the file
+    name) and 0 otherwise (v1.0). Errors name the folder and what is missing."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    from safetensors.torch import load_file
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from .step1x import (
+        QWEN_MAX_PIXELS,
+        QWEN_MIN_PIXELS,
+        Step1XEditPipeline,
+        Step1XEditTransformer,
+        convert_step1x_checkpoint,
+    )
+
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such model directory (a local copy of "
+                                f"stepfun-ai/Step1X-Edit with {STEP1X_ENCODER}/)")
+    found = sorted(p.name for p in path.glob(STEP1X_CHECKPOINTS))
+    if checkpoint is None and len(found) > 1:
+        raise ValueError(f"{path} holds several Step1X-Edit checkpoints ({', '.join(found)}); "
+                         "pass checkpoint= one of them")
+    checkpoint = checkpoint or (found[0] if found else STEP1X_CHECKPOINTS)
+    missing = [name for name in (checkpoint, "vae.safetensors") if not (path / name).is_file()]
+    missing += [f"{STEP1X_ENCODER}/"] if not (path / STEP1X_ENCODER).is_dir() else []
+    if missing:
+        raise FileNotFoundError(f"{path} is not a complete Step1X-Edit folder; missing: "
+                                f"{', '.join(missing)}")
+    if reference_index is None:
+        reference_index = 1 if "v1p1" in checkpoint else 0
+    with torch.device("meta"):  # the checkpoints' tensors become the parameters
+        transformer = Step1XEditTransformer(reference_index=reference_index)
+        vae = AutoencoderKL(**FLUX_VAE)
+    transformer.load_state_dict(convert_step1x_checkpoint(load_file(path / checkpoint)),
+                                strict=True, assign=True)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(load_file(path / "vae.safetensors"),
+                                                   vae.config), strict=True, assign=True)
+    encoder = path / STEP1X_ENCODER
+    return Step1XEditPipeline(
+        # the VAE stays in fp32, as the authors run it
+        transformer=transformer.to(dtype).eval(), vae=vae.float().eval(),
+        text_encoder=Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            encoder, dtype=dtype, local_files_only=True).eval(),
+        processor=AutoProcessor.from_pretrained(encoder, min_pixels=QWEN_MIN_PIXELS,
+                                                max_pixels=QWEN_MAX_PIXELS,
+                                                local_files_only=True))

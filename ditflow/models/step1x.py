@@ -161,6 +161,62 @@ class Step1XAdapter(ProcessorAdapter):
         return memo.get((img_ids,), text, lambda: step1x_layout(text, img_ids))
 
 
+# -- the authors' checkpoint -----------------------------------------------------------------------
+
+_REFINER_BLOCK = {"norm1": "norm1", "norm2": "norm2", "self_attn_proj": "attn.to_out.0",
+                  "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2",
+                  "adaLN_modulation.1": "norm_out.linear"}
+_REFINER = {"input_embedder": "proj_in",
+            "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+            "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+            "c_embedder.linear_1": "time_text_embed.text_embedder.linear_1",
+            "c_embedder.linear_2": "time_text_embed.text_embedder.linear_2"}
+
+
+def _connector_key(key: str) -> list[str]:
+    """The names of one parameter of the authors' connector (``S.…``: the token refiner,
+    ``global_proj_out``, ``scale_factor``) in :class:`Step1XConnector`; a fused qkv
+    projection becomes three."""
+    simple = {"global_proj_out.weight": "pool.weight", "global_proj_out.bias": "pool.bias",
+              "scale_factor": "pool_scale"}
+    if key in simple:
+        return [simple[key]]
+    module, _, kind = key.rpartition(".")
+    if module.startswith("S.individual_token_refiner.blocks."):
+        index, _, layer = module.removeprefix("S.individual_token_refiner.blocks.").partition(".")
+        block = f"refiner.token_refiner.refiner_blocks.{index}"
+        if layer == "self_attn_qkv":
+            return [f"{block}.attn.to_{p}.{kind}" for p in "qkv"]
+        if layer in _REFINER_BLOCK:
+            return [f"{block}.{_REFINER_BLOCK[layer]}.{kind}"]
+    elif module.removeprefix("S.") in _REFINER:
+        return [f"refiner.{_REFINER[module.removeprefix('S.')]}.{kind}"]
+    raise ValueError(f"unexpected connector parameter {key!r} (a Step1X-Edit variant ditflow "
+                     "does not know?)")
+
+
+def convert_step1x_checkpoint(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The authors' Step1X-Edit checkpoint (FLUX.1's original parameter names plus
+    ``connector.*``) in :class:`Step1XEditTransformer`'s names. The FLUX part goes through
+    diffusers' own FLUX.1 conversion (written for the released width, 3072)."""
+    from diffusers.loaders.single_file_utils import (
+        convert_flux_transformer_checkpoint_to_diffusers,
+    )
+
+    flux, converted = {}, {}
+    for key, value in checkpoint.items():
+        if not key.startswith("connector."):
+            flux[key] = value
+            continue
+        names = _connector_key(key.removeprefix("connector."))
+        for name, part in zip(names, value.chunk(len(names)), strict=True):
+            converted[f"connector.{name}"] = part
+    if flux:
+        for key, value in convert_flux_transformer_checkpoint_to_diffusers(flux).items():
+            converted[f"dit.{key}"] = value
+    return converted
+
+
 # -- pipeline --------------------------------------------------------------------------------------
 
 
