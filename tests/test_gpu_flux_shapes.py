@@ -1,5 +1,5 @@
-"""Compiled kernels at real FLUX Kontext and Qwen-Image-Edit shapes (GPU only): bf16/fp16,
-forward and backward.
+"""Compiled kernels at real FLUX Kontext, Step1X-Edit and Qwen-Image-Edit shapes (GPU only):
+bf16/fp16, forward and backward.
 
 Truth is the reference in fp32 (forward chunked, closed-form backward chunked: the full autograd
 graph would not fit); the kernel must stay within 2x the error of the reference run in the low
@@ -16,8 +16,9 @@ from ditflow import FlowRules, flow_attention
 from ditflow.reference import flow_attention_reference, flow_attention_reference_backward
 
 TEXT, TARGET, CONTEXT = 0, 1, 2
-# (text, target, context) token counts: Kontext at 512² and 1024²
-SHAPES = {"kontext-512": (512, 1024, 1024), "kontext-1024": (512, 4096, 4096)}
+# (text, target, context) token counts: Kontext at 512² and 1024², Step1X-Edit at 512²
+SHAPES = {"kontext-512": (512, 1024, 1024), "kontext-1024": (512, 4096, 4096),
+          "step1x-512": (640, 1024, 1024)}
 
 
 def kontext_rules() -> FlowRules:
