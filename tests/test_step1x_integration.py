@@ -402,3 +402,38 @@ def test_step1x_folders_errors_name_what_is_missing(tmp_path):
     (tmp_path / "step1x-edit-v1p1-official.safetensors").touch()
     with pytest.raises(ValueError, match="several Step1X-Edit checkpoints"):
         load_step1x_pipeline(tmp_path)
+
+
+def test_chat_pieces_split_quoted_text_per_character_as_the_authors_embedder():
+    from ditflow.models.step1x import chat_pieces
+
+    head = "x" * 160
+    assert chat_pieces(head + 'say "hi" now') == [head + 'say "', "\u201ch\u201d",
+                                                 "\u201ci\u201d", '" now']
+    # curly quotes count as quotes; an apostrophe opens one (to the end, if never closed)
+    assert chat_pieces(head + "a \u201cb\u201d") == [head + 'a "', "\u201cb\u201d", '"']
+    assert chat_pieces(head + "cat's ok") == [head + 'cat"'] + [
+        f"\u201c{c}\u201d" for c in "s ok"]
+    # quotes in the first 155 characters (the template's "Enhanced prompt") stay whole
+    assert chat_pieces('say "hi"' + head) == ['say "hi"' + head]
+
+
+def test_the_instruction_is_tokenized_as_the_authors_embedder_does():
+    """After the photo, per-character pieces lose the curly quotes that wrapped them; before
+    it, the processor's ids (image pads expanded) stay."""
+    from PIL import Image
+
+    from ditflow.models.step1x import CHAT, QWEN_PREFIX
+
+    pipe = tiny_step1x_edit_pipeline()
+    tokenizer = pipe.processor.tokenizer
+    chat = CHAT.format(prefix=QWEN_PREFIX, instruction='write "ab" here')
+    photo = Image.fromarray(np.zeros((56, 56, 3), dtype=np.uint8))
+    ids = pipe.processor(text=[chat], images=[photo], return_tensors="pt")["input_ids"][0]
+    ours = pipe._token_ids(chat, ids).tolist()
+    end = ids.tolist().index(tokenizer.convert_tokens_to_ids("<|vision_end|>"))
+    assert ours[:end] == ids[:end].tolist()
+    expected = tokenizer('<|vision_end|>write "').input_ids + tokenizer("a").input_ids + \
+        tokenizer("b").input_ids + tokenizer('" here<|im_end|>\n<|im_start|>assistant\n'
+                                             ).input_ids
+    assert ours[end:] == expected

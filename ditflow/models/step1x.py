@@ -61,6 +61,30 @@ CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|
         "<|im_start|>assistant\n")
 # Qwen2.5-VL's image size range in Step1X-Edit's embedder (pixels).
 QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 256 * 28 * 28, 324 * 28 * 28
+# Past this character of the chat, Step1X-Edit's embedder tokenizes quoted text per character.
+QUOTES_FROM = 155
+
+
+def chat_pieces(chat: str) -> list[str]:
+    """How Step1X-Edit's embedder splits the chat before tokenizing what follows the photo:
+    curly quotes and apostrophes become straight double quotes; past character
+    :data:`QUOTES_FROM` every character between two quotes is a piece of its own, wrapped in
+    curly quotes (which tokenizing then strips); the rest stays whole (an opening quote ends
+    the piece before it, a closing quote starts the next)."""
+    chat = chat.replace("\u201c", '"').replace("\u201d", '"').replace("'", '"')
+    pieces, current, quoted = [], "", False
+    for i, char in enumerate(chat):
+        if char == '"' and i > QUOTES_FROM:
+            current += char
+            if not quoted:
+                pieces.append(current)
+                current = ""
+            quoted = not quoted
+        elif quoted:
+            pieces.append(f"\u201c{char}\u201d")
+        else:
+            current += char
+    return [*pieces, current] if current else pieces
 
 
 class Step1XConnector(torch.nn.Module):
@@ -250,9 +274,9 @@ class Step1XEditPipeline(DiffusionPipeline):
     FLUX.1's shifted schedule, classifier-free guidance against ``negative_prompt``, the edit
     resized back to the photo's size.
 
-    Quoted text in instructions is tokenized as written (the authors tokenize text inside
-    quotes character by character for text rendering); the reference image is encoded with the
-    mode of the VAE posterior (the authors sample it).
+    The instruction is tokenized as the authors' embedder tokenizes it (:func:`chat_pieces`;
+    token id 0 masked, as theirs does); the reference image is encoded with the mode of the
+    VAE posterior (the authors sample it).
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -281,12 +305,31 @@ class Step1XEditPipeline(DiffusionPipeline):
         for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
             chat = CHAT.format(prefix=QWEN_PREFIX, instruction=prompt)
             inputs = self.processor(text=[chat], images=[image], padding=True,
-                                    return_tensors="pt").to(device)
-            hidden = self.text_encoder(**inputs, output_hidden_states=True).hidden_states[-1]
+                                    return_tensors="pt")
+            ids = self._token_ids(chat, inputs["input_ids"][0])
+            # the authors' embedder masks token id 0 ("!" in Qwen's vocabulary)
+            inputs.update(input_ids=ids[None], attention_mask=(ids > 0).long()[None])
+            hidden = self.text_encoder(**inputs.to(device),
+                                       output_hidden_states=True).hidden_states[-1]
             kept = hidden[0, start:start + total]
             embeds[i, : kept.shape[0]] = kept.to(embeds.dtype)
             mask[i, : kept.shape[0]] = 1
         return embeds, mask
+
+    def _token_ids(self, chat: str, ids: torch.Tensor) -> torch.Tensor:
+        """The processor's token ids of ``chat`` (image pads expanded) up to the photo's end
+        marker, then the authors' tokenization of the rest (:func:`chat_pieces`)."""
+        tokenizer = self.processor.tokenizer
+        opening, closing = (tokenizer(q).input_ids for q in ("\u201c", "\u201d"))
+        retokenized = []
+        for piece in chat_pieces(chat):
+            tokens = tokenizer(piece).input_ids
+            if tokens[: len(opening)] == opening and tokens[-len(closing):] == closing:
+                tokens = tokens[len(opening): -len(closing)]
+            retokenized += tokens
+        end = tokenizer.convert_tokens_to_ids("<|vision_end|>")
+        cut = int((ids == end).nonzero()[0])
+        return torch.cat([ids[:cut], torch.tensor(retokenized[retokenized.index(end):])])
 
     @torch.no_grad()
     def __call__(self, image, prompt: str, negative_prompt: str = "",
