@@ -163,3 +163,27 @@ def assert_statistics_only_is_stock(model, inputs: dict, blocks: int, tol: float
     assert len(recorder.r_ctx) == blocks and session.blocks_run == blocks
     err = (ours.float() - stock.float()).abs().max() / stock.float().abs().max()
     assert err <= tol
+
+
+def eager_r_ctx(model, inputs: dict, module, layout) -> list:
+    """r_ctx of every block from explicit softmax probabilities of target queries over all keys
+    (those the model's own mask lets through), computed by the model's own processors with
+    ``module.dispatch_attention_fn`` replaced by an eager probe."""
+    target, context = layout.mask("target"), layout.mask("context")
+    ratios = []
+
+    def probe(query, key, value, attn_mask=None, **kwargs):
+        scores = torch.einsum("bihd,bjhd->bhij", query, key) * query.shape[-1] ** -0.5
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        ratios.append(probs[:, :, target][..., context].sum(-1).mean(dim=(1, 2)))
+        return torch.einsum("bhij,bjhd->bihd", probs, value)
+
+    original = module.dispatch_attention_fn
+    module.dispatch_attention_fn = probe
+    try:
+        model(**inputs)
+    finally:
+        module.dispatch_attention_fn = original
+    return ratios

@@ -12,6 +12,7 @@ from helpers import (
     assert_checkpointing_keeps_the_gradient,
     assert_compiled_matches_eager,
     assert_statistics_only_is_stock,
+    eager_r_ctx,
     edit_rules,
     rules_everywhere,
 )
@@ -113,25 +114,14 @@ def test_edit_output_replaces_the_attention_output_of_the_chosen_blocks():
     assert len(half.seen) == 1 and torch.equal(half.seen[0], identity.seen[0])
 
 
-def test_r_ctx_matches_explicit_probabilities(monkeypatch):
+def test_r_ctx_matches_explicit_probabilities():
     """r_ctx from the engine = r_ctx from explicit softmax probabilities of target queries over
     all keys, computed by diffusers' own processor (its attention call replaced by an eager
     probe)."""
     model = tiny_flux_transformer()
     inputs = flux_inputs(3, 5, text_len=6, contexts=1)
     layout = TokenLayout.from_segments(6, 15, 15)
-    target, context = layout.mask("target"), layout.mask("context")
-    eager = []
-
-    def probe(query, key, value, attn_mask=None, **kwargs):
-        scores = torch.einsum("bihd,bjhd->bhij", query, key) * query.shape[-1] ** -0.5
-        probs = scores.softmax(dim=-1)
-        eager.append(probs[:, :, target][..., context].sum(-1).mean(dim=(1, 2)))
-        return torch.einsum("bhij,bjhd->bihd", probs, value)
-
-    monkeypatch.setattr(flux_module, "dispatch_attention_fn", probe)
-    model(**inputs)
-    monkeypatch.undo()
+    eager = eager_r_ctx(model, inputs, flux_module, layout)
     recorder = StatsRecorder()
     with attach(model, recorder):
         model(**inputs)

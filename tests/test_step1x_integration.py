@@ -13,6 +13,7 @@ from helpers import (
     assert_checkpointing_keeps_the_gradient,
     assert_compiled_matches_eager,
     assert_statistics_only_is_stock,
+    eager_r_ctx,
     edit_rules,
     rules_everywhere,
 )
@@ -99,25 +100,14 @@ def test_rules_change_the_output():
     assert (ruled - stock).abs().max() > 1e-3
 
 
-def test_r_ctx_matches_explicit_probabilities(monkeypatch):
+def test_r_ctx_matches_explicit_probabilities():
     """r_ctx from the engine = r_ctx from explicit softmax probabilities of target queries over
     all keys (the 640-style padded text included, as the model attends to it), computed by
     diffusers' own FLUX processor with an eager probe as its attention call."""
     model = tiny_step1x_transformer()
     inputs = step1x_inputs(3, 5, text_len=6, batch=2, padding=(0, 2))
     layout = TokenLayout.from_segments(6, 15, 15)
-    target, context = layout.mask("target"), layout.mask("context")
-    eager = []
-
-    def probe(query, key, value, attn_mask=None, **kwargs):
-        scores = torch.einsum("bihd,bjhd->bhij", query, key) * query.shape[-1] ** -0.5
-        probs = scores.softmax(dim=-1)
-        eager.append(probs[:, :, target][..., context].sum(-1).mean(dim=(1, 2)))
-        return torch.einsum("bhij,bjhd->bihd", probs, value)
-
-    monkeypatch.setattr(flux_module, "dispatch_attention_fn", probe)
-    model(**inputs)
-    monkeypatch.undo()
+    eager = eager_r_ctx(model, inputs, flux_module, layout)
     recorder = StatsRecorder()
     with attach(model, recorder):
         model(**inputs)

@@ -115,6 +115,7 @@ class KontextCalls:
     embeddings depend on the instruction only."""
 
     prompt_sees_image = False
+    adapter = FluxAdapter
 
     def __init__(self, pipeline):
         self.pipe = pipeline
@@ -124,7 +125,7 @@ class KontextCalls:
         self._ids: dict[tuple[int, int], torch.Tensor] = {}
 
     def block_names(self) -> list[str]:
-        return [str(block) for block, _ in FluxAdapter.blocks(self.transformer)]
+        return [str(block) for block, _ in self.adapter.blocks(self.transformer)]
 
     def working_size(self, height: int, width: int, resolution: int) -> tuple[int, int]:
         """About ``resolution``² pixels at the photo's aspect ratio, multiples of 16."""
@@ -154,22 +155,33 @@ class KontextCalls:
         """Keyword inputs of one transformer call: target ``noise`` [B, N, C] and ``context``
         tokens of ``size`` (pixels), one prompt and timestep (0..1000) per batch element."""
         device, dtype = self.transformer.device, self.transformer.dtype
-        h, w = size[0] // self.multiple, size[1] // self.multiple
-        if (h, w) not in self._ids:  # one tensor per size: layouts and tile plans are cached
-            self._ids[(h, w)] = torch.cat([image_ids(h, w, 0), image_ids(h, w, 1)]).to(
-                device, dtype)
         text = prompts[0]["encoder_hidden_states"].shape[0]
         return dict(
             hidden_states=torch.cat([noise.to(dtype), context], dim=1),
             encoder_hidden_states=torch.stack([p["encoder_hidden_states"] for p in prompts]),
             pooled_projections=torch.stack([p["pooled_projections"] for p in prompts]),
             timestep=torch.tensor(timesteps, device=device, dtype=dtype) / 1000,
-            img_ids=self._ids[(h, w)],
+            img_ids=self._image_ids(size),
             txt_ids=torch.zeros(text, 3, device=device, dtype=dtype),
             guidance=(torch.full((len(prompts),), guidance, device=device)
                       if self.transformer.config.guidance_embeds else None),
             return_dict=False,
         )
+
+    def _image_ids(self, size: tuple[int, int]) -> torch.Tensor:
+        """Position ids of the target and the context photo of ``size`` pixels, one tensor per
+        size (so layouts and tile plans are cached)."""
+        rows, columns = size[0] // self.multiple, size[1] // self.multiple
+        if (rows, columns) not in self._ids:
+            self._ids[(rows, columns)] = torch.cat([
+                image_ids(rows, columns, 0), image_ids(rows, columns, self.context_index)]).to(
+                self.transformer.device, self.transformer.dtype)
+        return self._ids[(rows, columns)]
+
+    @property
+    def context_index(self) -> int:
+        """The context photo's index on the first position axis."""
+        return 1
 
     def edit(self, image, prompt: str, size: tuple[int, int], steps: int, guidance: float,
              max_sequence_length: int, generator, output_type: str = "pil"):

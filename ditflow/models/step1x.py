@@ -34,6 +34,7 @@ from .adapter import ProcessorAdapter
 from .flux import (
     FlowFluxAttnProcessor,
     FluxAdapter,
+    KontextCalls,
     encode_image,
     image_ids,
     pack_latents,
@@ -160,13 +161,6 @@ def step1x_layout(text_len: int, img_ids: torch.Tensor) -> TokenLayout:
     restarts = ((ids[1:, 1] == 0) & (ids[1:, 2] == 0)).nonzero()
     target = int(restarts[0]) + 1 if len(restarts) else ids.shape[0]
     return TokenLayout.from_segments(text_len, target, ids.shape[0] - target)
-
-
-def step1x_image_ids(transformer: Step1XEditTransformer, rows: int, columns: int
-                     ) -> torch.Tensor:
-    """Position ids of a ``rows x columns`` target and its reference: ``[2 N, 3]``."""
-    reference = transformer.config.reference_index
-    return torch.cat([image_ids(rows, columns, 0), image_ids(rows, columns, reference)])
 
 
 class Step1XAdapter(ProcessorAdapter):
@@ -360,7 +354,9 @@ class Step1XEditPipeline(DiffusionPipeline):
         guided = guidance_scale > 1
         prompts = [prompt, negative_prompt] if guided else [prompt]
         embeds, mask = self.encode_prompt(prompts, [photo] * len(prompts))
-        ids = step1x_image_ids(self.transformer, rows, columns).to(device, dtype)
+        reference_index = self.transformer.config.reference_index
+        ids = torch.cat([image_ids(rows, columns, 0),
+                         image_ids(rows, columns, reference_index)]).to(device, dtype)
         times = shifted_timesteps(num_inference_steps, rows * columns).tolist()
         with self.progress_bar(total=num_inference_steps) as progress:
             for t, t_next in itertools.pairwise(times):
@@ -400,35 +396,25 @@ class Step1XEditPipeline(DiffusionPipeline):
 # -- direct calls for DeContext --------------------------------------------------------------------
 
 
-class Step1XEditCalls:
+class Step1XEditCalls(KontextCalls):
     """Transformer calls of Step1X-Edit edits, built directly for drivers that differentiate
     through the model (DeContext): ``[text 640 | target noise | reference photo]``. The prompt
     embeddings come from Qwen2.5-VL, which sees the photo too: they are computed from the clean
-    photo (no gradient flows through the 7B encoder)."""
+    photo (no gradient flows through the 7B encoder). ``pipeline``: a
+    :class:`Step1XEditPipeline`, or anything with its ``transformer``, ``vae`` and
+    ``encode_prompt``."""
 
     prompt_sees_image = True
+    adapter = Step1XAdapter
 
-    def __init__(self, pipeline):
-        """``pipeline``: a :class:`Step1XEditPipeline`, or anything with its ``transformer``,
-        ``vae`` and ``encode_prompt``."""
-        self.pipe = pipeline
-        self.transformer = pipeline.transformer
-        self.vae = pipeline.vae
-        self.multiple = 2 * vae_scale_factor(self.vae)
-        self._ids: dict[tuple[int, int], torch.Tensor] = {}
-
-    def block_names(self) -> list[str]:
-        return [str(block) for block, _ in Step1XAdapter.blocks(self.transformer)]
+    @property
+    def context_index(self) -> int:
+        return self.transformer.config.reference_index
 
     def working_size(self, height: int, width: int, resolution: int) -> tuple[int, int]:
         """The size the pipeline edits a ``height x width`` photo at with ``size_level =
         resolution``."""
         return step1x_size(height, width, resolution, self.multiple)
-
-    def target_shape(self, height: int, width: int) -> tuple[int, int]:
-        """(tokens, channels) of the target latents of a ``height x width`` pixel image."""
-        return (height // self.multiple) * (width // self.multiple), \
-            4 * self.vae.config.latent_channels
 
     def encode_prompt(self, text: str, image, max_sequence_length: int) -> dict:
         """One instruction's embeddings for one photo (PIL), no batch dimension (Step1X-Edit
@@ -436,27 +422,18 @@ class Step1XEditCalls:
         embeds, mask = self.pipe.encode_prompt([text], [image])
         return dict(encoder_hidden_states=embeds[0], encoder_attention_mask=mask[0])
 
-    def context_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Packed, normalised latents of photos in [0, 1], [B, 3, H, W] (differentiable)."""
-        latents = encode_image(self.vae, pixels.to(self.vae.dtype))
-        return pack_latents(latents).to(self.transformer.dtype)
-
     def inputs(self, noise: torch.Tensor, context: torch.Tensor, prompts: list[dict],
                timesteps: list[float], guidance: float, size: tuple[int, int]) -> dict:
         """Keyword inputs of one transformer call: target ``noise`` [B, N, C] and ``context``
         tokens of ``size`` (pixels), one prompt and timestep (0..1000) per batch element
         (``guidance``: Step1X-Edit has no guidance embedding)."""
         device, dtype = self.transformer.device, self.transformer.dtype
-        rows, columns = size[0] // self.multiple, size[1] // self.multiple
-        if (rows, columns) not in self._ids:  # one tensor per size: layouts are cached
-            self._ids[(rows, columns)] = step1x_image_ids(self.transformer, rows, columns).to(
-                device, dtype)
         return dict(
             hidden_states=torch.cat([noise.to(dtype), context], dim=1),
             encoder_hidden_states=torch.stack([p["encoder_hidden_states"] for p in prompts]),
             encoder_attention_mask=torch.stack([p["encoder_attention_mask"] for p in prompts]),
             timestep=torch.tensor(timesteps, device=device, dtype=dtype) / 1000,
-            img_ids=self._ids[(rows, columns)],
+            img_ids=self._image_ids(size),
             return_dict=False,
         )
 
