@@ -196,10 +196,10 @@ def tiny_qwen_edit_pipeline(seed: int = 0, plus: bool = False):
 
 
 def tiny_step1x_transformer(seed: int = 0, num_layers: int = 2, num_single_layers: int = 2,
-                            dtype: torch.dtype = torch.float32, reference_index: int = 0):
+                            dtype: torch.dtype = torch.float32, version: str = "v1.0"):
     """A random Step1XEditTransformer: the FLUX part as :func:`tiny_flux_transformer` (2 heads
     x 16, 4 packed channels, rope axes (4, 4, 8)), a two-block connector from width 16 (the
-    tiny Qwen2.5-VL's) to text width 32."""
+    tiny Qwen2.5-VL's) to text width 32; ``version`` as the released ones."""
     from .models.step1x import Step1XEditTransformer
 
     torch.manual_seed(seed)
@@ -207,24 +207,25 @@ def tiny_step1x_transformer(seed: int = 0, num_layers: int = 2, num_single_layer
         in_channels=4, num_layers=num_layers, num_single_layers=num_single_layers,
         attention_head_dim=16, num_attention_heads=2, axes_dims_rope=(4, 4, 8),
         llm_channels=16, connector_heads=2, connector_head_dim=16, pooled_dim=32,
-        reference_index=reference_index).eval()
+        version=version).eval()
     return model if dtype == torch.float32 else model.to(dtype)
 
 
 def step1x_inputs(height: int, width: int, text_len: int = 8, batch: int = 1,
-                  padding: tuple[int, ...] | None = None, reference_index: int = 0, seed: int = 0,
+                  padding: tuple[int, ...] | None = None, version: str = "v1.0", seed: int = 0,
                   dtype: torch.dtype = torch.float32, device="cpu") -> dict:
     """Random keyword inputs for one call of the tiny Step1X-Edit transformer: a ``height x
-    width`` target then a reference of the same size (packed tokens); ``padding``: per batch
-    element, how many trailing text tokens are padding (mask 0)."""
+    width`` target then a reference of the same size (packed tokens, ``version``'s ids);
+    ``padding``: per batch element, how many trailing text tokens are padding (mask 0)."""
     from .models.flux import image_ids
+    from .models.step1x import reference_ids
 
     g = torch.Generator().manual_seed(seed)
     padding = padding or (0,) * batch
     if len(padding) != batch:
         raise ValueError(f"padding: one count per batch element ({batch}), got {padding}")
     kept = torch.tensor([text_len - p for p in padding])
-    ids = torch.cat([image_ids(height, width), image_ids(height, width, reference_index)])
+    ids = torch.cat([image_ids(height, width), reference_ids(height, width, version)])
 
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(device, dtype)

@@ -20,24 +20,29 @@ from helpers import (
 
 from ditflow.layout import TokenLayout
 from ditflow.models.flux import image_ids
-from ditflow.models.step1x import shifted_timesteps, step1x_layout, step1x_size
+from ditflow.models.step1x import (
+    reference_ids,
+    shifted_timesteps,
+    step1x_layout,
+    step1x_size,
+)
 from ditflow.session import StatsRecorder, attach
 from ditflow.tiny import step1x_inputs, tiny_step1x_edit_pipeline, tiny_step1x_transformer
 
-# (height, width, batch, padding, reference index): v1.0 ids (the reference shares the
-# target's), text padding, a batch padded differently, v1.1 ids (reference index 1)
+# (height, width, batch, padding, version): v1.0 (the reference shares the target's ids), text
+# padding, a batch padded differently, v1.1 (the reference's ids shifted by 1, no pool scale)
 CALLS = [
-    (3, 5, 1, None, 0),
-    (4, 3, 1, (3,), 0),
-    (3, 4, 2, (0, 5), 0),
-    (2, 3, 1, (2,), 1),
+    (3, 5, 1, None, "v1.0"),
+    (4, 3, 1, (3,), "v1.0"),
+    (3, 4, 2, (0, 5), "v1.0"),
+    (2, 3, 1, (2,), "v1.1"),
 ]
 
 
 def _inputs(call, **kwargs):
-    height, width, batch, padding, reference = call
-    return step1x_inputs(height, width, batch=batch, padding=padding,
-                         reference_index=reference, **kwargs)
+    height, width, batch, padding, version = call
+    return step1x_inputs(height, width, batch=batch, padding=padding, version=version,
+                         **kwargs)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)],
@@ -46,7 +51,7 @@ def _inputs(call, **kwargs):
 def test_statistics_only_matches_the_stock_model(call, dtype, tol):
     """Recording mass in every block (flow attention everywhere, identity rules) changes
     nothing."""
-    model = tiny_step1x_transformer(dtype=dtype, reference_index=call[-1])
+    model = tiny_step1x_transformer(dtype=dtype, version=call[-1])
     assert_statistics_only_is_stock(model, _inputs(call, dtype=dtype), 4, tol)
 
 
@@ -59,18 +64,21 @@ def test_the_connector_sees_the_text_mask():
     assert (model(**padded)[0] - model(**unmasked)[0]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("reference_index", [0, 1])
-@pytest.mark.parametrize("height, width", [(2, 3), (1, 4), (1, 1), (3, 1)])
-def test_layout_from_the_call(height, width, reference_index):
-    """The target ends where the image ids restart at row 0, column 0, whichever index the
-    reference carries (v1.0: 0, the target's own; v1.1: 1)."""
-    model = tiny_step1x_transformer(reference_index=reference_index)
+@pytest.mark.parametrize("version", ["v1.0", "v1.1"])
+@pytest.mark.parametrize("height, width", [(2, 3), (1, 4), (1, 1), (3, 1), (2, 1)])
+def test_layout_from_the_call(height, width, version):
+    """The target ends where the image ids start over, whichever ids the reference carries
+    (v1.0: the target's own; v1.1: shifted by 1 on every axis)."""
+    model = tiny_step1x_transformer(version=version)
     with attach(model, StatsRecorder()) as session:
-        model(**step1x_inputs(height, width, text_len=5, reference_index=reference_index))
+        model(**step1x_inputs(height, width, text_len=5, version=version))
     n = height * width
     assert repr(session.layout) == f"TokenLayout(text=5, target={n}, context={n})"
-    ids = torch.cat([image_ids(height, width), image_ids(2, 2, reference_index)])
+    ids = torch.cat([image_ids(height, width), reference_ids(2, 2, version)])
     assert repr(step1x_layout(7, ids[None])) == f"TokenLayout(text=7, target={n}, context=4)"
+    assert reference_ids(1, 2, "v1.1").tolist() == [[1, 1, 1], [1, 1, 2]]
+    with pytest.raises(ValueError, match=r"version='v2': expected one of v1\.0, v1\.1"):
+        tiny_step1x_transformer(version="v2")
 
 
 def test_rules_match_reference_processor_with_gradients(monkeypatch):
@@ -173,6 +181,18 @@ def test_the_authors_size_snapping_and_schedule():
     assert (shifted_timesteps(4, 4096)[1:-1] > times[1:-1]).all()
 
 
+def test_guidance_is_damped_where_it_is_large():
+    from ditflow.models.step1x import guided_velocity
+
+    uncond = torch.zeros(1, 2, 4)
+    cond = torch.tensor([[[0.1, 0.2, 0.0, 0.0], [3.0, 4.0, 0.0, 0.0]]])  # norms 0.22 and 5
+    plain = guided_velocity(cond, uncond, 6.0, damped=False)
+    torch.testing.assert_close(plain, 6.0 * cond)
+    damped = guided_velocity(cond, uncond, 6.0, damped=True)
+    torch.testing.assert_close(damped[0, 0], plain[0, 0])  # a norm below 1 is left alone
+    torch.testing.assert_close(damped[0, 1], plain[0, 1] / 5**0.4)
+
+
 def test_prompt_embeddings_keep_what_follows_the_template():
     """Qwen2.5-VL reads the template, the photo and the instruction; the embeddings start at
     the photo's "Picture 1: " label, are zero-padded to the text length, and depend on the
@@ -257,9 +277,9 @@ def test_model_cpu_offload_with_an_intervention():
 
 def _authors_connector(params, x, t, mask, heads, depth):
     """Step1X-Edit's connector computed from the authors' parameter names and their
-    description (masked-mean pooling scaled by 1 + scale_factor; a token refiner: sinusoidal
-    timestep MLP plus pooled-text MLP as conditioning, gated self-attention and MLP blocks
-    under a pairwise padding mask whose first key is always visible)."""
+    description (masked-mean pooling, scaled by 1 + scale_factor in v1.0; a token refiner:
+    sinusoidal timestep MLP plus pooled-text MLP as conditioning, gated self-attention and MLP
+    blocks under a pairwise padding mask whose first key is always visible)."""
     import math
 
     import torch.nn.functional as F
@@ -269,7 +289,7 @@ def _authors_connector(params, x, t, mask, heads, depth):
 
     weights = mask.float().unsqueeze(-1)
     mean = (x * weights).sum(1) / weights.sum(1)
-    pooled = linear("global_proj_out", mean * (1 + params["scale_factor"]))
+    pooled = linear("global_proj_out", mean * (1 + params.get("scale_factor", 0)))
     freqs = torch.exp(-math.log(10000) * torch.arange(128) / 128)
     angles = (t * 1000)[:, None] * freqs[None]
     timestep = torch.cat([angles.cos(), angles.sin()], dim=-1)
@@ -297,9 +317,11 @@ def _authors_connector(params, x, t, mask, heads, depth):
     return h, pooled
 
 
-def _authors_connector_shapes(llm: int, width: int, depth: int) -> dict[str, tuple]:
-    shapes = {"global_proj_out.weight": (768, llm), "global_proj_out.bias": (768,),
-              "scale_factor": (1,)}
+def _authors_connector_shapes(llm: int, width: int, depth: int, version: str
+                              ) -> dict[str, tuple]:
+    shapes = {"global_proj_out.weight": (768, llm), "global_proj_out.bias": (768,)}
+    if version == "v1.0":
+        shapes["scale_factor"] = (1,)
     layers = {"S.input_embedder": (width, llm), "S.t_embedder.mlp.0": (width, 256),
               "S.t_embedder.mlp.2": (width, width), "S.c_embedder.linear_1": (width, llm),
               "S.c_embedder.linear_2": (width, width)}
@@ -315,16 +337,17 @@ def _authors_connector_shapes(llm: int, width: int, depth: int) -> dict[str, tup
     return shapes
 
 
-def test_the_connector_loads_the_authors_parameters_and_computes_their_function():
+@pytest.mark.parametrize("version", ["v1.0", "v1.1"])
+def test_the_connector_loads_the_authors_parameters_and_computes_their_function(version):
     from ditflow.models.step1x import Step1XConnector, convert_step1x_checkpoint
 
     torch.manual_seed(0)
     params = {name: torch.randn(shape) * 0.3 for name, shape in
-              _authors_connector_shapes(llm=16, width=32, depth=2).items()}
+              _authors_connector_shapes(16, 32, 2, version).items()}
     params = {k: v.abs() + 0.5 if k.endswith("norm1.weight") or k.endswith("norm2.weight")
               else v for k, v in params.items()}
     converted = convert_step1x_checkpoint({f"connector.{k}": v for k, v in params.items()})
-    connector = Step1XConnector(16, 2, 16, 2, 768)
+    connector = Step1XConnector(16, 2, 16, 2, 768, pool_scale=version == "v1.0")
     connector.load_state_dict({k.removeprefix("connector."): v for k, v in converted.items()},
                               strict=True)
     x, t = torch.randn(2, 7, 16), torch.tensor([0.99, 0.3])
@@ -337,14 +360,16 @@ def test_the_connector_loads_the_authors_parameters_and_computes_their_function(
         convert_step1x_checkpoint({"connector.S.cross_attn.weight": torch.zeros(1)})
 
 
-def test_every_parameter_of_the_released_model_is_loaded_with_its_shape():
-    """The released checkpoint's names and shapes (FLUX.1's original names for the 12B
+@pytest.mark.parametrize("version", ["v1.0", "v1.1"])
+def test_every_parameter_of_the_released_model_is_loaded_with_its_shape(version):
+    """The released checkpoints' names and shapes (FLUX.1's original names for the 12B
     transformer, the connector's) convert onto the full-size model exactly: no parameter
     missing, none left over, every shape right (on the meta device, no memory)."""
     from ditflow.models.step1x import Step1XEditTransformer, convert_step1x_checkpoint
 
     width, mlp = 3072, 12288
-    shapes = {f"connector.{k}": v for k, v in _authors_connector_shapes(3584, 4096, 2).items()}
+    shapes = {f"connector.{k}": v
+              for k, v in _authors_connector_shapes(3584, 4096, 2, version).items()}
     layers = {"img_in": (width, 64), "time_in.in_layer": (width, 256),
               "time_in.out_layer": (width, width), "vector_in.in_layer": (width, 768),
               "vector_in.out_layer": (width, width), "txt_in": (width, 4096),
@@ -370,7 +395,7 @@ def test_every_parameter_of_the_released_model_is_loaded_with_its_shape():
         shapes[f"{name}.weight"], shapes[f"{name}.bias"] = shape, shape[:1]
     with torch.device("meta"):
         checkpoint = {name: torch.empty(shape) for name, shape in shapes.items()}
-        model = Step1XEditTransformer()
+        model = Step1XEditTransformer(version=version)
     model.load_state_dict(convert_step1x_checkpoint(checkpoint), strict=True, assign=True)
     assert sum(p.numel() for p in model.parameters()) == sum(
         t.numel() for t in checkpoint.values())

@@ -174,14 +174,13 @@ class KontextCalls:
         rows, columns = size[0] // self.multiple, size[1] // self.multiple
         if (rows, columns) not in self._ids:
             self._ids[(rows, columns)] = torch.cat([
-                image_ids(rows, columns, 0), image_ids(rows, columns, self.context_index)]).to(
+                image_ids(rows, columns), self._context_ids(rows, columns)]).to(
                 self.transformer.device, self.transformer.dtype)
         return self._ids[(rows, columns)]
 
-    @property
-    def context_index(self) -> int:
-        """The context photo's index on the first position axis."""
-        return 1
+    def _context_ids(self, rows: int, columns: int) -> torch.Tensor:
+        """The context photo's position ids: FLUX.1 Kontext's index 1 on the first axis."""
+        return image_ids(rows, columns, 1)
 
     def edit(self, image, prompt: str, size: tuple[int, int], steps: int, guidance: float,
              max_sequence_length: int, generator, output_type: str = "pil"):

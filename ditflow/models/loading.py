@@ -102,12 +102,12 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_bl
 
 
 def load_step1x_pipeline(path: str | Path, dtype: torch.dtype = torch.bfloat16,
-                         checkpoint: str | None = None, reference_index: int | None = None):
+                         checkpoint: str | None = None, version: str | None = None):
     """Step1X-Edit from a local folder laid out as the authors' release: a transformer
     checkpoint ``step1x-edit*.safetensors`` (``checkpoint`` picks one when there are several),
-    ``vae.safetensors`` and the ``Qwen2.5-VL-7B-Instruct/`` folder. ``reference_index``: the
-    reference image's RoPE index, by default 1 for v1.1 checkpoints (``v1p1`` in the file
-    name) and 0 otherwise (v1.0). Errors name the folder and what is missing."""
+    ``vae.safetensors`` and the ``Qwen2.5-VL-7B-Instruct/`` folder. ``version``: ``"v1.0"`` or
+    ``"v1.1"``; by default v1.1 when the checkpoint's file name says so (``v1p1``, as the
+    authors name it), else v1.0. Errors name the folder and what is missing."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     from safetensors.torch import load_file
@@ -135,10 +135,9 @@ def load_step1x_pipeline(path: str | Path, dtype: torch.dtype = torch.bfloat16,
     if missing:
         raise FileNotFoundError(f"{path} is not a complete Step1X-Edit folder; missing: "
                                 f"{', '.join(missing)}")
-    if reference_index is None:
-        reference_index = 1 if "v1p1" in checkpoint else 0
+    version = version or ("v1.1" if "v1p1" in checkpoint else "v1.0")
     with torch.device("meta"):  # the checkpoints' tensors become the parameters
-        transformer = Step1XEditTransformer(reference_index=reference_index)
+        transformer = Step1XEditTransformer(version=version)
         vae = AutoencoderKL(**FLUX_VAE)
     transformer.load_state_dict(convert_step1x_checkpoint(load_file(path / checkpoint)),
                                 strict=True, assign=True)

@@ -10,9 +10,11 @@ diffusers' ``HunyuanVideoTokenRefiner``; ditflow's FLUX processors serve its att
 so every intervention that runs on FLUX.1 Kontext runs on Step1X-Edit.
 
 The joint sequence is ``[text 640 | target | reference]``. Text padding is not masked in the
-transformer (the authors' model attends to all 640 text tokens); the reference image carries
-RoPE index 0 on the first axis in Step1X-Edit v1.0 (the same ids as the target) and 1 in v1.1,
-so the layout is read from where the image ids restart at row 0, column 0.
+transformer (the authors' model attends to all 640 text tokens). Two releases: v1.0 gives the
+reference image the target's own position ids and scales the connector's pooled vector by a
+learned factor; v1.1 adds 1 to every axis of the reference's ids and has no such factor. The
+layout is read from where the image ids start over: a new first-axis index, or the target's
+first position again.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoTokenRefiner
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
 from .._memo import TensorMemo
 from ..layout import TokenLayout
@@ -88,24 +91,29 @@ def chat_pieces(chat: str) -> list[str]:
     return [*pieces, current] if current else pieces
 
 
+VERSIONS = ("v1.0", "v1.1")
+
+
 class Step1XConnector(torch.nn.Module):
     """Qwen2.5-VL hidden states [B, L, in_channels] -> (text tokens [B, L, heads x head_dim],
     pooled vector [B, pooled_dim]). The pooled vector is the masked mean of the hidden states,
-    scaled by ``1 + pool_scale`` (a learned scalar, initialised as the authors' to -0.91) and
-    projected."""
+    projected; with ``pool_scale`` (v1.0) the mean is first scaled by ``1 + pool_scale``, a
+    learned scalar (initialised as the authors' to -0.91)."""
 
     def __init__(self, in_channels: int, num_attention_heads: int, attention_head_dim: int,
-                 num_layers: int, pooled_dim: int):
+                 num_layers: int, pooled_dim: int, pool_scale: bool):
         super().__init__()
         self.refiner = HunyuanVideoTokenRefiner(in_channels, num_attention_heads,
                                                 attention_head_dim, num_layers)
         self.pool = torch.nn.Linear(in_channels, pooled_dim)
-        self.pool_scale = torch.nn.Parameter(torch.full((1,), -0.91))
+        self.pool_scale = torch.nn.Parameter(torch.full((1,), -0.91)) if pool_scale else None
 
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor, timestep: torch.Tensor):
         weights = mask.to(hidden_states.dtype).unsqueeze(-1)
         mean = (hidden_states * weights).sum(dim=1) / weights.sum(dim=1)
-        pooled = self.pool(mean * (1 + self.pool_scale.to(hidden_states.dtype)))
+        if self.pool_scale is not None:
+            mean = mean * (1 + self.pool_scale.to(hidden_states.dtype))
+        pooled = self.pool(mean)
         # the refiner embeds the timestep in the model's 0..1000 units
         return self.refiner(hidden_states, timestep * 1000, mask), pooled
 
@@ -114,7 +122,7 @@ class Step1XEditTransformer(ModelMixin, ConfigMixin):
     """Step1X-Edit's transformer: :class:`Step1XConnector` then a ``FluxTransformer2DModel``
     (``dit``) without guidance embedding. Defaults are the released model's sizes.
 
-    ``reference_index``: the reference image's RoPE index on the first axis (v1.0: 0, v1.1: 1).
+    ``version``: ``"v1.0"`` or ``"v1.1"`` (see the module doc).
     """
 
     _supports_gradient_checkpointing = True
@@ -124,10 +132,13 @@ class Step1XEditTransformer(ModelMixin, ConfigMixin):
                  attention_head_dim: int = 128, num_attention_heads: int = 24,
                  axes_dims_rope: tuple[int, ...] = (16, 56, 56), llm_channels: int = 3584,
                  connector_heads: int = 32, connector_head_dim: int = 128,
-                 connector_layers: int = 2, pooled_dim: int = 768, reference_index: int = 0):
+                 connector_layers: int = 2, pooled_dim: int = 768, version: str = "v1.0"):
         super().__init__()
+        if version not in VERSIONS:
+            raise ValueError(f"version={version!r}: expected one of {', '.join(VERSIONS)}")
         self.connector = Step1XConnector(llm_channels, connector_heads, connector_head_dim,
-                                         connector_layers, pooled_dim)
+                                         connector_layers, pooled_dim,
+                                         pool_scale=version == "v1.0")
         self.dit = FluxTransformer2DModel(
             patch_size=1, in_channels=in_channels, num_layers=num_layers,
             num_single_layers=num_single_layers, attention_head_dim=attention_head_dim,
@@ -152,14 +163,22 @@ class Step1XEditTransformer(ModelMixin, ConfigMixin):
                         txt_ids=txt_ids, return_dict=return_dict)
 
 
+def reference_ids(rows: int, columns: int, version: str) -> torch.Tensor:
+    """Position ids of a ``rows x columns`` reference image: v1.0 repeats the target's, v1.1
+    adds 1 on every axis."""
+    ids = image_ids(rows, columns)
+    return ids if version == "v1.0" else ids + 1
+
+
 def step1x_layout(text_len: int, img_ids: torch.Tensor) -> TokenLayout:
     """``[text | target | reference...]``: the target is the first image, which ends where the
-    image ids restart at row 0, column 0 (whatever the reference's first-axis index)."""
+    image ids start over (another first-axis index, or the target's first position again)."""
     if img_ids.dim() == 3:
         img_ids = img_ids[0]
     ids = img_ids.detach().cpu()
-    restarts = ((ids[1:, 1] == 0) & (ids[1:, 2] == 0)).nonzero()
-    target = int(restarts[0]) + 1 if len(restarts) else ids.shape[0]
+    first = ids[0]
+    starts = ((ids[1:, 0] != first[0]) | (ids[1:, 1:] == first[1:]).all(dim=1)).nonzero()
+    target = int(starts[0]) + 1 if len(starts) else ids.shape[0]
     return TokenLayout.from_segments(text_len, target, ids.shape[0] - target)
 
 
@@ -261,12 +280,24 @@ def shifted_timesteps(steps: int, image_tokens: int) -> torch.Tensor:
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
 
 
+def guided_velocity(cond: torch.Tensor, uncond: torch.Tensor, scale: float, damped: bool
+                    ) -> torch.Tensor:
+    """Classifier-free guidance; ``damped``: each token's guidance ``cond - uncond`` divided by
+    its norm to the power 0.4 where that norm exceeds 1 (the authors' early steps)."""
+    guidance = cond - uncond
+    if damped:
+        guidance = guidance / guidance.norm(dim=-1, keepdim=True).clamp(min=1) ** 0.4
+    return uncond + scale * guidance
+
+
 class Step1XEditPipeline(DiffusionPipeline):
     """Edits a photo with Step1X-Edit, as the authors' inference does: the photo resized to
     about ``size_level``² pixels, Qwen2.5-VL embeddings of instruction and photo (the first
     ``template_tokens`` hidden states dropped, at most ``max_text_tokens`` kept, zero-padded),
-    FLUX.1's shifted schedule, classifier-free guidance against ``negative_prompt``, the edit
-    resized back to the photo's size.
+    FLUX.1's shifted schedule, classifier-free guidance against ``negative_prompt`` (while
+    t > ``rescale_above``, the guidance of each token is divided by its norm to the power 0.4
+    where that norm exceeds 1; 0.93 in the authors' current code, 1.0 = never, as in their
+    first release), the edit resized back to the photo's size.
 
     The instruction is tokenized as the authors' embedder tokenizes it (:func:`chat_pieces`;
     token id 0 masked, as theirs does); the reference image is encoded with the mode of the
@@ -329,7 +360,8 @@ class Step1XEditPipeline(DiffusionPipeline):
     def __call__(self, image, prompt: str, negative_prompt: str = "",
                  num_inference_steps: int = 28, guidance_scale: float = 6.0,
                  size_level: int = 512, height: int | None = None, width: int | None = None,
-                 generator: torch.Generator | None = None, output_type: str = "pil"):
+                 rescale_above: float = 0.93, generator: torch.Generator | None = None,
+                 output_type: str = "pil"):
         """Edit ``image`` (PIL) by ``prompt``. ``height``/``width`` (multiples of
         :attr:`multiple`, 16) replace the ``size_level`` snapping. ``output_type``: ``"pil"``
         (at the photo's own size), ``"pt"`` ([1, 3, h, w] in [0, 1] at the working size) or
@@ -342,7 +374,7 @@ class Step1XEditPipeline(DiffusionPipeline):
         if height % self.multiple or width % self.multiple:
             raise ValueError(f"height={height}, width={width}: expected multiples of "
                              f"{self.multiple}")
-        photo = image.convert("RGB").resize((width, height))
+        photo = image.convert("RGB").resize((width, height), Image.LANCZOS)
         pixels = torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1)
         pixels = (pixels.float() / 255)[None].to(device)
         reference = pack_latents(encode_image(self.vae, pixels.to(self.vae.dtype))).to(dtype)
@@ -354,9 +386,8 @@ class Step1XEditPipeline(DiffusionPipeline):
         guided = guidance_scale > 1
         prompts = [prompt, negative_prompt] if guided else [prompt]
         embeds, mask = self.encode_prompt(prompts, [photo] * len(prompts))
-        reference_index = self.transformer.config.reference_index
-        ids = torch.cat([image_ids(rows, columns, 0),
-                         image_ids(rows, columns, reference_index)]).to(device, dtype)
+        ids = torch.cat([image_ids(rows, columns), reference_ids(
+            rows, columns, self.transformer.config.version)]).to(device, dtype)
         times = shifted_timesteps(num_inference_steps, rows * columns).tolist()
         with self.progress_bar(total=num_inference_steps) as progress:
             for t, t_next in itertools.pairwise(times):
@@ -368,8 +399,8 @@ class Step1XEditPipeline(DiffusionPipeline):
                     timestep=torch.full((batch,), t, device=device, dtype=dtype), img_ids=ids,
                     return_dict=False)[0][:, : latents.shape[1]]
                 if guided:
-                    cond, uncond = velocity.chunk(2)
-                    velocity = uncond + guidance_scale * (cond - uncond)
+                    velocity = guided_velocity(*velocity.float().chunk(2), guidance_scale,
+                                               damped=t > rescale_above)
                 latents = (latents.float() + (t_next - t) * velocity.float()).to(dtype)
                 progress.update()
         if output_type == "latent":
@@ -377,8 +408,6 @@ class Step1XEditPipeline(DiffusionPipeline):
         edited = self._decode(latents, rows, columns)
         if output_type == "pt":
             return ImagePipelineOutput(images=edited)
-        from PIL import Image
-
         array = edited[0].permute(1, 2, 0).mul(255).round().byte().cpu().numpy()
         return ImagePipelineOutput(images=[Image.fromarray(array).resize(image.size)])
 
@@ -407,9 +436,8 @@ class Step1XEditCalls(KontextCalls):
     prompt_sees_image = True
     adapter = Step1XAdapter
 
-    @property
-    def context_index(self) -> int:
-        return self.transformer.config.reference_index
+    def _context_ids(self, rows: int, columns: int) -> torch.Tensor:
+        return reference_ids(rows, columns, self.transformer.config.version)
 
     def working_size(self, height: int, width: int, resolution: int) -> tuple[int, int]:
         """The size the pipeline edits a ``height x width`` photo at with ``size_level =
