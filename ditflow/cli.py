@@ -150,13 +150,17 @@ def evaluate_command(args) -> int:
         from .faces import FaceEmbedder
 
         faces = FaceEmbedder(args.face_model, args.face_size)
+    from tqdm.auto import tqdm
+
     pipeline = _pipeline(args.model, args.device, kind="editor")
+    pipeline.set_progress_bar_config(disable=True)  # one bar over the photos instead
     protector = Protector(pipeline, config)
     clean_dir, protected_dir = Path(args.clean), Path(args.protected)
     prompt = args.prompt or ("make the red circle blue" if args.model == "testbed"
                              else "Make the person smile broadly")
     rows = []
-    for clean_path in sorted(p for p in clean_dir.iterdir() if p.is_file()):
+    clean_paths = sorted(p for p in clean_dir.iterdir() if p.is_file())
+    for clean_path in tqdm(clean_paths, desc="photos", unit="photo", leave=False):
         matches = sorted(protected_dir.glob(clean_path.stem + ".*"))
         if not matches:
             continue
