@@ -321,7 +321,7 @@ class Step1XEditPipeline(DiffusionPipeline):
     def encode_prompt(self, prompts: list[str], images: list) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden states [B, max_text_tokens, C], mask [B, max_text_tokens]) of each
         instruction read together with its photo (PIL)."""
-        device = self.text_encoder.device
+        device = self._execution_device
         total, start = self.config.max_text_tokens, self.config.template_tokens
         width = self.text_encoder.config.text_config.hidden_size
         embeds = torch.zeros(len(prompts), total, width, device=device,
