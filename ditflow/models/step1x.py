@@ -44,6 +44,7 @@ from .flux import (
     vae_scale_factor,
 )
 
+VERSIONS = ("v1.0", "v1.1")
 # What Step1X-Edit's embedder puts before the photo and the instruction (the model was trained
 # on hidden states of this chat; the embedding keeps what follows its first 217 tokens).
 QWEN_PREFIX = (
@@ -89,9 +90,6 @@ def chat_pieces(chat: str) -> list[str]:
         else:
             current += char
     return [*pieces, current] if current else pieces
-
-
-VERSIONS = ("v1.0", "v1.1")
 
 
 class Step1XConnector(torch.nn.Module):
