@@ -70,9 +70,12 @@ def _pipeline(model: str, device: str, kind: str = "kontext"):
     from .models.loading import load_editor, load_flux_pipeline
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if kind == "editor":
-        return load_editor(model, dtype=dtype).to(device)
-    return load_flux_pipeline(model, kind=kind, dtype=dtype).to(device)
+    try:
+        if kind == "editor":
+            return load_editor(model, dtype=dtype).to(device)
+        return load_flux_pipeline(model, kind=kind, dtype=dtype).to(device)
+    except (FileNotFoundError, ValueError) as exc:  # a folder that is not the model asked for
+        raise SystemExit(f"error: {exc}") from None
 
 
 def _model_settings(args) -> dict:

@@ -119,6 +119,18 @@ def test_missing_inputs_and_clashing_names(tmp_path):
     assert any("no such file" in e for e in errors)
 
 
+def test_a_model_folder_that_is_not_one_is_a_one_line_error(tmp_path):
+    photo = tmp_path / "p.png"
+    Image.fromarray(_rgb(20, 20)).save(photo)
+    folder = tmp_path / "step1x"
+    folder.mkdir()
+    (folder / "step1x-edit-i1258.safetensors").touch()
+    for model, message in ((tmp_path / "nowhere", "no such model directory"),
+                           (folder, "Step1X-Edit folder; missing: vae.safetensors")):
+        with pytest.raises(SystemExit, match=f"^error: .*{message}"):
+            main(["protect", str(photo), "-o", str(tmp_path / "out"), "--model", str(model)])
+
+
 def test_resume_after_the_process_is_killed(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
