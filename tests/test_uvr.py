@@ -163,7 +163,7 @@ def test_generation_on_the_testbed(t2i, editor, tmp_path):
         generate(t2i, caption, anchors, height=SIZE, width=SIZE, negative_prompt="x")
     with pytest.raises(ValueError, match="multiples of 2"):
         generate(t2i, caption, anchors, height=SIZE + 1, width=SIZE)
-    with pytest.raises(TypeError, match="FluxKontextPipeline"):
+    with pytest.raises(TypeError, match="FluxKontextPipeline or Step1XEditPipeline"):
         edit(t2i, render(scenes[0]), caption, anchors)
 
 
@@ -222,3 +222,40 @@ def test_uvr_commands(tmp_path, capsys):
               "--entity", "red circle", "-o", str(tmp_path / "x.png")])
     assert "--uvr and --entity are separate methods" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_editing_with_step1x_edit():
+    """Step1X-Edit batches the prompt with its negative prompt: anchors and localisation use
+    the prompt's outputs, the weights act on both; nothing flagged leaves the edit as it is."""
+    from ditflow.tiny import tiny_step1x_edit_pipeline
+
+    pipe = tiny_step1x_edit_pipeline()
+    photos = [np.random.default_rng(i).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+              for i in range(3)]
+
+    def left_half(image):
+        return np.arange(image.shape[1])[None, :].repeat(image.shape[0], 0) < image.shape[1] // 2
+
+    options = dict(num_inference_steps=6)  # the first two in the start-up stage
+    config = UVRConfig(block="double.0")
+    anchors = collect_anchors(pipe, ["add a hat", "make it red"], height=16, width=16,
+                              images=photos[:2], select=left_half, config=config, **options)
+    assert anchors.shape == (2, 2, 16)
+    stock = pipe(image=_pil(photos[2]), prompt="add a hat", height=16, width=16,
+                 output_type="pt", generator=torch.Generator().manual_seed(0),
+                 **options).images
+    unflagged, mask = edit(pipe, photos[2], "add a hat", anchors, resolution=16,
+                           config=UVRConfig(block="double.0", threshold=1e9), output_type="pt",
+                           generator=torch.Generator().manual_seed(0), **options)
+    assert mask is None and torch.allclose(unflagged, stock, atol=1e-5)
+    out, mask = edit(pipe, photos[2], "add a hat", anchors, resolution=16,
+                     config=UVRConfig(block="double.0", threshold=-1e9), output_type="pt",
+                     generator=torch.Generator().manual_seed(0), **options)
+    assert mask is not None and mask.shape == (8, 8) and mask.all()
+    assert not torch.allclose(out, stock, atol=1e-3)
+
+
+def _pil(pixels):
+    from PIL import Image
+
+    return Image.fromarray(pixels)

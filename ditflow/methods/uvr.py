@@ -1,4 +1,5 @@
-"""UVR: safe generation and editing by restricting unsafe information flow (FLUX.1, Kontext).
+"""UVR: safe generation and editing by restricting unsafe information flow (FLUX.1; editing:
+FLUX.1 Kontext and Step1X-Edit).
 
 Unsafe semantics show up in the first denoising steps (the start-up stage, t >= 850 of 1000) in
 identifiable image patches. UVR finds those patches and restricts the attention flowing out of
@@ -19,11 +20,13 @@ or into them during that stage:
 * **generation** (FluxPipeline): localised at ``block`` at every start-up step; in every block
   of those steps the attention-output rows of flagged image tokens become
   ``keep * out + (1 - keep) * N(0, 1)`` (keep 0.001), mixed in by the soft mask;
-* **editing** (FluxKontextPipeline): localised once, on the context image's tokens, at the
-  first step; for the rest of the start-up stage the attention probabilities from text and
-  target queries to the flagged context tokens are multiplied by 0.2 (core) and 0.4 (a
-  ``ring``-token ring around it), without renormalisation, and target queries' probabilities on
-  text and target keys by 1.05: flow attention's ``weight`` table.
+* **editing** (FluxKontextPipeline, Step1XEditPipeline): localised once, on the context
+  image's tokens, at the first step (Step1X-Edit batches the prompt with its negative prompt:
+  localised on the prompt's, the weights apply to both); for the rest of the start-up stage
+  the attention probabilities from text and target queries to the flagged context tokens are
+  multiplied by 0.2 (core) and 0.4 (a ``ring``-token ring around it), without
+  renormalisation, and target queries' probabilities on text and target keys by 1.05: flow
+  attention's ``weight`` table.
 
 The paper's t >= 850, single block 10, keep 0.001 and weights are the defaults. It leaves the
 score's scale open (its thresholds, 0.6 for generation and 0.2 for editing, are on a scale it
@@ -45,7 +48,8 @@ import torch.nn.functional as F
 
 from ..io import pixels_tensor, to_uint8
 from ..layout import TARGET, TEXT, TokenLayout
-from ..models.flux import token_coverage, vae_scale_factor, working_size
+from ..models import edit_calls_for
+from ..models.flux import token_coverage, vae_scale_factor
 from ..rules import FlowRules
 from ..session import BlockId, Intervention, StepInfo, attach
 from .calls import check_one_image_call
@@ -149,13 +153,13 @@ def collect_anchors(pipeline, prompts: Sequence[str], *, height: int, width: int
                     config: UVRConfig = UVRConfig(), **call_kwargs) -> torch.Tensor:
     """Anchors [A, H, D] of a concept, one per prompt: for a FluxPipeline, generations of
     ``prompts``, ``select`` marking the concept's pixels in each generated image; for a
-    FluxKontextPipeline, edits of ``images`` (which show the concept), ``select`` marking it in
-    each image. ``select``: uint8 [H, W, 3] -> bool [H, W] (a detector, or masks you drew).
-    Prompts whose selection is empty give no anchor; an anchor over the whole image would be
-    zero (outputs are centred on their image's mean)."""
+    FluxKontextPipeline or Step1XEditPipeline, edits of ``images`` (which show the concept),
+    ``select`` marking it in each image. ``select``: uint8 [H, W, 3] -> bool [H, W] (a
+    detector, or masks you drew). Prompts whose selection is empty give no anchor; an anchor
+    over the whole image would be zero (outputs are centred on their image's mean)."""
     mode = _mode_of(pipeline)
     if mode == "edit" and (images is None or len(images) != len(prompts)):
-        raise ValueError("collect_anchors: a Kontext pipeline needs one image per prompt")
+        raise ValueError("collect_anchors: an editing pipeline needs one image per prompt")
     grid = _grid(pipeline, height, width)
     anchors = []
     for i, prompt in enumerate(prompts):
@@ -206,18 +210,21 @@ def load_anchors(path: str | Path) -> tuple[torch.Tensor, dict[str, str]]:
 
 class UVR(Intervention):
     """UVR for one image per call: ``mode`` "generate" (FluxPipeline) or "edit"
-    (FluxKontextPipeline), ``anchors`` [A, H, D] from :func:`collect_anchors` with the same
-    model, block and mode, ``grid`` the (rows, columns) of the scored image. After a call,
-    :attr:`scores` holds the last localisation's token scores ([rows, columns]) and
-    :attr:`mask` the tokens flagged at any localisation (bool [rows, columns]) or None."""
+    (FluxKontextPipeline, Step1XEditPipeline), ``anchors`` [A, H, D] from
+    :func:`collect_anchors` with the same model, block and mode, ``grid`` the (rows, columns)
+    of the scored image; ``guidance_batch``: the pipeline batches the prompt with its negative
+    prompt (Step1X-Edit), localise on the first. After a call, :attr:`scores` holds the last
+    localisation's token scores ([rows, columns]) and :attr:`mask` the tokens flagged at any
+    localisation (bool [rows, columns]) or None."""
 
     def __init__(self, anchors: torch.Tensor, grid: tuple[int, int], mode: str,
-                 config: UVRConfig = UVRConfig()):
+                 config: UVRConfig = UVRConfig(), guidance_batch: bool = False):
         if mode not in MODES:
             raise ValueError(f"UVR: mode={mode!r}; expected one of {MODES}")
         if anchors.dim() != 3 or not len(anchors):
             raise ValueError(f"UVR: anchors of shape {tuple(anchors.shape)}; expected [A, H, D]")
         self.anchors, self.grid, self.mode, self.config = anchors, tuple(grid), mode, config
+        self.guidance_batch = guidance_batch
         self._reset()
         self._plan: tuple[TokenLayout, TokenLayout, torch.Tensor, FlowRules] | None = None
         self._noise: torch.Generator | None = None
@@ -277,7 +284,7 @@ class UVR(Intervention):
     def observe(self, step, block, layout, result):
         if not self._localizes(step, block):
             return
-        if result.out.shape[0] != 1:
+        if result.out.shape[0] > (2 if self.guidance_batch else 1):
             raise ValueError(f"UVR: one image per transformer call, got a batch of "
                              f"{result.out.shape[0]} (call the pipeline once per image)")
         outputs = result.out[0, _scored_tokens(layout, self.mode).to(result.out.device)]
@@ -311,12 +318,20 @@ class UVR(Intervention):
 def _mode_of(pipeline) -> str:
     from diffusers import FluxKontextPipeline, FluxPipeline
 
-    if isinstance(pipeline, FluxKontextPipeline):
+    from ..models.step1x import Step1XEditPipeline
+
+    if isinstance(pipeline, FluxKontextPipeline | Step1XEditPipeline):
         return "edit"
     if isinstance(pipeline, FluxPipeline):
         return "generate"
-    raise TypeError(f"UVR: expected a FluxPipeline or FluxKontextPipeline, got "
-                    f"{type(pipeline).__name__}")
+    raise TypeError(f"UVR: expected a FluxPipeline, FluxKontextPipeline or Step1XEditPipeline, "
+                    f"got {type(pipeline).__name__}")
+
+
+def _batches_guidance(pipeline) -> bool:
+    from ..models.step1x import Step1XEditPipeline
+
+    return isinstance(pipeline, Step1XEditPipeline)
 
 
 def _grid(pipeline, height: int, width: int) -> tuple[int, int]:
@@ -341,6 +356,8 @@ def _working_image(image, height: int, width: int):
 def _call(pipeline, prompt: str, source, height: int, width: int, **call_kwargs):
     if source is None:
         return pipeline(prompt=prompt, height=height, width=width, **call_kwargs)
+    if _batches_guidance(pipeline):  # Step1X-Edit edits at exactly height x width
+        return pipeline(image=source, prompt=prompt, height=height, width=width, **call_kwargs)
     return pipeline(image=source, prompt=prompt, height=height, width=width,
                     max_area=height * width, _auto_resize=False, **call_kwargs)
 
@@ -372,18 +389,19 @@ def generate(pipeline, prompt: str, anchors: torch.Tensor, *, height: int, width
 def edit(pipeline, image, prompt: str, anchors: torch.Tensor, *, resolution: int = 1024,
          config: UVRConfig = UVRConfig(), anchor_metadata: dict[str, str] | None = None,
          **call_kwargs):
-    """One FluxKontextPipeline edit of ``image`` with UVR, at the working resolution (about
-    ``resolution``² pixels at the image's aspect ratio, multiples of 16 on FLUX; the context is
-    resized to it): ``(images, mask)``, the mask on the context's tokens."""
+    """One FluxKontextPipeline or Step1XEditPipeline edit of ``image`` with UVR, at the
+    working resolution (about ``resolution``² pixels at the image's aspect ratio, snapped as
+    the editor snaps; the context is resized to it): ``(images, mask)``, the mask on the
+    context's tokens."""
     if _mode_of(pipeline) != "edit":
-        raise TypeError("UVR edit: expected a FluxKontextPipeline (for FLUX.1 use "
-                        "uvr.generate)")
+        raise TypeError("UVR edit: expected a FluxKontextPipeline or Step1XEditPipeline (for "
+                        "FLUX.1 use uvr.generate)")
     check_one_image_call("UVR", call_kwargs)
     _check_anchors(anchor_metadata, "edit", config)
     pixels = pixels_tensor(image)
-    height, width = working_size(*pixels.shape[1:], resolution,
-                                 2 * vae_scale_factor(pipeline.vae))
-    uvr = UVR(anchors, _grid(pipeline, height, width), "edit", config)
+    height, width = edit_calls_for(pipeline).working_size(*pixels.shape[1:], resolution)
+    uvr = UVR(anchors, _grid(pipeline, height, width), "edit", config,
+              guidance_batch=_batches_guidance(pipeline))
     with attach(pipeline, uvr):
         images = _call(pipeline, prompt, _working_image(pixels, height, width), height, width,
                        **call_kwargs).images

@@ -278,6 +278,9 @@ def shifted_timesteps(steps: int, image_tokens: int) -> torch.Tensor:
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
 
 
+OUTPUT_TYPES = ("pil", "pt", "np", "latent")
+
+
 def guided_velocity(cond: torch.Tensor, uncond: torch.Tensor, scale: float, damped: bool
                     ) -> torch.Tensor:
     """Classifier-free guidance; ``damped``: each token's guidance ``cond - uncond`` divided by
@@ -362,10 +365,11 @@ class Step1XEditPipeline(DiffusionPipeline):
                  output_type: str = "pil"):
         """Edit ``image`` (PIL) by ``prompt``. ``height``/``width`` (multiples of
         :attr:`multiple`, 16) replace the ``size_level`` snapping. ``output_type``: ``"pil"``
-        (at the photo's own size), ``"pt"`` ([1, 3, h, w] in [0, 1] at the working size) or
-        ``"latent"`` (packed [1, N, C])."""
-        if output_type not in ("pil", "pt", "latent"):
-            raise ValueError(f"output_type={output_type!r}: expected 'pil', 'pt' or 'latent'")
+        (at the photo's own size), ``"pt"`` ([1, 3, h, w] in [0, 1] at the working size),
+        ``"np"`` (the same as [1, h, w, 3]) or ``"latent"`` (packed [1, N, C])."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}: expected one of "
+                             f"{', '.join(OUTPUT_TYPES)}")
         device, dtype = self._execution_device, self.transformer.dtype
         if height is None or width is None:
             height, width = step1x_size(image.height, image.width, size_level, self.multiple)
@@ -406,6 +410,8 @@ class Step1XEditPipeline(DiffusionPipeline):
         edited = self._decode(latents, rows, columns)
         if output_type == "pt":
             return ImagePipelineOutput(images=edited)
+        if output_type == "np":
+            return ImagePipelineOutput(images=edited.permute(0, 2, 3, 1).cpu().numpy())
         array = edited[0].permute(1, 2, 0).mul(255).round().byte().cpu().numpy()
         return ImagePipelineOutput(images=[Image.fromarray(array).resize(image.size)])
 
