@@ -13,7 +13,7 @@ $(VENV)/.ready: pyproject.toml setup.py csrc/flow_attention_cpu.cpp
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	# the C++ CPU kernels are built against the torch installed above
-	DITFLOW_BUILD_EXT=1 $(PY) -m pip install -q -e ".[test,dev,diffusers]" --no-build-isolation
+	DITFLOW_BUILD_EXT=1 $(PY) -m pip install -q -e ".[test,dev,diffusers,scale]" --no-build-isolation
 	touch $@
 
 setup: $(VENV)/.ready

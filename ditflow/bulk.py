@@ -68,67 +68,108 @@ def _record(job: Job, config: ProtectConfig, **fields) -> dict:
             "config": {k: v for k, v in asdict(config).items() if k != "prompts"}, **fields}
 
 
-def run(jobs: list[Job], pipeline, config: ProtectConfig, manifest: Manifest,
-        resume: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True
-        ) -> dict:
-    """Protect every job; returns counts {"ok", "failed", "skipped"}."""
-    from tqdm.auto import tqdm
+class BatchedProtection:
+    """Protects photo files in batches of one working size: :meth:`add` loads a job's photo
+    and queues it (a full batch is protected and its photos saved); :meth:`finish` protects the
+    partial batches. Both return the manifest records of the photos they finished (or failed).
+    ``progress``: a bar over each batch's PGD steps."""
 
-    protector = Protector(pipeline, config)
-    config = protector.config  # the model's defaults filled in: the manifest records them
-    counts = {"ok": 0, "failed": 0, "skipped": 0}
-    pending: dict[tuple[int, int], list[tuple[Job, Photo]]] = {}
-    images_bar = tqdm(total=len(jobs), desc="photos", unit="photo", disable=not progress)
+    def __init__(self, pipeline, config: ProtectConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 progress: bool = False):
+        self.protector = Protector(pipeline, config)
+        self.config = self.protector.config  # the model's defaults filled in, as recorded
+        self.max_pixels = max_pixels
+        self.progress = progress
+        self._pending: dict[tuple[int, int], list[tuple[Job, Photo]]] = {}
 
-    def fail(job: Job, message: str) -> None:
-        manifest.append(_record(job, config, status="error", error=message))
-        counts["failed"] += 1
-        images_bar.update()
+    def add(self, job: Job) -> list[dict]:
+        if job.error:
+            return [self.failed(job, job.error)]
+        try:
+            photo = load_photo(job.source, self.max_pixels)
+        except ImageError as exc:
+            return [self.failed(job, str(exc))]
+        size = self.protector.working_size(*photo.pixels.shape[:2])
+        self._pending.setdefault(size, []).append((job, photo))
+        return self._flush(size) if len(self._pending[size]) == self.config.batch_size else []
 
-    def flush(size: tuple[int, int]) -> None:
-        batch = pending.pop(size)
-        steps_bar = tqdm(total=config.steps, desc=f"batch of {len(batch)} at {size[1]}x{size[0]}",
-                         unit="step", leave=False, disable=not progress)
+    def finish(self) -> list[dict]:
+        return [record for size in list(self._pending) for record in self._flush(size)]
+
+    def failed(self, job: Job, message: str) -> dict:
+        return _record(job, self.config, status="error", error=message)
+
+    def _flush(self, size: tuple[int, int]) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        batch = self._pending.pop(size)
+        steps_bar = tqdm(total=self.config.steps, desc=f"batch of {len(batch)} at "
+                         f"{size[1]}x{size[0]}", unit="step", leave=False,
+                         disable=not self.progress)
         try:
             start = time.perf_counter()
-            results = protector.run([str(job.source) for job, _ in batch],
-                                    [photo.tensor() for _, photo in batch],
-                                    on_step=lambda _: steps_bar.update())
+            results = self.protector.run([str(job.source) for job, _ in batch],
+                                         [photo.tensor() for _, photo in batch],
+                                         on_step=lambda _: steps_bar.update())
         finally:
             steps_bar.close()
+        records = []
         for (job, photo), result in zip(batch, results, strict=True):
-            pixels = quantize_within_budget(photo.pixels, result.image, config.epsilon)
+            pixels = quantize_within_budget(photo.pixels, result.image, self.config.epsilon)
             save_photo(job.output, pixels, photo.alpha, photo.icc)
             diff = int(abs(pixels.astype(int) - photo.pixels.astype(int)).max())
-            manifest.append(_record(
-                job, config, status="ok", r_ctx_before=result.r_ctx_before,
+            records.append(_record(
+                job, self.config, status="ok", r_ctx_before=result.r_ctx_before,
                 r_ctx_after=result.r_ctx_after, linf=diff, psnr=psnr(photo.pixels, pixels),
                 ssim=ssim(photo.pixels, pixels), steps=result.steps,
                 working_size=list(result.working_size),
                 seconds=(time.perf_counter() - start) / len(batch), note=photo.note))
-            counts["ok"] += 1
-            images_bar.update()
+        return records
 
+
+class Progress:
+    """What a bulk run writes as records arrive: the manifest, the counts, the photos bar."""
+
+    def __init__(self, manifest: Manifest, total: int, progress: bool):
+        from tqdm.auto import tqdm
+
+        self.manifest = manifest
+        self.counts = {"ok": 0, "failed": 0, "skipped": 0}
+        self.bar = tqdm(total=total, desc="photos", unit="photo", disable=not progress)
+
+    def write(self, records: list[dict]) -> None:
+        for record in records:
+            self.manifest.append(record)
+            self.counts["ok" if record["status"] == "ok" else "failed"] += 1
+            self.bar.update()
+
+    def skip(self) -> None:
+        self.counts["skipped"] += 1
+        self.bar.update()
+
+
+def to_do(jobs: list[Job], manifest: Manifest, resume: bool, progress: Progress) -> list[Job]:
+    """The jobs a run has left: with ``resume``, those not finished in the manifest (jobs that
+    cannot run are always recorded again)."""
+    left = []
+    for job in jobs:
+        if resume and not job.error and manifest.finished(job.source, job.output):
+            progress.skip()
+        else:
+            left.append(job)
+    return left
+
+
+def run(jobs: list[Job], pipeline, config: ProtectConfig, manifest: Manifest,
+        resume: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True
+        ) -> dict:
+    """Protect every job in this process; returns counts {"ok", "failed", "skipped"}."""
+    protection = BatchedProtection(pipeline, config, max_pixels, progress)
+    written = Progress(manifest, len(jobs), progress)
     try:
-        for job in jobs:
-            if job.error:
-                fail(job, job.error)
-                continue
-            if resume and manifest.finished(job.source, job.output):
-                counts["skipped"] += 1
-                images_bar.update()
-                continue
-            try:
-                photo = load_photo(job.source, max_pixels)
-            except ImageError as exc:
-                fail(job, str(exc))
-                continue
-            size = protector.working_size(*photo.pixels.shape[:2])
-            pending.setdefault(size, []).append((job, photo))
-            if len(pending[size]) == config.batch_size:
-                flush(size)
-        for size in list(pending):
-            flush(size)
+        for job in to_do(jobs, manifest, resume, written):
+            written.write(protection.add(job))
+        written.write(protection.finish())
     finally:
-        images_bar.close()
-    return counts
+        written.bar.close()
+    return written.counts

@@ -42,39 +42,19 @@ EDITOR_ONLY = ("tiny-qwen", "tiny-step1x")
 
 
 def _pipeline(model: str, device: str, kind: str = "kontext"):
-    """``kind``: "kontext" (FLUX.1 Kontext), "t2i" (FLUX.1) or "editor" (any in-context editor
-    DeContext protects against: FLUX.1 Kontext, Qwen-Image-Edit or Step1X-Edit)."""
-    # The libraries' own chatter (optional image processors, prompt truncation) is not for
-    # users of this command; errors still show.
+    """:func:`~ditflow.models.loading.pipeline_by_name` for a command: the libraries' own
+    chatter (optional image processors, prompt truncation) silenced, a folder that is not the
+    model asked for a one-line error."""
     import diffusers
     import transformers
 
+    from .models.loading import pipeline_by_name
+
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
-    if model == "tiny":
-        from .tiny import tiny_flux_pipeline
-
-        return tiny_flux_pipeline("t2i" if kind == "t2i" else "kontext").to(device)
-    if model == "tiny-qwen":
-        from .tiny import tiny_qwen_edit_pipeline
-
-        return tiny_qwen_edit_pipeline().to(device)
-    if model == "tiny-step1x":
-        from .tiny import tiny_step1x_edit_pipeline
-
-        return tiny_step1x_edit_pipeline().to(device)
-    if model == "testbed":
-        from .testbed.models import testbed_pipeline
-
-        return testbed_pipeline("t2i" if kind == "t2i" else "editor").to(device)
-    from .models.loading import load_editor, load_flux_pipeline
-
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
-        if kind == "editor":
-            return load_editor(model, dtype=dtype).to(device)
-        return load_flux_pipeline(model, kind=kind, dtype=dtype).to(device)
-    except (FileNotFoundError, ValueError) as exc:  # a folder that is not the model asked for
+        return pipeline_by_name(model, device, kind)
+    except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
 
 
@@ -107,7 +87,7 @@ def _config(args) -> ProtectConfig:
 
 
 def protect_command(args) -> int:
-    from . import bulk
+    from . import bulk, scale
     from .io import Manifest
 
     outdir = Path(args.output)
@@ -126,10 +106,17 @@ def protect_command(args) -> int:
         return 2
     config = _config(args)
     jobs = bulk.gather(args.inputs, outdir, suffix)
-    pipeline = _pipeline(args.model, args.device, kind="editor")
+    options = dict(resume=args.resume, max_pixels=args.max_pixels, progress=not args.quiet)
     try:
-        counts = bulk.run(jobs, pipeline, config, manifest, resume=args.resume,
-                          max_pixels=args.max_pixels, progress=not args.quiet)
+        if args.workers > 1:
+            counts = scale.run(jobs, args.model, args.device, config, manifest, args.workers,
+                               **options)
+        else:
+            counts = bulk.run(jobs, _pipeline(args.model, args.device, kind="editor"), config,
+                              manifest, **options)
+    except scale.WorkerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished photos are saved and recorded in {manifest.path}; "
               "rerun with --resume to continue", file=sys.stderr)
@@ -464,6 +451,9 @@ def _protect_options(p: argparse.ArgumentParser, steps_default: int = 800,
                    help="attacked blocks, e.g. single.0,single.1 (default: FLUX.1 Kontext and "
                         "Step1X-Edit single.0..single.25, Qwen-Image-Edit double.0..double.39)")
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1,
+                   help="protect on this many devices at once with Ray (one GPU each with "
+                        "--device cuda, else one CPU core each; pip install 'ditflow[scale]')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-tokens", type=int, default=None,
                    help="FLUX's T5 tokens (default 512)")

@@ -152,3 +152,31 @@ def load_step1x_pipeline(path: str | Path, dtype: torch.dtype = torch.bfloat16,
         processor=AutoProcessor.from_pretrained(encoder, min_pixels=QWEN_MIN_PIXELS,
                                                 max_pixels=QWEN_MAX_PIXELS,
                                                 local_files_only=True))
+
+
+def pipeline_by_name(model: str, device: str, kind: str = "kontext"):
+    """The pipeline a command names with ``--model``, on ``device``: ``"tiny"`` (FLUX.1 /
+    FLUX.1 Kontext), ``"tiny-qwen"``, ``"tiny-step1x"`` (random tiny editors), ``"testbed"``
+    (the trained testbed models) or a local folder (bf16 on a GPU, else fp32). ``kind``:
+    ``"kontext"`` (FLUX.1 Kontext), ``"t2i"`` (FLUX.1) or ``"editor"`` (any in-context editor
+    DeContext protects against: FLUX.1 Kontext, Qwen-Image-Edit or Step1X-Edit)."""
+    if model == "tiny":
+        from ..tiny import tiny_flux_pipeline
+
+        return tiny_flux_pipeline("t2i" if kind == "t2i" else "kontext").to(device)
+    if model == "tiny-qwen":
+        from ..tiny import tiny_qwen_edit_pipeline
+
+        return tiny_qwen_edit_pipeline().to(device)
+    if model == "tiny-step1x":
+        from ..tiny import tiny_step1x_edit_pipeline
+
+        return tiny_step1x_edit_pipeline().to(device)
+    if model == "testbed":
+        from ..testbed.models import testbed_pipeline
+
+        return testbed_pipeline("t2i" if kind == "t2i" else "editor").to(device)
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if kind == "editor":
+        return load_editor(model, dtype=dtype).to(device)
+    return load_flux_pipeline(model, kind=kind, dtype=dtype).to(device)

@@ -1,0 +1,97 @@
+"""Bulk protection on several devices with Ray: one worker per GPU (or per CPU core), each
+with its own copy of the editor.
+
+The driver hands out photos one at a time to whichever worker is free, writes the manifest as
+records come back (one writer, so ``--resume`` works as in a single process) and never loads the
+model itself. Workers load, batch, protect and save their photos (outputs are written where the
+driver would write them: workers on other machines need the same file system). Results depend
+only on the seed and each photo's name, so they are the same whatever worker protects a photo.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .bulk import BatchedProtection, Job, Progress, to_do
+from .io import DEFAULT_MAX_PIXELS, Manifest
+from .methods.decontext import ProtectConfig
+
+
+class WorkerError(RuntimeError):
+    """The workers cannot start: no Ray, fewer devices than workers, or no such model."""
+
+
+class _Worker:
+    """A Ray actor: a :class:`~ditflow.bulk.BatchedProtection` over its own pipeline."""
+
+    def __init__(self, model: str, device: str, config: ProtectConfig, max_pixels: int):
+        from .models.loading import pipeline_by_name
+
+        try:
+            pipeline = pipeline_by_name(model, device, kind="editor")
+        except (FileNotFoundError, ValueError) as exc:  # not the model asked for
+            self.error = str(exc)
+            return
+        self.error = None
+        self.protection = BatchedProtection(pipeline, config, max_pixels)
+
+    def ready(self) -> str | None:
+        """None, or why the model did not load."""
+        return self.error
+
+    def add(self, job: Job) -> list[dict]:
+        return self.protection.add(job)
+
+    def finish(self) -> list[dict]:
+        return self.protection.finish()
+
+
+def run(jobs: list[Job], model: str, device: str, config: ProtectConfig, manifest: Manifest,
+        workers: int, resume: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+        progress: bool = True) -> dict:
+    """Protect every job on ``workers`` Ray workers, each loading ``model`` (as ``--model``
+    names it) on ``device`` ("cuda": one GPU per worker; "cpu": one core). Starts a local Ray
+    instance unless one is running (``ray.init`` it yourself to use a cluster). Returns counts
+    {"ok", "failed", "skipped"}."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise WorkerError("several workers need Ray: pip install 'ditflow[scale]'") from exc
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    written = Progress(manifest, len(jobs), progress)
+    try:
+        kind = "GPU" if device.startswith("cuda") else "CPU"
+        available = int(ray.cluster_resources().get(kind, 0))
+        if workers > available:  # Ray would wait for them forever
+            raise WorkerError(f"{workers} workers on {device} need {workers} {kind}s; the Ray "
+                              f"cluster has {available}")
+        worker = ray.remote(**{f"num_{kind.lower()}s": 1})(_Worker)
+        actors = [worker.remote(model, device, config, max_pixels) for _ in range(workers)]
+        errors = [e for e in ray.get([actor.ready.remote() for actor in actors]) if e]
+        if errors:
+            raise WorkerError(errors[0])
+        queue, finishing, in_flight = deque(to_do(jobs, manifest, resume, written)), set(), {}
+
+        def give(actor) -> None:
+            """The actor's next call: a photo while any are left, then its partial batches."""
+            if queue:
+                in_flight[actor.add.remote(queue.popleft())] = actor
+            elif actor not in finishing:
+                finishing.add(actor)
+                in_flight[actor.finish.remote()] = actor
+
+        for actor in actors:
+            give(actor)
+        while in_flight:
+            (done,), _ = ray.wait(list(in_flight), num_returns=1)
+            actor = in_flight.pop(done)
+            written.write(ray.get(done))
+            give(actor)
+    finally:
+        written.bar.close()
+        if started:
+            ray.shutdown()
+    return written.counts

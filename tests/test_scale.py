@@ -1,0 +1,59 @@
+"""``ditflow protect --workers N``: the same protected photos and records as one process, with
+Ray workers (CPU processes here; one GPU each on a GPU machine)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("ray")
+from PIL import Image
+
+from ditflow.cli import main
+
+FAST = ["--model", "tiny", "--steps", "2", "--resolution", "16", "--text-tokens", "8",
+        "--quiet", "--device", "cpu"]
+
+
+def _records(folder) -> dict[str, dict]:
+    lines = (folder / "manifest.jsonl").read_text().splitlines()
+    return {json.loads(line)["input"]: json.loads(line) for line in lines}
+
+
+def test_workers_protect_exactly_as_one_process(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(20, 20), (24, 40), (20, 20)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            photos / f"p{i}.png")
+    (photos / "notes.txt").write_text("not a photo")
+    alone, pooled = tmp_path / "alone", tmp_path / "pooled"
+    assert main(["protect", str(photos), "-o", str(alone), *FAST]) == 1  # notes.txt failed
+    assert main(["protect", str(photos), "-o", str(pooled), *FAST, "--workers", "2"]) == 1
+    want, got = _records(alone), _records(pooled)
+    assert want.keys() == got.keys() and len(got) == 4
+    for source, record in want.items():
+        assert got[source]["status"] == record["status"]
+        if record["status"] == "ok":
+            assert got[source]["r_ctx_after"] == record["r_ctx_after"]
+            name = f"{source.rsplit('/', 1)[-1]}"
+            assert np.array_equal(np.asarray(Image.open(alone / name)),
+                                  np.asarray(Image.open(pooled / name)))
+    # resume: nothing left but the file that cannot be protected
+    assert main(["protect", str(photos), "-o", str(pooled), *FAST, "--workers", "2",
+                 "--resume"]) == 1
+    assert len((pooled / "manifest.jsonl").read_text().splitlines()) == 5
+
+
+def test_workers_that_cannot_start_are_a_one_line_error(tmp_path, capsys):
+    photo = tmp_path / "p.png"
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(photo)
+    common = ["protect", str(photo), "-o", str(tmp_path / "out"), *FAST]
+    assert main([*common, "--workers", "10000"]) == 2
+    assert "10000 workers on cpu need 10000 CPUs" in capsys.readouterr().err
+    assert main([*common, "--workers", "2", "--model", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'nowhere'}: no such model")
