@@ -187,3 +187,45 @@ def eager_r_ctx(model, inputs: dict, module, layout) -> list:
     finally:
         module.dispatch_attention_fn = original
     return ratios
+
+
+def assert_early_stop_saves_blocks(model, inputs: dict, block: str, blocks: tuple[int, int],
+                                   target_tokens: int) -> None:
+    """Recording r_ctx at ``block`` with early stop runs ``blocks[1]`` blocks instead of all
+    ``blocks[0]``, with the same r_ctx and input gradient as the full pass; the gradient
+    reaches the context latents (after ``target_tokens``)."""
+    from ditflow.session import StatsRecorder, attach
+
+    runs = {}
+    for stop in (False, True):
+        latents = inputs["hidden_states"].clone().requires_grad_()
+        recorder = StatsRecorder(blocks=[block], stop_after_last=stop)
+        with attach(model, recorder) as session:
+            output = session.forward(**{**inputs, "hidden_states": latents})
+            (grad,) = torch.autograd.grad(recorder.mean_r_ctx().sum(), latents)
+        runs[stop] = (session.blocks_run, output is None, recorder.r_ctx[(0, block)], grad)
+    assert runs[False][:2] == (blocks[0], False) and runs[True][:2] == (blocks[1], True)
+    torch.testing.assert_close(runs[True][2], runs[False][2])
+    torch.testing.assert_close(runs[True][3], runs[False][3])
+    assert runs[True][3][:, target_tokens:].abs().sum() > 0
+
+
+def assert_triton_matches_reference(model, inputs: dict, target_tokens: int,
+                                    monkeypatch) -> None:
+    """Under :func:`edit_rules` in every block, the Triton kernels (the interpreter on a CPU)
+    and the reference behind the same processors give the same output and the same gradient
+    of a loss on the target tokens with respect to the context latents (after
+    ``target_tokens``), which is not zero."""
+    from ditflow.session import attach
+
+    results = {}
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("DITFLOW_BACKEND", backend)
+        latents = inputs["hidden_states"].clone().requires_grad_()
+        with attach(model, rules_everywhere(edit_rules)):
+            out = model(**{**inputs, "hidden_states": latents})[0]
+        (grad,) = torch.autograd.grad(out[:, :target_tokens].square().sum(), latents)
+        results[backend] = (out, grad[:, target_tokens:])
+    for got, want in zip(results["triton"], results["reference"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert results["reference"][1].abs().sum() > 0

@@ -12,6 +12,7 @@ from helpers import (
     assert_checkpointing_keeps_the_gradient,
     assert_compiled_matches_eager,
     assert_statistics_only_is_stock,
+    assert_triton_matches_reference,
     eager_r_ctx,
     edit_rules,
     rules_everywhere,
@@ -57,22 +58,8 @@ def test_layout_regions_carved_from_text_stay_text():
 def test_rules_match_reference_processor_with_gradients(monkeypatch):
     """Triton kernels (interpreter) vs the reference behind the same processor, outputs and
     gradients with respect to the context latents."""
-    model = tiny_flux_transformer()
-    inputs = flux_inputs(3, 4, contexts=1)
-    context = slice(12, 24)
-    results = {}
-    for backend in ("triton", "reference"):
-        monkeypatch.setenv("DITFLOW_BACKEND", backend)
-        latents = inputs["hidden_states"].clone().requires_grad_()
-        with attach(model, rules_everywhere(edit_rules)):
-            out = model(**{**inputs, "hidden_states": latents})[0]
-        (grad,) = torch.autograd.grad(out[:, :12].square().sum(), latents)
-        results[backend] = (out, grad[:, context])
-    torch.testing.assert_close(results["triton"][0], results["reference"][0], atol=1e-5,
-                               rtol=1e-4)
-    torch.testing.assert_close(results["triton"][1], results["reference"][1], atol=1e-5,
-                               rtol=1e-4)
-    assert results["reference"][1].abs().sum() > 0
+    assert_triton_matches_reference(tiny_flux_transformer(), flux_inputs(3, 4, contexts=1), 12,
+                                    monkeypatch)
 
 
 def test_rules_change_the_output():

@@ -12,7 +12,9 @@ import diffusers.models.transformers.transformer_flux as flux_module
 from helpers import (
     assert_checkpointing_keeps_the_gradient,
     assert_compiled_matches_eager,
+    assert_early_stop_saves_blocks,
     assert_statistics_only_is_stock,
+    assert_triton_matches_reference,
     eager_r_ctx,
     edit_rules,
     rules_everywhere,
@@ -84,19 +86,8 @@ def test_layout_from_the_call(height, width, version):
 def test_rules_match_reference_processor_with_gradients(monkeypatch):
     """Triton kernels (interpreter) vs the reference behind the same processor: outputs and
     gradients with respect to the reference latents."""
-    model = tiny_step1x_transformer()
     inputs = step1x_inputs(3, 4, batch=2, padding=(1, 4))
-    results = {}
-    for backend in ("triton", "reference"):
-        monkeypatch.setenv("DITFLOW_BACKEND", backend)
-        latents = inputs["hidden_states"].clone().requires_grad_()
-        with attach(model, rules_everywhere(edit_rules)):
-            out = model(**{**inputs, "hidden_states": latents})[0]
-        (grad,) = torch.autograd.grad(out[:, :12].square().sum(), latents)
-        results[backend] = (out, grad[:, 12:])
-    for got, want in zip(results["triton"], results["reference"], strict=True):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
-    assert results["reference"][1].abs().sum() > 0
+    assert_triton_matches_reference(tiny_step1x_transformer(), inputs, 12, monkeypatch)
 
 
 def test_rules_change_the_output():
@@ -141,20 +132,8 @@ def test_attach_round_trip_and_exception_restore():
 
 
 def test_early_stop_runs_fewer_blocks_with_the_same_statistics_and_gradients():
-    model = tiny_step1x_transformer()
-    inputs = step1x_inputs(3, 4)
-    runs = {}
-    for stop in (False, True):
-        latents = inputs["hidden_states"].clone().requires_grad_()
-        recorder = StatsRecorder(blocks=["single.0"], stop_after_last=stop)
-        with attach(model, recorder) as session:
-            output = session.forward(**{**inputs, "hidden_states": latents})
-            (grad,) = torch.autograd.grad(recorder.mean_r_ctx().sum(), latents)
-        runs[stop] = (session.blocks_run, output is None, recorder.r_ctx[(0, "single.0")], grad)
-    assert runs[False][:2] == (4, False) and runs[True][:2] == (3, True)
-    torch.testing.assert_close(runs[True][2], runs[False][2])
-    torch.testing.assert_close(runs[True][3], runs[False][3])
-    assert runs[True][3][:, 12:].abs().sum() > 0
+    assert_early_stop_saves_blocks(tiny_step1x_transformer(), step1x_inputs(3, 4), "single.0",
+                                   (4, 3), 12)
 
 
 def test_compiled_transformer_matches_eager_without_recompiling_per_step():
