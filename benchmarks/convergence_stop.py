@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.results import save
-from ditflow.cli import MODEL_DEFAULTS, SAMPLES, _pipeline
+from ditflow.cli import MODEL_DEFAULTS, SAMPLES
 from ditflow.io import load_photo
 from ditflow.methods.decontext import DEFAULT_BLOCKS, ProtectConfig, Protector, iter_protect
+from ditflow.models.loading import pipeline_by_name
 from ditflow.testbed.evaluate import r_ctx_by_content
 from ditflow.testbed.scenes import SIZE
 
@@ -38,7 +39,7 @@ def main(argv=None) -> None:
     defaults = MODEL_DEFAULTS.get(args.model, dict(resolution=512, max_sequence_length=512,
                                                    blocks=DEFAULT_BLOCKS))
     base = dict(steps=args.steps, **defaults)
-    pipeline = _pipeline(args.model, args.device)
+    pipeline = pipeline_by_name(args.model, args.device)
     photos = [(p.name, load_photo(p).tensor()) for p in sorted(SAMPLES.glob("*.png"))]
     probe = ProtectConfig(**base)
     by_content = r_ctx_by_content(pipeline, probe)
