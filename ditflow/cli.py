@@ -43,15 +43,16 @@ EDITOR_ONLY = ("tiny-qwen", "tiny-step1x")
 
 def _pipeline(model: str, device: str, kind: str = "kontext"):
     """:func:`~ditflow.models.loading.pipeline_by_name` for a command: the libraries' own
-    chatter (optional image processors, prompt truncation) silenced, a folder that is not the
-    model asked for a one-line error."""
+    chatter (optional image processors, prompt truncation, loading bars) silenced, a folder
+    that is not the model asked for a one-line error."""
     import diffusers
     import transformers
 
     from .models.loading import pipeline_by_name
 
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
     try:
         return pipeline_by_name(model, device, kind)
     except (FileNotFoundError, ValueError) as exc:
