@@ -396,6 +396,9 @@ def test_step1x_folders_errors_name_what_is_missing(tmp_path):
     (tmp_path / "step1x-edit-v1p1-official.safetensors").touch()
     with pytest.raises(ValueError, match="several Step1X-Edit checkpoints"):
         load_step1x_pipeline(tmp_path)
+    # the checkpoint's own path chooses it (and is a Step1X-Edit model for load_editor)
+    with pytest.raises(FileNotFoundError, match=r"missing: vae\.safetensors"):
+        load_editor(tmp_path / "step1x-edit-v1p1-official.safetensors")
 
 
 def test_chat_pieces_split_quoted_text_per_character_as_the_authors_embedder():

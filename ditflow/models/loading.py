@@ -60,8 +60,9 @@ def load_editor(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     from a diffusers folder, chosen by its model_index.json, or Step1X-Edit from the authors'
     release files (:func:`load_step1x_pipeline`); an error names what the folder holds
     otherwise."""
-    if not (Path(path).expanduser() / "model_index.json").is_file() and \
-            list(Path(path).expanduser().glob(STEP1X_CHECKPOINTS)):
+    folder = Path(path).expanduser()
+    if folder.is_file() or (not (folder / "model_index.json").is_file()
+                            and list(folder.glob(STEP1X_CHECKPOINTS))):
         return load_step1x_pipeline(path, dtype)
     index = Path(path).expanduser() / "model_index.json"
     # without a model_index.json the loader explains what is missing
@@ -104,10 +105,11 @@ FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_bl
 def load_step1x_pipeline(path: str | Path, dtype: torch.dtype = torch.bfloat16,
                          checkpoint: str | None = None, version: str | None = None):
     """Step1X-Edit from a local folder laid out as the authors' release: a transformer
-    checkpoint ``step1x-edit*.safetensors`` (``checkpoint`` picks one when there are several),
-    ``vae.safetensors`` and the ``Qwen2.5-VL-7B-Instruct/`` folder. ``version``: ``"v1.0"`` or
-    ``"v1.1"``; by default v1.1 when the checkpoint's file name says so (``v1p1``, as the
-    authors name it), else v1.0. Errors name the folder and what is missing."""
+    checkpoint ``step1x-edit*.safetensors`` (where there are several, ``checkpoint`` names one,
+    or ``path`` is that file), ``vae.safetensors`` and the ``Qwen2.5-VL-7B-Instruct/`` folder.
+    ``version``: ``"v1.0"`` or ``"v1.1"``; by default v1.1 when the checkpoint's file name says
+    so (``v1p1``, as the authors name it), else v1.0. Errors name the folder and what is
+    missing."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     from safetensors.torch import load_file
@@ -122,13 +124,16 @@ def load_step1x_pipeline(path: str | Path, dtype: torch.dtype = torch.bfloat16,
     )
 
     path = Path(path).expanduser()
+    if path.is_file():  # the checkpoint itself: the folder is its own
+        path, checkpoint = path.parent, path.name
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such model directory (a local copy of "
                                 f"stepfun-ai/Step1X-Edit with {STEP1X_ENCODER}/)")
     found = sorted(p.name for p in path.glob(STEP1X_CHECKPOINTS))
     if checkpoint is None and len(found) > 1:
         raise ValueError(f"{path} holds several Step1X-Edit checkpoints ({', '.join(found)}); "
-                         "pass checkpoint= one of them")
+                         f"name one: the file's own path as the model (--model {path}/FILE), "
+                         "or checkpoint=")
     checkpoint = checkpoint or (found[0] if found else STEP1X_CHECKPOINTS)
     missing = [name for name in (checkpoint, "vae.safetensors") if not (path / name).is_file()]
     missing += [f"{STEP1X_ENCODER}/"] if not (path / STEP1X_ENCODER).is_dir() else []
