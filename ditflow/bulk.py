@@ -147,6 +147,9 @@ class Progress:
         self.counts["skipped"] += 1
         self.bar.update()
 
+    def close(self) -> None:
+        self.bar.close()
+
 
 def to_do(jobs: list[Job], manifest: Manifest, resume: bool, progress: Progress) -> list[Job]:
     """The jobs a run has left: with ``resume``, those not finished in the manifest (jobs that
@@ -171,5 +174,5 @@ def run(jobs: list[Job], pipeline, config: ProtectConfig, manifest: Manifest,
             written.write(protection.add(job))
         written.write(protection.finish())
     finally:
-        written.bar.close()
+        written.close()
     return written.counts

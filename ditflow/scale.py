@@ -91,7 +91,7 @@ def run(jobs: list[Job], model: str, device: str, config: ProtectConfig, manifes
             written.write(ray.get(done))
             give(actor)
     finally:
-        written.bar.close()
+        written.close()
         if started:
             ray.shutdown()
     return written.counts

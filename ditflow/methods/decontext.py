@@ -1,28 +1,27 @@
 """DeContext: protect photos against in-context editing (and the Diff-PGD baseline).
 
 DeContext perturbs a photo, within an L-inf budget, so that an in-context editor (FLUX.1 Kontext,
-Qwen-Image-Edit or Step1X-Edit) stops attending to it: the loss is ``r_ctx``, the attention mass
-of the edit's target tokens on the photo's context tokens (softmax over all keys), averaged over
-heads, target queries and the attacked blocks (FLUX.1 Kontext and Step1X-Edit: single-stream
-blocks 0..25, the authors'; Qwen-Image-Edit: blocks 0..39, the same front two thirds, our
-analogue). Each PGD
-step samples an instruction from :data:`PROMPT_POOL`, a timestep in [980, 1000) and fresh target
-noise, takes the gradient of ``r_ctx`` through the fused kernel's mass gradient (the forward stops
-after the last attacked block), and moves the photo by a signed step, projected back into the
-budget and [0, 1].
+Qwen-Image-Edit or Step1X-Edit) stops attending to it: the loss is ``r_ctx``, the attention mass of
+the edit's target tokens on the photo's context tokens (softmax over all keys), averaged over heads,
+target queries and the attacked blocks (FLUX.1 Kontext and Step1X-Edit: single-stream blocks 0..25,
+the authors'; Qwen-Image-Edit: blocks 0..39, the same front two thirds, our analogue). Each PGD step
+samples an instruction from :data:`PROMPT_POOL`, a timestep in [980, 1000) and fresh target noise,
+takes the gradient of ``r_ctx`` through the fused kernel's mass gradient (the forward stops after
+the last attacked block), and moves the photo by a signed step, projected back into the budget and
+[0, 1].
 
 Units: ``epsilon`` and ``step_size`` are in 0..255 pixel units. The authors' Kontext budget,
 epsilon 0.1 and step 0.005 in the [-1, 1] range, is 12.75/255 and 0.6375/255 (their Step1X-Edit
 script works in [0, 1]: its 0.1 is 25.5/255; pass it as ``epsilon`` to reproduce it).
 
 Resolution: the photo is optimised at the editor's working resolution (``resolution``² pixels,
-aspect ratio kept, snapped to the model's multiple: 16 for FLUX.1 Kontext and Step1X-Edit (as
-its pipeline snaps at ``size_level = resolution``), 32 for Qwen-Image-Edit; the authors used
-512x512 crops) and the perturbation is resized back (bilinear) to the photo's
-own resolution, added to the original and clipped to the budget. FLUX.1 Kontext's pipeline itself
-snaps inputs to its preferred resolutions (about 1 megapixel) unless called with
-``_auto_resize=False``; Qwen-Image-Edit's always resizes its input to about 1 megapixel (its
-default working resolution here, 1024, is exactly that size).
+aspect ratio kept, snapped to the model's multiple: 16 for FLUX.1 Kontext and Step1X-Edit (as its
+pipeline snaps at ``size_level = resolution``), 32 for Qwen-Image-Edit; the authors used 512x512
+crops) and the perturbation is resized back (bilinear) to the photo's own resolution, added to the
+original and clipped to the budget. FLUX.1 Kontext's pipeline itself snaps inputs to its preferred
+resolutions (about 1 megapixel) unless called with ``_auto_resize=False``; Qwen-Image-Edit's always
+resizes its input to about 1 megapixel (its default working resolution here, 1024, is exactly that
+size).
 
 Qwen-Image-Edit's and Step1X-Edit's prompt embeddings come from Qwen2.5-VL, which sees the photo
 as well: they are computed once per instruction from the clean photo, and the perturbation acts
