@@ -375,7 +375,10 @@ def sweep_configs(shape: str, dtype: torch.dtype, specs: list[str], device: torc
     p = Problem.random(SHAPES[shape], dtype, device)
     rules = uvr_like_rules()
     for spec in specs:
-        os.environ["DITFLOW_TRITON_CONFIG"] = spec
+        if spec == "default":
+            os.environ.pop("DITFLOW_TRITON_CONFIG", None)
+        else:
+            os.environ["DITFLOW_TRITON_CONFIG"] = spec
         row = dict(shape=shape, n=p.shape.n, dtype=str(dtype).removeprefix("torch."),
                    config=spec)
         try:
@@ -416,7 +419,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-backward", action="store_true")
     parser.add_argument("--sweep", nargs="*", default=None,
-                        help="DITFLOW_TRITON_CONFIG specs to time instead of the providers")
+                        help="DITFLOW_TRITON_CONFIG specs to time instead of the providers "
+                             "('default': the built-in table)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)

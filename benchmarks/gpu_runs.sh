@@ -3,12 +3,13 @@
 #
 #   bash benchmarks/gpu_runs.sh tests      OUTDIR   # compiled kernel suite, FLUX shapes, compile, offload (FLUX, Qwen)
 #   bash benchmarks/gpu_runs.sh attention  OUTDIR   # the provider sweep at the FLUX and Qwen shapes
+#   bash benchmarks/gpu_runs.sh configs    OUTDIR   # block-shape candidates against the default
 #   bash benchmarks/gpu_runs.sh end-to-end OUTDIR   # DeContext PGD step (Kontext, Qwen), generation overhead
 #
 # Results go to OUTDIR (default benchmarks/results), named by device and date like every other
 # result; render the README tables from them with benchmarks.render_table.
 set -euo pipefail
-stage=${1:?usage: gpu_runs.sh tests|attention|end-to-end [OUTDIR]}
+stage=${1:?usage: gpu_runs.sh tests|attention|configs|end-to-end [OUTDIR]}
 out=${2:-benchmarks/results}
 mkdir -p "$out"
 python=${PYTHON:-python}
@@ -30,6 +31,13 @@ case "$stage" in
     $python -m benchmarks.attention --shape kontext-512 step1x-512 flux-1024 kontext-1024 qwen-edit-1024 \
       --dtype bf16 fp16 --out "$out"
     ;;
+  configs)
+    # Candidates from the compile report (benchmarks/NOTES.md): 8-warp backward tiles spill
+    # less with rules; 128x64 forward tiles spill nothing. Qwen's text length leaves mixed tiles.
+    $python -m benchmarks.attention --shape kontext-1024 qwen-edit-1024 --dtype bf16 --out "$out" \
+      --sweep default "backward_dkdv=64x64:8:3,backward_dq=64x64:8:3" "backward_dq=128x64:8:2" \
+        "forward=128x64:8:3"
+    ;;
   end-to-end)
     $python -m benchmarks.protect_step --out "$out"
     $python -m benchmarks.protect_step --model qwen-edit --out "$out"
@@ -37,7 +45,7 @@ case "$stage" in
     $python -m benchmarks.generation --out "$out"
     ;;
   *)
-    echo "unknown stage $stage: tests, attention or end-to-end" >&2
+    echo "unknown stage $stage: tests, attention, configs or end-to-end" >&2
     exit 2
     ;;
 esac

@@ -3,9 +3,11 @@
     python -m benchmarks.render_table benchmarks/results/attention-<device>-<date>.json \
         --shape kontext-1024 --dtype bfloat16
     python -m benchmarks.render_table benchmarks/results/cpu-kernel-<device>-<date>.json
+    python -m benchmarks.render_table benchmarks/results/compile-sm90-<device>-<date>.json
 
 Prints Markdown, then the file's provenance: for benchmarks.attention one row per (shape, dtype,
-direction, provider); for benchmarks.cpu_kernel one row per (N, backend).
+direction, provider); for benchmarks.cpu_kernel one row per (N, backend); for
+benchmarks.compile_report one row per (kernel, variant, config).
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ from pathlib import Path
 def render(path: Path, dtype: str | None = None, shape: str | None = None) -> str:
     data = json.loads(path.read_text())
     meta, rows = data["meta"], data["rows"]
-    lines = (_cpu_kernel_rows(rows) if "backend" in rows[0]
-             else _attention_rows(rows, dtype, shape))
+    if "backend" in rows[0]:
+        lines = _cpu_kernel_rows(rows)
+    elif "registers" in rows[0]:
+        lines = _compile_rows(rows)
+    else:
+        lines = _attention_rows(rows, dtype, shape)
     lines.append("")
     lines.append(f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, "
                  f"commit {meta['commit'][:7]}, {meta['date'][:10]}; `{meta['command']}`")
@@ -31,6 +37,16 @@ def _cpu_kernel_rows(rows: list[dict]) -> list[str]:
     lines = ["| N | backend | forward + backward s | peak MiB |", "|---:|---|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["n"], r["backend"])):
         lines.append(f"| {r['n']} | {r['backend']} | {r['seconds']:.3f} | {r['peak_mib']:.0f} |")
+    return lines
+
+
+def _compile_rows(rows: list[dict]) -> list[str]:
+    lines = ["| kernel | variant | config | registers | spilled bytes | local ld / st "
+             "| shared KiB |", "|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['kernel']} | {r['variant']} | {r['config']} | {r['registers']} | "
+                     f"{r['spill_stack_bytes']} | {r['local_loads']} / {r['local_stores']} | "
+                     f"{r['shared_bytes'] // 1024}{'' if r['fits'] else ' (too large)'} |")
     return lines
 
 

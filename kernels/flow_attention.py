@@ -7,7 +7,9 @@ exp2. The backward folds the mass and LSE cotangents into the per-row ``delta`` 
 ``dS' = P * (weight * (dO.v + dmass[i, gj]) - delta)``, ``delta = dO.O + dmass.mass - dlse``.
 
 Tiles are visited through a :class:`TilePlan`: uniform tiles read the rules as three scalars and
-skip bounds checks, mixed tiles gather per element, blocked tiles are never visited.
+skip bounds checks, mixed tiles build them per element (one select per key group), blocked tiles
+are never visited. ``python -m benchmarks.compile_report`` shows what each kernel costs in
+registers, spills and shared memory on a GPU architecture, without a GPU.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _rule_vectors(Scale, Bias, Weight, offsets, valid, HAS_SCALE: tl.constexpr,
     no uniform tiles loads row 0 and never reads it.)"""
     unused = tl.zeros([GROUP_PAD], dtype=tl.float32)
     scale = tl.load(Scale + offsets, mask=valid, other=1.0) if HAS_SCALE else unused
-    bias = tl.load(Bias + offsets, mask=valid, other=0.0) * LOG2E if HAS_BIAS else unused
+    bias = tl.load(Bias + offsets, mask=valid, other=0.0) if HAS_BIAS else unused
     weight = tl.load(Weight + offsets, mask=valid, other=1.0) if HAS_WEIGHT else unused
     return scale, bias, weight
 
@@ -63,33 +65,42 @@ def _select(vector, index):
 
 
 @triton.jit
-def _rules(
-    Scale, Bias, Weight, table_base, q_grp, k_grp, scale_vec, bias_vec, weight_vec, tile_group,
-    NUM_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, MIXED: tl.constexpr,
-):
-    """Rule values for a tile (bias in log2 units); absent tables give 1 / 0 / 1.
-
-    Uniform tiles select scalars from the preloaded vectors by ``tile_group``; mixed tiles
-    gather per element with the broadcastable group-id tiles ``q_grp``/``k_grp``.
-    """
-    if MIXED:
-        idx = table_base + q_grp * NUM_GROUPS + k_grp
-        scale = tl.load(Scale + idx) if HAS_SCALE else 1.0
-        bias = tl.load(Bias + idx) * LOG2E if HAS_BIAS else 0.0
-        weight = tl.load(Weight + idx) if HAS_WEIGHT else 1.0
-    else:
-        scale = _select(scale_vec, tile_group) if HAS_SCALE else 1.0
-        bias = _select(bias_vec, tile_group) if HAS_BIAS else 0.0
-        weight = _select(weight_vec, tile_group) if HAS_WEIGHT else 1.0
-    return scale, bias, weight
+def _table_tile(Table, base, rows, k_grp, NUM_GROUPS: tl.constexpr):
+    """``Table[row, key group]`` (rows of NUM_GROUPS entries from ``base``) over a mixed tile,
+    ``rows`` and ``k_grp`` broadcastable index tiles: one select per key group between columns
+    gathered for the tile's rows only. (A gather per element would keep a 64-bit address per
+    element live and spill the register file.)"""
+    column = base + rows * NUM_GROUPS
+    value = tl.load(Table + column)
+    for c in tl.static_range(1, NUM_GROUPS):
+        value = tl.where(k_grp == c, tl.load(Table + column + c), value)
+    return value
 
 
 @triton.jit
-def _pair_blocked(PairBits, bits_base, stride_bits_n, q_idx, k_idx):
-    """True where the packed pair mask blocks (query q_idx, key k_idx); out-of-range reads 0."""
-    words = tl.load(PairBits + bits_base + q_idx * stride_bits_n + (k_idx >> 5))
-    return ((words >> (k_idx & 31)) & 1) != 0
+def _rule(Table, table_base, q_grp, k_grp, vector, tile_group, NUM_GROUPS: tl.constexpr,
+          MIXED: tl.constexpr):
+    """One rule over a tile: for uniform tiles the scalar at ``tile_group`` of the table row
+    preloaded in ``vector``; for mixed tiles per element from the broadcastable group-id tiles
+    ``q_grp``/``k_grp``. Callers fetch each rule where it is first used, so a mixed tile's
+    per-element values are not held in registers across the tile's dots."""
+    if MIXED:
+        value = _table_tile(Table, table_base, q_grp, k_grp, NUM_GROUPS)
+    else:
+        value = _select(vector, tile_group)
+    return value
+
+
+@triton.jit
+def _pair_blocked(PairBits, bits_base, stride_bits_n, q_idx, n_start, Nk, BLOCK_K: tl.constexpr):
+    """[len(q_idx), BLOCK_K], True where the packed pair mask blocks (query q_idx[i], key
+    n_start + j); n_start is a multiple of 32. Each query's words are loaded once and unpacked
+    in registers; keys past Nk read 0."""
+    word = n_start // 32 + tl.arange(0, BLOCK_K // 32)
+    words = tl.load(PairBits + bits_base + q_idx[:, None] * stride_bits_n + word[None, :],
+                    mask=(word < tl.cdiv(Nk, 32))[None, :], other=0)
+    bits = (words[:, :, None] >> tl.arange(0, 32)[None, None, :]) & 1
+    return tl.reshape(bits, [q_idx.shape[0], BLOCK_K]) != 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,23 +130,27 @@ def _fwd_tile(
         k_grp = tl.load(KG + kg_base + offs_n, mask=offs_n < Nk, other=0)
     else:
         k_grp = tl.zeros([BLOCK_N], dtype=tl.int32) + gk
-    scale, bias, weight = _rules(Scale, Bias, Weight, table_base, q_grp[:, None], k_grp[None, :],
-                                 scale_vec, bias_vec, weight_vec, gk, NUM_GROUPS, HAS_SCALE,
-                                 HAS_BIAS, HAS_WEIGHT, MIXED)
-    s = qk * (scale * qk_scale) + bias
+    q_tile, k_tile = q_grp[:, None], k_grp[None, :]
+    s = qk * qk_scale
+    if HAS_SCALE:
+        s *= _rule(Scale, table_base, q_tile, k_tile, scale_vec, gk, NUM_GROUPS, MIXED)
+    if HAS_BIAS:
+        s += _rule(Bias, table_base, q_tile, k_tile, bias_vec, gk, NUM_GROUPS, MIXED) * LOG2E
     if MIXED:
         keep = (offs_n < Nk)[None, :]
         if HAS_PAIR_MASK:
             keep = keep & ~_pair_blocked(PairBits, bits_base, stride_bits_n,
-                                         tl.minimum(offs_m, Nq - 1)[:, None],
-                                         tl.minimum(offs_n, Nk - 1)[None, :])
+                                         tl.minimum(offs_m, Nq - 1), n_start, Nk, BLOCK_N)
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row blocked so far stays at zero
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    w = p * weight
+    if HAS_WEIGHT:
+        w = p * _rule(Weight, table_base, q_tile, k_tile, weight_vec, gk, NUM_GROUPS, MIXED)
+    else:
+        w = p
     acc = tl.dot(w.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     if RETURN_MASS:
         cols = tl.arange(0, GROUP_PAD)[None, :]
@@ -280,14 +295,15 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dkdv_tile(
-    dk, dv, k, v, k_grp, offs_n, m_start, gq, gk, scale_vec, bias_vec, weight_vec,
+    dk, dv, k, v, k_grp, offs_n, n_start, m_start, gq, gk, scale_vec, bias_vec, weight_vec,
     Q, DOut, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
     q_base, do_base, row_base, qg_base, table_base, bits_base,
     stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
     NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     HAS_DMASS: tl.constexpr, MIXED: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -305,29 +321,36 @@ def _bwd_dkdv_tile(
         q_grp = tl.load(QG + qg_base + offs_m, mask=offs_m < Nq, other=0)
     else:
         q_grp = tl.zeros([BLOCK_M], dtype=tl.int32)
-    scale, bias, weight = _rules(Scale, Bias, Weight, table_base, q_grp[None, :], k_grp[:, None],
-                                 scale_vec, bias_vec, weight_vec, gq, NUM_GROUPS, HAS_SCALE,
-                                 HAS_BIAS, HAS_WEIGHT, MIXED)
     # Transposed tile: rows are keys, columns are queries.
-    s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * (scale * qk_scale) + bias
+    q_tile, k_tile = q_grp[None, :], k_grp[:, None]
+    s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+    if HAS_SCALE:
+        s *= _rule(Scale, table_base, q_tile, k_tile, scale_vec, gq, NUM_GROUPS, MIXED)
+    if HAS_BIAS:
+        s += _rule(Bias, table_base, q_tile, k_tile, bias_vec, gq, NUM_GROUPS, MIXED) * LOG2E
     if MIXED:
         keep = (offs_n < Nk)[:, None]
         if HAS_PAIR_MASK:
-            keep = keep & ~_pair_blocked(PairBits, bits_base, stride_bits_n,
-                                         tl.minimum(offs_m, Nq - 1)[None, :],
-                                         tl.minimum(offs_n, Nk - 1)[:, None])
+            keep = keep & ~tl.trans(_pair_blocked(PairBits, bits_base, stride_bits_n,
+                                                  tl.minimum(offs_m, Nq - 1), n_start, Nk,
+                                                  BLOCK_N))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[None, :])
-    w = p * weight
-    dv = tl.dot(w.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    if HAS_WEIGHT:
+        weight = _rule(Weight, table_base, q_tile, k_tile, weight_vec, gq, NUM_GROUPS, MIXED)
+    else:
+        weight = 1.0
+    dv = tl.dot((p * weight).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dw = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if HAS_DMASS:  # dw_ij += dmass[i, group of j]
         if MIXED:
-            dw += tl.load(DMass + (row_base + offs_m[None, :]) * NUM_GROUPS + k_grp[:, None],
-                          mask=(offs_m < Nq)[None, :], other=0.0)
+            dw += _table_tile(DMass, 0, (row_base + tl.minimum(offs_m, Nq - 1))[None, :],
+                              k_grp[:, None], NUM_GROUPS)
         else:
             dw += tl.load(DMass + (row_base + offs_m) * NUM_GROUPS + gk)[None, :]
-    ds = p * (weight * dw - delta[None, :]) * scale
+    ds = p * (weight * dw - delta[None, :])
+    if HAS_SCALE:
+        ds *= _rule(Scale, table_base, q_tile, k_tile, scale_vec, gq, NUM_GROUPS, MIXED)
     dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -391,21 +414,23 @@ def _bwd_dkdv_kernel(
         m = tl.load(tiles + i)
         gq = tl.load(tile_groups + i)
         dk, dv = _bwd_dkdv_tile(
-            dk, dv, k, v, k_grp, offs_n, m * BLOCK_M, gq, gk, scale_vec, bias_vec, weight_vec,
+            dk, dv, k, v, k_grp, offs_n, pid_n * BLOCK_N, m * BLOCK_M, gq, gk, scale_vec, bias_vec,
+            weight_vec,
             Q, DOut, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
             q_base, do_base, row_base, qg_base, table_base, bits_base,
             stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
-            False, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION)
+            False, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
     for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=1):  # rare: not pipelined
         m = tl.load(tiles + i)
         dk, dv = _bwd_dkdv_tile(
-            dk, dv, k, v, k_grp, offs_n, m * BLOCK_M, 0, 0, scale_vec, bias_vec, weight_vec,
+            dk, dv, k, v, k_grp, offs_n, pid_n * BLOCK_N, m * BLOCK_M, 0, 0, scale_vec, bias_vec,
+            weight_vec,
             Q, DOut, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
             q_base, do_base, row_base, qg_base, table_base, bits_base,
             stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
-            True, EVEN_D, BLOCK_M, BLOCK_D, DOT_PRECISION)
+            True, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
 
     mask = (offs_n < Nk)[:, None] & (offs_d < head_dim)[None, :]
     base = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
@@ -434,27 +459,32 @@ def _bwd_dq_tile(
         k_grp = tl.load(KG + kg_base + offs_n, mask=offs_n < Nk, other=0)
     else:
         k_grp = tl.zeros([BLOCK_N], dtype=tl.int32)
-    scale, bias, weight = _rules(Scale, Bias, Weight, table_base, q_grp[:, None], k_grp[None, :],
-                                 scale_vec, bias_vec, weight_vec, gk, NUM_GROUPS, HAS_SCALE,
-                                 HAS_BIAS, HAS_WEIGHT, MIXED)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (scale * qk_scale) + bias
+    q_tile, k_tile = q_grp[:, None], k_grp[None, :]
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if HAS_SCALE:
+        s *= _rule(Scale, table_base, q_tile, k_tile, scale_vec, gk, NUM_GROUPS, MIXED)
+    if HAS_BIAS:
+        s += _rule(Bias, table_base, q_tile, k_tile, bias_vec, gk, NUM_GROUPS, MIXED) * LOG2E
     if MIXED:
         keep = (offs_n < Nk)[None, :]
         if HAS_PAIR_MASK:
             keep = keep & ~_pair_blocked(PairBits, bits_base, stride_bits_n,
-                                         tl.minimum(offs_m, Nq - 1)[:, None],
-                                         tl.minimum(offs_n, Nk - 1)[None, :])
+                                         tl.minimum(offs_m, Nq - 1), n_start, Nk, BLOCK_N)
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dw = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if HAS_DMASS:  # dw_ij += dmass[i, group of j]
-        rows = row_base + offs_m
         if MIXED:
-            dw += tl.load(DMass + rows[:, None] * NUM_GROUPS + k_grp[None, :],
-                          mask=(offs_m < Nq)[:, None], other=0.0)
+            dw += _table_tile(DMass, 0, (row_base + tl.minimum(offs_m, Nq - 1))[:, None],
+                              k_grp[None, :], NUM_GROUPS)
         else:
-            dw += tl.load(DMass + rows * NUM_GROUPS + gk, mask=offs_m < Nq, other=0.0)[:, None]
-    ds = p * (weight * dw - delta[:, None]) * scale
+            dw += tl.load(DMass + (row_base + offs_m) * NUM_GROUPS + gk, mask=offs_m < Nq,
+                          other=0.0)[:, None]
+    if HAS_WEIGHT:
+        dw *= _rule(Weight, table_base, q_tile, k_tile, weight_vec, gk, NUM_GROUPS, MIXED)
+    ds = p * (dw - delta[:, None])
+    if HAS_SCALE:
+        ds *= _rule(Scale, table_base, q_tile, k_tile, scale_vec, gk, NUM_GROUPS, MIXED)
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
 
@@ -547,10 +577,19 @@ def _bwd_dq_kernel(
 
 @dataclass(frozen=True)
 class KernelConfig:
+    """Block shape of one kernel: ``block_m`` queries by ``block_n`` keys, powers of two of at
+    least 16 and 32 (the pair mask is unpacked 32 keys at a time)."""
+
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+
+    def __post_init__(self):
+        for name, least in (("block_m", 16), ("block_n", 32)):
+            size = getattr(self, name)
+            if size < least or size & (size - 1):
+                raise ValueError(f"{name} must be a power of two >= {least}, got {size}")
 
 
 @dataclass(frozen=True)
@@ -560,7 +599,8 @@ class FlowConfigs:
     backward_dq: KernelConfig
 
 
-def _parse_config(spec: str) -> KernelConfig:
+def parse_config(spec: str) -> KernelConfig:
+    """``BMxBN[:warps[:stages]]``, e.g. ``128x64:8:3``."""
     blocks, *rest = spec.split(":")
     block_m, block_n = (int(x) for x in blocks.lower().split("x"))
     num_warps = int(rest[0]) if rest else 4
@@ -596,7 +636,7 @@ def select_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> F
     if not pinned:
         return configs
     if "=" not in pinned:
-        cfg = _parse_config(pinned)
+        cfg = parse_config(pinned)
         return FlowConfigs(cfg, cfg, cfg)
     chosen = {}
     for item in pinned.split(","):
@@ -604,7 +644,7 @@ def select_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> F
         if name not in FlowConfigs.__dataclass_fields__:
             raise ValueError(f"DITFLOW_TRITON_CONFIG: unknown kernel {name!r} "
                              "(forward, backward_dkdv, backward_dq)")
-        chosen[name] = _parse_config(spec)
+        chosen[name] = parse_config(spec)
     return replace(configs, **chosen)
 
 

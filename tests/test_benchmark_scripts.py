@@ -66,6 +66,22 @@ def test_attention_sweep_checks_every_provider_against_the_reference(tmp_path):
     assert ("forward+backward", "flex (scale rules, grad through lse)") in by_key
 
 
+def test_config_sweep_times_the_default_table_and_pinned_configs(tmp_path):
+    rows = _rows(attention.main(["--shape", "tiny", "--dtype", "fp32", "--out", str(tmp_path),
+                                 "--sweep", "default", "forward=64x32:4:1"]))
+    assert [r["config"] for r in rows] == ["default", "forward=64x32:4:1"]
+    assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and "note" not in r for r in rows)
+
+
+def test_compile_report_table_has_a_row_per_kernel_variant_and_config():
+    path = max(RESULTS.glob("compile-sm90-*.json"))
+    lines = render(path).splitlines()
+    assert lines[0].startswith("| kernel | variant | config | registers | spilled bytes |")
+    rows = _rows(path)
+    assert sum(line.startswith("| dkdv |") for line in lines) == sum(
+        r["kernel"] == "dkdv" for r in rows) > 0
+
+
 def test_protect_step_benchmark_runs_both_recipes(tmp_path):
     rows = _rows(protect_step.main(["--model", "tiny", "--resolution", "32",
                                     "--out", str(tmp_path)]))

@@ -188,7 +188,7 @@ def test_plain_attention_equals_sdpa(device):
     assert max_error(got, want) < 1e-5
 
 
-@pytest.mark.parametrize("block", ["16x32", "32x16", "64x64"])
+@pytest.mark.parametrize("block", ["16x32", "64x32", "64x64"])
 def test_block_shapes(block, monkeypatch, device):
     """The same case through other tile shapes (the plan is rebuilt per shape)."""
     if device.type == "cuda":
