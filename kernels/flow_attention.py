@@ -131,9 +131,11 @@ def _fwd_tile(
     else:
         k_grp = tl.zeros([BLOCK_N], dtype=tl.int32) + gk
     q_tile, k_tile = q_grp[:, None], k_grp[None, :]
-    s = qk * qk_scale
-    if HAS_SCALE:
-        s *= _rule(Scale, table_base, q_tile, k_tile, scale_vec, gk, NUM_GROUPS, MIXED)
+    if HAS_SCALE:  # one multiply per element: the scalar factors fold first
+        s = qk * (_rule(Scale, table_base, q_tile, k_tile, scale_vec, gk, NUM_GROUPS, MIXED)
+                  * qk_scale)
+    else:
+        s = qk * qk_scale
     if HAS_BIAS:
         s += _rule(Bias, table_base, q_tile, k_tile, bias_vec, gk, NUM_GROUPS, MIXED) * LOG2E
     if MIXED:
@@ -146,10 +148,13 @@ def _fwd_tile(
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row blocked so far stays at zero
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    row_sum = tl.sum(p, 1)
+    l_i = l_i * alpha + row_sum
     if HAS_WEIGHT:
-        w = p * _rule(Weight, table_base, q_tile, k_tile, weight_vec, gk, NUM_GROUPS, MIXED)
+        weight = _rule(Weight, table_base, q_tile, k_tile, weight_vec, gk, NUM_GROUPS, MIXED)
+        w = p * weight
     else:
+        weight = 1.0
         w = p
     acc = tl.dot(w.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     if RETURN_MASS:
@@ -159,8 +164,8 @@ def _fwd_tile(
             for c in tl.static_range(NUM_GROUPS):
                 in_c = tl.sum(tl.where(k_grp[None, :] == c, w, 0.0), 1)
                 mass += tl.where(cols == c, in_c[:, None], 0.0)
-        else:
-            mass += tl.where(cols == gk, tl.sum(w, 1)[:, None], 0.0)
+        else:  # one key group, one scalar weight: the softmax's row sum gives the mass
+            mass += tl.where(cols == gk, (row_sum * weight)[:, None], 0.0)
     return acc, l_i, m_new, mass
 
 
@@ -323,9 +328,12 @@ def _bwd_dkdv_tile(
         q_grp = tl.zeros([BLOCK_M], dtype=tl.int32)
     # Transposed tile: rows are keys, columns are queries.
     q_tile, k_tile = q_grp[None, :], k_grp[:, None]
-    s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+    qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
     if HAS_SCALE:
-        s *= _rule(Scale, table_base, q_tile, k_tile, scale_vec, gq, NUM_GROUPS, MIXED)
+        s = qk * (_rule(Scale, table_base, q_tile, k_tile, scale_vec, gq, NUM_GROUPS, MIXED)
+                  * qk_scale)
+    else:
+        s = qk * qk_scale
     if HAS_BIAS:
         s += _rule(Bias, table_base, q_tile, k_tile, bias_vec, gq, NUM_GROUPS, MIXED) * LOG2E
     if MIXED:
@@ -342,15 +350,20 @@ def _bwd_dkdv_tile(
         weight = 1.0
     dv = tl.dot((p * weight).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dw = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    if HAS_DMASS:  # dw_ij += dmass[i, group of j]
-        if MIXED:
+    # dS' = P * (weight * (dw + dmass[i, group of j]) - delta_i) * scale
+    if MIXED:
+        if HAS_DMASS:
             dw += _table_tile(DMass, 0, (row_base + tl.minimum(offs_m, Nq - 1))[None, :],
-                              k_grp[:, None], NUM_GROUPS)
-        else:
-            dw += tl.load(DMass + (row_base + offs_m) * NUM_GROUPS + gk)[None, :]
-    ds = p * (weight * dw - delta[None, :])
-    if HAS_SCALE:
-        ds *= _rule(Scale, table_base, q_tile, k_tile, scale_vec, gq, NUM_GROUPS, MIXED)
+                              k_tile, NUM_GROUPS)
+        ds = p * (weight * dw - delta[None, :])
+        if HAS_SCALE:
+            ds *= _table_tile(Scale, table_base, q_tile, k_tile, NUM_GROUPS)
+    else:  # scalar rules fold into a factor on dw and a per-query term: one FMA per element
+        scale = _select(scale_vec, gq) if HAS_SCALE else 1.0
+        per_query = -delta
+        if HAS_DMASS:
+            per_query += weight * tl.load(DMass + (row_base + offs_m) * NUM_GROUPS + gk)
+        ds = p * (dw * (weight * scale) + (per_query * scale)[None, :])
     dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -460,9 +473,12 @@ def _bwd_dq_tile(
     else:
         k_grp = tl.zeros([BLOCK_N], dtype=tl.int32)
     q_tile, k_tile = q_grp[:, None], k_grp[None, :]
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if HAS_SCALE:
-        s *= _rule(Scale, table_base, q_tile, k_tile, scale_vec, gk, NUM_GROUPS, MIXED)
+        s = qk * (_rule(Scale, table_base, q_tile, k_tile, scale_vec, gk, NUM_GROUPS, MIXED)
+                  * qk_scale)
+    else:
+        s = qk * qk_scale
     if HAS_BIAS:
         s += _rule(Bias, table_base, q_tile, k_tile, bias_vec, gk, NUM_GROUPS, MIXED) * LOG2E
     if MIXED:
@@ -473,18 +489,24 @@ def _bwd_dq_tile(
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dw = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    if HAS_DMASS:  # dw_ij += dmass[i, group of j]
-        if MIXED:
+    # dS' = P * (weight * (dw + dmass[i, group of j]) - delta_i) * scale
+    if MIXED:
+        if HAS_DMASS:
             dw += _table_tile(DMass, 0, (row_base + tl.minimum(offs_m, Nq - 1))[:, None],
-                              k_grp[None, :], NUM_GROUPS)
-        else:
-            dw += tl.load(DMass + (row_base + offs_m) * NUM_GROUPS + gk, mask=offs_m < Nq,
-                          other=0.0)[:, None]
-    if HAS_WEIGHT:
-        dw *= _rule(Weight, table_base, q_tile, k_tile, weight_vec, gk, NUM_GROUPS, MIXED)
-    ds = p * (dw - delta[:, None])
-    if HAS_SCALE:
-        ds *= _rule(Scale, table_base, q_tile, k_tile, scale_vec, gk, NUM_GROUPS, MIXED)
+                              k_tile, NUM_GROUPS)
+        if HAS_WEIGHT:
+            dw *= _table_tile(Weight, table_base, q_tile, k_tile, NUM_GROUPS)
+        ds = p * (dw - delta[:, None])
+        if HAS_SCALE:
+            ds *= _table_tile(Scale, table_base, q_tile, k_tile, NUM_GROUPS)
+    else:  # scalar rules fold into a factor on dw and a per-query term: one FMA per element
+        weight = _select(weight_vec, gk) if HAS_WEIGHT else 1.0
+        scale = _select(scale_vec, gk) if HAS_SCALE else 1.0
+        per_query = -delta
+        if HAS_DMASS:
+            per_query += weight * tl.load(DMass + (row_base + offs_m) * NUM_GROUPS + gk,
+                                          mask=offs_m < Nq, other=0.0)
+        ds = p * (dw * (weight * scale) + (per_query * scale)[:, None])
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
 
