@@ -176,6 +176,25 @@ def resources(compiled) -> dict:
     )
 
 
+def score_ops(compiled, rows: int, cols: int) -> int:
+    """Operations per score element in the kernel's first tile loop (the uniform tiles): the
+    elementwise ops producing, and the reductions over, an fp32 ``rows x cols`` tensor in the
+    TTGIR. Each costs one instruction per element per thread-slice; the dots are not counted."""
+    tile = f"tensor<{rows}x{cols}xf32"
+    ir = compiled.asm["ttgir"].splitlines()
+    start = next(i for i, line in enumerate(ir) if "scf.for" in line)
+    depth, count = 0, 0
+    for line in ir[start:]:
+        depth += line.count("{") - line.count("}")
+        elementwise = re.search(r"= (arith|math)\.\w+ .*: (tensor<[^>]*>, )*" + re.escape(tile),
+                                line)
+        reduction = re.search(r"\}\) : \(" + re.escape(tile), line)
+        count += bool(elementwise) + bool(reduction)
+        if depth <= 0 and line.lstrip().startswith("}"):
+            return count
+    raise ValueError("no tile loop found in the TTGIR")
+
+
 def report(dtype: torch.dtype, configs: FlowConfigs, kernels: list[str], variants: list[str],
            arch: int = 90) -> list[dict]:
     rows = []
@@ -184,8 +203,11 @@ def report(dtype: torch.dtype, configs: FlowConfigs, kernels: list[str], variant
         for kernel in kernels:
             launch = launches[kernel]
             config = "{BLOCK_M}x{BLOCK_N}:{num_warps}:{num_stages}".format(**launch.kwargs)
+            compiled = compile_launch(launch, arch)
+            tile = (launch.kwargs["BLOCK_M"], launch.kwargs["BLOCK_N"])
             row = dict(kernel=kernel, variant=variant, dtype=str(dtype).removeprefix("torch."),
-                       config=config, **resources(compile_launch(launch, arch)))
+                       config=config, **resources(compiled),
+                       score_ops=score_ops(compiled, *(tile[::-1] if kernel == "dkdv" else tile)))
             row["fits"] = row["shared_bytes"] <= SHARED_LIMIT.get(arch, SHARED_LIMIT[80])
             rows.append(row)
             print(_line(row), flush=True)
@@ -197,7 +219,7 @@ def _line(row: dict) -> str:
               f"{row['local_stores']} STL)" if row["spill_stack_bytes"] else "no spills")
     shared = f"shared {row['shared_bytes'] // 1024} KiB" + ("" if row["fits"] else " TOO LARGE")
     return (f"{row['kernel']:8} {row['variant']:15} {row['config']:13} regs {row['registers']:3}  "
-            f"{spills:34} {shared}  wgmma {row['wgmma']}")
+            f"{spills:34} {shared}  wgmma {row['wgmma']:3}  ops/score {row['score_ops']}")
 
 
 def main(argv: list[str] | None = None) -> Path | None:

@@ -42,12 +42,12 @@ def _cpu_kernel_rows(rows: list[dict]) -> list[str]:
 
 def _compile_rows(rows: list[dict]) -> list[str]:
     lines = ["| kernel | variant | config | registers | spilled bytes | local ld / st "
-             "| shared KiB | wgmma |", "|---|---|---|---:|---:|---:|---:|---:|"]
+             "| shared KiB | wgmma | ops / score |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['kernel']} | {r['variant']} | {r['config']} | {r['registers']} | "
                      f"{r['spill_stack_bytes']} | {r['local_loads']} / {r['local_stores']} | "
                      f"{r['shared_bytes'] // 1024}{'' if r['fits'] else ' (too large)'} | "
-                     f"{r['wgmma']} |")
+                     f"{r['wgmma']} | {r['score_ops']} |")
     return lines
 
 
