@@ -232,7 +232,9 @@ def _fwd_kernel(
             stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK,
             RETURN_MASS, False, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION)
-    for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=1):  # rare: not pipelined
+    # Mixed tiles: pipelined two deep, they spill less when groups are present; without groups
+    # they are only the ragged tail, and one stage spills nothing (benchmarks/NOTES.md, v4).
+    for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=2 if HAS_GROUPS else 1):
         n = tl.load(tiles + i)
         acc, l_i, m_i, mass = _fwd_tile(
             acc, l_i, m_i, mass, q, q_grp, offs_m, n * BLOCK_N, 0, scale_vec, bias_vec, weight_vec,
@@ -434,7 +436,9 @@ def _bwd_dkdv_kernel(
             stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
             False, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
-    for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=1):  # rare: not pipelined
+    # Mixed tiles: pipelined two deep, they spill less when groups are present; without groups
+    # they are only the ragged tail, and one stage spills nothing (benchmarks/NOTES.md, v4).
+    for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=2 if HAS_GROUPS else 1):
         m = tl.load(tiles + i)
         dk, dv = _bwd_dkdv_tile(
             dk, dv, k, v, k_grp, offs_n, pid_n * BLOCK_N, m * BLOCK_M, 0, 0, scale_vec, bias_vec,
@@ -577,7 +581,9 @@ def _bwd_dq_kernel(
             stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
             False, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION)
-    for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=1):  # rare: not pipelined
+    # Mixed tiles: pipelined two deep, they spill less when groups are present; without groups
+    # they are only the ragged tail, and one stage spills nothing (benchmarks/NOTES.md, v4).
+    for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=2 if HAS_GROUPS else 1):
         n = tl.load(tiles + i)
         dq = _bwd_dq_tile(
             dq, q, do, lse2, delta, q_grp, offs_m, n * BLOCK_N, 0, scale_vec, bias_vec, weight_vec,
