@@ -32,10 +32,12 @@ case "$stage" in
       --dtype bf16 fp16 --out "$out"
     ;;
   configs)
-    # Candidates from the compile report (benchmarks/NOTES.md): 8-warp backward tiles spill
-    # less with rules; 128x64 forward tiles spill nothing. Qwen's text length leaves mixed tiles.
+    # Candidates from the compile report (benchmarks/NOTES.md, v4): dk/dv over 32 queries x 64
+    # or 128 keys spills nothing with rules, 8-warp backward tiles spill less, 128x64 forward
+    # tiles hardly spill. Qwen's text length leaves mixed tiles.
     $python -m benchmarks.attention --shape kontext-1024 qwen-edit-1024 --dtype bf16 --out "$out" \
-      --sweep default "backward_dkdv=64x64:8:3,backward_dq=64x64:8:3" "backward_dq=128x64:8:2" \
+      --sweep default "backward_dkdv=32x128:8:3" "backward_dkdv=32x64:8:3" \
+        "backward_dkdv=64x64:8:3,backward_dq=64x64:8:3" "backward_dq=128x64:8:2" \
         "forward=128x64:8:3"
     ;;
   end-to-end)
