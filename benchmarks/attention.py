@@ -129,15 +129,15 @@ def _reference(qkv: tuple[torch.Tensor, ...], groups: torch.Tensor, rules: FlowR
         mass, chunk_size=chunk_size)
 
 
-def _fp32_truths(p: Problem) -> dict[str, object]:
+def _fp32_truths(p: Problem, names=("plain", "rules", "scale")) -> dict[str, object]:
     """fp32 reference outputs and gradients that each provider is checked against: for no rules,
     the rules with the mass, and the scale rules with the LSE (one reference pass each)."""
     qkv = tuple(t.detach().float().requires_grad_() for t in p.leaves)
     dout = p.dout.float()
     truths = {}
-    for name, rules, statistic in (("plain", None, None),
-                                   ("rules", uvr_like_rules(), "mass"),
-                                   ("scale", scale_rules(), "lse")):
+    cases = (("plain", None, None), ("rules", uvr_like_rules(), "mass"),
+             ("scale", scale_rules(), "lse"))
+    for name, rules, statistic in (case for case in cases if case[0] in names):
         out, lse, mass = _reference(qkv, p.groups, rules, mass=statistic == "mass")
         outputs, cotangents = [out], [dout]
         if statistic == "mass":
@@ -371,8 +371,11 @@ def run_shape(shape: str, dtype: torch.dtype, backward: bool, device: torch.devi
 
 def sweep_configs(shape: str, dtype: torch.dtype, specs: list[str], device: torch.device,
                   rows: list[dict]) -> None:
-    """Time flow attention (rules + mass, forward and forward+backward) under pinned configs."""
+    """Time flow attention (rules + mass, forward and forward+backward) under pinned configs,
+    each checked against the fp32 reference first: a config that computes wrong results is
+    recorded with its error, not picked for its speed."""
     p = Problem.random(SHAPES[shape], dtype, device)
+    truths = _fp32_truths(p, names=("rules",))
     rules = uvr_like_rules()
     for spec in specs:
         if spec == "default":
@@ -382,14 +385,17 @@ def sweep_configs(shape: str, dtype: torch.dtype, specs: list[str], device: torc
         row = dict(shape=shape, n=p.shape.n, dtype=str(dtype).removeprefix("torch."),
                    config=spec)
         try:
-            with torch.no_grad():
-                row["fwd_ms"] = bench(lambda: flow_attention(
-                    *p.leaves, p.groups, rules=rules, return_mass=True), device)[0]
+            def fwd():
+                return flow_attention(*p.leaves, p.groups, rules=rules, return_mass=True)
 
             def fwd_bwd():
-                res = flow_attention(*p.leaves, p.groups, rules=rules, return_mass=True)
+                res = fwd()
                 return torch.autograd.grad([res.out, res.mass], p.leaves, [p.dout, p.dmass])
 
+            with torch.no_grad():
+                row["fwd_max_err"] = _max_error(fwd(), truths["rules"])
+                row["fwd_ms"] = bench(fwd, device)[0]
+            row["bwd_max_err"] = _max_error(fwd_bwd(), truths["rules grads"])
             row["fwd_bwd_ms"] = bench(fwd_bwd, device)[0]
             row["fwd_tflops"] = p.flops / row["fwd_ms"] / 1e9
             row["bwd_tflops"] = 2.5 * p.flops / (row["fwd_bwd_ms"] - row["fwd_ms"]) / 1e9

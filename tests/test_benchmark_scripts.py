@@ -71,6 +71,8 @@ def test_config_sweep_times_the_default_table_and_pinned_configs(tmp_path):
                                  "--sweep", "default", "forward=64x32:4:1"]))
     assert [r["config"] for r in rows] == ["default", "forward=64x32:4:1"]
     assert all(r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and "note" not in r for r in rows)
+    # fp32: every config agrees with the fp32 reference, outputs and dq/dk/dv
+    assert all(r["fwd_max_err"] < 1e-5 and r["bwd_max_err"] < 1e-5 for r in rows)
 
 
 def test_compile_report_table_has_a_row_per_kernel_variant_and_config():
