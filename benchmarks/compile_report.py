@@ -1,9 +1,9 @@
-"""Registers, spills and shared memory of the flow-attention kernels, compiled for a GPU on any
-machine: Triton compiles for a named architecture without one, with the ``ptxas`` its wheel
-ships. Usage::
+"""Registers, spills, shared memory and per-score arithmetic of the flow-attention kernels,
+compiled for a GPU on any machine: Triton compiles for a named architecture without one, with
+the ``ptxas`` its wheel ships. Usage::
 
     python -m benchmarks.compile_report                      # the default GPU configs, sm_90
-    python -m benchmarks.compile_report --config 64x32:8:3 --kernel dkdv dq
+    python -m benchmarks.compile_report --config 32x128:8:3 64x64:4:5 --kernel dkdv
 
 Every kernel variant the launchers would start for a FLUX-like layout (no rules; rules + mass;
 bias with a pair mask) is captured from the real launcher code, so the argument types, the
@@ -38,7 +38,7 @@ from kernels.flow_attention import FlowConfigs, FlowInputs
 KERNELS = {"forward": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 # Shared memory one program may use (the opt-in maximum per block), by compute capability.
-SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
 TORCH_TO_TRITON = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
                    torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
 # Kontext 512²: text, target and context, boundaries on 128-token tiles; the ragged tail
@@ -208,7 +208,7 @@ def report(dtype: torch.dtype, configs: FlowConfigs, kernels: list[str], variant
             row = dict(kernel=kernel, variant=variant, dtype=str(dtype).removeprefix("torch."),
                        config=config, **resources(compiled),
                        score_ops=score_ops(compiled, *(tile[::-1] if kernel == "dkdv" else tile)))
-            row["fits"] = row["shared_bytes"] <= SHARED_LIMIT.get(arch, SHARED_LIMIT[80])
+            row["fits"] = row["shared_bytes"] <= SHARED_LIMIT[arch]
             rows.append(row)
             print(_line(row), flush=True)
     return rows
@@ -225,7 +225,7 @@ def _line(row: dict) -> str:
 def main(argv: list[str] | None = None) -> Path | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, default=90,
+    parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT),
                         help="compute capability x10 (90: H100 and H200)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=list(KERNELS))
