@@ -196,17 +196,17 @@ def score_ops(compiled, rows: int, cols: int) -> int:
 
 
 def report(dtype: torch.dtype, configs: FlowConfigs, kernels: list[str], variants: list[str],
-           arch: int = 90) -> list[dict]:
+           arch: int = 90, head_dim: int = 128) -> list[dict]:
     rows = []
     for variant in variants:
-        launches = capture(dtype, configs, variant)
+        launches = capture(dtype, configs, variant, head_dim)
         for kernel in kernels:
             launch = launches[kernel]
             config = "{BLOCK_M}x{BLOCK_N}:{num_warps}:{num_stages}".format(**launch.kwargs)
             compiled = compile_launch(launch, arch)
             tile = (launch.kwargs["BLOCK_M"], launch.kwargs["BLOCK_N"])
             row = dict(kernel=kernel, variant=variant, dtype=str(dtype).removeprefix("torch."),
-                       config=config, **resources(compiled),
+                       head_dim=head_dim, config=config, **resources(compiled),
                        score_ops=score_ops(compiled, *(tile[::-1] if kernel == "dkdv" else tile)))
             row["fits"] = row["shared_bytes"] <= SHARED_LIMIT[arch]
             rows.append(row)
@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> Path | None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, choices=sorted(SHARED_LIMIT),
                         help="compute capability x10 (90: H100 and H200)")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--variant", nargs="+", default=["plain", "rules+mass"],
                         choices=["plain", "rules+mass", "bias+pair-mask"])
@@ -240,12 +241,12 @@ def main(argv: list[str] | None = None) -> Path | None:
         parser.exit(1, "unset TRITON_INTERPRET: the report compiles the kernels for a GPU\n")
     if not available():
         parser.exit(1, f"this Triton has no NVIDIA compiler tools under {_bin_dir()}\n")
-    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
-    defaults = fa.select_configs(128, dtype, torch.device("cuda"))
+    dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[args.dtype]
+    defaults = fa.select_configs(args.head_dim, dtype, torch.device("cuda"))
     configs = ([FlowConfigs(*[fa.parse_config(spec)] * 3) for spec in args.config]
                if args.config else [defaults])
     rows = [row for cfg in configs
-            for row in report(dtype, cfg, args.kernel, args.variant, args.arch)]
+            for row in report(dtype, cfg, args.kernel, args.variant, args.arch, args.head_dim)]
     if args.out is None:
         return None
     kind = f"compile-sm{args.arch}" + ("-configs" if args.config else "")
