@@ -92,6 +92,22 @@ def _rule(Table, table_base, q_grp, k_grp, vector, tile_group, NUM_GROUPS: tl.co
 
 
 @triton.jit
+def _logits(qk, Scale, Bias, table_base, q_grp, k_grp, scale_vec, bias_vec, tile_group, qk_scale,
+            NUM_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+            MIXED: tl.constexpr):
+    """Scores in log2 units, ``qk * scale * qk_scale + bias``, each rule applied only when present
+    (an add of 0.0 per element is not foldable) and the scalar factors multiplied first."""
+    if HAS_SCALE:
+        s = qk * (_rule(Scale, table_base, q_grp, k_grp, scale_vec, tile_group, NUM_GROUPS, MIXED)
+                  * qk_scale)
+    else:
+        s = qk * qk_scale
+    if HAS_BIAS:
+        s += _rule(Bias, table_base, q_grp, k_grp, bias_vec, tile_group, NUM_GROUPS, MIXED) * LOG2E
+    return s
+
+
+@triton.jit
 def _pair_blocked(PairBits, bits_base, stride_bits_n, q_idx, n_start, Nk, BLOCK_K: tl.constexpr):
     """[len(q_idx), BLOCK_K], True where the packed pair mask blocks (query q_idx[i], key
     n_start + j); n_start is a multiple of 32. Each query's words are loaded once and unpacked
@@ -131,13 +147,8 @@ def _fwd_tile(
     else:
         k_grp = tl.zeros([BLOCK_N], dtype=tl.int32) + gk
     q_tile, k_tile = q_grp[:, None], k_grp[None, :]
-    if HAS_SCALE:  # one multiply per element: the scalar factors fold first
-        s = qk * (_rule(Scale, table_base, q_tile, k_tile, scale_vec, gk, NUM_GROUPS, MIXED)
-                  * qk_scale)
-    else:
-        s = qk * qk_scale
-    if HAS_BIAS:
-        s += _rule(Bias, table_base, q_tile, k_tile, bias_vec, gk, NUM_GROUPS, MIXED) * LOG2E
+    s = _logits(qk, Scale, Bias, table_base, q_tile, k_tile, scale_vec, bias_vec, gk, qk_scale,
+                NUM_GROUPS, HAS_SCALE, HAS_BIAS, MIXED)
     if MIXED:
         keep = (offs_n < Nk)[None, :]
         if HAS_PAIR_MASK:
@@ -331,13 +342,8 @@ def _bwd_dkdv_tile(
     # Transposed tile: rows are keys, columns are queries.
     q_tile, k_tile = q_grp[None, :], k_grp[:, None]
     qk = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-    if HAS_SCALE:
-        s = qk * (_rule(Scale, table_base, q_tile, k_tile, scale_vec, gq, NUM_GROUPS, MIXED)
-                  * qk_scale)
-    else:
-        s = qk * qk_scale
-    if HAS_BIAS:
-        s += _rule(Bias, table_base, q_tile, k_tile, bias_vec, gq, NUM_GROUPS, MIXED) * LOG2E
+    s = _logits(qk, Scale, Bias, table_base, q_tile, k_tile, scale_vec, bias_vec, gq, qk_scale,
+                NUM_GROUPS, HAS_SCALE, HAS_BIAS, MIXED)
     if MIXED:
         keep = (offs_n < Nk)[:, None]
         if HAS_PAIR_MASK:
@@ -478,13 +484,8 @@ def _bwd_dq_tile(
         k_grp = tl.zeros([BLOCK_N], dtype=tl.int32)
     q_tile, k_tile = q_grp[:, None], k_grp[None, :]
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if HAS_SCALE:
-        s = qk * (_rule(Scale, table_base, q_tile, k_tile, scale_vec, gk, NUM_GROUPS, MIXED)
-                  * qk_scale)
-    else:
-        s = qk * qk_scale
-    if HAS_BIAS:
-        s += _rule(Bias, table_base, q_tile, k_tile, bias_vec, gk, NUM_GROUPS, MIXED) * LOG2E
+    s = _logits(qk, Scale, Bias, table_base, q_tile, k_tile, scale_vec, bias_vec, gk, qk_scale,
+                NUM_GROUPS, HAS_SCALE, HAS_BIAS, MIXED)
     if MIXED:
         keep = (offs_n < Nk)[None, :]
         if HAS_PAIR_MASK:
