@@ -155,17 +155,25 @@ class KontextCalls:
         """Keyword inputs of one transformer call: target ``noise`` [B, N, C] and ``context``
         tokens of ``size`` (pixels), one prompt and timestep (0..1000) per batch element."""
         device, dtype = self.transformer.device, self.transformer.dtype
-        text = prompts[0]["encoder_hidden_states"].shape[0]
         return dict(
             hidden_states=torch.cat([noise.to(dtype), context], dim=1),
-            encoder_hidden_states=torch.stack([p["encoder_hidden_states"] for p in prompts]),
-            pooled_projections=torch.stack([p["pooled_projections"] for p in prompts]),
             timestep=torch.tensor(timesteps, device=device, dtype=dtype) / 1000,
             img_ids=self._image_ids(size),
+            return_dict=False,
+            **self._prompt_inputs(prompts, guidance),
+        )
+
+    def _prompt_inputs(self, prompts: list[dict], guidance: float) -> dict:
+        """The prompts' part of the inputs: T5 and pooled CLIP embeddings, text ids, and the
+        guidance embedding's scale where the model has one."""
+        device, dtype = self.transformer.device, self.transformer.dtype
+        text = prompts[0]["encoder_hidden_states"].shape[0]
+        return dict(
+            encoder_hidden_states=torch.stack([p["encoder_hidden_states"] for p in prompts]),
+            pooled_projections=torch.stack([p["pooled_projections"] for p in prompts]),
             txt_ids=torch.zeros(text, 3, device=device, dtype=dtype),
             guidance=(torch.full((len(prompts),), guidance, device=device)
                       if self.transformer.config.guidance_embeds else None),
-            return_dict=False,
         )
 
     def _image_ids(self, size: tuple[int, int]) -> torch.Tensor:

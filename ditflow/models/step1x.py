@@ -454,19 +454,11 @@ class Step1XEditCalls(KontextCalls):
         embeds, mask = self.pipe.encode_prompt([text], [image])
         return dict(encoder_hidden_states=embeds[0], encoder_attention_mask=mask[0])
 
-    def inputs(self, noise: torch.Tensor, context: torch.Tensor, prompts: list[dict],
-               timesteps: list[float], guidance: float, size: tuple[int, int]) -> dict:
-        """Keyword inputs of one transformer call: target ``noise`` [B, N, C] and ``context``
-        tokens of ``size`` (pixels), one prompt and timestep (0..1000) per batch element
-        (``guidance``: Step1X-Edit has no guidance embedding)."""
-        device, dtype = self.transformer.device, self.transformer.dtype
+    def _prompt_inputs(self, prompts: list[dict], guidance: float) -> dict:
+        """Qwen2.5-VL embeddings and their mask (Step1X-Edit has no guidance embedding)."""
         return dict(
-            hidden_states=torch.cat([noise.to(dtype), context], dim=1),
             encoder_hidden_states=torch.stack([p["encoder_hidden_states"] for p in prompts]),
             encoder_attention_mask=torch.stack([p["encoder_attention_mask"] for p in prompts]),
-            timestep=torch.tensor(timesteps, device=device, dtype=dtype) / 1000,
-            img_ids=self._image_ids(size),
-            return_dict=False,
         )
 
     def edit(self, image, prompt: str, size: tuple[int, int], steps: int, guidance: float,
