@@ -30,6 +30,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from benchmarks.results import save
 from kernels import flow_attention as fa
@@ -129,6 +130,9 @@ def capture(dtype: torch.dtype, configs: FlowConfigs, variant: str, head_dim: in
 
 def _argument(value) -> tuple[str, bool]:
     """Triton type of a runtime argument and whether the JIT would mark it 16-divisible."""
+    if isinstance(value, TensorDescriptor):
+        block = ",".join(map(str, value.block_shape))
+        return f"tensordesc<{TORCH_TO_TRITON[value.base.dtype]}[{block}]>", False
     if isinstance(value, torch.Tensor):
         return "*" + TORCH_TO_TRITON[value.dtype], value.data_ptr() % 16 == 0
     if isinstance(value, bool):
@@ -157,7 +161,8 @@ def compile_launch(launch: Launch, arch: int = 90):
 
 
 def resources(compiled) -> dict:
-    """Registers, spill stack, local-memory instructions, shared memory and wgmma count."""
+    """Registers, spill stack, local-memory instructions, shared memory, wgmma and TMA-load
+    counts."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -173,6 +178,7 @@ def resources(compiled) -> dict:
         local_stores=len(re.findall(r"\bSTL\b", sass)),
         shared_bytes=compiled.metadata.shared,
         wgmma=len(re.findall(r"\bHGMMA\b", sass)),
+        tma_loads=len(re.findall(r"\bUTMALDG\b", sass)),
     )
 
 
@@ -203,6 +209,7 @@ def report(dtype: torch.dtype, configs: FlowConfigs, kernels: list[str], variant
         for kernel in kernels:
             launch = launches[kernel]
             config = "{BLOCK_M}x{BLOCK_N}:{num_warps}:{num_stages}".format(**launch.kwargs)
+            config += ":tma" if launch.kwargs["TMA"] else ""
             compiled = compile_launch(launch, arch)
             tile = (launch.kwargs["BLOCK_M"], launch.kwargs["BLOCK_N"])
             row = dict(kernel=kernel, variant=variant, dtype=str(dtype).removeprefix("torch."),
@@ -218,8 +225,9 @@ def _line(row: dict) -> str:
     spills = (f"spills {row['spill_stack_bytes']} B ({row['local_loads']} LDL / "
               f"{row['local_stores']} STL)" if row["spill_stack_bytes"] else "no spills")
     shared = f"shared {row['shared_bytes'] // 1024} KiB" + ("" if row["fits"] else " TOO LARGE")
-    return (f"{row['kernel']:8} {row['variant']:15} {row['config']:13} regs {row['registers']:3}  "
-            f"{spills:34} {shared}  wgmma {row['wgmma']:3}  ops/score {row['score_ops']}")
+    return (f"{row['kernel']:8} {row['variant']:15} {row['config']:17} regs {row['registers']:3}  "
+            f"{spills:34} {shared}  wgmma {row['wgmma']:3}  TMA loads {row['tma_loads']:2}  "
+            f"ops/score {row['score_ops']}")
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -232,7 +240,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--variant", nargs="+", default=["plain", "rules+mass"],
                         choices=["plain", "rules+mass", "bias+pair-mask"])
-    parser.add_argument("--config", nargs="+", default=None, metavar="BMxBN:WARPS:STAGES",
+    parser.add_argument("--config", nargs="+", default=None, metavar="BMxBN:WARPS:STAGES[:tma]",
                         help="block shapes to compile for every kernel (default: the GPU table)")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     argv = sys.argv[1:] if argv is None else argv

@@ -34,13 +34,16 @@ case "$stage" in
   configs)
     # Candidates from the compile report (benchmarks/NOTES.md, v4): 5 stages prefetch K/V two
     # tiles ahead (2 to 4 stages: one), dk/dv over 32 queries x 64 or 128 keys spills nothing
-    # with rules, 8-warp backward tiles spill less, 128x64 forward tiles hardly spill. Qwen's
-    # text length leaves mixed tiles.
+    # with rules, 8-warp backward tiles spill less, 128x64 forward tiles hardly spill; the
+    # default and the 5-stage forward with per-tile operands through TMA (v6). Qwen's text
+    # length leaves mixed tiles.
     $python -m benchmarks.attention --shape kontext-1024 qwen-edit-1024 --dtype bf16 --out "$out" \
       --sweep default "forward=128x128:8:5" "backward_dkdv=64x64:4:5,backward_dq=64x64:4:5" \
         "backward_dkdv=32x128:8:3" "backward_dkdv=32x64:8:3" \
         "backward_dkdv=64x64:8:3,backward_dq=64x64:8:3" "backward_dq=128x64:8:2" \
-        "forward=128x64:8:3"
+        "forward=128x64:8:3" \
+        "forward=128x128:8:2:tma,backward_dkdv=64x64:4:3:tma,backward_dq=64x64:4:3:tma" \
+        "forward=128x128:8:5:tma"
     ;;
   end-to-end)
     $python -m benchmarks.protect_step --out "$out"

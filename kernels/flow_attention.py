@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .tile_plan import TilePlan, build_tile_plan
 
@@ -36,14 +37,29 @@ GROUP_PAD = tl.constexpr(16)
 
 
 @triton.jit
-def _load_rows(ptrs, rows, n_rows, offs_d, head_dim, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
-    if MASK_ROWS:
-        if EVEN_D:
-            return tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
-        return tl.load(ptrs, mask=(rows < n_rows)[:, None] & (offs_d < head_dim)[None, :], other=0.0)
-    if EVEN_D:
-        return tl.load(ptrs)
-    return tl.load(ptrs, mask=(offs_d < head_dim)[None, :], other=0.0)
+def _load_tile(X, base, stride_n, b, h, start, n_rows, head_dim, MASK_ROWS: tl.constexpr,
+               EVEN_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+               TMA: tl.constexpr):
+    """Rows ``start .. start + BLOCK`` of ``X[b, :, h, :]`` as ``[BLOCK, BLOCK_D]``. With TMA, one
+    box of a ``[B, N, H, D]`` descriptor (rows past the end and columns past the head dim read
+    zero; the copy engine computes the addresses); else pointer loads from ``X + base``, masked
+    where rows may run past ``n_rows`` or the head dim is padded."""
+    if TMA:  # (an early return would still compile the pointer code below for a descriptor)
+        tile = tl.reshape(X.load([b, start, h, 0]), [BLOCK, BLOCK_D])
+    else:
+        rows = start + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        ptrs = X + base + rows[:, None] * stride_n + offs_d[None, :]
+        if MASK_ROWS and EVEN_D:
+            tile = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+        elif MASK_ROWS:
+            tile = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (offs_d < head_dim)[None, :],
+                           other=0.0)
+        elif EVEN_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=(offs_d < head_dim)[None, :], other=0.0)
+    return tile
 
 
 @triton.jit
@@ -128,19 +144,19 @@ def _pair_blocked(PairBits, bits_base, stride_bits_n, q_idx, n_start, Nk, BLOCK_
 def _fwd_tile(
     acc, l_i, m_i, mass, q, q_grp, offs_m, n_start, gk, scale_vec, bias_vec, weight_vec,
     K, V, KG, Scale, Bias, Weight, PairBits,
-    k_base, v_base, kg_base, table_base, bits_base,
+    b, h, k_base, v_base, kg_base, table_base, bits_base,
     stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
     NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     RETURN_MASS: tl.constexpr, MIXED: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     offs_n = n_start + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, Nk,
-                   offs_d, head_dim, MIXED, EVEN_D)
-    v = _load_rows(V + v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, Nk,
-                   offs_d, head_dim, MIXED, EVEN_D)
+    k = _load_tile(K, k_base, stride_kn, b, h, n_start, Nk, head_dim, MIXED, EVEN_D, BLOCK_N,
+                   BLOCK_D, TMA)
+    v = _load_tile(V, v_base, stride_vn, b, h, n_start, Nk, head_dim, MIXED, EVEN_D, BLOCK_N,
+                   BLOCK_D, TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MIXED and HAS_GROUPS:
         k_grp = tl.load(KG + kg_base + offs_n, mask=offs_n < Nk, other=0)
@@ -194,7 +210,7 @@ def _fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     RETURN_MASS: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -205,8 +221,8 @@ def _fwd_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                   offs_m, Nq, offs_d, head_dim, True, EVEN_D)
+    q = _load_tile(Q, b * stride_qb + h * stride_qh, stride_qn, b, h, pid_m * BLOCK_M, Nq,
+                   head_dim, True, EVEN_D, BLOCK_M, BLOCK_D, False)
     if HAS_GROUPS:
         q_grp = tl.load(QG + b * stride_qgb + offs_m, mask=offs_m < Nq, other=0)
     else:
@@ -239,10 +255,10 @@ def _fwd_kernel(
         acc, l_i, m_i, mass = _fwd_tile(
             acc, l_i, m_i, mass, q, q_grp, offs_m, n * BLOCK_N, gk, scale_vec, bias_vec, weight_vec,
             K, V, KG, Scale, Bias, Weight, PairBits,
-            k_base, v_base, kg_base, table_base, bits_base,
+            b, h, k_base, v_base, kg_base, table_base, bits_base,
             stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK,
-            RETURN_MASS, False, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION)
+            RETURN_MASS, False, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA)
     # Mixed tiles: pipelined two deep, they spill less when groups are present; without groups
     # they are only the ragged tail, and one stage spills nothing (benchmarks/NOTES.md, v4).
     for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=2 if HAS_GROUPS else 1):
@@ -250,10 +266,10 @@ def _fwd_kernel(
         acc, l_i, m_i, mass = _fwd_tile(
             acc, l_i, m_i, mass, q, q_grp, offs_m, n * BLOCK_N, 0, scale_vec, bias_vec, weight_vec,
             K, V, KG, Scale, Bias, Weight, PairBits,
-            k_base, v_base, kg_base, table_base, bits_base,
+            b, h, k_base, v_base, kg_base, table_base, bits_base,
             stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK,
-            RETURN_MASS, True, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION)
+            RETURN_MASS, True, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA)
 
     # Rows with every key blocked have l_i == 0: out = 0, mass = 0, lse = -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -315,20 +331,19 @@ def _bwd_preprocess_kernel(
 def _bwd_dkdv_tile(
     dk, dv, k, v, k_grp, offs_n, n_start, m_start, gq, gk, scale_vec, bias_vec, weight_vec,
     Q, DOut, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
-    q_base, do_base, row_base, qg_base, table_base, bits_base,
+    b, h, q_base, do_base, row_base, qg_base, table_base, bits_base,
     stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
     NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     HAS_DMASS: tl.constexpr, MIXED: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     offs_m = m_start + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + q_base + offs_m[:, None] * stride_qn + offs_d[None, :], offs_m, Nq,
-                   offs_d, head_dim, MIXED, EVEN_D)
-    do = _load_rows(DOut + do_base + offs_m[:, None] * stride_don + offs_d[None, :], offs_m, Nq,
-                    offs_d, head_dim, MIXED, EVEN_D)
+    q = _load_tile(Q, q_base, stride_qn, b, h, m_start, Nq, head_dim, MIXED, EVEN_D, BLOCK_M,
+                   BLOCK_D, TMA)
+    do = _load_tile(DOut, do_base, stride_don, b, h, m_start, Nq, head_dim, MIXED, EVEN_D,
+                    BLOCK_M, BLOCK_D, TMA)
     if MIXED:
         lse2 = tl.load(Lse2 + row_base + offs_m, mask=offs_m < Nq, other=float("inf"))
         delta = tl.load(Delta + row_base + offs_m, mask=offs_m < Nq, other=0.0)
@@ -391,7 +406,7 @@ def _bwd_dkdv_kernel(
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     HAS_DMASS: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -402,10 +417,10 @@ def _bwd_dkdv_kernel(
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                   offs_n, Nk, offs_d, head_dim, True, EVEN_D)
-    v = _load_rows(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                   offs_n, Nk, offs_d, head_dim, True, EVEN_D)
+    k = _load_tile(K, b * stride_kb + h * stride_kh, stride_kn, b, h, pid_n * BLOCK_N, Nk,
+                   head_dim, True, EVEN_D, BLOCK_N, BLOCK_D, False)
+    v = _load_tile(V, b * stride_vb + h * stride_vh, stride_vn, b, h, pid_n * BLOCK_N, Nk,
+                   head_dim, True, EVEN_D, BLOCK_N, BLOCK_D, False)
     if HAS_GROUPS:
         k_grp = tl.load(KG + b * stride_kgb + offs_n, mask=offs_n < Nk, other=0)
     else:
@@ -438,10 +453,10 @@ def _bwd_dkdv_kernel(
             dk, dv, k, v, k_grp, offs_n, pid_n * BLOCK_N, m * BLOCK_M, gq, gk, scale_vec, bias_vec,
             weight_vec,
             Q, DOut, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
-            q_base, do_base, row_base, qg_base, table_base, bits_base,
+            b, h, q_base, do_base, row_base, qg_base, table_base, bits_base,
             stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
-            False, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+            False, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA)
     # Mixed tiles: pipelined two deep, they spill less when groups are present; without groups
     # they are only the ragged tail, and one stage spills nothing (benchmarks/NOTES.md, v4).
     for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=2 if HAS_GROUPS else 1):
@@ -450,10 +465,10 @@ def _bwd_dkdv_kernel(
             dk, dv, k, v, k_grp, offs_n, pid_n * BLOCK_N, m * BLOCK_M, 0, 0, scale_vec, bias_vec,
             weight_vec,
             Q, DOut, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
-            q_base, do_base, row_base, qg_base, table_base, bits_base,
+            b, h, q_base, do_base, row_base, qg_base, table_base, bits_base,
             stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
-            True, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
+            True, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA)
 
     mask = (offs_n < Nk)[:, None] & (offs_d < head_dim)[None, :]
     base = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
@@ -465,19 +480,19 @@ def _bwd_dkdv_kernel(
 def _bwd_dq_tile(
     dq, q, do, lse2, delta, q_grp, offs_m, n_start, gk, scale_vec, bias_vec, weight_vec,
     K, V, KG, DMass, Scale, Bias, Weight, PairBits,
-    k_base, v_base, kg_base, row_base, table_base, bits_base,
+    b, h, k_base, v_base, kg_base, row_base, table_base, bits_base,
     stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
     NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     HAS_DMASS: tl.constexpr, MIXED: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     offs_n = n_start + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, Nk,
-                   offs_d, head_dim, MIXED, EVEN_D)
-    v = _load_rows(V + v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, Nk,
-                   offs_d, head_dim, MIXED, EVEN_D)
+    k = _load_tile(K, k_base, stride_kn, b, h, n_start, Nk, head_dim, MIXED, EVEN_D, BLOCK_N,
+                   BLOCK_D, TMA)
+    v = _load_tile(V, v_base, stride_vn, b, h, n_start, Nk, head_dim, MIXED, EVEN_D, BLOCK_N,
+                   BLOCK_D, TMA)
     if MIXED and HAS_GROUPS:
         k_grp = tl.load(KG + kg_base + offs_n, mask=offs_n < Nk, other=0)
     else:
@@ -530,7 +545,7 @@ def _bwd_dq_kernel(
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     HAS_DMASS: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -542,10 +557,10 @@ def _bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Nq
-    q = _load_rows(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                   offs_m, Nq, offs_d, head_dim, True, EVEN_D)
-    do = _load_rows(DOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don
-                    + offs_d[None, :], offs_m, Nq, offs_d, head_dim, True, EVEN_D)
+    q = _load_tile(Q, b * stride_qb + h * stride_qh, stride_qn, b, h, pid_m * BLOCK_M, Nq,
+                   head_dim, True, EVEN_D, BLOCK_M, BLOCK_D, False)
+    do = _load_tile(DOut, b * stride_dob + h * stride_doh, stride_don, b, h, pid_m * BLOCK_M, Nq,
+                    head_dim, True, EVEN_D, BLOCK_M, BLOCK_D, False)
     row_base = pid_bh * Nq
     lse2 = tl.load(Lse2 + row_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
@@ -578,10 +593,10 @@ def _bwd_dq_kernel(
         dq = _bwd_dq_tile(
             dq, q, do, lse2, delta, q_grp, offs_m, n * BLOCK_N, gk, scale_vec, bias_vec, weight_vec,
             K, V, KG, DMass, Scale, Bias, Weight, PairBits,
-            k_base, v_base, kg_base, row_base, table_base, bits_base,
+            b, h, k_base, v_base, kg_base, row_base, table_base, bits_base,
             stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
-            False, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION)
+            False, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA)
     # Mixed tiles: pipelined two deep, they spill less when groups are present; without groups
     # they are only the ragged tail, and one stage spills nothing (benchmarks/NOTES.md, v4).
     for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=2 if HAS_GROUPS else 1):
@@ -589,10 +604,10 @@ def _bwd_dq_kernel(
         dq = _bwd_dq_tile(
             dq, q, do, lse2, delta, q_grp, offs_m, n * BLOCK_N, 0, scale_vec, bias_vec, weight_vec,
             K, V, KG, DMass, Scale, Bias, Weight, PairBits,
-            k_base, v_base, kg_base, row_base, table_base, bits_base,
+            b, h, k_base, v_base, kg_base, row_base, table_base, bits_base,
             stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
-            True, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION)
+            True, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA)
 
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty),
@@ -607,12 +622,15 @@ def _bwd_dq_kernel(
 @dataclass(frozen=True)
 class KernelConfig:
     """Block shape of one kernel: ``block_m`` queries by ``block_n`` keys, powers of two of at
-    least 16 and 32 (the pair mask is unpacked 32 keys at a time)."""
+    least 16 and 32 (the pair mask is unpacked 32 keys at a time). ``tma``: the operands read
+    per tile come through TMA descriptors where the GPU has TMA (Hopper on) and the tensors'
+    alignment allows; elsewhere the same config loads through pointers."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = False
 
     def __post_init__(self):
         for name, least in (("block_m", 16), ("block_n", 32)):
@@ -629,12 +647,14 @@ class FlowConfigs:
 
 
 def parse_config(spec: str) -> KernelConfig:
-    """``BMxBN[:warps[:stages]]``, e.g. ``128x64:8:3``."""
+    """``BMxBN[:warps[:stages[:tma]]]``, e.g. ``128x64:8:3`` or ``128x128:8:2:tma``."""
     blocks, *rest = spec.split(":")
+    if len(rest) > 3 or (len(rest) == 3 and rest[2] != "tma"):
+        raise ValueError(f"kernel config {spec!r}: expected BMxBN[:warps[:stages[:tma]]]")
     block_m, block_n = (int(x) for x in blocks.lower().split("x"))
     num_warps = int(rest[0]) if rest else 4
     num_stages = int(rest[1]) if len(rest) > 1 else 1
-    return KernelConfig(block_m, block_n, num_warps, num_stages)
+    return KernelConfig(block_m, block_n, num_warps, num_stages, tma=len(rest) == 3)
 
 
 def _default_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> FlowConfigs:
@@ -657,7 +677,7 @@ def select_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> F
     """Block shapes for the three kernels.
 
     Plans are built per block shape, so this is a small table rather than a Triton autotuner.
-    ``DITFLOW_TRITON_CONFIG`` pins it: ``BMxBN[:warps[:stages]]`` for every kernel, or
+    ``DITFLOW_TRITON_CONFIG`` pins it: ``BMxBN[:warps[:stages[:tma]]]`` for every kernel, or
     ``forward=...,backward_dkdv=...,backward_dq=...`` per kernel (unnamed ones keep the table).
     """
     configs = _default_configs(head_dim, dtype, device)
@@ -758,6 +778,25 @@ def _plan_batch(plan: TilePlan) -> int:
     return 1 if plan.batched else 0
 
 
+def _tma_allows(t: torch.Tensor) -> bool:
+    """TMA reads ``t``: the GPU has the copy engine (the interpreter emulates it), the base is
+    16-byte aligned and so is every stride but the last, which is 1."""
+    if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9:
+        return False
+    return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+            and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1]))
+
+
+def _tile_operands(cfg: KernelConfig, rows: int, block_d: int, *tensors: torch.Tensor):
+    """The ``[B, N, H, D]`` tensors a kernel reads per tile, as TMA descriptors of
+    ``rows x block_d`` boxes when ``cfg.tma`` and every tensor allows it, else as they are;
+    and whether they are descriptors (the kernels' ``TMA`` flag)."""
+    if not (cfg.tma and all(_tma_allows(t) for t in tensors)):
+        return tensors, False
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, block_d])
+                 for t in tensors), True
+
+
 def flow_attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -779,8 +818,9 @@ def flow_attention_forward(
     pointers, strides = _common_args(inputs, q)
     block_d = _block_d(head_dim)
     grid = (triton.cdiv(nq, cfg.block_m), batch * heads)
+    (k_tiles, v_tiles), tma = _tile_operands(cfg, cfg.block_n, block_d, k, v)
     _fwd_kernel[grid](
-        q, k, v, out, lse, mass_arg, *pointers,
+        q, k_tiles, v_tiles, out, lse, mass_arg, *pointers,
         plan.q_uniform_group, plan.row_counts, plan.row_tiles, plan.row_groups,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -790,7 +830,7 @@ def flow_attention_forward(
         _plan_batch(plan), heads, nq, nk, head_dim, softmax_scale * LOG2E_FLOAT,
         **inputs.flags(), RETURN_MASS=return_mass, EVEN_D=head_dim == block_d,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype), TMA=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse, mass
@@ -839,8 +879,9 @@ def flow_attention_backward(
         DOT_PRECISION=_dot_precision(q.dtype),
     )
     cfg = configs.backward_dkdv
+    (q_tiles, dout_tiles), tma = _tile_operands(cfg, cfg.block_m, block_d, q, dout)
     _bwd_dkdv_kernel[(triton.cdiv(nk, cfg.block_n), batch * heads)](
-        q, k, v, dout, dk, dv, lse2, delta, dmass_arg, *pointers,
+        q_tiles, k, v, dout_tiles, dk, dv, lse2, delta, dmass_arg, *pointers,
         dkdv_plan.k_uniform_group, dkdv_plan.col_counts, dkdv_plan.col_tiles,
         dkdv_plan.col_groups,
         q.stride(0), q.stride(1), q.stride(2),
@@ -850,12 +891,13 @@ def flow_attention_backward(
         dk.stride(0), dk.stride(1), dk.stride(2),
         *strides,
         _plan_batch(dkdv_plan), heads, nq, nk, head_dim, softmax_scale * LOG2E_FLOAT, softmax_scale,
-        **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     cfg = configs.backward_dq
+    (k_tiles, v_tiles), tma = _tile_operands(cfg, cfg.block_n, block_d, k, v)
     _bwd_dq_kernel[(triton.cdiv(nq, cfg.block_m), batch * heads)](
-        q, k, v, dout, dq, lse2, delta, dmass_arg, *pointers,
+        q, k_tiles, v_tiles, dout, dq, lse2, delta, dmass_arg, *pointers,
         dq_plan.q_uniform_group, dq_plan.row_counts, dq_plan.row_tiles, dq_plan.row_groups,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -864,7 +906,7 @@ def flow_attention_backward(
         dq.stride(0), dq.stride(1), dq.stride(2),
         *strides,
         _plan_batch(dq_plan), heads, nq, nk, head_dim, softmax_scale * LOG2E_FLOAT, softmax_scale,
-        **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk, dv

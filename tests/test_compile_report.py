@@ -68,6 +68,19 @@ def test_uniform_tiles_do_no_more_work_per_score_than_measured(rows):
             assert row["score_ops"] <= SCORE_OPS[row["variant"]][row["kernel"]], row
 
 
+def test_tma_configs_load_tiles_through_tma(tmp_path):
+    """A ``:tma`` config compiles to TMA loads (UTMALDG) with wgmma, within shared memory."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--variant", "rules+mass",
+                    "--config", "64x64:4:3:tma", "--out", str(tmp_path)],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    rows = json.loads(next(tmp_path.glob("compile-sm90-configs-*.json")).read_text())["rows"]
+    assert {row["kernel"] for row in rows} == {"forward", "dkdv", "dq"}
+    for row in rows:
+        assert row["config"] == "64x64:4:3:tma" and row["tma_loads"] > 0, row
+        assert row["fits"] and row["wgmma"] > 0, row
+
+
 def test_launches_are_recorded_and_the_kernels_restored():
     kernel = fa._fwd_kernel
     configs = fa.select_configs(128, torch.float16, torch.device("cuda"))

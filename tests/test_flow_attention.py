@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from ditflow import FlowRules, flow_attention
 from ditflow.functional import FlowAttentionOutput
+from ditflow.kernels import flow_attention as flow_attention_kernels
 from ditflow.reference import flow_attention_reference
 
 
@@ -195,6 +196,41 @@ def test_block_shapes(block, monkeypatch, device):
         block += ":4:2"
     monkeypatch.setenv("DITFLOW_TRITON_CONFIG", block)
     run_case(Case(97, head_dim=32, groups=3, kinds=ALL, pair_mask=True), torch.float32, device)
+
+
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """Whether each kernel launch read its per-tile operands through TMA descriptors."""
+    used = []
+
+    def recording(*args):
+        operands, tma = tile_operands(*args)
+        used.append(tma)
+        return operands, tma
+
+    tile_operands = flow_attention_kernels._tile_operands
+    monkeypatch.setattr(flow_attention_kernels, "_tile_operands", recording)
+    return used
+
+
+@pytest.mark.parametrize("head_dim", [32, 40])
+def test_tma_tiles(head_dim, tma_launches, monkeypatch, device):
+    """Per-tile operands through TMA descriptors give the spec's results: rows past the end
+    and, with a padded head dim, columns past it read as zeros."""
+    if device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs a Hopper or later GPU")
+    monkeypatch.setenv("DITFLOW_TRITON_CONFIG", "32x64:4:2:tma")
+    run_case(Case(97, 70, head_dim=head_dim, groups=3, kinds=ALL, pair_mask=True), torch.float32,
+             device)
+    assert tma_launches == [True] * 3  # forward, dk/dv, dq
+
+
+def test_tma_falls_back_to_pointers_when_strides_are_unaligned(tma_launches, monkeypatch, device):
+    """A head dim of 20 fp16 values (40-byte rows) cannot be a TMA box's row stride: the same
+    config loads through pointers."""
+    monkeypatch.setenv("DITFLOW_TRITON_CONFIG", "32x64:4:2:tma")
+    run_case(Case(33, head_dim=20), torch.float16, device)
+    assert tma_launches == [False] * 3
 
 
 @settings(max_examples=12, deadline=None, derandomize=False)

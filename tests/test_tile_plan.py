@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from ditflow.kernels import BLOCKED, MIXED, UNIFORM, build_tile_plan
 
+from ditflow.kernels import BLOCKED, MIXED, UNIFORM, build_tile_plan
 from ditflow.ops import pack_pair_mask
 
 TEXT, TARGET, CONTEXT = 0, 1, 2
