@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -87,6 +88,28 @@ def _config(args) -> ProtectConfig:
         stop_window=args.stop_window, stop_min_gain=args.stop_min_gain)
 
 
+# Settings that do not change a protected photo (results depend on the seed and the file name,
+# not on batching); the prompt pool is the model's.
+_RESUMABLE_CHANGES = {"batch_size", "gradient_checkpointing", "prompts"}
+
+
+def _resume_conflict(manifest, model: str, config: ProtectConfig) -> str:
+    """How the finished photos of ``manifest`` were protected differently from ``model`` and
+    ``config`` ("" if not): settings left to the model's defaults (None) are not compared."""
+    wanted = {"model": model} | {
+        key: json.loads(json.dumps(value)) for key, value in asdict(config).items()
+        if key not in _RESUMABLE_CHANGES and value is not None}
+    for record in manifest.records.values():
+        if record.get("status") != "ok":
+            continue
+        earlier = {"model": record.get("model", model), **record["config"]}
+        changed = [f"{key}={earlier.get(key)!r} (now {value!r})"
+                   for key, value in wanted.items() if earlier.get(key) != value]
+        if changed:
+            return ", ".join(changed)
+    return ""
+
+
 def protect_command(args) -> int:
     from . import bulk, scale
     from .io import Manifest
@@ -100,12 +123,17 @@ def protect_command(args) -> int:
         print(f"note: --model {args.model} is a small offline model for demos and tests; its "
               "perturbation does not protect against real editors: pass --model with a local "
               "FLUX.1 Kontext, Qwen-Image-Edit or Step1X-Edit folder for that", file=sys.stderr)
-    manifest = Manifest(outdir / "manifest.jsonl")
+    manifest = Manifest(outdir / "manifest.jsonl", run_fields={"model": args.model})
     if manifest.records and not args.resume:
         print(f"error: {manifest.path} exists from an earlier run; pass --resume to continue it "
               "or choose another output folder", file=sys.stderr)
         return 2
     config = _config(args)
+    conflict = _resume_conflict(manifest, args.model, config)
+    if args.resume and conflict:
+        print(f"error: {manifest.path} holds photos protected with {conflict}; resume with the "
+              "earlier run's options, or protect into another folder", file=sys.stderr)
+        return 2
     jobs = bulk.gather(args.inputs, outdir, suffix)
     options = dict(resume=args.resume, max_pixels=args.max_pixels, progress=not args.quiet)
     try:
@@ -182,13 +210,13 @@ def evaluate_command(args) -> int:
                             face_sim_protected_edit=faces.similarity(clean.pixels, edits[1]))
     face_header = f" {'ID clean':>9} {'ID prot.':>9}" if faces is not None else ""
     print(f"{'photo':<24} {'r_ctx clean':>11} {'protected':>10} {'edit PSNR':>10} "
-          f"{'edit SSIM':>10} {'pert. PSNR':>11} {'L-inf':>6}{face_header}")
+          f"{'edit SSIM':>10} {'pert. PSNR':>11} {'pert. SSIM':>11} {'L-inf':>6}{face_header}")
     for r in rows:
         face = (f" {r['face_sim_clean_edit']:>9.3f} {r['face_sim_protected_edit']:>9.3f}"
                 if faces is not None else "")
         print(f"{r['photo']:<24} {r['r_ctx_clean']:>11.4f} {r['r_ctx_protected']:>10.4f} "
               f"{r['edit_psnr']:>10.2f} {r['edit_ssim']:>10.4f} {r['perturbation_psnr']:>11.2f} "
-              f"{r['linf']:>6}{face}")
+              f"{r['perturbation_ssim']:>11.4f} {r['linf']:>6}{face}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0 if rows else 1
@@ -483,7 +511,7 @@ def _uvr_options(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     from .methods.deleaker import DeLeakerConfig
 
-    parser = argparse.ArgumentParser(prog="ditflow", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ditflow", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("protect", help="protect photos against in-context editing (DeContext)")

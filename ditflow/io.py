@@ -174,10 +174,11 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 class Manifest:
     """JSONL record of a run, one line per photo, appended and flushed as each photo finishes,
-    so a crash loses nothing that was done."""
+    so a crash loses nothing that was done. ``run_fields`` go into every appended record."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, run_fields: dict | None = None):
         self.path = path
+        self.run_fields = run_fields or {}
         self.records: dict[str, dict] = {}
         if path.exists():
             for line in path.read_text().splitlines():
@@ -193,6 +194,7 @@ class Manifest:
         return bool(record and record.get("status") == "ok" and output.exists())
 
     def append(self, record: dict) -> None:
+        record = {**self.run_fields, **record}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -104,6 +104,23 @@ def test_existing_manifest_needs_resume(tmp_path):
     assert len((out / "manifest.jsonl").read_text().splitlines()) == 1  # nothing redone
 
 
+def test_resume_refuses_other_settings(tmp_path, capsys):
+    """Resuming with another model or budget would mix two protections in one folder."""
+    src = tmp_path / "a.png"
+    Image.fromarray(_rgb(20, 20)).save(src)
+    out = tmp_path / "out"
+    assert main(["protect", str(src), "-o", str(out), *FAST]) == 0
+    assert _records(out)["a.png"]["model"] == "tiny"
+    capsys.readouterr()
+    assert main(["protect", str(src), "-o", str(out), "--resume", *FAST, "--epsilon", "8"]) == 2
+    assert "epsilon=12.75 (now 8.0)" in capsys.readouterr().err
+    testbed = [a if a != "tiny" else "testbed" for a in FAST]
+    assert main(["protect", str(src), "-o", str(out), "--resume", *testbed]) == 2
+    assert "model='tiny' (now 'testbed')" in capsys.readouterr().err
+    # batching does not change a protected photo: resuming with another batch size is fine
+    assert main(["protect", str(src), "-o", str(out), "--resume", *FAST, "--batch-size", "2"]) == 0
+
+
 def test_missing_inputs_and_clashing_names(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "y").mkdir()
@@ -137,9 +154,9 @@ def test_resume_after_the_process_is_killed(tmp_path):
     for i in range(5):
         Image.fromarray(_rgb(20, 20, i)).save(src / f"p{i}.png")
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "ditflow.cli", "protect", str(src), "-o", str(out),
-               "--model", "tiny", "--steps", "40", "--resolution", "16", "--text-tokens", "8",
+    options = ["--model", "tiny", "--steps", "40", "--resolution", "16", "--text-tokens", "8",
                "--quiet"]
+    command = [sys.executable, "-m", "ditflow.cli", "protect", str(src), "-o", str(out), *options]
     env = {**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -154,7 +171,7 @@ def test_resume_after_the_process_is_killed(tmp_path):
     done_before = {Path(r["output"]).name: os.path.getmtime(r["output"])
                    for r in _records(out).values()}
     assert 1 <= len(done_before) < 5, "the run should have been killed mid-batch"
-    assert main(["protect", str(src), "-o", str(out), "--resume", *FAST]) == 0
+    assert main(["protect", str(src), "-o", str(out), "--resume", *options]) == 0
     records = _records(out)
     assert sorted(records) == [f"p{i}.png" for i in range(5)]
     assert all(r["status"] == "ok" for r in records.values())
