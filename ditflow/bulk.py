@@ -19,6 +19,7 @@ from .io import (
     Manifest,
     Photo,
     load_photo,
+    pixels_tensor,
     psnr,
     quantize_within_budget,
     save_photo,
@@ -43,6 +44,9 @@ def gather(inputs: Iterable[str], outdir: Path, suffix: str = ".png") -> list[Jo
         if path.is_dir():
             sources = sorted(p for p in path.iterdir() if p.is_file()
                              and not p.name.startswith("."))
+            if not sources:
+                jobs.append(Job(path, outdir / (path.name + suffix),
+                                f"{item}: no photos in this folder"))
         elif path.is_file():
             sources = [path]
         else:
@@ -52,9 +56,19 @@ def gather(inputs: Iterable[str], outdir: Path, suffix: str = ".png") -> list[Jo
                                 f"{item}: no such file, folder or matching files"))
                 continue
         jobs.extend(Job(s, outdir / (s.stem + suffix)) for s in sources)
+    unique, seen = [], set()
+    for job in jobs:  # a photo named twice (say, a file and its folder) is protected once
+        if job.error or job.source.resolve() not in seen:
+            unique.append(job)
+            seen.add(job.source.resolve())
+    jobs = unique
     owners: dict[Path, Path] = {}
     for job in jobs:
         if job.error:
+            continue
+        if job.output.resolve() == job.source.resolve():
+            job.error = (f"{job.source}: protecting it into {outdir} would overwrite it; "
+                         "choose another output folder")
             continue
         other = owners.setdefault(job.output, job.source)
         if other != job.source:
@@ -113,14 +127,18 @@ class BatchedProtection:
                                          on_step=lambda _: steps_bar.update())
         finally:
             steps_bar.close()
+        saved = [quantize_within_budget(photo.pixels, result.image, self.config.epsilon)
+                 for (_, photo), result in zip(batch, results, strict=True)]
+        # r_ctx after: of the 8-bit photos as saved, as the editor will see them
+        after = self.protector.evaluate_r_ctx(self.protector.at_working_size(
+            [pixels_tensor(pixels) for pixels in saved]))
         records = []
-        for (job, photo), result in zip(batch, results, strict=True):
-            pixels = quantize_within_budget(photo.pixels, result.image, self.config.epsilon)
+        for (job, photo), result, pixels, r_ctx in zip(batch, results, saved, after, strict=True):
             save_photo(job.output, pixels, photo.alpha, photo.icc)
             diff = int(abs(pixels.astype(int) - photo.pixels.astype(int)).max())
             records.append(_record(
                 job, self.config, status="ok", r_ctx_before=result.r_ctx_before,
-                r_ctx_after=result.r_ctx_after, linf=diff, psnr=psnr(photo.pixels, pixels),
+                r_ctx_after=r_ctx, linf=diff, psnr=psnr(photo.pixels, pixels),
                 ssim=ssim(photo.pixels, pixels), steps=result.steps,
                 working_size=list(result.working_size),
                 seconds=(time.perf_counter() - start) / len(batch), note=photo.note))

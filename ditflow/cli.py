@@ -14,7 +14,10 @@ for ``generate``.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import math
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -40,6 +43,31 @@ MODEL_DEFAULTS = {
 }
 # Tiny editors that only protect and evaluate (generate and edit drive FLUX.1 pipelines).
 EDITOR_ONLY = ("tiny-qwen", "tiny-step1x")
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None,
+            above: float | None = None):
+    """An argparse type: a finite ``kind`` (int or float) from ``low`` to ``high`` and greater
+    than ``above`` (bounds optional), so a bad value is refused naming its option."""
+    limits = [f"{sign} {bound}" for sign, bound in ((">=", low), ("<=", high), (">", above))
+              if bound is not None]
+    wanted = (f"{'an integer' if kind is int else 'a number'} {' and '.join(limits)}" if limits
+              else "a finite number")
+
+    def parse(text: str):
+        value = kind(text)  # argparse turns a ValueError into "invalid int value: ..."
+        if not (math.isfinite(value) and (low is None or value >= low)
+                and (high is None or value <= high) and (above is None or value > above)):
+            raise argparse.ArgumentTypeError(f"{text}: expected {wanted}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+COUNT = _number(int, low=1)  # steps, tokens, batch sizes, workers
+SIDE = _number(int, low=16)  # working resolutions and image sides, in pixels
+FINITE = _number(float)
 
 
 def _pipeline(model: str, device: str, kind: str = "kontext"):
@@ -110,6 +138,22 @@ def _resume_conflict(manifest, model: str, config: ProtectConfig) -> str:
     return ""
 
 
+def _output_folder_problem(outdir: Path, inputs: list[str]) -> str:
+    """Why protected photos cannot go to ``outdir`` ("" if they can); creates it."""
+    if outdir.exists() and not outdir.is_dir():
+        return f"-o {outdir} is a file, not a folder"
+    if any(Path(item).is_dir() and Path(item).resolve() == outdir.resolve() for item in inputs):
+        return (f"-o {outdir} is also an input folder: the protected photos would replace the "
+                "originals; choose another output folder")
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot create the output folder {outdir}: {exc.strerror}"
+    if not os.access(outdir, os.W_OK | os.X_OK):
+        return f"cannot write to the output folder {outdir}"
+    return ""
+
+
 def protect_command(args) -> int:
     from . import bulk, scale
     from .io import Manifest
@@ -123,18 +167,28 @@ def protect_command(args) -> int:
         print(f"note: --model {args.model} is a small offline model for demos and tests; its "
               "perturbation does not protect against real editors: pass --model with a local "
               "FLUX.1 Kontext, Qwen-Image-Edit or Step1X-Edit folder for that", file=sys.stderr)
+    problem = _output_folder_problem(outdir, args.inputs)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     manifest = Manifest(outdir / "manifest.jsonl", run_fields={"model": args.model})
-    if manifest.records and not args.resume:
-        print(f"error: {manifest.path} exists from an earlier run; pass --resume to continue it "
-              "or choose another output folder", file=sys.stderr)
+    finished = any(record.get("status") == "ok" for record in manifest.records.values())
+    if finished and not args.resume:
+        print(f"error: {manifest.path} holds photos of an earlier run; pass --resume to continue "
+              "it or choose another output folder", file=sys.stderr)
         return 2
     config = _config(args)
     conflict = _resume_conflict(manifest, args.model, config)
-    if args.resume and conflict:
+    if conflict:
         print(f"error: {manifest.path} holds photos protected with {conflict}; resume with the "
               "earlier run's options, or protect into another folder", file=sys.stderr)
         return 2
     jobs = bulk.gather(args.inputs, outdir, suffix)
+    if all(job.error for job in jobs):  # nothing to load a model for
+        for job in jobs:
+            print(f"  {job.error}", file=sys.stderr)
+        print("error: no photos to protect", file=sys.stderr)
+        return 1
     options = dict(resume=args.resume, max_pixels=args.max_pixels, progress=not args.quiet)
     try:
         if args.workers > 1:
@@ -143,12 +197,13 @@ def protect_command(args) -> int:
         else:
             counts = bulk.run(jobs, _pipeline(args.model, args.device, kind="editor"), config,
                               manifest, **options)
-    except scale.WorkerError as exc:
+    except (scale.WorkerError, ValueError) as exc:  # no workers; blocks the model lacks
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished photos are saved and recorded in {manifest.path}; "
-              "rerun with --resume to continue", file=sys.stderr)
+        done = ("finished photos are saved and recorded in " f"{manifest.path}; rerun with "
+                "--resume to continue" if manifest.path.exists() else "no photo had finished")
+        print(f"\ninterrupted: {done}", file=sys.stderr)
         return 130
     print(f"{counts['ok']} protected, {counts['skipped']} already done, {counts['failed']} "
           f"failed; manifest: {manifest.path}")
@@ -158,12 +213,33 @@ def protect_command(args) -> int:
     return 1 if counts["failed"] else 0
 
 
+def _evaluation_pairs(clean_dir: Path, protected_dir: Path) -> list[tuple[Path, Path]]:
+    """(clean, protected) photo files matched by file stem; SystemExit naming a bad folder."""
+    for name, folder in (("clean", clean_dir), ("protected", protected_dir)):
+        if not folder.is_dir():
+            raise SystemExit(f"error: the {name} folder {folder} "
+                             f"{'is a file' if folder.exists() else 'does not exist'}")
+    pairs = []
+    for clean_path in sorted(p for p in clean_dir.iterdir() if p.is_file()):
+        matches = sorted(protected_dir.glob(glob.escape(clean_path.stem) + ".*"))
+        if matches:
+            pairs.append((clean_path, matches[0]))
+    if not pairs:
+        raise SystemExit(f"error: no file in {protected_dir} has the name of a photo in "
+                         f"{clean_dir} (matched by name without extension)")
+    return pairs
+
+
 def evaluate_command(args) -> int:
     """r_ctx, edit similarity and perturbation quality of protected photos against clean ones."""
     from .io import ImageError, load_photo, psnr, ssim
     from .methods.decontext import ProtectConfig, Protector
 
-    config = ProtectConfig(**_model_settings(args))
+    pairs = _evaluation_pairs(Path(args.clean), Path(args.protected))
+    if args.json and not os.access(Path(args.json).parent, os.W_OK):
+        print(f"error: --json {args.json}: cannot write into {Path(args.json).parent}",
+              file=sys.stderr)
+        return 2
     faces = None
     if args.face_model:
         from .faces import FaceEmbedder
@@ -173,53 +249,60 @@ def evaluate_command(args) -> int:
 
     pipeline = _pipeline(args.model, args.device, kind="editor")
     pipeline.set_progress_bar_config(disable=True)  # one bar over the photos instead
-    protector = Protector(pipeline, config)
-    clean_dir, protected_dir = Path(args.clean), Path(args.protected)
+    try:
+        protector = Protector(pipeline, ProtectConfig(**_model_settings(args)))
+    except ValueError as exc:  # blocks the model lacks
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     prompt = args.prompt or ("make the red circle blue" if args.model == "testbed"
                              else "Make the person smile broadly")
     rows = []
-    clean_paths = sorted(p for p in clean_dir.iterdir() if p.is_file())
-    for clean_path in tqdm(clean_paths, desc="photos", unit="photo", leave=False):
-        matches = sorted(protected_dir.glob(clean_path.stem + ".*"))
-        if not matches:
-            continue
-        try:
-            clean, protected = load_photo(clean_path), load_photo(matches[0])
-        except ImageError as exc:
-            print(f"skipped: {exc}", file=sys.stderr)
-            continue
-        if clean.pixels.shape != protected.pixels.shape:
-            print(f"skipped: {clean_path.name}: sizes differ", file=sys.stderr)
-            continue
-        size = protector.working_size(*clean.pixels.shape[:2])
-        pair = torch.stack([clean.tensor(), protected.tensor()])
-        pair = torch.nn.functional.interpolate(pair, size=size, mode="bilinear", antialias=True)
-        r_clean, r_protected = protector.evaluate_r_ctx(pair.clamp(0, 1).to(protector.device))
-        edits = [_edit(protector, image, prompt, size, args.edit_steps)
-                 for image in (clean, protected)]
-        rows.append(dict(
-            photo=clean_path.name, r_ctx_clean=r_clean, r_ctx_protected=r_protected,
-            edit_psnr=psnr(*edits), edit_ssim=ssim(*edits),
-            perturbation_psnr=psnr(clean.pixels, protected.pixels),
-            perturbation_ssim=ssim(clean.pixels, protected.pixels),
-            linf=int(abs(clean.pixels.astype(int) - protected.pixels.astype(int)).max())))
-        if faces is not None:
-            # identity of the edit against the person in the clean photo (ISM): protection
-            # works when the protected photo's edit no longer shows that person
-            rows[-1].update(face_sim_clean_edit=faces.similarity(clean.pixels, edits[0]),
-                            face_sim_protected_edit=faces.similarity(clean.pixels, edits[1]))
-    face_header = f" {'ID clean':>9} {'ID prot.':>9}" if faces is not None else ""
+    try:
+        for clean_path, protected_path in tqdm(pairs, desc="photos", unit="photo", leave=False):
+            try:
+                clean, protected = load_photo(clean_path), load_photo(protected_path)
+            except ImageError as exc:
+                print(f"skipped: {exc}", file=sys.stderr)
+                continue
+            if clean.pixels.shape != protected.pixels.shape:
+                print(f"skipped: {clean_path.name}: sizes differ", file=sys.stderr)
+                continue
+            r_clean, r_protected = protector.evaluate_r_ctx(
+                protector.at_working_size([clean.tensor(), protected.tensor()]))
+            size = protector.working_size(*clean.pixels.shape[:2])
+            edits = [_edit(protector, image, prompt, size, args.edit_steps)
+                     for image in (clean, protected)]
+            rows.append(dict(
+                photo=clean_path.name, r_ctx_clean=r_clean, r_ctx_protected=r_protected,
+                edit_psnr=psnr(*edits), edit_ssim=ssim(*edits),
+                perturbation_psnr=psnr(clean.pixels, protected.pixels),
+                perturbation_ssim=ssim(clean.pixels, protected.pixels),
+                linf=int(abs(clean.pixels.astype(int) - protected.pixels.astype(int)).max())))
+            if faces is not None:
+                # identity of the edit against the person in the clean photo (ISM): protection
+                # works when the protected photo's edit no longer shows that person
+                rows[-1].update(face_sim_clean_edit=faces.similarity(clean.pixels, edits[0]),
+                                face_sim_protected_edit=faces.similarity(clean.pixels, edits[1]))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the {len(rows)} photos evaluated so far", file=sys.stderr)
+        _evaluation_report(rows, faces is not None, args.json)
+        return 130
+    _evaluation_report(rows, faces is not None, args.json)
+    return 0 if rows else 1
+
+
+def _evaluation_report(rows: list[dict], with_faces: bool, json_path: str | None) -> None:
+    face_header = f" {'ID clean':>9} {'ID prot.':>9}" if with_faces else ""
     print(f"{'photo':<24} {'r_ctx clean':>11} {'protected':>10} {'edit PSNR':>10} "
           f"{'edit SSIM':>10} {'pert. PSNR':>11} {'pert. SSIM':>11} {'L-inf':>6}{face_header}")
     for r in rows:
         face = (f" {r['face_sim_clean_edit']:>9.3f} {r['face_sim_protected_edit']:>9.3f}"
-                if faces is not None else "")
+                if with_faces else "")
         print(f"{r['photo']:<24} {r['r_ctx_clean']:>11.4f} {r['r_ctx_protected']:>10.4f} "
               f"{r['edit_psnr']:>10.2f} {r['edit_ssim']:>10.4f} {r['perturbation_psnr']:>11.2f} "
               f"{r['perturbation_ssim']:>11.4f} {r['linf']:>6}{face}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    return 0 if rows else 1
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1))
 
 
 def _edit(protector, photo, prompt, size, steps):
@@ -292,6 +375,18 @@ GENERATE_DEFAULTS = {
 REAL_GENERATE_DEFAULTS = dict(size=512, text_tokens=256, guidance=3.5)
 REGION_COLORS = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48),
                           (145, 30, 180), (70, 240, 240)], dtype=np.uint8)
+
+
+def _output_file_problem(path: Path) -> str:
+    """Why an image cannot be written to ``path`` ("" if it can)."""
+    if path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        return f"-o {path}: name a .png or .jpg file"
+    if path.is_dir():
+        return f"-o {path} is a folder; name an image file in it"
+    folder = path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        return f"-o {path}: cannot write into {folder} (create it, or choose another place)"
+    return ""
 
 
 def _save_regions(output: Path, regions: torch.Tensor, phrases: list[str],
@@ -470,30 +565,34 @@ def _protect_options(p: argparse.ArgumentParser, steps_default: int = 800,
                    help="'testbed' (default), 'tiny', 'tiny-qwen', 'tiny-step1x' or a local "
                         "FLUX.1 Kontext, Qwen-Image-Edit or Step1X-Edit folder")
     p.add_argument("--method", default="decontext", choices=["decontext", "diff-pgd"])
-    p.add_argument("--epsilon", type=float, default=12.75, help="L-inf budget, 0..255 units")
-    p.add_argument("--step-size", type=float, default=0.6375, help="PGD step, 0..255 units")
-    p.add_argument("--steps", type=int, default=steps_default)
-    p.add_argument("--resolution", type=int, default=None,
+    p.add_argument("--epsilon", type=_number(float, low=1, high=255), default=12.75,
+                   help="L-inf budget, 0..255 units (at least 1: outputs are 8-bit)")
+    p.add_argument("--step-size", type=_number(float, above=0, high=255), default=0.6375,
+                   help="PGD step, 0..255 units")
+    p.add_argument("--steps", type=COUNT, default=steps_default)
+    p.add_argument("--resolution", type=SIDE, default=None,
                    help="working resolution (default: FLUX.1 Kontext and Step1X-Edit 512, "
                         "Qwen-Image-Edit 1024; 32 for the testbed and tiny FLUX models)")
     p.add_argument("--blocks", default=None,
                    help="attacked blocks, e.g. single.0,single.1 (default: FLUX.1 Kontext and "
                         "Step1X-Edit single.0..single.25, Qwen-Image-Edit double.0..double.39)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--batch-size", type=COUNT, default=1)
+    p.add_argument("--workers", type=COUNT, default=1,
                    help="protect on this many devices at once with Ray (one GPU each with "
                         "--device cuda, else one CPU core each; pip install 'ditflow[scale]')")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text-tokens", type=int, default=None,
+    p.add_argument("--text-tokens", type=COUNT, default=None,
                    help="FLUX's T5 tokens (default 512)")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
-    p.add_argument("--eot-jpeg", type=int, nargs=2, metavar=("LOW", "HIGH"),
+    p.add_argument("--eot-jpeg", type=_number(int, low=1, high=100), nargs=2,
+                   metavar=("LOW", "HIGH"),
                    help="JPEG quality range for expectation over transformations")
-    p.add_argument("--eot-resize", type=float, nargs=2, metavar=("LOW", "HIGH"),
+    p.add_argument("--eot-resize", type=_number(float, above=0), nargs=2,
+                   metavar=("LOW", "HIGH"),
                    help="resize scale range for expectation over transformations")
-    p.add_argument("--stop-window", type=int, default=None,
+    p.add_argument("--stop-window", type=COUNT, default=None,
                    help="convergence stop: check r_ctx every N steps (off by default)")
-    p.add_argument("--stop-min-gain", type=float, default=0.002,
+    p.add_argument("--stop-min-gain", type=_number(float, low=0), default=0.002,
                    help="convergence stop: least r_ctx drop per window to go on")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -502,7 +601,7 @@ def _uvr_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uvr", default=None, metavar="ANCHORS",
                    help="restrict an unsafe concept's flow (UVR) with these anchors "
                         "(.safetensors from ditflow.methods.uvr.save_anchors)")
-    p.add_argument("--uvr-threshold", type=float, default=0.6,
+    p.add_argument("--uvr-threshold", type=FINITE, default=0.6,
                    help="UVR: flag tokens scoring above this (1 = as close as the anchors)")
     p.add_argument("--uvr-block", default=None,
                    help="UVR: the localisation block (default: the anchors' own)")
@@ -519,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     _protect_options(p)
     p.add_argument("--format", default="png", choices=["png", "jpg"])
     p.add_argument("--resume", action="store_true", help="skip photos already protected")
-    p.add_argument("--max-pixels", type=int, default=64_000_000,
+    p.add_argument("--max-pixels", type=COUNT, default=64_000_000,
                    help="decompression-bomb guard: refuse larger images")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=protect_command)
@@ -531,21 +630,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default=None,
                    help="the edit (default: a testbed edit for --model testbed, else "
                         "'Make the person smile broadly')")
-    p.add_argument("--edit-steps", type=int, default=20)
-    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--edit-steps", type=COUNT, default=20)
+    p.add_argument("--resolution", type=SIDE, default=None)
     p.add_argument("--blocks", default=None)
-    p.add_argument("--text-tokens", type=int, default=None)
+    p.add_argument("--text-tokens", type=COUNT, default=None)
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--face-model", default=None,
                    help="local face-recognition model (.onnx, or a torch.export .pt2; ArcFace "
                         "input convention) for identity similarity; never downloaded")
-    p.add_argument("--face-size", type=int, default=112, help="the face model's input side")
+    p.add_argument("--face-size", type=SIDE, default=112, help="the face model's input side")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(run=evaluate_command)
 
     p = sub.add_parser("demo", help="protect testbed scenes and edit them, offline")
     _protect_options(p, steps_default=200, output_default="demo-output")
-    p.add_argument("--scenes", type=int, default=4)
+    p.add_argument("--scenes", type=COUNT, default=4)
     p.set_defaults(run=demo_command)
 
     p = sub.add_parser("generate", help="text-to-image with DeLeaker (semantic-leakage "
@@ -557,22 +656,22 @@ def main(argv: list[str] | None = None) -> int:
                         "'a horse' (1-6; none: plain generation)")
     p.add_argument("--model", default="testbed",
                    help="'testbed' (default), 'tiny' or a local FLUX.1 folder")
-    p.add_argument("--size", type=int, default=None, help="image side (default 512; 32 for "
-                   "the testbed and tiny models)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=None, help="default 3.5 (1.0 testbed)")
-    p.add_argument("--text-tokens", type=int, default=None, help="T5 tokens (default 256)")
+    p.add_argument("--size", type=SIDE, default=None, help="image side, a multiple of 16 "
+                   "(default 512; 32 for the testbed and tiny models)")
+    p.add_argument("--steps", type=COUNT, default=20)
+    p.add_argument("--guidance", type=FINITE, default=None, help="default 3.5 (1.0 testbed)")
+    p.add_argument("--text-tokens", type=COUNT, default=None, help="T5 tokens (default 256)")
     p.add_argument("--seed", type=int, default=0)
     defaults = DeLeakerConfig()
-    p.add_argument("--alpha", type=float, default=defaults.alpha,
+    p.add_argument("--alpha", type=FINITE, default=defaults.alpha,
                    help="logit factor, image tokens of an entity on its own text")
-    p.add_argument("--mask-threshold", type=float, default=defaults.mask_threshold,
+    p.add_argument("--mask-threshold", type=FINITE, default=defaults.mask_threshold,
                    help="entity regions: mean + T * std of the entity's attention")
-    p.add_argument("--pair-threshold", type=float, default=defaults.pair_threshold,
+    p.add_argument("--pair-threshold", type=FINITE, default=defaults.pair_threshold,
                    help="image-image cuts: mean + T * std over the pair region")
-    p.add_argument("--mask-steps", type=int, default=defaults.mask_steps,
+    p.add_argument("--mask-steps", type=COUNT, default=defaults.mask_steps,
                    help="denoising steps whose attention makes the entity regions")
-    p.add_argument("--start-block", type=int, default=defaults.start_block,
+    p.add_argument("--start-block", type=_number(int, low=0), default=defaults.start_block,
                    help="block call (counted over the generation) from which edits apply")
     _uvr_options(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -589,14 +688,14 @@ def main(argv: list[str] | None = None) -> int:
                         "(1-4; none: plain edit)")
     p.add_argument("--model", default="testbed",
                    help="'testbed' (default), 'tiny' or a local FLUX.1 Kontext folder")
-    p.add_argument("--resolution", type=int, default=None,
+    p.add_argument("--resolution", type=SIDE, default=None,
                    help="working resolution (default 1024; 32 for the testbed and tiny models)")
-    p.add_argument("--steps", type=int, default=None, help="default 28 (20 testbed)")
-    p.add_argument("--guidance", type=float, default=None, help="default 3.5 (1.0 testbed)")
-    p.add_argument("--text-tokens", type=int, default=None,
+    p.add_argument("--steps", type=COUNT, default=None, help="default 28 (20 testbed)")
+    p.add_argument("--guidance", type=FINITE, default=None, help="default 3.5 (1.0 testbed)")
+    p.add_argument("--text-tokens", type=COUNT, default=None,
                    help="FLUX's T5 tokens (default 512)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dilation", type=float, default=0.04,
+    p.add_argument("--dilation", type=_number(float, low=0), default=0.04,
                    help="region dilation, a fraction of the image's longer side")
     p.add_argument("--no-ore", action="store_true",
                    help="ablation: the phrases keep their in-prompt embeddings")
@@ -615,7 +714,17 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "uvr", None) and other:
         parser.error(f"--uvr and --{'entity' if args.command == 'generate' else 'object'} are "
                      "separate methods; give one")
-    return args.run(args)
+    if args.command in ("generate", "edit"):
+        problem = _output_file_problem(Path(args.output))
+        if args.command == "edit" and Path(args.output).resolve() == Path(args.image).resolve():
+            problem = f"-o {args.output} would overwrite the source photo"
+        if problem:
+            parser.error(problem)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:  # protect and evaluate say what they kept; the others keep nothing
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 MIN_SIDE = 16
 DEFAULT_MAX_PIXELS = 64_000_000
+_UMASK = os.umask(0)  # reading the umask means setting it: put it back at once
+os.umask(_UMASK)
 
 
 class ImageError(Exception):
@@ -44,6 +46,9 @@ def load_photo(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: " + ("a folder, not a photo" if path.is_dir()
+                                         else "no such file"))
     old_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = max_pixels
     try:
@@ -66,10 +71,9 @@ def load_photo(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
     if image.width < MIN_SIDE or image.height < MIN_SIDE:
         raise ImageError(f"{path}: {image.width}x{image.height} is too small to protect "
                          f"(at least {MIN_SIDE} px per side)")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        wide = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(wide / 257.0, 0, 255).round().astype(np.uint8))
-        notes.append("16-bit input written as 8-bit")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        image, note = _to_8bit(image)
+        notes.append(note)
     if image.mode == "CMYK":
         image = image.convert("RGB")
         icc = None  # a CMYK profile does not describe the RGB result
@@ -82,6 +86,24 @@ def load_photo(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
     if image.mode not in ("RGB",):
         image = image.convert("RGB")
     return Photo(path, np.asarray(image).copy(), alpha, icc, "; ".join(notes))
+
+
+def _to_8bit(image):
+    """A 16-bit, 32-bit integer or floating-point single-channel image as 8-bit, and a note:
+    floats are read as 0..1 (or 0..255, 0..65535 when larger values occur), integers by their
+    bit depth."""
+    from PIL import Image
+
+    wide = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        top = wide.max(initial=0.0)
+        full = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
+        note = "floating-point input written as 8-bit"
+    else:
+        full = 65535.0 if image.mode != "I" or wide.max(initial=0) <= 65535 else 2.0**32 - 1
+        note = f"{16 if full == 65535.0 else 32}-bit input written as 8-bit"
+    eight = np.clip(wide / full * 255.0, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(eight), note
 
 
 def pixels_tensor(image) -> torch.Tensor:
@@ -123,6 +145,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make the photo private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -155,10 +178,12 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean SSIM over RGB channels (Gaussian window 11, sigma 1.5; Wang et al. 2004)."""
+    """Mean SSIM over RGB channels (Gaussian window 11, sigma 1.5; Wang et al. 2004; images
+    thinner than 11 px get a window as wide as they are)."""
     x = torch.tensor(a, dtype=torch.float64).permute(2, 0, 1)[:, None]
     y = torch.tensor(b, dtype=torch.float64).permute(2, 0, 1)[:, None]
-    coords = torch.arange(11, dtype=torch.float64) - 5
+    size = min(11, *a.shape[:2])
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     g = torch.exp(-(coords**2) / (2 * 1.5**2))
     window = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
 
@@ -181,12 +206,12 @@ class Manifest:
         self.run_fields = run_fields or {}
         self.records: dict[str, dict] = {}
         if path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut by a crash: that photo is simply redone
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a crash: that photo is simply redone
+                if isinstance(record, dict) and "input" in record:
                     self.records[record["input"]] = record
 
     def finished(self, source: Path, output: Path) -> bool:
@@ -196,8 +221,13 @@ class Manifest:
     def append(self, record: dict) -> None:
         record = {**self.run_fields, **record}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        with self.path.open("a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell():  # after a line a crash cut short, start a new one
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write(json.dumps(record).encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
         self.records[record["input"]] = record

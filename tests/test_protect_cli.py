@@ -221,3 +221,107 @@ class MeanColour(torch.nn.Module):
 
     def forward(self, x):
         return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
+
+
+def test_output_folders_that_cannot_take_the_photos(tmp_path, capsys):
+    """Refused before any model loads: the input folder itself (the originals would be
+    replaced), a file; a photo named twice is protected once."""
+    src = tmp_path / "in"
+    src.mkdir()
+    pixels = _rgb(20, 20)
+    Image.fromarray(pixels).save(src / "a.png")
+    assert main(["protect", str(src), "-o", str(src), *FAST]) == 2
+    assert "also an input folder" in capsys.readouterr().err
+    assert (np.asarray(Image.open(src / "a.png")) == pixels).all()
+    (tmp_path / "file").write_text("")
+    assert main(["protect", str(src), "-o", str(tmp_path / "file"), *FAST]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    out = tmp_path / "out"
+    assert main(["protect", str(src / "a.png"), str(src), "-o", str(out), *FAST]) == 0
+    assert len(_records(out)) == 1 and len((out / "manifest.jsonl").read_text().splitlines()) == 1
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (out / "a.png").stat().st_mode & 0o777 == 0o666 & ~umask  # not private to the user
+
+
+def test_nothing_to_protect_writes_nothing(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    assert main(["protect", str(tmp_path / "empty"), str(tmp_path / "typo.png"), "-o", str(out),
+                 *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "empty: no photos in this folder" in err and "typo.png: no such file" in err
+    assert "no photos to protect" in err and not (out / "manifest.jsonl").exists()
+
+
+@pytest.mark.parametrize("option", [["--epsilon", "0.5"], ["--epsilon", "nan"],
+                                    ["--steps", "0"], ["--batch-size", "0"],
+                                    ["--resolution", "8"], ["--eot-jpeg", "0", "200"]])
+def test_bad_option_values_name_the_option(option, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["protect", str(tmp_path), "-o", str(tmp_path / "out"), *FAST, *option])
+    assert exit_.value.code == 2
+    assert f"argument {option[0]}: {option[1]}: expected" in capsys.readouterr().err
+
+
+def test_a_manifest_line_cut_by_a_crash_is_redone_and_the_next_kept(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(_rgb(20, 20)).save(src / f"{name}.png")
+    out = tmp_path / "out"
+    assert main(["protect", str(src / "a.png"), "-o", str(out), *FAST]) == 0
+    manifest = out / "manifest.jsonl"
+    manifest.write_text(manifest.read_text()[:-40])  # the crash cut the only line short
+    assert main(["protect", str(src), "-o", str(out), "--resume", *FAST]) == 0
+    assert sorted(_readable_records(out)) == ["a.png", "b.png"]  # on lines of their own
+
+
+def _readable_records(out: Path) -> dict[str, dict]:
+    records = {}
+    for line in (out / "manifest.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        records[Path(record["input"]).name] = record
+    return records
+
+
+def test_evaluate_names_missing_folders_and_unmatched_photos(tmp_path):
+    (tmp_path / "clean").mkdir()
+    Image.fromarray(_rgb(20, 20)).save(tmp_path / "clean" / "p[1].png")
+    (tmp_path / "protected").mkdir()
+    with pytest.raises(SystemExit, match=r"the protected folder .*nowhere does not exist"):
+        main(["evaluate", str(tmp_path / "clean"), str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match=r"no file in .*protected has the name of a photo"):
+        main(["evaluate", str(tmp_path / "clean"), str(tmp_path / "protected")])
+    Image.fromarray(_rgb(20, 20)).save(tmp_path / "protected" / "p[1].png")  # glob characters
+    assert main(["evaluate", str(tmp_path / "clean"), str(tmp_path / "protected"),
+                 "--model", "tiny", "--edit-steps", "1", "--resolution", "16",
+                 "--text-tokens", "8"]) == 0
+
+
+def test_generate_and_edit_refuse_outputs_they_cannot_write(tmp_path, capsys):
+    photo = tmp_path / "p.png"
+    Image.fromarray(_rgb(20, 20)).save(photo)
+    for argv, message in (
+            (["generate", "a red circle", "-o", str(tmp_path)], "name a .png or .jpg file"),
+            (["generate", "a red circle", "-o", str(tmp_path / "no" / "x.png")],
+             "cannot write into"),
+            (["edit", str(photo), "make it blue", "-o", str(photo)], "overwrite the source")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_float_images_load_by_their_range_and_thin_photos_have_an_ssim(tmp_path):
+    from ditflow.io import load_photo, ssim
+
+    ramp = np.linspace(0, 1, 20 * 20, dtype=np.float32).reshape(20, 20)
+    Image.fromarray(ramp, "F").save(tmp_path / "f.tiff")
+    photo = load_photo(tmp_path / "f.tiff")
+    assert photo.pixels.min() == 0 and photo.pixels.max() == 255
+    assert "floating-point" in photo.note
+    thin = _rgb(4, 226)  # thinner than SSIM's 11 px window
+    assert ssim(thin, thin) == pytest.approx(1.0) and ssim(thin, 255 - thin) < 0

@@ -334,6 +334,17 @@ class Protector:
             session.forward(**inputs)
         return recorder.mean_r_ctx().float()
 
+    def at_working_size(self, photos: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Photos of one working size (float [3, H, W] in [0, 1]) as the editor sees them:
+        resized to it, [B, 3, h, w] on the device."""
+        sizes = {self.working_size(*p.shape[-2:]) for p in photos}
+        if len(sizes) != 1:
+            raise ValueError(f"a batch needs one working size, got {sizes}")
+        (size,) = sizes
+        resized = [F.interpolate(p[None].float(), size=size, mode="bilinear", antialias=True)[0]
+                   for p in photos]
+        return torch.stack(resized).clamp(0, 1).to(self.device)
+
     def evaluate_r_ctx(self, pixels: torch.Tensor) -> list[float]:
         """Evaluation r_ctx per photo: fixed instructions, t = 990, noise from a fixed seed;
         the editor sees these photos everywhere (its prompt encoder included)."""
@@ -379,13 +390,8 @@ class Protector:
         (any H, W; those of a batch must share a working size)."""
         cfg = self.config
         start = time.perf_counter()
-        sizes = {self.working_size(*p.shape[-2:]) for p in photos}
-        if len(sizes) != 1:
-            raise ValueError(f"Protector.run: a batch needs one working size, got {sizes}")
-        (size,) = sizes
-        clean = torch.stack([F.interpolate(p[None].float(), size=size, mode="bilinear",
-                                           antialias=True)[0] for p in photos])
-        clean = clean.clamp(0, 1).to(self.device)
+        clean = self.at_working_size(photos)
+        size = tuple(clean.shape[-2:])
         gens = [torch.Generator().manual_seed(_photo_seed(cfg.seed, n)) for n in names]
         eps, alpha = cfg.epsilon / 255, cfg.step_size / 255
         with _frozen(self.transformer, self.vae), \

@@ -12,13 +12,22 @@ QWEN_PIPELINES = {"edit": "QwenImageEditPipeline", "edit-plus": "QwenImageEditPl
                   "t2i": "QwenImagePipeline"}
 
 
+def model_index(folder: Path) -> dict:
+    """A diffusers folder's model_index.json; ValueError naming the file if it is not JSON."""
+    index = folder / "model_index.json"
+    try:
+        return json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{index} is not valid JSON ({exc})") from None
+
+
 def missing_components(path: Path, given: tuple[str, ...] = ()) -> list[str]:
     """What a diffusers pipeline folder lacks: model_index.json and the folders of the
     components it names (except components ``given`` by the caller and optional ones listed
     as null)."""
     if not (path / "model_index.json").is_file():
         return ["model_index.json"]
-    index = json.loads((path / "model_index.json").read_text())
+    index = model_index(path)
     wanted = [name for name, entry in index.items()
               if not name.startswith("_") and isinstance(entry, list) and entry[0] is not None
               and name not in given]
@@ -38,7 +47,7 @@ def _load_local(path: str | Path, pipeline_name: str, example: str, dtype: torch
     if missing:
         raise FileNotFoundError(f"{path} is not a complete diffusers pipeline folder; missing: "
                                 f"{', '.join(missing)}")
-    held = json.loads((path / "model_index.json").read_text()).get("_class_name")
+    held = model_index(path).get("_class_name")
     if held is not None and held != pipeline_name:
         raise ValueError(f"{path} holds a {held}; this needs a {pipeline_name}")
     pipeline_class = getattr(diffusers, pipeline_name)
@@ -61,12 +70,14 @@ def load_editor(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     release files (:func:`load_step1x_pipeline`); an error names what the folder holds
     otherwise."""
     folder = Path(path).expanduser()
+    if folder.is_file() and not folder.match(STEP1X_CHECKPOINTS):
+        raise ValueError(f"{path} is a file; give the model's folder")
     if folder.is_file() or (not (folder / "model_index.json").is_file()
                             and list(folder.glob(STEP1X_CHECKPOINTS))):
         return load_step1x_pipeline(path, dtype)
-    index = Path(path).expanduser() / "model_index.json"
     # without a model_index.json the loader explains what is missing
-    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else EDITORS[0]
+    indexed = (folder / "model_index.json").is_file()
+    name = model_index(folder).get("_class_name") if indexed else EDITORS[0]
     if name not in EDITORS:
         raise ValueError(f"{path} holds a {name}; ditflow's editors are {', '.join(EDITORS)}")
     return _load_local(path, name, "black-forest-labs/FLUX.1-Kontext-dev or Qwen/Qwen-Image-Edit",
@@ -77,8 +88,8 @@ def load_flux_pipeline(path: str | Path, kind: str = "kontext",
                        dtype: torch.dtype = torch.bfloat16):
     """FLUX.1 Kontext (``kind="kontext"``) or FLUX.1 (``"t2i"``) from a local diffusers folder,
     with ``local_files_only=True``. Errors name the folder and what is missing."""
-    return _load_local(path, _pipeline_name(kind, FLUX_PIPELINES),
-                       "black-forest-labs/FLUX.1-Kontext-dev", dtype)
+    example = "black-forest-labs/FLUX.1-" + ("Kontext-dev" if kind == "kontext" else "dev")
+    return _load_local(path, _pipeline_name(kind, FLUX_PIPELINES), example, dtype)
 
 
 def load_qwen_pipeline(path: str | Path, kind: str = "edit", dtype: torch.dtype = torch.bfloat16,
