@@ -161,8 +161,8 @@ def protect_command(args) -> int:
     outdir = Path(args.output)
     suffix = ".jpg" if args.format == "jpg" else ".png"
     if args.format == "jpg":
-        print("warning: JPEG recompresses the protected photo and weakens the perturbation; "
-              "PNG (the default) keeps it exactly", file=sys.stderr)
+        print("warning: JPEG recompresses the protected photo and weakens the perturbation, "
+              "and drops transparency; PNG (the default) keeps both", file=sys.stderr)
     if args.model in MODEL_DEFAULTS:
         print(f"note: --model {args.model} is a small offline model for demos and tests; its "
               "perturbation does not protect against real editors: pass --model with a local "
@@ -438,6 +438,10 @@ def generate_command(args) -> int:
 
     defaults = GENERATE_DEFAULTS.get(args.model, REAL_GENERATE_DEFAULTS)
     size = args.size or defaults["size"]
+    if size % 16:
+        print(f"error: --size {size}: FLUX.1 makes images of multiples of 16 px (try "
+              f"{size - size % 16})", file=sys.stderr)
+        return 2
     text_tokens = args.text_tokens or defaults["text_tokens"]
     guidance = defaults["guidance"] if args.guidance is None else args.guidance
     if args.model in GENERATE_DEFAULTS:

@@ -69,8 +69,8 @@ def load_photo(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
     icc = image.info.get("icc_profile")
     image = ImageOps.exif_transpose(image)
     if image.width < MIN_SIDE or image.height < MIN_SIDE:
-        raise ImageError(f"{path}: {image.width}x{image.height} is too small to protect "
-                         f"(at least {MIN_SIDE} px per side)")
+        raise ImageError(f"{path}: {image.width}x{image.height} is too small (at least "
+                         f"{MIN_SIDE} px per side)")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         image, note = _to_8bit(image)
         notes.append(note)
