@@ -201,9 +201,11 @@ def protect_command(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        done = ("finished photos are saved and recorded in " f"{manifest.path}; rerun with "
-                "--resume to continue" if manifest.path.exists() else "no photo had finished")
-        print(f"\ninterrupted: {done}", file=sys.stderr)
+        if manifest.path.exists():
+            print(f"\ninterrupted: finished photos are saved and recorded in {manifest.path}; "
+                  "rerun with --resume to continue", file=sys.stderr)
+        else:
+            print("\ninterrupted before any photo finished", file=sys.stderr)
         return 130
     print(f"{counts['ok']} protected, {counts['skipped']} already done, {counts['failed']} "
           f"failed; manifest: {manifest.path}")

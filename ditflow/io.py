@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +17,6 @@ import torch.nn.functional as F
 
 MIN_SIDE = 16
 DEFAULT_MAX_PIXELS = 64_000_000
-_UMASK = os.umask(0)  # reading the umask means setting it: put it back at once
-os.umask(_UMASK)
 
 
 class ImageError(Exception):
@@ -141,11 +139,11 @@ def _atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: a crash never leaves a
     half-written file under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # created as any new file is (0666 less the umask), not private like mkstemp's
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make the photo private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
