@@ -253,7 +253,7 @@ def _head_mean_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 def generate(pipeline, prompt: str, entities: Sequence[str], *, height: int, width: int,
-             config: DeLeakerConfig = DeLeakerConfig(), max_sequence_length: int = 512,
+             config: DeLeakerConfig = DeLeakerConfig(), max_sequence_length: int = 256,
              **call_kwargs):
     """One FluxPipeline generation with DeLeaker: ``(images, masks)``, the pipeline's images and
     the entity regions (bool [E, height / 16, width / 16] on FLUX; None when the generation
