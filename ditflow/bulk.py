@@ -66,9 +66,9 @@ def gather(inputs: Iterable[str], outdir: Path, suffix: str = ".png") -> list[Jo
     for job in jobs:
         if job.error:
             continue
-        if job.output.resolve() == job.source.resolve():
-            job.error = (f"{job.source}: protecting it into {outdir} would overwrite it; "
-                         "choose another output folder")
+        if job.output.resolve() in seen:  # this photo's or another input's file
+            job.error = (f"{job.source}: its output {job.output} is an input photo and would "
+                         "be overwritten; choose another output folder")
             continue
         other = owners.setdefault(job.output, job.source)
         if other != job.source:

@@ -58,8 +58,9 @@ def _cdiv(a: int, b: int) -> int:
 def _tile_groups(groups: torch.Tensor | None, n: int, block: int, num_groups: int, device):
     """Which groups each tile holds ([P, T, G] bool) and its single group or -1 ([P, T])."""
     tiles = _cdiv(n, block)
-    if groups is None:
-        present = torch.ones(1, tiles, 1, dtype=torch.bool, device=device)
+    if groups is None:  # every token in group 0
+        present = torch.zeros(1, tiles, num_groups, dtype=torch.bool, device=device)
+        present[..., 0] = True
         uniform = torch.zeros(1, tiles, dtype=torch.int32, device=device)
     else:
         padded = torch.full((groups.shape[0], tiles * block), -1, dtype=torch.int32, device=device)

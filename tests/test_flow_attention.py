@@ -181,6 +181,22 @@ def test_noncontiguous_inputs(device):
     assert max_error(got.mass, want.mass) < 1e-5
 
 
+def test_rules_without_group_ids_put_every_token_in_group_0(device):
+    """Tables of several groups with no group ids given: group 0's rules apply, its mass is
+    the row's, as in the reference (gradients included)."""
+    q, k, v = random_qkv(1, 40, 33, 2, 16, torch.float32, device)
+    weight = torch.ones(3, 3)
+    weight[0, 0], weight[1, 2] = 0.5, 3.0
+    rules = FlowRules(scale=torch.full((3, 3), 1.5), weight=weight)
+    got, want = (flow_attention(q, k, v, rules=rules, return_mass=True, backend=backend)
+                 for backend in ("triton", "reference"))
+    assert max_error(got.mass, want.mass) < 1e-5 and max_error(got.out, want.out) < 1e-5
+    assert torch.allclose(got.mass[..., 0], torch.full_like(got.mass[..., 0], 0.5))
+    grads = [torch.autograd.grad(res.out.sum() + res.mass.sum(), (q, k, v)) for res in (got, want)]
+    for actual, truth in zip(*grads, strict=True):
+        assert max_error(actual, truth) < 1e-5
+
+
 def test_plain_attention_equals_sdpa(device):
     q, k, v = random_qkv(2, 77, 77, 2, 32, torch.float32, device, requires_grad=False)
     got = flow_attention(q, k, v, backend="triton").out

@@ -233,6 +233,11 @@ def test_output_folders_that_cannot_take_the_photos(tmp_path, capsys):
     assert main(["protect", str(src), "-o", str(src), *FAST]) == 2
     assert "also an input folder" in capsys.readouterr().err
     assert (np.asarray(Image.open(src / "a.png")) == pixels).all()
+    Image.fromarray(pixels).save(src / "a.jpg")  # its output would be a.png, another input
+    assert main(["protect", str(src / "a.jpg"), str(src / "a.png"), "-o", str(src), *FAST]) == 1
+    assert "is an input photo and would be overwritten" in capsys.readouterr().err
+    assert (np.asarray(Image.open(src / "a.png")) == pixels).all()
+    (src / "a.jpg").unlink()
     (tmp_path / "file").write_text("")
     assert main(["protect", str(src), "-o", str(tmp_path / "file"), *FAST]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
