@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from .io import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -78,7 +80,9 @@ def gather(inputs: Iterable[str], outdir: Path, suffix: str = ".png") -> list[Jo
 
 
 def _record(job: Job, config: ProtectConfig, **fields) -> dict:
-    return {"input": str(job.source), "output": str(job.output), "seed": config.seed,
+    """A manifest record; the input by its absolute path, so a resume finds it however the
+    path is written."""
+    return {"input": str(job.source.resolve()), "output": str(job.output), "seed": config.seed,
             "config": {k: v for k, v in asdict(config).items() if k != "prompts"}, **fields}
 
 
@@ -114,15 +118,25 @@ class BatchedProtection:
         return _record(job, self.config, status="error", error=message)
 
     def _flush(self, size: tuple[int, int]) -> list[dict]:
+        batch = self._pending.pop(size)
+        try:
+            return self._protect(batch, size)
+        except Exception as exc:  # a batch that fails (out of memory, ...) does not end the run
+            message = f"protection failed: {type(exc).__name__}: {exc}"
+            if isinstance(exc, torch.OutOfMemoryError):
+                message += " (try a smaller --batch-size, or --checkpointing)"
+            return [self.failed(job, message) for job, _ in batch]
+
+    def _protect(self, batch: list[tuple[Job, Photo]], size: tuple[int, int]) -> list[dict]:
         from tqdm.auto import tqdm
 
-        batch = self._pending.pop(size)
         steps_bar = tqdm(total=self.config.steps, desc=f"batch of {len(batch)} at "
                          f"{size[1]}x{size[0]}", unit="step", leave=False,
                          disable=not self.progress)
         try:
             start = time.perf_counter()
-            results = self.protector.run([str(job.source) for job, _ in batch],
+            # seeds from file names: results depend on the seed and the name, not on the path
+            results = self.protector.run([job.source.name for job, _ in batch],
                                          [photo.tensor() for _, photo in batch],
                                          on_step=lambda _: steps_bar.update())
         finally:
@@ -132,6 +146,7 @@ class BatchedProtection:
         # r_ctx after: of the 8-bit photos as saved, as the editor will see them
         after = self.protector.evaluate_r_ctx(self.protector.at_working_size(
             [pixels_tensor(pixels) for pixels in saved]))
+        seconds = (time.perf_counter() - start) / len(batch)
         records = []
         for (job, photo), result, pixels, r_ctx in zip(batch, results, saved, after, strict=True):
             save_photo(job.output, pixels, photo.alpha, photo.icc)
@@ -140,8 +155,7 @@ class BatchedProtection:
                 job, self.config, status="ok", r_ctx_before=result.r_ctx_before,
                 r_ctx_after=r_ctx, linf=diff, psnr=psnr(photo.pixels, pixels),
                 ssim=ssim(photo.pixels, pixels), steps=result.steps,
-                working_size=list(result.working_size),
-                seconds=(time.perf_counter() - start) / len(batch), note=photo.note))
+                working_size=list(result.working_size), seconds=seconds, note=photo.note))
         return records
 
 

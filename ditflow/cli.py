@@ -345,7 +345,7 @@ def demo_command(args) -> int:
           "back to each photo's size)")
     print(f"{'photo':<16} {'size':>9} {'r_ctx before':>12} {'after':>7}")
     for path in photos:
-        record = records[str(path)]
+        record = records[str(path.resolve())]
         h, w = np.asarray(Image.open(path)).shape[:2]
         print(f"{path.name:<16} {f'{w}x{h}':>9} {record['r_ctx_before']:>12.3f} "
               f"{record['r_ctx_after']:>7.3f}")
@@ -359,7 +359,7 @@ def demo_command(args) -> int:
         protected = np.asarray(Image.open(protected_dir / path.name).convert("RGB"))
         edited = [edit(pipeline, image, e.instruction) for image in (clean, protected)]
         kept = [object_agreement(out, untouched(e))["color"] for out in edited]
-        record = records[str(path)]
+        record = records[str(path.resolve())]
         print(f"scene{i:<3} {e.instruction:<42} {record['r_ctx_before']:>6.3f} -> "
               f"{record['r_ctx_after']:<6.3f} {kept[0]:>33.2f} -> {kept[1]:.2f}")
         rows.append(np.concatenate([clean, protected, *edited], axis=1))

@@ -213,7 +213,7 @@ class Manifest:
                     self.records[record["input"]] = record
 
     def finished(self, source: Path, output: Path) -> bool:
-        record = self.records.get(str(source))
+        record = self.records.get(str(source.resolve()))
         return bool(record and record.get("status") == "ok" and output.exists())
 
     def append(self, record: dict) -> None:

@@ -330,3 +330,30 @@ def test_float_images_load_by_their_range_and_thin_photos_have_an_ssim(tmp_path)
     assert "floating-point" in photo.note
     thin = _rgb(4, 226)  # thinner than SSIM's 11 px window
     assert ssim(thin, thin) == pytest.approx(1.0) and ssim(thin, 255 - thin) < 0
+
+
+def test_a_failing_batch_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    from ditflow.methods.decontext import Protector
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a", "b", "c"):
+        Image.fromarray(_rgb(20, 20)).save(src / f"{name}.png")
+    run = Protector.run
+
+    def failing_on_b(self, names, photos, on_step=None):
+        if "b.png" in names:
+            raise RuntimeError("out of something")
+        return run(self, names, photos, on_step)
+
+    monkeypatch.setattr(Protector, "run", failing_on_b)
+    out = tmp_path / "out"
+    assert main(["protect", str(src), "-o", str(out), *FAST]) == 1
+    records = _records(out)
+    assert [records[n]["status"] for n in ("a.png", "b.png", "c.png")] == ["ok", "error", "ok"]
+    assert "protection failed: RuntimeError: out of something" in records["b.png"]["error"]
+    monkeypatch.setattr(Protector, "run", run)
+    # resumed from another working directory with relative paths: finished photos are found
+    monkeypatch.chdir(tmp_path)
+    assert main(["protect", "in", "-o", "out", "--resume", *FAST]) == 0
+    assert "1 protected, 2 already done" in capsys.readouterr().out
