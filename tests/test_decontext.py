@@ -33,6 +33,8 @@ def test_config_checks_units_and_ranges():
         ProtectConfig(timesteps=(990, 980))
     with pytest.raises(ValueError, match="eot_jpeg_quality"):
         ProtectConfig(eot_jpeg_quality=(0, 50))
+    with pytest.raises(ValueError, match="eval_prompts=0"):
+        ProtectConfig(eval_prompts=0)
 
 
 def test_unknown_blocks_are_refused(pipe):

@@ -136,6 +136,8 @@ class ProtectConfig:
             (len(self.prompts) > 0, "prompts: expected at least one instruction"),
             (self.stop_window is None or self.stop_window >= 1,
              f"stop_window={self.stop_window}: expected >= 1 or None"),
+            *((getattr(self, name) >= 1, f"{name}={getattr(self, name)}: expected >= 1")
+              for name in ("eval_prompts", "diffpgd_edits", "diffpgd_edit_steps")),
         ]
         if self.eot_jpeg_quality is not None:
             low, high = self.eot_jpeg_quality
@@ -376,8 +378,9 @@ class Protector:
         """Per-photo MSE of the velocity prediction against a clean edit (to be maximised)."""
         picks = [int(torch.randint(len(edits), (1,), generator=g)) for g in gens]
         target = torch.stack([edits[k][i] for i, k in enumerate(picks)])
-        sigma = torch.tensor(timesteps, device=self.device, dtype=self.dtype)[:, None, None] / 1000
-        noisy = (1 - sigma) * target + sigma * noise.to(self.dtype)
+        # in fp32: bf16 rounds sigma = 0.99 to 0.9921875 (1 - sigma off by 22 %) and t >= 998 to 1
+        sigma = torch.tensor(timesteps, device=self.device)[:, None, None] / 1000
+        noisy = ((1 - sigma) * target.float() + sigma * noise.float()).to(self.dtype)
         inputs = self._inputs(pixels, prompts, timesteps, noisy, prompt_images)
         pred = self.transformer(**inputs)[0][:, : target.shape[1]]
         return (pred.float() - (noise - target).float()).square().mean(dim=(1, 2))
