@@ -90,7 +90,11 @@ class BatchedProtection:
     """Protects photo files in batches of one working size: :meth:`add` loads a job's photo
     and queues it (a full batch is protected and its photos saved); :meth:`finish` protects the
     partial batches. Both return the manifest records of the photos they finished (or failed).
-    ``progress``: a bar over each batch's PGD steps."""
+    At most ``PENDING_BATCHES`` batches' worth of photos wait (the fullest partial batch goes
+    first), so photos of many working sizes do not pile up in memory. ``progress``: a bar over
+    each batch's PGD steps."""
+
+    PENDING_BATCHES = 4
 
     def __init__(self, pipeline, config: ProtectConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
                  progress: bool = False):
@@ -109,7 +113,11 @@ class BatchedProtection:
             return [self.failed(job, str(exc))]
         size = self.protector.working_size(*photo.pixels.shape[:2])
         self._pending.setdefault(size, []).append((job, photo))
-        return self._flush(size) if len(self._pending[size]) == self.config.batch_size else []
+        if len(self._pending[size]) == self.config.batch_size:
+            return self._flush(size)
+        if sum(map(len, self._pending.values())) > self.PENDING_BATCHES * self.config.batch_size:
+            return self._flush(max(self._pending, key=lambda s: len(self._pending[s])))
+        return []
 
     def finish(self) -> list[dict]:
         return [record for size in list(self._pending) for record in self._flush(size)]

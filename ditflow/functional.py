@@ -28,9 +28,10 @@ class FlowAttentionOutput(NamedTuple):
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The implementation to run: the argument, else ``DITFLOW_BACKEND``, else the best for
     the device (Triton on CUDA; on CPU the C++ kernels when built, else the reference)."""
-    default = "triton" if device.type == "cuda" else (
-        "cpp" if ops.cpp_available() else "reference")
-    name = backend or os.environ.get("DITFLOW_BACKEND") or default
+    name = backend or os.environ.get("DITFLOW_BACKEND")
+    if not name:
+        name = "triton" if device.type == "cuda" else (
+            "cpp" if ops.cpp_available() else "reference")
     if name not in ops.BACKENDS:
         raise ValueError(f"backend={name!r}: expected one of {', '.join(ops.BACKENDS)}")
     if name == "cpp" and (device.type != "cpu" or not ops.cpp_available()):
@@ -89,7 +90,8 @@ def _normalise_groups(name: str, groups: Tensor, batch: int, n: int, num_groups:
             if low < 0 or high >= num_groups:
                 raise ValueError(f"{name}: group ids span [{low}, {high}] but the rules have "
                                  f"{num_groups} groups (ids must be in [0, {num_groups}))")
-        return shaped.to(torch.int32).contiguous()
+        # a copy: a view would keep the caller's tensor alive, and with it this cache entry
+        return shaped.to(torch.int32, memory_format=torch.contiguous_format, copy=True)
 
     # Keyed on the caller's tensor, so a layout reused across calls is checked, converted and
     # planned once (the memo downstream keys on the tensor returned here).

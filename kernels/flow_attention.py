@@ -861,15 +861,15 @@ def flow_attention_backward(
     has_dmass = dmass is not None
     dummy = delta.new_empty(1)
     pre_block = 64
+    dmass_arg = dmass.contiguous() if has_dmass else dummy
     _bwd_preprocess_kernel[(triton.cdiv(nq, pre_block), batch * heads)](
         out, dout, lse, dummy if dlse is None else dlse.contiguous(),
-        mass if has_dmass else dummy, dmass.contiguous() if has_dmass else dummy, delta, lse2,
+        mass if has_dmass else dummy, dmass_arg, delta, lse2,
         out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
         heads, nq, head_dim,
         NUM_GROUPS=inputs.num_groups, HAS_DMASS=has_dmass, HAS_DLSE=dlse is not None,
         BLOCK_M=pre_block, BLOCK_D=block_d,
     )
-    dmass_arg = dmass.contiguous() if has_dmass else dummy
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)

@@ -23,3 +23,21 @@ def test_memo_hits_recomputes_on_change_and_forgets_freed_sources():
     gc.collect()
     assert len(memo._entries) == 1  # the freed tensor's entry is gone
     assert memo.get((other,), "x", lambda: 5) == 4
+
+
+def test_checked_group_ids_do_not_keep_the_callers_tensor_alive():
+    """The validated copy cached for a group-id tensor must not be a view of it: a view would
+    hold the tensor, so neither it nor its entry (and plans) would ever be freed."""
+    import weakref
+
+    from ditflow import flow_attention
+    from ditflow.functional import _checked_groups
+    from ditflow.rules import FlowRules
+
+    groups = torch.tensor([0] * 5 + [1] * 7, dtype=torch.int32)  # already int32, contiguous
+    q = torch.randn(1, 12, 1, 16)
+    flow_attention(q, q, q, groups, rules=FlowRules(num_groups=2), backend="reference")
+    alive = weakref.ref(groups)
+    del groups
+    gc.collect()
+    assert alive() is None and not _checked_groups._entries

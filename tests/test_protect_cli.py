@@ -357,3 +357,25 @@ def test_a_failing_batch_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     assert main(["protect", "in", "-o", "out", "--resume", *FAST]) == 0
     assert "1 protected, 2 already done" in capsys.readouterr().out
+
+
+def test_photos_of_many_sizes_do_not_pile_up(tmp_path, monkeypatch):
+    from ditflow.bulk import BatchedProtection
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i, (h, w) in enumerate([(20, 20), (20, 60), (60, 20), (20, 40), (40, 20)]):
+        Image.fromarray(_rgb(h, w, i)).save(src / f"p{i}.png")
+    monkeypatch.setattr(BatchedProtection, "PENDING_BATCHES", 1)
+    waiting = []
+    protect = BatchedProtection._protect
+
+    def counting(self, batch, size):
+        waiting.append(len(batch) + sum(map(len, self._pending.values())))
+        return protect(self, batch, size)
+
+    monkeypatch.setattr(BatchedProtection, "_protect", counting)
+    out = tmp_path / "out"
+    assert main(["protect", str(src), "-o", str(out), "--batch-size", "2", *FAST]) == 0
+    assert len(_records(out)) == 5
+    assert max(waiting) <= 3  # one batch of 2 in memory, plus the photo that overflowed it
