@@ -47,13 +47,18 @@ def unpack_pair_bits(bits: Tensor, nk: int) -> Tensor:
 
 
 def pack_pair_mask(mask: Tensor) -> Tensor:
-    """bool [P, Nq, Nk] -> int32 [P, Nq, ceil(Nk/32)], bit j%32 of word j//32 = key j."""
+    """bool [P, Nq, Nk] -> int32 [P, Nq, ceil(Nk/32)], bit j%32 of word j//32 = key j.
+
+    Packed through bytes (2 bytes per pair in temporaries, not 8: a per-block mask at FLUX
+    sizes is tens of millions of pairs); the int32 view of four bytes is little-endian, as on
+    every machine the kernels run on."""
     nk = mask.shape[-1]
     words = -(-nk // 32)
-    padded = torch.zeros(*mask.shape[:-1], words * 32, dtype=torch.int32, device=mask.device)
-    padded[..., :nk] = mask.to(torch.int32)
-    shifts = torch.arange(32, device=mask.device, dtype=torch.int32)
-    return (padded.view(*mask.shape[:-1], words, 32) << shifts).sum(-1, dtype=torch.int32)
+    padded = torch.zeros(*mask.shape[:-1], words * 32, dtype=torch.uint8, device=mask.device)
+    padded[..., :nk] = mask
+    weights = 2 ** torch.arange(8, device=mask.device, dtype=torch.uint8)
+    packed = (padded.view(*mask.shape[:-1], words * 4, 8) * weights).sum(-1, dtype=torch.uint8)
+    return packed.view(torch.int32)
 
 
 # ------------------------------------------------------------------------------------------------

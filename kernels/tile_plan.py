@@ -74,15 +74,25 @@ def _tile_groups(groups: torch.Tensor | None, n: int, block: int, num_groups: in
     return present, uniform
 
 
+def _popcount(words: torch.Tensor) -> torch.Tensor:
+    """Set bits of each int32 word (SWAR arithmetic in int64, so the sign bit is a bit)."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    w = w - ((w >> 1) & 0x55555555)
+    w = (w & 0x33333333) + ((w >> 2) & 0x33333333)
+    w = (w + (w >> 4)) & 0x0F0F0F0F
+    return ((w * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
 def _pair_mask_tile_counts(pair_bits: torch.Tensor, nq: int, nk: int, block_m: int, block_n: int):
-    """Number of blocked pairs per tile, [Pm, Mt, Nt], from the packed mask."""
-    shifts = torch.arange(32, device=pair_bits.device, dtype=torch.int32)
-    dense = ((pair_bits.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :nk]
+    """Number of blocked pairs per tile, [Pm, Mt, Nt], from the packed mask: key tiles are
+    whole words (block_n is a multiple of 32), so counting set bits per word is enough and the
+    mask is never unpacked."""
     mt, nt = _cdiv(nq, block_m), _cdiv(nk, block_n)
-    padded = torch.zeros(pair_bits.shape[0], mt * block_m, nt * block_n, dtype=torch.int32,
-                         device=pair_bits.device)
-    padded[:, :nq, :nk] = dense
-    return padded.view(-1, mt, block_m, nt, block_n).sum(dim=(2, 4))
+    words_per_tile = block_n // 32
+    counts = torch.zeros(pair_bits.shape[0], mt * block_m, nt * words_per_tile,
+                         dtype=torch.int64, device=pair_bits.device)
+    counts[:, :nq, :pair_bits.shape[-1]] = _popcount(pair_bits)
+    return counts.view(-1, mt, block_m, nt, words_per_tile).sum(dim=(2, 4))
 
 
 def _visit_lists(tile_class: torch.Tensor):

@@ -70,3 +70,17 @@ def test_per_batch_layouts():
     assert plan.batched
     assert _classes(plan, 0).tolist() == [[UNIFORM, BLOCKED], [UNIFORM, UNIFORM]]
     assert (_classes(plan, 1) == UNIFORM).all()
+
+
+def test_pair_mask_tile_counts_match_the_dense_mask():
+    """Blocked pairs per tile counted from the packed words (sign bits and a ragged last word
+    included) equal the dense count."""
+    from ditflow.kernels.tile_plan import _pair_mask_tile_counts
+
+    for nq, nk, bm, bn in [(70, 97, 32, 32), (130, 64, 64, 64), (17, 200, 16, 128)]:
+        mask = torch.rand(2, nq, nk) < 0.5
+        mt, nt = -(-nq // bm), -(-nk // bn)
+        dense = torch.zeros(2, mt * bm, nt * bn, dtype=torch.int64)
+        dense[:, :nq, :nk] = mask
+        want = dense.view(2, mt, bm, nt, bn).sum(dim=(2, 4))
+        assert torch.equal(_pair_mask_tile_counts(pack_pair_mask(mask), nq, nk, bm, bn), want)
