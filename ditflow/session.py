@@ -66,7 +66,8 @@ class Intervention:
                   k: torch.Tensor) -> torch.Tensor | None:
         """Token pairs to block beyond the group rules, from this block's queries and keys
         ([B, N, H, D], after RoPE): bool [B or 1, N, N], True = blocked. Asked only where
-        :meth:`rules` or :meth:`wants_mass` made the block run ditflow's attention."""
+        :meth:`rules`, :meth:`wants_mass` or :meth:`edits_output` made the block run ditflow's
+        attention."""
         return None
 
     def wants_mass(self, step: StepInfo, block: BlockId) -> bool:
