@@ -86,8 +86,21 @@ def _plan(kernels, inputs, nq: int, nk: int, cfg, device):
     return _plans.get(sources, extra, lambda: kernels.plan_for(inputs, nq, nk, cfg, device))
 
 
+def _check_32bit_offsets(**tensors: Tensor) -> None:
+    """The kernels index with 32-bit offsets (``b * stride_b + ...``): refuse inputs that
+    reach 2**31 elements from their start, or whose gradients and outputs (contiguous, as many
+    elements) would, rather than touch the wrong memory."""
+    for name, t in tensors.items():
+        reach = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+        span = max(t.numel(), reach + 1)
+        if span >= 2**31:
+            raise ValueError(f"backend='triton': {name} of shape {tuple(t.shape)} spans {span} "
+                             "elements, past the kernels' 32-bit offsets (2**31): split the batch")
+
+
 def _triton_forward(q, k, v, inputs, softmax_scale, return_mass):
     kernels = _kernels()
+    _check_32bit_offsets(q=q, k=k, v=v)
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     configs = kernels.select_configs(q.shape[-1], q.dtype, q.device)
     plan = _plan(kernels, inputs, q.shape[1], k.shape[1], configs.forward, q.device)

@@ -97,3 +97,11 @@ def test_backend_choice(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="set TRITON_INTERPRET=1"):
             flow_attention(*qkv(), backend="triton")
+
+
+def test_tensors_past_32_bit_offsets_are_refused_by_the_kernels():
+    """2.4e9 elements (an expanded tensor: 512 bytes in memory); the kernels' offsets are
+    32-bit, so the Triton backend refuses rather than touch the wrong memory."""
+    q = torch.zeros(1, 1, 1, 128).expand(90, 8704, 24, 128)
+    with pytest.raises(ValueError, match=r"q of shape \(90, 8704, 24, 128\) spans .* split"):
+        flow_attention(q, q, q, backend="triton")
