@@ -65,6 +65,23 @@ def _number(kind: type, low: float | None = None, high: float | None = None,
     return parse
 
 
+def _device(text: str) -> str:
+    """An argparse type: a torch device this machine has."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text}: not a device (cpu, cuda, cuda:1, ...)"
+                                         ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU here (torch {torch.__version__}); "
+                                         "use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has "
+                                         f"{torch.cuda.device_count()} CUDA GPU(s)")
+    return text
+
+
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 COUNT = _number(int, low=1)  # steps, tokens, batch sizes, workers
 SIDE = _number(int, low=16)  # working resolutions and image sides, in pixels
 FINITE = _number(float)
@@ -600,7 +617,7 @@ def _protect_options(p: argparse.ArgumentParser, steps_default: int = 800,
                    help="convergence stop: check r_ctx every N steps (off by default)")
     p.add_argument("--stop-min-gain", type=_number(float, low=0), default=0.002,
                    help="convergence stop: least r_ctx drop per window to go on")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
 
 
 def _uvr_options(p: argparse.ArgumentParser) -> None:
@@ -645,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="local face-recognition model (.onnx, or a torch.export .pt2; ArcFace "
                         "input convention) for identity similarity; never downloaded")
     p.add_argument("--face-size", type=SIDE, default=112, help="the face model's input side")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     p.set_defaults(run=evaluate_command)
 
     p = sub.add_parser("demo", help="protect testbed scenes and edit them, offline")
@@ -680,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start-block", type=_number(int, low=0), default=defaults.start_block,
                    help="block call (counted over the generation) from which edits apply")
     _uvr_options(p)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     p.set_defaults(run=generate_command)
 
     p = sub.add_parser("edit", help="in-context edit of several objects at once with ALE "
@@ -710,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-blending", action="store_true",
                    help="ablation: the background is generated, not kept")
     _uvr_options(p)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     p.set_defaults(run=edit_command)
     args = parser.parse_args(argv)
     if args.command in ("generate", "edit") and args.model in EDITOR_ONLY:

@@ -261,12 +261,13 @@ def test_nothing_to_protect_writes_nothing(tmp_path, capsys):
 
 @pytest.mark.parametrize("option", [["--epsilon", "0.5"], ["--epsilon", "nan"],
                                     ["--steps", "0"], ["--batch-size", "0"],
-                                    ["--resolution", "8"], ["--eot-jpeg", "0", "200"]])
+                                    ["--resolution", "8"], ["--eot-jpeg", "0", "200"],
+                                    ["--device", "tpu"]])
 def test_bad_option_values_name_the_option(option, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["protect", str(tmp_path), "-o", str(tmp_path / "out"), *FAST, *option])
     assert exit_.value.code == 2
-    assert f"argument {option[0]}: {option[1]}: expected" in capsys.readouterr().err
+    assert f"argument {option[0]}: {option[1]}: " in capsys.readouterr().err
 
 
 def test_a_manifest_line_cut_by_a_crash_is_redone_and_the_next_kept(tmp_path):
