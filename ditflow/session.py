@@ -263,6 +263,8 @@ class Session:
 
 def _transformer_of(model) -> torch.nn.Module:
     transformer = getattr(model, "transformer", model)
+    # torch.compile(transformer) wraps it: processors and hooks go on the module it compiles
+    transformer = getattr(transformer, "_orig_mod", transformer)
     if not isinstance(transformer, torch.nn.Module):
         raise TypeError(f"attach: expected a transformer or a pipeline with .transformer, got "
                         f"{type(model).__name__}")

@@ -92,7 +92,7 @@ def assert_compiled_matches_eager(model, inputs: dict, intervention) -> None:
     steps = [torch.tensor([t]) for t in (0.9, 0.8, 0.7)]
     with attach(model, intervention()):
         want = model(**{**inputs, "timestep": steps[0]})[0]
-    with attach(model, intervention()):
+    with attach(compiled, intervention()):  # attaching to the compiled wrapper works too
         got = compiled(**{**inputs, "timestep": steps[0]})[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     eager, compiled_r = StatsRecorder(), StatsRecorder()

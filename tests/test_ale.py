@@ -145,6 +145,8 @@ def test_edit_rejects_bad_inputs(editor, two_object_edit):
                  max_sequence_length=24, **overrides.get("call", {}))
     with pytest.raises(ValueError, match="dilation"):
         ALEConfig(dilation=1.5)
+    with pytest.raises(TypeError, match="expected a FluxKontextPipeline, got str"):
+        edit("not a pipeline", pixels, instruction, phrases, object_masks)
 
 
 def test_a_larger_photo_is_edited_at_the_working_resolution(editor, two_object_edit):

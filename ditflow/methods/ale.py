@@ -190,6 +190,10 @@ def edit(pipeline, image, prompt: str, phrases: Sequence[str], masks, *,
         call_kwargs: more FluxKontextPipeline arguments (``num_inference_steps``,
             ``guidance_scale``, ``output_type``...).
     """
+    from diffusers import FluxKontextPipeline
+
+    if not isinstance(pipeline, FluxKontextPipeline):
+        raise TypeError(f"ALE: expected a FluxKontextPipeline, got {type(pipeline).__name__}")
     if len(phrases) != len(masks):
         raise ValueError(f"ALE: {len(phrases)} phrases but {len(masks)} masks")
     if not 1 <= len(phrases) <= MAX_OBJECTS:

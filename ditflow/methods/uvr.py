@@ -124,14 +124,16 @@ def localize(scores: torch.Tensor, threshold: float, min_area: float
 
 class _AnchorRecorder(Intervention):
     """Keeps the attention outputs of the scored tokens at ``block`` in the start-up stage
-    (generation: every start-up step; editing: the first step)."""
+    (generation: every start-up step; editing: the first step), of the prompt's call only (not
+    a true-CFG negative prompt's)."""
 
     def __init__(self, mode: str, config: UVRConfig):
         self.mode, self.config = mode, config
         self.outputs: list[torch.Tensor] = []
 
     def wants_mass(self, step, block):
-        return str(block) == self.config.block and _in_start_up(step, self.mode, self.config)
+        return (str(block) == self.config.block and step.call == 0
+                and _in_start_up(step, self.mode, self.config))
 
     def observe(self, step, block, layout, result):
         if self.wants_mass(step, block):
@@ -350,7 +352,7 @@ def _working_image(image, height: int, width: int):
     if tuple(pixels.shape[1:]) != (height, width):
         pixels = F.interpolate(pixels[None], (height, width), mode="bilinear", antialias=True,
                                align_corners=False)[0].clamp(0, 1)
-    return Image.fromarray(to_uint8(pixels.permute(1, 2, 0).numpy()))
+    return Image.fromarray(to_uint8(pixels.permute(1, 2, 0).cpu().numpy()))
 
 
 def _call(pipeline, prompt: str, source, height: int, width: int, **call_kwargs):
