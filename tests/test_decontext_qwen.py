@@ -89,3 +89,20 @@ def test_editor_folders_are_told_apart_by_their_pipeline_class(tmp_path):
     with pytest.raises(ValueError, match="holds a QwenImageEditPipeline; this needs a "
                                          "FluxKontextPipeline"):
         load_flux_pipeline(tmp_path)  # e.g. `ditflow edit`, FLUX-only, given a Qwen folder
+
+
+def test_diff_pgd_targets_are_guided_edits(qwen):
+    """Qwen-Image-Edit guides only by true CFG, which needs a negative prompt: the clean edits
+    Diff-PGD aims away from run both branches (two transformer calls per denoising step)."""
+    from PIL import Image
+
+    calls = []
+    hook = qwen.transformer.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        protector = Protector(qwen, qwen_config(method="diff-pgd"))
+        image = Image.new("RGB", (64, 64), (120, 80, 40))
+        protector.calls.edit(image, "make it blue", (64, 64), 3, 3.5, 16,
+                             torch.Generator().manual_seed(0), output_type="latent")
+    finally:
+        hook.remove()
+    assert len(calls) == 2 * 3

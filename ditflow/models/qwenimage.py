@@ -254,9 +254,11 @@ class QwenEditCalls:
              max_sequence_length: int, generator, output_type: str = "pil"):
         """The pipeline's edit of ``image`` (PIL) at ``size`` (the pipeline feeds the model its
         own ~1 MP copy of the image): ``.images`` of the call (``output_type="latent"``:
-        packed latents [1, N, C])."""
+        packed latents [1, N, C]). Guided as the model card edits, by true CFG against a blank
+        negative prompt at the pipeline's ``true_cfg_scale`` (without a negative prompt the
+        pipeline does not guide at all); ``guidance``, FLUX's distilled scale, has no say."""
         h, w = size
-        return self.pipe(image=image, prompt=prompt, height=h, width=w,
+        return self.pipe(image=image, prompt=prompt, negative_prompt=" ", height=h, width=w,
                          num_inference_steps=steps, output_type=output_type,
                          generator=generator).images
 
