@@ -136,6 +136,25 @@ def test_attach_round_trip_and_exception_restore():
                                         *model.single_transformer_blocks)] == processors
 
 
+def test_attach_refuses_processors_with_weights():
+    """IP-Adapter's processors are modules with weights and inputs of their own: refused with
+    a message, nothing installed."""
+
+    class WeightedProcessor(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Linear(1, 1)
+
+    model = tiny_flux_transformer()
+    model.transformer_blocks[0].attn.processor = WeightedProcessor()
+    with pytest.raises(TypeError, match="WeightedProcessor carry weights"), \
+            attach(model, StatsRecorder()):
+        pass
+    assert isinstance(model.single_transformer_blocks[0].attn.processor,
+                      flux_module.FluxAttnProcessor)
+    assert not model._forward_pre_hooks
+
+
 def test_early_stop_runs_fewer_blocks_with_the_same_statistics():
     model = tiny_flux_transformer()
     inputs = flux_inputs(3, 4, contexts=1)

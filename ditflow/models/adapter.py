@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import torch
+
 from .._memo import TensorMemo
 from ..layout import TokenLayout
 from ..session import BlockId, Session
@@ -26,6 +28,12 @@ class ProcessorAdapter(ABC):
         """The token layout of one transformer call, from its keyword inputs."""
 
     def install(self, transformer, session: Session) -> list:
+        held = {type(block.attn.processor).__name__ for _, block in self.blocks(transformer)
+                if isinstance(block.attn.processor, torch.nn.Module)}
+        if held:  # IP-Adapter's: weighted modules taking inputs ditflow's processors lack
+            raise TypeError(f"attach: the attention processors {', '.join(sorted(held))} carry "
+                            "weights (an IP-Adapter?); ditflow wraps plain processors only: "
+                            "unload them first (pipeline.unload_ip_adapter())")
         originals = []
         for block_id, block in self.blocks(transformer):
             originals.append((block.attn, block.attn.processor))
