@@ -8,7 +8,8 @@ exp2. The backward folds the mass and LSE cotangents into the per-row ``delta`` 
 
 Tiles are visited through a :class:`TilePlan`: uniform tiles read the rules as three scalars and
 skip bounds checks, mixed tiles build them per element (one select per key group), blocked tiles
-are never visited. ``python -m benchmarks.compile_report`` shows what each kernel costs in
+are never visited. A config with ``tma`` reads the operands loaded per tile through TMA
+descriptors (Hopper on). ``python -m benchmarks.compile_report`` shows what each kernel costs in
 registers, spills and shared memory on a GPU architecture, without a GPU.
 """
 
