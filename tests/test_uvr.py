@@ -253,6 +253,9 @@ def test_editing_with_step1x_edit():
                      generator=torch.Generator().manual_seed(0), **options)
     assert mask is not None and mask.shape == (8, 8) and mask.all()
     assert not torch.allclose(out, stock, atol=1e-3)
+    # its negative prompt is always batched in, so naming one is fine (FLUX.1 Kontext refuses)
+    edit(pipe, photos[2], "add a hat", anchors, resolution=16, negative_prompt="blurry",
+         config=UVRConfig(block="double.0"), **options)
 
 
 def _pil(pixels):

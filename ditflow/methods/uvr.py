@@ -398,7 +398,7 @@ def edit(pipeline, image, prompt: str, anchors: torch.Tensor, *, resolution: int
     if _mode_of(pipeline) != "edit":
         raise TypeError("UVR edit: expected a FluxKontextPipeline or Step1XEditPipeline (for "
                         "FLUX.1 use uvr.generate)")
-    check_one_image_call("UVR", call_kwargs)
+    check_one_image_call("UVR", call_kwargs, batches_guidance=_batches_guidance(pipeline))
     _check_anchors(anchor_metadata, "edit", config)
     pixels = pixels_tensor(image)
     height, width = edit_calls_for(pipeline).working_size(*pixels.shape[1:], resolution)
