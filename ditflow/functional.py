@@ -13,7 +13,6 @@ from ._memo import TensorMemo
 from .rules import FlowRules
 
 _checked_groups = TensorMemo()
-_packed_masks = TensorMemo()
 
 
 class FlowAttentionOutput(NamedTuple):
@@ -84,12 +83,17 @@ def _normalise_groups(name: str, groups: Tensor, batch: int, n: int, num_groups:
         raise ValueError(f"{name}: expected shape [{n}] or [1 or {batch}, {n}], "
                          f"got {tuple(groups.shape)}")
 
+    if torch.compiler.is_compiling():
+        # Unchecked (the check reads the ids on the host) and, when already int32 and
+        # contiguous, the caller's tensor itself: it then reaches the op unchanged on every
+        # call, and the op's plan cache keys on it and follows its in-place changes.
+        return groups.to(torch.int32).contiguous()
+
     def checked() -> Tensor:
-        if not torch.compiler.is_compiling():
-            low, high = torch.stack([shaped.min(), shaped.max()]).tolist()
-            if low < 0 or high >= num_groups:
-                raise ValueError(f"{name}: group ids span [{low}, {high}] but the rules have "
-                                 f"{num_groups} groups (ids must be in [0, {num_groups}))")
+        low, high = torch.stack([shaped.min(), shaped.max()]).tolist()
+        if low < 0 or high >= num_groups:
+            raise ValueError(f"{name}: group ids span [{low}, {high}] but the rules have "
+                             f"{num_groups} groups (ids must be in [0, {num_groups}))")
         # a copy: a view would keep the caller's tensor alive, and with it this cache entry
         return shaped.to(torch.int32, memory_format=torch.contiguous_format, copy=True)
 
@@ -98,7 +102,7 @@ def _normalise_groups(name: str, groups: Tensor, batch: int, n: int, num_groups:
     return _checked_groups.get((groups,), num_groups, checked)
 
 
-def _pack_mask(pair_mask: Tensor, batch: int, nq: int, nk: int, device) -> Tensor:
+def _check_pair_mask(pair_mask: Tensor, batch: int, nq: int, nk: int, device) -> None:
     if not isinstance(pair_mask, Tensor) or pair_mask.dtype != torch.bool:
         raise TypeError("pair_mask: expected a bool tensor [Nq, Nk] or [B, Nq, Nk] "
                         "(True = blocked)")
@@ -108,7 +112,6 @@ def _pack_mask(pair_mask: Tensor, batch: int, nq: int, nk: int, device) -> Tenso
     if mask.dim() != 3 or mask.shape[1:] != (nq, nk) or mask.shape[0] not in (1, batch):
         raise ValueError(f"pair_mask: expected shape [{nq}, {nk}] or [1 or {batch}, {nq}, {nk}],"
                          f" got {tuple(pair_mask.shape)}")
-    return _packed_masks.get((pair_mask,), None, lambda: ops.pack_pair_mask(mask))
 
 
 def flow_attention(
@@ -166,7 +169,8 @@ def flow_attention(
     if q_groups is not None:
         q_groups = _normalise_groups("q_groups", q_groups, batch, nq, num_groups, q.device)
         k_groups = _normalise_groups("k_groups", k_groups, batch, nk, num_groups, q.device)
-    pair_bits = None if pair_mask is None else _pack_mask(pair_mask, batch, nq, nk, q.device)
+    if pair_mask is not None:
+        _check_pair_mask(pair_mask, batch, nq, nk, q.device)
     tables = (None, None, None) if rules is None else rules.tables_on(q.device)
     name = resolve_backend(backend, q.device)
     if name != "reference" and q.dtype == torch.float64:
@@ -178,6 +182,6 @@ def flow_attention(
     if scale is None:
         scale = head_dim**-0.5
     out, lse, mass = ops.flow_attention_fwd(
-        q, k, v, q_groups, k_groups, *tables, pair_bits, float(scale), num_groups, return_mass,
+        q, k, v, q_groups, k_groups, *tables, pair_mask, float(scale), num_groups, return_mass,
         name)
     return FlowAttentionOutput(out, lse if return_lse else None, mass if return_mass else None)

@@ -10,9 +10,13 @@ implementation from the ``backend`` argument:
   memory), present when built with ``DITFLOW_BUILD_EXT=1``;
 * ``reference``: :mod:`ditflow.reference` computed in fp32 (at least).
 
-Inputs arrive validated and normalised by :mod:`ditflow.functional`: groups int32
-``[1 or B, N]``, tables fp32 ``[1 or H, G, G]``, the pair mask packed to int32 bits
-``[1 or B, Nq, ceil(Nk/32)]``.
+Inputs arrive validated by :mod:`ditflow.functional`: groups int32 ``[N]`` or ``[1 or B, N]``,
+tables fp32 ``[1 or H, G, G]``, the pair mask bool ``[Nq, Nk]`` or ``[1 or B, Nq, Nk]``. The
+layout tensors (groups, pair mask) come as the caller holds them, with or without the batch
+dimension, so that inside a compiled graph the caller's own tensors reach the ops and key the
+caches here (a view made in the graph would be a new tensor on every call): the Triton and C++
+kernels take the mask packed to int32 bits ``[1 or B, Nq, ceil(Nk/32)]``, packed once per mask,
+and the Triton kernels a tile plan, built once per layout and block shape.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ._memo import TensorMemo
 BACKENDS = ("triton", "cpp", "reference")
 
 _plans = TensorMemo(max_entries=128)
+_packed_masks = TensorMemo()
 
 
 @functools.cache
@@ -38,12 +43,6 @@ def cpp_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def unpack_pair_bits(bits: Tensor, nk: int) -> Tensor:
-    """int32 [P, Nq, ceil(Nk/32)] -> bool [P, Nq, Nk] (True = blocked)."""
-    shifts = torch.arange(32, device=bits.device, dtype=torch.int32)
-    return ((bits.unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., :nk].bool()
 
 
 def pack_pair_mask(mask: Tensor) -> Tensor:
@@ -59,6 +58,17 @@ def pack_pair_mask(mask: Tensor) -> Tensor:
     weights = 2 ** torch.arange(8, device=mask.device, dtype=torch.uint8)
     packed = (padded.view(*mask.shape[:-1], words * 4, 8) * weights).sum(-1, dtype=torch.uint8)
     return packed.view(torch.int32)
+
+
+def _batched(t: Tensor | None, dims: int) -> Tensor | None:
+    """``t`` with its leading batch dimension: [N] -> [1, N] (dims=1), [Nq, Nk] -> [1, Nq, Nk]."""
+    return t.unsqueeze(0) if t is not None and t.dim() == dims else t
+
+
+def _pair_bits(pair_mask: Tensor | None) -> Tensor | None:
+    if pair_mask is None:
+        return None
+    return _packed_masks.get((pair_mask,), None, lambda: pack_pair_mask(_batched(pair_mask, 2)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -80,10 +90,10 @@ def _unit_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _plan(kernels, inputs, nq: int, nk: int, cfg, device):
-    sources = (inputs.q_groups, inputs.k_groups, inputs.bias, inputs.pair_bits)
+def _plan(kernels, inputs, layout: tuple, nq: int, nk: int, cfg, device):
+    """The tile plan, cached on ``layout``: the op's own group ids, bias table and pair mask."""
     extra = (nq, nk, cfg.block_m, cfg.block_n, str(device))
-    return _plans.get(sources, extra, lambda: kernels.plan_for(inputs, nq, nk, cfg, device))
+    return _plans.get(layout, extra, lambda: kernels.plan_for(inputs, nq, nk, cfg, device))
 
 
 def _check_32bit_offsets(**tensors: Tensor) -> None:
@@ -98,23 +108,30 @@ def _check_32bit_offsets(**tensors: Tensor) -> None:
                              "elements, past the kernels' 32-bit offsets (2**31): split the batch")
 
 
-def _triton_forward(q, k, v, inputs, softmax_scale, return_mass):
+def _flow_inputs(kernels, num_groups, q_groups, k_groups, scale, bias, weight, pair_mask):
+    """The kernels' inputs, and the op's tensors their tile plans are cached on."""
+    inputs = kernels.FlowInputs(num_groups, _batched(q_groups, 1), _batched(k_groups, 1), scale,
+                                bias, weight, _pair_bits(pair_mask))
+    return inputs, (q_groups, k_groups, bias, pair_mask)
+
+
+def _triton_forward(q, k, v, inputs, layout, softmax_scale, return_mass):
     kernels = _kernels()
     _check_32bit_offsets(q=q, k=k, v=v)
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     configs = kernels.select_configs(q.shape[-1], q.dtype, q.device)
-    plan = _plan(kernels, inputs, q.shape[1], k.shape[1], configs.forward, q.device)
+    plan = _plan(kernels, inputs, layout, q.shape[1], k.shape[1], configs.forward, q.device)
     return kernels.flow_attention_forward(q, k, v, inputs, softmax_scale, return_mass, plan,
                                           configs.forward)
 
 
-def _triton_backward(dout, dlse, dmass, q, k, v, out, lse, mass, inputs, softmax_scale):
+def _triton_backward(dout, dlse, dmass, q, k, v, out, lse, mass, inputs, layout, softmax_scale):
     kernels = _kernels()
     q, k, v, dout = _unit_stride(q), _unit_stride(k), _unit_stride(v), _unit_stride(dout)
     configs = kernels.select_configs(q.shape[-1], q.dtype, q.device)
     nq, nk = q.shape[1], k.shape[1]
-    dkdv_plan = _plan(kernels, inputs, nq, nk, configs.backward_dkdv, q.device)
-    dq_plan = _plan(kernels, inputs, nq, nk, configs.backward_dq, q.device)
+    dkdv_plan = _plan(kernels, inputs, layout, nq, nk, configs.backward_dkdv, q.device)
+    dq_plan = _plan(kernels, inputs, layout, nq, nk, configs.backward_dq, q.device)
     return kernels.flow_attention_backward(dout, dlse, dmass, q, k, v, out, lse, mass, inputs,
                                            softmax_scale, dkdv_plan, dq_plan, configs)
 
@@ -133,12 +150,11 @@ def _upcast(*tensors):
     return [t if t is None or t.dtype == torch.float64 else t.float() for t in tensors]
 
 
-def _reference_kwargs(q_groups, k_groups, scale, bias, weight, pair_bits, nk, softmax_scale,
+def _reference_kwargs(q_groups, k_groups, scale, bias, weight, pair_mask, softmax_scale,
                       num_groups):
     return dict(
-        q_groups=q_groups, k_groups=k_groups, scale_table=scale, bias_table=bias,
-        weight_table=weight,
-        pair_mask=None if pair_bits is None else unpack_pair_bits(pair_bits, nk),
+        q_groups=_batched(q_groups, 1), k_groups=_batched(k_groups, 1), scale_table=scale,
+        bias_table=bias, weight_table=weight, pair_mask=_batched(pair_mask, 2),
         softmax_scale=softmax_scale, num_groups=num_groups,
     )
 
@@ -153,31 +169,31 @@ def flow_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor,
     q_groups: Tensor | None, k_groups: Tensor | None,
     scale_table: Tensor | None, bias_table: Tensor | None, weight_table: Tensor | None,
-    pair_bits: Tensor | None,
+    pair_mask: Tensor | None,
     softmax_scale: float, num_groups: int, return_mass: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (out [B,Nq,H,D], lse [B,H,Nq], mass [B,H,Nq,G] or an empty tensor); lse and
     mass are fp32 (fp64 for fp64 inputs)."""
     if backend == "triton":
-        inputs = _kernels().FlowInputs(num_groups, q_groups, k_groups, scale_table, bias_table,
-                                       weight_table, pair_bits)
-        return _triton_forward(q, k, v, inputs, softmax_scale, return_mass)
+        inputs, layout = _flow_inputs(_kernels(), num_groups, q_groups, k_groups, scale_table,
+                                      bias_table, weight_table, pair_mask)
+        return _triton_forward(q, k, v, inputs, layout, softmax_scale, return_mass)
     if backend == "cpp":
         return torch.ops.ditflow_cpp.flow_attention_fwd(
-            q, k, v, q_groups, k_groups, scale_table, bias_table, weight_table, pair_bits,
-            softmax_scale, num_groups, return_mass)
+            q, k, v, _batched(q_groups, 1), _batched(k_groups, 1), scale_table, bias_table,
+            weight_table, _pair_bits(pair_mask), softmax_scale, num_groups, return_mass)
     qf, kf, vf = _upcast(q, k, v)
     out, lse, mass = reference.flow_attention_reference(
         qf, kf, vf, return_mass=return_mass,
-        **_reference_kwargs(q_groups, k_groups, scale_table, bias_table, weight_table, pair_bits,
-                            k.shape[1], softmax_scale, num_groups))
+        **_reference_kwargs(q_groups, k_groups, scale_table, bias_table, weight_table, pair_mask,
+                            softmax_scale, num_groups))
     stat = _stat_dtype(q)
     mass = mass.to(stat) if return_mass else lse.new_empty(0, dtype=stat)
     return out.to(q.dtype), lse.to(stat), mass
 
 
 @flow_attention_fwd.register_fake
-def _(q, k, v, q_groups, k_groups, scale_table, bias_table, weight_table, pair_bits,
+def _(q, k, v, q_groups, k_groups, scale_table, bias_table, weight_table, pair_mask,
       softmax_scale, num_groups, return_mass, backend):
     batch, nq, heads, _ = q.shape
     stat = _stat_dtype(q)
@@ -194,42 +210,43 @@ def flow_attention_bwd(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mass: Tensor | None,
     q_groups: Tensor | None, k_groups: Tensor | None,
     scale_table: Tensor | None, bias_table: Tensor | None, weight_table: Tensor | None,
-    pair_bits: Tensor | None,
+    pair_mask: Tensor | None,
     softmax_scale: float, num_groups: int, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv) given dO and the optional LSE / mass cotangents."""
     dout = dout.to(q.dtype)
     if backend == "triton":
-        inputs = _kernels().FlowInputs(num_groups, q_groups, k_groups, scale_table, bias_table,
-                                       weight_table, pair_bits)
-        return _triton_backward(dout, dlse, dmass, q, k, v, out, lse, mass, inputs,
+        inputs, layout = _flow_inputs(_kernels(), num_groups, q_groups, k_groups, scale_table,
+                                      bias_table, weight_table, pair_mask)
+        return _triton_backward(dout, dlse, dmass, q, k, v, out, lse, mass, inputs, layout,
                                 softmax_scale)
     if backend == "cpp":
         return torch.ops.ditflow_cpp.flow_attention_bwd(
-            dout, dlse, dmass, q, k, v, out, lse, mass, q_groups, k_groups, scale_table,
-            bias_table, weight_table, pair_bits, softmax_scale, num_groups)
+            dout, dlse, dmass, q, k, v, out, lse, mass, _batched(q_groups, 1),
+            _batched(k_groups, 1), scale_table, bias_table, weight_table, _pair_bits(pair_mask),
+            softmax_scale, num_groups)
     qf, kf, vf, doutf = _upcast(q, k, v, dout)
     dq, dk, dv = reference.flow_attention_reference_backward(
         doutf, dlse, dmass, qf, kf, vf,
-        **_reference_kwargs(q_groups, k_groups, scale_table, bias_table, weight_table, pair_bits,
-                            k.shape[1], softmax_scale, num_groups))
+        **_reference_kwargs(q_groups, k_groups, scale_table, bias_table, weight_table, pair_mask,
+                            softmax_scale, num_groups))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @flow_attention_bwd.register_fake
 def _(dout, dlse, dmass, q, k, v, out, lse, mass, q_groups, k_groups, scale_table, bias_table,
-      weight_table, pair_bits, softmax_scale, num_groups, backend):
+      weight_table, pair_mask, softmax_scale, num_groups, backend):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
-    (q, k, v, q_groups, k_groups, scale_table, bias_table, weight_table, pair_bits,
+    (q, k, v, q_groups, k_groups, scale_table, bias_table, weight_table, pair_mask,
      softmax_scale, num_groups, return_mass, backend) = inputs
     out, lse, mass = output
     ctx.save_for_backward(q, k, v, out, lse, mass, q_groups, k_groups, scale_table, bias_table,
-                          weight_table, pair_bits)
+                          weight_table, pair_mask)
     ctx.softmax_scale = softmax_scale
     ctx.num_groups = num_groups
     ctx.return_mass = return_mass
@@ -238,12 +255,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse, dmass):
     (q, k, v, out, lse, mass, q_groups, k_groups, scale_table, bias_table, weight_table,
-     pair_bits) = ctx.saved_tensors
+     pair_mask) = ctx.saved_tensors
     if not ctx.return_mass:
         dmass, mass = None, None
     dq, dk, dv = flow_attention_bwd(
         dout, dlse, dmass, q, k, v, out, lse, mass, q_groups, k_groups, scale_table,
-        bias_table, weight_table, pair_bits, ctx.softmax_scale, ctx.num_groups, ctx.backend)
+        bias_table, weight_table, pair_mask, ctx.softmax_scale, ctx.num_groups, ctx.backend)
     return (dq, dk, dv) + (None,) * 10
 
 

@@ -44,7 +44,10 @@ def _check_table(name: str, table: torch.Tensor) -> torch.Tensor:
     if table.dim() not in (2, 3) or table.shape[-1] != table.shape[-2]:
         raise ValueError(f"FlowRules {name}: expected shape [G, G] or [H, G, G], "
                          f"got {tuple(table.shape)}")
-    table = table.detach().to("cpu", torch.float32).reshape(-1, *table.shape[-2:]).contiguous()
+    # A tensor of its own, never a view: saved for a compiled graph's backward, a view comes
+    # back as a new tensor every call and would miss the kernels' plan cache.
+    table = table.detach().to("cpu", torch.float32).reshape(-1, *table.shape[-2:]).clone(
+        memory_format=torch.contiguous_format)
     if torch.isnan(table).any():
         raise ValueError(f"FlowRules {name}: contains NaN")
     if name == "bias":

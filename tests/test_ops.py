@@ -14,8 +14,8 @@ def _op_args(backend, device, dtype=torch.float32, with_mask=True):
     q, k, v = random_qkv(1, 37, 37, 2, 16, dtype, device)
     groups = segment_groups(37, 3, device).to(torch.int32)[None]
     rules = random_rules(3, {"scale", "bias", "block", "weight"})
-    bits = ops.pack_pair_mask(torch.rand(1, 37, 37, device=device) < 0.2) if with_mask else None
-    return (q, k, v, groups, groups, *rules.tables_on(device), bits, 0.25, 3, True, backend)
+    mask = torch.rand(1, 37, 37, device=device) < 0.2 if with_mask else None
+    return (q, k, v, groups, groups, *rules.tables_on(device), mask, 0.25, 3, True, backend)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
@@ -26,20 +26,22 @@ def test_opcheck_forward(backend, device):
 
 
 def test_opcheck_backward(device):
-    q, k, v, qg, kg, scale, bias, weight, bits, tau, groups, _, _ = _op_args("triton", device)
+    q, k, v, qg, kg, scale, bias, weight, mask, tau, groups, _, _ = _op_args("triton", device)
     q, k, v = q.detach(), k.detach(), v.detach()  # the backward op has no double backward
-    out, lse, mass = ops.flow_attention_fwd(q, k, v, qg, kg, scale, bias, weight, bits, tau,
+    out, lse, mass = ops.flow_attention_fwd(q, k, v, qg, kg, scale, bias, weight, mask, tau,
                                             groups, True, "triton")
     args = (torch.randn_like(out), torch.randn_like(lse), torch.randn_like(mass), q, k, v, out,
-            lse, mass, qg, kg, scale, bias, weight, bits, tau, groups, "triton")
+            lse, mass, qg, kg, scale, bias, weight, mask, tau, groups, "triton")
     torch.library.opcheck(ops.flow_attention_bwd, args)
 
 
-def test_pack_unpack_pair_mask_round_trip():
+def test_pack_pair_mask_sets_bit_j_mod_32_of_word_j_div_32():
     mask = torch.rand(2, 5, 77) < 0.5
     bits = ops.pack_pair_mask(mask)
     assert bits.dtype == torch.int32 and bits.shape == (2, 5, 3)
-    assert torch.equal(ops.unpack_pair_bits(bits, 77), mask)
+    shifts = torch.arange(32, dtype=torch.int32)
+    unpacked = ((bits.unsqueeze(-1) >> shifts) & 1).flatten(-2).bool()
+    assert torch.equal(unpacked[..., :77], mask) and not unpacked[..., 77:].any()
 
 
 def test_reused_layout_is_checked_and_planned_once(device):
@@ -69,5 +71,34 @@ def test_compile_fullgraph(backend, device):
     compiled = torch.compile(loss, fullgraph=True)
     want = torch.autograd.grad(loss(q, k, v), (q, k, v))
     got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_calls_reuse_plans_and_follow_in_place_changes(device):
+    """Inside a compiled graph the op receives the caller's own group ids, rule tables and
+    pair mask (no views made in the graph), so tile plans and packed masks are built once,
+    also for the backward, and rebuilt after an in-place change of the layout."""
+    q, k, v = random_qkv(1, 70, 70, 2, 16, torch.float32, device)
+    groups = segment_groups(70, 3, device).to(torch.int32)
+    mask = torch.rand(70, 70, device=device) < 0.1
+    rules = random_rules(3, {"scale", "block"})
+
+    def loss(q, k, v):
+        res = flow_attention(q, k, v, groups, rules=rules, pair_mask=mask, return_mass=True,
+                             backend="triton")
+        return res.out.square().sum() + res.mass[..., 1].sum()
+
+    compiled = torch.compile(loss, fullgraph=True)
+    torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    misses = (ops._plans.misses, ops._packed_masks.misses)
+    torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    assert (ops._plans.misses, ops._packed_masks.misses) == misses
+
+    groups.copy_(groups.flip(0))
+    mask[:, :9] = True
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    assert ops._plans.misses > misses[0] and ops._packed_masks.misses > misses[1]
+    want = torch.autograd.grad(loss(q, k, v), (q, k, v))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
