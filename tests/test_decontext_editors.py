@@ -81,6 +81,22 @@ def test_the_prompt_encoder_sees_the_clean_photo_while_optimising(editor, monkey
     assert result.steps == 3 and not protector._prompt_cache
 
 
+def test_a_failed_run_drops_its_photos_embeddings(editor, monkeypatch):
+    """A bulk run goes on after a batch fails (out of memory, say): that batch's instruction
+    embeddings must not stay behind."""
+    _, pipeline, config = editor
+    protector = Protector(pipeline, ProtectConfig(**{**config.__dict__, "steps": 3,
+                                                     "eval_prompts": 1}))
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("out of memory at the first step")
+
+    monkeypatch.setattr(protector, "_draw", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        protector.run(["photo"], [torch.rand(3, config.resolution, config.resolution)])
+    assert not protector._prompt_cache
+
+
 def test_gradient_matches_the_eager_recipe_through_diffusers_own_processor(editor):
     """ditflow's step (early stop, fused mass gradient; Qwen-Image's text padding as a hidden
     key group) and the eager recipe (all blocks through diffusers' own processor with its

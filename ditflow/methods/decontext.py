@@ -387,6 +387,16 @@ class Protector:
 
     # -- the driver ----------------------------------------------------------------------------
 
+    @contextmanager
+    def _batch_embeddings(self):
+        """The instructions' embeddings of a batch's photos live as long as its run, a failed
+        one too (a bulk run goes on to the next batch): they are not needed again."""
+        try:
+            yield
+        finally:
+            if self.calls.prompt_sees_image:
+                self._prompt_cache.clear()
+
     def run(self, names: Sequence[str], photos: Sequence[torch.Tensor],
             on_step: Callable[[int], None] | None = None) -> list[ProtectResult]:
         """Protect photos of one working size together. ``photos``: float [3, H, W] in [0, 1]
@@ -398,7 +408,8 @@ class Protector:
         gens = [torch.Generator().manual_seed(_photo_seed(cfg.seed, n)) for n in names]
         eps, alpha = cfg.epsilon / 255, cfg.step_size / 255
         with _frozen(self.transformer, self.vae), \
-                _checkpointing(self.transformer, cfg.gradient_checkpointing):
+                _checkpointing(self.transformer, cfg.gradient_checkpointing), \
+                self._batch_embeddings():
             before = self.evaluate_r_ctx(clean)
             # What the prompt encoder sees while optimising: the clean photos, one stable tensor
             # each (their digests are computed once). An encoder that sees them embeds every
@@ -448,8 +459,6 @@ class Protector:
                         history[i].append(r)
                     active = still
             after = self.evaluate_r_ctx(adv)
-        if self.calls.prompt_sees_image:  # embeddings of these photos: not needed again
-            self._prompt_cache.clear()
         seconds = (time.perf_counter() - start) / len(photos)
         results = []
         for i, (name, photo) in enumerate(zip(names, photos, strict=True)):
