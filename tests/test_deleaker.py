@@ -57,16 +57,18 @@ def test_phrase_tokens_need_offsets():
 
 
 def _blobs() -> torch.Tensor:
-    truth = torch.zeros(2, 10, 12, dtype=torch.bool)
-    truth[0, 1:5, 1:5] = True
-    truth[1, 5:9, 6:11] = True
+    """Two blobs three tokens or more from the border (closing twice grows a blob nearer than
+    that into the border, where erosion removes nothing)."""
+    truth = torch.zeros(2, 14, 16, dtype=torch.bool)
+    truth[0, 3:7, 3:7] = True
+    truth[1, 7:11, 8:13] = True
     return truth
 
 
 def test_entity_masks_find_blobs_drop_specks_and_are_disjoint():
     truth = _blobs()
-    scores = torch.rand(2, 10, 12) * 0.1 + truth * 1.0
-    scores[0, 8, 1] = 5.0  # a one-token speck: removed by the opening
+    scores = torch.rand(2, 14, 16) * 0.1 + truth * 1.0
+    scores[0, 10, 4] = 5.0  # a one-token speck: removed by the opening
     assert torch.equal(entity_masks(scores, 1.0), truth)
     # entity 1 also claims entity 0's blob, less strongly: the blob stays entity 0's
     scores[1] += truth[0] * 0.6
@@ -82,14 +84,14 @@ def _leaker(**config) -> DeLeaker:
 def test_regions_come_from_the_recorded_attention_mass():
     """observe() averages image-to-entity-text mass over blocks; the first edited block turns
     it into regions and entity groups."""
-    leaker = DeLeaker([[1, 2], [4]], (10, 12), blocks_per_step=4,
+    leaker = DeLeaker([[1, 2], [4]], (14, 16), blocks_per_step=4,
                       config=DeLeakerConfig(open_iterations=0, close_iterations=0))
-    base = TokenLayout.from_segments(6, 120)
+    base = TokenLayout.from_segments(6, 224)
     early = leaker.layout(*EARLY, base)
     assert early.names[3:] == ("entity0.text", "entity1.text") and leaker.rules(*EARLY, early) \
         is None and leaker.wants_mass(*EARLY)
     truth = _blobs()
-    mass = torch.rand(1, 2, 126, early.num_groups) * 0.05
+    mass = torch.rand(1, 2, 230, early.num_groups) * 0.05
     for e, group in enumerate((3, 4)):
         mass[0, :, 6:, group] += truth[e].flatten() * (2.0 if e == 0 else 1.0)
     leaker.observe(*EARLY, early, FlowAttentionOutput(None, None, mass))
@@ -154,6 +156,37 @@ def test_edits_equal_the_papers_rule_computed_densely(backend, dtype, tol):
     early = leaker.layout(*EARLY, base)
     assert leaker.rules(*EARLY, early) is None
     assert leaker.pair_mask(*EARLY, early, q, k) is None
+
+
+def test_regions_are_scored_on_the_unedited_attention_once_edits_start():
+    """In the mask steps after block call 18 the region tokens' attention is edited; their
+    scores still come from the plain softmax (as the authors record it before their edits),
+    so the edits never feed back into the regions."""
+    torch.manual_seed(0)
+    leaker = _leaker()
+    leaker.masks = torch.zeros(2, 4, 5, dtype=torch.bool)
+    leaker.masks[0, :2, :3] = True
+    leaker.masks[1, 2:, 1:] = True
+    leaker._masks_from = leaker._score_count = 1  # the regions are current: no rebuild
+    leaker._score_sum = torch.zeros(2, 4, 5)
+    layout = leaker.layout(*LATE, TokenLayout.from_segments(6, 20))
+    assert leaker.wants_mass(*LATE) and leaker.rules(*LATE, layout) is not None
+    q, k, v = (torch.randn(1, 26, 3, 8, dtype=torch.float64) * 2 for _ in range(3))
+    result = flow_attention(q, k, v, layout.groups(), rules=leaker.rules(*LATE, layout),
+                            pair_mask=leaker.pair_mask(*LATE, layout, q, k), return_mass=True,
+                            backend="reference")
+    leaker.observe(*LATE, layout, result)
+    plain = (torch.einsum("bqhd,bkhd->bhqk", q, k) * 8**-0.5).softmax(-1).mean(1)[0, 6:]
+    expected = torch.stack([plain[:, [1, 2]].mean(-1), plain[:, [4]].mean(-1)])
+    torch.testing.assert_close(leaker._score_sum.double(), expected.reshape(2, 4, 5),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_the_grid_border_erodes_nothing():
+    """OpenCV's opening (the authors'): a region along the border survives it."""
+    scores = torch.zeros(1, 10, 12)
+    scores[0, :2, 3:9] = 1.0  # a two-token strip along the top edge
+    assert torch.equal(entity_masks(scores, 1.0)[0], scores[0] > 0)
 
 
 def test_generation_on_a_tiny_pipeline():

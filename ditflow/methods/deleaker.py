@@ -7,8 +7,9 @@ another's image region through attention. Given the prompt's entity phrases, DeL
    the mass its attention puts on the entity's text tokens (head mean, divided by the entity's
    token count), averaged over every block of the first ``mask_steps`` denoising steps; the
    region is where that average exceeds ``mean + mask_threshold * std`` over the image tokens,
-   opened once and closed twice with a 3x3 window on the token grid (a token claimed by several
-   entities goes to the one whose threshold it exceeds most, in standard deviations);
+   opened once and closed twice with a 3x3 window on the token grid, the grid's border eroding
+   nothing (a token claimed by several entities goes to the one whose threshold it exceeds
+   most, in standard deviations);
 2. **reweights attention** from the ``start_block``-th block call on (calls counted over the
    whole generation, ``blocks_per_step`` per step: 57 on FLUX.1), for every pair of entities
    (i, j), i != j: image tokens of i never attend to text tokens of j; their logits on their own
@@ -21,10 +22,12 @@ All of it runs inside flow attention: the entity groups carry the text rules, a 
 image-image cuts, and the statistics are the kernel's attention mass, so no block materialises
 its attention matrix (the pair threshold reads probabilities of one region pair at a time).
 
-Masks are refreshed after every block of the mask steps from the attention the model computed,
-edits included (the authors' code does not say which; edits sharpen the regions they select).
-Defaults are the authors' (FLUX.1-dev, 20 steps): alpha 1.2, both thresholds 1.0, masks from
-steps 0..11, edits from block call 18.
+Masks are refreshed after every block of the mask steps from the unedited attention, as the
+authors' code records it before its edits: once edits start, the region tokens' scores come
+from the probabilities the pair threshold reads anyway (their rows of the plain softmax; the
+other tokens' attention is not edited), so the edits never feed back into the regions they
+are cut along. Defaults are the authors' (FLUX.1-dev, 20 steps): alpha 1.2, both thresholds
+1.0, masks from steps 0..11, edits from block call 18.
 """
 
 from __future__ import annotations
@@ -70,10 +73,13 @@ class DeLeakerConfig:
 
 
 def _dilate(mask: torch.Tensor) -> torch.Tensor:
+    """3x3 dilation; outside the grid is background (max pooling pads with -inf)."""
     return F.max_pool2d(mask[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0
 
 
 def _erode(mask: torch.Tensor) -> torch.Tensor:
+    """3x3 erosion; outside the grid is foreground, so the border erodes nothing (OpenCV's
+    morphology, which the authors use)."""
     return ~_dilate(~mask)
 
 
@@ -85,13 +91,10 @@ def entity_masks(scores: torch.Tensor, threshold: float, open_iterations: int = 
     goes to the entity whose threshold it exceeds most, in stds). bool [E, h, w]."""
     flat = scores.flatten(1)
     z = (scores - flat.mean(1)[:, None, None]) / flat.std(1).clamp_min(1e-12)[:, None, None]
-    # Outside the grid counts as background: pad by one token per operation, crop after.
-    pad = 2 * (open_iterations + close_iterations)
-    masks = F.pad(z > threshold, (pad, pad, pad, pad))
+    masks = z > threshold
     for morph in [_erode] * open_iterations + [_dilate] * (open_iterations + close_iterations) \
             + [_erode] * close_iterations:
         masks = morph(masks)
-    masks = masks[:, pad:pad + z.shape[1], pad:pad + z.shape[2]]
     owner = torch.where(masks, z, float("-inf")).argmax(0)
     return masks & (owner == torch.arange(len(scores), device=scores.device)[:, None, None])
 
@@ -142,6 +145,8 @@ class DeLeaker(Intervention):
 
     def _reset(self) -> None:
         self.masks: torch.Tensor | None = None
+        # this block's region tokens (image indices) and their unedited scores [E, rows]
+        self._unedited: tuple[torch.Tensor, torch.Tensor] | None = None
         self._score_sum: torch.Tensor | None = None  # summed per-entity scores [E, h, w]
         self._score_count = 0  # blocks summed
         self._masks_from = 0  # blocks the current masks were built from
@@ -215,21 +220,40 @@ class DeLeaker(Intervention):
         groups = [layout.group(f"entity{i}.text") for i in range(len(self.entity_tokens))]
         counts = torch.tensor([len(t) for t in self.entity_tokens], device=result.mass.device)
         image_mass = result.mass[0, :, layout.text_len:][..., groups].detach().float()
-        scores = (image_mass.mean(0) / counts).T.reshape(-1, *self.token_grid)
+        scores = (image_mass.mean(0) / counts).T
+        if self._unedited is not None:  # the region tokens' attention was edited
+            rows, unedited = self._unedited
+            scores[:, rows] = unedited
+            self._unedited = None
+        scores = scores.reshape(-1, *self.token_grid)
         self._score_sum = scores if self._score_sum is None else self._score_sum + scores
         self._score_count += 1
 
     def pair_mask(self, step, block, layout, q, k):
-        if not (self._editing(step, block) and self.config.suppress_image
-                and self.masks is not None and len(self.masks) > 1):
+        """The image-image cuts; in the mask steps also the region tokens' unedited scores,
+        from the same probabilities, for :meth:`observe`."""
+        self._unedited = None
+        if not (self._editing(step, block) and self.masks is not None):
+            return None
+        records = self.wants_mass(step, block)
+        cuts = self.config.suppress_image and len(self.masks) > 1
+        if not (records or cuts):
             return None
         regions = [layout.mask(f"entity{i}.image", q.device).nonzero().squeeze(1)
                    for i in range(len(self.masks))]
+        all_probs = [_head_mean_probs(q[0, rows], k[0]) for rows in regions]
+        if records:
+            rows = torch.cat(regions)
+            probs = torch.cat(all_probs)
+            scores = torch.stack([probs[:, tokens.to(q.device)].mean(-1)
+                                  for tokens in self.entity_tokens])
+            self._unedited = (rows - layout.text_len, scores)
+        if not cuts:
+            return None
         mask = torch.zeros(1, q.shape[1], k.shape[1], dtype=torch.bool, device=q.device)
-        for i, rows in enumerate(regions):
+        for i, (rows, probs) in enumerate(zip(regions, all_probs, strict=True)):
             if not len(rows):
                 continue
-            probs = _head_mean_probs(q[0, rows], k[0])
             for j, cols in enumerate(regions):
                 if i == j or not len(cols):
                     continue
