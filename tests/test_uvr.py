@@ -19,6 +19,7 @@ from ditflow.methods.uvr import (
     UVRConfig,
     collect_anchors,
     edit,
+    ellipse,
     generate,
     load_anchors,
     localize,
@@ -43,21 +44,35 @@ def test_token_scores_are_relative_to_the_anchors_and_centred():
     torch.testing.assert_close(scores, torch.tensor([1.0, -1.0, 0.0]), rtol=1e-5, atol=1e-5)
 
 
-def test_localize_cleans_the_mask_and_peaks_the_soft_mask_at_the_best_token():
+def test_elliptic_windows_are_opencvs():
+    assert ellipse(1).astype(int).tolist() == [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+    assert ellipse(3).astype(int).tolist() == [
+        [0, 0, 0, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1, 0],
+        [0, 0, 0, 1, 0, 0, 0]]
+
+
+def test_localize_cleans_the_mask_and_keeps_the_regions_holding_the_softmax_mass():
+    """The authors' clean-up: gate, close, fill holes, drop small regions, then keep regions by
+    their share of the softmax of the gated scores."""
     scores = torch.zeros(12, 12)
-    scores[2:7, 2:7] = 1.0
-    scores[4, 4] = 0.1  # a hole: filled
-    scores[3, 5] = 2.0  # the strongest token
-    scores[10, 10] = 3.0  # a one-token speck: under min_area (2% of 144 = 2.9 tokens)
-    mask, soft = localize(scores, 0.6, 0.02)
-    expected = torch.zeros(12, 12, dtype=torch.bool)
-    expected[2:7, 2:7] = True
-    assert torch.equal(mask, expected)
-    assert soft.flatten().argmax() == 3 * 12 + 5 and soft.max() <= 1
-    grown = torch.nn.functional.max_pool2d(mask[None].float(), 3, 1, 1)[0] > 0
-    assert (soft[~grown] == 0).all() and (soft[mask] > 0).all()
-    nothing, none_soft = localize(scores, 5.0, 0.02)
-    assert not nothing.any() and not none_soft.any()
+    scores[2:7, 2:7] = 1.0  # region A: 24 gated tokens, most of the softmax mass
+    scores[4, 4] = 0.1  # a hole in A: filled
+    scores[8:10, 8:11] = 1.2  # region B: 6 tokens, less mass than A
+    scores[10, 1] = 3.0  # a one-token speck: under the least area
+    a = torch.zeros(12, 12, dtype=torch.bool)
+    a[2:7, 2:7] = True
+    b = scores == 1.2
+    assert torch.equal(localize(scores, 0.6, 5, keep_share=0.3), a)
+    assert torch.equal(localize(scores, 0.6, 5, keep_share=1.0), a | b)
+    assert torch.equal(localize(scores, 0.6, 5, keep_regions=3), a | b)
+    assert torch.equal(localize(scores, 0.6, 5, keep_regions=1), a)
+    assert torch.equal(localize(scores, 0.6, 7, keep_regions=3), a)  # B is under 7 tokens
+    assert torch.equal(localize(scores, 0.6, 1, keep_regions=3)[10, 1], torch.tensor(True))
+    assert not localize(scores, 5.0, 1, keep_regions=3).any()
+    edge = torch.zeros(8, 8)
+    edge[0, 2:6] = 1.0  # a strip along the border: closing keeps it as it is
+    assert torch.equal(localize(edge, 0.6, 1), edge > 0)
 
 
 def _uvr(mode: str, grid=(3, 4), **config) -> UVR:
@@ -71,24 +86,23 @@ def test_generation_replaces_flagged_rows_with_noise_in_the_start_up_stage():
                                                                         layout) is None
     assert uvr.edits_output(START_UP, BLOCK)  # the localisation block (double.0 here)
     assert not uvr.edits_output(START_UP, BlockId("double", 1, 1))  # nothing flagged yet
-    uvr.soft = torch.zeros(3, 4)
-    uvr.soft[0, 1], uvr.soft[2, 3] = 1.0, 0.5
+    uvr.flagged = torch.zeros(3, 4, dtype=torch.bool)
+    uvr.flagged[0, 1] = uvr.flagged[2, 3] = True
     assert uvr.edits_output(START_UP, BlockId("double", 1, 1))
     assert not uvr.edits_output(LATER, BLOCK)
     out = torch.randn(1, 17, 2, 8)
     edited = uvr.edit_output(START_UP, BLOCK, layout, out)
-    noise = torch.randn(1, 12, 2, 8, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(1, 2, 2, 8, generator=torch.Generator().manual_seed(0))
     expected = out.clone()
-    for token, weight in ((1, 1.0), (11, 0.5)):
-        replaced = 0.001 * out[:, 5 + token] + 0.999 * noise[:, token]
-        expected[:, 5 + token] = out[:, 5 + token] + weight * (replaced - out[:, 5 + token])
+    for i, token in enumerate((1, 11)):  # every flagged row replaced whole (the authors')
+        expected[:, 5 + token] = 0.001 * out[:, 5 + token] + 0.999 * noise[:, i]
     torch.testing.assert_close(edited, expected)
 
 
 def test_editing_weights_equal_the_rule_computed_densely():
     """Text and target queries: probabilities on flagged context tokens x0.2, on the ring
     x0.4; target queries on text and target keys x1.05; no renormalisation."""
-    uvr = _uvr("edit", grid=(3, 4))
+    uvr = _uvr("edit", grid=(3, 4), ring_radius=1, ring_dilations=1)
     base = TokenLayout.from_segments(5, 12, 12)
     assert uvr.rules(START_UP, BLOCK, uvr.layout(START_UP, BLOCK, base)) is None  # no mask yet
     uvr.mask = torch.zeros(3, 4, dtype=torch.bool)
@@ -99,7 +113,7 @@ def test_editing_weights_equal_the_rule_computed_densely():
     assert uvr.layout(LATER, BLOCK, base) is base and uvr.rules(LATER, BLOCK, base) is None
     q, k, v = (torch.randn(1, 29, 2, 8, dtype=torch.float64) * 2 for _ in range(3))
     probs = (torch.einsum("bqhd,bkhd->bhqk", q, k) * 8**-0.5).softmax(-1)
-    core, ring = [17], [18, 21, 22]  # context token (0, 0) and its 3x3 neighbours
+    core, ring = [17], [18, 21]  # context token (0, 0) and its neighbours in a 3x3 cross
     fp32 = [torch.tensor(x).item() for x in (0.2, 0.4, 1.05)]  # the rule tables hold fp32
     probs[:, :, :17, core] *= fp32[0]
     probs[:, :, :17, ring] *= fp32[1]
@@ -114,6 +128,17 @@ def test_editing_weights_equal_the_rule_computed_densely():
         torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="grid is 3x4"):
         uvr.layout(START_UP, BLOCK, TokenLayout.from_segments(5, 12, 20))
+
+
+def test_the_editing_ring_is_the_authors_two_7x7_elliptic_dilations():
+    uvr = _uvr("edit", grid=(20, 20))
+    uvr.mask = torch.zeros(20, 20, dtype=torch.bool)
+    uvr.mask[10, 10] = True
+    layout = uvr.layout(START_UP, BLOCK, TokenLayout.from_segments(5, 400, 400))
+    ring = layout.mask("uvr.ring")[405:].reshape(20, 20)
+    widths = ring.sum(1)[4:17].tolist()
+    widths[6] += 1  # the core's row
+    assert widths == [1, 5, 9, 11, 13, 13, 13, 13, 13, 11, 9, 5, 1] and ring.sum() == 116
 
 
 @pytest.fixture

@@ -64,11 +64,16 @@ class UVRConfig:
     block: str = "single.10"
     threshold: float = 0.6  # on token_scores' scale (the paper's: 0.6 generation, 0.2 editing)
     start_up: float = 0.85  # the start-up stage: model timestep t / 1000 >= this
-    min_area: float = 0.02  # least connected region, a fraction of the image's tokens
+    # Region clean-up as in the authors' code, in tokens (their grid: 64x64 at 1024²):
+    min_area_generate: int = 5  # least connected region kept
+    min_area_edit: int = 3
+    keep_share: float = 0.3  # generation: regions kept, largest softmax mass first, up to this
+    keep_regions: int = 3  # editing: regions kept, the largest by softmax mass
     keep: float = 0.001  # generation: share of a flagged row's attention output kept
     core_weight: float = 0.2  # editing: probability factor on the flagged context tokens
     ring_weight: float = 0.4  # editing: the same on the ring around them
-    ring: int = 1  # editing: ring width in tokens
+    ring_radius: int = 3  # editing: the ring is the core dilated by an elliptic window of
+    ring_dilations: int = 2  # this radius (7x7), this many times, less the core
     boost: float = 1.05  # editing: target queries' probabilities on text and target keys
     seed: int = 0  # the replacement noise
 
@@ -77,8 +82,12 @@ class UVRConfig:
         if kind not in ("double", "single") or not index.isdigit():
             raise ValueError(f"UVRConfig: block={self.block!r}; expected 'double.N' or "
                              "'single.N'")
-        if not 0 <= self.keep <= 1 or not 0 <= self.min_area < 1 or self.ring < 0:
-            raise ValueError("UVRConfig: keep in [0, 1], min_area in [0, 1), ring >= 0")
+        if not 0 <= self.keep <= 1 or not 0 < self.keep_share <= 1:
+            raise ValueError("UVRConfig: keep in [0, 1], keep_share in (0, 1]")
+        if min(self.min_area_generate, self.min_area_edit, self.keep_regions - 1,
+               self.ring_radius, self.ring_dilations) < 0:
+            raise ValueError("UVRConfig: min_area_*, ring_radius, ring_dilations >= 0 and "
+                             "keep_regions >= 1")
 
 
 # -- anchors and localisation ----------------------------------------------------------------
@@ -97,29 +106,47 @@ def token_scores(outputs: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     return scores / mutual
 
 
-def localize(scores: torch.Tensor, threshold: float, min_area: float
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask bool [rows, columns], soft mask float [rows, columns]) from token scores on the
-    token grid: above ``threshold``, closed (3x3), holes filled, connected regions (8-connected)
-    under ``min_area`` x the grid's tokens dropped; the soft mask is ``exp(score - max)`` on the
-    mask (a softmax scaled to peak 1), blurred with a 3x3 binomial window."""
+def ellipse(radius: int) -> np.ndarray:
+    """OpenCV's elliptic structuring element of size 2 * radius + 1 (the authors' windows):
+    radius 1 is a cross, radius 3 a 7x7 disc."""
+    offsets = np.arange(-radius, radius + 1)
+    half_widths = np.floor(radius * np.sqrt(1 - (offsets / max(radius, 1)) ** 2) + 0.5)
+    return np.abs(offsets)[None, :] <= half_widths[:, None]
+
+
+def localize(scores: torch.Tensor, threshold: float, min_area: int, keep_share: float = 1.0,
+             keep_regions: int | None = None) -> torch.Tensor:
+    """Flagged tokens (bool [rows, columns]) from token scores on the token grid, cleaned as the
+    authors' code cleans them: above ``threshold``, closed with a 3x3 elliptic window (the
+    grid's border erodes nothing, as in OpenCV), holes filled, 8-connected regions of at least
+    ``min_area`` tokens; ranked by their share of the softmax of the scores above the threshold,
+    the first ``keep_regions`` are kept, or the first that hold ``keep_share`` of it."""
     from scipy import ndimage
 
-    window = np.ones((3, 3), dtype=bool)
-    gated = np.pad(scores.detach().cpu().numpy() > threshold, 1)  # closing sees no border
-    closed = ndimage.binary_closing(gated, structure=window)[1:-1, 1:-1]
+    values = scores.detach().float().cpu().numpy()
+    gated = values > threshold
+    if not gated.any():
+        return torch.zeros_like(scores, dtype=torch.bool)
+    cross = ellipse(1)
+    closed = ndimage.binary_erosion(ndimage.binary_dilation(gated, cross), cross, border_value=1)
     filled = ndimage.binary_fill_holes(closed)
-    labels, count = ndimage.label(filled, structure=window)
+    labels, count = ndimage.label(filled, structure=np.ones((3, 3), dtype=bool))
+    softmax = np.where(gated, np.exp(values - values[gated].max()), 0.0)
+    softmax /= softmax.sum()
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    large = np.flatnonzero(sizes >= max(1.0, min_area * scores.numel()))
-    mask = torch.from_numpy(np.isin(labels, large[large > 0])).to(scores.device)
-    if not mask.any():
-        return mask, torch.zeros_like(scores, dtype=torch.float32)
-    weights = torch.where(mask, (scores - scores[mask].max()).exp(), 0.0).float()
-    binomial = torch.tensor([1.0, 2.0, 1.0], device=scores.device)
-    kernel = (binomial[:, None] * binomial[None, :] / 16)[None, None]
-    soft = F.conv2d(weights[None, None], kernel, padding=1)[0, 0]
-    return mask, soft.clamp(0, 1)
+    masses = np.bincount(labels.ravel(), weights=softmax.ravel(), minlength=count + 1)
+    regions = [r for r in range(1, count + 1) if sizes[r] >= min_area]
+    regions.sort(key=lambda r: masses[r], reverse=True)
+    if keep_regions is not None:
+        kept = regions[:keep_regions]
+    else:
+        total, held, kept = sum(masses[r] for r in regions), 0.0, []
+        for r in regions:
+            if held >= keep_share * total:
+                break
+            kept.append(r)
+            held += masses[r]
+    return torch.from_numpy(np.isin(labels, kept)).to(scores.device)
 
 
 class _AnchorRecorder(Intervention):
@@ -234,7 +261,7 @@ class UVR(Intervention):
     def _reset(self) -> None:
         self.scores: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
-        self.soft: torch.Tensor | None = None
+        self.flagged: torch.Tensor | None = None  # generation: the last localisation's tokens
 
     def _localizes(self, step: StepInfo, block: BlockId) -> bool:
         return str(block) == self.config.block and _in_start_up(step, self.mode, self.config)
@@ -255,10 +282,15 @@ class UVR(Intervention):
         """Editing: (layout with ``uvr.core`` and ``uvr.ring`` carved from the context, rules),
         rebuilt only when the call layout or the mask changes."""
         if self._plan is None or self._plan[0] is not base or self._plan[2] is not self.mask:
+            from scipy import ndimage
+
             context = base.mask("context").nonzero().squeeze(1)
             core = self.mask.cpu()
-            grown = F.max_pool2d(core[None, None].float(), 2 * self.config.ring + 1, stride=1,
-                                 padding=self.config.ring)[0, 0] > 0
+            grown = core
+            if self.config.ring_dilations:
+                grown = torch.from_numpy(ndimage.binary_dilation(
+                    core.numpy(), ellipse(self.config.ring_radius),
+                    iterations=self.config.ring_dilations))
             layout = base.with_region("uvr.core", context[core.flatten()])
             layout = layout.with_region("uvr.ring", context[(grown & ~core).flatten()])
             core_group, ring_group = layout.group("uvr.core"), layout.group("uvr.ring")
@@ -281,7 +313,7 @@ class UVR(Intervention):
     def edits_output(self, step, block):
         # the localisation block also goes through ditflow's attention, to be observed
         return self.mode == "generate" and step.timestep >= self.config.start_up and (
-            self.soft is not None or self._localizes(step, block))
+            self.flagged is not None or self._localizes(step, block))
 
     def observe(self, step, block, layout, result):
         if not self._localizes(step, block):
@@ -291,26 +323,30 @@ class UVR(Intervention):
                              f"{result.out.shape[0]} (call the pipeline once per image)")
         outputs = result.out[0, _scored_tokens(layout, self.mode).to(result.out.device)]
         self.scores = token_scores(outputs.detach(), self.anchors).reshape(self.grid)
-        mask, soft = localize(self.scores, self.config.threshold, self.config.min_area)
+        cfg = self.config
+        if self.mode == "generate":
+            mask = localize(self.scores, cfg.threshold, cfg.min_area_generate,
+                            keep_share=cfg.keep_share)
+        else:
+            mask = localize(self.scores, cfg.threshold, cfg.min_area_edit,
+                            keep_regions=cfg.keep_regions)
         if not mask.any():
-            self.soft = None  # this step's outputs stay as computed
+            self.flagged = None  # this step's outputs stay as computed
             return
-        self.soft = soft
+        self.flagged = mask
         self.mask = mask if self.mask is None else self.mask | mask
 
     def edit_output(self, step, block, layout, out):
-        if self.soft is None:
+        if self.flagged is None:
             return out
         if self._noise is None or self._noise.device != out.device:
             self._noise = torch.Generator(out.device).manual_seed(self.config.seed)
         rows = _scored_tokens(layout, self.mode).to(out.device)
-        flagged = out[:, rows]
-        noise = torch.randn(flagged.shape, generator=self._noise, device=out.device,
-                            dtype=out.dtype)
-        mix = self.soft.flatten().to(out.device, out.dtype)[None, :, None, None]
-        replaced = self.config.keep * flagged + (1 - self.config.keep) * noise
+        rows = rows[self.flagged.flatten().to(out.device)]
+        noise = torch.randn(out.shape[0], len(rows), *out.shape[2:], generator=self._noise,
+                            device=out.device, dtype=out.dtype)
         out = out.clone()
-        out[:, rows] = flagged + mix * (replaced - flagged)
+        out[:, rows] = self.config.keep * out[:, rows] + (1 - self.config.keep) * noise
         return out
 
 
