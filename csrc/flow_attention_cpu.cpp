@@ -182,6 +182,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_fwd(
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& pair_bits,
     double softmax_scale, int64_t num_groups, bool return_mass) {
   at::NoGradGuard no_grad;  // a kernel: gradients come from flow_attention_bwd
+  // Worker threads do not inherit torch.inference_mode: the buffers they update in place must be
+  // normal tensors, not inference tensors.
+  const c10::InferenceMode normal_tensors(false);
   const Layout L = make_layout(q, k, q_groups, k_groups, scale, bias, weight, pair_bits,
                                softmax_scale, num_groups);
   const at::Tensor qf = as_float(q), kf = as_float(k), vf = as_float(v);
@@ -286,6 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_bwd(
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& pair_bits, double softmax_scale, int64_t num_groups) {
   at::NoGradGuard no_grad;
+  const c10::InferenceMode normal_tensors(false);  // as in flow_attention_fwd
   const Layout L = make_layout(q, k, q_groups, k_groups, scale, bias, weight, pair_bits,
                                softmax_scale, num_groups);
   const at::Tensor qf = as_float(q), kf = as_float(k), vf = as_float(v), dof = as_float(dout);

@@ -29,6 +29,11 @@ class TensorMemo:
             compute: Callable[[], T]) -> T:
         if torch.compiler.is_compiling():
             return compute()
+        if any(t is not None and t.is_inference() for t in sources):
+            # An inference tensor (made under torch.inference_mode) has no version counter, so
+            # an in-place change could not be seen: computed afresh on every call, never stale.
+            self.misses += 1
+            return compute()
         key = (tuple(id(t) for t in sources), extra)
         versions = tuple(None if t is None else t._version for t in sources)
         entry = self._entries.get(key)

@@ -94,8 +94,10 @@ def _normalise_groups(name: str, groups: Tensor, batch: int, n: int, num_groups:
         if low < 0 or high >= num_groups:
             raise ValueError(f"{name}: group ids span [{low}, {high}] but the rules have "
                              f"{num_groups} groups (ids must be in [0, {num_groups}))")
-        # a copy: a view would keep the caller's tensor alive, and with it this cache entry
-        return shaped.to(torch.int32, memory_format=torch.contiguous_format, copy=True)
+        # a copy: a view would keep the caller's tensor alive, and with it this cache entry;
+        # a normal tensor even under inference_mode, so the plan caches downstream can key on it
+        with torch.inference_mode(False):
+            return shaped.to(torch.int32, memory_format=torch.contiguous_format, copy=True)
 
     # Keyed on the caller's tensor, so a layout reused across calls is checked, converted and
     # planned once (the memo downstream keys on the tensor returned here).

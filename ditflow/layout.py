@@ -121,7 +121,8 @@ class TokenLayout:
         device = torch.device(device)
         cached = self._on_device.get(device)
         if cached is None:
-            cached = self._groups.to(device, torch.int32)
+            with torch.inference_mode(False):  # a normal tensor, so plan caches can key on it
+                cached = self._groups.to(device, torch.int32)
             self._on_device[device] = cached
         return cached
 

@@ -45,9 +45,12 @@ def _check_table(name: str, table: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"FlowRules {name}: expected shape [G, G] or [H, G, G], "
                          f"got {tuple(table.shape)}")
     # A tensor of its own, never a view: saved for a compiled graph's backward, a view comes
-    # back as a new tensor every call and would miss the kernels' plan cache.
-    table = table.detach().to("cpu", torch.float32).reshape(-1, *table.shape[-2:]).clone(
-        memory_format=torch.contiguous_format)
+    # back as a new tensor every call and would miss the kernels' plan cache. A normal tensor
+    # even when the rules are built under inference_mode: the plan cache keys on the tables,
+    # and autograd saves them for the backward.
+    with torch.inference_mode(False):
+        table = table.detach().to("cpu", torch.float32).reshape(-1, *table.shape[-2:]).clone(
+            memory_format=torch.contiguous_format)
     if torch.isnan(table).any():
         raise ValueError(f"FlowRules {name}: contains NaN")
     if name == "bias":
@@ -190,7 +193,8 @@ class FlowRules:
         device = torch.device(device)
         cached = self._on_device.get(device)
         if cached is None:
-            cached = tuple(None if t is None else t.to(device)
-                           for t in (self.scale, self.bias, self.weight))
+            with torch.inference_mode(False):  # normal tensors: cache keys, saved for backward
+                cached = tuple(None if t is None else t.to(device)
+                               for t in (self.scale, self.bias, self.weight))
             self._on_device[device] = cached
         return cached

@@ -41,3 +41,14 @@ def test_checked_group_ids_do_not_keep_the_callers_tensor_alive():
     del groups
     gc.collect()
     assert alive() is None and not _checked_groups._entries
+
+
+def test_inference_tensors_are_never_cached():
+    """A tensor made under inference_mode has no version counter, so an in-place change could
+    not be seen: values derived from it are computed on every call."""
+    memo = TensorMemo()
+    with torch.inference_mode():
+        source = torch.zeros(3)
+    assert memo.get((source,), "x", lambda: 1) == 1
+    assert memo.get((source,), "x", lambda: 2) == 2 and memo.misses == 2
+    assert not memo._entries

@@ -7,6 +7,7 @@ import torch
 from helpers import random_qkv, random_rules, segment_groups
 
 from ditflow import flow_attention, functional, ops
+from ditflow.layout import TokenLayout
 from ditflow.rules import FlowRules
 
 
@@ -102,3 +103,61 @@ def test_compiled_calls_reuse_plans_and_follow_in_place_changes(device):
     want = torch.autograd.grad(loss(q, k, v), (q, k, v))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def _backends_here(device):
+    return ["reference", "triton"] + (
+        ["cpp"] if device.type == "cpu" and ops.cpp_available() else [])
+
+
+def _inference_copy(rules: FlowRules) -> FlowRules:
+    return FlowRules(rules.scale.clone(), rules.bias.clone(), rules.weight.clone())
+
+
+@pytest.mark.parametrize("layout_made", ["outside", "inside"])
+def test_inference_mode_gives_the_results_of_grad_mode(layout_made, device):
+    """Under torch.inference_mode, with group ids, pair mask and rules made inside or outside
+    it, every backend gives what it gives outside (the caches keyed on them included)."""
+    q, k, v = random_qkv(1, 37, 37, 2, 16, torch.float32, device, requires_grad=False)
+    groups = segment_groups(37, 3, device)
+    mask = torch.rand(37, 37, device=device) < 0.2
+    rules = random_rules(3, {"scale", "bias", "block", "weight"})
+    for backend in _backends_here(device):
+        want = flow_attention(q, k, v, groups, rules=rules, pair_mask=mask, return_lse=True,
+                              return_mass=True, backend=backend)
+        with torch.inference_mode():
+            layout = (groups, mask, rules) if layout_made == "outside" else (
+                groups.clone(), mask.clone(), _inference_copy(rules))
+            for _ in range(2):  # the second call finds what the first cached
+                got = flow_attention(q, k, v, layout[0], rules=layout[2], pair_mask=layout[1],
+                                     return_lse=True, return_mass=True, backend=backend)
+                for actual, truth in zip(got, want, strict=True):
+                    torch.testing.assert_close(actual, truth)
+
+
+def test_rules_made_under_inference_mode_work_with_autograd_outside_it(device):
+    """Their tables are normal tensors: autograd saves them for the backward."""
+    q, k, v = random_qkv(1, 20, 20, 1, 16, torch.float32, device)
+    groups = segment_groups(20, 2, device)
+    with torch.inference_mode():
+        rules = FlowRules(num_groups=2).scale_logits(0, 1, 1.5).add_bias(1, 0, 0.5)
+    for backend in _backends_here(device):
+        out = flow_attention(q, k, v, groups, rules=rules, backend=backend).out
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("groups_from", ["tensor made outside", "layout made inside"])
+def test_inference_mode_calls_reuse_plans(groups_from, device):
+    """A pipeline run under inference_mode: group ids made outside it (or a TokenLayout's,
+    made inside it) and rules made inside it are checked and planned once, not per call."""
+    q, k, v = random_qkv(1, 70, 70, 2, 16, torch.float32, device, requires_grad=False)
+    outside = segment_groups(70, 3, device)
+    with torch.inference_mode():
+        groups = outside if groups_from == "tensor made outside" else (
+            TokenLayout.from_segments(text=20, target=30, context=20).groups(device))
+        rules = FlowRules(num_groups=3).block(0, 2).scale_logits(1, 0, 1.5)
+        flow_attention(q, k, v, groups, rules=rules, return_mass=True, backend="triton")
+        misses = (ops._plans.misses, functional._checked_groups.misses)
+        flow_attention(q, k, v, groups, rules=rules, return_mass=True, backend="triton")
+        assert (ops._plans.misses, functional._checked_groups.misses) == misses
