@@ -1,10 +1,13 @@
 """A small cache for values derived from tensors (tile plans, packed masks, validated groups).
 
 Entries are keyed by the identity of the source tensors and remembered with their version
-counters, so an in-place change or a new tensor at a recycled address never returns a stale
-value; an entry is dropped as soon as a source tensor is freed (a per-block pair mask must not
-keep its packed copy alive). Under ``torch.compile`` tracing nothing is cached (tensors are
-fakes); the value is recomputed inside the graph instead.
+counters, so an in-place change through torch or a new tensor at a recycled address never
+returns a stale value; an entry is dropped as soon as a source tensor is freed (a per-block pair
+mask must not keep its packed copy alive). Writes that bypass the version counter are not seen:
+through ``.data``, ``.numpy()``, DLPack or another library sharing the storage, after which the
+old value comes back (change such tensors with torch ops, or pass a new tensor). Inference
+tensors have no version counter and are never cached. Under ``torch.compile`` tracing nothing is
+cached (tensors are fakes); the value is recomputed inside the graph instead.
 """
 
 from __future__ import annotations
