@@ -37,6 +37,11 @@ def test_config_checks_units_and_ranges():
         ProtectConfig(eval_prompts=0)
 
 
+def test_steps_default_to_the_authors_for_each_method():
+    assert ProtectConfig().steps == 800 and ProtectConfig(method="diff-pgd").steps == 600
+    assert ProtectConfig(method="diff-pgd", steps=5).steps == 5
+
+
 def test_unknown_blocks_are_refused(pipe):
     with pytest.raises(ValueError, match=r"\['single\.30'\] not in this model"):
         Protector(pipe, tiny_config(blocks=("single.30",)))

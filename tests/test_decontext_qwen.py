@@ -26,7 +26,7 @@ def qwen():
 
 
 def test_model_defaults_and_the_pipelines_own_size(qwen):
-    # the tiny model has 2 blocks: Qwen-Image-Edit's default double.0..39 is refused, by name
+    # the tiny model has 2 blocks: Qwen-Image-Edit's default double.20..46 is refused, by name
     message = r"not in this model \(2 blocks: double\.0 \.\. double\.1\)"
     with pytest.raises(ValueError, match=message):
         Protector(qwen, ProtectConfig())

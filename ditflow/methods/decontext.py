@@ -4,7 +4,7 @@ DeContext perturbs a photo, within an L-inf budget, so that an in-context editor
 Qwen-Image-Edit or Step1X-Edit) stops attending to it: the loss is ``r_ctx``, the attention mass of
 the edit's target tokens on the photo's context tokens (softmax over all keys), averaged over heads,
 target queries and the attacked blocks (FLUX.1 Kontext and Step1X-Edit: single-stream blocks 0..25,
-the authors'; Qwen-Image-Edit: blocks 0..39, the same front two thirds, our analogue). Each PGD step
+the authors'; Qwen-Image-Edit: double.20..46 of 60, at the same depths, our analogue). Each PGD step
 samples an instruction from :data:`PROMPT_POOL`, a timestep in [980, 1000) and fresh target noise,
 takes the gradient of ``r_ctx`` through the fused kernel's mass gradient (the forward stops after
 the last attacked block), and moves the photo by a signed step, projected back into the budget and
@@ -54,16 +54,17 @@ from .prompts import PROMPT_POOL
 
 # The attacked blocks and working resolution when the config leaves them to the model. FLUX.1
 # Kontext and Step1X-Edit (the same transformer layout): the authors'. Qwen-Image-Edit: ours
-# (the front two thirds of its 60 blocks, as single.0..25 of FLUX's 38 single blocks; the ~1 MP
-# size its pipeline feeds the model).
+# (its 60 blocks at the depths of the authors' single.0..25 among FLUX's 57, 19/57 to 45/57 of
+# the way through; the ~1 MP size its pipeline feeds the model).
 DEFAULT_BLOCKS = tuple(f"single.{i}" for i in range(26))
 MODEL_DEFAULTS = {
     "FluxTransformer2DModel": dict(blocks=DEFAULT_BLOCKS, resolution=512),
-    "QwenImageTransformer2DModel": dict(blocks=tuple(f"double.{i}" for i in range(40)),
+    "QwenImageTransformer2DModel": dict(blocks=tuple(f"double.{i}" for i in range(20, 47)),
                                         resolution=1024),
     "Step1XEditTransformer": dict(blocks=DEFAULT_BLOCKS, resolution=512),
 }
 METHODS = ("decontext", "diff-pgd")
+AUTHORS_STEPS = {"decontext": 800, "diff-pgd": 600}
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class ProtectConfig:
         method: ``"decontext"`` or the ``"diff-pgd"`` baseline.
         epsilon: L-inf budget in 0..255 pixel units.
         step_size: signed-gradient step per iteration, 0..255 units.
-        steps: PGD iterations (the authors: 800 for DeContext, 600 for Diff-PGD).
+        steps: PGD iterations; None = the authors' for the method (DeContext 800, Diff-PGD 600).
         resolution: working resolution: the photo is optimised at about resolution² pixels;
             None = the model's (FLUX.1 Kontext 512, Qwen-Image-Edit 1024).
         blocks: attacked blocks (``"single.3"``, ``"double.7"``); the forward stops after the
@@ -102,7 +103,7 @@ class ProtectConfig:
     method: str = "decontext"
     epsilon: float = 12.75
     step_size: float = 0.6375
-    steps: int = 800
+    steps: int | None = None
     resolution: int | None = None
     blocks: tuple[str, ...] | None = None
     timesteps: tuple[float, float] = (980.0, 1000.0)
@@ -121,12 +122,14 @@ class ProtectConfig:
     diffpgd_edit_steps: int = 20
 
     def __post_init__(self):
+        if self.steps is None:
+            object.__setattr__(self, "steps", AUTHORS_STEPS.get(self.method))
         checks = [
             (self.method in METHODS, f"method={self.method!r}: expected one of {METHODS}"),
             (0 < self.epsilon <= 255, f"epsilon={self.epsilon}: expected 0 < epsilon <= 255 "
                                       "(pixel units; 12.75 is the authors' 0.1 in [-1, 1])"),
             (self.step_size > 0, f"step_size={self.step_size}: expected > 0 (pixel units)"),
-            (self.steps >= 0, f"steps={self.steps}: expected >= 0"),
+            (self.steps is None or self.steps >= 0, f"steps={self.steps}: expected >= 0"),
             (self.resolution is None or self.resolution >= 16,
              f"resolution={self.resolution}: expected >= 16"),
             (self.blocks is None or len(self.blocks) > 0, "blocks: expected at least one block"),
