@@ -304,7 +304,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flow_attention_bwd(
   }
   if (dlse.has_value()) delta -= dlse->to(at::kFloat);
   delta = delta.contiguous();
-  at::Tensor dq = at::zeros_like(qf), dk = at::zeros_like(kf), dv = at::zeros_like(vf);
+  // contiguous whatever the inputs' strides, as the registered op promises torch.compile
+  at::Tensor dq = at::zeros(qf.sizes(), qf.options()), dk = at::zeros(kf.sizes(), kf.options()),
+             dv = at::zeros(vf.sizes(), vf.options());
   const int64_t G = L.groups;
   // raw pointers: indexing tensors inside the tile loops costs more than the tiles' arithmetic
   const float* lse_p = lsef.data_ptr<float>();

@@ -147,9 +147,10 @@ def flow_attention_reference_backward(
     if pair_mask is not None:
         pair_mask = pair_mask.reshape(-1, nq, nk)
     rows = _chunk_rows(batch, heads, nk, q.element_size(), chunk_size)
-    dq = torch.empty_like(q)
-    dk = torch.zeros_like(k)
-    dv = torch.zeros_like(v)
+    # contiguous whatever the inputs' strides, as the registered op promises torch.compile
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
+    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
     for start in range(0, nq, rows):
         stop = min(start + rows, nq)
         qc, qg = q[:, start:stop], q_grp[:, start:stop]
