@@ -22,6 +22,9 @@ from collections.abc import Iterable
 import torch
 
 MAX_GROUPS = 16
+# The Triton kernels scale biases by log2(e) in fp32 and subtract row maxima: a finite bias
+# beyond this would overflow there (finfo(float32).min, a common "mask value", does).
+MAX_FINITE_BIAS = 1e30
 
 Groups = int | Iterable[int]
 Heads = int | Iterable[int] | None
@@ -56,6 +59,11 @@ def _check_table(name: str, table: torch.Tensor) -> torch.Tensor:
     if name == "bias":
         if (table == float("inf")).any():
             raise ValueError("FlowRules bias: +inf is not allowed (use -inf to block a pair)")
+        finite = table[torch.isfinite(table)]
+        if finite.numel() and finite.abs().max() > MAX_FINITE_BIAS:
+            raise ValueError(f"FlowRules bias: finite values must lie within +-{MAX_FINITE_BIAS:g}"
+                             f", got {finite[finite.abs().argmax()].item():g} (use -inf to block "
+                             "a pair)")
     elif not torch.isfinite(table).all():
         raise ValueError(f"FlowRules {name}: must be finite")
     return table

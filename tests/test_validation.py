@@ -77,6 +77,15 @@ def test_rules_tables():
         flow_attention(*qkv(), rules=torch.ones(2, 2))
 
 
+@pytest.mark.parametrize("value", [torch.finfo(torch.float32).min, 3e38, -2e30])
+def test_huge_finite_bias_is_refused(value):
+    """Finite biases this large overflow the kernels' log2(e) scaling (-inf or NaN rows)."""
+    with pytest.raises(ValueError, match=r"bias: finite values must lie within \+-1e\+30, got .*"
+                                         "use -inf to block a pair"):
+        FlowRules(num_groups=2).add_bias(1, [0, 1], value)
+    FlowRules(num_groups=2).add_bias(1, [0, 1], -1e30).block(0, 1)  # the limit and -inf: fine
+
+
 def test_pair_mask():
     with pytest.raises(TypeError, match="pair_mask: expected a bool tensor"):
         flow_attention(*qkv(), pair_mask=torch.zeros(8, 8))
