@@ -57,23 +57,32 @@ def test_object_regions_dilate_cover_and_stay_disjoint():
     assert dilated[1, 1, 2] and dilated[1, 2, 2] and (dilated[1] >= regions[1]).all()
 
 
-def test_rgb_cam_equals_the_rule_computed_densely():
-    """Object i's text tokens get -inf from every image token outside region i (target and
-    context), nothing else changes; reference (fp64), Triton interpreter and C++ (fp32)."""
+def test_rgb_cam_and_ore_equal_the_rules_computed_densely():
+    """Object i's text tokens (its phrase, its own end-of-sequence tokens) get -inf from every
+    image token outside region i (target and context), the instruction's end-of-sequence tokens
+    from every image token inside a region, nothing else changes; reference (fp64), Triton
+    interpreter and C++ (fp32)."""
     regions = torch.zeros(2, 3, 4, dtype=torch.bool)
     regions[0, :2, :2] = True
     regions[1, 1:, 3] = True
-    ale = ALE([[1, 2], [5]], regions)
-    base = TokenLayout.from_segments(7, 12, 12)
+    # text: instruction tokens 0..6 (4 a phrase of object 1, 5..6 its end of sequence), then
+    # each object's own end-of-sequence token
+    objects, prompt_tail = ([1, 2, 7], [4, 8]), [5, 6]
+    ale = ALE(objects, regions, prompt_tail)
+    base = TokenLayout.from_segments(9, 12, 12)
     layout = ale.layout(*CALL, base)
-    assert layout.names[3:] == ("object0.text", "object0.target", "object0.context",
-                                "object1.text", "object1.target", "object1.context")
-    q, k, v = (torch.randn(1, 31, 2, 8, dtype=torch.float64) * 2 for _ in range(3))
+    assert layout.names[3:] == ("prompt.tail", "object0.text", "object0.target",
+                                "object0.context", "object1.text", "object1.target",
+                                "object1.context")
+    q, k, v = (torch.randn(1, 33, 2, 8, dtype=torch.float64) * 2 for _ in range(3))
     logits = torch.einsum("bqhd,bkhd->bhqk", q, k) * 8**-0.5
-    for tokens, region in zip(([1, 2], [5]), regions, strict=True):
+    for tokens, region in zip(objects, regions, strict=True):
         inside = region.flatten()
-        outside = 7 + torch.cat([(~inside).nonzero(), 12 + (~inside).nonzero()]).squeeze(1)
+        outside = 9 + torch.cat([(~inside).nonzero(), 12 + (~inside).nonzero()]).squeeze(1)
         logits[:, :, outside[:, None], torch.tensor(tokens)[None, :]] = float("-inf")
+    in_regions = regions.any(0).flatten()
+    in_regions = 9 + torch.cat([in_regions.nonzero(), 12 + in_regions.nonzero()]).squeeze(1)
+    logits[:, :, in_regions[:, None], torch.tensor(prompt_tail)[None, :]] = float("-inf")
     expected = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v)
     backends = [("reference", torch.float64, 1e-9), ("triton", torch.float32, 2e-5)]
     if ops.cpp_available():
@@ -85,22 +94,37 @@ def test_rgb_cam_equals_the_rule_computed_densely():
         torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
     assert ale.layout(*CALL, base) is layout  # one plan per call layout
     with pytest.raises(ValueError, match="regions are 3x4"):
-        ale.layout(*CALL, TokenLayout.from_segments(7, 12, 24))
+        ale.layout(*CALL, TokenLayout.from_segments(9, 12, 24))
+    with pytest.raises(ValueError, match="text has 7 tokens"):
+        ale.layout(*CALL, TokenLayout.from_segments(7, 12, 12))
 
 
-def test_restricted_embeddings_replace_only_the_phrases(editor, two_object_edit):
+def test_restricted_embeddings_replace_the_phrases_and_append_their_own_ends(
+        editor, two_object_edit):
+    """ORE: each phrase's tokens carry the phrase encoded alone, and that encoding's
+    end-of-sequence and padding tokens follow the instruction, as many as it has."""
     _, instruction, phrases, _ = two_object_edit
-    full, pooled, positions = restricted_embeddings(editor, instruction, phrases, 24,
-                                                    restrict=False)
-    restricted, pooled_r, positions_r = restricted_embeddings(editor, instruction, phrases, 24)
-    assert positions == positions_r and torch.equal(pooled, pooled_r)
-    phrase_tokens = [t for tokens in positions for t in tokens]
-    others = [t for t in range(full.shape[1]) if t not in phrase_tokens]
-    torch.testing.assert_close(restricted[:, others], full[:, others], rtol=0, atol=0)
-    for phrase, tokens in zip(phrases, positions, strict=True):
+    plain = restricted_embeddings(editor, instruction, phrases, 24, restrict=False)
+    full = plain.embeds
+    restricted = restricted_embeddings(editor, instruction, phrases, 24)
+    assert plain.object_tails is None and plain.prompt_tail is None
+    assert plain.phrase_tokens == restricted.phrase_tokens
+    assert torch.equal(plain.pooled, restricted.pooled)
+    ids = editor.tokenizer_2(instruction)["input_ids"]
+    tail = list(range(len(ids) - 1, 24))
+    assert restricted.prompt_tail == tail
+    assert restricted.embeds.shape[1] == 24 + len(phrases) * len(tail)
+    phrase_tokens = [t for tokens in restricted.phrase_tokens for t in tokens]
+    others = [t for t in range(24) if t not in phrase_tokens]
+    torch.testing.assert_close(restricted.embeds[:, others], full[:, others], rtol=0, atol=0)
+    for i, (phrase, tokens) in enumerate(zip(phrases, restricted.phrase_tokens, strict=True)):
         alone = editor.encode_prompt(prompt=phrase, prompt_2=None, max_sequence_length=24)[0]
-        torch.testing.assert_close(restricted[:, tokens], alone[:, :len(tokens)])
-        assert not torch.allclose(restricted[:, tokens], full[:, tokens])
+        torch.testing.assert_close(restricted.embeds[:, tokens], alone[:, :len(tokens)])
+        assert not torch.allclose(restricted.embeds[:, tokens], full[:, tokens])
+        own_tail = restricted.object_tails[i]
+        assert own_tail == list(range(24 + i * len(tail), 24 + (i + 1) * len(tail)))
+        torch.testing.assert_close(restricted.embeds[:, own_tail],
+                                   alone[:, len(tokens):len(tokens) + len(tail)])
     with pytest.raises(ValueError, match="tokenizes differently"):
         restricted_embeddings(editor, "make the red circle green", ["red circ"], 24)
 

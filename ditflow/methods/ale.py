@@ -7,7 +7,10 @@ its phrase in the instruction and a mask of where it is in the source image; the
 
 1. **object-restricted embeddings (ORE)**: each phrase is encoded by T5 on its own and those
    embeddings replace the phrase's tokens in the instruction's embedding (T5 mixes the whole
-   instruction into every token, so in context "the bike" also carries "blue");
+   instruction into every token, so in context "the bike" also carries "blue"); the phrase's
+   own end-of-sequence and padding tokens are appended to the text, and an object's region
+   reads those instead of the instruction's (which carry every object's attributes: FLUX runs
+   T5 without a padding mask);
 2. **region-guided attention masking (RGB-CAM)**: an object's text tokens are attended only by
    image tokens inside the object's region (its mask dilated by ``dilation`` x the image's
    longer side) on the target and on the context image; elsewhere the pair is blocked. With ORE
@@ -47,7 +50,8 @@ from ..session import Intervention, attach
 from .calls import check_one_image_call
 from .phrases import phrase_token_positions
 
-MAX_OBJECTS = (MAX_GROUPS - len(BASE_GROUPS)) // 3  # text, target and context group per object
+# a text, target and context group per object, and the instruction's end-of-sequence tokens
+MAX_OBJECTS = (MAX_GROUPS - len(BASE_GROUPS) - 1) // 3
 
 
 @dataclass(frozen=True)
@@ -82,11 +86,29 @@ def object_regions(masks: torch.Tensor, grid: tuple[int, int], dilation: float) 
     return (near > 0) & (owner == torch.arange(len(masks))[:, None, None])
 
 
+@dataclass
+class ObjectEmbeddings:
+    """The instruction's text conditioning with object-restricted embeddings.
+
+    ``embeds`` [1, L + n * tail, D]: the T5 embeddings of the instruction (L tokens), each
+    phrase's tokens replaced by the phrase encoded alone, then per object the end-of-sequence
+    and padding tokens of that encoding (``tail`` = the instruction's own count of them).
+    ``phrase_tokens``: per object, its phrase's token positions; ``object_tails``: per object,
+    the positions of its appended tokens; ``prompt_tail``: the instruction's end-of-sequence and
+    padding positions, for no object's region. Unrestricted: the plain embeddings and no
+    tails."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor  # the pooled CLIP embedding [1, D], of the whole instruction
+    phrase_tokens: list[list[int]]
+    object_tails: list[list[int]] | None = None
+    prompt_tail: list[int] | None = None
+
+
 def restricted_embeddings(pipeline, prompt: str, phrases: Sequence[str],
-                          max_sequence_length: int, restrict: bool = True
-                          ) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
-    """(T5 embeddings [1, L, D], pooled CLIP embedding [1, D], each phrase's token positions)
-    of ``prompt``; with ``restrict``, each phrase's tokens carry the phrase encoded alone."""
+                          max_sequence_length: int, restrict: bool = True) -> ObjectEmbeddings:
+    """The text conditioning of ``prompt`` for objects named by ``phrases`` (see
+    :class:`ObjectEmbeddings`)."""
     device = pipeline._execution_device  # the transformer's device, also under CPU offload
     with torch.no_grad():
         embeds, pooled, _ = pipeline.encode_prompt(prompt=prompt, prompt_2=None, device=device,
@@ -94,8 +116,10 @@ def restricted_embeddings(pipeline, prompt: str, phrases: Sequence[str],
     tokenizer = pipeline.tokenizer_2
     positions = phrase_token_positions(tokenizer, prompt, phrases, max_sequence_length)
     if not restrict:
-        return embeds, pooled, positions
+        return ObjectEmbeddings(embeds, pooled, positions)
     ids = tokenizer(prompt, max_length=max_sequence_length, truncation=True)["input_ids"]
+    prompt_tail = list(range(len(ids) - 1, embeds.shape[1]))  # end of sequence, padding
+    tails, object_tails = [], []
     for phrase, tokens in zip(phrases, positions, strict=True):
         alone_ids = tokenizer(phrase)["input_ids"][:len(tokens)]
         if alone_ids != [ids[t] for t in tokens]:
@@ -105,22 +129,31 @@ def restricted_embeddings(pipeline, prompt: str, phrases: Sequence[str],
             alone = pipeline.encode_prompt(prompt=phrase, prompt_2=None, device=device,
                                            max_sequence_length=max_sequence_length)[0]
         embeds[:, tokens] = alone[:, :len(tokens)]
-    return embeds, pooled, positions
+        start = embeds.shape[1] + len(prompt_tail) * len(tails)
+        tails.append(alone[:, len(tokens):len(tokens) + len(prompt_tail)])
+        object_tails.append(list(range(start, start + len(prompt_tail))))
+    return ObjectEmbeddings(torch.cat([embeds, *tails], dim=1), pooled, positions, object_tails,
+                            prompt_tail)
 
 
 class ALE(Intervention):
-    """RGB-CAM as an intervention: object ``i``'s text tokens (``object_tokens[i]``) are
+    """ALE's attention restrictions as an intervention: object ``i``'s text tokens
+    (``object_tokens[i]``: RGB-CAM's phrase tokens, ORE's appended end-of-sequence tokens) are
     attended only by image tokens of region ``i`` (``regions[i]``, bool [rows, columns] on the
-    token grid), on the target and on the one context image, in every block and step.
+    token grid), on the target and on the one context image, in every block and step; the
+    ``prompt_tail`` tokens (ORE: the instruction's end-of-sequence and padding) by no region's.
     :func:`edit` attaches it; attach it yourself (``ditflow.session.attach``) around a
     FluxKontextPipeline call to combine it with other inputs."""
 
-    def __init__(self, object_tokens: Sequence[Sequence[int]], regions: torch.Tensor):
+    def __init__(self, object_tokens: Sequence[Sequence[int]], regions: torch.Tensor,
+                 prompt_tail: Sequence[int] | None = None):
         if not 1 <= len(object_tokens) <= MAX_OBJECTS or len(object_tokens) != len(regions):
             raise ValueError(f"ALE: 1..{MAX_OBJECTS} objects, each with token positions and a "
                              f"region; got {len(object_tokens)} and {len(regions)}")
         self.object_tokens = [torch.as_tensor(list(t), dtype=torch.long) for t in object_tokens]
         self.regions = regions.detach().cpu().bool()
+        self.prompt_tail = None if prompt_tail is None else torch.as_tensor(list(prompt_tail),
+                                                                             dtype=torch.long)
         self._plan_for: TokenLayout | None = None
         self._plan: tuple[TokenLayout, FlowRules] | None = None
 
@@ -133,8 +166,9 @@ class ALE(Intervention):
         return self._plan[1]
 
     def _build(self, base: TokenLayout) -> tuple[TokenLayout, FlowRules]:
-        """Groups ``object{i}.text``, ``object{i}.target``, ``object{i}.context``; each object's
-        text blocked from every image group but its own two."""
+        """Groups ``object{i}.text``, ``object{i}.target``, ``object{i}.context`` (and
+        ``prompt.tail``); each object's text blocked from every image group but its own two, the
+        prompt's tail from every object's."""
         rows, columns = self.regions.shape[1:]
         target, context = (base.mask(name).nonzero().squeeze(1) for name in ("target", "context"))
         if len(target) != rows * columns or len(context) != rows * columns:
@@ -142,10 +176,14 @@ class ALE(Intervention):
                              f"the regions are {rows}x{columns}; edit one source image with a "
                              "target of its size")
         layout = base
+        tokens_wanted = max(int(t.max()) for t in self.object_tokens)
+        if tokens_wanted >= base.text_len:
+            raise ValueError(f"ALE: object text token {tokens_wanted}, but the text has "
+                             f"{base.text_len} tokens; pass the embeddings of "
+                             "restricted_embeddings to the pipeline")
+        if self.prompt_tail is not None:
+            layout = layout.with_region("prompt.tail", self.prompt_tail)
         for i, (tokens, region) in enumerate(zip(self.object_tokens, self.regions, strict=True)):
-            if int(tokens.max()) >= base.text_len:
-                raise ValueError(f"ALE: object {i} has text token {int(tokens.max())} but the "
-                                 f"text has {base.text_len} tokens")
             inside = region.flatten()
             layout = layout.with_region(f"object{i}.text", tokens)
             layout = layout.with_region(f"object{i}.target", target[inside])
@@ -157,6 +195,8 @@ class ALE(Intervention):
         for i in range(len(self.regions)):
             own = {layout.group(f"object{i}.target"), layout.group(f"object{i}.context")}
             rules = rules.block([g for g in image if g not in own], layout.group(f"object{i}.text"))
+        if self.prompt_tail is not None:
+            rules = rules.block(image[2:], layout.group("prompt.tail"))
         return layout, rules
 
 
@@ -211,16 +251,16 @@ def edit(pipeline, image, prompt: str, phrases: Sequence[str], masks, *,
     grid = (height // patch, width // patch)
     regions = object_regions(object_masks, grid, config.dilation)
 
-    embeds, pooled, positions = restricted_embeddings(
-        pipeline, prompt, phrases, max_sequence_length, config.restrict_embeddings)
-    device, dtype = embeds.device, embeds.dtype
+    text = restricted_embeddings(pipeline, prompt, phrases, max_sequence_length,
+                                 config.restrict_embeddings)
+    device, dtype = text.embeds.device, text.embeds.dtype
     with torch.no_grad():
         source = encode_image(pipeline.vae, pixels[None].to(device, pipeline.vae.dtype))
     from diffusers.utils.torch_utils import randn_tensor
 
     noise = pack_latents(randn_tensor(source.shape, generator=generator, device=device,
                                       dtype=dtype))
-    call = dict(image=source.to(dtype), prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+    call = dict(image=source.to(dtype), prompt_embeds=text.embeds, pooled_prompt_embeds=text.pooled,
                 height=height, width=width, max_area=height * width, latents=noise,
                 generator=generator, max_sequence_length=max_sequence_length, **call_kwargs)
     if config.blend_background:
@@ -233,7 +273,11 @@ def edit(pipeline, image, prompt: str, phrases: Sequence[str], masks, *,
             return {"latents": torch.where(edited, tensors["latents"], background)}
 
         call.update(callback_on_step_end=blend, callback_on_step_end_tensor_inputs=["latents"])
-    if not config.mask_attention:
+    # RGB-CAM restricts the phrases to their regions, ORE the objects' own end-of-sequence tokens
+    object_tails = text.object_tails or [[] for _ in phrases]
+    object_tokens = [(phrase if config.mask_attention else []) + tail
+                     for phrase, tail in zip(text.phrase_tokens, object_tails, strict=True)]
+    if not any(object_tokens):
         return pipeline(**call).images, regions
-    with attach(pipeline, ALE(positions, regions)):
+    with attach(pipeline, ALE(object_tokens, regions, text.prompt_tail)):
         return pipeline(**call).images, regions
