@@ -23,7 +23,7 @@ from ditflow.testbed.models import build_text_encoders
 from ditflow.tiny import tiny_flux_pipeline
 
 PROMPT = "a red circle top left and a blue square bottom middle on sand"
-EARLY = (StepInfo(0, 1.0), BlockId("double", 0, 0))  # call 0: statistics, no edits
+EARLY = (StepInfo(3, 0.9), BlockId("double", 1, 1))  # call 3 * 4 + 1 = 13: statistics, no edits
 LATE = (StepInfo(5, 0.5), BlockId("single", 1, 3))  # call 5 * 4 + 3 = 23 >= 18: edits
 
 
@@ -101,6 +101,25 @@ def test_regions_come_from_the_recorded_attention_mass():
         assert torch.equal(late.mask(f"entity{e}.image")[6:], truth[e].flatten())
     with pytest.raises(ValueError, match="one image per transformer call"):
         leaker.observe(*EARLY, early, FlowAttentionOutput(None, None, mass.expand(2, -1, -1, -1)))
+
+
+def test_statistics_start_at_block_call_12_and_end_with_the_mask_steps():
+    leaker = _leaker()  # 4 blocks per step
+    assert not leaker.wants_mass(StepInfo(2, 0.9), BlockId("double", 3, 3))  # call 11
+    assert leaker.wants_mass(StepInfo(3, 0.9), BlockId("double", 0, 0))  # call 12
+    assert leaker.wants_mass(StepInfo(11, 0.5), BlockId("double", 0, 0))
+    assert not leaker.wants_mass(StepInfo(12, 0.4), BlockId("double", 0, 0))
+
+
+def test_self_reinforcement_compounds_once_per_pair_as_the_authors_loop_does():
+    leaker = DeLeaker([[1], [2], [3]], (4, 5), blocks_per_step=4)
+    leaker.masks = torch.zeros(3, 4, 5, dtype=torch.bool)
+    for e in range(3):
+        leaker.masks[e, e] = True
+    layout = leaker.layout(*LATE, TokenLayout.from_segments(6, 20))
+    scale = leaker.rules(*LATE, layout).scale[0]
+    image, text = layout.group("entity1.image"), layout.group("entity1.text")
+    assert scale[image, text].item() == pytest.approx(1.2**2)
 
 
 def test_token_grid_must_match_the_call():
@@ -205,13 +224,13 @@ def test_generation_on_a_tiny_pipeline():
     torch.testing.assert_close(unedited, stock, rtol=1e-5, atol=1e-5)
     assert [b.attn.processor for b in pipe.transformer.transformer_blocks] == processors
     edited, masks = generate(pipe, prompt, ["red circle", "blue square"],
-                             config=DeLeakerConfig(start_block=2, mask_steps=2),
+                             config=DeLeakerConfig(start_block=2, mask_steps=2, record_from=0),
                              generator=torch.Generator().manual_seed(0), **call)
     assert edited.shape == stock.shape and torch.isfinite(edited).all()
     assert masks.shape == (2, 6, 4) and masks.dtype == torch.bool
     # one instance, two generations: the second starts afresh and repeats the first
     leaker = DeLeaker.for_pipeline(pipe, prompt, ["red circle", "blue square"], 12, 8, 16,
-                                   DeLeakerConfig(start_block=2, mask_steps=2))
+                                   DeLeakerConfig(start_block=2, mask_steps=2, record_from=0))
     with attach(pipe, leaker):
         first = pipe(prompt, generator=torch.Generator().manual_seed(0), **call).images
     with attach(pipe, leaker):

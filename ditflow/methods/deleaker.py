@@ -5,7 +5,8 @@ another's image region through attention. Given the prompt's entity phrases, DeL
 
 1. **finds each entity's image region** from the model's own attention: for every image token,
    the mass its attention puts on the entity's text tokens (head mean, divided by the entity's
-   token count), averaged over every block of the first ``mask_steps`` denoising steps; the
+   token count), averaged over every block of the first ``mask_steps`` denoising steps from
+   the ``record_from``-th block call on; the
    region is where that average exceeds ``mean + mask_threshold * std`` over the image tokens,
    opened once and closed twice with a 3x3 window on the token grid, the grid's border eroding
    nothing (a token claimed by several entities goes to the one whose threshold it exceeds
@@ -13,7 +14,8 @@ another's image region through attention. Given the prompt's entity phrases, DeL
 2. **reweights attention** from the ``start_block``-th block call on (calls counted over the
    whole generation, ``blocks_per_step`` per step: 57 on FLUX.1), for every pair of entities
    (i, j), i != j: image tokens of i never attend to text tokens of j; their logits on their own
-   text tokens are multiplied by ``alpha``; image-image attention from i's region to j's is
+   text tokens are multiplied by ``alpha`` once per pair (``alpha ** (E - 1)`` with E entities,
+   as the authors' loop over pairs compounds it); image-image attention from i's region to j's is
    blocked where its head-mean probability exceeds ``mean + pair_threshold * std`` over the pair
    region (the "abnormally high", leaking links; the rest carry interactions). The softmax is
    renormalised after the edits.
@@ -27,7 +29,7 @@ authors' code records it before its edits: once edits start, the region tokens' 
 from the probabilities the pair threshold reads anyway (their rows of the plain softmax; the
 other tokens' attention is not edited), so the edits never feed back into the regions they
 are cut along. Defaults are the authors' (FLUX.1-dev, 20 steps): alpha 1.2, both thresholds
-1.0, masks from steps 0..11, edits from block call 18.
+1.0, masks from block calls 12 to 12 x 57 - 1 (steps 0..11), edits from block call 18.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class DeLeakerConfig:
     mask_threshold: float = 1.0
     pair_threshold: float = 1.0
     mask_steps: int = 12
+    record_from: int = 12
     start_block: int = 18
     open_iterations: int = 1
     close_iterations: int = 2
@@ -66,10 +69,10 @@ class DeLeakerConfig:
     def __post_init__(self):
         if self.alpha <= 0:
             raise ValueError(f"DeLeakerConfig: alpha={self.alpha} must be positive")
-        if min(self.mask_steps - 1, self.start_block, self.open_iterations,
+        if min(self.mask_steps - 1, self.record_from, self.start_block, self.open_iterations,
                self.close_iterations) < 0:
-            raise ValueError("DeLeakerConfig: mask_steps >= 1; start_block, open_iterations, "
-                             "close_iterations >= 0")
+            raise ValueError("DeLeakerConfig: mask_steps >= 1; record_from, start_block, "
+                             "open_iterations, close_iterations >= 0")
 
 
 def _dilate(mask: torch.Tensor) -> torch.Tensor:
@@ -153,9 +156,11 @@ class DeLeaker(Intervention):
 
     # -- the intervention ----------------------------------------------------------------------
 
+    def _call(self, step: StepInfo, block: BlockId) -> int:
+        return step.index * self.blocks_per_step + block.order
+
     def _editing(self, step: StepInfo, block: BlockId) -> bool:
-        call = step.index * self.blocks_per_step + block.order
-        return call >= self.config.start_block
+        return self._call(step, block) >= self.config.start_block
 
     def layout(self, step, block, layout):
         if step.index == 0 and block.order == 0:  # a new generation
@@ -202,14 +207,16 @@ class DeLeaker(Intervention):
             if self.config.suppress_text and others:
                 rules = rules.block(image[i], others)
             if self.config.reinforce_text:
-                rules = rules.scale_logits(image[i], text[i], self.config.alpha)
+                rules = rules.scale_logits(image[i], text[i],
+                                           self.config.alpha ** max(len(masks) - 1, 1))
         return layout, rules
 
     def rules(self, step, block, layout):
         return self._plan[1]
 
     def wants_mass(self, step, block):
-        return step.index < self.config.mask_steps
+        return (step.index < self.config.mask_steps
+                and self._call(step, block) >= self.config.record_from)
 
     def observe(self, step, block, layout, result):
         if result.mass is None:
