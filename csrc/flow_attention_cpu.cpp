@@ -75,6 +75,17 @@ int64_t keys_per_tile(int64_t batch_heads, int64_t nk) {
   return n;
 }
 
+// Group ids index the rule tables: refused outside [0, G) (ValueError in Python). flow_attention
+// checks them eagerly, but not inside a torch.compile graph.
+void check_group_ids(const char* name, const at::Tensor& groups, int64_t num_groups) {
+  if (groups.numel() == 0) return;
+  const auto [low_t, high_t] = at::aminmax(groups);
+  const int64_t low = low_t.item<int64_t>(), high = high_t.item<int64_t>();
+  TORCH_CHECK_VALUE(low >= 0 && high < num_groups, name, ": group ids span [", low, ", ", high,
+                    "] but the rules have ", num_groups, " groups (ids must be in [0, ",
+                    num_groups, "))");
+}
+
 Layout make_layout(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& q_groups,
                    const c10::optional<at::Tensor>& k_groups, const c10::optional<at::Tensor>& scale,
                    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& weight,
@@ -89,6 +100,8 @@ Layout make_layout(const at::Tensor& q, const at::Tensor& k, const c10::optional
   L.tau = static_cast<float>(softmax_scale);
   L.block_n = keys_per_tile(L.batch * L.heads, L.nk);
   if (q_groups.has_value()) {
+    check_group_ids("q_groups", *q_groups, num_groups);
+    check_group_ids("k_groups", *k_groups, num_groups);
     L.q_groups = q_groups->data_ptr<int32_t>();
     L.q_groups_stride = q_groups->size(0) == 1 ? 0 : q_groups->stride(0);
     L.k_groups = k_groups->data_ptr<int32_t>();

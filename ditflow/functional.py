@@ -84,16 +84,14 @@ def _normalise_groups(name: str, groups: Tensor, batch: int, n: int, num_groups:
                          f"got {tuple(groups.shape)}")
 
     if torch.compiler.is_compiling():
-        # Unchecked (the check reads the ids on the host) and, when already int32 and
-        # contiguous, the caller's tensor itself: it then reaches the op unchanged on every
-        # call, and the op's plan cache keys on it and follows its in-place changes.
+        # Not checked here (the check reads the ids on the host; the ops check them when they
+        # plan a layout) and, when already int32 and contiguous, the caller's tensor itself: it
+        # then reaches the op unchanged on every call, and the op's plan cache keys on it and
+        # follows its in-place changes.
         return groups.to(torch.int32).contiguous()
 
     def checked() -> Tensor:
-        low, high = torch.stack([shaped.min(), shaped.max()]).tolist()
-        if low < 0 or high >= num_groups:
-            raise ValueError(f"{name}: group ids span [{low}, {high}] but the rules have "
-                             f"{num_groups} groups (ids must be in [0, {num_groups}))")
+        ops.check_group_ids(name, shaped, num_groups)
         # a copy: a view would keep the caller's tensor alive, and with it this cache entry;
         # a normal tensor even under inference_mode, so the plan caches downstream can key on it
         with torch.inference_mode(False):

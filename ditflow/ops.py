@@ -45,6 +45,22 @@ def cpp_available() -> bool:
     return True
 
 
+def check_group_ids(name: str, groups: Tensor, num_groups: int) -> None:
+    """Raises unless every id in ``groups`` is in [0, num_groups); reads them on the host."""
+    if groups.numel() == 0:
+        return
+    low, high = torch.stack([groups.min(), groups.max()]).tolist()
+    if low < 0 or high >= num_groups:
+        raise ValueError(f"{name}: group ids span [{low}, {high}] but the rules have "
+                         f"{num_groups} groups (ids must be in [0, {num_groups}))")
+
+
+def _check_layout_ids(q_groups: Tensor | None, k_groups: Tensor | None, num_groups: int) -> None:
+    for name, groups in (("q_groups", q_groups), ("k_groups", k_groups)):
+        if groups is not None:
+            check_group_ids(name, groups, num_groups)
+
+
 def pack_pair_mask(mask: Tensor) -> Tensor:
     """bool [P, Nq, Nk] -> int32 [P, Nq, ceil(Nk/32)], bit j%32 of word j//32 = key j.
 
@@ -91,9 +107,16 @@ def _unit_stride(t: Tensor) -> Tensor:
 
 
 def _plan(kernels, inputs, layout: tuple, nq: int, nk: int, cfg, device):
-    """The tile plan, cached on ``layout``: the op's own group ids, bias table and pair mask."""
+    """The tile plan, cached on ``layout``: the op's own group ids, bias table and pair mask.
+
+    The group ids are range-checked when a plan is built, once per layout: under
+    ``torch.compile`` flow_attention cannot check them, and the kernels index tables by them."""
+    def checked_plan():
+        _check_layout_ids(inputs.q_groups, inputs.k_groups, inputs.num_groups)
+        return kernels.plan_for(inputs, nq, nk, cfg, device)
+
     extra = (nq, nk, cfg.block_m, cfg.block_n, str(device))
-    return _plans.get(layout, extra, lambda: kernels.plan_for(inputs, nq, nk, cfg, device))
+    return _plans.get(layout, extra, checked_plan)
 
 
 def _check_32bit_offsets(**tensors: Tensor) -> None:
@@ -182,6 +205,8 @@ def flow_attention_fwd(
         return torch.ops.ditflow_cpp.flow_attention_fwd(
             q, k, v, _batched(q_groups, 1), _batched(k_groups, 1), scale_table, bias_table,
             weight_table, _pair_bits(pair_mask), softmax_scale, num_groups, return_mass)
+    # checked per call (the reference keeps no plan): cheap next to its N x N scores
+    _check_layout_ids(q_groups, k_groups, num_groups)
     qf, kf, vf = _upcast(q, k, v)
     out, lse, mass = reference.flow_attention_reference(
         qf, kf, vf, return_mass=return_mass,

@@ -195,3 +195,20 @@ def test_compile_fullgraph_transposed_inputs(backend, device):
     got = torch.autograd.grad(torch.compile(loss, fullgraph=True)(xq, xk, xv), (xq, xk, xv))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
+def test_compiled_calls_check_group_ids(backend, device):
+    """Under torch.compile flow_attention does not read the ids on the host; the ops refuse
+    out-of-range ids (once per layout for the Triton kernels, where they plan it)."""
+    if backend not in _backends_here(device):
+        pytest.skip("the C++ kernels run on CPU and need DITFLOW_BUILD_EXT=1")
+    q, k, v = random_qkv(1, 40, 40, 1, 16, torch.float32, device, requires_grad=False)
+    groups = torch.tensor([0] * 20 + [1] * 19 + [9], device=device)
+    rules = FlowRules(num_groups=2).weight_probs(0, 1, 0.5)
+    compiled = torch.compile(
+        lambda q, k, v: flow_attention(q, k, v, groups, rules=rules, backend=backend),
+        fullgraph=True)
+    with pytest.raises(ValueError, match=r"q_groups: group ids span \[0, 9\] but the rules "
+                                         r"have 2 groups"):
+        compiled(q, k, v)
