@@ -69,6 +69,8 @@ def pack_pair_mask(mask: Tensor) -> Tensor:
     every machine the kernels run on."""
     nk = mask.shape[-1]
     words = -(-nk // 32)
+    if words == 0:  # no keys (the int32 view below needs whole words)
+        return torch.zeros(*mask.shape[:-1], 0, dtype=torch.int32, device=mask.device)
     padded = torch.zeros(*mask.shape[:-1], words * 32, dtype=torch.uint8, device=mask.device)
     padded[..., :nk] = mask
     weights = 2 ** torch.arange(8, device=mask.device, dtype=torch.uint8)

@@ -19,7 +19,7 @@ def _chunk_rows(batch: int, heads: int, nk: int, itemsize: int, chunk_size: int 
     if chunk_size is not None:
         return chunk_size
     per_row = batch * heads * nk * max(itemsize, 4) * 8  # ~8 live [B, H, rows, Nk] temporaries
-    return max(1, _CHUNK_BYTES // per_row)
+    return max(1, _CHUNK_BYTES // max(per_row, 1))  # per_row is 0 for empty inputs
 
 
 def _table(table: torch.Tensor | None, q_grp: torch.Tensor, k_grp: torch.Tensor, default: float,
@@ -39,7 +39,11 @@ def _forward_chunk(q, k, v, q_grp, k_grp, scale, bias, weight, pair_mask, softma
     if pair_mask is not None:
         s = s.masked_fill(pair_mask[:, None], float("-inf"))
     # A row with every key blocked has l = 0: keep it at P = 0, lse = -inf, with finite gradients.
-    row_max = s.amax(dim=-1, keepdim=True).detach()
+    # Without keys (Nk = 0) every row is such a row.
+    if s.shape[-1] == 0:
+        row_max = s.new_zeros(*s.shape[:-1], 1)
+    else:
+        row_max = s.amax(dim=-1, keepdim=True).detach()
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
     e = torch.exp(s - row_max)
     l_sum = e.sum(dim=-1, keepdim=True)
@@ -61,7 +65,12 @@ def _forward_chunk(q, k, v, q_grp, k_grp, scale, bias, weight, pair_mask, softma
 def _groups(groups: torch.Tensor | None, n: int, device) -> torch.Tensor:
     if groups is None:
         return torch.zeros(1, n, dtype=torch.long, device=device)
-    return groups.long().reshape(-1, n)
+    return _leading_dim(groups.long(), 2)
+
+
+def _leading_dim(t: torch.Tensor, dims: int) -> torch.Tensor:
+    """``t`` with a leading batch dimension (not a reshape: that is ambiguous for 0 tokens)."""
+    return t if t.dim() == dims else t.unsqueeze(0)
 
 
 def flow_attention_reference(
@@ -91,11 +100,11 @@ def flow_attention_reference(
     q_grp = _groups(q_groups, nq, q.device)
     k_grp = _groups(k_groups, nk, q.device)
     if pair_mask is not None:
-        pair_mask = pair_mask.reshape(-1, nq, nk)
+        pair_mask = _leading_dim(pair_mask, 3)
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     rows = _chunk_rows(batch, heads, nk, q.element_size(), chunk_size)
     outs, lses, masses = [], [], []
-    for start in range(0, nq, rows):
+    for start in range(0, max(nq, 1), rows):  # one empty chunk when Nq = 0: outputs of 0 rows
         stop = min(start + rows, nq)
         out, lse, mass = _forward_chunk(
             q[:, start:stop], k, v, q_grp[:, start:stop], k_grp, scale_table, bias_table,
@@ -145,7 +154,7 @@ def flow_attention_reference_backward(
     q_grp = _groups(q_groups, nq, q.device)
     k_grp = _groups(k_groups, nk, q.device)
     if pair_mask is not None:
-        pair_mask = pair_mask.reshape(-1, nq, nk)
+        pair_mask = _leading_dim(pair_mask, 3)
     rows = _chunk_rows(batch, heads, nk, q.element_size(), chunk_size)
     # contiguous whatever the inputs' strides, as the registered op promises torch.compile
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)

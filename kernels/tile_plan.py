@@ -92,7 +92,7 @@ def _pair_mask_tile_counts(pair_bits: torch.Tensor, nq: int, nk: int, block_m: i
     counts = torch.zeros(pair_bits.shape[0], mt * block_m, nt * words_per_tile,
                          dtype=torch.int64, device=pair_bits.device)
     counts[:, :nq, :pair_bits.shape[-1]] = _popcount(pair_bits)
-    return counts.view(-1, mt, block_m, nt, words_per_tile).sum(dim=(2, 4))
+    return counts.view(pair_bits.shape[0], mt, block_m, nt, words_per_tile).sum(dim=(2, 4))
 
 
 def _visit_lists(tile_class: torch.Tensor):
@@ -131,10 +131,9 @@ def build_tile_plan(
     uniform = (q_uniform.unsqueeze(-1) >= 0) & (k_uniform.unsqueeze(-2) >= 0)
     if pair_bits is not None:
         counts = _pair_mask_tile_counts(pair_bits, nq, nk, block_m, block_n)
-        rows = torch.full((_cdiv(nq, block_m),), block_m, device=device)
-        rows[-1] = nq - block_m * (rows.numel() - 1)
-        cols = torch.full((_cdiv(nk, block_n),), block_n, device=device)
-        cols[-1] = nk - block_n * (cols.numel() - 1)
+        # pairs per tile: full tiles, then the ragged last one (no tiles for 0 tokens)
+        rows = (nq - block_m * torch.arange(_cdiv(nq, block_m), device=device)).clamp(max=block_m)
+        cols = (nk - block_n * torch.arange(_cdiv(nk, block_n), device=device)).clamp(max=block_n)
         blocked = blocked | (counts == rows[:, None] * cols[None, :])
         uniform = uniform & (counts == 0)
     tile_class = torch.where(blocked, BLOCKED, torch.where(uniform, UNIFORM, MIXED))

@@ -212,3 +212,26 @@ def test_compiled_calls_check_group_ids(backend, device):
     with pytest.raises(ValueError, match=r"q_groups: group ids span \[0, 9\] but the rules "
                                          r"have 2 groups"):
         compiled(q, k, v)
+
+
+@pytest.mark.parametrize("batch, nq, nk", [(1, 0, 5), (1, 5, 0), (0, 5, 5)],
+                         ids=["Nq=0", "Nk=0", "B=0"])
+def test_empty_inputs(batch, nq, nk, device):
+    """Every backend: outputs of the right shapes, a row without keys is blocked (out 0,
+    mass 0, lse -inf), gradients are zeros; with group ids, rules and a pair mask."""
+    rules = FlowRules(num_groups=2).scale_logits(0, 1, 2.0).weight_probs(1, 0, 0.5)
+    q_groups, k_groups = (torch.arange(n, device=device) % 2 for n in (nq, nk))
+    mask = torch.zeros(nq, nk, dtype=torch.bool, device=device)
+    for backend in _backends_here(device):
+        q, k, v = random_qkv(batch, nq, nk, 2, 16, torch.float32, device)
+        res = flow_attention(q, k, v, q_groups, k_groups, rules=rules, pair_mask=mask,
+                             return_lse=True, return_mass=True, backend=backend)
+        assert res.out.shape == q.shape and res.lse.shape == (batch, 2, nq)
+        assert res.mass.shape == (batch, 2, nq, 2)
+        assert (res.out == 0).all() and (res.mass == 0).all()
+        if nk == 0:
+            assert torch.isneginf(res.lse).all()
+        loss = res.out.sum() + res.mass.sum() + torch.where(res.lse.isinf(), 0, res.lse).sum()
+        grads = torch.autograd.grad(loss, (q, k, v), allow_unused=True)
+        for grad, leaf in zip(grads, (q, k, v), strict=True):
+            assert grad is None or (grad.shape == leaf.shape and (grad == 0).all()), backend
