@@ -97,6 +97,8 @@ class FlowRules:
         self._num_groups = groups
         self._num_heads = max([t.shape[0] for t in tables.values()] + [1])
         self._tables: dict[str, torch.Tensor] = tables
+        # read once here, so that checking it syncs nothing and breaks no compiled graph
+        self._max_abs_weight = float(tables["weight"].abs().max()) if "weight" in tables else 1.0
         self._on_device: dict[torch.device, tuple] = {}
 
     @property
@@ -107,6 +109,11 @@ class FlowRules:
     def num_heads(self) -> int:
         """1 when the rules are shared by all heads, H for per-head rules."""
         return self._num_heads
+
+    @property
+    def max_abs_weight(self) -> float:
+        """The largest ``|weight|`` of the tables (1.0 without a weight table)."""
+        return self._max_abs_weight
 
     @property
     def scale(self) -> torch.Tensor | None:

@@ -86,6 +86,19 @@ def test_huge_finite_bias_is_refused(value):
     FlowRules(num_groups=2).add_bias(1, [0, 1], -1e30).block(0, 1)  # the limit and -inf: fine
 
 
+def test_fp16_inputs_refuse_weights_past_the_fp16_range():
+    """The weighted probabilities go through the P @ V dot in the inputs' dtype: a weight past
+    65504 would be inf (NaN out) with fp16 inputs."""
+    rules = FlowRules(num_groups=1).weight_probs(0, 0, -1e5)
+    assert rules.max_abs_weight == 1e5
+    with pytest.raises(ValueError, match=r"rules: a weight of 100000 overflows float16 inputs "
+                                         r"\(largest 65504\): use float32 or bfloat16"):
+        flow_attention(*qkv(dtype=torch.float16), rules=rules)
+    flow_attention(*qkv(), rules=rules, backend="reference")  # fp32 takes it
+    flow_attention(*qkv(dtype=torch.float16), backend="reference",
+                   rules=FlowRules(num_groups=1).weight_probs(0, 0, 65504.0))
+
+
 def test_pair_mask():
     with pytest.raises(TypeError, match="pair_mask: expected a bool tensor"):
         flow_attention(*qkv(), pair_mask=torch.zeros(8, 8))
