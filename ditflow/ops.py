@@ -45,6 +45,15 @@ def cpp_available() -> bool:
     return True
 
 
+def _cpp_kernels():
+    """The C++ ops, registered by importing ditflow._C (done here: a direct call of the ops
+    need not have gone through flow_attention's backend choice)."""
+    if not cpp_available():
+        raise RuntimeError("backend='cpp' needs the C++ extension: "
+                           "DITFLOW_BUILD_EXT=1 pip install -e . --no-build-isolation")
+    return torch.ops.ditflow_cpp
+
+
 def check_group_ids(name: str, groups: Tensor, num_groups: int) -> None:
     """Raises unless every id in ``groups`` is in [0, num_groups); reads them on the host."""
     if groups.numel() == 0:
@@ -204,7 +213,7 @@ def flow_attention_fwd(
                                       bias_table, weight_table, pair_mask)
         return _triton_forward(q, k, v, inputs, layout, softmax_scale, return_mass)
     if backend == "cpp":
-        return torch.ops.ditflow_cpp.flow_attention_fwd(
+        return _cpp_kernels().flow_attention_fwd(
             q, k, v, _batched(q_groups, 1), _batched(k_groups, 1), scale_table, bias_table,
             weight_table, _pair_bits(pair_mask), softmax_scale, num_groups, return_mass)
     # checked per call (the reference keeps no plan): cheap next to its N x N scores
@@ -248,7 +257,7 @@ def flow_attention_bwd(
         return _triton_backward(dout, dlse, dmass, q, k, v, out, lse, mass, inputs, layout,
                                 softmax_scale)
     if backend == "cpp":
-        return torch.ops.ditflow_cpp.flow_attention_bwd(
+        return _cpp_kernels().flow_attention_bwd(
             dout, dlse, dmass, q, k, v, out, lse, mass, _batched(q_groups, 1),
             _batched(k_groups, 1), scale_table, bias_table, weight_table, _pair_bits(pair_mask),
             softmax_scale, num_groups)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -63,3 +65,21 @@ def test_fallback_without_the_extension(monkeypatch):
     q = torch.randn(1, 9, 1, 8)
     torch.testing.assert_close(flow_attention(q, q, q).out,
                                flow_attention(q, q, q, backend="reference").out)
+    with pytest.raises(RuntimeError, match=r"backend='cpp' needs the C\+\+ extension"):
+        ops.flow_attention_fwd(q, q, q, None, None, None, None, None, None, 0.25, 1, False, "cpp")
+
+
+@needs_extension
+def test_the_ops_load_the_extension_themselves():
+    """Calling the registered ops with backend='cpp' directly, in a fresh interpreter where
+    nothing imported ditflow._C before."""
+    script = (
+        "import sys, torch\n"
+        "from ditflow import ops\n"
+        "assert 'ditflow._C' not in sys.modules\n"
+        "q = torch.randn(1, 8, 1, 16)\n"
+        "out, lse, _ = ops.flow_attention_fwd(q, q, q, None, None, None, None, None, None, 0.25,"
+        " 1, False, 'cpp')\n"
+        "ops.flow_attention_bwd(out, None, None, q, q, q, out, lse, None, None, None, None, None,"
+        " None, None, 0.25, 1, 'cpp')\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
