@@ -31,10 +31,14 @@ Heads = int | Iterable[int] | None
 
 
 def _as_index(groups: Groups, limit: int, what: str) -> list[int]:
+    kind = "head" if what == "heads" else "group"
     items = [groups] if isinstance(groups, int) else list(groups)
+    if not items:
+        raise ValueError(f"{what}={groups!r}: expected at least one {kind} id")
     for g in items:
-        if not isinstance(g, int) or not 0 <= g < limit:
-            raise ValueError(f"{what}={groups!r}: expected group ids in [0, {limit})")
+        # bool is an int to Python, but True would index the tables as a mask
+        if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < limit:
+            raise ValueError(f"{what}={groups!r}: expected {kind} ids in [0, {limit})")
     return items
 
 
@@ -47,6 +51,9 @@ def _check_table(name: str, table: torch.Tensor) -> torch.Tensor:
     if table.dim() not in (2, 3) or table.shape[-1] != table.shape[-2]:
         raise ValueError(f"FlowRules {name}: expected shape [G, G] or [H, G, G], "
                          f"got {tuple(table.shape)}")
+    if table.numel() == 0:
+        raise ValueError(f"FlowRules {name}: shape {tuple(table.shape)} is empty: expected at "
+                         "least one head and one group")
     # A tensor of its own, never a view: saved for a compiled graph's backward, a view comes
     # back as a new tensor every call and would miss the kernels' plan cache. A normal tensor
     # even when the rules are built under inference_mode: the plan cache keys on the tables,
@@ -141,8 +148,19 @@ class FlowRules:
         cols = _as_index(dst, g, "dst")
         default = 0.0 if name == "bias" else 1.0
         table = self._tables.get(name, torch.full((1, g, g), default))
+        if num_heads is not None:
+            if heads is None:
+                raise ValueError(f"FlowRules: num_heads={num_heads!r} without heads=: name the "
+                                 "heads to edit, or leave num_heads out to edit every head")
+            if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+                raise ValueError(f"FlowRules: num_heads={num_heads!r}: expected the model's "
+                                 "head count, a positive int")
+            if self.num_heads > 1 and num_heads != self.num_heads:
+                raise ValueError(f"FlowRules: num_heads={num_heads} but these rules are per head "
+                                 f"for {self.num_heads} heads: pass num_heads={self.num_heads} "
+                                 "or leave it out")
         if heads is not None:
-            table_heads = max(self.num_heads, num_heads or 1)
+            table_heads = num_heads or self.num_heads
             if table_heads == 1:
                 raise ValueError("FlowRules: per-head edits need num_heads=H (the model's heads)")
             head_idx = _as_index(heads, table_heads, "heads")

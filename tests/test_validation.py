@@ -77,6 +77,46 @@ def test_rules_tables():
         flow_attention(*qkv(), rules=torch.ones(2, 2))
 
 
+@pytest.mark.parametrize("shape", [(0, 2, 2), (0, 0), (3, 0, 0)])
+def test_empty_tables_are_refused(shape):
+    with pytest.raises(ValueError, match=r"FlowRules bias: shape .* is empty: expected at least "
+                                         "one head and one group"):
+        FlowRules(bias=torch.zeros(shape))
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda r: r.block(src=True, dst=0), r"src=True: expected group ids in \[0, 2\)"),
+        (lambda r: r.block(src=0, dst=[False]), r"dst=\[False\]: expected group ids"),
+        (lambda r: r.block(src=[], dst=0), r"src=\[\]: expected at least one group id"),
+        (lambda r: r.block(0, 1, heads=[], num_heads=4),
+         r"heads=\[\]: expected at least one head id"),
+        (lambda r: r.block(0, 1, heads=[4], num_heads=4),
+         r"heads=\[4\]: expected head ids in \[0, 4\)"),
+        (lambda r: r.block(0, 1, num_heads=4), "num_heads=4 without heads=: name the heads"),
+        (lambda r: r.block(0, 1, heads=0, num_heads=0), "num_heads=0: expected the model's"),
+        (lambda r: r.with_hidden_group().block(0, 1, heads=3, num_heads=4).block(
+            0, 1, heads=1, num_heads=2), "num_heads=2 but these rules are per head for 4 heads"),
+    ],
+    ids=["bool src", "bool dst", "no src", "no heads", "head out of range",
+         "num_heads without heads", "zero num_heads", "other num_heads"],
+)
+def test_rule_edits(edit, match):
+    with pytest.raises(ValueError, match=match):
+        edit(FlowRules(num_groups=2))
+
+
+def test_per_head_tables_edited_with_another_head_count():
+    rules = FlowRules(bias=torch.zeros(2, 2, 2))
+    with pytest.raises(ValueError, match="num_heads=4 but these rules are per head for 2 heads: "
+                                         "pass num_heads=2 or leave it out"):
+        rules.block(0, 1, heads=3, num_heads=4)
+    edited = rules.block(0, 1, heads=1)  # the rules' own head count
+    assert edited.num_heads == 2 and edited.bias[1, 0, 1] == float("-inf")
+    assert edited.bias[0, 0, 1] == 0
+
+
 @pytest.mark.parametrize("value", [torch.finfo(torch.float32).min, 3e38, -2e30])
 def test_huge_finite_bias_is_refused(value):
     """Finite biases this large overflow the kernels' log2(e) scaling (-inf or NaN rows)."""
