@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import math
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,6 +44,10 @@ MODEL_DEFAULTS = {
 }
 # Tiny editors that only protect and evaluate (generate and edit drive FLUX.1 pipelines).
 EDITOR_ONLY = ("tiny-qwen", "tiny-step1x")
+# What every command imports from the diffusers extra: distribution -> module.
+DIFFUSERS_EXTRA = {"diffusers": "diffusers", "transformers": "transformers",
+                   "safetensors": "safetensors", "Pillow": "PIL", "tqdm": "tqdm",
+                   "scipy": "scipy"}
 
 
 def _number(kind: type, low: float | None = None, high: float | None = None,
@@ -136,39 +141,83 @@ def _config(args) -> ProtectConfig:
 # Settings that do not change a protected photo (results depend on the seed and the file name,
 # not on batching); the prompt pool is the model's.
 _RESUMABLE_CHANGES = {"batch_size", "gradient_checkpointing", "prompts"}
+# The protect options that set a recorded setting (the others are ProtectConfig's own defaults).
+_OPTIONS = {"model": "--model", "format": "--format", "method": "--method",
+            "epsilon": "--epsilon", "step_size": "--step-size", "steps": "--steps",
+            "resolution": "--resolution", "blocks": "--blocks", "seed": "--seed",
+            "max_sequence_length": "--text-tokens", "eot_jpeg_quality": "--eot-jpeg",
+            "eot_resize": "--eot-resize", "stop_window": "--stop-window",
+            "stop_min_gain": "--stop-min-gain"}
 
 
-def _resume_conflict(manifest, model: str, config: ProtectConfig) -> str:
-    """How the finished photos of ``manifest`` were protected differently from ``model`` and
-    ``config`` ("" if not): settings left to the model's defaults (None) are not compared."""
-    wanted = {"model": model} | {
-        key: json.loads(json.dumps(value)) for key, value in asdict(config).items()
-        if key not in _RESUMABLE_CHANGES and value is not None}
+def _recorded_settings(model: str, config: ProtectConfig, suffix: str) -> dict:
+    """The settings of a run as its manifest records them: the model, the output format and
+    the config with the model's defaults filled in as the protector fills them (a model
+    folder's working resolution and blocks from its family, read from its files; left out
+    where the folder holds no editor, whose loading fails next)."""
+    from .methods.decontext import MODEL_DEFAULTS as EDITOR_DEFAULTS
+    from .models.loading import editor_transformer_name
+
+    if model not in MODEL_DEFAULTS:
+        defaults = EDITOR_DEFAULTS.get(editor_transformer_name(model), {})
+        config = replace(config, resolution=config.resolution or defaults.get("resolution"),
+                         blocks=config.blocks or defaults.get("blocks"))
+    settings = {key: json.loads(json.dumps(value)) for key, value in asdict(config).items()
+                if key not in _RESUMABLE_CHANGES
+                and not (key in ("resolution", "blocks") and value is None)}
+    return {"model": model, "format": suffix.lstrip("."), **settings}
+
+
+def _as_option(key: str, value) -> str:
+    """A recorded setting as the option that gives it: ``--eot-jpeg 60 95``; ``no --stop-window``
+    where it is off."""
+    option = _OPTIONS.get(key)
+    if option is None:
+        return f"{key}={value!r}"
+    if value is None:
+        return f"no {option}"
+    if isinstance(value, list):
+        value = (",".join if key == "blocks" else " ".join)(map(str, value))
+    return f"{option} {value}"
+
+
+def _resume_conflict(manifest, settings: dict) -> str:
+    """How the finished photos of ``manifest`` were protected differently from a run with
+    ``settings`` (:func:`_recorded_settings`; "" if they were not)."""
     for record in manifest.records.values():
         if record.get("status") != "ok":
             continue
-        earlier = {"model": record.get("model", model), **record["config"]}
-        changed = [f"{key}={earlier.get(key)!r} (now {value!r})"
-                   for key, value in wanted.items() if earlier.get(key) != value]
+        earlier = {"model": record.get("model", settings["model"]), **record["config"],
+                   "format": Path(record["output"]).suffix.lstrip(".")}
+        # a setting an earlier ditflow did not record cannot be compared
+        changed = [f"{_as_option(key, earlier[key])} (now {_as_option(key, value)})"
+                   for key, value in settings.items() if key in earlier and earlier[key] != value]
         if changed:
             return ", ".join(changed)
     return ""
 
 
 def _output_folder_problem(outdir: Path, inputs: list[str]) -> str:
-    """Why protected photos cannot go to ``outdir`` ("" if they can); creates it."""
+    """Why protected photos cannot go to ``outdir`` ("" if they can). Creates nothing: the
+    first photo or manifest line written makes the folder, once the model has loaded."""
     if outdir.exists() and not outdir.is_dir():
         return f"-o {outdir} is a file, not a folder"
     if any(Path(item).is_dir() and Path(item).resolve() == outdir.resolve() for item in inputs):
         return (f"-o {outdir} is also an input folder: the protected photos would replace the "
                 "originals; choose another output folder")
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return f"cannot create the output folder {outdir}: {exc.strerror}"
-    if not os.access(outdir, os.W_OK | os.X_OK):
-        return f"cannot write to the output folder {outdir}"
+    existing = next(p for p in (outdir.absolute(), *outdir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        return f"cannot create the output folder {outdir}: {existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (f"cannot write to the output folder {outdir}" if existing == outdir.absolute()
+                else f"cannot create the output folder {outdir}: {existing} is not writable")
     return ""
+
+
+def _blocks_named_by_option(error: Exception) -> str:
+    """The protector's refusal of blocks the model lacks (checked once it has loaded), naming
+    the option that set them rather than ProtectConfig's field."""
+    return str(error).replace("ProtectConfig.blocks:", "--blocks:")
 
 
 def protect_command(args) -> int:
@@ -195,7 +244,7 @@ def protect_command(args) -> int:
               "it or choose another output folder", file=sys.stderr)
         return 2
     config = _config(args)
-    conflict = _resume_conflict(manifest, args.model, config)
+    conflict = _resume_conflict(manifest, _recorded_settings(args.model, config, suffix))
     if conflict:
         print(f"error: {manifest.path} holds photos protected with {conflict}; resume with the "
               "earlier run's options, or protect into another folder", file=sys.stderr)
@@ -215,7 +264,7 @@ def protect_command(args) -> int:
             counts = bulk.run(jobs, _pipeline(args.model, args.device, kind="editor"), config,
                               manifest, **options)
     except (scale.WorkerError, ValueError) as exc:  # no workers; blocks the model lacks
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_blocks_named_by_option(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if manifest.path.exists():
@@ -241,6 +290,9 @@ def _evaluation_pairs(clean_dir: Path, protected_dir: Path) -> list[tuple[Path, 
     pairs = []
     for clean_path in sorted(p for p in clean_dir.iterdir() if p.is_file()):
         matches = sorted(protected_dir.glob(glob.escape(clean_path.stem) + ".*"))
+        if len(matches) > 1:  # say, a photo protected again with another --format
+            raise SystemExit(f"error: {matches[0]} and {matches[1]} both match {clean_path.name}; "
+                             f"move all but one out of {protected_dir}")
         if matches:
             pairs.append((clean_path, matches[0]))
     if not pairs:
@@ -263,7 +315,11 @@ def evaluate_command(args) -> int:
     if args.face_model:
         from .faces import FaceEmbedder
 
-        faces = FaceEmbedder(args.face_model, args.face_size)
+        try:
+            faces = FaceEmbedder(args.face_model, args.face_size)
+        except (FileNotFoundError, ValueError, ImportError) as exc:  # no file, not a model
+            print(f"error: --face-model {exc}", file=sys.stderr)
+            return 2
     from tqdm.auto import tqdm
 
     pipeline = _pipeline(args.model, args.device, kind="editor")
@@ -271,7 +327,7 @@ def evaluate_command(args) -> int:
     try:
         protector = Protector(pipeline, ProtectConfig(**_model_settings(args)))
     except ValueError as exc:  # blocks the model lacks
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_blocks_named_by_option(exc)}", file=sys.stderr)
         return 2
     prompt = args.prompt or ("make the red circle blue" if args.model == "testbed"
                              else "Make the person smile broadly")
@@ -358,8 +414,9 @@ def demo_command(args) -> int:
     args.max_pixels, args.output = 64_000_000, str(protected_dir)
     status = protect_command(args)
     records = Manifest(protected_dir / "manifest.jsonl").records
-    print("\nsample photos (optimised at the testbed editor's 32 px, the perturbation mapped "
-          "back to each photo's size)")
+    resolution = args.resolution or MODEL_DEFAULTS["testbed"]["resolution"]
+    print(f"\nsample photos (optimised at the testbed editor's {resolution} px, the perturbation "
+          "mapped back to each photo's size)")
     print(f"{'photo':<16} {'size':>9} {'r_ctx before':>12} {'after':>7}")
     for path in photos:
         record = records[str(path.resolve())]
@@ -580,32 +637,33 @@ def edit_command(args) -> int:
     return 0
 
 
+# Defaults by model, as MODEL_DEFAULTS and decontext.MODEL_DEFAULTS set them.
+RESOLUTION_HELP = ("working resolution (default by model: FLUX.1 Kontext and Step1X-Edit 512, "
+                   "Qwen-Image-Edit 1024; testbed, tiny and tiny-step1x 32, tiny-qwen 64)")
+TEXT_TOKENS_HELP = ("FLUX's T5 tokens of the instruction (default by model: FLUX.1 Kontext 512, "
+                    "testbed 24, tiny 16; Qwen-Image-Edit and Step1X-Edit ignore it)")
+
+
 def _protect_options(p: argparse.ArgumentParser, steps_default: int = 800,
                      output_default: str | None = None) -> None:
     p.add_argument("-o", "--output", required=output_default is None, default=output_default,
                    help="output folder")
-    p.add_argument("--model", default="testbed",
-                   help="'testbed' (default), 'tiny', 'tiny-qwen', 'tiny-step1x' or a local "
-                        "FLUX.1 Kontext, Qwen-Image-Edit or Step1X-Edit folder")
     p.add_argument("--method", default="decontext", choices=["decontext", "diff-pgd"])
     p.add_argument("--epsilon", type=_number(float, low=1, high=255), default=12.75,
                    help="L-inf budget, 0..255 units (at least 1: outputs are 8-bit)")
     p.add_argument("--step-size", type=_number(float, above=0, high=255), default=0.6375,
                    help="PGD step, 0..255 units")
     p.add_argument("--steps", type=COUNT, default=steps_default)
-    p.add_argument("--resolution", type=SIDE, default=None,
-                   help="working resolution (default: FLUX.1 Kontext and Step1X-Edit 512, "
-                        "Qwen-Image-Edit 1024; 32 for the testbed and tiny FLUX models)")
+    p.add_argument("--resolution", type=SIDE, default=None, help=RESOLUTION_HELP)
     p.add_argument("--blocks", default=None,
                    help="attacked blocks, e.g. single.0,single.1 (default: FLUX.1 Kontext and "
-                        "Step1X-Edit single.0..single.25, Qwen-Image-Edit double.0..double.39)")
+                        "Step1X-Edit single.0..single.25, Qwen-Image-Edit double.20..double.46)")
     p.add_argument("--batch-size", type=COUNT, default=1)
     p.add_argument("--workers", type=COUNT, default=1,
                    help="protect on this many devices at once with Ray (one GPU each with "
-                        "--device cuda, else one CPU core each; pip install 'ditflow[scale]')")
+                        "--device cuda, else one CPU core each; pip install -e '.[scale]')")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text-tokens", type=COUNT, default=None,
-                   help="FLUX's T5 tokens (default 512)")
+    p.add_argument("--text-tokens", type=COUNT, default=None, help=TEXT_TOKENS_HELP)
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     p.add_argument("--eot-jpeg", type=_number(int, low=1, high=100), nargs=2,
                    metavar=("LOW", "HIGH"),
@@ -638,6 +696,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("protect", help="protect photos against in-context editing (DeContext)")
     p.add_argument("inputs", nargs="+", help="files, folders or glob patterns")
+    p.add_argument("--model", default="testbed",
+                   help="'testbed' (default), 'tiny', 'tiny-qwen', 'tiny-step1x' or a local "
+                        "FLUX.1 Kontext, Qwen-Image-Edit or Step1X-Edit folder")
     _protect_options(p)
     p.add_argument("--format", default="png", choices=["png", "jpg"])
     p.add_argument("--resume", action="store_true", help="skip photos already protected")
@@ -654,9 +715,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the edit (default: a testbed edit for --model testbed, else "
                         "'Make the person smile broadly')")
     p.add_argument("--edit-steps", type=COUNT, default=20)
-    p.add_argument("--resolution", type=SIDE, default=None)
-    p.add_argument("--blocks", default=None)
-    p.add_argument("--text-tokens", type=COUNT, default=None)
+    p.add_argument("--resolution", type=SIDE, default=None, help=RESOLUTION_HELP)
+    p.add_argument("--blocks", default=None, help="blocks r_ctx is measured on (as for protect)")
+    p.add_argument("--text-tokens", type=COUNT, default=None, help=TEXT_TOKENS_HELP)
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--face-model", default=None,
                    help="local face-recognition model (.onnx, or a torch.export .pt2; ArcFace "
@@ -665,6 +726,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     p.set_defaults(run=evaluate_command)
 
+    # the demo runs the bundled testbed editor: no --model
     p = sub.add_parser("demo", help="protect testbed scenes and edit them, offline")
     _protect_options(p, steps_default=200, output_default="demo-output")
     p.add_argument("--scenes", type=COUNT, default=4)
@@ -683,7 +745,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(default 512; 32 for the testbed and tiny models)")
     p.add_argument("--steps", type=COUNT, default=20)
     p.add_argument("--guidance", type=FINITE, default=None, help="default 3.5 (1.0 testbed)")
-    p.add_argument("--text-tokens", type=COUNT, default=None, help="T5 tokens (default 256)")
+    p.add_argument("--text-tokens", type=COUNT, default=None,
+                   help="T5 tokens (default 256; testbed 24, tiny 16)")
     p.add_argument("--seed", type=int, default=0)
     defaults = DeLeakerConfig()
     p.add_argument("--alpha", type=FINITE, default=defaults.alpha,
@@ -716,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=COUNT, default=None, help="default 28 (20 testbed)")
     p.add_argument("--guidance", type=FINITE, default=None, help="default 3.5 (1.0 testbed)")
     p.add_argument("--text-tokens", type=COUNT, default=None,
-                   help="FLUX's T5 tokens (default 512)")
+                   help="FLUX's T5 tokens (default 512; testbed 24, tiny 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dilation", type=_number(float, low=0), default=0.04,
                    help="region dilation, a fraction of the image's longer side")
@@ -737,12 +800,21 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "uvr", None) and other:
         parser.error(f"--uvr and --{'entity' if args.command == 'generate' else 'object'} are "
                      "separate methods; give one")
+    if getattr(args, "uvr", None) and not Path(args.uvr).is_file():
+        parser.error(f"--uvr {args.uvr}: no such file (anchors saved with "
+                     "ditflow.methods.uvr.save_anchors)")
     if args.command in ("generate", "edit"):
         problem = _output_file_problem(Path(args.output))
         if args.command == "edit" and Path(args.output).resolve() == Path(args.image).resolve():
             problem = f"-o {args.output} would overwrite the source photo"
         if problem:
             parser.error(problem)
+    missing = [name for name, module in DIFFUSERS_EXTRA.items()
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        print(f"error: ditflow {args.command} needs the diffusers extra ({', '.join(missing)} "
+              'missing): pip install -e ".[diffusers]" in the ditflow checkout', file=sys.stderr)
+        return 2
     try:
         return args.run(args)
     except KeyboardInterrupt:  # protect and evaluate say what they kept; the others keep nothing

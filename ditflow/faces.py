@@ -2,8 +2,8 @@
 
 Nothing is downloaded. Two formats load:
 
-* ONNX (``.onnx``, through onnxruntime: ``pip install ditflow[faces]``), e.g. an InsightFace
-  ArcFace model;
+* ONNX (``.onnx``, through onnxruntime: ``pip install -e ".[faces]"`` in the checkout), e.g. an
+  InsightFace ArcFace model;
 * an exported PyTorch program (``.pt2``):
   ``torch.export.save(torch.export.export(model, (torch.zeros(1, 3, 112, 112),)), "face.pt2")``.
 
@@ -38,17 +38,27 @@ class FaceEmbedder:
                 import onnxruntime
             except ImportError as exc:
                 raise ImportError(f"{self.path}: ONNX face models need onnxruntime: "
-                                  "pip install 'ditflow[faces]'") from exc
-            session = onnxruntime.InferenceSession(str(self.path),
-                                                   providers=["CPUExecutionProvider"])
+                                  'pip install -e ".[faces]" in the ditflow checkout') from exc
+            session = self._load(lambda: onnxruntime.InferenceSession(
+                str(self.path), providers=["CPUExecutionProvider"]))
             name = session.get_inputs()[0].name
             self._run = lambda x: session.run(None, {name: x.numpy()})[0]
         elif suffix == ".pt2":
-            module = torch.export.load(str(self.path)).module()
+            module = self._load(lambda: torch.export.load(str(self.path)).module())
             self._run = lambda x: module(x).detach().numpy()
         else:
             raise ValueError(f"{self.path}: expected an .onnx model or a torch.export program "
                              "(.pt2, saved with torch.export.save)")
+
+    def _load(self, load):
+        """``load()``; a file its loader cannot read is a ValueError naming it (onnxruntime and
+        torch.export each raise their own kinds)."""
+        try:
+            return load()
+        except Exception as exc:
+            first_line = str(exc).partition("\n")[0]
+            raise ValueError(f"{self.path}: cannot load this face model "
+                             f"({type(exc).__name__}: {first_line})") from None
 
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
         """Unit-norm embeddings ``[len(images), E]`` of uint8 ``[H, W, 3]`` RGB images."""

@@ -29,11 +29,11 @@ class _Worker:
 
         try:
             pipeline = pipeline_by_name(model, device, kind="editor")
-        except (FileNotFoundError, ValueError) as exc:  # not the model asked for
+            self.protection = BatchedProtection(pipeline, config, max_pixels)
+        except (FileNotFoundError, ValueError) as exc:  # not the model asked for; blocks it lacks
             self.error = str(exc)
             return
         self.error = None
-        self.protection = BatchedProtection(pipeline, config, max_pixels)
 
     def ready(self) -> str | None:
         """None, or why the model did not load."""
@@ -56,7 +56,8 @@ def run(jobs: list[Job], model: str, device: str, config: ProtectConfig, manifes
     try:
         import ray
     except ImportError as exc:
-        raise WorkerError("several workers need Ray: pip install 'ditflow[scale]'") from exc
+        raise WorkerError('several workers need Ray: pip install -e ".[scale]" (in the ditflow '
+                          "checkout)") from exc
 
     started = not ray.is_initialized()
     if started:

@@ -113,12 +113,71 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
     assert _records(out)["a.png"]["model"] == "tiny"
     capsys.readouterr()
     assert main(["protect", str(src), "-o", str(out), "--resume", *FAST, "--epsilon", "8"]) == 2
-    assert "epsilon=12.75 (now 8.0)" in capsys.readouterr().err
+    assert "--epsilon 12.75 (now --epsilon 8.0)" in capsys.readouterr().err
     testbed = [a if a != "tiny" else "testbed" for a in FAST]
     assert main(["protect", str(src), "-o", str(out), "--resume", *testbed]) == 2
-    assert "model='tiny' (now 'testbed')" in capsys.readouterr().err
+    assert "--model tiny (now --model testbed)" in capsys.readouterr().err
     # batching does not change a protected photo: resuming with another batch size is fine
     assert main(["protect", str(src), "-o", str(out), "--resume", *FAST, "--batch-size", "2"]) == 0
+
+
+def test_resume_compares_options_left_out_and_the_format(tmp_path, capsys):
+    """Options left out on resume take their defaults, as the manifest records them: an
+    option the first run gave is missed, and so is a defaulted one it set otherwise."""
+    src = tmp_path / "a.png"
+    Image.fromarray(_rgb(20, 20)).save(src)
+    out = tmp_path / "out"
+    run = ["protect", str(src), "-o", str(out), *FAST]
+    first = [*run, "--eot-jpeg", "60", "95", "--stop-window", "1"]
+    assert main(first) == 0
+    capsys.readouterr()
+    assert main([*run, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--eot-jpeg 60 95 (now no --eot-jpeg)" in err
+    assert "--stop-window 1 (now no --stop-window)" in err
+    assert main([*first, "--resume", "--text-tokens", "16"]) == 2  # FAST's 8 was recorded
+    assert "--text-tokens 8 (now --text-tokens 16)" in capsys.readouterr().err
+    assert main([*first, "--resume", "--format", "jpg"]) == 2  # would protect it again
+    assert "--format png (now --format jpg)" in capsys.readouterr().err
+    assert not (out / "a.jpg").exists()
+    assert main([*first, "--resume"]) == 0
+    assert "0 protected, 1 already done" in capsys.readouterr().out
+
+
+def test_resume_with_a_model_folder_counts_its_defaults(tmp_path, capsys):
+    """A model folder's resolution and blocks left out are its family's defaults, read from
+    the folder's files before anything loads."""
+    from dataclasses import asdict
+
+    from ditflow.methods.decontext import MODEL_DEFAULTS, ProtectConfig
+    from ditflow.models.loading import editor_transformer_name
+
+    folder = tmp_path / "kontext"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps(
+        {"_class_name": "FluxKontextPipeline", "transformer": ["diffusers",
+                                                               "FluxTransformer2DModel"]}))
+    (tmp_path / "step1x").mkdir()
+    (tmp_path / "step1x" / "step1x-edit-i1258.safetensors").touch()
+    assert editor_transformer_name(tmp_path / "step1x") == "Step1XEditTransformer"
+    assert editor_transformer_name(tmp_path / "nowhere") is None
+    src, out = tmp_path / "a.png", tmp_path / "out"
+    Image.fromarray(_rgb(20, 20)).save(src)
+    out.mkdir()
+    Image.fromarray(_rgb(20, 20)).save(out / "a.png")
+    defaults = MODEL_DEFAULTS["FluxTransformer2DModel"]
+    config = asdict(ProtectConfig(steps=2, resolution=768, blocks=defaults["blocks"]))
+    del config["prompts"]
+    (out / "manifest.jsonl").write_text(json.dumps(
+        {"model": str(folder), "input": str(src.resolve()), "output": str(out / "a.png"),
+         "status": "ok", "config": config}) + "\n")
+    resume = ["protect", str(src), "-o", str(out), "--model", str(folder), "--steps", "2",
+              "--resume"]
+    assert main(resume) == 2
+    assert f"--resolution 768 (now --resolution {defaults['resolution']})" in (
+        capsys.readouterr().err)
+    with pytest.raises(SystemExit, match="not a complete diffusers pipeline folder"):
+        main([*resume, "--resolution", "768"])  # the same settings: on to loading the model
 
 
 def test_missing_inputs_and_clashing_names(tmp_path):
@@ -146,6 +205,17 @@ def test_a_model_folder_that_is_not_one_is_a_one_line_error(tmp_path):
                            (folder, "Step1X-Edit folder; missing: vae.safetensors")):
         with pytest.raises(SystemExit, match=f"^error: .*{message}"):
             main(["protect", str(photo), "-o", str(tmp_path / "out"), "--model", str(model)])
+    assert not (tmp_path / "out").exists()  # made only once the model has loaded
+
+
+def test_blocks_the_model_lacks_name_the_option(tmp_path, capsys):
+    photo = tmp_path / "p.png"
+    Image.fromarray(_rgb(20, 20)).save(photo)
+    out = tmp_path / "out"
+    assert main(["protect", str(photo), "-o", str(out), *FAST, "--blocks", "single.99"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --blocks: ['single.99'] not in this model" in err and "ProtectConfig" not in err
+    assert not out.exists()
 
 
 def test_resume_after_the_process_is_killed(tmp_path):
@@ -178,6 +248,22 @@ def test_resume_after_the_process_is_killed(tmp_path):
     for name, mtime in done_before.items():
         assert os.path.getmtime(out / name) == mtime  # finished work was not redone
     assert not list(out.glob(".*.tmp"))
+
+
+def test_demo_has_no_model_option(capsys):
+    """The demo always runs the bundled testbed editor."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--model", "tiny"])
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --model tiny" in capsys.readouterr().err
+
+
+def test_help_gives_each_models_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["protect", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "testbed, tiny and tiny-step1x 32, tiny-qwen 64" in text
+    assert "FLUX.1 Kontext 512, testbed 24, tiny 16" in text
 
 
 def test_demo_protects_and_edits_testbed_scenes(tmp_path, capsys):
@@ -216,6 +302,34 @@ def test_evaluate(tmp_path):
         assert -1 - 1e-9 <= row[key] <= 1 + 1e-9
 
 
+def test_evaluate_refuses_face_models_it_cannot_load(tmp_path, capsys):
+    """Before the editor loads: a missing file, another kind of file, one its loader cannot
+    read, each a one-line error naming the option."""
+    for folder in ("clean", "protected"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(_rgb(20, 20)).save(tmp_path / folder / "a.png")
+    (tmp_path / "face.txt").write_text("")
+    (tmp_path / "face.pt2").write_text("not an exported program")
+    for name, message in (("missing.onnx", "no face-recognition model file there"),
+                          ("face.txt", "expected an .onnx model or a torch.export program"),
+                          ("face.pt2", "cannot load this face model")):
+        assert main(["evaluate", str(tmp_path / "clean"), str(tmp_path / "protected"),
+                     "--face-model", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --face-model {tmp_path / name}: {message}")
+        assert "Traceback" not in err
+
+
+def test_evaluate_refuses_two_protected_files_of_one_photo(tmp_path):
+    """Say, a.png and the a.jpg of a run with another --format: which was meant is unknown."""
+    for folder in ("clean", "protected"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(_rgb(20, 20)).save(tmp_path / folder / "a.png")
+    Image.fromarray(_rgb(20, 20)).save(tmp_path / "protected" / "a.jpg")
+    with pytest.raises(SystemExit, match=r"^error: .*a\.jpg and .*a\.png both match a\.png"):
+        main(["evaluate", str(tmp_path / "clean"), str(tmp_path / "protected")])
+
+
 class MeanColour(torch.nn.Module):
     """A stand-in face recogniser for the --face-model plumbing."""
 
@@ -241,6 +355,9 @@ def test_output_folders_that_cannot_take_the_photos(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["protect", str(src), "-o", str(tmp_path / "file"), *FAST]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["protect", str(src), "-o", str(tmp_path / "file" / "out"), *FAST]) == 2
+    assert f"cannot create the output folder {tmp_path / 'file' / 'out'}: " in (
+        capsys.readouterr().err)
     out = tmp_path / "out"
     assert main(["protect", str(src / "a.png"), str(src), "-o", str(out), *FAST]) == 0
     assert len(_records(out)) == 1 and len((out / "manifest.jsonl").read_text().splitlines()) == 1
@@ -256,7 +373,7 @@ def test_nothing_to_protect_writes_nothing(tmp_path, capsys):
                  *FAST]) == 1
     err = capsys.readouterr().err
     assert "empty: no photos in this folder" in err and "typo.png: no such file" in err
-    assert "no photos to protect" in err and not (out / "manifest.jsonl").exists()
+    assert "no photos to protect" in err and not out.exists()
 
 
 @pytest.mark.parametrize("option", [["--epsilon", "0.5"], ["--epsilon", "nan"],
@@ -319,6 +436,22 @@ def test_generate_and_edit_refuse_outputs_they_cannot_write(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
+
+
+def test_a_missing_uvr_anchors_file_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "a red circle", "-o", str(tmp_path / "x.png"),
+              "--uvr", str(tmp_path / "concept.safetensors")])
+    assert "--uvr " + str(tmp_path / "concept.safetensors") + ": no such file" in (
+        capsys.readouterr().err)
+
+
+def test_commands_without_the_diffusers_extra_say_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert err == ('error: ditflow demo needs the diffusers extra (diffusers missing): '
+                   'pip install -e ".[diffusers]" in the ditflow checkout\n')
 
 
 def test_float_images_load_by_their_range_and_thin_photos_have_an_ssim(tmp_path):

@@ -57,3 +57,6 @@ def test_workers_that_cannot_start_are_a_one_line_error(tmp_path, capsys):
     assert "10000 workers on cpu need 10000 CPUs" in capsys.readouterr().err
     assert main([*common, "--workers", "2", "--model", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'nowhere'}: no such model")
+    assert main([*common, "--workers", "2", "--blocks", "single.99"]) == 2  # checked on load
+    assert "\nerror: --blocks: ['single.99'] not in this model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -84,6 +84,25 @@ def load_editor(path: str | Path, dtype: torch.dtype = torch.bfloat16):
                        dtype)
 
 
+def editor_transformer_name(path: str | Path) -> str | None:
+    """The transformer class :func:`load_editor` builds from ``path`` (``FluxTransformer2DModel``,
+    ``QwenImageTransformer2DModel``, ``Step1XEditTransformer``), read from the folder's files
+    without loading anything; None where ``path`` holds no editor (loading it says why)."""
+    folder = Path(path).expanduser()
+    if folder.is_file():
+        return "Step1XEditTransformer" if folder.match(STEP1X_CHECKPOINTS) else None
+    if not (folder / "model_index.json").is_file():
+        return "Step1XEditTransformer" if list(folder.glob(STEP1X_CHECKPOINTS)) else None
+    try:
+        index = model_index(folder)
+    except ValueError:
+        return None
+    transformer = index.get("transformer")
+    if index.get("_class_name") not in EDITORS or not isinstance(transformer, list):
+        return None
+    return transformer[-1]
+
+
 def load_flux_pipeline(path: str | Path, kind: str = "kontext",
                        dtype: torch.dtype = torch.bfloat16):
     """FLUX.1 Kontext (``kind="kontext"``) or FLUX.1 (``"t2i"``) from a local diffusers folder,
