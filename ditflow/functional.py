@@ -16,8 +16,8 @@ _checked_groups = TensorMemo()
 
 
 class FlowAttentionOutput(NamedTuple):
-    """``out`` [B, Nq, H, D]; ``lse`` [B, H, Nq] fp32 (natural log) when asked;
-    ``mass`` [B, H, Nq, G] fp32 when asked."""
+    """``out`` [B, Nq, H, D]; ``lse`` [B, H, Nq] (natural log) when asked;
+    ``mass`` [B, H, Nq, G] when asked. lse and mass are fp32, fp64 for fp64 inputs."""
 
     out: Tensor
     lse: Tensor | None

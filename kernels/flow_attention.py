@@ -100,7 +100,8 @@ def _rule(Table, table_base, q_grp, k_grp, vector, tile_group, NUM_GROUPS: tl.co
     """One rule over a tile: for uniform tiles the scalar at ``tile_group`` of the table row
     preloaded in ``vector``; for mixed tiles per element from the broadcastable group-id tiles
     ``q_grp``/``k_grp``. Callers fetch each rule where it is first used, so a mixed tile's
-    per-element values are not held in registers across the tile's dots."""
+    per-element values are not held in registers across the tile's dots, with one exception:
+    the dk/dv tile's weight, fetched for the dv dot and kept across the dw dot for dS."""
     if MIXED:
         value = _table_tile(Table, table_base, q_grp, k_grp, NUM_GROUPS)
     else:
@@ -374,7 +375,7 @@ def _bwd_dkdv_tile(
         weight = 1.0
     dv = tl.dot((p * weight).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dw = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    # dS' = P * (weight * (dw + dmass[i, group of j]) - delta_i) * scale
+    # dS = scale * dS', dS' = P * (weight * (dw + dmass[i, group of j]) - delta_i) (DESIGN.md)
     if MIXED:
         if HAS_DMASS:
             dw += _table_tile(DMass, 0, (row_base + tl.minimum(offs_m, Nq - 1))[None, :],
@@ -510,7 +511,7 @@ def _bwd_dq_tile(
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dw = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    # dS' = P * (weight * (dw + dmass[i, group of j]) - delta_i) * scale
+    # dS = scale * dS', dS' = P * (weight * (dw + dmass[i, group of j]) - delta_i) (DESIGN.md)
     if MIXED:
         if HAS_DMASS:
             dw += _table_tile(DMass, 0, (row_base + tl.minimum(offs_m, Nq - 1))[:, None],
