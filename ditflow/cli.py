@@ -330,7 +330,7 @@ def evaluate_command(args) -> int:
         print(f"error: {_blocks_named_by_option(exc)}", file=sys.stderr)
         return 2
     prompt = args.prompt or ("make the red circle blue" if args.model == "testbed"
-                             else "Make the person smile broadly")
+                             else "A photo of this person")
     rows = []
     try:
         for clean_path, protected_path in tqdm(pairs, desc="photos", unit="photo", leave=False):
@@ -444,11 +444,14 @@ def demo_command(args) -> int:
 
 
 # generate: image side, T5 tokens, guidance per model (FLUX.1-dev: DeLeaker's 512 px, 256, 3.5)
+# generate: image side, T5 tokens, guidance, steps per model; on FLUX.1 per method, the authors'
+# (DeLeaker and plain: 512², 256 tokens, 20 steps; UVR: 1024², 512 tokens, 28 steps)
 GENERATE_DEFAULTS = {
-    "testbed": dict(size=32, text_tokens=24, guidance=1.0),
-    "tiny": dict(size=32, text_tokens=16, guidance=1.0),
+    "testbed": dict(size=32, text_tokens=24, guidance=1.0, steps=20),
+    "tiny": dict(size=32, text_tokens=16, guidance=1.0, steps=20),
 }
-REAL_GENERATE_DEFAULTS = dict(size=512, text_tokens=256, guidance=3.5)
+REAL_GENERATE_DEFAULTS = dict(size=512, text_tokens=256, guidance=3.5, steps=20)
+REAL_UVR_GENERATE_DEFAULTS = dict(size=1024, text_tokens=512, guidance=3.5, steps=28)
 REGION_COLORS = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48),
                           (145, 30, 180), (70, 240, 240)], dtype=np.uint8)
 
@@ -512,7 +515,8 @@ def generate_command(args) -> int:
     from .io import save_photo, to_uint8
     from .methods.deleaker import DeLeakerConfig, generate
 
-    defaults = GENERATE_DEFAULTS.get(args.model, REAL_GENERATE_DEFAULTS)
+    defaults = GENERATE_DEFAULTS.get(
+        args.model, REAL_UVR_GENERATE_DEFAULTS if args.uvr else REAL_GENERATE_DEFAULTS)
     size = args.size or defaults["size"]
     if size % 16:
         print(f"error: --size {size}: FLUX.1 makes images of multiples of 16 px (try "
@@ -524,8 +528,8 @@ def generate_command(args) -> int:
         print(f"note: --model {args.model} is a small offline model for demos and tests; pass "
               "--model with a local FLUX.1 folder for real images", file=sys.stderr)
     pipeline = _pipeline(args.model, args.device, kind="t2i")
-    call = dict(num_inference_steps=args.steps, guidance_scale=guidance, output_type="np",
-                generator=torch.Generator().manual_seed(args.seed))
+    call = dict(num_inference_steps=args.steps or defaults["steps"], guidance_scale=guidance,
+                output_type="np", generator=torch.Generator().manual_seed(args.seed))
     output = Path(args.output)
     if args.uvr:
         from .methods.uvr import generate as uvr_generate
@@ -536,7 +540,7 @@ def generate_command(args) -> int:
     if args.entity:
         config = DeLeakerConfig(alpha=args.alpha, mask_threshold=args.mask_threshold,
                                 pair_threshold=args.pair_threshold, mask_steps=args.mask_steps,
-                                start_block=args.start_block)
+                                record_from=args.record_from, start_block=args.start_block)
         try:
             images, regions = generate(pipeline, args.prompt, args.entity, height=size,
                                        width=size, config=config,
@@ -644,7 +648,7 @@ TEXT_TOKENS_HELP = ("FLUX's T5 tokens of the instruction (default by model: FLUX
                     "testbed 24, tiny 16; Qwen-Image-Edit and Step1X-Edit ignore it)")
 
 
-def _protect_options(p: argparse.ArgumentParser, steps_default: int = 800,
+def _protect_options(p: argparse.ArgumentParser, steps_default: int | None = None,
                      output_default: str | None = None) -> None:
     p.add_argument("-o", "--output", required=output_default is None, default=output_default,
                    help="output folder")
@@ -653,7 +657,9 @@ def _protect_options(p: argparse.ArgumentParser, steps_default: int = 800,
                    help="L-inf budget, 0..255 units (at least 1: outputs are 8-bit)")
     p.add_argument("--step-size", type=_number(float, above=0, high=255), default=0.6375,
                    help="PGD step, 0..255 units")
-    p.add_argument("--steps", type=COUNT, default=steps_default)
+    p.add_argument("--steps", type=COUNT, default=steps_default,
+                   help=f"PGD steps (default {steps_default})" if steps_default else
+                   "PGD steps (default: the authors', 800 for decontext, 600 for diff-pgd)")
     p.add_argument("--resolution", type=SIDE, default=None, help=RESOLUTION_HELP)
     p.add_argument("--blocks", default=None,
                    help="attacked blocks, e.g. single.0,single.1 (default: FLUX.1 Kontext and "
@@ -713,7 +719,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="testbed", help="as for protect")
     p.add_argument("--prompt", default=None,
                    help="the edit (default: a testbed edit for --model testbed, else "
-                        "'Make the person smile broadly')")
+                        "the paper's 'A photo of this person', which is not among the "
+                        "instructions protect optimises on)")
     p.add_argument("--edit-steps", type=COUNT, default=20)
     p.add_argument("--resolution", type=SIDE, default=None, help=RESOLUTION_HELP)
     p.add_argument("--blocks", default=None, help="blocks r_ctx is measured on (as for protect)")
@@ -742,11 +749,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="testbed",
                    help="'testbed' (default), 'tiny' or a local FLUX.1 folder")
     p.add_argument("--size", type=SIDE, default=None, help="image side, a multiple of 16 "
-                   "(default 512; 32 for the testbed and tiny models)")
-    p.add_argument("--steps", type=COUNT, default=20)
+                   "(default 512, with --uvr 1024; 32 for the testbed and tiny models)")
+    p.add_argument("--steps", type=COUNT, default=None, help="default 20, with --uvr 28")
     p.add_argument("--guidance", type=FINITE, default=None, help="default 3.5 (1.0 testbed)")
     p.add_argument("--text-tokens", type=COUNT, default=None,
-                   help="T5 tokens (default 256; testbed 24, tiny 16)")
+                   help="T5 tokens (default 256, with --uvr 512; testbed 24, tiny 16)")
     p.add_argument("--seed", type=int, default=0)
     defaults = DeLeakerConfig()
     p.add_argument("--alpha", type=FINITE, default=defaults.alpha,
@@ -757,6 +764,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="image-image cuts: mean + T * std over the pair region")
     p.add_argument("--mask-steps", type=COUNT, default=defaults.mask_steps,
                    help="denoising steps whose attention makes the entity regions")
+    p.add_argument("--record-from", type=_number(int, low=0), default=defaults.record_from,
+                   help="block call (counted over the generation) from which that attention "
+                        "is recorded")
     p.add_argument("--start-block", type=_number(int, low=0), default=defaults.start_block,
                    help="block call (counted over the generation) from which edits apply")
     _uvr_options(p)
