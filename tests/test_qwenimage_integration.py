@@ -20,7 +20,7 @@ from helpers import (
     rules_everywhere,
 )
 
-from ditflow import FlowRules
+from ditflow import FlowRules, ops
 from ditflow.layout import CONTEXT, TARGET, TEXT, TokenLayout
 from ditflow.models.qwenimage import image_token_counts, padded_key_groups
 from ditflow.session import Intervention, StatsRecorder, attach
@@ -101,6 +101,19 @@ def test_rules_match_reference_processor_with_gradients(monkeypatch):
     padding: outputs and gradients with respect to the context latents."""
     inputs = qwen_inputs(3, 4, contexts=((3, 4),), batch=2, padding=(1, 4))
     assert_triton_matches_reference(tiny_qwen_transformer(), inputs, 12, monkeypatch)
+
+
+def test_every_block_of_a_call_shares_one_tile_plan(monkeypatch):
+    """The pipeline's text mask is int64: the padded key groups are derived from it once per
+    call, not once per block, so the kernels plan the layout once."""
+    monkeypatch.setenv("DITFLOW_BACKEND", "triton")
+    inputs = qwen_inputs(3, 4, contexts=((3, 4),), batch=2, padding=(1, 4))
+    inputs["encoder_hidden_states_mask"] = inputs["encoder_hidden_states_mask"].long()
+    model = tiny_qwen_transformer()
+    misses = ops._plans.misses
+    with attach(model, rules_everywhere(edit_rules)):
+        model(**inputs)
+    assert ops._plans.misses - misses == 1  # two blocks, one layout, one block shape
 
 
 def test_rules_change_the_output():

@@ -12,8 +12,8 @@ model's original processor, untouched.
 
 from __future__ import annotations
 
-import functools
 import math
+from collections import OrderedDict
 
 import torch
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
@@ -25,11 +25,22 @@ from ..rules import FlowRules
 from ..session import AttentionPlan, BlockId, EarlyStop, Session
 from .adapter import ProcessorAdapter
 
+_hidden_padding_rules: OrderedDict[tuple, FlowRules] = OrderedDict()
 
-@functools.lru_cache(maxsize=16)
+
 def _hidden_padding(rules: FlowRules) -> FlowRules:
-    # One FlowRules object per intervention rules object, so its device tables are copied once.
-    return rules.with_hidden_group()
+    """``rules`` plus the hidden padding group, one object per distinct tables: interventions
+    may build equal rules for every block (the session's identity rules are new each block), and
+    the kernels' tile plans key on the device tables, which each object copies once."""
+    key = (rules.num_groups, *(None if t is None else (tuple(t.shape), t.numpy().tobytes())
+                               for t in (rules.scale, rules.bias, rules.weight)))
+    hidden = _hidden_padding_rules.get(key)
+    if hidden is None:
+        hidden = _hidden_padding_rules[key] = rules.with_hidden_group()
+        if len(_hidden_padding_rules) > 16:
+            _hidden_padding_rules.popitem(last=False)
+    _hidden_padding_rules.move_to_end(key)
+    return hidden
 
 
 def padded_key_groups(groups: torch.Tensor, text_mask: torch.Tensor, padding_group: int
@@ -67,13 +78,18 @@ class FlowQwenAttnProcessor:
     @torch.compiler.disable
     def _with_padding(self, groups: torch.Tensor, text_mask: torch.Tensor, rules: FlowRules
                       ) -> tuple[torch.Tensor, FlowRules]:
-        # Eager under torch.compile, like the session: cached per call, not traced per block.
-        text_mask = text_mask.to(device=groups.device, dtype=torch.bool)
+        # Eager under torch.compile, like the session: cached per call, not traced per block;
+        # keyed on the pipeline's own mask (one tensor per call), so every block of the call
+        # shares the key groups and with them the kernels' tile plans.
         padding = rules.num_groups  # the group with_hidden_group adds
-        key_groups = self.session.derived.get(
-            (groups, text_mask), ("padded keys", padding),
-            lambda: padded_key_groups(groups, text_mask, padding))
-        return key_groups, _hidden_padding(rules)
+
+        def key_groups() -> torch.Tensor:
+            with torch.inference_mode(False):  # a cache key for the plans: a normal tensor
+                return padded_key_groups(groups, text_mask.to(groups.device, torch.bool),
+                                         padding)
+
+        return (self.session.derived.get((groups, text_mask), ("padded keys", padding),
+                                         key_groups), _hidden_padding(rules))
 
     def _flow(self, attn, hidden_states, encoder_hidden_states, text_mask, attention_mask,
               image_rotary_emb, plan: AttentionPlan):
