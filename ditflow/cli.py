@@ -554,6 +554,12 @@ def generate_command(args) -> int:
                   file=sys.stderr)
         else:
             _save_regions(output, regions, args.entity, (size, size), "entity")
+            empty = [repr(e) for e, region in zip(args.entity, regions, strict=True)
+                     if not region.any()]
+            if empty:
+                print(f"warning: DeLeaker found no image region for {', '.join(empty)}: no "
+                      "edits touch it (the attention on its words stayed under --mask-threshold)",
+                      file=sys.stderr)
     else:
         print("no --entity given: plain generation, without DeLeaker", file=sys.stderr)
         images = pipeline(prompt=args.prompt, height=size, width=size,

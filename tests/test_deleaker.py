@@ -264,3 +264,7 @@ def test_generate_command(tmp_path, capsys):
     assert main(["generate", prompt, "--entity", "red circle", "--model", "tiny", "--size",
                  "16", "--steps", "2", "-o", str(tmp_path / "short.png")]) == 0
     assert "DeLeaker made no edits" in capsys.readouterr().err
+    assert main(["generate", prompt, "--entity", "red circle", "--model", "tiny", "--size",
+                 "16", "--steps", "6", "--mask-threshold", "100", "-o",
+                 str(tmp_path / "none.png")]) == 0
+    assert "no image region for 'red circle'" in capsys.readouterr().err
