@@ -14,7 +14,6 @@ for ``generate``.
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib.util
 import json
 import math
@@ -289,7 +288,8 @@ def _evaluation_pairs(clean_dir: Path, protected_dir: Path) -> list[tuple[Path, 
                              f"{'is a file' if folder.exists() else 'does not exist'}")
     pairs = []
     for clean_path in sorted(p for p in clean_dir.iterdir() if p.is_file()):
-        matches = sorted(protected_dir.glob(glob.escape(clean_path.stem) + ".*"))
+        matches = sorted(p for p in protected_dir.iterdir()
+                         if p.is_file() and p.stem == clean_path.stem)
         if len(matches) > 1:  # say, a photo protected again with another --format
             raise SystemExit(f"error: {matches[0]} and {matches[1]} both match {clean_path.name}; "
                              f"move all but one out of {protected_dir}")

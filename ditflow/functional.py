@@ -160,12 +160,6 @@ def flow_attention(
     num_groups = 1 if rules is None else rules.num_groups
     if rules is not None and rules.num_heads not in (1, heads):
         raise ValueError(f"rules are per head for {rules.num_heads} heads but q has {heads}")
-    fp16_max = torch.finfo(torch.float16).max
-    if q.dtype == torch.float16 and rules is not None and rules.max_abs_weight > fp16_max:
-        # the kernels cast the weighted probabilities to the inputs' dtype for the P @ V dot
-        raise ValueError(f"rules: a weight of {rules.max_abs_weight:g} overflows float16 inputs "
-                         f"(largest {fp16_max:g}): use float32 or bfloat16 q, k, v, or smaller "
-                         "weights")
     if k_groups is None and q_groups is not None:
         if nq != nk:
             raise ValueError("k_groups is required when Nq != Nk (cross-attention)")
@@ -185,6 +179,13 @@ def flow_attention(
         else:
             raise TypeError(f"float64 inputs run on backend='reference' only (backend "
                             f"{name!r} takes float16, bfloat16 and float32)")
+    fp16_max = torch.finfo(torch.float16).max
+    if (name == "triton" and q.dtype == torch.float16 and rules is not None
+            and rules.max_abs_weight > fp16_max):
+        # the Triton kernels cast the weighted probabilities to the inputs' dtype for P @ V
+        raise ValueError(f"rules: a weight of {rules.max_abs_weight:g} overflows the Triton "
+                         f"kernels' float16 products (largest {fp16_max:g}): use float32 or "
+                         "bfloat16 q, k, v, or smaller weights")
     if scale is None:
         scale = head_dim**-0.5
     out, lse, mass = ops.flow_attention_fwd(

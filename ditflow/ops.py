@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import reference
 from ._memo import TensorMemo
+from .reference import with_batch_dim
 
 BACKENDS = ("triton", "cpp", "reference")
 
@@ -87,15 +88,11 @@ def pack_pair_mask(mask: Tensor) -> Tensor:
     return packed.view(torch.int32)
 
 
-def _batched(t: Tensor | None, dims: int) -> Tensor | None:
-    """``t`` with its leading batch dimension: [N] -> [1, N] (dims=1), [Nq, Nk] -> [1, Nq, Nk]."""
-    return t.unsqueeze(0) if t is not None and t.dim() == dims else t
-
-
 def _pair_bits(pair_mask: Tensor | None) -> Tensor | None:
     if pair_mask is None:
         return None
-    return _packed_masks.get((pair_mask,), None, lambda: pack_pair_mask(_batched(pair_mask, 2)))
+    return _packed_masks.get((pair_mask,), None,
+                             lambda: pack_pair_mask(with_batch_dim(pair_mask, 3)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,7 +123,8 @@ def _plan(kernels, inputs, layout: tuple, nq: int, nk: int, cfg, device):
         _check_layout_ids(inputs.q_groups, inputs.k_groups, inputs.num_groups)
         return kernels.plan_for(inputs, nq, nk, cfg, device)
 
-    extra = (nq, nk, cfg.block_m, cfg.block_n, str(device))
+    # G too: ids valid for more groups must be checked again for fewer
+    extra = (inputs.num_groups, nq, nk, cfg.block_m, cfg.block_n, str(device))
     return _plans.get(layout, extra, checked_plan)
 
 
@@ -144,8 +142,9 @@ def _check_32bit_offsets(**tensors: Tensor) -> None:
 
 def _flow_inputs(kernels, num_groups, q_groups, k_groups, scale, bias, weight, pair_mask):
     """The kernels' inputs, and the op's tensors their tile plans are cached on."""
-    inputs = kernels.FlowInputs(num_groups, _batched(q_groups, 1), _batched(k_groups, 1), scale,
-                                bias, weight, _pair_bits(pair_mask))
+    inputs = kernels.FlowInputs(num_groups, with_batch_dim(q_groups, 2),
+                                with_batch_dim(k_groups, 2), scale, bias, weight,
+                                _pair_bits(pair_mask))
     return inputs, (q_groups, k_groups, bias, pair_mask)
 
 
@@ -187,8 +186,8 @@ def _upcast(*tensors):
 def _reference_kwargs(q_groups, k_groups, scale, bias, weight, pair_mask, softmax_scale,
                       num_groups):
     return dict(
-        q_groups=_batched(q_groups, 1), k_groups=_batched(k_groups, 1), scale_table=scale,
-        bias_table=bias, weight_table=weight, pair_mask=_batched(pair_mask, 2),
+        q_groups=q_groups, k_groups=k_groups, scale_table=scale, bias_table=bias,
+        weight_table=weight, pair_mask=pair_mask,
         softmax_scale=softmax_scale, num_groups=num_groups,
     )
 
@@ -214,8 +213,9 @@ def flow_attention_fwd(
         return _triton_forward(q, k, v, inputs, layout, softmax_scale, return_mass)
     if backend == "cpp":
         return _cpp_kernels().flow_attention_fwd(
-            q, k, v, _batched(q_groups, 1), _batched(k_groups, 1), scale_table, bias_table,
-            weight_table, _pair_bits(pair_mask), softmax_scale, num_groups, return_mass)
+            q, k, v, with_batch_dim(q_groups, 2), with_batch_dim(k_groups, 2), scale_table,
+            bias_table, weight_table, _pair_bits(pair_mask), softmax_scale, num_groups,
+            return_mass)
     # checked per call (the reference keeps no plan): cheap next to its N x N scores
     _check_layout_ids(q_groups, k_groups, num_groups)
     qf, kf, vf = _upcast(q, k, v)
@@ -258,9 +258,9 @@ def flow_attention_bwd(
                                 softmax_scale)
     if backend == "cpp":
         return _cpp_kernels().flow_attention_bwd(
-            dout, dlse, dmass, q, k, v, out, lse, mass, _batched(q_groups, 1),
-            _batched(k_groups, 1), scale_table, bias_table, weight_table, _pair_bits(pair_mask),
-            softmax_scale, num_groups)
+            dout, dlse, dmass, q, k, v, out, lse, mass, with_batch_dim(q_groups, 2),
+            with_batch_dim(k_groups, 2), scale_table, bias_table, weight_table,
+            _pair_bits(pair_mask), softmax_scale, num_groups)
     qf, kf, vf, doutf = _upcast(q, k, v, dout)
     dq, dk, dv = reference.flow_attention_reference_backward(
         doutf, dlse, dmass, qf, kf, vf,

@@ -65,12 +65,14 @@ def _forward_chunk(q, k, v, q_grp, k_grp, scale, bias, weight, pair_mask, softma
 def _groups(groups: torch.Tensor | None, n: int, device) -> torch.Tensor:
     if groups is None:
         return torch.zeros(1, n, dtype=torch.long, device=device)
-    return _leading_dim(groups.long(), 2)
+    return with_batch_dim(groups.long(), 2)
 
 
-def _leading_dim(t: torch.Tensor, dims: int) -> torch.Tensor:
-    """``t`` with a leading batch dimension (not a reshape: that is ambiguous for 0 tokens)."""
-    return t if t.dim() == dims else t.unsqueeze(0)
+def with_batch_dim(t: torch.Tensor | None, dims: int) -> torch.Tensor | None:
+    """``t`` with its leading batch dimension, as a ``dims``-dimensional tensor: group ids
+    [N] -> [1, N] (dims 2), a pair mask [Nq, Nk] -> [1, Nq, Nk] (dims 3). Not a reshape: that
+    is ambiguous for 0 tokens."""
+    return t if t is None or t.dim() == dims else t.unsqueeze(0)
 
 
 def flow_attention_reference(
@@ -99,8 +101,7 @@ def flow_attention_reference(
         softmax_scale = head_dim**-0.5
     q_grp = _groups(q_groups, nq, q.device)
     k_grp = _groups(k_groups, nk, q.device)
-    if pair_mask is not None:
-        pair_mask = _leading_dim(pair_mask, 3)
+    pair_mask = with_batch_dim(pair_mask, 3)
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     rows = _chunk_rows(batch, heads, nk, q.element_size(), chunk_size)
     outs, lses, masses = [], [], []
@@ -153,8 +154,7 @@ def flow_attention_reference_backward(
         softmax_scale = head_dim**-0.5
     q_grp = _groups(q_groups, nq, q.device)
     k_grp = _groups(k_groups, nk, q.device)
-    if pair_mask is not None:
-        pair_mask = _leading_dim(pair_mask, 3)
+    pair_mask = with_batch_dim(pair_mask, 3)
     rows = _chunk_rows(batch, heads, nk, q.element_size(), chunk_size)
     # contiguous whatever the inputs' strides, as the registered op promises torch.compile
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)

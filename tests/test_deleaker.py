@@ -111,15 +111,25 @@ def test_statistics_start_at_block_call_12_and_end_with_the_mask_steps():
     assert not leaker.wants_mass(StepInfo(12, 0.4), BlockId("double", 0, 0))
 
 
-def test_self_reinforcement_compounds_once_per_pair_as_the_authors_loop_does():
-    leaker = DeLeaker([[1], [2], [3]], (4, 5), blocks_per_step=4)
-    leaker.masks = torch.zeros(3, 4, 5, dtype=torch.bool)
-    for e in range(3):
+@pytest.mark.parametrize("entities", [1, 2, 3])
+def test_self_reinforcement_compounds_once_per_pair_as_the_authors_loop_does(entities):
+    """alpha ** (E - 1): the authors multiply once per pair an entity is in (one entity, no
+    pair: no edit)."""
+    leaker = DeLeaker([[1], [2], [3]][:entities], (4, 5), blocks_per_step=4)
+    leaker.masks = torch.zeros(entities, 4, 5, dtype=torch.bool)
+    for e in range(entities):
         leaker.masks[e, e] = True
     layout = leaker.layout(*LATE, TokenLayout.from_segments(6, 20))
-    scale = leaker.rules(*LATE, layout).scale[0]
-    image, text = layout.group("entity1.image"), layout.group("entity1.text")
-    assert scale[image, text].item() == pytest.approx(1.2**2)
+    scale = leaker.rules(*LATE, layout).scale
+    image, text = layout.group("entity0.image"), layout.group("entity0.text")
+    factor = 1.0 if scale is None else scale[0, image, text].item()
+    assert factor == pytest.approx(1.2 ** (entities - 1))
+
+
+def test_a_recording_window_past_the_mask_steps_is_refused():
+    with pytest.raises(ValueError, match="record_from=48 is past the mask steps' last block"):
+        DeLeaker([[1]], (4, 5), blocks_per_step=4,
+                 config=DeLeakerConfig(mask_steps=12, record_from=48))
 
 
 def test_token_grid_must_match_the_call():

@@ -330,6 +330,19 @@ def test_evaluate_refuses_two_protected_files_of_one_photo(tmp_path):
         main(["evaluate", str(tmp_path / "clean"), str(tmp_path / "protected")])
 
 
+def test_evaluate_pairs_photos_by_their_whole_stem(tmp_path):
+    """a.png and a.v2.png are two photos, not two protections of a.png."""
+    from ditflow.cli import _evaluation_pairs
+
+    for folder in ("clean", "protected"):
+        (tmp_path / folder).mkdir()
+        for name in ("a.png", "a.v2.png"):
+            Image.fromarray(_rgb(20, 20)).save(tmp_path / folder / name)
+    pairs = _evaluation_pairs(tmp_path / "clean", tmp_path / "protected")
+    assert [(c.name, p.name) for c, p in pairs] == [("a.png", "a.png"),
+                                                   ("a.v2.png", "a.v2.png")]
+
+
 class MeanColour(torch.nn.Module):
     """A stand-in face recogniser for the --face-model plumbing."""
 

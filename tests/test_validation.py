@@ -127,15 +127,17 @@ def test_huge_finite_bias_is_refused(value):
 
 
 def test_fp16_inputs_refuse_weights_past_the_fp16_range():
-    """The weighted probabilities go through the P @ V dot in the inputs' dtype: a weight past
-    65504 would be inf (NaN out) with fp16 inputs."""
+    """The Triton kernels' weighted probabilities go through the P @ V dot in the inputs' dtype:
+    a weight past 65504 would be inf (NaN out) with fp16 inputs there; the other backends
+    compute in fp32 and take it."""
     rules = FlowRules(num_groups=1).weight_probs(0, 0, -1e5)
     assert rules.max_abs_weight == 1e5
-    with pytest.raises(ValueError, match=r"rules: a weight of 100000 overflows float16 inputs "
-                                         r"\(largest 65504\): use float32 or bfloat16"):
-        flow_attention(*qkv(dtype=torch.float16), rules=rules)
-    flow_attention(*qkv(), rules=rules, backend="reference")  # fp32 takes it
-    flow_attention(*qkv(dtype=torch.float16), backend="reference",
+    with pytest.raises(ValueError, match=r"rules: a weight of 100000 overflows the Triton "
+                                         r"kernels' float16 products \(largest 65504\)"):
+        flow_attention(*qkv(dtype=torch.float16), rules=rules, backend="triton")
+    flow_attention(*qkv(), rules=rules, backend="triton")  # fp32 takes it
+    flow_attention(*qkv(dtype=torch.float16), rules=rules, backend="reference")
+    flow_attention(*qkv(dtype=torch.float16), backend="triton",
                    rules=FlowRules(num_groups=1).weight_probs(0, 0, 65504.0))
 
 

@@ -15,10 +15,10 @@ another's image region through attention. Given the prompt's entity phrases, DeL
    whole generation, ``blocks_per_step`` per step: 57 on FLUX.1), for every pair of entities
    (i, j), i != j: image tokens of i never attend to text tokens of j; their logits on their own
    text tokens are multiplied by ``alpha`` once per pair (``alpha ** (E - 1)`` with E entities,
-   as the authors' loop over pairs compounds it); image-image attention from i's region to j's is
-   blocked where its head-mean probability exceeds ``mean + pair_threshold * std`` over the pair
-   region (the "abnormally high", leaking links; the rest carry interactions). The softmax is
-   renormalised after the edits.
+   as the authors' loop over pairs compounds it; one entity: no edit); image-image attention
+   from i's region to j's is blocked where its head-mean probability exceeds
+   ``mean + pair_threshold * std`` over the pair region (the "abnormally high", leaking links;
+   the rest carry interactions). The softmax is renormalised after the edits.
 
 All of it runs inside flow attention: the entity groups carry the text rules, a pair mask the
 image-image cuts, and the statistics are the kernel's attention mass, so no block materialises
@@ -123,6 +123,10 @@ class DeLeaker(Intervention):
                  blocks_per_step: int, config: DeLeakerConfig = DeLeakerConfig()):
         if not 1 <= len(entity_tokens) <= MAX_ENTITIES:
             raise ValueError(f"DeLeaker: 1..{MAX_ENTITIES} entities, got {len(entity_tokens)}")
+        if config.record_from >= config.mask_steps * blocks_per_step:
+            raise ValueError(f"DeLeaker: record_from={config.record_from} is past the mask "
+                             f"steps' last block call ({config.mask_steps} steps x "
+                             f"{blocks_per_step} blocks): no region would ever be found")
         self.entity_tokens = [torch.as_tensor(list(t), dtype=torch.long) for t in entity_tokens]
         self.token_grid = tuple(token_grid)
         self.blocks_per_step = blocks_per_step
@@ -206,9 +210,9 @@ class DeLeaker(Intervention):
             others = text[:i] + text[i + 1:]
             if self.config.suppress_text and others:
                 rules = rules.block(image[i], others)
-            if self.config.reinforce_text:
+            if self.config.reinforce_text and others:
                 rules = rules.scale_logits(image[i], text[i],
-                                           self.config.alpha ** max(len(masks) - 1, 1))
+                                           self.config.alpha ** len(others))
         return layout, rules
 
     def rules(self, step, block, layout):

@@ -13,26 +13,27 @@ or into them during that stage:
 * **localisation** (:func:`token_scores`, :func:`localize`): each image token's score is the
   scaled dot product of its centred attention output with the anchors (mean over heads and
   anchors), relative to the anchors' mean score with one another (1 = as close to the concept
-  as the anchors are to each other); tokens above ``threshold`` are cleaned (3x3 closing, holes
-  filled, connected regions under ``min_area`` of the image's tokens dropped); the soft mask is
-  a softmax over the flagged tokens' scores scaled to peak 1, blurred with a 3x3 binomial
-  window;
+  as the anchors are to each other); tokens above ``threshold`` are cleaned as the authors'
+  code cleans them (3x3 elliptic closing, holes filled, regions under ``min_area_*`` tokens
+  dropped, the rest kept by their share of the softmax of the gated scores: ``keep_share`` of
+  it in generation, the ``keep_regions`` largest in editing);
 * **generation** (FluxPipeline): localised at ``block`` at every start-up step; in every block
-  of those steps the attention-output rows of flagged image tokens become
-  ``keep * out + (1 - keep) * N(0, 1)`` (keep 0.001), mixed in by the soft mask;
+  of those steps the attention-output rows of the flagged image tokens become
+  ``keep * out + (1 - keep) * N(0, 1)`` (keep 0.001);
 * **editing** (FluxKontextPipeline, Step1XEditPipeline): localised once, on the context
   image's tokens, at the first step (Step1X-Edit batches the prompt with its negative prompt:
   localised on the prompt's, the weights apply to both); for the rest of the start-up stage
   the attention probabilities from text and target queries to the flagged context tokens are
-  multiplied by 0.2 (core) and 0.4 (a ``ring``-token ring around it), without
-  renormalisation, and target queries' probabilities on text and target keys by 1.05: flow
-  attention's ``weight`` table.
+  multiplied by 0.2 (core) and 0.4 (a ring around it: the core dilated ``ring_dilations``
+  times by an elliptic window of ``ring_radius``), without renormalisation, and target
+  queries' probabilities on text and target keys by 1.05: flow attention's ``weight`` table.
 
-The paper's t >= 850, single block 10, keep 0.001 and weights are the defaults. It leaves the
-score's scale open (its thresholds, 0.6 for generation and 0.2 for editing, are on a scale it
-does not give; its public code stubs localisation out), so the centring, the relative scale,
-one threshold of 0.6 for both tasks, ``min_area`` and the blur are ours: without centring, the
-clean context tokens of an edit all score alike; on this scale 16% of the tokens of concept-free
+The paper's t >= 850, single block 10, keep 0.001 and weights, and its public code's clean-up,
+region selection and ring (in tokens, for its 64x64 grid at 1024²) are the defaults. It leaves
+the score's scale open (its thresholds, 0.6 for generation and 0.2 for editing, are on a scale
+it does not give; its public code stubs the anchor scoring out), so the centring, the relative
+scale and one threshold of 0.6 for both tasks are ours: without centring, the clean context
+tokens of an edit all score alike; on this scale 16% of the tokens of concept-free
 testbed contexts score above 0.2, 4% above 0.6 (``benchmarks/testbed_uvr.py``).
 """
 
@@ -118,7 +119,8 @@ def localize(scores: torch.Tensor, threshold: float, min_area: int, keep_share: 
              keep_regions: int | None = None) -> torch.Tensor:
     """Flagged tokens (bool [rows, columns]) from token scores on the token grid, cleaned as the
     authors' code cleans them: above ``threshold``, closed with a 3x3 elliptic window (the
-    grid's border erodes nothing, as in OpenCV), holes filled, 8-connected regions of at least
+    grid's border erodes nothing, as in OpenCV), holes filled (any background touching the
+    border is outside; their flood fill starts from one corner), 8-connected regions of at least
     ``min_area`` tokens; ranked by their share of the softmax of the scores above the threshold,
     the first ``keep_regions`` are kept, or the first that hold ``keep_share`` of it."""
     from scipy import ndimage
