@@ -7,12 +7,31 @@
 #   bash benchmarks/gpu_runs.sh end-to-end OUTDIR   # DeContext PGD step (Kontext, Qwen), generation overhead
 #
 # Results go to OUTDIR (default benchmarks/results), named by device and date like every other
-# result; render the README tables from them with benchmarks.render_table.
+# result; render the README tables from them with benchmarks.render_table. Each script rewrites
+# its file after every finished row, so a run cut short keeps what it measured.
+#
+# On a machine where ditflow is not installed, the script installs the checkout in place (no
+# dependencies, nothing downloaded), so that `ditflow.kernels` (kernels/) imports. The
+# integration tests and the end-to-end stage need diffusers importable (PYTHONPATH to a copy
+# of it will do). In a copy of the checkout without .git, set DITFLOW_COMMIT=<sha> so the
+# results name the commit they measured.
 set -euo pipefail
 stage=${1:?usage: gpu_runs.sh tests|attention|configs|end-to-end [OUTDIR]}
 out=${2:-benchmarks/results}
 mkdir -p "$out"
-python=${PYTHON:-python}
+python=${PYTHON:-python3}
+if ! $python -c "import ditflow.kernels" 2>/dev/null; then
+  $python -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+    || { echo "cannot install this checkout in place: import ditflow.kernels fails" >&2; exit 2; }
+fi
+if ! $python -c "import diffusers" 2>/dev/null; then
+  if [ "$stage" = end-to-end ]; then
+    echo "the end-to-end stage needs diffusers (pip install diffusers, or PYTHONPATH to a copy)" >&2
+    exit 2
+  fi
+  echo "warning: diffusers is missing: the model integration tests will be skipped" >&2
+fi
+export DITFLOW_COMMIT=${DITFLOW_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 device=$($python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
 today=$(date -u +%F)
 
@@ -20,11 +39,11 @@ case "$stage" in
   tests)
     log="$out/gpu-tests-$device-$today.txt"
     {
-      echo "# GPU correctness run, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+      echo "# GPU correctness run, commit $DITFLOW_COMMIT"
       $python -c "import torch, triton; print('#', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
       $python -m pytest tests/test_flow_attention.py tests/test_gpu_flux_shapes.py tests/test_ops.py \
         tests/test_deleaker.py tests/test_flux_integration.py tests/test_qwenimage_integration.py \
-        tests/test_step1x_integration.py -q -p no:cacheprovider -rA 2>&1
+        tests/test_step1x_integration.py -v -p no:cacheprovider -rfEs 2>&1
     } | tee "$log"
     ;;
   attention)

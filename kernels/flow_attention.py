@@ -781,9 +781,10 @@ def _plan_batch(plan: TilePlan) -> int:
 
 
 def _tma_allows(t: torch.Tensor) -> bool:
-    """TMA reads ``t``: the GPU has the copy engine (the interpreter emulates it), the base is
-    16-byte aligned and so is every stride but the last, which is 1."""
-    if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9:
+    """TMA reads ``t``: the GPU has the copy engine (the interpreter emulates it), ``t`` is not
+    empty (a descriptor's dimensions are positive), the base is 16-byte aligned and so is every
+    stride but the last, which is 1."""
+    if t.numel() == 0 or (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9):
         return False
     return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1
             and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1]))

@@ -8,6 +8,8 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from helpers import needs_triton_on_cpu
+
 from ditflow import flow_attention, ops
 from ditflow.functional import FlowAttentionOutput
 from ditflow.layout import TokenLayout
@@ -160,7 +162,7 @@ def _papers_rule(q, k, v, text, regions, alpha, pair_threshold):
 
 @pytest.mark.parametrize("backend, dtype, tol", [
     ("reference", torch.float64, 1e-9),
-    ("triton", torch.float32, 2e-5),  # Triton's interpreter on CPU
+    pytest.param("triton", torch.float32, 2e-5, marks=needs_triton_on_cpu),
     pytest.param("cpp", torch.float32, 2e-5, marks=pytest.mark.skipif(
         not ops.cpp_available(), reason="C++ extension not built")),
 ])

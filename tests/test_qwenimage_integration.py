@@ -10,6 +10,7 @@ pytest.importorskip("diffusers")
 
 import diffusers.models.transformers.transformer_qwenimage as qwen_module
 from helpers import (
+    TRITON_DEVICE,
     assert_checkpointing_keeps_the_gradient,
     assert_compiled_matches_eager,
     assert_early_stop_saves_blocks,
@@ -107,9 +108,9 @@ def test_every_block_of_a_call_shares_one_tile_plan(monkeypatch):
     """The pipeline's text mask is int64: the padded key groups are derived from it once per
     call, not once per block, so the kernels plan the layout once."""
     monkeypatch.setenv("DITFLOW_BACKEND", "triton")
-    inputs = qwen_inputs(3, 4, contexts=((3, 4),), batch=2, padding=(1, 4))
+    inputs = qwen_inputs(3, 4, contexts=((3, 4),), batch=2, padding=(1, 4), device=TRITON_DEVICE)
     inputs["encoder_hidden_states_mask"] = inputs["encoder_hidden_states_mask"].long()
-    model = tiny_qwen_transformer()
+    model = tiny_qwen_transformer().to(TRITON_DEVICE)
     misses = ops._plans.misses
     with attach(model, rules_everywhere(edit_rules)):
         model(**inputs)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import TRITON_DEVICE
 
 from ditflow import FlowRules, flow_attention
 
 
-def qkv(b=1, n=8, h=2, d=16, dtype=torch.float32):
-    return [torch.randn(b, n, h, d, dtype=dtype) for _ in range(3)]
+def qkv(b=1, n=8, h=2, d=16, dtype=torch.float32, device="cpu"):
+    return [torch.randn(b, n, h, d, dtype=dtype, device=device) for _ in range(3)]
 
 
 @pytest.mark.parametrize(
@@ -134,10 +135,11 @@ def test_fp16_inputs_refuse_weights_past_the_fp16_range():
     assert rules.max_abs_weight == 1e5
     with pytest.raises(ValueError, match=r"rules: a weight of 100000 overflows the Triton "
                                          r"kernels' float16 products \(largest 65504\)"):
-        flow_attention(*qkv(dtype=torch.float16), rules=rules, backend="triton")
-    flow_attention(*qkv(), rules=rules, backend="triton")  # fp32 takes it
+        flow_attention(*qkv(dtype=torch.float16, device=TRITON_DEVICE), rules=rules,
+                       backend="triton")
+    flow_attention(*qkv(device=TRITON_DEVICE), rules=rules, backend="triton")  # fp32 takes it
     flow_attention(*qkv(dtype=torch.float16), rules=rules, backend="reference")
-    flow_attention(*qkv(dtype=torch.float16), backend="triton",
+    flow_attention(*qkv(dtype=torch.float16, device=TRITON_DEVICE), backend="triton",
                    rules=FlowRules(num_groups=1).weight_probs(0, 0, 65504.0))
 
 
@@ -156,7 +158,7 @@ def test_backend_choice(monkeypatch):
         flow_attention(*qkv())
     monkeypatch.delenv("DITFLOW_BACKEND")
     with pytest.raises(TypeError, match="float64 inputs run on backend='reference' only"):
-        flow_attention(*qkv(dtype=torch.float64), backend="triton")
+        flow_attention(*qkv(dtype=torch.float64, device=TRITON_DEVICE), backend="triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="set TRITON_INTERPRET=1"):
