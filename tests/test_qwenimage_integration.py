@@ -297,7 +297,7 @@ def test_model_cpu_offload_with_an_intervention():
     with attach(pipe, recorder):
         pipe(image=photo, prompt="make the cat smile", negative_prompt="blurry",
              true_cfg_scale=2.0, num_inference_steps=2, height=32, width=32)
-    assert all(r.device.type == "cuda" for r in recorder.r_ctx.values())
+    assert recorder.r_ctx and all(r.device.type == "cuda" for r in recorder.r_ctx.values())
 
 
 def test_unknown_models_are_refused_with_the_supported_ones():
