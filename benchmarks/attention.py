@@ -6,9 +6,11 @@ fp32 reference (outputs in the forward, dq/dk/dv in the backward) before it is t
     python -m benchmarks.attention --shape kontext-1024 --dtype bf16 --out benchmarks/results
 
 Prints a table last and writes ``attention-<device>-<date>.json`` (with device, versions, git
-commit and the command) under ``--out``. OOM, or a provider that cannot run on this device, is
-recorded as NaN with a note, not a crash. Made for a GPU; ``--shape tiny`` runs the whole script
-on a CPU in seconds (what the test suite does, so the script cannot rot between GPU runs).
+commit and the command) under ``--out``, rewritten after every shape and dtype (and every config
+of a ``--sweep``), so a run cut short keeps what it finished. OOM, or a provider that is not
+installed, cannot be set up or cannot run on this device, is recorded as NaN with a note, not a
+crash. Made for a GPU; ``--shape tiny`` runs the whole script on a CPU in seconds (what the test
+suite does, so the script cannot rot between GPU runs).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.results import save
+from benchmarks.results import ResultsFile, failure_note
 from benchmarks.timing import bench
 from ditflow import FlowRules, flow_attention
 from ditflow.reference import flow_attention_reference
@@ -154,6 +156,23 @@ def _fp32_truths(p: Problem, names=("plain", "rules", "scale")) -> dict[str, obj
 Providers = dict[str, tuple[Callable[[], object], str | None]]
 
 
+class ProviderUnavailable(Exception):
+    """Raised by the rows of a provider that is not installed or could not be set up; its
+    message is the rows' note."""
+
+
+def _unavailable(exc: Exception, forward: list[str], backward: list[str]
+                 ) -> tuple[Providers, Providers]:
+    """Rows recording why a provider could not be set up ("not installed", or what failed) as
+    NaN: the provider stays in the results instead of disappearing."""
+    note = "not installed" if isinstance(exc, ModuleNotFoundError) else failure_note(exc)
+
+    def fail():
+        raise ProviderUnavailable(note)
+
+    return ({name: (fail, None) for name in forward}, {name: (fail, None) for name in backward})
+
+
 def _ditflow(p: Problem) -> tuple[Providers, Providers]:
     rules, mass_only = uvr_like_rules(), FlowRules(num_groups=GROUPS)
 
@@ -214,8 +233,9 @@ def _flex(p: Problem) -> tuple[Providers, Providers]:
     weight and the mass have no FlexAttention equivalent)."""
     try:
         from torch.nn.attention.flex_attention import flex_attention
-    except ImportError:
-        return {}, {}
+    except Exception as exc:  # a torch without FlexAttention
+        return _unavailable(exc, ["flex (plain)", "flex (scale rules + lse)"],
+                            ["flex (scale rules, grad through lse)"])
     flex = torch.compile(flex_attention, dynamic=False)
     table, groups = scale_rules().tables_on(p.q.device)[0][0], p.groups
 
@@ -238,8 +258,8 @@ def _flash_attn(p: Problem) -> tuple[Providers, Providers]:
     """flash-attn 2/3 (``flash_attn``), plain attention only."""
     try:
         from flash_attn import flash_attn_func
-    except ImportError:
-        return {}, {}
+    except Exception as exc:  # not installed, or built against another torch
+        return _unavailable(exc, ["flash-attn"], ["flash-attn"])
 
     def bwd():
         return torch.autograd.grad(flash_attn_func(*p.leaves), p.leaves, p.dout)
@@ -282,11 +302,14 @@ def _fa4_score_mods(num_groups: int):
 def _fa4(p: Problem) -> tuple[Providers, Providers]:
     """FlashAttention-4 (``flash-attn-4``, CuTe DSL; Hopper and Blackwell): plain, and with the
     scale rules as a score_mod, LSE returned and differentiated."""
+    forward_names = ["fa4 (plain)", "fa4 (scale rules + lse)"]
+    backward_names = ["fa4 (plain)", "fa4 (scale rules, grad through lse)"]
     try:
         from flash_attn.cute import flash_attn_func
-    except ImportError:
-        return {}, {}
-    score_mod, score_mod_bwd = _fa4_score_mods(GROUPS)
+
+        score_mod, score_mod_bwd = _fa4_score_mods(GROUPS)
+    except Exception as exc:  # not installed, or flash_attn.cute's API moved: note it, go on
+        return _unavailable(exc, forward_names, backward_names)
     aux = [p.groups, scale_rules().tables_on(p.q.device)[0][0].flatten().contiguous()]
 
     def ruled(leaves=p.qkv):
@@ -300,10 +323,10 @@ def _fa4(p: Problem) -> tuple[Providers, Providers]:
         out, lse = ruled(p.leaves)
         return torch.autograd.grad([out, lse], p.leaves, [p.dout, p.dlse])
 
-    forward = {"fa4 (plain)": (lambda: flash_attn_func(*p.qkv), "plain"),
-               "fa4 (scale rules + lse)": (ruled, "scale")}
-    backward = {"fa4 (plain)": (plain_bwd, "plain grads"),
-                "fa4 (scale rules, grad through lse)": (ruled_bwd, "scale grads")}
+    forward = dict(zip(forward_names, [(lambda: flash_attn_func(*p.qkv), "plain"),
+                                       (ruled, "scale")], strict=True))
+    backward = dict(zip(backward_names, [(plain_bwd, "plain grads"),
+                                         (ruled_bwd, "scale grads")], strict=True))
     return forward, backward
 
 
@@ -324,11 +347,6 @@ def _max_error(result, truth) -> float:
     return (result.float() - truth).abs().max().item()
 
 
-def _note(exc: Exception) -> str:
-    """The exception's type and first line, short enough for a table cell."""
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
-
-
 def _timed(row: dict, fn: Callable[[], object], flops: float, device: torch.device,
            truth=None) -> dict:
     """Fill max error (against ``truth``), ms, TFLOP/s and peak MiB into ``row``; a failure is
@@ -339,7 +357,7 @@ def _timed(row: dict, fn: Callable[[], object], flops: float, device: torch.devi
         row["ms"], row["peak_mib"] = bench(fn, device)
         row["tflops"] = flops / row["ms"] / 1e9
     except Exception as exc:  # OOM or a provider that cannot run here: recorded, not fatal
-        note = "OOM" if isinstance(exc, torch.OutOfMemoryError) else _note(exc)
+        note = str(exc) if isinstance(exc, ProviderUnavailable) else failure_note(exc)
         row.update(ms=math.nan, peak_mib=math.nan, tflops=math.nan, note=note)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -362,18 +380,18 @@ def run_shape(shape: str, dtype: torch.dtype, backward: bool, device: torch.devi
     for name, (fn, truth) in forward.items():
         with torch.no_grad():
             rows.append(_timed(dict(base, provider=name, direction="forward"), fn, p.flops,
-                               device, truths[truth]))
+                               device, truths.get(truth)))
     if backward:
         for name, (fn, truth) in backward_providers.items():
             rows.append(_timed(dict(base, provider=name, direction="forward+backward"), fn,
-                               3.5 * p.flops, device, truths[truth]))
+                               3.5 * p.flops, device, truths.get(truth)))
 
 
 def sweep_configs(shape: str, dtype: torch.dtype, specs: list[str], device: torch.device,
-                  rows: list[dict]) -> None:
+                  rows: list[dict], results: ResultsFile) -> None:
     """Time flow attention (rules + mass, forward and forward+backward) under pinned configs,
     each checked against the fp32 reference first: a config that computes wrong results is
-    recorded with its error, not picked for its speed."""
+    recorded with its error, not picked for its speed. ``results`` is rewritten after each."""
     p = Problem.random(SHAPES[shape], dtype, device)
     truths = _fp32_truths(p, names=("rules",))
     rules = uvr_like_rules()
@@ -400,9 +418,10 @@ def sweep_configs(shape: str, dtype: torch.dtype, specs: list[str], device: torc
             row["fwd_tflops"] = p.flops / row["fwd_ms"] / 1e9
             row["bwd_tflops"] = 2.5 * p.flops / (row["fwd_bwd_ms"] - row["fwd_ms"]) / 1e9
         except Exception as exc:
-            row["note"] = _note(exc)
+            row["note"] = failure_note(exc)
         rows.append(row)
         print(row, flush=True)
+        results.write(rows=rows)
     os.environ.pop("DITFLOW_TRITON_CONFIG", None)
 
 
@@ -430,18 +449,19 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    results = ResultsFile(args.out, "sweep" if args.sweep is not None else "attention",
+                          "attention", argv)
     rows: list[dict] = []
     for shape in args.shape:
         for dtype in args.dtype:
             if args.sweep is not None:
-                sweep_configs(shape, DTYPES[dtype], args.sweep, device, rows)
+                sweep_configs(shape, DTYPES[dtype], args.sweep, device, rows, results)
             else:
                 run_shape(shape, DTYPES[dtype], not args.no_backward, device, rows)
-    path = save(args.out, "sweep" if args.sweep is not None else "attention", "attention", argv,
-                rows=rows)
+            results.write(rows=rows)
     if args.sweep is None:
         print(_table(rows))
-    return path
+    return results.path
 
 
 if __name__ == "__main__":

@@ -10,12 +10,15 @@ attached with rules in every block and step (text -> image logits x1.2, image ->
 probabilities x0.9); ditflow attached with per-group mass recorded in every block; DeLeaker
 with two entities (text tokens 1-2 and 4-5; regions from the attention, pair masks in every
 edited block); UVR with random anchors and every token flagged (the most it can cost: noise in
-every block of the start-up steps). Writes ``generation-<device>-<date>.json``.
+every block of the start-up steps). Writes ``generation-<device>-<date>.json``, rewritten after
+every provider, so a run cut short keeps what it finished; a provider that fails is recorded as
+NaN with a note.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -25,7 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.protect_step import full_size_models
-from benchmarks.results import save
+from benchmarks.results import ResultsFile, failure_note
 from ditflow.layout import TARGET, TEXT
 from ditflow.methods.deleaker import DeLeaker
 from ditflow.methods.uvr import UVR, UVRConfig
@@ -64,6 +67,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    results = ResultsFile(args.out, "generation", "generation", argv)
     pipe, prompt = _pipeline_and_prompt(args.model)
     pipe.set_progress_bar_config(disable=True)
     device = pipe.transformer.device
@@ -108,14 +112,18 @@ def main(argv=None) -> Path:
         ("ditflow, DeLeaker (2 entities)", deleaker),
         ("ditflow, UVR (every token flagged)", uvr),
     ):
-        seconds = timed(factory)
-        rows.append(dict(model=args.model, provider=name, seconds=seconds, size=args.size,
-                         steps=args.steps))
-        print(rows[-1], flush=True)
-    base = rows[0]["seconds"]
-    for row in rows:
-        row["overhead"] = row["seconds"] / base - 1
-    return save(args.out, "generation", "generation", argv, rows=rows)
+        row = dict(model=args.model, provider=name, seconds=math.nan, size=args.size,
+                   steps=args.steps)
+        try:
+            row["seconds"] = timed(factory)
+        except Exception as exc:  # OOM, a kernel that cannot compile, a CUDA error
+            row["note"] = failure_note(exc)
+        stock = rows[0] if rows else row  # the first provider, stock diffusers
+        row["overhead"] = row["seconds"] / stock["seconds"] - 1
+        rows.append(row)
+        print(row, flush=True)
+        results.write(rows=rows)
+    return results.path
 
 
 if __name__ == "__main__":

@@ -12,8 +12,13 @@ backward through its mass gradient. The authors' recipe (FLUX.1 Kontext and Step
 "eager recipe" on Qwen-Image-Edit): all blocks, softmax probabilities of the target queries over
 all keys materialised in every attacked block, gradient checkpointing. Both differentiate r_ctx
 with respect to the photo's pixels through the VAE encoder. Random text embeddings stand in for
-the text encoders (computed once per prompt in real runs, so outside the step). Writes
-``protect-step-<device>-<date>.json``. The full-size models need a GPU; ``--model tiny``,
+the text encoders (computed once per prompt in real runs, so outside the step). Each step is
+timed as the median of three runs after a warm-up.
+
+Writes ``protect-step-<model>-<device>-<date>.json`` (``<model>``: the ``--model`` argument),
+rewritten after every row, so a run cut short keeps what it finished; a row that fails (OOM, a
+kernel that cannot compile, a CUDA error) is recorded as NaN with a note. The full-size models
+need a GPU; ``--model tiny``,
 ``tiny-qwen`` and ``tiny-step1x`` (random tiny models, two blocks attacked) run on any device,
 which is how the tests keep the script working between GPU runs.
 """
@@ -23,11 +28,12 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from benchmarks.results import save
+from benchmarks.results import ResultsFile, failure_note
 from benchmarks.timing import bench
 
 
@@ -168,35 +174,80 @@ def ditflow_step(protector, pixels, prompts, timesteps, noise):
     return grad
 
 
-def _pipeline_and_config(model: str, resolution: int):
-    from ditflow.methods.decontext import ProtectConfig
-
+def _pipeline(model: str):
+    """The pipeline of ``model``, built once per run (the full-size models take tens of GiB)."""
     if model == "tiny":
         from ditflow.tiny import tiny_flux_pipeline
 
-        return tiny_flux_pipeline("kontext"), ProtectConfig(
-            resolution=resolution, blocks=("single.0", "single.1"), max_sequence_length=8)
+        return tiny_flux_pipeline("kontext")
     if model == "tiny-qwen":
         from ditflow.tiny import tiny_qwen_edit_pipeline
 
-        return tiny_qwen_edit_pipeline(), ProtectConfig(resolution=resolution,
-                                                        blocks=("double.0", "double.1"))
+        return tiny_qwen_edit_pipeline()
     if model == "tiny-step1x":
         from ditflow.tiny import tiny_step1x_edit_pipeline
 
-        return tiny_step1x_edit_pipeline(), ProtectConfig(
-            resolution=resolution, blocks=("single.0", "single.1"))
+        return tiny_step1x_edit_pipeline()
     if model == "step1x":
-        return RandomStep1XTextPipeline(*full_size_step1x_models()), ProtectConfig(
-            resolution=resolution)
+        return RandomStep1XTextPipeline(*full_size_step1x_models())
     if model == "qwen-edit":
-        return RandomQwenTextPipeline(*full_size_qwen_models()), ProtectConfig(
-            resolution=resolution)
-    return RandomTextPipeline(*full_size_models()), ProtectConfig(resolution=resolution)
+        return RandomQwenTextPipeline(*full_size_qwen_models())
+    return RandomTextPipeline(*full_size_models())
+
+
+def _config(model: str, resolution: int):
+    from ditflow.methods.decontext import ProtectConfig
+
+    if model == "tiny":
+        return ProtectConfig(resolution=resolution, blocks=("single.0", "single.1"),
+                             max_sequence_length=8)
+    if model == "tiny-qwen":
+        return ProtectConfig(resolution=resolution, blocks=("double.0", "double.1"))
+    if model == "tiny-step1x":
+        return ProtectConfig(resolution=resolution, blocks=("single.0", "single.1"))
+    return ProtectConfig(resolution=resolution)
+
+
+def _step_inputs(pipe, config) -> tuple[tuple, int]:
+    """The arguments of a step at ``config.resolution`` (protector, pixels, prompts, timesteps,
+    noise) and the length of the joint sequence: text, target and context tokens."""
+    from ditflow.methods.decontext import Protector
+
+    protector = Protector(pipe, config)
+    device = protector.device
+    h, w = protector.working_size(config.resolution, config.resolution)
+    pixels = torch.rand(1, 3, h, w, device=device)
+    tokens, channels = protector._target_shape(pixels)
+    noise = torch.randn(1, tokens, channels, device=device)
+    prompts, timesteps = [config.prompts[0]], [990.0]
+    with torch.no_grad():
+        sequence = len(protector._layout(protector._inputs(pixels, prompts, timesteps, noise)))
+    return (protector, pixels, prompts, timesteps, noise), sequence
+
+
+def _once(make: Callable[[], object]) -> Callable[[], object]:
+    """``make``, called on first use only: later uses return its result, or raise the exception
+    it raised, so a failed setup becomes the note of every row that needs it without being
+    retried."""
+    outcome: list = []
+
+    def get():
+        if not outcome:
+            try:
+                outcome.append((make(), None))
+            except Exception as exc:
+                # without its traceback, whose frames would hold what the setup allocated
+                outcome.append((None, exc.with_traceback(None)))
+        value, exc = outcome[0]
+        if exc is not None:
+            raise exc
+        return value
+
+    return get
 
 
 def main(argv=None) -> Path:
-    from ditflow.methods.decontext import Protector, _checkpointing, _frozen
+    from ditflow.methods.decontext import _checkpointing, _frozen
 
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -208,36 +259,30 @@ def main(argv=None) -> Path:
     parser.add_argument("--resolution", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    results = ResultsFile(args.out, f"protect-step-{args.model}", "protect_step", argv)
+    eager = "eager recipe" if "qwen" in args.model else "authors' recipe"
+    providers = (("ditflow (early stop, fused mass)", ditflow_step, False),
+                 (eager, eager_step, True))
+    pipeline = _once(lambda: _pipeline(args.model))
     rows = []
     for resolution in args.resolution:
-        pipe, config = _pipeline_and_config(args.model, resolution)
-        protector = Protector(pipe, config)
-        device = protector.device
-        h, w = protector.working_size(resolution, resolution)
-        pixels = torch.rand(1, 3, h, w, device=device)
-        tokens, channels = protector._target_shape(pixels)
-        noise = torch.randn(1, tokens, channels, device=device)
-        prompts, timesteps = [config.prompts[0]], [990.0]
-        with torch.no_grad():  # the joint sequence: text, target and context tokens
-            sequence = len(protector._layout(protector._inputs(pixels, prompts, timesteps,
-                                                                noise)))
-        eager = "eager recipe" if "qwen" in args.model else "authors' recipe"
-        providers = (("ditflow (early stop, fused mass)", ditflow_step, False),
-                     (eager, eager_step, True))
+        step_inputs = _once(lambda r=resolution: _step_inputs(pipeline(), _config(args.model, r)))
         for name, step, checkpointing in providers:
-            row = dict(model=args.model, resolution=resolution, tokens=sequence, provider=name)
+            row = dict(model=args.model, resolution=resolution, tokens=None, provider=name)
             try:
+                pipe = pipeline()
+                inputs, row["tokens"] = step_inputs()
                 with _frozen(pipe.transformer, pipe.vae), \
                         _checkpointing(pipe.transformer, checkpointing):
-                    args_ = (protector, pixels, prompts, timesteps, noise)
-                    row["ms"], row["peak_mib"] = bench(lambda s=step, a=args_: s(*a), device)
-            except torch.OutOfMemoryError:
-                row.update(ms=math.nan, peak_mib=math.nan, note="OOM")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+                    # steps of seconds: a few runs, not do_bench's hundreds of milliseconds
+                    row["ms"], row["peak_mib"] = bench(lambda s=step, a=inputs: s(*a),
+                                                       pipe.transformer.device, runs=3)
+            except Exception as exc:  # OOM, a kernel that cannot compile, a CUDA error
+                row.update(ms=math.nan, peak_mib=math.nan, note=failure_note(exc))
             rows.append(row)
             print(row, flush=True)
-    return save(args.out, "protect-step", "protect_step", argv, rows=rows)
+            results.write(rows=rows)
+    return results.path
 
 
 if __name__ == "__main__":

@@ -46,15 +46,38 @@ def metadata(module: str, argv: list[str]) -> dict:
     )
 
 
+class ResultsFile:
+    """One results file, ``<out>/<kind>-<device>-<date>.json``, rewritten whole by each
+    :meth:`write`: a script writes after every finished unit, so a run cut short (a timeout, a
+    crash) keeps what it finished. The metadata (and so the name) is taken once, at the start."""
+
+    def __init__(self, out: Path, kind: str, module: str, argv: list[str]):
+        self.meta = metadata(module, argv)
+        slug = self.meta["device"].replace(" ", "-")
+        self.path = out / f"{kind}-{slug}-{self.meta['date'][:10]}.json"
+
+    def write(self, **payload) -> Path:
+        """Replace the file with the metadata and ``payload``; through a temporary file, so a
+        run killed while writing leaves the previous version, not a truncated one."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(dict(meta=self.meta, **payload), indent=1))
+        partial.replace(self.path)
+        print(f"wrote {self.path}", flush=True)
+        return self.path
+
+
 def save(out: Path, kind: str, module: str, argv: list[str], **payload) -> Path:
     """Write ``<out>/<kind>-<device>-<date>.json`` holding the metadata and ``payload``."""
-    meta = metadata(module, argv)
-    slug = meta["device"].replace(" ", "-")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{kind}-{slug}-{meta['date'][:10]}.json"
-    path.write_text(json.dumps(dict(meta=meta, **payload), indent=1))
-    print(f"wrote {path}")
-    return path
+    return ResultsFile(out, kind, module, argv).write(**payload)
+
+
+def failure_note(exc: BaseException) -> str:
+    """What a results row records for a failed measurement: "OOM", or the exception's type and
+    first line, short enough for a table cell."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "OOM"
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
 
 
 def save_with_figure(out: Path, kind: str, module: str, argv: list[str], figure, **payload

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import types
 from pathlib import Path
+
+import pytest
+import torch
 
 from benchmarks import (
     attention,
@@ -21,7 +26,8 @@ RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 def test_attention_table_filters_by_dtype_and_shape():
-    path = sorted(RESULTS.glob("attention-*.json"))[-1]
+    # The file README's table comes from (later devices' files may lack these rows).
+    path = RESULTS / "attention-NVIDIA-H100-80GB-HBM3-2026-11-22.json"
     table = render(path, dtype="bfloat16", shape="kontext-1024")
     rows = [line for line in table.splitlines() if line.startswith("| ") and "N=" in line]
     assert rows and all("| bfloat16 |" in line and "kontext-1024" in line for line in rows)
@@ -44,7 +50,10 @@ def _rows(path: Path) -> list[dict]:
     return data["rows"]
 
 
-def test_attention_sweep_checks_every_provider_against_the_reference(tmp_path):
+def test_attention_sweep_checks_every_provider_against_the_reference(tmp_path, monkeypatch):
+    # neither flash-attn nor FlashAttention-4 installed
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)
     rows = _rows(attention.main(["--shape", "tiny", "--dtype", "fp32", "--out", str(tmp_path)]))
     by_key = {(r["direction"], r["provider"]): r for r in rows}
     measured = [
@@ -64,6 +73,33 @@ def test_attention_sweep_checks_every_provider_against_the_reference(tmp_path):
     cudnn = by_key[("forward", "sdpa cudnn")]
     assert math.isnan(cudnn["ms"]) and cudnn["note"]
     assert ("forward+backward", "flex (scale rules, grad through lse)") in by_key
+    # So are providers that are not installed.
+    missing = [("forward", "flash-attn"), ("forward+backward", "flash-attn"),
+               ("forward", "fa4 (plain)"), ("forward", "fa4 (scale rules + lse)"),
+               ("forward+backward", "fa4 (plain)"),
+               ("forward+backward", "fa4 (scale rules, grad through lse)")]
+    for key in missing:
+        assert math.isnan(by_key[key]["ms"]) and by_key[key]["note"] == "not installed", key
+
+
+def test_attention_provider_whose_setup_fails_is_recorded_with_the_reason(monkeypatch):
+    fa4 = types.ModuleType("flash_attn.cute")
+    fa4.flash_attn_func = None
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", fa4)
+
+    def moved_api(num_groups):
+        raise AttributeError("module 'cutlass.cute' has no attribute 'make_rmem_tensor'\nmore")
+
+    monkeypatch.setattr(attention, "_fa4_score_mods", moved_api)
+    device = torch.device("cpu")
+    p = attention.Problem.random(attention.SHAPES["tiny"], torch.float32, device)
+    forward, backward = attention._fa4(p)
+    assert list(forward) == ["fa4 (plain)", "fa4 (scale rules + lse)"]
+    assert list(backward) == ["fa4 (plain)", "fa4 (scale rules, grad through lse)"]
+    for name, (fn, truth) in {**forward, **backward}.items():
+        row = attention._timed(dict(provider=name), fn, p.flops, device, truth)
+        assert math.isnan(row["ms"]) and row["note"] == (
+            "AttributeError: module 'cutlass.cute' has no attribute 'make_rmem_tensor'"), name
 
 
 def test_config_sweep_times_the_default_table_and_pinned_configs(tmp_path):
@@ -85,20 +121,52 @@ def test_compile_report_table_has_a_row_per_kernel_variant_and_config():
 
 
 def test_protect_step_benchmark_runs_both_recipes(tmp_path):
-    rows = _rows(protect_step.main(["--model", "tiny", "--resolution", "32",
-                                    "--out", str(tmp_path)]))
+    path = protect_step.main(["--model", "tiny", "--resolution", "32", "--out", str(tmp_path)])
+    rows = _rows(path)
     assert [r["provider"] for r in rows] == ["ditflow (early stop, fused mass)",
                                              "authors' recipe"]
     assert all(r["ms"] > 0 and r["tokens"] == 8 + 2 * 16 * 16 for r in rows)
-    rows = _rows(protect_step.main(["--model", "tiny-qwen", "--resolution", "64",
-                                    "--out", str(tmp_path)]))
+    qwen_path = protect_step.main(["--model", "tiny-qwen", "--resolution", "64",
+                                   "--out", str(tmp_path)])
+    rows = _rows(qwen_path)
     assert [r["provider"] for r in rows] == ["ditflow (early stop, fused mass)", "eager recipe"]
     assert all(r["ms"] > 0 and r["tokens"] > 2 * 4 * 4 for r in rows)
-    rows = _rows(protect_step.main(["--model", "tiny-step1x", "--resolution", "32",
-                                    "--out", str(tmp_path)]))
+    step1x_path = protect_step.main(["--model", "tiny-step1x", "--resolution", "32",
+                                     "--out", str(tmp_path)])
+    rows = _rows(step1x_path)
     assert [r["provider"] for r in rows] == ["ditflow (early stop, fused mass)",
                                              "authors' recipe"]
     assert all(r["ms"] > 0 and r["tokens"] == 64 + 2 * 16 * 16 for r in rows)
+    # One file per model: gpu_runs.sh runs the models one after another into one folder.
+    assert [p.name.split("-CPU")[0] for p in (path, qwen_path, step1x_path)] == [
+        "protect-step-tiny", "protect-step-tiny-qwen", "protect-step-tiny-step1x"]
+    assert sorted(tmp_path.glob("protect-step-*.json")) == sorted([path, qwen_path, step1x_path])
+
+
+def test_protect_step_builds_the_model_once_and_records_a_failing_recipe(tmp_path, monkeypatch):
+    builds = []
+    build = protect_step._pipeline
+
+    def counted_build(model):
+        builds.append(model)
+        return build(model)
+
+    monkeypatch.setattr(protect_step, "_pipeline", counted_build)
+
+    def failing_recipe(*args):
+        raise RuntimeError("out of resource: shared memory, Required: 264192\nHardware limit")
+
+    monkeypatch.setattr(protect_step, "eager_step", failing_recipe)
+    rows = _rows(protect_step.main(["--model", "tiny", "--resolution", "32", "48",
+                                    "--out", str(tmp_path)]))
+    assert builds == ["tiny"]
+    assert [(r["resolution"], r["provider"]) for r in rows] == [
+        (32, "ditflow (early stop, fused mass)"), (32, "authors' recipe"),
+        (48, "ditflow (early stop, fused mass)"), (48, "authors' recipe")]
+    ditflow, failed = rows[::2], rows[1::2]
+    assert all(r["ms"] > 0 and "note" not in r for r in ditflow)
+    assert all(math.isnan(r["ms"]) and r["tokens"] > 0 and r["note"] ==
+               "RuntimeError: out of resource: shared memory, Required: 264192" for r in failed)
 
 
 def test_generation_benchmark_reports_overhead_against_stock(tmp_path):
@@ -106,6 +174,29 @@ def test_generation_benchmark_reports_overhead_against_stock(tmp_path):
                                   "--repeats", "1", "--out", str(tmp_path)]))
     assert len(rows) == 5 and rows[0]["overhead"] == 0
     assert all(r["seconds"] > 0 and math.isfinite(r["overhead"]) for r in rows)
+
+
+def test_generation_benchmark_records_a_failing_provider_and_keeps_rows_when_cut_short(
+        tmp_path, monkeypatch):
+    def failing(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+
+    def interrupted(*args, **kwargs):  # what a timeout does to the run
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generation, "DeLeaker", failing)
+    monkeypatch.setattr(generation, "UVR", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generation.main(["--model", "tiny", "--size", "32", "--steps", "2", "--repeats", "1",
+                         "--out", str(tmp_path)])
+    (path,) = tmp_path.iterdir()  # one file, rewritten after every provider
+    rows = _rows(path)
+    assert [r["provider"] for r in rows] == [
+        "stock diffusers (SDPA)", "ditflow, rules in every block and step",
+        "ditflow, mass recorded in every block", "ditflow, DeLeaker (2 entities)"]
+    assert all(r["seconds"] > 0 and math.isfinite(r["overhead"]) for r in rows[:3])
+    assert math.isnan(rows[3]["seconds"]) and math.isnan(rows[3]["overhead"])
+    assert rows[3]["note"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
 
 
 def test_testbed_deleaker_benchmark_scores_every_variant(tmp_path):
