@@ -12,7 +12,7 @@ from . import ops
 from ._memo import TensorMemo
 from .rules import FlowRules
 
-_checked_groups = TensorMemo()
+_converted_groups = TensorMemo()
 
 
 class FlowAttentionOutput(NamedTuple):
@@ -69,7 +69,7 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"head_dim {d} is not supported (1..256)")
 
 
-def _normalise_groups(name: str, groups: Tensor, batch: int, n: int, num_groups: int,
+def _normalise_groups(name: str, groups: Tensor, batch: int, n: int,
                       device: torch.device) -> Tensor:
     if not isinstance(groups, Tensor):
         raise TypeError(f"{name}: expected an integer tensor [N] or [B, N], "
@@ -83,23 +83,23 @@ def _normalise_groups(name: str, groups: Tensor, batch: int, n: int, num_groups:
         raise ValueError(f"{name}: expected shape [{n}] or [1 or {batch}, {n}], "
                          f"got {tuple(groups.shape)}")
 
+    # The ids' range is checked by the ops (the Triton kernels once per layout, when they plan
+    # it), so that it is checked under torch.compile too.
     if torch.compiler.is_compiling():
-        # Not checked here (the check reads the ids on the host; the ops check them when they
-        # plan a layout) and, when already int32 and contiguous, the caller's tensor itself: it
-        # then reaches the op unchanged on every call, and the op's plan cache keys on it and
-        # follows its in-place changes.
+        # When already int32 and contiguous, the caller's tensor itself: it then reaches the op
+        # unchanged on every call, and the op's plan cache keys on it and follows its in-place
+        # changes.
         return groups.to(torch.int32).contiguous()
 
-    def checked() -> Tensor:
-        ops.check_group_ids(name, shaped, num_groups)
+    def converted() -> Tensor:
         # a copy: a view would keep the caller's tensor alive, and with it this cache entry;
         # a normal tensor even under inference_mode, so the plan caches downstream can key on it
         with torch.inference_mode(False):
             return shaped.to(torch.int32, memory_format=torch.contiguous_format, copy=True)
 
-    # Keyed on the caller's tensor, so a layout reused across calls is checked, converted and
-    # planned once (the memo downstream keys on the tensor returned here).
-    return _checked_groups.get((groups,), num_groups, checked)
+    # Keyed on the caller's tensor, so a layout reused across calls is converted and planned
+    # once (the memo downstream keys on the tensor returned here).
+    return _converted_groups.get((groups,), None, converted)
 
 
 def _check_pair_mask(pair_mask: Tensor, batch: int, nq: int, nk: int, device) -> None:
@@ -167,8 +167,8 @@ def flow_attention(
     if q_groups is None and k_groups is not None:
         raise ValueError("q_groups is required when k_groups is given")
     if q_groups is not None:
-        q_groups = _normalise_groups("q_groups", q_groups, batch, nq, num_groups, q.device)
-        k_groups = _normalise_groups("k_groups", k_groups, batch, nk, num_groups, q.device)
+        q_groups = _normalise_groups("q_groups", q_groups, batch, nq, q.device)
+        k_groups = _normalise_groups("k_groups", k_groups, batch, nk, q.device)
     if pair_mask is not None:
         _check_pair_mask(pair_mask, batch, nq, nk, q.device)
     tables = (None, None, None) if rules is None else rules.tables_on(q.device)

@@ -31,7 +31,7 @@ def test_checked_group_ids_do_not_keep_the_callers_tensor_alive():
     import weakref
 
     from ditflow import flow_attention
-    from ditflow.functional import _checked_groups
+    from ditflow.functional import _converted_groups
     from ditflow.rules import FlowRules
 
     groups = torch.tensor([0] * 5 + [1] * 7, dtype=torch.int32)  # already int32, contiguous
@@ -40,7 +40,7 @@ def test_checked_group_ids_do_not_keep_the_callers_tensor_alive():
     alive = weakref.ref(groups)
     del groups
     gc.collect()
-    assert alive() is None and not _checked_groups._entries
+    assert alive() is None and not _converted_groups._entries
 
 
 def test_inference_tensors_are_never_cached():

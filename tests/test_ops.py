@@ -45,17 +45,17 @@ def test_pack_pair_mask_sets_bit_j_mod_32_of_word_j_div_32():
     assert torch.equal(unpacked[..., :77], mask) and not unpacked[..., 77:].any()
 
 
-def test_reused_layout_is_checked_and_planned_once(device):
+def test_reused_layout_is_converted_and_planned_once(device):
     q, k, v = random_qkv(1, 70, 70, 2, 16, torch.float32, device)
     groups = segment_groups(70, 2, device)
     rules = FlowRules(num_groups=2).scale_logits(0, 1, 2.0)
     flow_attention(q, k, v, groups, rules=rules, return_mass=True, backend="triton")
-    misses = (ops._plans.misses, functional._checked_groups.misses)
+    misses = (ops._plans.misses, functional._converted_groups.misses)
     flow_attention(q, k, v, groups, rules=rules, return_mass=True, backend="triton")
-    assert (ops._plans.misses, functional._checked_groups.misses) == misses
-    groups.add_(0)  # an in-place change invalidates the cached check and plan
+    assert (ops._plans.misses, functional._converted_groups.misses) == misses
+    groups.add_(0)  # an in-place change invalidates the cached conversion and plan
     flow_attention(q, k, v, groups, rules=rules, return_mass=True, backend="triton")
-    assert ops._plans.misses > misses[0] and functional._checked_groups.misses > misses[1]
+    assert ops._plans.misses > misses[0] and functional._converted_groups.misses > misses[1]
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -158,9 +158,9 @@ def test_inference_mode_calls_reuse_plans(groups_from, device):
             TokenLayout.from_segments(text=20, target=30, context=20).groups(device))
         rules = FlowRules(num_groups=3).block(0, 2).scale_logits(1, 0, 1.5)
         flow_attention(q, k, v, groups, rules=rules, return_mass=True, backend="triton")
-        misses = (ops._plans.misses, functional._checked_groups.misses)
+        misses = (ops._plans.misses, functional._converted_groups.misses)
         flow_attention(q, k, v, groups, rules=rules, return_mass=True, backend="triton")
-        assert (ops._plans.misses, functional._checked_groups.misses) == misses
+        assert (ops._plans.misses, functional._converted_groups.misses) == misses
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
