@@ -21,8 +21,6 @@ and the Triton kernels a tile plan, built once per layout and block shape.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
@@ -36,14 +34,20 @@ _plans = TensorMemo(max_entries=128)
 _packed_masks = TensorMemo()
 
 
-@functools.cache
+_cpp_built: bool | None = None
+
+
+@torch.compiler.assume_constant_result  # compiled callers get the answer, not a traced import
 def cpp_available() -> bool:
     """Whether the C++ CPU extension was built (``import ditflow._C`` registers its ops)."""
-    try:
-        from . import _C  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    global _cpp_built
+    if _cpp_built is None:
+        try:
+            from . import _C  # noqa: F401
+            _cpp_built = True
+        except ImportError:
+            _cpp_built = False
+    return _cpp_built
 
 
 def _cpp_kernels():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers import random_qkv, random_rules, segment_groups
@@ -74,6 +76,22 @@ def test_compile_fullgraph(backend, device):
     got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_compiling_the_default_backend_choice_raises_no_dynamo_warning(monkeypatch):
+    """The default backend asks once whether the C++ extension was built; compiled callers
+    get that answer as a constant instead of Dynamo tracing through a cached import (which it
+    warns about in every user's compile)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    monkeypatch.setattr(dynamo_utils, "warn_once_cache", set())  # Dynamo warns once a process
+    q = torch.randn(1, 24, 2, 16)
+    compiled = torch.compile(lambda q: flow_attention(q, q, q, return_mass=True).mass,
+                             fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(q)
+    assert not [w for w in caught if "Dynamo" in str(w.message)]
 
 
 def test_compiled_calls_reuse_plans_and_follow_in_place_changes(device):
