@@ -20,12 +20,16 @@ from .io import (
     ImageError,
     Manifest,
     Photo,
+    decode_pixels,
+    encode_photo,
+    is_jpeg,
+    linf,
     load_photo,
     pixels_tensor,
     psnr,
     quantize_within_budget,
-    save_photo,
     ssim,
+    write_file,
 )
 from .methods.decontext import ProtectConfig, Protector
 
@@ -37,9 +41,12 @@ class Job:
     error: str = ""
 
 
-def gather(inputs: Iterable[str], outdir: Path, suffix: str = ".png") -> list[Job]:
-    """Files, folders (their files, not recursive) and glob patterns -> jobs with output paths
-    ``outdir/<name><suffix>``. Missing inputs and clashing output names become failed jobs."""
+def gather(inputs: Iterable[str], outdir: Path, suffix: str = ".png",
+           manifest: Manifest | None = None) -> list[Job]:
+    """Files, folders (their files, not recursive) and glob patterns (``**`` recursive) -> jobs
+    with output paths ``outdir/<name><suffix>``. Missing inputs and outputs that would replace
+    a file become failed jobs: another input's output, an input photo, or any file in
+    ``outdir`` that ``manifest`` does not record as this photo's protection."""
     jobs: list[Job] = []
     for item in inputs:
         path = Path(item)
@@ -52,37 +59,63 @@ def gather(inputs: Iterable[str], outdir: Path, suffix: str = ".png") -> list[Jo
         elif path.is_file():
             sources = [path]
         else:
-            sources = sorted(Path(p) for p in glob.glob(item) if Path(p).is_file())
+            sources = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
             if not sources:
                 jobs.append(Job(path, outdir / (path.stem + suffix),
                                 f"{item}: no such file, folder or matching files"))
                 continue
         jobs.extend(Job(s, outdir / (s.stem + suffix)) for s in sources)
-    unique, seen = [], set()
-    for job in jobs:  # a photo named twice (say, a file and its folder) is protected once
-        if job.error or job.source.resolve() not in seen:
-            unique.append(job)
-            seen.add(job.source.resolve())
-    jobs = unique
+    jobs = _one_job_per_photo(jobs)
+    inputs_here = {job.source.resolve() for job in jobs if not job.error}
     owners: dict[Path, Path] = {}
     for job in jobs:
         if job.error:
             continue
-        if job.output.resolve() in seen:  # this photo's or another input's file
+        if job.output.resolve() in inputs_here:  # this photo's or another input's file
             job.error = (f"{job.source}: its output {job.output} is an input photo and would "
                          "be overwritten; choose another output folder")
             continue
-        other = owners.setdefault(job.output, job.source)
-        if other != job.source:
+        recorded = manifest.protected_from(job.output) if manifest else None
+        if recorded and recorded != job.source.resolve():
+            job.error = (f"{job.source}: its output {job.output} is the protected photo of "
+                         f"{recorded} ({manifest.path}); protect them into different folders")
+        elif not recorded and job.output.exists():
+            job.error = (f"{job.source}: {job.output} exists and is no protected photo this "
+                         "folder's manifest records; ditflow never replaces a file it did not "
+                         "write: move it or choose another output folder")
+        elif (other := owners.setdefault(job.output, job.source)) != job.source:
             job.error = (f"{job.source}: its output {job.output.name} would overwrite the one of "
                          f"{other}; protect them into different folders")
     return jobs
 
 
+def _one_job_per_photo(jobs: list[Job]) -> list[Job]:
+    """A photo named twice (a file and its folder, a link and its target) is protected once,
+    under its own name where one of the spellings has it (not a link's)."""
+    chosen: dict[Path, Job] = {}
+    unique: list[Job] = []
+    for job in jobs:
+        if job.error:
+            unique.append(job)
+            continue
+        target = job.source.resolve()
+        kept = chosen.get(target)
+        if kept is None:
+            chosen[target] = job
+            unique.append(job)
+        elif kept.source.name != target.name and job.source.name == target.name:
+            unique[unique.index(kept)] = chosen[target] = job
+    return unique
+
+
+def _paths(job: Job) -> dict:
+    """A manifest record's input (by its absolute path, so a resume finds it however the path
+    is written) and output."""
+    return {"input": str(job.source.resolve()), "output": str(job.output)}
+
+
 def _record(job: Job, config: ProtectConfig, **fields) -> dict:
-    """A manifest record; the input by its absolute path, so a resume finds it however the
-    path is written."""
-    return {"input": str(job.source.resolve()), "output": str(job.output), "seed": config.seed,
+    return {**_paths(job), "seed": config.seed,
             "config": {k: v for k, v in asdict(config).items() if k != "prompts"}, **fields}
 
 
@@ -133,7 +166,7 @@ class BatchedProtection:
             message = f"protection failed: {type(exc).__name__}: {exc}"
             if isinstance(exc, torch.OutOfMemoryError):
                 message += " (try a smaller --batch-size, or --checkpointing)"
-            return [self.failed(job, message) for job, _ in batch]
+            return [self.failed(job, f"{job.source}: {message}") for job, _ in batch]
 
     def _protect(self, batch: list[tuple[Job, Photo]], size: tuple[int, int]) -> list[dict]:
         from tqdm.auto import tqdm
@@ -149,19 +182,28 @@ class BatchedProtection:
                                          on_step=lambda _: steps_bar.update())
         finally:
             steps_bar.close()
-        saved = [quantize_within_budget(photo.pixels, result.image, self.config.epsilon)
-                 for (_, photo), result in zip(batch, results, strict=True)]
-        # r_ctx after: of the 8-bit photos as saved, as the editor will see them
+        files = [encode_photo(quantize_within_budget(photo.pixels, result.image,
+                                                     self.config.epsilon),
+                              photo.alpha, photo.icc, jpeg=is_jpeg(job.output))
+                 for (job, photo), result in zip(batch, results, strict=True)]
+        # measured on the files as saved (a JPEG's pixels are not the ones encoded), and
+        # r_ctx after as the editor will see them
+        saved = [decode_pixels(data) for data in files]
         after = self.protector.evaluate_r_ctx(self.protector.at_working_size(
             [pixels_tensor(pixels) for pixels in saved]))
         seconds = (time.perf_counter() - start) / len(batch)
         records = []
-        for (job, photo), result, pixels, r_ctx in zip(batch, results, saved, after, strict=True):
-            save_photo(job.output, pixels, photo.alpha, photo.icc)
-            diff = int(abs(pixels.astype(int) - photo.pixels.astype(int)).max())
+        for (job, photo), result, data, pixels, r_ctx in zip(batch, results, files, saved, after,
+                                                            strict=True):
+            try:
+                write_file(job.output, data)
+            except OSError as exc:
+                records.append(self.failed(job, f"{job.source}: cannot write {job.output}: "
+                                                f"{exc.strerror or exc}"))
+                continue
             records.append(_record(
                 job, self.config, status="ok", r_ctx_before=result.r_ctx_before,
-                r_ctx_after=r_ctx, linf=diff, psnr=psnr(photo.pixels, pixels),
+                r_ctx_after=r_ctx, linf=linf(photo.pixels, pixels), psnr=psnr(photo.pixels, pixels),
                 ssim=ssim(photo.pixels, pixels), steps=result.steps,
                 working_size=list(result.working_size), seconds=seconds, note=photo.note))
         return records
@@ -176,6 +218,12 @@ class Progress:
         self.manifest = manifest
         self.counts = {"ok": 0, "failed": 0, "skipped": 0}
         self.bar = tqdm(total=total, desc="photos", unit="photo", disable=not progress)
+
+    def start(self, job: Job) -> Job:
+        """Records that ``job`` may write its output (before it can)."""
+        if not job.error:
+            self.manifest.append({**_paths(job), "status": "started"})
+        return job
 
     def write(self, records: list[dict]) -> None:
         for record in records:
@@ -211,7 +259,7 @@ def run(jobs: list[Job], pipeline, config: ProtectConfig, manifest: Manifest,
     written = Progress(manifest, len(jobs), progress)
     try:
         for job in to_do(jobs, manifest, resume, written):
-            written.write(protection.add(job))
+            written.write(protection.add(written.start(job)))
         written.write(protection.finish())
     finally:
         written.close()

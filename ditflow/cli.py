@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .io import DEFAULT_MAX_PIXELS
+
 if TYPE_CHECKING:
     from .methods.decontext import ProtectConfig
 
@@ -149,6 +151,12 @@ _OPTIONS = {"model": "--model", "format": "--format", "method": "--method",
             "stop_min_gain": "--stop-min-gain"}
 
 
+def _model_id(model: str) -> str:
+    """``--model`` as a manifest records it: a built-in name, or the folder's absolute path
+    (``models/kontext/`` and ``./models/kontext`` are one model)."""
+    return model if model in MODEL_DEFAULTS else str(Path(model).expanduser().resolve())
+
+
 def _recorded_settings(model: str, config: ProtectConfig, suffix: str) -> dict:
     """The settings of a run as its manifest records them: the model, the output format and
     the config with the model's defaults filled in as the protector fills them (a model
@@ -164,7 +172,7 @@ def _recorded_settings(model: str, config: ProtectConfig, suffix: str) -> dict:
     settings = {key: json.loads(json.dumps(value)) for key, value in asdict(config).items()
                 if key not in _RESUMABLE_CHANGES
                 and not (key in ("resolution", "blocks") and value is None)}
-    return {"model": model, "format": suffix.lstrip("."), **settings}
+    return {"model": _model_id(model), "format": suffix.lstrip("."), **settings}
 
 
 def _as_option(key: str, value) -> str:
@@ -186,7 +194,7 @@ def _resume_conflict(manifest, settings: dict) -> str:
     for record in manifest.records.values():
         if record.get("status") != "ok":
             continue
-        earlier = {"model": record.get("model", settings["model"]), **record["config"],
+        earlier = {"model": _model_id(record.get("model", settings["model"])), **record["config"],
                    "format": Path(record["output"]).suffix.lstrip(".")}
         # a setting an earlier ditflow did not record cannot be compared
         changed = [f"{_as_option(key, earlier[key])} (now {_as_option(key, value)})"
@@ -213,10 +221,17 @@ def _output_folder_problem(outdir: Path, inputs: list[str]) -> str:
     return ""
 
 
-def _blocks_named_by_option(error: Exception) -> str:
+def _blocks_named_by_option(error: Exception, args) -> str:
     """The protector's refusal of blocks the model lacks (checked once it has loaded), naming
-    the option that set them rather than ProtectConfig's field."""
-    return str(error).replace("ProtectConfig.blocks:", "--blocks:")
+    what set them, ``--blocks`` or the model family's defaults, rather than ProtectConfig's
+    field."""
+    message = str(error)
+    if "ProtectConfig.blocks:" not in message:
+        return message
+    if args.blocks:
+        return message.replace("ProtectConfig.blocks:", "--blocks:")
+    return (message.replace("ProtectConfig.blocks:", "the default blocks of this model's family,")
+            + "; choose them with --blocks")
 
 
 def protect_command(args) -> int:
@@ -226,8 +241,9 @@ def protect_command(args) -> int:
     outdir = Path(args.output)
     suffix = ".jpg" if args.format == "jpg" else ".png"
     if args.format == "jpg":
-        print("warning: JPEG recompresses the protected photo and weakens the perturbation, "
-              "and drops transparency; PNG (the default) keeps both", file=sys.stderr)
+        print("warning: JPEG recompresses the protected photo: it weakens the perturbation, can "
+              "take pixels past --epsilon (the manifest records the saved file's L-inf) and drops "
+              "transparency; PNG (the default) keeps all three", file=sys.stderr)
     if args.model in MODEL_DEFAULTS:
         print(f"note: --model {args.model} is a small offline model for demos and tests; its "
               "perturbation does not protect against real editors: pass --model with a local "
@@ -236,7 +252,7 @@ def protect_command(args) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    manifest = Manifest(outdir / "manifest.jsonl", run_fields={"model": args.model})
+    manifest = Manifest(outdir / "manifest.jsonl", run_fields={"model": _model_id(args.model)})
     finished = any(record.get("status") == "ok" for record in manifest.records.values())
     if finished and not args.resume:
         print(f"error: {manifest.path} holds photos of an earlier run; pass --resume to continue "
@@ -248,7 +264,7 @@ def protect_command(args) -> int:
         print(f"error: {manifest.path} holds photos protected with {conflict}; resume with the "
               "earlier run's options, or protect into another folder", file=sys.stderr)
         return 2
-    jobs = bulk.gather(args.inputs, outdir, suffix)
+    jobs = bulk.gather(args.inputs, outdir, suffix, manifest)
     if all(job.error for job in jobs):  # nothing to load a model for
         for job in jobs:
             print(f"  {job.error}", file=sys.stderr)
@@ -263,7 +279,7 @@ def protect_command(args) -> int:
             counts = bulk.run(jobs, _pipeline(args.model, args.device, kind="editor"), config,
                               manifest, **options)
     except (scale.WorkerError, ValueError) as exc:  # no workers; blocks the model lacks
-        print(f"error: {_blocks_named_by_option(exc)}", file=sys.stderr)
+        print(f"error: {_blocks_named_by_option(exc, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if manifest.path.exists():
@@ -274,36 +290,52 @@ def protect_command(args) -> int:
         return 130
     print(f"{counts['ok']} protected, {counts['skipped']} already done, {counts['failed']} "
           f"failed; manifest: {manifest.path}")
+    this_run = {str(job.source.resolve()) for job in jobs}  # not earlier runs' failures
     for record in manifest.records.values():
-        if record.get("status") == "error":
+        if record.get("status") == "error" and record["input"] in this_run:
             print(f"  failed: {record['error']}", file=sys.stderr)
     return 1 if counts["failed"] else 0
 
 
 def _evaluation_pairs(clean_dir: Path, protected_dir: Path) -> list[tuple[Path, Path]]:
-    """(clean, protected) photo files matched by file stem; SystemExit naming a bad folder."""
+    """(clean, protected) photo files: as the protected folder's manifest records them where it
+    has one, else matched by file stem. Clean photos without a match are named; SystemExit
+    naming a bad folder."""
+    from .io import Manifest
+
     for name, folder in (("clean", clean_dir), ("protected", protected_dir)):
         if not folder.is_dir():
             raise SystemExit(f"error: the {name} folder {folder} "
                              f"{'is a file' if folder.exists() else 'does not exist'}")
+    manifest = Manifest(protected_dir / "manifest.jsonl")
     pairs = []
     for clean_path in sorted(p for p in clean_dir.iterdir() if p.is_file()):
-        matches = sorted(p for p in protected_dir.iterdir()
-                         if p.is_file() and p.stem == clean_path.stem)
+        if manifest.records:
+            record = manifest.records.get(str(clean_path.resolve()), {})
+            output = protected_dir / Path(record["output"]).name if "output" in record else None
+            matches = [output] if record.get("status") == "ok" and output.is_file() else []
+        else:
+            matches = sorted(p for p in protected_dir.iterdir()
+                             if p.is_file() and p.stem == clean_path.stem)
         if len(matches) > 1:  # say, a photo protected again with another --format
             raise SystemExit(f"error: {matches[0]} and {matches[1]} both match {clean_path.name}; "
                              f"move all but one out of {protected_dir}")
         if matches:
             pairs.append((clean_path, matches[0]))
+        else:
+            print(f"not evaluated: {clean_path}: no protected photo in {protected_dir}"
+                  + (f" (none in {manifest.path})" if manifest.records else ""),
+                  file=sys.stderr)
     if not pairs:
-        raise SystemExit(f"error: no file in {protected_dir} has the name of a photo in "
-                         f"{clean_dir} (matched by name without extension)")
+        raise SystemExit(f"error: no protected photo in {protected_dir} for a photo in "
+                         f"{clean_dir} (matched " + ("by its manifest)" if manifest.records else
+                                                     "by name without extension)"))
     return pairs
 
 
 def evaluate_command(args) -> int:
     """r_ctx, edit similarity and perturbation quality of protected photos against clean ones."""
-    from .io import ImageError, load_photo, psnr, ssim
+    from .io import ImageError, linf, load_photo, psnr, ssim
     from .methods.decontext import ProtectConfig, Protector
 
     pairs = _evaluation_pairs(Path(args.clean), Path(args.protected))
@@ -327,7 +359,7 @@ def evaluate_command(args) -> int:
     try:
         protector = Protector(pipeline, ProtectConfig(**_model_settings(args)))
     except ValueError as exc:  # blocks the model lacks
-        print(f"error: {_blocks_named_by_option(exc)}", file=sys.stderr)
+        print(f"error: {_blocks_named_by_option(exc, args)}", file=sys.stderr)
         return 2
     prompt = args.prompt or ("make the red circle blue" if args.model == "testbed"
                              else "A photo of this person")
@@ -335,7 +367,8 @@ def evaluate_command(args) -> int:
     try:
         for clean_path, protected_path in tqdm(pairs, desc="photos", unit="photo", leave=False):
             try:
-                clean, protected = load_photo(clean_path), load_photo(protected_path)
+                clean = load_photo(clean_path, args.max_pixels)
+                protected = load_photo(protected_path, args.max_pixels)
             except ImageError as exc:
                 print(f"skipped: {exc}", file=sys.stderr)
                 continue
@@ -352,7 +385,7 @@ def evaluate_command(args) -> int:
                 edit_psnr=psnr(*edits), edit_ssim=ssim(*edits),
                 perturbation_psnr=psnr(clean.pixels, protected.pixels),
                 perturbation_ssim=ssim(clean.pixels, protected.pixels),
-                linf=int(abs(clean.pixels.astype(int) - protected.pixels.astype(int)).max())))
+                linf=linf(clean.pixels, protected.pixels)))
             if faces is not None:
                 # identity of the edit against the person in the clean photo (ISM): protection
                 # works when the protected photo's edit no longer shows that person
@@ -367,6 +400,8 @@ def evaluate_command(args) -> int:
 
 
 def _evaluation_report(rows: list[dict], with_faces: bool, json_path: str | None) -> None:
+    from .io import to_json
+
     face_header = f" {'ID clean':>9} {'ID prot.':>9}" if with_faces else ""
     print(f"{'photo':<24} {'r_ctx clean':>11} {'protected':>10} {'edit PSNR':>10} "
           f"{'edit SSIM':>10} {'pert. PSNR':>11} {'pert. SSIM':>11} {'L-inf':>6}{face_header}")
@@ -377,15 +412,20 @@ def _evaluation_report(rows: list[dict], with_faces: bool, json_path: str | None
               f"{r['edit_psnr']:>10.2f} {r['edit_ssim']:>10.4f} {r['perturbation_psnr']:>11.2f} "
               f"{r['perturbation_ssim']:>11.4f} {r['linf']:>6}{face}")
     if json_path:
-        Path(json_path).write_text(json.dumps(rows, indent=1))
+        Path(json_path).write_text(to_json(rows, indent=1))
 
 
 def _edit(protector, photo, prompt, size, steps):
-    """The editor's output for ``photo`` (uint8 [H, W, 3]) at the working size, fixed seed."""
+    """The editor's output for ``photo`` at the working size, from the photo resized to it as
+    protection saw it (FLUX.1 Kontext would encode a larger photo at its own size), fixed
+    seed."""
     from PIL import Image
 
+    from .io import to_uint8
+
+    pixels = protector.at_working_size([photo.tensor()])[0].permute(1, 2, 0).cpu().numpy()
     config = protector.config
-    image = protector.calls.edit(Image.fromarray(photo.pixels), prompt, size, steps,
+    image = protector.calls.edit(Image.fromarray(to_uint8(pixels)), prompt, size, steps,
                                  config.guidance, config.max_sequence_length,
                                  torch.Generator().manual_seed(0))[0]
     return np.asarray(image.convert("RGB"))
@@ -411,7 +451,7 @@ def demo_command(args) -> int:
     photos = sorted(SAMPLES.glob("*.png"))
     args.inputs = [str(p) for p in scenes + photos]
     args.model, args.format, args.resume, args.quiet = "testbed", "png", False, False
-    args.max_pixels, args.output = 64_000_000, str(protected_dir)
+    args.max_pixels, args.output = DEFAULT_MAX_PIXELS, str(protected_dir)
     status = protect_command(args)
     records = Manifest(protected_dir / "manifest.jsonl").records
     resolution = args.resolution or MODEL_DEFAULTS["testbed"]["resolution"]
@@ -714,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
     _protect_options(p)
     p.add_argument("--format", default="png", choices=["png", "jpg"])
     p.add_argument("--resume", action="store_true", help="skip photos already protected")
-    p.add_argument("--max-pixels", type=COUNT, default=64_000_000,
+    p.add_argument("--max-pixels", type=COUNT, default=DEFAULT_MAX_PIXELS,
                    help="decompression-bomb guard: refuse larger images")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=protect_command)
@@ -732,6 +772,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", default=None, help="blocks r_ctx is measured on (as for protect)")
     p.add_argument("--text-tokens", type=COUNT, default=None, help=TEXT_TOKENS_HELP)
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--max-pixels", type=COUNT, default=DEFAULT_MAX_PIXELS,
+                   help="decompression-bomb guard: refuse larger images")
     p.add_argument("--face-model", default=None,
                    help="local face-recognition model (.onnx, or a torch.export .pt2; ArcFace "
                         "input convention) for identity similarity; never downloaded")
@@ -809,6 +851,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     p.set_defaults(run=edit_command)
     args = parser.parse_args(argv)
+    for name in ("eot_jpeg", "eot_resize"):
+        low_high = getattr(args, name, None)
+        if low_high and low_high[0] > low_high[1]:
+            parser.error(f"--{name.replace('_', '-')} {low_high[0]} {low_high[1]}: LOW must not "
+                         "exceed HIGH")
     if args.command in ("generate", "edit") and args.model in EDITOR_ONLY:
         parser.error(f"--model {args.model} serves protect and evaluate; {args.command} drives "
                      "FLUX.1 pipelines")

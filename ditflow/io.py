@@ -3,6 +3,7 @@ atomic saving, budget-exact quantisation, quality metrics, and the JSONL manifes
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 MIN_SIDE = 16
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -53,6 +53,7 @@ def load_photo(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
+            decoder_args = image.tile[0][3] if image.tile else ""  # gone once loaded
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{path}: {exc} (the decompression-bomb guard; raise --max-pixels if "
@@ -64,6 +65,11 @@ def load_photo(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
     finally:
         Image.MAX_IMAGE_PIXELS = old_limit
     notes = []
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1 and image.format != "MPO":  # (a camera JPEG's second picture is a preview)
+        notes.append(f"first of {frames} frames protected")
+    if decoder_args == "RGB;16B":  # a 16-bit RGB PNG, which Pillow reads as 8-bit RGB
+        notes.append("16-bit input written as 8-bit")
     icc = image.info.get("icc_profile")
     image = ImageOps.exif_transpose(image)
     if image.width < MIN_SIDE or image.height < MIN_SIDE:
@@ -74,10 +80,13 @@ def load_photo(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
         notes.append(note)
     if image.mode == "CMYK":
         image = image.convert("RGB")
-        icc = None  # a CMYK profile does not describe the RGB result
         notes.append("CMYK converted to RGB")
+    if icc and icc[16:20] != b"RGB ":  # the profile's colour space: it would not describe RGB
+        notes.append(f"its {icc[16:20].decode('latin-1').strip()} colour profile dropped "
+                     "(the output is RGB)")
+        icc = None
     alpha = None
-    if image.mode == "P" or image.mode == "PA":
+    if image.mode == "PA" or "transparency" in image.info:  # a palette or colour-key alpha
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA"):
         alpha = np.asarray(image.getchannel("A")).copy()
@@ -135,74 +144,123 @@ def quantize_within_budget(original: np.ndarray, protected: torch.Tensor, epsilo
     return np.clip(values, np.maximum(low, 0), np.minimum(high, 255)).astype(np.uint8)
 
 
-def _atomic_write(path: Path, write) -> None:
+def encode_photo(pixels: np.ndarray, alpha: np.ndarray | None = None, icc: bytes | None = None,
+                 jpeg: bool = False, jpeg_quality: int = 95) -> bytes:
+    """The file bytes of a photo: PNG (lossless) or JPEG. Alpha and ICC kept (JPEG drops
+    alpha)."""
+    from PIL import Image
+
+    image = Image.fromarray(pixels)
+    if alpha is not None and not jpeg:
+        image.putalpha(Image.fromarray(alpha))
+    options = {"icc_profile": icc} if icc else {}
+    if jpeg:
+        options.update(quality=jpeg_quality, subsampling=0)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG" if jpeg else "PNG", **options)
+    return buffer.getvalue()
+
+
+def decode_pixels(data: bytes) -> np.ndarray:
+    """uint8 [H, W, 3] RGB of encoded photo bytes: what a reader of the saved file sees."""
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()
+
+
+def is_jpeg(path: Path) -> bool:
+    return path.suffix.lower() in (".jpg", ".jpeg")
+
+
+def write_file(path: Path, data: bytes) -> None:
     """Write through a temporary file in the same folder, then rename: a crash never leaves a
     half-written file under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # not named after the photo: a name near the 255-byte limit would leave no room
+    tmp = path.with_name(f".ditflow-{secrets.token_hex(4)}.tmp")
     # created as any new file is (0666 less the umask), not private like mkstemp's
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        write(tmp)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
 def save_photo(path: Path, pixels: np.ndarray, alpha: np.ndarray | None = None,
-               icc: bytes | None = None, jpeg_quality: int = 95) -> None:
-    """Save atomically; PNG (lossless) unless the suffix asks for JPEG. Alpha and ICC kept
-    (JPEG drops alpha)."""
-    from PIL import Image
+               icc: bytes | None = None) -> None:
+    """Save atomically; PNG unless the suffix asks for JPEG (see :func:`encode_photo`)."""
+    write_file(path, encode_photo(pixels, alpha, icc, jpeg=is_jpeg(path)))
 
-    image = Image.fromarray(pixels)
-    is_jpeg = path.suffix.lower() in (".jpg", ".jpeg")
-    if alpha is not None and not is_jpeg:
-        image.putalpha(Image.fromarray(alpha))
-    options = {"icc_profile": icc} if icc else {}
-    if is_jpeg:
-        options.update(quality=jpeg_quality, subsampling=0)
 
-    def write(tmp):
-        image.save(tmp, format="JPEG" if is_jpeg else "PNG", **options)
-
-    _atomic_write(path, write)
+def linf(a: np.ndarray, b: np.ndarray) -> int:
+    """Largest absolute difference of two uint8 images."""
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max(initial=0))
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    diff = a.astype(np.float32) - b.astype(np.float32)  # squares exact, half float64's memory
+    mse = float(np.mean(np.square(diff), dtype=np.float64))
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+SSIM_BAND_ROWS = 128  # rows per band: a 64 MP photo's SSIM in about 100 MB
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
     """Mean SSIM over RGB channels (Gaussian window 11, sigma 1.5; Wang et al. 2004; images
-    thinner than 11 px get a window as wide as they are)."""
-    x = torch.tensor(a, dtype=torch.float64).permute(2, 0, 1)[:, None]
-    y = torch.tensor(b, dtype=torch.float64).permute(2, 0, 1)[:, None]
+    thinner than 11 px get a window as wide as they are). The window is separable: blurred
+    along rows then columns as weighted sums of shifted views, over bands of rows."""
     size = min(11, *a.shape[:2])
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * 1.5**2))
-    window = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
+    coords = np.arange(size) - (size - 1) / 2
+    g = np.exp(-(coords**2) / (2 * 1.5**2))
+    g /= g.sum()
 
     def blur(t):
-        return F.conv2d(t, window)
+        down = sum(w * t[i:i + t.shape[0] - size + 1] for i, w in enumerate(g))
+        return sum(w * down[:, i:i + down.shape[1] - size + 1] for i, w in enumerate(g))
 
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    mx, my = blur(x), blur(y)
-    vx, vy, cov = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
-    value = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return float(value.mean())
+    rows = a.shape[0] - size + 1  # of the valid (unpadded) SSIM map
+    total = 0.0
+    for start in range(0, rows, SSIM_BAND_ROWS):
+        stop = min(start + SSIM_BAND_ROWS, rows) + size - 1
+        x, y = a[start:stop].astype(np.float64), b[start:stop].astype(np.float64)
+        mx, my = blur(x), blur(y)
+        vx, vy, cov = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+        value = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+        total += float(value.sum())
+    return total / (3 * rows * (a.shape[1] - size + 1))
+
+
+def to_json(record, indent: int | None = None) -> str:
+    """``record`` as standard JSON: infinite or NaN numbers (the PSNR of identical images) as
+    null, which every JSON reader accepts."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(record), indent=indent, allow_nan=False)
 
 
 class Manifest:
-    """JSONL record of a run, one line per photo, appended and flushed as each photo finishes,
-    so a crash loses nothing that was done. ``run_fields`` go into every appended record."""
+    """JSONL record of a run, appended and flushed line by line, so a crash loses nothing that
+    was done: per photo, a ``started`` line naming its output before it is written (so a resume
+    knows the file for ditflow's even if the crash came before the last line) and a line when
+    it is done. ``run_fields`` go into every appended record. Outputs are known by file name:
+    they live in the manifest's folder, wherever the run is started from."""
 
     def __init__(self, path: Path, run_fields: dict | None = None):
         self.path = path
         self.run_fields = run_fields or {}
         self.records: dict[str, dict] = {}
+        self._protected_from: dict[str, Path] = {}  # output file name -> its input photo
         if path.exists():
             for line in path.read_text(errors="replace").splitlines():
                 try:
@@ -210,11 +268,21 @@ class Manifest:
                 except json.JSONDecodeError:
                     continue  # a line cut by a crash: that photo is simply redone
                 if isinstance(record, dict) and "input" in record:
-                    self.records[record["input"]] = record
+                    self._note(record)
+
+    def _note(self, record: dict) -> None:
+        self.records[record["input"]] = record
+        if record.get("status") in ("started", "ok"):  # a crash may come between the two
+            self._protected_from[Path(record["output"]).name] = Path(record["input"])
+
+    def protected_from(self, output: Path) -> Path | None:
+        """The input photo whose protection the manifest records in ``output``, if any."""
+        return self._protected_from.get(output.name)
 
     def finished(self, source: Path, output: Path) -> bool:
         record = self.records.get(str(source.resolve()))
-        return bool(record and record.get("status") == "ok" and output.exists())
+        return bool(record and record.get("status") == "ok"
+                    and Path(record["output"]).name == output.name and output.exists())
 
     def append(self, record: dict) -> None:
         record = {**self.run_fields, **record}
@@ -225,7 +293,7 @@ class Manifest:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     f.write(b"\n")
-            f.write(json.dumps(record).encode() + b"\n")
+            f.write(to_json(record).encode() + b"\n")
             f.flush()
             os.fsync(f.fileno())
-        self.records[record["input"]] = record
+        self._note(record)

@@ -79,7 +79,7 @@ def run(jobs: list[Job], model: str, device: str, config: ProtectConfig, manifes
         def give(actor) -> None:
             """The actor's next call: a photo while any are left, then its partial batches."""
             if queue:
-                in_flight[actor.add.remote(queue.popleft())] = actor
+                in_flight[actor.add.remote(written.start(queue.popleft()))] = actor
             elif actor not in finishing:
                 finishing.add(actor)
                 in_flight[actor.finish.remote()] = actor

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ pytest.importorskip("diffusers")
 from PIL import Image, ImageCms
 
 from ditflow.cli import main
+from ditflow.io import psnr
 
 FAST = ["--model", "tiny", "--steps", "2", "--resolution", "16", "--text-tokens", "8",
         "--quiet"]
@@ -27,9 +30,14 @@ def _rgb(h, w, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-def _records(out: Path) -> dict[str, dict]:
+def _done_lines(out: Path) -> list[dict]:
+    """The manifest's lines of finished or failed photos (not those saying one started)."""
     lines = (out / "manifest.jsonl").read_text().splitlines()
-    return {Path(r["input"]).name: r for r in map(json.loads, lines)}
+    return [r for r in map(json.loads, lines) if r["status"] != "started"]
+
+
+def _records(out: Path) -> dict[str, dict]:
+    return {Path(r["input"]).name: r for r in _done_lines(out)}
 
 
 @pytest.fixture
@@ -48,11 +56,35 @@ def photo_folder(tmp_path):
     Image.fromarray(_rgb(30, 40, 4)).save(d / "rotated.jpg", exif=exif, quality=95)
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     Image.fromarray(_rgb(30, 40, 5)).save(d / "icc.png", icc_profile=icc)
+    gray_icc = bytearray(icc)
+    gray_icc[16:20] = b"GRAY"  # the header's colour space: a profile RGB output cannot use
+    Image.fromarray(_rgb(30, 40, 6)[..., 0]).save(d / "gray_icc.png", icc_profile=bytes(gray_icc))
+    key = _rgb(30, 40, 7)
+    key[:10] = (1, 2, 3)
+    Image.fromarray(key).save(d / "colour_key.png", transparency=(1, 2, 3))
+    Image.fromarray(_rgb(30, 40, 8)).convert("P", palette=Image.ADAPTIVE, colors=4).save(
+        d / "opaque_palette.png")
+    frames = [Image.fromarray(_rgb(30, 40, 9 + i)).convert("P") for i in range(3)]
+    frames[0].save(d / "animated.gif", save_all=True, append_images=frames[1:])
+    _write_rgb16_png(d / "rgb16.png", (np.arange(30 * 40 * 3).reshape(30, 40, 3) * 37) % 65536)
     (d / "corrupt.png").write_bytes((d / "good.png").read_bytes()[:60])
     (d / "notes.txt").write_text("not a photo")
     Image.fromarray(_rgb(8, 8)).save(d / "tiny.png")
     Image.fromarray(_rgb(100, 100)).save(d / "huge.png")
     return d
+
+
+def _write_rgb16_png(path: Path, values: np.ndarray) -> None:
+    """A 16-bit RGB PNG (Pillow cannot write one)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    h, w, _ = values.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in values)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2,
+                                                                          0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
 def test_folder_with_every_kind_of_input(photo_folder, tmp_path, capsys):
@@ -61,7 +93,8 @@ def test_folder_with_every_kind_of_input(photo_folder, tmp_path, capsys):
     assert status == 1  # some inputs failed, the rest went on
     records = _records(out)
     ok = {"good.png", "alpha.png", "palette.png", "cmyk.jpg", "gray16.png", "rotated.jpg",
-          "icc.png"}
+          "icc.png", "gray_icc.png", "colour_key.png", "opaque_palette.png", "animated.gif",
+          "rgb16.png"}
     assert {n for n, r in records.items() if r["status"] == "ok"} == ok
     errors = {n: r["error"] for n, r in records.items() if r["status"] == "error"}
     assert "corrupt or truncated" in errors["corrupt.png"]
@@ -77,6 +110,13 @@ def test_folder_with_every_kind_of_input(photo_folder, tmp_path, capsys):
     assert Image.open(out / "rotated.png").size == (30, 40)  # EXIF orientation applied
     assert Image.open(out / "icc.png").info.get("icc_profile")
     assert "16-bit" in records["gray16.png"]["note"]
+    assert "16-bit" in records["rgb16.png"]["note"]
+    assert "first of 3 frames" in records["animated.gif"]["note"]
+    assert "GRAY colour profile dropped" in records["gray_icc.png"]["note"]
+    assert "icc_profile" not in Image.open(out / "gray_icc.png").info
+    transparent = np.asarray(Image.open(out / "colour_key.png"))[..., 3] == 0
+    assert transparent[:10].all() and not transparent[10:].any()  # the colour key's pixels
+    assert Image.open(out / "opaque_palette.png").mode == "RGB"  # no alpha it did not have
     assert not list(out.glob(".*.tmp"))
     err = capsys.readouterr().err
     assert "failed:" in err
@@ -101,7 +141,7 @@ def test_existing_manifest_needs_resume(tmp_path):
     assert main(["protect", str(src), "-o", str(out), *FAST]) == 0
     assert main(["protect", str(src), "-o", str(out), *FAST]) == 2
     assert main(["protect", str(src), "-o", str(out), "--resume", *FAST]) == 0
-    assert len((out / "manifest.jsonl").read_text().splitlines()) == 1  # nothing redone
+    assert len(_done_lines(out)) == 1  # nothing redone
 
 
 def test_resume_refuses_other_settings(tmp_path, capsys):
@@ -189,8 +229,7 @@ def test_missing_inputs_and_clashing_names(tmp_path):
     status = main(["protect", str(tmp_path / "x"), str(tmp_path / "y"),
                    str(tmp_path / "nothing*.png"), "-o", str(out), *FAST])
     assert status == 1
-    errors = [r["error"] for r in map(json.loads, (out / "manifest.jsonl").read_text()
-                                      .splitlines()) if r["status"] == "error"]
+    errors = [r["error"] for r in _done_lines(out) if r["status"] == "error"]
     assert any("would overwrite" in e for e in errors)
     assert any("no such file" in e for e in errors)
 
@@ -373,7 +412,7 @@ def test_output_folders_that_cannot_take_the_photos(tmp_path, capsys):
         capsys.readouterr().err)
     out = tmp_path / "out"
     assert main(["protect", str(src / "a.png"), str(src), "-o", str(out), *FAST]) == 0
-    assert len(_records(out)) == 1 and len((out / "manifest.jsonl").read_text().splitlines()) == 1
+    assert len(_records(out)) == 1 and len(_done_lines(out)) == 1
     umask = os.umask(0o022)
     os.umask(umask)
     assert (out / "a.png").stat().st_mode & 0o777 == 0o666 & ~umask  # not private to the user
@@ -430,12 +469,32 @@ def test_evaluate_names_missing_folders_and_unmatched_photos(tmp_path):
     (tmp_path / "protected").mkdir()
     with pytest.raises(SystemExit, match=r"the protected folder .*nowhere does not exist"):
         main(["evaluate", str(tmp_path / "clean"), str(tmp_path / "nowhere")])
-    with pytest.raises(SystemExit, match=r"no file in .*protected has the name of a photo"):
+    with pytest.raises(SystemExit, match=r"no protected photo in .*protected for a photo in"):
         main(["evaluate", str(tmp_path / "clean"), str(tmp_path / "protected")])
     Image.fromarray(_rgb(20, 20)).save(tmp_path / "protected" / "p[1].png")  # glob characters
     assert main(["evaluate", str(tmp_path / "clean"), str(tmp_path / "protected"),
                  "--model", "tiny", "--edit-steps", "1", "--resolution", "16",
                  "--text-tokens", "8"]) == 0
+
+
+def test_evaluate_pairs_photos_as_the_manifest_records_them(tmp_path, capsys):
+    """a.jpg and a.png share a stem: protect keeps a.jpg's output (a.png clashes), and evaluate
+    must not compare a.png with a.jpg's protection; photos without one are named."""
+    clean, out = tmp_path / "clean", tmp_path / "out"
+    clean.mkdir()
+    Image.fromarray(_rgb(20, 20, 1)).save(clean / "a.jpg", quality=95)
+    Image.fromarray(_rgb(20, 20, 2)).save(clean / "a.png")
+    Image.fromarray(_rgb(20, 20, 3)).save(clean / "b.png")
+    assert main(["protect", str(clean), "-o", str(out), *FAST]) == 1  # a.png clashes
+    (out / "b.png").unlink()
+    capsys.readouterr()
+    rows = tmp_path / "rows.json"
+    assert main(["evaluate", str(clean), str(out), "--model", "tiny", "--edit-steps", "1",
+                 "--resolution", "16", "--text-tokens", "8", "--json", str(rows)]) == 0
+    assert [row["photo"] for row in json.loads(rows.read_text())] == ["a.jpg"]
+    err = capsys.readouterr().err
+    assert f"not evaluated: {clean / 'a.png'}: no protected photo" in err
+    assert f"not evaluated: {clean / 'b.png'}: no protected photo" in err
 
 
 def test_generate_and_edit_refuse_outputs_they_cannot_write(tmp_path, capsys):
@@ -526,3 +585,118 @@ def test_photos_of_many_sizes_do_not_pile_up(tmp_path, monkeypatch):
     assert main(["protect", str(src), "-o", str(out), "--batch-size", "2", *FAST]) == 0
     assert len(_records(out)) == 5
     assert max(waiting) <= 3  # one batch of 2 in memory, plus the photo that overflowed it
+
+
+def test_files_ditflow_did_not_write_are_never_replaced(tmp_path, capsys):
+    """Outputs next to their originals (-o the inputs' own folder, given by glob) and resumes
+    with other inputs: any file the manifest does not record as that photo's protection stays
+    untouched."""
+    folder = tmp_path / "g"
+    folder.mkdir()
+    Image.fromarray(_rgb(20, 20, 1)).save(folder / "holiday.jpg", quality=95)
+    Image.fromarray(_rgb(20, 20, 2)).save(folder / "holiday.png")  # another original
+    before = (folder / "holiday.png").read_bytes()
+    assert main(["protect", str(folder / "*.jpg"), "-o", str(folder), *FAST]) == 1
+    assert "exists and is no protected photo" in capsys.readouterr().err
+    assert (folder / "holiday.png").read_bytes() == before
+
+    cams, out = [tmp_path / "cam1", tmp_path / "cam2"], tmp_path / "out"
+    for seed, cam in enumerate(cams):  # camera file names repeat
+        cam.mkdir()
+        Image.fromarray(_rgb(20, 20, seed)).save(cam / "IMG_0001.png")
+    assert main(["protect", str(cams[0]), "-o", str(out), *FAST]) == 0
+    protected = (out / "IMG_0001.png").read_bytes()
+    assert main(["protect", str(cams[1]), "-o", str(out), "--resume", *FAST]) == 1
+    assert f"is the protected photo of {cams[0] / 'IMG_0001.png'}" in capsys.readouterr().err
+    assert (out / "IMG_0001.png").read_bytes() == protected
+    assert main(["protect", str(cams[0]), "-o", str(out), "--resume", *FAST]) == 0
+
+
+def test_jpeg_outputs_are_measured_as_saved(tmp_path):
+    src = tmp_path / "a.png"
+    pixels = _rgb(24, 24, 3)
+    Image.fromarray(pixels).save(src)
+    out = tmp_path / "out"
+    assert main(["protect", str(src), "-o", str(out), "--format", "jpg", "--epsilon", "4",
+                 *FAST]) == 0
+    record = _records(out)["a.png"]
+    saved = np.asarray(Image.open(out / "a.jpg").convert("RGB")).astype(int)
+    assert record["linf"] == np.abs(saved - pixels.astype(int)).max()  # JPEG may pass epsilon
+    assert record["psnr"] == pytest.approx(psnr(pixels, saved.astype(np.uint8)))
+
+
+def test_awkward_file_names_are_protected_and_failures_name_their_photo(tmp_path, monkeypatch,
+                                                                       capsys):
+    from ditflow.methods.decontext import Protector
+
+    src = tmp_path / "in"
+    src.mkdir()
+    names = [os.fsdecode(b"caf\xe9.png"), "L" * 240 + ".png", "b.png"]  # not UTF-8; 244 bytes
+    for seed, name in enumerate(names):
+        Image.fromarray(_rgb(20, 20, seed)).save(src / name)
+    (src / "link.png").symlink_to(src / "b.png")
+    out = tmp_path / "out"
+    assert main(["protect", str(src), "-o", str(out), "--batch-size", "2", *FAST]) == 0
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(names)  # b.png, not link.png
+
+    def failing(self, names, photos, on_step=None):
+        raise RuntimeError("out of something")
+
+    monkeypatch.setattr(Protector, "run", failing)
+    assert main(["protect", str(src / "b.png"), str(src / names[1]), "-o",
+                 str(tmp_path / "again"), "--batch-size", "2", *FAST]) == 1
+    errors = {Path(r["input"]).name: r["error"] for r in _done_lines(tmp_path / "again")}
+    assert all(error.startswith(f"{src / name}: protection failed")
+               for name, error in errors.items()) and len(errors) == 2
+
+
+def test_a_resumed_run_lists_only_its_own_failures(tmp_path, capsys):
+    src = tmp_path / "in"
+    (src / "deeper").mkdir(parents=True)
+    Image.fromarray(_rgb(20, 20)).save(src / "p.png")
+    Image.fromarray(_rgb(20, 20, 1)).save(src / "deeper" / "q.png")
+    (src / "notes.jpg").write_text("not a photo")
+    out = tmp_path / "out"
+    assert main(["protect", str(src / "p.png"), str(src / "notes.jpg"), "-o", str(out),
+                 *FAST]) == 1
+    capsys.readouterr()
+    assert main(["protect", str(src / "**" / "q.png"), "-o", str(out), "--resume",
+                 *FAST]) == 0  # ** is recursive
+    assert "notes.jpg" not in capsys.readouterr().err
+    assert (out / "q.png").exists()
+
+
+def test_manifests_are_standard_json(tmp_path):
+    """An unchanged photo's PSNR is infinite: null in the manifest, which JSON readers accept."""
+    from ditflow.io import to_json
+
+    assert json.loads(to_json({"psnr": float("inf"), "x": [float("nan"), 1.5]})) == {
+        "psnr": None, "x": [None, 1.5]}
+
+
+def test_model_folders_resume_however_they_are_written(tmp_path, monkeypatch):
+    from ditflow.cli import _model_id
+
+    (tmp_path / "kontext").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert _model_id("kontext") == _model_id("./kontext/") == str(tmp_path / "kontext")
+    assert _model_id("tiny") == "tiny"
+
+
+def test_refused_default_blocks_are_not_blamed_on_the_option():
+    from argparse import Namespace
+
+    from ditflow.cli import _blocks_named_by_option
+
+    error = ValueError("ProtectConfig.blocks: ['single.10'] not in this model")
+    assert _blocks_named_by_option(error, Namespace(blocks="single.10")).startswith("--blocks:")
+    message = _blocks_named_by_option(error, Namespace(blocks=None))
+    assert message.startswith("the default blocks") and message.endswith("with --blocks")
+
+
+@pytest.mark.parametrize("option", ["--eot-jpeg", "--eot-resize"])
+def test_eot_ranges_must_be_ordered(option, tmp_path, capsys):
+    low_high = ["0.9", "0.5"] if option == "--eot-resize" else ["95", "60"]
+    with pytest.raises(SystemExit):
+        main(["protect", str(tmp_path), "-o", str(tmp_path / "out"), option, *low_high])
+    assert "LOW must not exceed HIGH" in capsys.readouterr().err

@@ -144,8 +144,8 @@ class ProtectConfig:
         ]
         if self.eot_jpeg_quality is not None:
             low, high = self.eot_jpeg_quality
-            checks.append((1 <= low <= high <= 100,
-                           f"eot_jpeg_quality={self.eot_jpeg_quality}: expected 1..100"))
+            checks.append((1 <= low <= high <= 100, f"eot_jpeg_quality={self.eot_jpeg_quality}: "
+                           "expected 1 <= low <= high <= 100"))
         if self.eot_resize is not None:
             low, high = self.eot_resize
             checks.append((0 < low <= high,
@@ -173,7 +173,8 @@ class ProtectResult:
 
 
 def _photo_seed(seed: int, name: str) -> int:
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    # surrogateescape: a file name that is not UTF-8 hashes as its bytes (valid names as before)
+    digest = hashlib.sha256(f"{seed}:{name}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 

@@ -192,8 +192,9 @@ class KontextCalls:
 
     def edit(self, image, prompt: str, size: tuple[int, int], steps: int, guidance: float,
              max_sequence_length: int, generator, output_type: str = "pil"):
-        """The pipeline's edit of ``image`` (PIL) at ``size``, fed to the model at that size:
-        ``.images`` of the call (``output_type="latent"``: packed latents [1, N, C])."""
+        """The pipeline's edit of ``image`` (PIL, at ``size``: without its auto-resize the
+        pipeline encodes the context at the image's own size): ``.images`` of the call
+        (``output_type="latent"``: packed latents [1, N, C])."""
         h, w = size
         return self.pipe(image=image, prompt=prompt, height=h, width=w, max_area=h * w,
                          _auto_resize=False, num_inference_steps=steps, guidance_scale=guidance,
