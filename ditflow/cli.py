@@ -443,7 +443,10 @@ def demo_command(args) -> int:
     outdir = Path(args.output)
     scenes_dir, protected_dir = outdir / "scenes", outdir / "protected"
     scenes_dir.mkdir(parents=True, exist_ok=True)
-    (protected_dir / "manifest.jsonl").unlink(missing_ok=True)  # the demo always starts over
+    earlier = Manifest(protected_dir / "manifest.jsonl")  # the demo always starts over
+    for record in earlier.records.values():
+        (protected_dir / Path(record["output"]).name).unlink(missing_ok=True)
+    earlier.path.unlink(missing_ok=True)
     edits = held_out_edits(args.scenes)
     scenes = [scenes_dir / f"scene{i}.png" for i in range(len(edits))]
     for path, e in zip(scenes, edits, strict=True):

@@ -320,6 +320,9 @@ def test_demo_protects_and_edits_testbed_scenes(tmp_path, capsys):
     for sample in SAMPLES.glob("*.png"):
         assert sample.name in text
         assert Image.open(out / "protected" / sample.name).size == Image.open(sample).size
+    # run again: the demo starts over, replacing the protected photos it wrote itself
+    assert main(["demo", "-o", str(out), "--steps", "1", "--scenes", "1"]) == 0
+    assert all(r["status"] == "ok" for r in _records(out / "protected").values())
 
 
 def test_evaluate(tmp_path):
