@@ -42,12 +42,13 @@ class Case:
     per_head: bool = False
     per_batch_groups: bool = False
     shuffle: bool = False
+    aligned: bool = False  # equal segments on tile boundaries: uniform tiles of every group pair
 
     def __str__(self):
         parts = [f"{self.nq}x{self.nk or self.nq}", f"d{self.head_dim}", f"g{self.groups}"]
         parts += sorted(self.kinds)
-        parts += [flag for flag in ("pair_mask", "per_head", "per_batch_groups", "shuffle")
-                  if getattr(self, flag)]
+        parts += [flag for flag in ("pair_mask", "per_head", "per_batch_groups", "shuffle",
+                                    "aligned") if getattr(self, flag)]
         return "-".join(parts)
 
 
@@ -57,6 +58,7 @@ CASES = [
     Case(17, head_dim=64),
     Case(97, head_dim=32, groups=3, kinds=ALL),
     Case(130, head_dim=16, groups=3, kinds=ALL),
+    Case(192, head_dim=16, groups=3, kinds=ALL, aligned=True),
     Case(64, head_dim=32, groups=3, kinds=frozenset({"scale"})),
     Case(64, head_dim=32, groups=3, kinds=frozenset({"bias"})),
     Case(64, head_dim=32, groups=3, kinds=frozenset({"block"})),
@@ -77,7 +79,10 @@ CASES = [
 def _inputs(case: Case, dtype, device):
     nk = case.nk or case.nq
     q, k, v = random_qkv(case.batch, case.nq, nk, case.heads, case.head_dim, dtype, device)
-    if case.per_batch_groups:
+    if case.aligned:
+        q_groups = torch.arange(case.groups, device=device).repeat_interleave(
+            case.nq // case.groups)
+    elif case.per_batch_groups:
         q_groups = torch.stack([segment_groups(case.nq, case.groups, device, case.shuffle)
                                 for _ in range(case.batch)])
     else:
@@ -166,19 +171,24 @@ def test_every_key_blocked_everywhere(device):
 
 
 def test_noncontiguous_inputs(device):
-    """Views with odd strides (a transposed [B, H, N, D] tensor, a slice of a fused qkv)."""
+    """Views with odd strides (a transposed [B, H, N, D] tensor, a slice of a fused qkv), so
+    q, k, v and dO all have different strides: outputs and gradients."""
     b, n, h, d = 2, 45, 3, 32
-    qkv = torch.randn(b, n, 3, h, d, device=device)
-    q, k, v = qkv.unbind(2)
-    v = torch.randn(b, h, n, d, device=device).transpose(1, 2)
-    assert not q.is_contiguous() and not v.is_contiguous()
+    qkv = torch.randn(b, n, 3, h, d, device=device, requires_grad=True)
+    v_t = torch.randn(b, h, n, d, device=device, requires_grad=True)
     groups = segment_groups(n, 3, device)
     rules = random_rules(3, {"scale", "bias", "weight"})
-    got = flow_attention(q, k, v, groups, rules=rules, return_mass=True, backend="triton")
-    want = flow_attention(q.contiguous(), k.contiguous(), v.contiguous(), groups, rules=rules,
-                          return_mass=True, backend="reference")
-    assert max_error(got.out, want.out) < 1e-5
-    assert max_error(got.mass, want.mass) < 1e-5
+    d_out = torch.randn(b, h, n, d, device=device).transpose(1, 2)  # strided cotangent too
+    results = []
+    for backend in ("triton", "reference"):
+        q, k, _ = qkv.unbind(2)
+        v = v_t.transpose(1, 2)
+        assert not q.is_contiguous() and not v.is_contiguous()
+        res = flow_attention(q, k, v, groups, rules=rules, return_mass=True, backend=backend)
+        loss = (res.out * d_out).sum() + (res.mass * torch.arange(3, device=device)).sum()
+        results.append((res.out, res.mass, *torch.autograd.grad(loss, (qkv, v_t))))
+    for got, want in zip(*results, strict=True):
+        assert max_error(got, want) < 1e-5
 
 
 def test_rules_without_group_ids_put_every_token_in_group_0(device):
@@ -212,6 +222,16 @@ def test_block_shapes(block, monkeypatch, device):
         block += ":4:2"
     monkeypatch.setenv("DITFLOW_TRITON_CONFIG", block)
     run_case(Case(97, head_dim=32, groups=3, kinds=ALL, pair_mask=True), torch.float32, device)
+
+
+def test_each_kernel_walks_the_plan_of_its_own_block_shape(monkeypatch, device):
+    """Forward and backward tiled differently, as the GPU table tiles them: one layout, a plan
+    per shape (a plan walked with another shape's tiles reads the wrong rules, or out of
+    bounds)."""
+    options = ":4:2" if device.type == "cuda" else ""
+    monkeypatch.setenv("DITFLOW_TRITON_CONFIG", f"forward=64x64{options},"
+                       f"backward_dkdv=32x64{options},backward_dq=64x32{options}")
+    run_case(Case(192, head_dim=16, groups=3, kinds=ALL, aligned=True), torch.float32, device)
 
 
 @pytest.fixture
