@@ -243,3 +243,43 @@ def assert_triton_matches_reference(model, inputs: dict, target_tokens: int,
     for got, want in zip(results["triton"], results["reference"], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert results["reference"][1].abs().sum() > 0
+
+
+def assert_rules_and_pair_masks_reach_the_attention(model, inputs: dict) -> None:
+    """Through the model's processors, a rule means what it says (blocking target -> context
+    leaves the target queries no mass on the context, and only them) and a pair mask blocking
+    the same pairs gives the same output: checked against the attention's own statistics,
+    not against another backend behind the same processor."""
+    from ditflow.layout import CONTEXT, TARGET
+    from ditflow.session import Intervention, attach
+
+    class Blocking(Intervention):
+        def __init__(self, by_mask: bool):
+            self.by_mask, self.observed = by_mask, []
+
+        def rules(self, step, block, layout):
+            return None if self.by_mask else layout.rules().block(TARGET, CONTEXT)
+
+        def pair_mask(self, step, block, layout, q, k):
+            if not self.by_mask:
+                return None
+            groups = layout.groups(q.device)
+            return ((groups == TARGET)[:, None] & (groups == CONTEXT)[None, :])[None]
+
+        def wants_mass(self, step, block):
+            return True
+
+        def observe(self, step, block, layout, result):
+            self.observed.append((layout.groups(result.mass.device), result.mass))
+
+    outputs = []
+    for by_mask in (False, True):
+        blocking = Blocking(by_mask)
+        with attach(model, blocking):
+            outputs.append(model(**inputs)[0])
+        assert blocking.observed
+        for groups, mass in blocking.observed:
+            on_context = mass[..., CONTEXT]
+            assert (on_context[:, :, groups == TARGET] == 0).all()
+            assert (on_context[:, :, groups != TARGET] > 0).any()  # the others still see it
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)

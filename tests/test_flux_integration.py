@@ -11,6 +11,7 @@ import diffusers.models.transformers.transformer_flux as flux_module
 from helpers import (
     assert_checkpointing_keeps_the_gradient,
     assert_compiled_matches_eager,
+    assert_rules_and_pair_masks_reach_the_attention,
     assert_statistics_only_is_stock,
     assert_triton_matches_reference,
     eager_r_ctx,
@@ -60,6 +61,11 @@ def test_rules_match_reference_processor_with_gradients(monkeypatch):
     gradients with respect to the context latents."""
     assert_triton_matches_reference(tiny_flux_transformer(), flux_inputs(3, 4, contexts=1), 12,
                                     monkeypatch)
+
+
+def test_rules_and_pair_masks_mean_what_they_say():
+    assert_rules_and_pair_masks_reach_the_attention(tiny_flux_transformer(),
+                                                    flux_inputs(3, 4, contexts=1))
 
 
 def test_rules_change_the_output():

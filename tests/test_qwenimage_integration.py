@@ -14,6 +14,7 @@ from helpers import (
     assert_checkpointing_keeps_the_gradient,
     assert_compiled_matches_eager,
     assert_early_stop_saves_blocks,
+    assert_rules_and_pair_masks_reach_the_attention,
     assert_statistics_only_is_stock,
     assert_triton_matches_reference,
     eager_r_ctx,
@@ -115,6 +116,10 @@ def test_every_block_of_a_call_shares_one_tile_plan(monkeypatch):
     with attach(model, rules_everywhere(edit_rules)):
         model(**inputs)
     assert ops._plans.misses - misses == 1  # two blocks, one layout, one block shape
+
+
+def test_rules_and_pair_masks_mean_what_they_say():
+    assert_rules_and_pair_masks_reach_the_attention(tiny_qwen_transformer(), _inputs(CALLS[-1]))
 
 
 def test_rules_change_the_output():

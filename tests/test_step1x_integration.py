@@ -13,6 +13,7 @@ from helpers import (
     assert_checkpointing_keeps_the_gradient,
     assert_compiled_matches_eager,
     assert_early_stop_saves_blocks,
+    assert_rules_and_pair_masks_reach_the_attention,
     assert_statistics_only_is_stock,
     assert_triton_matches_reference,
     eager_r_ctx,
@@ -88,6 +89,10 @@ def test_rules_match_reference_processor_with_gradients(monkeypatch):
     gradients with respect to the reference latents."""
     inputs = step1x_inputs(3, 4, batch=2, padding=(1, 4))
     assert_triton_matches_reference(tiny_step1x_transformer(), inputs, 12, monkeypatch)
+
+
+def test_rules_and_pair_masks_mean_what_they_say():
+    assert_rules_and_pair_masks_reach_the_attention(tiny_step1x_transformer(), step1x_inputs(3, 4))
 
 
 def test_rules_change_the_output():
