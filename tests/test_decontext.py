@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -74,11 +76,36 @@ def test_deterministic_and_independent_of_batching(pipe):
         assert torch.equal(b.image, c.image)
 
 
-def test_expectation_over_transformations_runs(pipe):
-    result = protect([torch.rand(3, 24, 24)], pipe,
-                     tiny_config(eot_jpeg_quality=(60, 90), eot_resize=(0.5, 1.0)))[0]
-    assert (result.image - result.image.new_zeros(1)).abs().max() <= 1
-    assert result.steps == 4
+def test_each_step_draws_its_instruction_timestep_and_noise(pipe, monkeypatch):
+    """Sign-PGD steps see instructions from the pool, timesteps in [980, 1000) and fresh
+    target noise."""
+    seen = []
+    r_ctx = Protector.r_ctx
+
+    def recording(self, pixels, prompts, timesteps, noise, prompt_images=None):
+        if pixels.requires_grad:  # a PGD step (evaluation runs without a gradient)
+            seen.append((prompts[0], timesteps[0], noise.clone()))
+        return r_ctx(self, pixels, prompts, timesteps, noise, prompt_images)
+
+    monkeypatch.setattr(Protector, "r_ctx", recording)
+    config = tiny_config(steps=12)
+    protect([torch.rand(3, 24, 24)], pipe, config)
+    prompts, timesteps, noises = zip(*seen, strict=True)
+    assert len(seen) == 12 and set(prompts) <= set(config.prompts) and len(set(prompts)) > 3
+    assert all(980 <= t < 1000 for t in timesteps) and len(set(timesteps)) == 12
+    assert all(not torch.equal(a, b) for a, b in itertools.pairwise(noises))
+
+
+def test_expectation_over_transformations_changes_what_the_editor_sees(pipe):
+    photo = torch.rand(3, 24, 24)
+    plain = protect([photo], pipe, tiny_config())[0]
+    for eot in (dict(eot_jpeg_quality=(60, 90)), dict(eot_resize=(0.5, 0.7))):
+        result = protect([photo], pipe, tiny_config(**eot))[0]
+        assert result.steps == 4 and not torch.equal(result.image, plain.image)
+    protector = Protector(pipe, tiny_config())
+    x = torch.rand(1, 3, 16, 16)
+    assert (protector._transform(x, [30], []) - x).abs().max() > 1e-2
+    assert (protector._transform(x, [], [0.5]) - x).abs().max() > 1e-2
 
 
 def test_convergence_stop_ends_early_and_records_history(pipe):
@@ -86,6 +113,9 @@ def test_convergence_stop_ends_early_and_records_history(pipe):
                      tiny_config(steps=12, stop_window=2, stop_min_gain=10.0))[0]
     assert result.steps == 2  # no window can gain 10: stops at the first check
     assert len(result.history) == 2
+    going_on = protect([torch.rand(3, 24, 24)], pipe,
+                       tiny_config(steps=6, stop_window=2, stop_min_gain=-1.0))[0]
+    assert going_on.steps == 6  # every window counts as progress: the schedule runs out
 
 
 def test_diff_pgd_baseline_moves_within_budget(pipe):

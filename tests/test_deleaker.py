@@ -83,6 +83,25 @@ def _leaker(**config) -> DeLeaker:
     return DeLeaker([[1, 2], [4]], (4, 5), blocks_per_step=4, config=DeLeakerConfig(**config))
 
 
+@pytest.mark.parametrize("switch", ["suppress_text", "reinforce_text", "suppress_image"])
+def test_each_ablation_switch_turns_its_own_edit_off(switch):
+    leaker = _leaker(**{switch: False})
+    leaker.masks = torch.zeros(2, 4, 5, dtype=torch.bool)
+    leaker.masks[0, :2, :3] = True
+    leaker.masks[1, 2:, 1:] = True
+    layout = leaker.layout(*LATE, TokenLayout.from_segments(6, 20))
+    rules = leaker.rules(*LATE, layout)
+    image0, text0, text1 = (layout.group(name) for name in
+                            ("entity0.image", "entity0.text", "entity1.text"))
+    q = k = torch.randn(1, 26, 3, 8)
+    cut = leaker.pair_mask(*LATE, layout, q, k)
+    edits = {"suppress_text": rules.bias is not None
+             and bool(torch.isinf(rules.bias[0, image0, text1])),
+             "reinforce_text": rules.scale is not None and float(rules.scale[0, image0, text0]) > 1,
+             "suppress_image": cut is not None and bool(cut.any())}
+    assert edits == {name: name != switch for name in edits}
+
+
 def test_regions_come_from_the_recorded_attention_mass():
     """observe() averages image-to-entity-text mass over blocks; the first edited block turns
     it into regions and entity groups."""

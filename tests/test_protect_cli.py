@@ -340,8 +340,13 @@ def test_evaluate(tmp_path):
     (row,) = json.loads(rows_file.read_text())
     assert row["photo"] == "coffee.png"
     assert row["linf"] <= 12 and row["perturbation_psnr"] > 25
+    record = _records(out)["coffee.png"]  # the same measurement when the photo was protected
+    assert record["r_ctx_before"] != pytest.approx(record["r_ctx_after"], abs=1e-5)
+    assert row["r_ctx_clean"] == pytest.approx(record["r_ctx_before"], abs=1e-5)
+    assert row["r_ctx_protected"] == pytest.approx(record["r_ctx_after"], abs=1e-5)
     for key in ("face_sim_clean_edit", "face_sim_protected_edit"):
         assert -1 - 1e-9 <= row[key] <= 1 + 1e-9
+    assert row["face_sim_clean_edit"] != row["face_sim_protected_edit"]  # two edits
 
 
 def test_evaluate_refuses_face_models_it_cannot_load(tmp_path, capsys):

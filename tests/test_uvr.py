@@ -188,6 +188,9 @@ def test_generation_on_the_testbed(t2i, editor, tmp_path):
     with pytest.raises(ValueError, match="anchors are for mode 'generate'"):
         edit(editor, render(scenes[0]), "make it red", anchors,
              resolution=SIZE, config=CONFIG, anchor_metadata=metadata)
+    with pytest.raises(ValueError, match="anchors are for block 'elsewhere'"):
+        generate(t2i, caption, anchors, height=SIZE, width=SIZE, config=CONFIG,
+                 anchor_metadata={**metadata, "block": "elsewhere"})
     with pytest.raises(ValueError, match="no negative prompt"):
         generate(t2i, caption, anchors, height=SIZE, width=SIZE, negative_prompt="x")
     with pytest.raises(ValueError, match="multiples of 2"):
