@@ -126,6 +126,29 @@ def test_diff_pgd_baseline_moves_within_budget(pipe):
     assert 0 < change <= 12.75 / 255 + 1e-6
 
 
+def test_diff_pgd_steps_raise_the_denoising_error(pipe, monkeypatch):
+    """One Diff-PGD step, then its loss again at the stepped photo with the step's own draws
+    (clean edit, timestep, noise): the baseline maximises it."""
+    calls = []
+    loss_of = Protector._flow_matching_loss
+
+    def recording(self, pixels, edits, gens, *draws):
+        states = [g.get_state() for g in gens]  # the loss draws which clean edit to use
+        loss = loss_of(self, pixels, edits, gens, *draws)
+        calls.append((self, edits, states, draws, loss.detach()))
+        return loss
+
+    monkeypatch.setattr(Protector, "_flow_matching_loss", recording)
+    photo = torch.rand(3, 16, 16)  # its own working size: the result is the stepped photo
+    result = protect([photo], pipe, tiny_config(method="diff-pgd", steps=1, diffpgd_edits=2,
+                                               diffpgd_edit_steps=1))[0]
+    ((protector, edits, states, draws, before),) = calls
+    gens = [torch.Generator().set_state(state) for state in states]
+    with torch.no_grad():
+        after = loss_of(protector, result.image[None], edits, gens, *draws)
+    assert after > before
+
+
 def test_gradient_matches_the_authors_recipe(pipe):
     """ditflow's step (early stop, fused mass gradient) and the authors' recipe (all blocks,
     eager probabilities, gradient checkpointing) give the same pixel gradient."""
