@@ -155,6 +155,31 @@ def test_blending_keeps_the_source_latents_outside_the_regions(editor, two_objec
     assert not torch.allclose(unblended[:, outside], source[:, outside])
 
 
+def test_blending_noises_the_source_to_each_steps_level(editor, two_object_edit):
+    """Between steps the background is the photo's latents noised to the next step's level
+    with the generation's own noise (the last step's sigma is 0, so the final latents alone
+    cannot tell)."""
+    seen = []
+    hook = editor.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["hidden_states"].clone()),
+        with_kwargs=True)
+    try:
+        _, regions = _ale(editor, two_object_edit, ALEConfig(), output_type="latent")
+    finally:
+        hook.remove()
+    pixels = torch.from_numpy(two_object_edit[0]).permute(2, 0, 1).float()[None] / 255
+    with torch.no_grad():
+        source = pack_latents(encode_image(editor.vae, pixels))
+    outside = ~regions.any(0).flatten()
+    tokens = outside.numel()
+    noise = seen[0][:, :tokens]  # the first step's target tokens are the starting noise
+    for step, latents in enumerate(seen[1:], start=1):
+        sigma = float(editor.scheduler.sigmas[step])
+        want = (1 - sigma) * source + sigma * noise
+        torch.testing.assert_close(latents[:, :tokens][:, outside], want[:, outside],
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_edit_rejects_bad_inputs(editor, two_object_edit):
     pixels, instruction, phrases, object_masks = two_object_edit
     cases = [
