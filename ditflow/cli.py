@@ -444,8 +444,8 @@ def demo_command(args) -> int:
     scenes_dir, protected_dir = outdir / "scenes", outdir / "protected"
     scenes_dir.mkdir(parents=True, exist_ok=True)
     earlier = Manifest(protected_dir / "manifest.jsonl")  # the demo always starts over
-    for record in earlier.records.values():
-        (protected_dir / Path(record["output"]).name).unlink(missing_ok=True)
+    for name in earlier.output_names():
+        (protected_dir / name).unlink(missing_ok=True)
     earlier.path.unlink(missing_ok=True)
     edits = held_out_edits(args.scenes)
     scenes = [scenes_dir / f"scene{i}.png" for i in range(len(edits))]

@@ -275,6 +275,10 @@ class Manifest:
         if record.get("status") in ("started", "ok"):  # a crash may come between the two
             self._protected_from[Path(record["output"]).name] = Path(record["input"])
 
+    def output_names(self) -> list[str]:
+        """The file names of every output the manifest records (started or finished)."""
+        return list(self._protected_from)
+
     def protected_from(self, output: Path) -> Path | None:
         """The input photo whose protection the manifest records in ``output``, if any."""
         return self._protected_from.get(output.name)
