@@ -299,8 +299,8 @@ def protect_command(args) -> int:
 
 def _evaluation_pairs(clean_dir: Path, protected_dir: Path) -> list[tuple[Path, Path]]:
     """(clean, protected) photo files: as the protected folder's manifest records them where it
-    has one, else matched by file stem. Clean photos without a match are named; SystemExit
-    naming a bad folder."""
+    has one (by the clean photo's path, or its file name if the photo has moved), else matched
+    by file stem. Clean photos without a match are named; SystemExit naming a bad folder."""
     from .io import Manifest
 
     for name, folder in (("clean", clean_dir), ("protected", protected_dir)):
@@ -308,10 +308,15 @@ def _evaluation_pairs(clean_dir: Path, protected_dir: Path) -> list[tuple[Path, 
             raise SystemExit(f"error: the {name} folder {folder} "
                              f"{'is a file' if folder.exists() else 'does not exist'}")
     manifest = Manifest(protected_dir / "manifest.jsonl")
+    by_name: dict[str, list[dict]] = {}  # for clean photos moved since they were protected
+    for input_path, record in manifest.records.items():
+        by_name.setdefault(Path(input_path).name, []).append(record)
     pairs = []
     for clean_path in sorted(p for p in clean_dir.iterdir() if p.is_file()):
         if manifest.records:
-            record = manifest.records.get(str(clean_path.resolve()), {})
+            named = by_name.get(clean_path.name, [])
+            record = manifest.records.get(str(clean_path.resolve()),
+                                          named[0] if len(named) == 1 else {})
             output = protected_dir / Path(record["output"]).name if "output" in record else None
             matches = [output] if record.get("status") == "ok" and output.is_file() else []
         else:

@@ -503,6 +503,10 @@ def test_evaluate_pairs_photos_as_the_manifest_records_them(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"not evaluated: {clean / 'a.png'}: no protected photo" in err
     assert f"not evaluated: {clean / 'b.png'}: no protected photo" in err
+    moved = clean.rename(tmp_path / "moved")  # the originals moved since: paired by file name
+    assert main(["evaluate", str(moved), str(out), "--model", "tiny", "--edit-steps", "1",
+                 "--resolution", "16", "--text-tokens", "8", "--json", str(rows)]) == 0
+    assert [row["photo"] for row in json.loads(rows.read_text())] == ["a.jpg"]
 
 
 def test_generate_and_edit_refuse_outputs_they_cannot_write(tmp_path, capsys):
