@@ -149,6 +149,31 @@ def test_diff_pgd_steps_raise_the_denoising_error(pipe, monkeypatch):
     assert after > before
 
 
+def test_diff_pgd_noises_the_clean_edit_as_the_scheduler_does(pipe):
+    """The flow-matching loss feeds the transformer the clean edit noised to the step's
+    timestep as the pipeline's own scheduler defines its forward process."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(sigmas=[0.985], mu=0.0)
+    timestep = scheduler.timesteps[:1]
+    protector = Protector(pipe, tiny_config(method="diff-pgd"))
+    pixels = protector.at_working_size([torch.rand(3, 16, 16)])
+    tokens, channels = protector._target_shape(pixels)
+    edit, noise = torch.randn(1, tokens, channels), torch.randn(1, tokens, channels)
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["hidden_states"][:, :tokens]),
+        with_kwargs=True)
+    try:
+        protector._flow_matching_loss(pixels, [edit], [torch.Generator()],
+                                      [protector.config.prompts[0]], [float(timestep)], noise,
+                                      pixels.unbind())
+    finally:
+        hook.remove()
+    torch.testing.assert_close(seen[0], scheduler.scale_noise(edit, timestep, noise))
+
+
 def test_gradient_matches_the_authors_recipe(pipe):
     """ditflow's step (early stop, fused mass gradient) and the authors' recipe (all blocks,
     eager probabilities, gradient checkpointing) give the same pixel gradient."""
