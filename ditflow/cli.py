@@ -52,18 +52,20 @@ DIFFUSERS_EXTRA = {"diffusers": "diffusers", "transformers": "transformers",
 
 
 def _number(kind: type, low: float | None = None, high: float | None = None,
-            above: float | None = None):
-    """An argparse type: a finite ``kind`` (int or float) from ``low`` to ``high`` and greater
-    than ``above`` (bounds optional), so a bad value is refused naming its option."""
-    limits = [f"{sign} {bound}" for sign, bound in ((">=", low), ("<=", high), (">", above))
-              if bound is not None]
+            above: float | None = None, below: float | None = None):
+    """An argparse type: a finite ``kind`` (int or float) from ``low`` to ``high``, greater
+    than ``above`` and less than ``below`` (bounds optional), so a bad value is refused naming
+    its option."""
+    limits = [f"{sign} {bound}" for sign, bound in ((">=", low), ("<=", high), (">", above),
+                                                    ("<", below)) if bound is not None]
     wanted = (f"{'an integer' if kind is int else 'a number'} {' and '.join(limits)}" if limits
               else "a finite number")
 
     def parse(text: str):
         value = kind(text)  # argparse turns a ValueError into "invalid int value: ..."
         if not (math.isfinite(value) and (low is None or value >= low)
-                and (high is None or value <= high) and (above is None or value > above)):
+                and (high is None or value <= high) and (above is None or value > above)
+                and (below is None or value < below)):
             raise argparse.ArgumentTypeError(f"{text}: expected {wanted}")
         return value
 
@@ -91,6 +93,7 @@ DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 COUNT = _number(int, low=1)  # steps, tokens, batch sizes, workers
 SIDE = _number(int, low=16)  # working resolutions and image sides, in pixels
 FINITE = _number(float)
+T5_TOKENS = _number(int, low=1, high=512)  # FLUX pipelines refuse longer T5 prompts
 
 
 def _pipeline(model: str, device: str, kind: str = "kontext"):
@@ -516,29 +519,44 @@ def _output_file_problem(path: Path) -> str:
     return ""
 
 
-def _save_regions(output: Path, regions: torch.Tensor, phrases: list[str],
-                  size: tuple[int, int], what: str) -> None:
-    """Write ``<output stem>-regions.png``: each region (bool [n, rows, columns] on the token
-    grid) in its own colour, at ``size`` (height, width); print the regions' sizes."""
+def regions_path(output: Path) -> Path:
+    """Where ``generate`` and ``edit`` write the map of their regions next to ``output``."""
+    return output.with_name(f"{output.stem}-regions.png")
+
+
+def _save_results(output: Path, image: np.ndarray, regions: torch.Tensor | None = None,
+                  phrases: list[str] = (), what: str = "") -> int:
+    """Write the image (float [H, W, 3] in [0, 1]), then, given regions (bool [n, rows,
+    columns] on the token grid), their map at the image's size, each region in its own colour,
+    and print the regions' sizes. A write that fails is a one-line error (exit status 1)."""
     from PIL import Image
 
-    from .io import save_photo
+    from .io import save_photo, to_uint8
 
-    overlay = np.full((*regions.shape[1:], 3), 255, dtype=np.uint8)
-    for color, region in zip(REGION_COLORS, regions.cpu().numpy(), strict=False):
-        overlay[region] = color
-    path = output.with_name(f"{output.stem}-regions.png")
-    save_photo(path, np.asarray(Image.fromarray(overlay).resize(size[::-1],
-                                                                Image.Resampling.NEAREST)))
-    sizes = ", ".join(f"{p!r} {int(r.sum())}" for p, r in zip(phrases, regions, strict=True))
-    print(f"{what} regions (image tokens): {sizes}; map: {path}")
+    files = [(output, to_uint8(image))]
+    if regions is not None:
+        overlay = np.full((*regions.shape[1:], 3), 255, dtype=np.uint8)
+        for color, region in zip(REGION_COLORS, regions.cpu().numpy(), strict=False):
+            overlay[region] = color
+        files.append((regions_path(output), np.asarray(Image.fromarray(overlay).resize(
+            image.shape[1::-1], Image.Resampling.NEAREST))))
+    for path, pixels in files:
+        try:
+            save_photo(path, pixels)
+        except OSError as error:
+            print(f"error: cannot write {path}: {error.strerror or error}", file=sys.stderr)
+            return 1
+        print(f"wrote {path}")
+    if regions is not None:
+        sizes = ", ".join(f"{p!r} {int(r.sum())}" for p, r in zip(phrases, regions, strict=True))
+        print(f"{what} regions (image tokens): {sizes}")
+    return 0
 
 
 def _run_uvr(args, output: Path, run) -> int:
     """Generation or edit with UVR: anchors from ``args.uvr`` (their block unless
     ``--uvr-block``), ``run(anchors, metadata, config) -> (images, mask)``; writes the image
     and the flagged-token map."""
-    from .io import save_photo, to_uint8
     from .methods.uvr import UVRConfig, load_anchors
 
     try:
@@ -546,25 +564,21 @@ def _run_uvr(args, output: Path, run) -> int:
         block = args.uvr_block or metadata.get("block", UVRConfig.block)
         images, mask = run(anchors, metadata, UVRConfig(block=block,
                                                         threshold=args.uvr_threshold))
-    except ValueError as error:  # not an anchors file, anchors for another block or mode
+    except ValueError as error:  # not an anchors file; anchors of another block, mode, model
         print(f"error: {error}", file=sys.stderr)
         return 2
     if mask is None:
         print("UVR flagged nothing: the output is the model's own", file=sys.stderr)
-    else:
-        _save_regions(output, mask[None], [metadata.get("concept", "concept")],
-                      images[0].shape[:2], "flagged")
-    save_photo(output, to_uint8(images[0]))
-    print(f"wrote {output}")
-    return 0
+        return _save_results(output, images[0])
+    return _save_results(output, images[0], mask[None], [metadata.get("concept", "concept")],
+                         "flagged")
 
 
 def generate_command(args) -> int:
-    from .io import save_photo, to_uint8
     from .methods.deleaker import DeLeakerConfig, generate
 
     defaults = GENERATE_DEFAULTS.get(
-        args.model, REAL_UVR_GENERATE_DEFAULTS if args.uvr else REAL_GENERATE_DEFAULTS)
+        args.model, REAL_UVR_GENERATE_DEFAULTS if args.uvr is not None else REAL_GENERATE_DEFAULTS)
     size = args.size or defaults["size"]
     if size % 16:
         print(f"error: --size {size}: FLUX.1 makes images of multiples of 16 px (try "
@@ -579,13 +593,17 @@ def generate_command(args) -> int:
     call = dict(num_inference_steps=args.steps or defaults["steps"], guidance_scale=guidance,
                 output_type="np", generator=torch.Generator().manual_seed(args.seed))
     output = Path(args.output)
-    if args.uvr:
+    if args.uvr is not None:
         from .methods.uvr import generate as uvr_generate
 
         return _run_uvr(args, output, lambda anchors, metadata, config: uvr_generate(
             pipeline, args.prompt, anchors, height=size, width=size, config=config,
             anchor_metadata=metadata, max_sequence_length=text_tokens, **call))
     if args.entity:
+        if len(args.entity) == 1:
+            print("warning: one --entity: DeLeaker separates pairs of entities, so it makes no "
+                  "edits (the image is the plain generation's; its region is mapped)",
+                  file=sys.stderr)
         config = DeLeakerConfig(alpha=args.alpha, mask_threshold=args.mask_threshold,
                                 pair_threshold=args.pair_threshold, mask_steps=args.mask_steps,
                                 record_from=args.record_from, start_block=args.start_block)
@@ -600,21 +618,18 @@ def generate_command(args) -> int:
             print(f"warning: the generation ended before block call {config.start_block}: "
                   "DeLeaker made no edits (more --steps or a lower --start-block)",
                   file=sys.stderr)
-        else:
-            _save_regions(output, regions, args.entity, (size, size), "entity")
-            empty = [repr(e) for e, region in zip(args.entity, regions, strict=True)
-                     if not region.any()]
-            if empty:
-                print(f"warning: DeLeaker found no image region for {', '.join(empty)}: no "
-                      "edits touch it (the attention on its words stayed under --mask-threshold)",
-                      file=sys.stderr)
-    else:
-        print("no --entity given: plain generation, without DeLeaker", file=sys.stderr)
-        images = pipeline(prompt=args.prompt, height=size, width=size,
-                          max_sequence_length=text_tokens, **call).images
-    save_photo(output, to_uint8(images[0]))
-    print(f"wrote {output}")
-    return 0
+            return _save_results(output, images[0])
+        empty = [repr(e) for e, region in zip(args.entity, regions, strict=True)
+                 if not region.any()]
+        if empty:
+            print(f"warning: DeLeaker found no image region for {', '.join(empty)}: no "
+                  "edits touch it (the attention on its words stayed under --mask-threshold)",
+                  file=sys.stderr)
+        return _save_results(output, images[0], regions, args.entity, "entity")
+    print("no --entity given: plain generation, without DeLeaker", file=sys.stderr)
+    images = pipeline(prompt=args.prompt, height=size, width=size,
+                      max_sequence_length=text_tokens, **call).images
+    return _save_results(output, images[0])
 
 
 # edit: working resolution, T5 tokens, guidance, steps per model (FLUX.1 Kontext: the
@@ -642,7 +657,7 @@ def _load_mask(path: str) -> np.ndarray:
 def edit_command(args) -> int:
     from PIL import Image
 
-    from .io import ImageError, load_photo, save_photo, to_uint8
+    from .io import ImageError, load_photo
     from .methods.ale import ALEConfig, edit
     from .models.flux import vae_scale_factor, working_size
 
@@ -662,7 +677,7 @@ def edit_command(args) -> int:
     call = dict(num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
                 output_type="np", generator=torch.Generator().manual_seed(args.seed))
     output = Path(args.output)
-    if args.uvr:
+    if args.uvr is not None:
         from .methods.uvr import edit as uvr_edit
 
         return _run_uvr(args, output, lambda anchors, metadata, config: uvr_edit(
@@ -681,18 +696,15 @@ def edit_command(args) -> int:
         except ValueError as error:  # phrases not in the prompt, masks of the wrong size
             print(f"error: {error}", file=sys.stderr)
             return 2
-        _save_regions(output, regions, phrases, images[0].shape[:2], "object")
-    else:
-        print("no --object given: plain edit, without ALE", file=sys.stderr)
-        height, width = working_size(*photo.pixels.shape[:2], settings["resolution"],
-                                     2 * vae_scale_factor(pipeline.vae))
-        images = pipeline(image=Image.fromarray(photo.pixels), prompt=args.prompt,
-                          height=height, width=width, max_area=height * width,
-                          _auto_resize=False, max_sequence_length=settings["text_tokens"],
-                          **call).images
-    save_photo(output, to_uint8(images[0]))
-    print(f"wrote {output}")
-    return 0
+        return _save_results(output, images[0], regions, phrases, "object")
+    print("no --object given: plain edit, without ALE", file=sys.stderr)
+    height, width = working_size(*photo.pixels.shape[:2], settings["resolution"],
+                                 2 * vae_scale_factor(pipeline.vae))
+    images = pipeline(image=Image.fromarray(photo.pixels), prompt=args.prompt,
+                      height=height, width=width, max_area=height * width,
+                      _auto_resize=False, max_sequence_length=settings["text_tokens"],
+                      **call).images
+    return _save_results(output, images[0])
 
 
 # Defaults by model, as MODEL_DEFAULTS and decontext.MODEL_DEFAULTS set them.
@@ -808,11 +820,11 @@ def main(argv: list[str] | None = None) -> int:
                    "(default 512, with --uvr 1024; 32 for the testbed and tiny models)")
     p.add_argument("--steps", type=COUNT, default=None, help="default 20, with --uvr 28")
     p.add_argument("--guidance", type=FINITE, default=None, help="default 3.5 (1.0 testbed)")
-    p.add_argument("--text-tokens", type=COUNT, default=None,
+    p.add_argument("--text-tokens", type=T5_TOKENS, default=None,
                    help="T5 tokens (default 256, with --uvr 512; testbed 24, tiny 16)")
     p.add_argument("--seed", type=int, default=0)
     defaults = DeLeakerConfig()
-    p.add_argument("--alpha", type=FINITE, default=defaults.alpha,
+    p.add_argument("--alpha", type=_number(float, above=0), default=defaults.alpha,
                    help="logit factor, image tokens of an entity on its own text")
     p.add_argument("--mask-threshold", type=FINITE, default=defaults.mask_threshold,
                    help="entity regions: mean + T * std of the entity's attention")
@@ -844,10 +856,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="working resolution (default 1024; 32 for the testbed and tiny models)")
     p.add_argument("--steps", type=COUNT, default=None, help="default 28 (20 testbed)")
     p.add_argument("--guidance", type=FINITE, default=None, help="default 3.5 (1.0 testbed)")
-    p.add_argument("--text-tokens", type=COUNT, default=None,
+    p.add_argument("--text-tokens", type=T5_TOKENS, default=None,
                    help="FLUX's T5 tokens (default 512; testbed 24, tiny 16)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dilation", type=_number(float, low=0), default=0.04,
+    p.add_argument("--dilation", type=_number(float, low=0, below=1), default=0.04,
                    help="region dilation, a fraction of the image's longer side")
     p.add_argument("--no-ore", action="store_true",
                    help="ablation: the phrases keep their in-prompt embeddings")
@@ -868,16 +880,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--model {args.model} serves protect and evaluate; {args.command} drives "
                      "FLUX.1 pipelines")
     other = getattr(args, "entity", None) or getattr(args, "object", None)
-    if getattr(args, "uvr", None) and other:
+    if getattr(args, "uvr", None) is not None and other:
         parser.error(f"--uvr and --{'entity' if args.command == 'generate' else 'object'} are "
                      "separate methods; give one")
-    if getattr(args, "uvr", None) and not Path(args.uvr).is_file():
+    if getattr(args, "uvr", None) is not None and not Path(args.uvr).is_file():
         parser.error(f"--uvr {args.uvr}: no such file (anchors saved with "
                      "ditflow.methods.uvr.save_anchors)")
     if args.command in ("generate", "edit"):
         problem = _output_file_problem(Path(args.output))
-        if args.command == "edit" and Path(args.output).resolve() == Path(args.image).resolve():
-            problem = f"-o {args.output} would overwrite the source photo"
+        written = {"-o": Path(args.output), "the region map": regions_path(Path(args.output))}
+        inputs = {"the source photo": getattr(args, "image", None), "--uvr": args.uvr,
+                  **{f"the mask of {phrase!r}": mask for phrase, mask in
+                     getattr(args, "object", None) or []}}
+        for output_name, path in written.items():
+            for input_name, source in inputs.items():
+                if not problem and source and path.resolve() == Path(source).resolve():
+                    problem = f"{output_name} {path} would overwrite {input_name}"
+            if not problem and path.is_dir():
+                problem = f"{output_name} {path} is a folder"
         if problem:
             parser.error(problem)
     missing = [name for name, module in DIFFUSERS_EXTRA.items()

@@ -510,16 +510,46 @@ def test_evaluate_pairs_photos_as_the_manifest_records_them(tmp_path, capsys):
 
 
 def test_generate_and_edit_refuse_outputs_they_cannot_write(tmp_path, capsys):
-    photo = tmp_path / "p.png"
-    Image.fromarray(_rgb(20, 20)).save(photo)
+    photo, map_named = tmp_path / "p.png", tmp_path / "q-regions.png"
+    for path in (photo, map_named):
+        Image.fromarray(_rgb(20, 20)).save(path)
     for argv, message in (
             (["generate", "a red circle", "-o", str(tmp_path)], "name a .png or .jpg file"),
             (["generate", "a red circle", "-o", str(tmp_path / "no" / "x.png")],
              "cannot write into"),
-            (["edit", str(photo), "make it blue", "-o", str(photo)], "overwrite the source")):
+            (["edit", str(photo), "make it blue", "-o", str(photo)], "overwrite the source"),
+            (["edit", str(photo), "make it blue", "--object", "it", str(tmp_path / "m.png"),
+              "-o", str(tmp_path / "m.png")], "would overwrite the mask of 'it'"),
+            (["edit", str(map_named), "make it blue", "-o", str(tmp_path / "q.jpg")],
+             f"the region map {map_named} would overwrite the source photo"),
+            (["generate", "a red circle", "-o", str(tmp_path / "p-regions" / ".." / "x.png")],
+             "cannot write into"),
+            (["generate", "a red circle", "--uvr", "", "-o", str(tmp_path / "x.png")],
+             "--uvr : no such file"),
+            (["generate", "a red circle", "--entity", "circle", "--alpha", "0", "-o",
+              str(tmp_path / "x.png")], "--alpha: 0: expected a number > 0"),
+            (["edit", str(photo), "make it blue", "--dilation", "1", "-o", str(tmp_path / "x.png")],
+             "--dilation: 1: expected a number >= 0 and < 1"),
+            (["generate", "a red circle", "--text-tokens", "600", "-o", str(tmp_path / "x.png")],
+             "--text-tokens: 600: expected an integer >= 1 and <= 512")):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
+    (tmp_path / "x-regions.png").mkdir()
+    with pytest.raises(SystemExit):
+        main(["generate", "a red circle", "-o", str(tmp_path / "x.png")])
+    assert f"the region map {tmp_path / 'x-regions.png'} is a folder" in capsys.readouterr().err
+
+
+def test_results_that_cannot_be_written_are_one_line_errors(tmp_path, capsys):
+    from ditflow.cli import _save_results
+
+    (tmp_path / "x-regions.png").mkdir()  # made after the checks, say
+    regions = torch.ones(1, 2, 2, dtype=torch.bool)
+    assert _save_results(tmp_path / "x.png", np.zeros((4, 4, 3)), regions, ["it"], "object") == 1
+    assert (tmp_path / "x.png").exists()  # the image is written first
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {tmp_path / 'x-regions.png'}") and err[-1] == "\n"
 
 
 def test_a_missing_uvr_anchors_file_is_named(tmp_path, capsys):

@@ -39,6 +39,12 @@ LATER = StepInfo(9, 0.5)
 BLOCK = BlockId("double", 0, 0)
 
 
+def test_anchors_of_another_model_are_refused_by_shape():
+    with pytest.raises(ValueError, match=r"anchors are 4 heads x 16 dims, this block's "
+                                         r"attention 2 x 16: collect anchors with this model"):
+        token_scores(torch.randn(6, 2, 16), torch.randn(3, 4, 16))
+
+
 def test_token_scores_are_relative_to_the_anchors_and_centred():
     anchor = torch.randn(2, 8)
     outputs = torch.stack([anchor, -anchor, torch.zeros(2, 8)]) + torch.randn(2, 8)  # + common

@@ -98,6 +98,10 @@ def token_scores(outputs: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """Concept scores [n] of tokens from their attention outputs ``[n, H, D]``: the scaled dot
     product with each anchor ``[A, H, D]``, mean over heads and anchors, divided by the same
     mean between the anchors themselves."""
+    if outputs.shape[1:] != anchors.shape[1:]:
+        raise ValueError(f"UVR: the anchors are {anchors.shape[1]} heads x {anchors.shape[2]} "
+                         f"dims, this block's attention {outputs.shape[1]} x {outputs.shape[2]}: "
+                         "collect anchors with this model")
     outputs, anchors = outputs.float(), anchors.to(outputs.device).float()
     outputs = outputs - outputs.mean(0)
     heads, dim = anchors.shape[1:]
