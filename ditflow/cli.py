@@ -110,8 +110,9 @@ def _pipeline(model: str, device: str, kind: str = "kontext"):
         library.utils.logging.disable_progress_bar()
     try:
         return pipeline_by_name(model, device, kind)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except (FileNotFoundError, ValueError) as exc:  # a usage error: exit status 2
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _model_settings(args) -> dict:
@@ -757,7 +758,8 @@ def _uvr_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--uvr-threshold", type=FINITE, default=0.6,
                    help="UVR: flag tokens scoring above this (1 = as close as the anchors)")
     p.add_argument("--uvr-block", default=None,
-                   help="UVR: the localisation block (default: the anchors' own)")
+                   help="UVR: the localisation block (default: the anchors' own; anchors that "
+                        "record their block run only there)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -216,8 +217,10 @@ def test_resume_with_a_model_folder_counts_its_defaults(tmp_path, capsys):
     assert main(resume) == 2
     assert f"--resolution 768 (now --resolution {defaults['resolution']})" in (
         capsys.readouterr().err)
-    with pytest.raises(SystemExit, match="not a complete diffusers pipeline folder"):
+    with pytest.raises(SystemExit) as exit_:
         main([*resume, "--resolution", "768"])  # the same settings: on to loading the model
+    assert exit_.value.code == 2  # a usage error
+    assert "not a complete diffusers pipeline folder" in capsys.readouterr().err
 
 
 def test_missing_inputs_and_clashing_names(tmp_path):
@@ -234,7 +237,7 @@ def test_missing_inputs_and_clashing_names(tmp_path):
     assert any("no such file" in e for e in errors)
 
 
-def test_a_model_folder_that_is_not_one_is_a_one_line_error(tmp_path):
+def test_a_model_folder_that_is_not_one_is_a_one_line_error(tmp_path, capsys):
     photo = tmp_path / "p.png"
     Image.fromarray(_rgb(20, 20)).save(photo)
     folder = tmp_path / "step1x"
@@ -242,8 +245,10 @@ def test_a_model_folder_that_is_not_one_is_a_one_line_error(tmp_path):
     (folder / "step1x-edit-i1258.safetensors").touch()
     for model, message in ((tmp_path / "nowhere", "no such model directory"),
                            (folder, "Step1X-Edit folder; missing: vae.safetensors")):
-        with pytest.raises(SystemExit, match=f"^error: .*{message}"):
+        with pytest.raises(SystemExit) as exit_:
             main(["protect", str(photo), "-o", str(tmp_path / "out"), "--model", str(model)])
+        assert exit_.value.code == 2
+        assert re.search(f"^error: .*{message}", capsys.readouterr().err, re.MULTILINE)
     assert not (tmp_path / "out").exists()  # made only once the model has loaded
 
 
