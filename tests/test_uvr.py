@@ -197,7 +197,8 @@ def test_generation_on_the_testbed(t2i, editor, tmp_path):
     with pytest.raises(ValueError, match="anchors are for block 'elsewhere'"):
         generate(t2i, caption, anchors, height=SIZE, width=SIZE, config=CONFIG,
                  anchor_metadata={**metadata, "block": "elsewhere"})
-    with pytest.raises(ValueError, match=r"block 'single.99' is not in this model \(6 blocks"):
+    with pytest.raises(ValueError,
+                       match=r"UVRConfig.block: \['single.99'\] not in this model \(6 blocks"):
         generate(t2i, caption, anchors, height=SIZE, width=SIZE,
                  config=UVRConfig(block="single.99"))
     with pytest.raises(ValueError, match="no negative prompt"):

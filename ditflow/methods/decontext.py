@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from .._memo import TensorMemo
 from ..layout import TokenLayout
-from ..models import adapter_for, edit_calls_for
+from ..models import adapter_for, check_blocks, edit_calls_for
 from ..session import StatsRecorder, attach
 from .prompts import PROMPT_POOL
 
@@ -250,11 +250,7 @@ class Protector:
         # kernels' layout checks and tile plans are computed once, not every step.
         self._adapter = adapter_for(self.transformer)
         self._layouts = TensorMemo(max_entries=64)
-        names = {str(b) for b in self.config.blocks}
-        known = self.calls.block_names()
-        if not names <= set(known):
-            raise ValueError(f"ProtectConfig.blocks: {sorted(names - set(known))} not in this "
-                             f"model ({len(known)} blocks: {known[0]} .. {known[-1]})")
+        check_blocks(self.transformer, map(str, self.config.blocks), "ProtectConfig.blocks")
         self.eval_prompts = self.config.prompts[: self.config.eval_prompts]
 
     # -- geometry ------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from ..io import pixels_tensor, to_uint8
 from ..layout import TARGET, TEXT, TokenLayout
-from ..models import adapter_for, edit_calls_for
+from ..models import check_blocks, edit_calls_for
 from ..models.flux import token_coverage, vae_scale_factor
 from ..rules import FlowRules
 from ..session import BlockId, Intervention, StepInfo, attach
@@ -413,15 +413,6 @@ def _check_anchors(metadata: dict[str, str] | None, mode: str, config: UVRConfig
                              f"uses {wanted!r}; collect anchors with the same {key}")
 
 
-def _check_block(pipeline, config: UVRConfig) -> None:
-    """The localisation block must be one of the model's (else nothing would be localised)."""
-    transformer = pipeline.transformer
-    names = [str(block) for block, _ in adapter_for(transformer).blocks(transformer)]
-    if config.block not in names:
-        raise ValueError(f"UVR: block {config.block!r} is not in this model ({len(names)} "
-                         f"blocks: {names[0]} .. {names[-1]})")
-
-
 def generate(pipeline, prompt: str, anchors: torch.Tensor, *, height: int, width: int,
              config: UVRConfig = UVRConfig(), anchor_metadata: dict[str, str] | None = None,
              **call_kwargs):
@@ -434,7 +425,7 @@ def generate(pipeline, prompt: str, anchors: torch.Tensor, *, height: int, width
     check_one_image_call("UVR", call_kwargs)
     _check_anchors(anchor_metadata, "generate", config)
     uvr = UVR(anchors, _grid(pipeline, height, width), "generate", config)
-    _check_block(pipeline, config)
+    check_blocks(pipeline.transformer, [config.block], "UVRConfig.block")
     with attach(pipeline, uvr):
         images = _call(pipeline, prompt, None, height, width, **call_kwargs).images
     return images, uvr.mask
@@ -456,7 +447,7 @@ def edit(pipeline, image, prompt: str, anchors: torch.Tensor, *, resolution: int
     height, width = edit_calls_for(pipeline).working_size(*pixels.shape[1:], resolution)
     uvr = UVR(anchors, _grid(pipeline, height, width), "edit", config,
               guidance_batch=_batches_guidance(pipeline))
-    _check_block(pipeline, config)
+    check_blocks(pipeline.transformer, [config.block], "UVRConfig.block")
     with attach(pipeline, uvr):
         images = _call(pipeline, prompt, _working_image(pixels, height, width), height, width,
                        **call_kwargs).images

@@ -51,6 +51,16 @@ def adapter_for(transformer: torch.nn.Module):
     return _member(transformer, "adapter")()
 
 
+def check_blocks(transformer: torch.nn.Module, names, what: str) -> None:
+    """Refuse block names (``"single.3"``) that ``transformer`` lacks, naming ``what`` set
+    them."""
+    known = [str(block) for block, _ in adapter_for(transformer).blocks(transformer)]
+    missing = sorted(set(names) - set(known))
+    if missing:
+        raise ValueError(f"{what}: {missing} not in this model ({len(known)} blocks: "
+                         f"{known[0]} .. {known[-1]})")
+
+
 def edit_calls_for(pipeline):
     """The builder of direct transformer calls for edits with ``pipeline`` (an in-context
     editor: FLUX.1 Kontext, Qwen-Image-Edit, Qwen-Image-Edit-2509/2511 or Step1X-Edit)."""

@@ -124,9 +124,6 @@ class KontextCalls:
         self.multiple = 2 * vae_scale_factor(self.vae)
         self._ids: dict[tuple[int, int], torch.Tensor] = {}
 
-    def block_names(self) -> list[str]:
-        return [str(block) for block, _ in self.adapter.blocks(self.transformer)]
-
     def working_size(self, height: int, width: int, resolution: int) -> tuple[int, int]:
         """About ``resolution``² pixels at the photo's aspect ratio, multiples of 16."""
         return working_size(height, width, resolution, self.multiple)

@@ -202,9 +202,6 @@ class QwenEditCalls:
         self._latents_mean = torch.tensor(self.vae.config.latents_mean).view(1, channels, 1, 1, 1)
         self._latents_std = torch.tensor(self.vae.config.latents_std).view(1, channels, 1, 1, 1)
 
-    def block_names(self) -> list[str]:
-        return [str(block) for block, _ in QwenImageAdapter.blocks(self.transformer)]
-
     def working_size(self, height: int, width: int, resolution: int) -> tuple[int, int]:
         """About ``resolution``² pixels at the photo's aspect ratio, multiples of 32."""
         from .flux import working_size
