@@ -283,3 +283,12 @@ def assert_rules_and_pair_masks_reach_the_attention(model, inputs: dict) -> None
             assert (on_context[:, :, groups == TARGET] == 0).all()
             assert (on_context[:, :, groups != TARGET] > 0).any()  # the others still see it
     torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+
+
+def done_lines(folder) -> list[dict]:
+    """A protect run's manifest lines of finished or failed photos (not those saying one
+    started)."""
+    import json
+
+    lines = (folder / "manifest.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["status"] != "started"]

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
+from helpers import done_lines
 from PIL import Image, ImageCms
 
 from ditflow.cli import main
@@ -31,14 +32,8 @@ def _rgb(h, w, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-def _done_lines(out: Path) -> list[dict]:
-    """The manifest's lines of finished or failed photos (not those saying one started)."""
-    lines = (out / "manifest.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["status"] != "started"]
-
-
 def _records(out: Path) -> dict[str, dict]:
-    return {Path(r["input"]).name: r for r in _done_lines(out)}
+    return {Path(r["input"]).name: r for r in done_lines(out)}
 
 
 @pytest.fixture
@@ -142,7 +137,7 @@ def test_existing_manifest_needs_resume(tmp_path):
     assert main(["protect", str(src), "-o", str(out), *FAST]) == 0
     assert main(["protect", str(src), "-o", str(out), *FAST]) == 2
     assert main(["protect", str(src), "-o", str(out), "--resume", *FAST]) == 0
-    assert len(_done_lines(out)) == 1  # nothing redone
+    assert len(done_lines(out)) == 1  # nothing redone
 
 
 def test_resume_refuses_other_settings(tmp_path, capsys):
@@ -232,7 +227,7 @@ def test_missing_inputs_and_clashing_names(tmp_path):
     status = main(["protect", str(tmp_path / "x"), str(tmp_path / "y"),
                    str(tmp_path / "nothing*.png"), "-o", str(out), *FAST])
     assert status == 1
-    errors = [r["error"] for r in _done_lines(out) if r["status"] == "error"]
+    errors = [r["error"] for r in done_lines(out) if r["status"] == "error"]
     assert any("would overwrite" in e for e in errors)
     assert any("no such file" in e for e in errors)
 
@@ -425,7 +420,7 @@ def test_output_folders_that_cannot_take_the_photos(tmp_path, capsys):
         capsys.readouterr().err)
     out = tmp_path / "out"
     assert main(["protect", str(src / "a.png"), str(src), "-o", str(out), *FAST]) == 0
-    assert len(_records(out)) == 1 and len(_done_lines(out)) == 1
+    assert len(_records(out)) == 1 and len(done_lines(out)) == 1
     umask = os.umask(0o022)
     os.umask(umask)
     assert (out / "a.png").stat().st_mode & 0o777 == 0o666 & ~umask  # not private to the user
@@ -692,7 +687,7 @@ def test_awkward_file_names_are_protected_and_failures_name_their_photo(tmp_path
     monkeypatch.setattr(Protector, "run", failing)
     assert main(["protect", str(src / "b.png"), str(src / names[1]), "-o",
                  str(tmp_path / "again"), "--batch-size", "2", *FAST]) == 1
-    errors = {Path(r["input"]).name: r["error"] for r in _done_lines(tmp_path / "again")}
+    errors = {Path(r["input"]).name: r["error"] for r in done_lines(tmp_path / "again")}
     assert all(error.startswith(f"{src / name}: protection failed")
                for name, error in errors.items()) and len(errors) == 2
 

@@ -3,13 +3,12 @@ Ray workers (CPU processes here; one GPU each on a GPU machine)."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 pytest.importorskip("diffusers")
 pytest.importorskip("ray")
+from helpers import done_lines
 from PIL import Image
 
 from ditflow.cli import main
@@ -18,13 +17,8 @@ FAST = ["--model", "tiny", "--steps", "2", "--resolution", "16", "--text-tokens"
         "--quiet", "--device", "cpu"]
 
 
-def _done_lines(folder) -> list[dict]:
-    lines = (folder / "manifest.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["status"] != "started"]
-
-
 def _records(folder) -> dict[str, dict]:
-    return {r["input"]: r for r in _done_lines(folder)}
+    return {r["input"]: r for r in done_lines(folder)}
 
 
 def test_workers_protect_exactly_as_one_process(tmp_path):
@@ -50,7 +44,7 @@ def test_workers_protect_exactly_as_one_process(tmp_path):
     # resume: nothing left but the file that cannot be protected
     assert main(["protect", str(photos), "-o", str(pooled), *FAST, "--workers", "2",
                  "--resume"]) == 1
-    assert len(_done_lines(pooled)) == 5
+    assert len(done_lines(pooled)) == 5
 
 
 def test_workers_that_cannot_start_are_a_one_line_error(tmp_path, capsys):
