@@ -529,7 +529,9 @@ def _save_results(output: Path, image: np.ndarray, regions: torch.Tensor | None 
                   phrases: list[str] = (), what: str = "") -> int:
     """Write the image (float [H, W, 3] in [0, 1]), then, given regions (bool [n, rows,
     columns] on the token grid), their map at the image's size, each region in its own colour,
-    and print the regions' sizes. A write that fails is a one-line error (exit status 1)."""
+    and print the regions' sizes; without regions, remove a map an earlier run left beside
+    ``output``, which would pass for this image's. A write that fails is a one-line error (exit
+    status 1)."""
     from PIL import Image
 
     from .io import save_photo, to_uint8
@@ -548,9 +550,14 @@ def _save_results(output: Path, image: np.ndarray, regions: torch.Tensor | None 
             print(f"error: cannot write {path}: {error.strerror or error}", file=sys.stderr)
             return 1
         print(f"wrote {path}")
-    if regions is not None:
-        sizes = ", ".join(f"{p!r} {int(r.sum())}" for p, r in zip(phrases, regions, strict=True))
-        print(f"{what} regions (image tokens): {sizes}")
+    if regions is None:
+        stale_map = regions_path(output)
+        if stale_map.is_file():
+            stale_map.unlink(missing_ok=True)
+            print(f"removed {stale_map}: an earlier run's (this run made no region map)")
+        return 0
+    sizes = ", ".join(f"{p!r} {int(r.sum())}" for p, r in zip(phrases, regions, strict=True))
+    print(f"{what} regions (image tokens): {sizes}")
     return 0
 
 
@@ -873,20 +880,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     p.set_defaults(run=edit_command)
     args = parser.parse_args(argv)
+    command = sub.choices[args.command]  # errors print the subcommand's usage line
     for name in ("eot_jpeg", "eot_resize"):
         low_high = getattr(args, name, None)
         if low_high and low_high[0] > low_high[1]:
-            parser.error(f"--{name.replace('_', '-')} {low_high[0]} {low_high[1]}: LOW must not "
+            command.error(f"--{name.replace('_', '-')} {low_high[0]} {low_high[1]}: LOW must not "
                          "exceed HIGH")
     if args.command in ("generate", "edit") and args.model in EDITOR_ONLY:
-        parser.error(f"--model {args.model} serves protect and evaluate; {args.command} drives "
+        command.error(f"--model {args.model} serves protect and evaluate; {args.command} drives "
                      "FLUX.1 pipelines")
     other = getattr(args, "entity", None) or getattr(args, "object", None)
     if getattr(args, "uvr", None) is not None and other:
-        parser.error(f"--uvr and --{'entity' if args.command == 'generate' else 'object'} are "
+        command.error(f"--uvr and --{'entity' if args.command == 'generate' else 'object'} are "
                      "separate methods; give one")
     if getattr(args, "uvr", None) is not None and not Path(args.uvr).is_file():
-        parser.error(f"--uvr {args.uvr}: no such file (anchors saved with "
+        command.error(f"--uvr {args.uvr}: no such file (anchors saved with "
                      "ditflow.methods.uvr.save_anchors)")
     if args.command in ("generate", "edit"):
         problem = _output_file_problem(Path(args.output))
@@ -901,7 +909,7 @@ def main(argv: list[str] | None = None) -> int:
             if not problem and path.is_dir():
                 problem = f"{output_name} {path} is a folder"
         if problem:
-            parser.error(problem)
+            command.error(problem)
     missing = [name for name, module in DIFFUSERS_EXTRA.items()
                if importlib.util.find_spec(module) is None]
     if missing:

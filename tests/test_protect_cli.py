@@ -552,12 +552,24 @@ def test_results_that_cannot_be_written_are_one_line_errors(tmp_path, capsys):
     assert err.startswith(f"error: cannot write {tmp_path / 'x-regions.png'}") and err[-1] == "\n"
 
 
+def test_an_image_without_regions_removes_an_earlier_runs_map(tmp_path, capsys):
+    from ditflow.cli import _save_results
+
+    regions = torch.ones(1, 2, 2, dtype=torch.bool)
+    assert _save_results(tmp_path / "x.png", np.zeros((4, 4, 3)), regions, ["it"], "object") == 0
+    assert (tmp_path / "x-regions.png").is_file()
+    assert _save_results(tmp_path / "x.png", np.zeros((4, 4, 3))) == 0
+    assert not (tmp_path / "x-regions.png").exists()
+    assert f"removed {tmp_path / 'x-regions.png'}" in capsys.readouterr().out
+
+
 def test_a_missing_uvr_anchors_file_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "a red circle", "-o", str(tmp_path / "x.png"),
               "--uvr", str(tmp_path / "concept.safetensors")])
-    assert "--uvr " + str(tmp_path / "concept.safetensors") + ": no such file" in (
-        capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert "--uvr " + str(tmp_path / "concept.safetensors") + ": no such file" in err
+    assert err.startswith("usage: ditflow generate") and "ditflow generate: error:" in err
 
 
 def test_commands_without_the_diffusers_extra_say_how_to_install_it(monkeypatch, capsys):
