@@ -384,11 +384,9 @@ def evaluate_command(args) -> int:
             if clean.pixels.shape != protected.pixels.shape:
                 print(f"skipped: {clean_path.name}: sizes differ", file=sys.stderr)
                 continue
-            r_clean, r_protected = protector.evaluate_r_ctx(
-                protector.at_working_size([clean.tensor(), protected.tensor()]))
-            size = protector.working_size(*clean.pixels.shape[:2])
-            edits = [_edit(protector, image, prompt, size, args.edit_steps)
-                     for image in (clean, protected)]
+            working = protector.at_working_size([clean.tensor(), protected.tensor()])
+            r_clean, r_protected = protector.evaluate_r_ctx(working)
+            edits = [protector.edit(pixels, prompt, args.edit_steps) for pixels in working]
             rows.append(dict(
                 photo=clean_path.name, r_ctx_clean=r_clean, r_ctx_protected=r_protected,
                 edit_psnr=psnr(*edits), edit_ssim=ssim(*edits),
@@ -422,22 +420,6 @@ def _evaluation_report(rows: list[dict], with_faces: bool, json_path: str | None
               f"{r['perturbation_ssim']:>11.4f} {r['linf']:>6}{face}")
     if json_path:
         Path(json_path).write_text(to_json(rows, indent=1))
-
-
-def _edit(protector, photo, prompt, size, steps):
-    """The editor's output for ``photo`` at the working size, from the photo resized to it as
-    protection saw it (FLUX.1 Kontext would encode a larger photo at its own size), fixed
-    seed."""
-    from PIL import Image
-
-    from .io import to_uint8
-
-    pixels = protector.at_working_size([photo.tensor()])[0].permute(1, 2, 0).cpu().numpy()
-    config = protector.config
-    image = protector.calls.edit(Image.fromarray(to_uint8(pixels)), prompt, size, steps,
-                                 config.guidance, config.max_sequence_length,
-                                 torch.Generator().manual_seed(0))[0]
-    return np.asarray(image.convert("RGB"))
 
 
 def demo_command(args) -> int:
@@ -663,11 +645,9 @@ def _load_mask(path: str) -> np.ndarray:
 
 
 def edit_command(args) -> int:
-    from PIL import Image
-
-    from .io import ImageError, load_photo
+    from .io import ImageError, load_photo, resize_pixels, to_pil
     from .methods.ale import ALEConfig, edit
-    from .models.flux import vae_scale_factor, working_size
+    from .models import edit_calls_for
 
     defaults = {**REAL_EDIT_DEFAULTS, **EDIT_DEFAULTS.get(args.model, {})}
     settings = {key: defaults[key] if getattr(args, key) is None else getattr(args, key)
@@ -706,12 +686,12 @@ def edit_command(args) -> int:
             return 2
         return _save_results(output, images[0], regions, phrases, "object")
     print("no --object given: plain edit, without ALE", file=sys.stderr)
-    height, width = working_size(*photo.pixels.shape[:2], settings["resolution"],
-                                 2 * vae_scale_factor(pipeline.vae))
-    images = pipeline(image=Image.fromarray(photo.pixels), prompt=args.prompt,
-                      height=height, width=width, max_area=height * width,
-                      _auto_resize=False, max_sequence_length=settings["text_tokens"],
-                      **call).images
+    # at the working size, as ALE and UVR edit (Kontext would encode the photo at its own size)
+    calls = edit_calls_for(pipeline)
+    size = calls.working_size(*photo.pixels.shape[:2], settings["resolution"])
+    images = calls.edit(to_pil(resize_pixels(photo.tensor(), size)), args.prompt, size,
+                        settings["steps"], settings["guidance"], settings["text_tokens"],
+                        call["generator"], output_type="np")
     return _save_results(output, images[0])
 
 

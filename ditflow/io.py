@@ -36,7 +36,7 @@ class Photo:
 
     def tensor(self) -> torch.Tensor:
         """float [3, H, W] in [0, 1]."""
-        return torch.from_numpy(self.pixels).permute(2, 0, 1).float() / 255
+        return pixels_tensor(self.pixels)
 
 
 def load_photo(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
@@ -131,6 +131,25 @@ def pixels_tensor(image) -> torch.Tensor:
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """A pipeline's float image in [0, 1] (``output_type="np"``, [H, W, 3]) as uint8."""
     return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
+
+
+def resize_pixels(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Float ``[3, H, W]`` or ``[B, 3, H, W]`` in [0, 1] at ``size`` (h, w): bilinear with
+    antialiasing (a downscale averages its pixels instead of aliasing), clamped to [0, 1];
+    returned as is when already that size."""
+    if tuple(pixels.shape[-2:]) == tuple(size):
+        return pixels
+    batch = pixels if pixels.dim() == 4 else pixels[None]
+    resized = torch.nn.functional.interpolate(batch.float(), size=tuple(size), mode="bilinear",
+                                              antialias=True, align_corners=False).clamp(0, 1)
+    return resized if pixels.dim() == 4 else resized[0]
+
+
+def to_pil(pixels: torch.Tensor):
+    """A float ``[3, H, W]`` image in [0, 1] as an RGB PIL image (rounded as :func:`to_uint8`)."""
+    from PIL import Image
+
+    return Image.fromarray(to_uint8(pixels.detach().float().permute(1, 2, 0).cpu().numpy()))
 
 
 def quantize_within_budget(original: np.ndarray, protected: torch.Tensor, epsilon: float

@@ -211,6 +211,36 @@ def test_a_larger_photo_is_edited_at_the_working_resolution(editor, two_object_e
     assert regions.shape == (2, 13, 20)
 
 
+def test_a_plain_edit_encodes_the_photo_at_the_working_size(tmp_path, monkeypatch,
+                                                           two_object_edit):
+    # without its auto-resize, FLUX.1 Kontext encodes the context at the image's own size
+    from PIL import Image
+
+    from ditflow import cli
+
+    load, encoded = cli._pipeline, []
+
+    def spied(*args, **kwargs):
+        pipeline = load(*args, **kwargs)
+        encode = pipeline.vae.encode
+
+        def recording(pixels, *rest, **options):
+            encoded.append(tuple(pixels.shape[-2:]))
+            return encode(pixels, *rest, **options)
+
+        monkeypatch.setattr(pipeline.vae, "encode", recording)
+        return pipeline
+
+    monkeypatch.setattr(cli, "_pipeline", spied)
+    pixels, instruction, _, _ = two_object_edit
+    Image.fromarray(np.kron(pixels, np.ones((2, 3, 1), dtype=np.uint8))).save(tmp_path / "p.png")
+    out = tmp_path / "edited.png"
+    assert cli.main(["edit", str(tmp_path / "p.png"), instruction, "--steps", "1",
+                     "-o", str(out)]) == 0
+    assert encoded == [(26, 40)]  # 64 x 96 at about 32², as ALE edits it
+    assert Image.open(out).size == (40, 26)
+
+
 def test_edit_command(tmp_path, capsys, two_object_edit):
     from PIL import Image
 

@@ -12,7 +12,8 @@ import torch
 pytest.importorskip("diffusers")
 
 from ditflow.cli import MODEL_DEFAULTS, SAMPLES, main
-from ditflow.methods.decontext import ProtectConfig, Protector, _to_pil
+from ditflow.io import to_pil
+from ditflow.methods.decontext import ProtectConfig, Protector
 from ditflow.tiny import tiny_qwen_edit_pipeline, tiny_step1x_edit_pipeline
 
 # CLI name: (builder, two attacked blocks, working resolution, the text mask's input name)
@@ -76,7 +77,7 @@ def test_the_prompt_encoder_sees_the_clean_photo_while_optimising(editor, monkey
     photo = torch.rand(3, config.resolution, config.resolution)
     (result,) = protector.run(["photo"], [photo])
     assert len(seen) == 2
-    np.testing.assert_array_equal(seen[0], np.asarray(_to_pil(photo)))
+    np.testing.assert_array_equal(seen[0], np.asarray(to_pil(photo)))
     assert not np.array_equal(seen[1], seen[0])
     assert result.steps == 3 and not protector._prompt_cache
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io import pixels_tensor
+from ..io import pixels_tensor, resize_pixels
 from ..layout import BASE_GROUPS, CONTEXT, TARGET, TokenLayout
 from ..models.flux import (
     encode_image,
@@ -244,8 +244,7 @@ def edit(pipeline, image, prompt: str, phrases: Sequence[str], masks, *,
     patch = 2 * vae_scale_factor(pipeline.vae)
     height, width = working_size(*pixels.shape[1:], resolution, patch)
     if (height, width) != tuple(pixels.shape[1:]):
-        pixels = F.interpolate(pixels[None], (height, width), mode="bilinear", antialias=True,
-                               align_corners=False)[0].clamp(0, 1)
+        pixels = resize_pixels(pixels, (height, width))
         object_masks = F.interpolate(object_masks[:, None].float(), (height, width),
                                      mode="nearest-exact")[:, 0] > 0.5
     grid = (height // patch, width // patch)

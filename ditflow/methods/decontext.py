@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .._memo import TensorMemo
+from ..io import resize_pixels, to_pil
 from ..layout import TokenLayout
 from ..models import adapter_for, check_blocks, edit_calls_for
 from ..session import StatsRecorder, attach
@@ -182,13 +183,6 @@ def _digest(image: torch.Tensor) -> str:
     return hashlib.sha256(image.detach().float().cpu().numpy().tobytes()).hexdigest()
 
 
-def _to_pil(image: torch.Tensor):
-    from PIL import Image
-
-    return Image.fromarray(image.detach().float().clamp(0, 1).mul(255).round().byte()
-                           .permute(1, 2, 0).cpu().numpy())
-
-
 def _straight_through_jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
     """JPEG-compress in the forward pass, identity gradient (BPDA)."""
     from PIL import Image
@@ -270,7 +264,7 @@ class Protector:
                if self.calls.prompt_sees_image else None)
         cached = self._prompt_cache.get(key)
         if cached is None:
-            photo = _to_pil(image) if self.calls.prompt_sees_image else None
+            photo = to_pil(image) if self.calls.prompt_sees_image else None
             with torch.no_grad():
                 cached = self.calls.encode_prompt(text, photo, self.config.max_sequence_length)
             self._prompt_cache[key] = cached
@@ -343,9 +337,7 @@ class Protector:
         if len(sizes) != 1:
             raise ValueError(f"a batch needs one working size, got {sizes}")
         (size,) = sizes
-        resized = [F.interpolate(p[None].float(), size=size, mode="bilinear", antialias=True)[0]
-                   for p in photos]
-        return torch.stack(resized).clamp(0, 1).to(self.device)
+        return torch.stack([resize_pixels(p.float(), size) for p in photos]).to(self.device)
 
     def evaluate_r_ctx(self, pixels: torch.Tensor) -> list[float]:
         """Evaluation r_ctx per photo: fixed instructions, t = 990, noise from a fixed seed;
@@ -359,11 +351,20 @@ class Protector:
                         for prompt in self.eval_prompts)
         return (total / len(self.eval_prompts)).tolist()
 
+    def edit(self, pixels: torch.Tensor, prompt: str, steps: int, seed: int = 0) -> np.ndarray:
+        """The editor's own edit (uint8 [h, w, 3]) of a photo at the working size (float
+        [3, h, w] from :meth:`at_working_size`: Kontext would encode a larger photo at its own
+        size), seeded."""
+        image = self.calls.edit(to_pil(pixels), prompt, tuple(pixels.shape[-2:]), steps,
+                                self.config.guidance, self.config.max_sequence_length,
+                                torch.Generator().manual_seed(seed))[0]
+        return np.asarray(image.convert("RGB"))
+
     def _clean_edits(self, pixels, gens) -> list[torch.Tensor]:
         """Diff-PGD targets: packed latents of clean edits of each photo [K, B, N, C]."""
         cfg = self.config
         size = tuple(pixels.shape[-2:])
-        images = [_to_pil(p) for p in pixels]
+        images = [to_pil(p) for p in pixels]
         edits = []
         for _ in range(cfg.diffpgd_edits):
             prompts = [cfg.prompts[int(torch.randint(len(cfg.prompts), (1,), generator=g))]

@@ -45,9 +45,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..io import pixels_tensor, to_uint8
+from ..io import pixels_tensor, resize_pixels, to_pil, to_uint8
 from ..layout import TARGET, TEXT, TokenLayout
 from ..models import check_blocks, edit_calls_for
 from ..models.flux import token_coverage, vae_scale_factor
@@ -388,13 +387,7 @@ def _grid(pipeline, height: int, width: int) -> tuple[int, int]:
 
 def _working_image(image, height: int, width: int):
     """The source as a PIL image of exactly ``height x width``."""
-    from PIL import Image
-
-    pixels = pixels_tensor(image)
-    if tuple(pixels.shape[1:]) != (height, width):
-        pixels = F.interpolate(pixels[None], (height, width), mode="bilinear", antialias=True,
-                               align_corners=False)[0].clamp(0, 1)
-    return Image.fromarray(to_uint8(pixels.permute(1, 2, 0).cpu().numpy()))
+    return to_pil(resize_pixels(pixels_tensor(image), (height, width)))
 
 
 def _call(pipeline, prompt: str, source, height: int, width: int, **call_kwargs):
