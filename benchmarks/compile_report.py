@@ -33,8 +33,9 @@ from triton.compiler import ASTSource
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from benchmarks.results import save
-from kernels import flow_attention as fa
-from kernels.flow_attention import FlowConfigs, FlowInputs
+from kernels import launch as launchers
+from kernels.configs import FlowConfigs, parse_config, select_configs
+from kernels.launch import FlowInputs
 
 KERNELS = {"forward": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel"}
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
@@ -76,17 +77,18 @@ class _Recorder:
 
 @contextmanager
 def recorded_launches() -> Iterator[list[Launch]]:
-    """Within the block, the launchers record their kernel launches instead of running them."""
+    """Within the block, the launchers record their kernel launches instead of running them
+    (the kernels are swapped where the launchers look them up: in ``kernels.launch``)."""
     names = [*KERNELS.values(), "_bwd_preprocess_kernel"]
-    originals = {name: getattr(fa, name) for name in names}
+    originals = {name: getattr(launchers, name) for name in names}
     launches: list[Launch] = []
     try:
         for name in names:
-            setattr(fa, name, _Recorder(originals[name], launches))
+            setattr(launchers, name, _Recorder(originals[name], launches))
         yield launches
     finally:
         for name, kernel in originals.items():
-            setattr(fa, name, kernel)
+            setattr(launchers, name, kernel)
 
 
 def _variants() -> dict[str, tuple[FlowInputs, bool]]:
@@ -116,14 +118,14 @@ def capture(dtype: torch.dtype, configs: FlowConfigs, variant: str, head_dim: in
     q, k, v = (torch.empty(1, n, heads, head_dim, dtype=dtype) for _ in range(3))
     lse = torch.empty(1, heads, n)
     mass = torch.empty(1, heads, n, inputs.num_groups) if with_mass else None
-    plans = {name: fa.plan_for(inputs, n, n, getattr(configs, name), q.device)
+    plans = {name: launchers.plan_for(inputs, n, n, getattr(configs, name), q.device)
              for name in ("forward", "backward_dkdv", "backward_dq")}
     with recorded_launches() as launches:
-        fa.flow_attention_forward(q, k, v, inputs, head_dim**-0.5, with_mass, plans["forward"],
-                                  configs.forward)
-        fa.flow_attention_backward(torch.empty_like(q), None, mass, q, k, v, q, lse, mass, inputs,
-                                   head_dim**-0.5, plans["backward_dkdv"], plans["backward_dq"],
-                                   configs)
+        launchers.flow_attention_forward(q, k, v, inputs, head_dim**-0.5, with_mass,
+                                         plans["forward"], configs.forward)
+        launchers.flow_attention_backward(torch.empty_like(q), None, mass, q, k, v, q, lse, mass,
+                                          inputs, head_dim**-0.5, plans["backward_dkdv"],
+                                          plans["backward_dq"], configs)
     by_name = {launch.kernel.__name__: launch for launch in launches}
     return {kernel: by_name[name] for kernel, name in KERNELS.items()}
 
@@ -250,8 +252,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     if not available():
         parser.exit(1, f"this Triton has no NVIDIA compiler tools under {_bin_dir()}\n")
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[args.dtype]
-    defaults = fa.select_configs(args.head_dim, dtype, torch.device("cuda"))
-    configs = ([FlowConfigs(*[fa.parse_config(spec)] * 3) for spec in args.config]
+    defaults = select_configs(args.head_dim, dtype, torch.device("cuda"))
+    configs = ([FlowConfigs(*[parse_config(spec)] * 3) for spec in args.config]
                if args.config else [defaults])
     rows = [row for cfg in configs
             for row in report(dtype, cfg, args.kernel, args.variant, args.arch, args.head_dim)]

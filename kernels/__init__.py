@@ -1,17 +1,12 @@
 """Triton kernels and launchers of ditflow (installed as ``ditflow.kernels``).
 
-Imports only torch and triton. Autograd, validation and dispatch live in ``ditflow.ops``.
+``flow_attention`` holds the ``@triton.jit`` code, ``launch`` the launchers that marshal
+arguments into it, ``configs`` the block shapes, ``tile_plan`` the tile classification. Imports
+only torch and triton. Autograd, validation and dispatch live in ``ditflow.ops``.
 """
 
-from .flow_attention import (
-    FlowConfigs,
-    FlowInputs,
-    KernelConfig,
-    flow_attention_backward,
-    flow_attention_forward,
-    plan_for,
-    select_configs,
-)
+from .configs import FlowConfigs, KernelConfig, select_configs
+from .launch import FlowInputs, flow_attention_backward, flow_attention_forward, plan_for
 from .tile_plan import BLOCKED, MIXED, UNIFORM, TilePlan, build_tile_plan
 
 __all__ = [

@@ -1,29 +1,27 @@
-"""Flow attention: Triton kernels (forward, backward preprocess, dk/dv, dq) and their launchers.
+"""Flow attention's Triton kernels: forward, backward preprocess, dk/dv and dq. Their launchers
+are in :mod:`.launch`, their block shapes in :mod:`.configs`.
 
-Math (see DESIGN.md): ``s' = scale[gi,gj] * tau * q.k + bias[gi,gj]`` (-inf where the pair mask
-blocks), ``P = softmax(s')``, ``w = weight[gi,gj] * P``, ``out = w @ v``, ``mass[:, c] = sum of w over
-key group c``. Scores live in the log2 domain (log2(e) folded into the scales) so the kernels use
+Math: ``s' = scale[gi,gj] * tau * q.k + bias[gi,gj]`` (-inf where the pair mask blocks),
+``P = softmax(s')``, ``w = weight[gi,gj] * P``, ``out = w @ v``, ``mass[:, c] = sum of w over key
+group c``. Scores live in the log2 domain (log2(e) folded into the scales) so the kernels use
 exp2. The backward folds the mass and LSE cotangents into the per-row ``delta`` term:
-``dS' = P * (weight * (dO.v + dmass[i, gj]) - delta)``, ``delta = dO.O + dmass.mass - dlse``.
+``dS' = P * (weight * (dO.v + dmass[i, gj]) - delta)``, ``delta = dO.O + dmass.mass - dlse``
+(the closed form ``ditflow.reference.flow_attention_reference_backward`` states and tests).
 
-Tiles are visited through a :class:`TilePlan`: uniform tiles read the rules as three scalars and
-skip bounds checks, mixed tiles build them per element (one select per key group), blocked tiles
-are never visited. A config with ``tma`` reads the operands loaded per tile through TMA
+Tiles are visited through a :class:`~.tile_plan.TilePlan`: uniform tiles read the rules as three
+scalars and skip bounds checks, mixed tiles build them per element (one select per key group),
+blocked tiles are never visited. Each kernel walks its uniform tiles, then its mixed ones; the
+mixed-tile loop is pipelined two deep when groups are present, where it spills less, and one
+deep without them, where mixed tiles are only the ragged tail and one stage spills nothing
+(benchmarks/NOTES.md, v4). A config with ``tma`` reads the operands loaded per tile through TMA
 descriptors (Hopper on). ``python -m benchmarks.compile_report`` shows what each kernel costs in
 registers, spills and shared memory on a GPU architecture, without a GPU.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, replace
-
-import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
-
-from .tile_plan import TilePlan, build_tile_plan
 
 LOG2E_FLOAT = 1.4426950408889634
 LOG2E = tl.constexpr(LOG2E_FLOAT)  # globals read inside @triton.jit must be constexpr
@@ -126,6 +124,20 @@ def _logits(qk, Scale, Bias, table_base, q_grp, k_grp, scale_vec, bias_vec, tile
 
 
 @triton.jit
+def _tile_visits(Uniform, Counts, Tiles, Groups, b, per_batch_plans, tile, n_tiles, list_len):
+    """This program's visit list in a tile plan (its ``row_*`` or ``col_*`` half): the single
+    group of the program's own tile (-1 if it holds several), the numbers of uniform and mixed
+    tiles to visit, and pointers to the visited tiles' indices and single groups, uniform tiles
+    first. ``tile`` is the program's tile of ``n_tiles``; each list is ``list_len`` long.
+    ``per_batch_plans`` is 1 when each batch element has its own plan, 0 when one serves all."""
+    index = b * per_batch_plans * n_tiles + tile
+    uniform_group = tl.load(Uniform + index)
+    n_uniform = tl.load(Counts + index * 2)
+    n_mixed = tl.load(Counts + index * 2 + 1)
+    return uniform_group, n_uniform, n_mixed, Tiles + index * list_len, Groups + index * list_len
+
+
+@triton.jit
 def _pair_blocked(PairBits, bits_base, stride_bits_n, q_idx, n_start, Nk, BLOCK_K: tl.constexpr):
     """[len(q_idx), BLOCK_K], True where the packed pair mask blocks (query q_idx[i], key
     n_start + j); n_start is a multiple of 32. Each query's words are loaded once and unpacked
@@ -207,7 +219,7 @@ def _fwd_kernel(
     stride_vb, stride_vn, stride_vh,
     stride_ob, stride_on, stride_oh,
     stride_qgb, stride_kgb, stride_table_h, stride_bits_b, stride_bits_n,
-    plan_batch, H, Nq, Nk, head_dim, qk_scale,
+    per_batch_plans, H, Nq, Nk, head_dim, qk_scale,
     NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     RETURN_MASS: tl.constexpr, EVEN_D: tl.constexpr,
@@ -230,12 +242,9 @@ def _fwd_kernel(
     else:
         q_grp = tl.zeros([BLOCK_M], dtype=tl.int32)
 
-    plan_row = b * plan_batch * n_row_tiles + pid_m
-    gq = tl.load(QUniform + plan_row)
-    n_uniform = tl.load(RowCounts + plan_row * 2)
-    n_mixed = tl.load(RowCounts + plan_row * 2 + 1)
-    tiles = RowTiles + plan_row * n_col_tiles
-    tile_groups = RowGroups + plan_row * n_col_tiles
+    gq, n_uniform, n_mixed, tiles, tile_groups = _tile_visits(
+        QUniform, RowCounts, RowTiles, RowGroups, b, per_batch_plans, pid_m, n_row_tiles,
+        n_col_tiles)
 
     k_base = b * stride_kb + h * stride_kh
     v_base = b * stride_vb + h * stride_vh
@@ -261,8 +270,6 @@ def _fwd_kernel(
             stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK,
             RETURN_MASS, False, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA)
-    # Mixed tiles: pipelined two deep, they spill less when groups are present; without groups
-    # they are only the ragged tail, and one stage spills nothing (benchmarks/NOTES.md, v4).
     for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=2 if HAS_GROUPS else 1):
         n = tl.load(tiles + i)
         acc, l_i, m_i, mass = _fwd_tile(
@@ -331,7 +338,7 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _bwd_dkdv_tile(
-    dk, dv, k, v, k_grp, offs_n, n_start, m_start, gq, gk, scale_vec, bias_vec, weight_vec,
+    dk, dv, k, v, k_grp, n_start, m_start, gq, gk, scale_vec, bias_vec, weight_vec,
     Q, DOut, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
     b, h, q_base, do_base, row_base, qg_base, table_base, bits_base,
     stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
@@ -342,6 +349,7 @@ def _bwd_dkdv_tile(
     DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_n = n_start + tl.arange(0, BLOCK_N)
     q = _load_tile(Q, q_base, stride_qn, b, h, m_start, Nq, head_dim, MIXED, EVEN_D, BLOCK_M,
                    BLOCK_D, TMA)
     do = _load_tile(DOut, do_base, stride_don, b, h, m_start, Nq, head_dim, MIXED, EVEN_D,
@@ -375,7 +383,8 @@ def _bwd_dkdv_tile(
         weight = 1.0
     dv = tl.dot((p * weight).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dw = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    # dS = scale * dS', dS' = P * (weight * (dw + dmass[i, group of j]) - delta_i) (DESIGN.md)
+    # dS = scale * dS', dS' = P * (weight * (dw + dmass[i, group of j]) - delta_i), the closed
+    # form of ditflow.reference.flow_attention_reference_backward
     if MIXED:
         if HAS_DMASS:
             dw += _table_tile(DMass, 0, (row_base + tl.minimum(offs_m, Nq - 1))[None, :],
@@ -403,7 +412,7 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_don, stride_doh,
     stride_dkb, stride_dkn, stride_dkh,
     stride_qgb, stride_kgb, stride_table_h, stride_bits_b, stride_bits_n,
-    plan_batch, H, Nq, Nk, head_dim, qk_scale, sm_scale,
+    per_batch_plans, H, Nq, Nk, head_dim, qk_scale, sm_scale,
     NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     HAS_DMASS: tl.constexpr, EVEN_D: tl.constexpr,
@@ -428,12 +437,9 @@ def _bwd_dkdv_kernel(
     else:
         k_grp = tl.zeros([BLOCK_N], dtype=tl.int32)
 
-    plan_col = b * plan_batch * n_col_tiles + pid_n
-    gk = tl.load(KUniform + plan_col)
-    n_uniform = tl.load(ColCounts + plan_col * 2)
-    n_mixed = tl.load(ColCounts + plan_col * 2 + 1)
-    tiles = ColTiles + plan_col * n_row_tiles
-    tile_groups = ColGroups + plan_col * n_row_tiles
+    gk, n_uniform, n_mixed, tiles, tile_groups = _tile_visits(
+        KUniform, ColCounts, ColTiles, ColGroups, b, per_batch_plans, pid_n, n_col_tiles,
+        n_row_tiles)
 
     q_base = b * stride_qb + h * stride_qh
     do_base = b * stride_dob + h * stride_doh
@@ -452,19 +458,17 @@ def _bwd_dkdv_kernel(
         m = tl.load(tiles + i)
         gq = tl.load(tile_groups + i)
         dk, dv = _bwd_dkdv_tile(
-            dk, dv, k, v, k_grp, offs_n, pid_n * BLOCK_N, m * BLOCK_M, gq, gk, scale_vec, bias_vec,
+            dk, dv, k, v, k_grp, pid_n * BLOCK_N, m * BLOCK_M, gq, gk, scale_vec, bias_vec,
             weight_vec,
             Q, DOut, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
             b, h, q_base, do_base, row_base, qg_base, table_base, bits_base,
             stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
             False, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA)
-    # Mixed tiles: pipelined two deep, they spill less when groups are present; without groups
-    # they are only the ragged tail, and one stage spills nothing (benchmarks/NOTES.md, v4).
     for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=2 if HAS_GROUPS else 1):
         m = tl.load(tiles + i)
         dk, dv = _bwd_dkdv_tile(
-            dk, dv, k, v, k_grp, offs_n, pid_n * BLOCK_N, m * BLOCK_M, 0, 0, scale_vec, bias_vec,
+            dk, dv, k, v, k_grp, pid_n * BLOCK_N, m * BLOCK_M, 0, 0, scale_vec, bias_vec,
             weight_vec,
             Q, DOut, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
             b, h, q_base, do_base, row_base, qg_base, table_base, bits_base,
@@ -511,7 +515,8 @@ def _bwd_dq_tile(
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dw = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    # dS = scale * dS', dS' = P * (weight * (dw + dmass[i, group of j]) - delta_i) (DESIGN.md)
+    # dS = scale * dS', dS' = P * (weight * (dw + dmass[i, group of j]) - delta_i), the closed
+    # form of ditflow.reference.flow_attention_reference_backward
     if MIXED:
         if HAS_DMASS:
             dw += _table_tile(DMass, 0, (row_base + tl.minimum(offs_m, Nq - 1))[:, None],
@@ -542,7 +547,7 @@ def _bwd_dq_kernel(
     stride_dob, stride_don, stride_doh,
     stride_dqb, stride_dqn, stride_dqh,
     stride_qgb, stride_kgb, stride_table_h, stride_bits_b, stride_bits_n,
-    plan_batch, H, Nq, Nk, head_dim, qk_scale, sm_scale,
+    per_batch_plans, H, Nq, Nk, head_dim, qk_scale, sm_scale,
     NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     HAS_DMASS: tl.constexpr, EVEN_D: tl.constexpr,
@@ -571,12 +576,9 @@ def _bwd_dq_kernel(
     else:
         q_grp = tl.zeros([BLOCK_M], dtype=tl.int32)
 
-    plan_row = b * plan_batch * n_row_tiles + pid_m
-    gq = tl.load(QUniform + plan_row)
-    n_uniform = tl.load(RowCounts + plan_row * 2)
-    n_mixed = tl.load(RowCounts + plan_row * 2 + 1)
-    tiles = RowTiles + plan_row * n_col_tiles
-    tile_groups = RowGroups + plan_row * n_col_tiles
+    gq, n_uniform, n_mixed, tiles, tile_groups = _tile_visits(
+        QUniform, RowCounts, RowTiles, RowGroups, b, per_batch_plans, pid_m, n_row_tiles,
+        n_col_tiles)
 
     k_base = b * stride_kb + h * stride_kh
     v_base = b * stride_vb + h * stride_vh
@@ -599,8 +601,6 @@ def _bwd_dq_kernel(
             stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
             False, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA)
-    # Mixed tiles: pipelined two deep, they spill less when groups are present; without groups
-    # they are only the ragged tail, and one stage spills nothing (benchmarks/NOTES.md, v4).
     for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=2 if HAS_GROUPS else 1):
         n = tl.load(tiles + i)
         dq = _bwd_dq_tile(
@@ -614,302 +614,3 @@ def _bwd_dq_kernel(
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d < head_dim)[None, :])
-
-
-# ----------------------------------------------------------------------------------------------
-# launchers
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """Block shape of one kernel: ``block_m`` queries by ``block_n`` keys, powers of two of at
-    least 16 and 32 (the pair mask is unpacked 32 keys at a time). ``tma``: the operands read
-    per tile come through TMA descriptors where the GPU has TMA (Hopper on) and the tensors'
-    alignment allows; elsewhere the same config loads through pointers."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    tma: bool = False
-
-    def __post_init__(self):
-        for name, least in (("block_m", 16), ("block_n", 32)):
-            size = getattr(self, name)
-            if size < least or size & (size - 1):
-                raise ValueError(f"{name} must be a power of two >= {least}, got {size}")
-
-
-@dataclass(frozen=True)
-class FlowConfigs:
-    forward: KernelConfig
-    backward_dkdv: KernelConfig
-    backward_dq: KernelConfig
-
-
-def parse_config(spec: str) -> KernelConfig:
-    """``BMxBN[:warps[:stages[:tma]]]``, e.g. ``128x64:8:3`` or ``128x128:8:2:tma``."""
-    blocks, *rest = spec.split(":")
-    if len(rest) > 3 or (len(rest) == 3 and rest[2] != "tma"):
-        raise ValueError(f"kernel config {spec!r}: expected BMxBN[:warps[:stages[:tma]]]")
-    block_m, block_n = (int(x) for x in blocks.lower().split("x"))
-    num_warps = int(rest[0]) if rest else 4
-    num_stages = int(rest[1]) if len(rest) > 1 else 1
-    return KernelConfig(block_m, block_n, num_warps, num_stages, tma=len(rest) == 3)
-
-
-def _default_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> FlowConfigs:
-    if device.type != "cuda":  # the interpreter: small tiles exercise multi-tile loops cheaply
-        cfg = KernelConfig(32, 32, 4, 1)
-        return FlowConfigs(cfg, cfg, cfg)
-    if head_dim > 128 or dtype == torch.float32:
-        return FlowConfigs(KernelConfig(64, 32, 4, 2), KernelConfig(32, 32, 4, 2),
-                           KernelConfig(32, 32, 4, 2))
-    # Measured on an H100 at the Kontext 1024² shape (bf16, D=128, rules + mass), see
-    # benchmarks/results/sweep-*.json: 128x128/8 warps/2 stages forward, 64x64/4/3 backward.
-    return FlowConfigs(
-        forward=KernelConfig(128, 128, 8, 2),
-        backward_dkdv=KernelConfig(64, 64, 4, 3),
-        backward_dq=KernelConfig(64, 64, 4, 3),
-    )
-
-
-def select_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> FlowConfigs:
-    """Block shapes for the three kernels.
-
-    Plans are built per block shape, so this is a small table rather than a Triton autotuner.
-    ``DITFLOW_TRITON_CONFIG`` pins it: ``BMxBN[:warps[:stages[:tma]]]`` for every kernel, or
-    ``forward=...,backward_dkdv=...,backward_dq=...`` per kernel (unnamed ones keep the table).
-    """
-    configs = _default_configs(head_dim, dtype, device)
-    pinned = os.environ.get("DITFLOW_TRITON_CONFIG")
-    if not pinned:
-        return configs
-    if "=" not in pinned:
-        cfg = parse_config(pinned)
-        return FlowConfigs(cfg, cfg, cfg)
-    chosen = {}
-    for item in pinned.split(","):
-        name, _, spec = item.partition("=")
-        if name not in FlowConfigs.__dataclass_fields__:
-            raise ValueError(f"DITFLOW_TRITON_CONFIG: unknown kernel {name!r} "
-                             "(forward, backward_dkdv, backward_dq)")
-        chosen[name] = parse_config(spec)
-    return replace(configs, **chosen)
-
-
-@dataclass(frozen=True)
-class FlowInputs:
-    """Everything but q/k/v that shapes the computation, already on the inputs' device.
-
-    ``q_groups``/``k_groups`` int32 [1 or B, N]; tables fp32 [1 or H, G, G]; ``pair_bits`` int32
-    [1 or B, Nq, ceil(Nk/32)]. Absent entries mean: one group / no rule of that kind / no mask.
-    """
-
-    num_groups: int = 1
-    q_groups: torch.Tensor | None = None
-    k_groups: torch.Tensor | None = None
-    scale: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-    weight: torch.Tensor | None = None
-    pair_bits: torch.Tensor | None = None
-
-    def flags(self) -> dict:
-        return dict(
-            NUM_GROUPS=self.num_groups,
-            HAS_GROUPS=self.q_groups is not None,
-            HAS_SCALE=self.scale is not None,
-            HAS_BIAS=self.bias is not None,
-            HAS_WEIGHT=self.weight is not None,
-            HAS_PAIR_MASK=self.pair_bits is not None,
-        )
-
-    def allowed_pairs(self) -> torch.Tensor | None:
-        """[G, G] bool: group pairs that at least one head does not block."""
-        if self.bias is None:
-            return None
-        return (self.bias > float("-inf")).any(dim=0)
-
-
-
-def _table_args(inputs: FlowInputs, like: torch.Tensor):
-    """Tables expanded to a common head count (a dummy pointer for absent ones) and the
-    stride between heads (0 when all heads share the tables)."""
-    tables = [inputs.scale, inputs.bias, inputs.weight]
-    heads = max([t.shape[0] for t in tables if t is not None] + [1])
-    dummy = like.new_empty(1, dtype=torch.float32)
-    head_stride = inputs.num_groups**2 if heads > 1 else 0
-    return [dummy if t is None else t.expand(heads, -1, -1).contiguous() for t in tables], head_stride
-
-
-def _batch_stride(t: torch.Tensor | None) -> int:
-    return 0 if t is None or t.shape[0] == 1 else t.stride(0)
-
-
-def plan_for(inputs: FlowInputs, nq: int, nk: int, cfg: KernelConfig, device) -> TilePlan:
-    return build_tile_plan(nq, nk, cfg.block_m, cfg.block_n, device, inputs.num_groups,
-                           inputs.q_groups, inputs.k_groups, inputs.allowed_pairs(), inputs.pair_bits)
-
-
-def _common_args(inputs: FlowInputs, q: torch.Tensor):
-    """Arguments every kernel takes: group ids, tables, pair bits (dummy pointers where
-    absent) and their strides, in the kernels' parameter order."""
-    dummy_int = q.new_empty(1, dtype=torch.int32)
-    tables, table_head_stride = _table_args(inputs, q)
-    groups = [dummy_int if g is None else g for g in (inputs.q_groups, inputs.k_groups)]
-    bits = dummy_int if inputs.pair_bits is None else inputs.pair_bits
-    pointers = (*groups, *tables, bits)
-    strides = (
-        _batch_stride(inputs.q_groups), _batch_stride(inputs.k_groups), table_head_stride,
-        _batch_stride(inputs.pair_bits),
-        0 if inputs.pair_bits is None else inputs.pair_bits.stride(1),
-    )
-    return pointers, strides
-
-
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _plan_batch(plan: TilePlan) -> int:
-    return 1 if plan.batched else 0
-
-
-def _tma_allows(t: torch.Tensor) -> bool:
-    """TMA reads ``t``: the GPU has the copy engine (the interpreter emulates it), ``t`` is not
-    empty (a descriptor's dimensions are positive), the base is 16-byte aligned and so is every
-    stride but the last, which is 1."""
-    if t.numel() == 0 or (t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9):
-        return False
-    return (t.data_ptr() % 16 == 0 and t.stride(-1) == 1
-            and all(stride * t.element_size() % 16 == 0 for stride in t.stride()[:-1]))
-
-
-def _tile_operands(cfg: KernelConfig, rows: int, block_d: int, *tensors: torch.Tensor):
-    """The ``[B, N, H, D]`` tensors a kernel reads per tile, as TMA descriptors of
-    ``rows x block_d`` boxes when ``cfg.tma`` and every tensor allows it, else as they are;
-    and whether they are descriptors (the kernels' ``TMA`` flag)."""
-    if not (cfg.tma and all(_tma_allows(t) for t in tensors)):
-        return tensors, False
-    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, block_d])
-                 for t in tensors), True
-
-
-def flow_attention_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    inputs: FlowInputs,
-    softmax_scale: float,
-    return_mass: bool,
-    plan: TilePlan,
-    cfg: KernelConfig,
-):
-    """q [B, Nq, H, D], k/v [B, Nk, H, D] with unit stride on D. Returns out, lse, mass."""
-    batch, nq, heads, head_dim = q.shape
-    nk = k.shape[1]
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(batch, heads, nq, device=q.device, dtype=torch.float32)
-    mass = (torch.empty(batch, heads, nq, inputs.num_groups, device=q.device, dtype=torch.float32)
-            if return_mass else lse.new_empty(0))
-    mass_arg = mass if return_mass else lse.new_empty(1)  # kernels get a real pointer
-    pointers, strides = _common_args(inputs, q)
-    block_d = _block_d(head_dim)
-    grid = (triton.cdiv(nq, cfg.block_m), batch * heads)
-    (k_tiles, v_tiles), tma = _tile_operands(cfg, cfg.block_n, block_d, k, v)
-    _fwd_kernel[grid](
-        q, k_tiles, v_tiles, out, lse, mass_arg, *pointers,
-        plan.q_uniform_group, plan.row_counts, plan.row_tiles, plan.row_groups,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        *strides,
-        _plan_batch(plan), heads, nq, nk, head_dim, softmax_scale * LOG2E_FLOAT,
-        **inputs.flags(), RETURN_MASS=return_mass, EVEN_D=head_dim == block_d,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-        DOT_PRECISION=_dot_precision(q.dtype), TMA=tma,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return out, lse, mass
-
-
-def flow_attention_backward(
-    dout: torch.Tensor,
-    dlse: torch.Tensor | None,
-    dmass: torch.Tensor | None,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    mass: torch.Tensor | None,
-    inputs: FlowInputs,
-    softmax_scale: float,
-    dkdv_plan: TilePlan,
-    dq_plan: TilePlan,
-    configs: FlowConfigs,
-):
-    """Gradients dq, dk, dv from dO and the optional mass / LSE cotangents."""
-    batch, nq, heads, head_dim = q.shape
-    nk = k.shape[1]
-    block_d = _block_d(head_dim)
-    delta = torch.empty(batch, heads, nq, device=q.device, dtype=torch.float32)
-    lse2 = torch.empty_like(delta)
-    has_dmass = dmass is not None
-    dummy = delta.new_empty(1)
-    pre_block = 64
-    dmass_arg = dmass.contiguous() if has_dmass else dummy
-    _bwd_preprocess_kernel[(triton.cdiv(nq, pre_block), batch * heads)](
-        out, dout, lse, dummy if dlse is None else dlse.contiguous(),
-        mass if has_dmass else dummy, dmass_arg, delta, lse2,
-        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        heads, nq, head_dim,
-        NUM_GROUPS=inputs.num_groups, HAS_DMASS=has_dmass, HAS_DLSE=dlse is not None,
-        BLOCK_M=pre_block, BLOCK_D=block_d,
-    )
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    pointers, strides = _common_args(inputs, q)
-    shared = dict(
-        **inputs.flags(), HAS_DMASS=has_dmass, EVEN_D=head_dim == block_d, BLOCK_D=block_d,
-        DOT_PRECISION=_dot_precision(q.dtype),
-    )
-    cfg = configs.backward_dkdv
-    (q_tiles, dout_tiles), tma = _tile_operands(cfg, cfg.block_m, block_d, q, dout)
-    _bwd_dkdv_kernel[(triton.cdiv(nk, cfg.block_n), batch * heads)](
-        q_tiles, k, v, dout_tiles, dk, dv, lse2, delta, dmass_arg, *pointers,
-        dkdv_plan.k_uniform_group, dkdv_plan.col_counts, dkdv_plan.col_tiles,
-        dkdv_plan.col_groups,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        *strides,
-        _plan_batch(dkdv_plan), heads, nq, nk, head_dim, softmax_scale * LOG2E_FLOAT, softmax_scale,
-        **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    cfg = configs.backward_dq
-    (k_tiles, v_tiles), tma = _tile_operands(cfg, cfg.block_n, block_d, k, v)
-    _bwd_dq_kernel[(triton.cdiv(nq, cfg.block_m), batch * heads)](
-        q, k_tiles, v_tiles, dout, dq, lse2, delta, dmass_arg, *pointers,
-        dq_plan.q_uniform_group, dq_plan.row_counts, dq_plan.row_tiles, dq_plan.row_groups,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        *strides,
-        _plan_batch(dq_plan), heads, nq, nk, head_dim, softmax_scale * LOG2E_FLOAT, softmax_scale,
-        **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return dq, dk, dv

@@ -35,8 +35,6 @@ class TilePlan:
     the whole batch.
     """
 
-    block_m: int
-    block_n: int
     q_uniform_group: torch.Tensor  # [P, Mt], -1 where the query tile holds several groups
     k_uniform_group: torch.Tensor  # [P, Nt]
     row_counts: torch.Tensor  # [P, Mt, 2]
@@ -143,8 +141,6 @@ def build_tile_plan(
     q_uniform = q_uniform.expand(batch, -1).contiguous()
     k_uniform = k_uniform.expand(batch, -1).contiguous()
     return TilePlan(
-        block_m=block_m,
-        block_n=block_n,
         q_uniform_group=q_uniform,
         k_uniform_group=k_uniform,
         row_counts=row_counts,

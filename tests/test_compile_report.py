@@ -13,7 +13,8 @@ import torch
 import triton
 
 from benchmarks import compile_report
-from kernels import flow_attention as fa
+from kernels import launch as launchers
+from kernels.configs import select_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,9 +83,9 @@ def test_tma_configs_load_tiles_through_tma(tmp_path):
 
 
 def test_launches_are_recorded_and_the_kernels_restored():
-    kernel = fa._fwd_kernel
-    configs = fa.select_configs(128, torch.float16, torch.device("cuda"))
+    kernel = launchers._fwd_kernel
+    configs = select_configs(128, torch.float16, torch.device("cuda"))
     launches = compile_report.capture(torch.float16, configs, "rules+mass")
     assert set(launches) == {"forward", "dkdv", "dq"}
     assert launches["forward"].kwargs["RETURN_MASS"] and launches["dkdv"].kwargs["HAS_DMASS"]
-    assert fa._fwd_kernel is kernel
+    assert launchers._fwd_kernel is kernel

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from ditflow import FlowRules, flow_attention
 from ditflow.functional import FlowAttentionOutput
-from ditflow.kernels import flow_attention as flow_attention_kernels
+from ditflow.kernels import launch as launchers
 from ditflow.reference import flow_attention_reference
 
 
@@ -244,8 +244,8 @@ def tma_launches(monkeypatch):
         used.append(tma)
         return operands, tma
 
-    tile_operands = flow_attention_kernels._tile_operands
-    monkeypatch.setattr(flow_attention_kernels, "_tile_operands", recording)
+    tile_operands = launchers._tile_operands
+    monkeypatch.setattr(launchers, "_tile_operands", recording)
     return used
 
 

@@ -1,0 +1,87 @@
+"""Block shapes of the flow-attention kernels: a :class:`KernelConfig` per kernel, the table
+:func:`select_configs` picks them from, and its ``DITFLOW_TRITON_CONFIG`` override."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Block shape of one kernel: ``block_m`` queries by ``block_n`` keys, powers of two of at
+    least 16 and 32 (the pair mask is unpacked 32 keys at a time). ``tma``: the operands read
+    per tile come through TMA descriptors where the GPU has TMA (Hopper on) and the tensors'
+    alignment allows; elsewhere the same config loads through pointers."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    tma: bool = False
+
+    def __post_init__(self):
+        for name, least in (("block_m", 16), ("block_n", 32)):
+            size = getattr(self, name)
+            if size < least or size & (size - 1):
+                raise ValueError(f"{name} must be a power of two >= {least}, got {size}")
+
+
+@dataclass(frozen=True)
+class FlowConfigs:
+    forward: KernelConfig
+    backward_dkdv: KernelConfig
+    backward_dq: KernelConfig
+
+
+def parse_config(spec: str) -> KernelConfig:
+    """``BMxBN[:warps[:stages[:tma]]]``, e.g. ``128x64:8:3`` or ``128x128:8:2:tma``."""
+    blocks, *rest = spec.split(":")
+    if len(rest) > 3 or (len(rest) == 3 and rest[2] != "tma"):
+        raise ValueError(f"kernel config {spec!r}: expected BMxBN[:warps[:stages[:tma]]]")
+    block_m, block_n = (int(x) for x in blocks.lower().split("x"))
+    num_warps = int(rest[0]) if rest else 4
+    num_stages = int(rest[1]) if len(rest) > 1 else 1
+    return KernelConfig(block_m, block_n, num_warps, num_stages, tma=len(rest) == 3)
+
+
+def _default_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> FlowConfigs:
+    if device.type != "cuda":  # the interpreter: small tiles exercise multi-tile loops cheaply
+        cfg = KernelConfig(32, 32, 4, 1)
+        return FlowConfigs(cfg, cfg, cfg)
+    if head_dim > 128 or dtype == torch.float32:
+        return FlowConfigs(KernelConfig(64, 32, 4, 2), KernelConfig(32, 32, 4, 2),
+                           KernelConfig(32, 32, 4, 2))
+    # Measured on an H100 at the Kontext 1024² shape (bf16, D=128, rules + mass), see
+    # benchmarks/results/sweep-*.json: 128x128/8 warps/2 stages forward, 64x64/4/3 backward.
+    return FlowConfigs(
+        forward=KernelConfig(128, 128, 8, 2),
+        backward_dkdv=KernelConfig(64, 64, 4, 3),
+        backward_dq=KernelConfig(64, 64, 4, 3),
+    )
+
+
+def select_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> FlowConfigs:
+    """Block shapes for the three kernels.
+
+    Plans are built per block shape, so this is a small table rather than a Triton autotuner.
+    ``DITFLOW_TRITON_CONFIG`` pins it: ``BMxBN[:warps[:stages[:tma]]]`` for every kernel, or
+    ``forward=...,backward_dkdv=...,backward_dq=...`` per kernel (unnamed ones keep the table).
+    """
+    configs = _default_configs(head_dim, dtype, device)
+    pinned = os.environ.get("DITFLOW_TRITON_CONFIG")
+    if not pinned:
+        return configs
+    if "=" not in pinned:
+        cfg = parse_config(pinned)
+        return FlowConfigs(cfg, cfg, cfg)
+    chosen = {}
+    for item in pinned.split(","):
+        name, _, spec = item.partition("=")
+        if name not in FlowConfigs.__dataclass_fields__:
+            raise ValueError(f"DITFLOW_TRITON_CONFIG: unknown kernel {name!r} "
+                             "(forward, backward_dkdv, backward_dq)")
+        chosen[name] = parse_config(spec)
+    return replace(configs, **chosen)
