@@ -24,10 +24,14 @@ class FlowAttentionOutput(NamedTuple):
     mass: Tensor | None
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
+def resolve_backend(backend: str | None, device: torch.device,
+                    dtype: torch.dtype | None = None) -> str:
     """The implementation to run: the argument, else ``DITFLOW_BACKEND``, else the best for
-    the device (Triton on CUDA; on CPU the C++ kernels when built, else the reference)."""
-    name = backend or os.environ.get("DITFLOW_BACKEND")
+    the device (Triton on CUDA; on CPU the C++ kernels when built, else the reference).
+    For float64 ``dtype`` that default is the reference, the only exact path; a backend named
+    by the argument or ``DITFLOW_BACKEND`` that is not the reference raises TypeError."""
+    pinned = os.environ.get("DITFLOW_BACKEND")
+    name = backend or pinned
     if not name:
         name = "triton" if device.type == "cuda" else (
             "cpp" if ops.cpp_available() else "reference")
@@ -42,6 +46,11 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
                          "interpreter: set TRITON_INTERPRET=1 before importing ditflow")
     if name == "triton" and device.type not in ("cuda", "cpu"):
         raise ValueError(f"backend='triton' does not run on {device.type} tensors")
+    if dtype == torch.float64 and name != "reference":
+        if backend is None and pinned is None:
+            return "reference"
+        raise TypeError(f"float64 inputs run on backend='reference' only (backend "
+                        f"{name!r} takes float16, bfloat16 and float32)")
     return name
 
 
@@ -71,6 +80,9 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 def _normalise_groups(name: str, groups: Tensor, batch: int, n: int,
                       device: torch.device) -> Tensor:
+    """``groups`` validated and as int32, contiguous, in the caller's rank ([N] or [B, N]): the
+    ops add the batch dimension themselves (``with_batch_dim``), since under torch.compile a
+    view made here would be a new tensor on every call and miss their caches."""
     if not isinstance(groups, Tensor):
         raise TypeError(f"{name}: expected an integer tensor [N] or [B, N], "
                         f"got {type(groups).__name__}")
@@ -95,7 +107,7 @@ def _normalise_groups(name: str, groups: Tensor, batch: int, n: int,
         # a copy: a view would keep the caller's tensor alive, and with it this cache entry;
         # a normal tensor even under inference_mode, so the plan caches downstream can key on it
         with torch.inference_mode(False):
-            return shaped.to(torch.int32, memory_format=torch.contiguous_format, copy=True)
+            return groups.to(torch.int32, memory_format=torch.contiguous_format, copy=True)
 
     # Keyed on the caller's tensor, so a layout reused across calls is converted and planned
     # once (the memo downstream keys on the tensor returned here).
@@ -172,13 +184,7 @@ def flow_attention(
     if pair_mask is not None:
         _check_pair_mask(pair_mask, batch, nq, nk, q.device)
     tables = (None, None, None) if rules is None else rules.tables_on(q.device)
-    name = resolve_backend(backend, q.device)
-    if name != "reference" and q.dtype == torch.float64:
-        if backend is None and os.environ.get("DITFLOW_BACKEND") is None:
-            name = "reference"  # the default for fp64: the only exact path
-        else:
-            raise TypeError(f"float64 inputs run on backend='reference' only (backend "
-                            f"{name!r} takes float16, bfloat16 and float32)")
+    name = resolve_backend(backend, q.device, q.dtype)
     fp16_max = torch.finfo(torch.float16).max
     if (name == "triton" and q.dtype == torch.float16 and rules is not None
             and rules.max_abs_weight > fp16_max):

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from . import reference
 from ._memo import TensorMemo
-from .reference import with_batch_dim
+from .reference import stat_dtype, with_batch_dim
 
 BACKENDS = ("triton", "cpp", "reference")
 
@@ -59,20 +59,16 @@ def _cpp_kernels():
     return torch.ops.ditflow_cpp
 
 
-def check_group_ids(name: str, groups: Tensor, num_groups: int) -> None:
-    """Raises unless every id in ``groups`` is in [0, num_groups); reads them on the host."""
-    if groups.numel() == 0:
-        return
-    low, high = torch.stack([groups.min(), groups.max()]).tolist()
-    if low < 0 or high >= num_groups:
-        raise ValueError(f"{name}: group ids span [{low}, {high}] but the rules have "
-                         f"{num_groups} groups (ids must be in [0, {num_groups}))")
-
-
-def _check_layout_ids(q_groups: Tensor | None, k_groups: Tensor | None, num_groups: int) -> None:
+def _check_group_ids(q_groups: Tensor | None, k_groups: Tensor | None, num_groups: int) -> None:
+    """Raises unless every id in ``q_groups`` and ``k_groups`` is in [0, num_groups); reads
+    them on the host."""
     for name, groups in (("q_groups", q_groups), ("k_groups", k_groups)):
-        if groups is not None:
-            check_group_ids(name, groups, num_groups)
+        if groups is None or groups.numel() == 0:
+            continue
+        low, high = torch.stack([groups.min(), groups.max()]).tolist()
+        if low < 0 or high >= num_groups:
+            raise ValueError(f"{name}: group ids span [{low}, {high}] but the rules have "
+                             f"{num_groups} groups (ids must be in [0, {num_groups}))")
 
 
 def pack_pair_mask(mask: Tensor) -> Tensor:
@@ -105,6 +101,7 @@ def _pair_bits(pair_mask: Tensor | None) -> Tensor | None:
 
 
 def _kernels():
+    """ditflow.kernels, imported on first use: triton is optional."""
     try:
         from . import kernels
     except ImportError as exc:  # triton missing (not Linux) or a broken install
@@ -118,18 +115,18 @@ def _unit_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _plan(kernels, inputs, layout: tuple, nq: int, nk: int, cfg, device):
-    """The tile plan, cached on ``layout``: the op's own group ids, bias table and pair mask.
+def _plan(inputs, plan_key: tuple, nq: int, nk: int, cfg, device):
+    """The tile plan, cached on ``plan_key`` (see :func:`_flow_inputs`) and the block shape.
 
     The group ids are range-checked when a plan is built, once per layout: under
     ``torch.compile`` flow_attention cannot check them, and the kernels index tables by them."""
     def checked_plan():
-        _check_layout_ids(inputs.q_groups, inputs.k_groups, inputs.num_groups)
-        return kernels.plan_for(inputs, nq, nk, cfg, device)
+        _check_group_ids(inputs.q_groups, inputs.k_groups, inputs.num_groups)
+        return _kernels().plan_for(inputs, nq, nk, cfg, device)
 
     # G too: ids valid for more groups must be checked again for fewer
     extra = (inputs.num_groups, nq, nk, cfg.block_m, cfg.block_n, str(device))
-    return _plans.get(layout, extra, checked_plan)
+    return _plans.get(plan_key, extra, checked_plan)
 
 
 def _check_32bit_offsets(**tensors: Tensor) -> None:
@@ -144,31 +141,38 @@ def _check_32bit_offsets(**tensors: Tensor) -> None:
                              "elements, past the kernels' 32-bit offsets (2**31): split the batch")
 
 
-def _flow_inputs(kernels, num_groups, q_groups, k_groups, scale, bias, weight, pair_mask):
-    """The kernels' inputs, and the op's tensors their tile plans are cached on."""
-    inputs = kernels.FlowInputs(num_groups, with_batch_dim(q_groups, 2),
-                                with_batch_dim(k_groups, 2), scale, bias, weight,
-                                _pair_bits(pair_mask))
+def _flow_inputs(num_groups, q_groups, k_groups, scale, bias, weight, pair_mask):
+    """The kernels' inputs, and the key their tile plans are cached on: the op's own tensors
+    that decide the plan (group ids, bias table, pair mask), as a compiled graph passes them."""
+    inputs = _kernels().FlowInputs(num_groups, with_batch_dim(q_groups, 2),
+                                   with_batch_dim(k_groups, 2), scale, bias, weight,
+                                   _pair_bits(pair_mask))
     return inputs, (q_groups, k_groups, bias, pair_mask)
 
 
-def _triton_forward(q, k, v, inputs, layout, softmax_scale, return_mass):
+def _triton_forward(q, k, v, q_groups, k_groups, scale_table, bias_table, weight_table, pair_mask,
+                    softmax_scale, num_groups, return_mass):
     kernels = _kernels()
+    inputs, plan_key = _flow_inputs(num_groups, q_groups, k_groups, scale_table, bias_table,
+                                    weight_table, pair_mask)
     _check_32bit_offsets(q=q, k=k, v=v)
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     configs = kernels.select_configs(q.shape[-1], q.dtype, q.device)
-    plan = _plan(kernels, inputs, layout, q.shape[1], k.shape[1], configs.forward, q.device)
+    plan = _plan(inputs, plan_key, q.shape[1], k.shape[1], configs.forward, q.device)
     return kernels.flow_attention_forward(q, k, v, inputs, softmax_scale, return_mass, plan,
                                           configs.forward)
 
 
-def _triton_backward(dout, dlse, dmass, q, k, v, out, lse, mass, inputs, layout, softmax_scale):
+def _triton_backward(dout, dlse, dmass, q, k, v, out, lse, mass, q_groups, k_groups, scale_table,
+                     bias_table, weight_table, pair_mask, softmax_scale, num_groups):
     kernels = _kernels()
+    inputs, plan_key = _flow_inputs(num_groups, q_groups, k_groups, scale_table, bias_table,
+                                    weight_table, pair_mask)
     q, k, v, dout = _unit_stride(q), _unit_stride(k), _unit_stride(v), _unit_stride(dout)
     configs = kernels.select_configs(q.shape[-1], q.dtype, q.device)
     nq, nk = q.shape[1], k.shape[1]
-    dkdv_plan = _plan(kernels, inputs, layout, nq, nk, configs.backward_dkdv, q.device)
-    dq_plan = _plan(kernels, inputs, layout, nq, nk, configs.backward_dq, q.device)
+    dkdv_plan = _plan(inputs, plan_key, nq, nk, configs.backward_dkdv, q.device)
+    dq_plan = _plan(inputs, plan_key, nq, nk, configs.backward_dq, q.device)
     return kernels.flow_attention_backward(dout, dlse, dmass, q, k, v, out, lse, mass, inputs,
                                            softmax_scale, dkdv_plan, dq_plan, configs)
 
@@ -178,22 +182,8 @@ def _triton_backward(dout, dlse, dmass, q, k, v, out, lse, mass, inputs, layout,
 # ------------------------------------------------------------------------------------------------
 
 
-def _stat_dtype(q: Tensor) -> torch.dtype:
-    """lse and mass are fp32, or fp64 for fp64 inputs (the reference backend's gradchecks)."""
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 def _upcast(*tensors):
     return [t if t is None or t.dtype == torch.float64 else t.float() for t in tensors]
-
-
-def _reference_kwargs(q_groups, k_groups, scale, bias, weight, pair_mask, softmax_scale,
-                      num_groups):
-    return dict(
-        q_groups=q_groups, k_groups=k_groups, scale_table=scale, bias_table=bias,
-        weight_table=weight, pair_mask=pair_mask,
-        softmax_scale=softmax_scale, num_groups=num_groups,
-    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,22 +202,20 @@ def flow_attention_fwd(
     """Returns (out [B,Nq,H,D], lse [B,H,Nq], mass [B,H,Nq,G] or an empty tensor); lse and
     mass are fp32 (fp64 for fp64 inputs)."""
     if backend == "triton":
-        inputs, layout = _flow_inputs(_kernels(), num_groups, q_groups, k_groups, scale_table,
-                                      bias_table, weight_table, pair_mask)
-        return _triton_forward(q, k, v, inputs, layout, softmax_scale, return_mass)
+        return _triton_forward(q, k, v, q_groups, k_groups, scale_table, bias_table,
+                               weight_table, pair_mask, softmax_scale, num_groups, return_mass)
     if backend == "cpp":
         return _cpp_kernels().flow_attention_fwd(
             q, k, v, with_batch_dim(q_groups, 2), with_batch_dim(k_groups, 2), scale_table,
             bias_table, weight_table, _pair_bits(pair_mask), softmax_scale, num_groups,
             return_mass)
     # checked per call (the reference keeps no plan): cheap next to its N x N scores
-    _check_layout_ids(q_groups, k_groups, num_groups)
+    _check_group_ids(q_groups, k_groups, num_groups)
     qf, kf, vf = _upcast(q, k, v)
     out, lse, mass = reference.flow_attention_reference(
-        qf, kf, vf, return_mass=return_mass,
-        **_reference_kwargs(q_groups, k_groups, scale_table, bias_table, weight_table, pair_mask,
-                            softmax_scale, num_groups))
-    stat = _stat_dtype(q)
+        qf, kf, vf, q_groups, k_groups, scale_table, bias_table, weight_table, pair_mask,
+        softmax_scale=softmax_scale, num_groups=num_groups, return_mass=return_mass)
+    stat = stat_dtype(q.dtype)
     mass = mass.to(stat) if return_mass else lse.new_empty(0, dtype=stat)
     return out.to(q.dtype), lse.to(stat), mass
 
@@ -236,7 +224,7 @@ def flow_attention_fwd(
 def _(q, k, v, q_groups, k_groups, scale_table, bias_table, weight_table, pair_mask,
       softmax_scale, num_groups, return_mass, backend):
     batch, nq, heads, _ = q.shape
-    stat = _stat_dtype(q)
+    stat = stat_dtype(q.dtype)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = q.new_empty(batch, heads, nq, dtype=stat)
     mass = q.new_empty(batch, heads, nq, num_groups, dtype=stat) if return_mass else q.new_empty(
@@ -256,10 +244,9 @@ def flow_attention_bwd(
     """Returns (dq, dk, dv) given dO and the optional LSE / mass cotangents."""
     dout = dout.to(q.dtype)
     if backend == "triton":
-        inputs, layout = _flow_inputs(_kernels(), num_groups, q_groups, k_groups, scale_table,
-                                      bias_table, weight_table, pair_mask)
-        return _triton_backward(dout, dlse, dmass, q, k, v, out, lse, mass, inputs, layout,
-                                softmax_scale)
+        return _triton_backward(dout, dlse, dmass, q, k, v, out, lse, mass, q_groups, k_groups,
+                                scale_table, bias_table, weight_table, pair_mask, softmax_scale,
+                                num_groups)
     if backend == "cpp":
         return _cpp_kernels().flow_attention_bwd(
             dout, dlse, dmass, q, k, v, out, lse, mass, with_batch_dim(q_groups, 2),
@@ -267,9 +254,8 @@ def flow_attention_bwd(
             _pair_bits(pair_mask), softmax_scale, num_groups)
     qf, kf, vf, doutf = _upcast(q, k, v, dout)
     dq, dk, dv = reference.flow_attention_reference_backward(
-        doutf, dlse, dmass, qf, kf, vf,
-        **_reference_kwargs(q_groups, k_groups, scale_table, bias_table, weight_table, pair_mask,
-                            softmax_scale, num_groups))
+        doutf, dlse, dmass, qf, kf, vf, q_groups, k_groups, scale_table, bias_table,
+        weight_table, pair_mask, softmax_scale=softmax_scale, num_groups=num_groups)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 

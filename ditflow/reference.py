@@ -68,6 +68,12 @@ def _groups(groups: torch.Tensor | None, n: int, device) -> torch.Tensor:
     return with_batch_dim(groups.long(), 2)
 
 
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of lse and mass for inputs of ``dtype``: fp32, or fp64 for fp64 inputs (the
+    reference's ground truth and gradchecks)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def with_batch_dim(t: torch.Tensor | None, dims: int) -> torch.Tensor | None:
     """``t`` with its leading batch dimension, as a ``dims``-dimensional tensor: group ids
     [N] -> [1, N] (dims 2), a pair mask [Nq, Nk] -> [1, Nq, Nk] (dims 3). Not a reshape: that
@@ -102,7 +108,7 @@ def flow_attention_reference(
     q_grp = _groups(q_groups, nq, q.device)
     k_grp = _groups(k_groups, nk, q.device)
     pair_mask = with_batch_dim(pair_mask, 3)
-    stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    stats = stat_dtype(q.dtype)
     rows = _chunk_rows(batch, heads, nk, q.element_size(), chunk_size)
     outs, lses, masses = [], [], []
     for start in range(0, max(nq, 1), rows):  # one empty chunk when Nq = 0: outputs of 0 rows
@@ -112,9 +118,9 @@ def flow_attention_reference(
             weight_table, None if pair_mask is None else pair_mask[:, start:stop],
             softmax_scale, num_groups, return_mass)
         outs.append(out)
-        lses.append(lse.to(stat_dtype))
+        lses.append(lse.to(stats))
         if return_mass:
-            masses.append(mass.to(stat_dtype))
+            masses.append(mass.to(stats))
     out = torch.cat(outs, dim=1)
     lse = torch.cat(lses, dim=2)
     mass = torch.cat(masses, dim=2) if return_mass else None
@@ -138,7 +144,7 @@ def flow_attention_reference_backward(
     num_groups: int = 1,
     chunk_size: int | None = None,
 ):
-    """dq, dk, dv by the closed-form backward of DESIGN.md, one query chunk at a time::
+    """dq, dk, dv by the closed-form backward, one query chunk at a time::
 
         dw_ij  = <dO_i, v_j> + dmass[i, g_j]
         D_i    = <dO_i, O_i> + sum_c dmass_ic mass_ic - dlse_i
