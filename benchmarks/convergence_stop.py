@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.results import save
-from ditflow.cli import MODEL_DEFAULTS, SAMPLES
+from ditflow.cli import SAMPLES
 from ditflow.io import load_photo
-from ditflow.methods.decontext import DEFAULT_BLOCKS, ProtectConfig, Protector, iter_protect
+from ditflow.methods.decontext import ProtectConfig, Protector, iter_protect
 from ditflow.models.loading import pipeline_by_name
+from ditflow.models.presets import BUILTIN, protect_defaults
 from ditflow.testbed.evaluate import r_ctx_by_content
 from ditflow.testbed.scenes import SIZE
 
@@ -36,9 +37,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
-    defaults = MODEL_DEFAULTS.get(args.model, dict(resolution=512, max_sequence_length=512,
-                                                   blocks=DEFAULT_BLOCKS))
-    base = dict(steps=args.steps, **defaults)
+    base = dict(steps=args.steps, **protect_defaults(args.model))  # as `ditflow protect`
     pipeline = pipeline_by_name(args.model, args.device)
     photos = [(p.name, load_photo(p).tensor()) for p in sorted(SAMPLES.glob("*.png"))]
     probe = ProtectConfig(**base)
@@ -55,7 +54,7 @@ def main(argv=None) -> None:
                              r_ctx_before=result.r_ctx_before, r_ctx_after=result.r_ctx_after,
                              seconds=result.seconds))
             print(rows[-1], flush=True)
-    save(args.out, f"convergence-stop-{args.model if args.model in MODEL_DEFAULTS else 'model'}",
+    save(args.out, f"convergence-stop-{args.model if args.model in BUILTIN else 'model'}",
          "convergence_stop", argv, rows=rows, r_ctx_by_content=by_content,
          context_share_of_keys=context_share)
 

@@ -170,7 +170,8 @@ def eager_step(protector, pixels, prompts, timesteps, noise):
 
 def ditflow_step(protector, pixels, prompts, timesteps, noise):
     x = pixels.clone().requires_grad_()
-    (grad,) = torch.autograd.grad(protector.r_ctx(x, prompts, timesteps, noise).sum(), x)
+    with protector.attached_r_ctx(x, prompts, timesteps, noise) as r_ctx:
+        (grad,) = torch.autograd.grad(r_ctx.sum(), x)
     return grad
 
 
@@ -262,6 +263,7 @@ def main(argv=None) -> Path:
     results = ResultsFile(args.out, f"protect-step-{args.model}", "protect_step", argv)
     eager = "eager recipe" if "qwen" in args.model else "authors' recipe"
     providers = (("ditflow (early stop, fused mass)", ditflow_step, False),
+                 ("ditflow, gradient checkpointing", ditflow_step, True),
                  (eager, eager_step, True))
     pipeline = _once(lambda: _pipeline(args.model))
     rows = []

@@ -24,6 +24,7 @@ from PIL import Image
 
 from benchmarks.results import save, save_with_figure
 from ditflow.methods.decontext import ProtectConfig
+from ditflow.models.presets import protect_defaults
 from ditflow.testbed.evaluate import (
     edit_quality,
     generation_quality,
@@ -31,9 +32,8 @@ from ditflow.testbed.evaluate import (
     r_ctx_by_content,
 )
 from ditflow.testbed.models import testbed_pipeline
-from ditflow.testbed.scenes import instruction_pool
 
-ATTACKED = ("single.0", "single.1", "single.2")  # as `ditflow protect --model testbed`
+TESTBED = protect_defaults("testbed")  # as `ditflow protect --model testbed`
 
 
 def main(argv=None) -> None:
@@ -61,14 +61,12 @@ def main(argv=None) -> None:
     quality = edit_quality(pipeline, args.edits, args.edit_steps)
     print("edit quality:", json.dumps(quality["summary"], indent=1), flush=True)
     protection, figures = [], []
-    probe_config = ProtectConfig(resolution=32, blocks=ATTACKED, max_sequence_length=24,
-                                 prompts=instruction_pool())
+    probe_config = ProtectConfig(**TESTBED)
     by_content = r_ctx_by_content(pipeline, probe_config, args.protect)
     print("r_ctx by context content:", json.dumps(by_content, indent=1), flush=True)
     for epsilon in args.epsilon:
         config = ProtectConfig(steps=args.steps, epsilon=epsilon, step_size=epsilon / 20,
-                               resolution=32, blocks=ATTACKED, max_sequence_length=24,
-                               prompts=instruction_pool(), batch_size=args.batch_size,
+                               **TESTBED, batch_size=args.batch_size,
                                method=args.method)
         efficacy = protection_efficacy(pipeline, config, args.protect, args.edit_steps)
         print(f"protection at epsilon {epsilon}:", json.dumps(efficacy["summary"], indent=1),
@@ -77,7 +75,7 @@ def main(argv=None) -> None:
         protection.append(dict(epsilon=epsilon, step_size=config.step_size, **efficacy))
     name = "testbed-efficacy" if args.method == "decontext" else f"testbed-efficacy-{args.method}"
     path = save(args.out, name, "testbed_efficacy", argv, method=args.method,
-                attacked_blocks=list(ATTACKED), edit_quality=quality,
+                attacked_blocks=list(TESTBED["blocks"]), edit_quality=quality,
                 r_ctx_by_content=by_content, protection=protection)
     for epsilon, figure in zip(args.epsilon, figures, strict=True):
         figure_path = path.with_name(f"{path.stem}-eps{epsilon:g}.png")

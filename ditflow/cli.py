@@ -19,7 +19,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,24 +27,13 @@ import numpy as np
 import torch
 
 from .io import DEFAULT_MAX_PIXELS
+from .models import presets
+from .models.presets import BUILTIN
 
 if TYPE_CHECKING:
     from .methods.decontext import ProtectConfig
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
-# Per-model defaults: working resolution, instruction tokens, attacked blocks (the front two
-# thirds of the single-stream blocks, as DeContext's single.0..25 of 38 on FLUX).
-MODEL_DEFAULTS = {
-    "testbed": dict(resolution=32, max_sequence_length=24,
-                    blocks=("single.0", "single.1", "single.2")),
-    "tiny": dict(resolution=32, max_sequence_length=16,
-                 blocks=("double.0", "double.1", "single.0", "single.1")),
-    "tiny-qwen": dict(resolution=64, max_sequence_length=16, blocks=("double.0", "double.1")),
-    "tiny-step1x": dict(resolution=32, max_sequence_length=16,
-                        blocks=("double.0", "double.1", "single.0", "single.1")),
-}
-# Tiny editors that only protect and evaluate (generate and edit drive FLUX.1 pipelines).
-EDITOR_ONLY = ("tiny-qwen", "tiny-step1x")
 # What every command imports from the diffusers extra: distribution -> module.
 DIFFUSERS_EXTRA = {"diffusers": "diffusers", "transformers": "transformers",
                    "safetensors": "safetensors", "Pillow": "PIL", "tqdm": "tqdm",
@@ -117,18 +106,29 @@ def _pipeline(model: str, device: str, kind: str = "kontext"):
 
 def _model_settings(args) -> dict:
     """Resolution, attacked blocks and text length: the user's, else the model's defaults
-    (None: the protector picks the loaded editor's); the testbed editor's own instruction
-    pool."""
-    defaults = MODEL_DEFAULTS.get(args.model, dict(resolution=None, max_sequence_length=512,
-                                                   blocks=None))
-    settings = dict(resolution=args.resolution or defaults["resolution"],
-                    blocks=tuple(args.blocks.split(",")) if args.blocks else defaults["blocks"],
-                    max_sequence_length=args.text_tokens or defaults["max_sequence_length"])
-    if args.model == "testbed":
-        from .testbed.scenes import instruction_pool
-
-        settings["prompts"] = instruction_pool()
+    (:func:`~ditflow.models.presets.protect_defaults`)."""
+    settings = presets.protect_defaults(args.model)
+    if args.resolution:
+        settings["resolution"] = args.resolution
+    if args.blocks:
+        settings["blocks"] = tuple(args.blocks.split(","))
+    if args.text_tokens:
+        settings["max_sequence_length"] = args.text_tokens
     return settings
+
+
+def _settings(args, defaults: dict, **option_names) -> dict:
+    """``defaults`` overridden by the options given: the ``args`` attribute of each key, or the
+    one ``option_names`` maps it to (``resolution="size"``)."""
+    chosen = {key: getattr(args, option_names.get(key, key)) for key in defaults}
+    return {key: defaults[key] if value is None else value for key, value in chosen.items()}
+
+
+def _note_small_model(model: str, instead: str) -> None:
+    """Say that a built-in ``model`` is for demos and tests, and what to pass ``instead``."""
+    if model in BUILTIN:
+        print(f"note: --model {model} is a small offline model for demos and tests; {instead}",
+              file=sys.stderr)
 
 
 def _config(args) -> ProtectConfig:
@@ -158,7 +158,7 @@ _OPTIONS = {"model": "--model", "format": "--format", "method": "--method",
 def _model_id(model: str) -> str:
     """``--model`` as a manifest records it: a built-in name, or the folder's absolute path
     (``models/kontext/`` and ``./models/kontext`` are one model)."""
-    return model if model in MODEL_DEFAULTS else str(Path(model).expanduser().resolve())
+    return model if model in BUILTIN else str(Path(model).expanduser().resolve())
 
 
 def _recorded_settings(model: str, config: ProtectConfig, suffix: str) -> dict:
@@ -166,13 +166,11 @@ def _recorded_settings(model: str, config: ProtectConfig, suffix: str) -> dict:
     the config with the model's defaults filled in as the protector fills them (a model
     folder's working resolution and blocks from its family, read from its files; left out
     where the folder holds no editor, whose loading fails next)."""
-    from .methods.decontext import MODEL_DEFAULTS as EDITOR_DEFAULTS
+    from .methods.decontext import with_family_defaults
     from .models.loading import editor_transformer_name
 
-    if model not in MODEL_DEFAULTS:
-        defaults = EDITOR_DEFAULTS.get(editor_transformer_name(model), {})
-        config = replace(config, resolution=config.resolution or defaults.get("resolution"),
-                         blocks=config.blocks or defaults.get("blocks"))
+    if model not in BUILTIN:
+        config = with_family_defaults(config, editor_transformer_name(model))
     settings = {key: json.loads(json.dumps(value)) for key, value in asdict(config).items()
                 if key not in _RESUMABLE_CHANGES
                 and not (key in ("resolution", "blocks") and value is None)}
@@ -248,10 +246,9 @@ def protect_command(args) -> int:
         print("warning: JPEG recompresses the protected photo: it weakens the perturbation, can "
               "take pixels past --epsilon (the manifest records the saved file's L-inf) and drops "
               "transparency; PNG (the default) keeps all three", file=sys.stderr)
-    if args.model in MODEL_DEFAULTS:
-        print(f"note: --model {args.model} is a small offline model for demos and tests; its "
-              "perturbation does not protect against real editors: pass --model with a local "
-              "FLUX.1 Kontext, Qwen-Image-Edit or Step1X-Edit folder for that", file=sys.stderr)
+    _note_small_model(args.model, "its perturbation does not protect against real editors: "
+                      "pass --model with a local FLUX.1 Kontext, Qwen-Image-Edit or Step1X-Edit "
+                      "folder for that")
     problem = _output_folder_problem(outdir, args.inputs)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -448,7 +445,7 @@ def demo_command(args) -> int:
     args.max_pixels, args.output = DEFAULT_MAX_PIXELS, str(protected_dir)
     status = protect_command(args)
     records = Manifest(protected_dir / "manifest.jsonl").records
-    resolution = args.resolution or MODEL_DEFAULTS["testbed"]["resolution"]
+    resolution = args.resolution or BUILTIN["testbed"].resolution
     print(f"\nsample photos (optimised at the testbed editor's {resolution} px, the perturbation "
           "mapped back to each photo's size)")
     print(f"{'photo':<16} {'size':>9} {'r_ctx before':>12} {'after':>7}")
@@ -477,15 +474,6 @@ def demo_command(args) -> int:
     return status
 
 
-# generate: image side, T5 tokens, guidance per model (FLUX.1-dev: DeLeaker's 512 px, 256, 3.5)
-# generate: image side, T5 tokens, guidance, steps per model; on FLUX.1 per method, the authors'
-# (DeLeaker and plain: 512², 256 tokens, 20 steps; UVR: 1024², 512 tokens, 28 steps)
-GENERATE_DEFAULTS = {
-    "testbed": dict(size=32, text_tokens=24, guidance=1.0, steps=20),
-    "tiny": dict(size=32, text_tokens=16, guidance=1.0, steps=20),
-}
-REAL_GENERATE_DEFAULTS = dict(size=512, text_tokens=256, guidance=3.5, steps=20)
-REAL_UVR_GENERATE_DEFAULTS = dict(size=1024, text_tokens=512, guidance=3.5, steps=28)
 REGION_COLORS = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48),
                           (145, 30, 180), (70, 240, 240)], dtype=np.uint8)
 
@@ -567,20 +555,16 @@ def _run_uvr(args, output: Path, run) -> int:
 def generate_command(args) -> int:
     from .methods.deleaker import DeLeakerConfig, generate
 
-    defaults = GENERATE_DEFAULTS.get(
-        args.model, REAL_UVR_GENERATE_DEFAULTS if args.uvr is not None else REAL_GENERATE_DEFAULTS)
-    size = args.size or defaults["size"]
+    settings = _settings(args, presets.defaults(
+        args.model, "generate-uvr" if args.uvr is not None else "generate"), resolution="size")
+    size, text_tokens = settings["resolution"], settings["text_tokens"]
     if size % 16:
         print(f"error: --size {size}: FLUX.1 makes images of multiples of 16 px (try "
               f"{size - size % 16})", file=sys.stderr)
         return 2
-    text_tokens = args.text_tokens or defaults["text_tokens"]
-    guidance = defaults["guidance"] if args.guidance is None else args.guidance
-    if args.model in GENERATE_DEFAULTS:
-        print(f"note: --model {args.model} is a small offline model for demos and tests; pass "
-              "--model with a local FLUX.1 folder for real images", file=sys.stderr)
+    _note_small_model(args.model, "pass --model with a local FLUX.1 folder for real images")
     pipeline = _pipeline(args.model, args.device, kind="t2i")
-    call = dict(num_inference_steps=args.steps or defaults["steps"], guidance_scale=guidance,
+    call = dict(num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
                 output_type="np", generator=torch.Generator().manual_seed(args.seed))
     output = Path(args.output)
     if args.uvr is not None:
@@ -622,15 +606,6 @@ def generate_command(args) -> int:
     return _save_results(output, images[0])
 
 
-# edit: working resolution, T5 tokens, guidance, steps per model (FLUX.1 Kontext: the
-# pipeline's 1024², 512 tokens, 3.5, 28 steps)
-EDIT_DEFAULTS = {
-    "testbed": dict(resolution=32, text_tokens=24, guidance=1.0, steps=20),
-    "tiny": dict(resolution=32, text_tokens=16, guidance=1.0, steps=20),
-}
-REAL_EDIT_DEFAULTS = dict(resolution=1024, text_tokens=512, guidance=3.5, steps=28)
-
-
 def _load_mask(path: str) -> np.ndarray:
     """A mask image: bool [H, W], True where its grey level is above half."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -649,12 +624,9 @@ def edit_command(args) -> int:
     from .methods.ale import ALEConfig, edit
     from .models import edit_calls_for
 
-    defaults = {**REAL_EDIT_DEFAULTS, **EDIT_DEFAULTS.get(args.model, {})}
-    settings = {key: defaults[key] if getattr(args, key) is None else getattr(args, key)
-                for key in defaults}
-    if args.model in EDIT_DEFAULTS:
-        print(f"note: --model {args.model} is a small offline model for demos and tests; pass "
-              "--model with a local FLUX.1 Kontext folder for real photos", file=sys.stderr)
+    settings = _settings(args, presets.defaults(args.model, "edit"))
+    _note_small_model(args.model, "pass --model with a local FLUX.1 Kontext folder for real "
+                      "photos")
     try:
         photo = load_photo(args.image)
         masks = [_load_mask(path) for _, path in args.object]
@@ -695,11 +667,26 @@ def edit_command(args) -> int:
     return _save_results(output, images[0])
 
 
-# Defaults by model, as MODEL_DEFAULTS and decontext.MODEL_DEFAULTS set them.
+def _builtin_help(key: str, generating: bool = False) -> str:
+    """The built-in models' defaults of a setting: ``testbed 32, tiny 32, ...``."""
+    return ", ".join(f"{name} {getattr(preset, key)}" for name, preset in BUILTIN.items()
+                     if preset.generates or not generating)
+
+
+def _default_help(key: str, command: str, uvr: bool = False) -> str:
+    """A generate or edit option's defaults: ``default 512, with --uvr 1024; testbed 32, ...``."""
+    with_uvr = f", with --uvr {presets.REAL['generate-uvr'][key]}" if uvr else ""
+    return (f"default {presets.REAL[command][key]}{with_uvr}; "
+            f"{_builtin_help(key, generating=True)}")
+
+
+# Model folders' defaults as decontext.FAMILY_DEFAULTS sets them.
 RESOLUTION_HELP = ("working resolution (default by model: FLUX.1 Kontext and Step1X-Edit 512, "
-                   "Qwen-Image-Edit 1024; testbed, tiny and tiny-step1x 32, tiny-qwen 64)")
-TEXT_TOKENS_HELP = ("FLUX's T5 tokens of the instruction (default by model: FLUX.1 Kontext 512, "
-                    "testbed 24, tiny 16; Qwen-Image-Edit and Step1X-Edit ignore it)")
+                   f"Qwen-Image-Edit 1024; {_builtin_help('resolution')})")
+TEXT_TOKENS_HELP = ("FLUX's T5 tokens of the instruction (default by model: FLUX.1 Kontext "
+                    f"{presets.REAL['protect']['text_tokens']}, "
+                    f"{_builtin_help('text_tokens', generating=True)}; "
+                    "Qwen-Image-Edit and Step1X-Edit ignore it)")
 
 
 def _protect_options(p: argparse.ArgumentParser, steps_default: int | None = None,
@@ -806,11 +793,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="testbed",
                    help="'testbed' (default), 'tiny' or a local FLUX.1 folder")
     p.add_argument("--size", type=SIDE, default=None, help="image side, a multiple of 16 "
-                   "(default 512, with --uvr 1024; 32 for the testbed and tiny models)")
-    p.add_argument("--steps", type=COUNT, default=None, help="default 20, with --uvr 28")
-    p.add_argument("--guidance", type=FINITE, default=None, help="default 3.5 (1.0 testbed)")
+                   f"({_default_help('resolution', 'generate', uvr=True)})")
+    p.add_argument("--steps", type=COUNT, default=None,
+                   help=_default_help("steps", "generate", uvr=True))
+    p.add_argument("--guidance", type=FINITE, default=None,
+                   help=_default_help("guidance", "generate"))
     p.add_argument("--text-tokens", type=T5_TOKENS, default=None,
-                   help="T5 tokens (default 256, with --uvr 512; testbed 24, tiny 16)")
+                   help=f"T5 tokens ({_default_help('text_tokens', 'generate', uvr=True)})")
     p.add_argument("--seed", type=int, default=0)
     defaults = DeLeakerConfig()
     p.add_argument("--alpha", type=_number(float, above=0), default=defaults.alpha,
@@ -842,11 +831,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="testbed",
                    help="'testbed' (default), 'tiny' or a local FLUX.1 Kontext folder")
     p.add_argument("--resolution", type=SIDE, default=None,
-                   help="working resolution (default 1024; 32 for the testbed and tiny models)")
-    p.add_argument("--steps", type=COUNT, default=None, help="default 28 (20 testbed)")
-    p.add_argument("--guidance", type=FINITE, default=None, help="default 3.5 (1.0 testbed)")
+                   help=f"working resolution ({_default_help('resolution', 'edit')})")
+    p.add_argument("--steps", type=COUNT, default=None, help=_default_help("steps", "edit"))
+    p.add_argument("--guidance", type=FINITE, default=None,
+                   help=_default_help("guidance", "edit"))
     p.add_argument("--text-tokens", type=T5_TOKENS, default=None,
-                   help="FLUX's T5 tokens (default 512; testbed 24, tiny 16)")
+                   help=f"FLUX's T5 tokens ({_default_help('text_tokens', 'edit')})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dilation", type=_number(float, low=0, below=1), default=0.04,
                    help="region dilation, a fraction of the image's longer side")
@@ -866,7 +856,8 @@ def main(argv: list[str] | None = None) -> int:
         if low_high and low_high[0] > low_high[1]:
             command.error(f"--{name.replace('_', '-')} {low_high[0]} {low_high[1]}: LOW must not "
                          "exceed HIGH")
-    if args.command in ("generate", "edit") and args.model in EDITOR_ONLY:
+    if args.command in ("generate", "edit") and not getattr(BUILTIN.get(args.model),
+                                                             "generates", True):
         command.error(f"--model {args.model} serves protect and evaluate; {args.command} drives "
                      "FLUX.1 pipelines")
     other = getattr(args, "entity", None) or getattr(args, "object", None)

@@ -113,17 +113,21 @@ def _to_8bit(image):
     return Image.fromarray(eight), note
 
 
-def pixels_tensor(image) -> torch.Tensor:
+def pixels_tensor(image, name: str = "image") -> torch.Tensor:
     """A PIL image, uint8 array [H, W, 3] or float tensor [3, H, W] in [0, 1] -> float
-    [3, H, W] in [0, 1]."""
+    [3, H, W] in [0, 1]; ``name`` names the image in errors."""
     if isinstance(image, torch.Tensor):
         if image.dim() != 3 or image.shape[0] != 3 or not image.is_floating_point():
-            raise ValueError(f"image tensor of shape {tuple(image.shape)} and dtype "
+            raise ValueError(f"{name}: a tensor of shape {tuple(image.shape)} and dtype "
                              f"{image.dtype}; expected float [3, H, W] in [0, 1]")
+        low, high = (float(v) for v in image.aminmax()) if image.numel() else (0.0, 0.0)
+        if not (low >= 0 and high <= 1):  # NaN fails too
+            raise ValueError(f"{name}: values from {low:.4g} to {high:.4g}; expected [0, 1] "
+                             "(8-bit pixels divided by 255)")
         return image.float()
     array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-        raise ValueError(f"image array of shape {array.shape} and dtype {array.dtype}; "
+        raise ValueError(f"{name}: an array of shape {array.shape} and dtype {array.dtype}; "
                          "expected uint8 [H, W, 3]")
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
 

@@ -279,7 +279,9 @@ def attach(model, intervention: Intervention, layout: TokenLayout | None = None
 
     The token layout is read from each transformer call (FLUX: text length and ``img_ids``;
     Qwen-Image: text length and ``img_shapes``) unless ``layout`` is given. Blocks where the
-    intervention asks for nothing run the model's own processor unchanged.
+    intervention asks for nothing run the model's own processor unchanged. One attachment at a
+    time per model. With gradient checkpointing, take gradients inside the ``with`` block: the
+    backward recomputes the blocks through the processors installed then.
     """
     from .models import adapter_for
 

@@ -120,22 +120,24 @@ def test_compile_report_table_has_a_row_per_kernel_variant_and_config():
         r["kernel"] == "dkdv" for r in rows) > 0
 
 
-def test_protect_step_benchmark_runs_both_recipes(tmp_path):
+RECIPES = ["ditflow (early stop, fused mass)", "ditflow, gradient checkpointing",
+           "authors' recipe"]
+
+
+def test_protect_step_benchmark_runs_every_recipe(tmp_path):
     path = protect_step.main(["--model", "tiny", "--resolution", "32", "--out", str(tmp_path)])
     rows = _rows(path)
-    assert [r["provider"] for r in rows] == ["ditflow (early stop, fused mass)",
-                                             "authors' recipe"]
+    assert [r["provider"] for r in rows] == RECIPES
     assert all(r["ms"] > 0 and r["tokens"] == 8 + 2 * 16 * 16 for r in rows)
     qwen_path = protect_step.main(["--model", "tiny-qwen", "--resolution", "64",
                                    "--out", str(tmp_path)])
     rows = _rows(qwen_path)
-    assert [r["provider"] for r in rows] == ["ditflow (early stop, fused mass)", "eager recipe"]
+    assert [r["provider"] for r in rows] == [*RECIPES[:2], "eager recipe"]
     assert all(r["ms"] > 0 and r["tokens"] > 2 * 4 * 4 for r in rows)
     step1x_path = protect_step.main(["--model", "tiny-step1x", "--resolution", "32",
                                      "--out", str(tmp_path)])
     rows = _rows(step1x_path)
-    assert [r["provider"] for r in rows] == ["ditflow (early stop, fused mass)",
-                                             "authors' recipe"]
+    assert [r["provider"] for r in rows] == RECIPES
     assert all(r["ms"] > 0 and r["tokens"] == 64 + 2 * 16 * 16 for r in rows)
     # One file per model: gpu_runs.sh runs the models one after another into one folder.
     assert [p.name.split("-CPU")[0] for p in (path, qwen_path, step1x_path)] == [
@@ -161,9 +163,9 @@ def test_protect_step_builds_the_model_once_and_records_a_failing_recipe(tmp_pat
                                     "--out", str(tmp_path)]))
     assert builds == ["tiny"]
     assert [(r["resolution"], r["provider"]) for r in rows] == [
-        (32, "ditflow (early stop, fused mass)"), (32, "authors' recipe"),
-        (48, "ditflow (early stop, fused mass)"), (48, "authors' recipe")]
-    ditflow, failed = rows[::2], rows[1::2]
+        (resolution, recipe) for resolution in (32, 48) for recipe in RECIPES]
+    ditflow = [r for r in rows if r["provider"] != "authors' recipe"]
+    failed = [r for r in rows if r["provider"] == "authors' recipe"]
     assert all(r["ms"] > 0 and "note" not in r for r in ditflow)
     assert all(math.isnan(r["ms"]) and r["tokens"] > 0 and r["note"] ==
                "RuntimeError: out of resource: shared memory, Required: 264192" for r in failed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -49,6 +50,42 @@ def test_unknown_blocks_are_refused(pipe):
         Protector(pipe, tiny_config(blocks=("single.30",)))
 
 
+def test_photos_outside_the_unit_range_or_layout_are_refused_by_name(pipe):
+    photo = torch.rand(3, 16, 16)
+    for bad, message in (((photo * 255).round(), "values from 0 to 2"),
+                         ((photo * 255).byte(), "dtype torch.uint8"),
+                         (photo.permute(1, 2, 0), r"shape \(16, 16, 3\)")):
+        with pytest.raises(ValueError, match=f"photo 'photo0': .*{message}"):
+            protect([bad], pipe, tiny_config(steps=1))
+
+
+def test_pil_photos_are_protected_as_their_pixels(pipe):
+    from PIL import Image
+
+    from ditflow.io import pixels_tensor
+
+    image = Image.fromarray((torch.rand(16, 20, 3) * 255).byte().numpy())
+    (from_pil,) = protect([image], pipe, tiny_config(steps=2))
+    (from_tensor,) = protect([pixels_tensor(image)], pipe, tiny_config(steps=2))
+    assert torch.equal(from_pil.image, from_tensor.image)
+
+
+def test_a_text_to_image_pipeline_is_refused():
+    with pytest.raises(TypeError, match="FluxPipeline is not an in-context editor"):
+        Protector(tiny_flux_pipeline("t2i"), tiny_config())
+
+
+@pytest.mark.parametrize("method", ["decontext", "diff-pgd"])
+def test_gradient_checkpointing_protects_as_without_it(pipe, method):
+    # the backward recomputes checkpointed blocks: through ditflow's processors, still attached
+    photos = [torch.rand(3, 16, 16)]
+    config = tiny_config(steps=2, method=method, diffpgd_edits=1, diffpgd_edit_steps=1)
+    (plain,) = protect(photos, pipe, config)
+    (checkpointed,) = protect(photos, pipe, replace(config, gradient_checkpointing=True))
+    assert torch.equal(plain.image, checkpointed.image)
+    assert plain.r_ctx_after == checkpointed.r_ctx_after
+
+
 def test_working_size_keeps_aspect_and_snaps(pipe):
     protector = Protector(pipe, tiny_config(resolution=32))
     assert protector.working_size(100, 200) == (22, 46)  # multiples of 2 for the tiny VAE
@@ -80,14 +117,14 @@ def test_each_step_draws_its_instruction_timestep_and_noise(pipe, monkeypatch):
     """Sign-PGD steps see instructions from the pool, timesteps in [980, 1000) and fresh
     target noise."""
     seen = []
-    r_ctx = Protector.r_ctx
+    attached_r_ctx = Protector.attached_r_ctx
 
     def recording(self, pixels, prompts, timesteps, noise, prompt_images=None):
         if pixels.requires_grad:  # a PGD step (evaluation runs without a gradient)
             seen.append((prompts[0], timesteps[0], noise.clone()))
-        return r_ctx(self, pixels, prompts, timesteps, noise, prompt_images)
+        return attached_r_ctx(self, pixels, prompts, timesteps, noise, prompt_images)
 
-    monkeypatch.setattr(Protector, "r_ctx", recording)
+    monkeypatch.setattr(Protector, "attached_r_ctx", recording)
     config = tiny_config(steps=12)
     protect([torch.rand(3, 24, 24)], pipe, config)
     prompts, timesteps, noises = zip(*seen, strict=True)

@@ -11,9 +11,10 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from ditflow.cli import MODEL_DEFAULTS, SAMPLES, main
+from ditflow.cli import SAMPLES, main
 from ditflow.io import to_pil
 from ditflow.methods.decontext import ProtectConfig, Protector
+from ditflow.models.presets import BUILTIN
 from ditflow.tiny import tiny_qwen_edit_pipeline, tiny_step1x_edit_pipeline
 
 # CLI name: (builder, two attacked blocks, working resolution, the text mask's input name)
@@ -129,7 +130,7 @@ def test_cli_protects_and_evaluates(editor, tmp_path):
     (record,) = [r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())
                  if r["status"] != "started"]
     assert record["status"] == "ok" and record["linf"] <= 12
-    assert record["config"]["blocks"] == list(MODEL_DEFAULTS[name]["blocks"])
+    assert record["config"]["blocks"] == list(BUILTIN[name].blocks)
     rows = tmp_path / "rows.json"
     assert main(["evaluate", str(SAMPLES), str(out), "--model", name, "--edit-steps", "1",
                  "--json", str(rows)]) == 0

@@ -142,6 +142,20 @@ def test_attach_round_trip_and_exception_restore():
                                         *model.single_transformer_blocks)] == processors
 
 
+def test_attach_refuses_a_model_already_attached():
+    """An inner session's processors would answer for the outer one's blocks (an outer
+    intervention silently undone)."""
+    model = tiny_flux_transformer()
+    with attach(model, StatsRecorder()):
+        with pytest.raises(RuntimeError, match="already attached"), \
+                attach(model, StatsRecorder()):
+            pass
+        assert all(type(b.attn.processor).__name__ == "FlowFluxAttnProcessor"
+                   for b in model.single_transformer_blocks)  # the outer session's, kept
+    assert isinstance(model.single_transformer_blocks[0].attn.processor,
+                      flux_module.FluxAttnProcessor)
+
+
 def test_attach_refuses_processors_with_weights():
     """IP-Adapter's processors are modules with weights and inputs of their own: refused with
     a message, nothing installed."""

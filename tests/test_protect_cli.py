@@ -185,7 +185,7 @@ def test_resume_with_a_model_folder_counts_its_defaults(tmp_path, capsys):
     the folder's files before anything loads."""
     from dataclasses import asdict
 
-    from ditflow.methods.decontext import MODEL_DEFAULTS, ProtectConfig
+    from ditflow.methods.decontext import FAMILY_DEFAULTS, ProtectConfig
     from ditflow.models.loading import editor_transformer_name
 
     folder = tmp_path / "kontext"
@@ -201,7 +201,7 @@ def test_resume_with_a_model_folder_counts_its_defaults(tmp_path, capsys):
     Image.fromarray(_rgb(20, 20)).save(src)
     out.mkdir()
     Image.fromarray(_rgb(20, 20)).save(out / "a.png")
-    defaults = MODEL_DEFAULTS["FluxTransformer2DModel"]
+    defaults = FAMILY_DEFAULTS["FluxTransformer2DModel"]
     config = asdict(ProtectConfig(steps=2, resolution=768, blocks=defaults["blocks"]))
     del config["prompts"]
     (out / "manifest.jsonl").write_text(json.dumps(
@@ -301,7 +301,7 @@ def test_help_gives_each_models_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["protect", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "testbed, tiny and tiny-step1x 32, tiny-qwen 64" in text
+    assert "testbed 32, tiny 32, tiny-qwen 64, tiny-step1x 32" in text
     assert "FLUX.1 Kontext 512, testbed 24, tiny 16" in text
 
 

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .._memo import TensorMemo
-from ..io import resize_pixels, to_pil
+from ..io import pixels_tensor, resize_pixels, to_pil
 from ..layout import TokenLayout
 from ..models import adapter_for, check_blocks, edit_calls_for
 from ..session import StatsRecorder, attach
@@ -58,7 +58,7 @@ from .prompts import PROMPT_POOL
 # (its 60 blocks at the depths of the authors' single.0..25 among FLUX's 57, 19/57 to 45/57 of
 # the way through; the ~1 MP size its pipeline feeds the model).
 DEFAULT_BLOCKS = tuple(f"single.{i}" for i in range(26))
-MODEL_DEFAULTS = {
+FAMILY_DEFAULTS = {
     "FluxTransformer2DModel": dict(blocks=DEFAULT_BLOCKS, resolution=512),
     "QwenImageTransformer2DModel": dict(blocks=tuple(f"double.{i}" for i in range(20, 47)),
                                         resolution=1024),
@@ -80,7 +80,7 @@ class ProtectConfig:
         resolution: working resolution: the photo is optimised at about resolution² pixels;
             None = the model's (FLUX.1 Kontext 512, Qwen-Image-Edit 1024).
         blocks: attacked blocks (``"single.3"``, ``"double.7"``); the forward stops after the
-            last one. None = the model's (see ``MODEL_DEFAULTS``).
+            last one. None = the model's (see ``FAMILY_DEFAULTS``).
         timesteps: the range t is drawn from, in the scheduler's 0..1000 units.
         guidance: guidance embedding value (FLUX.1 Kontext; models without one ignore it).
         batch_size: photos optimised together (same working resolution).
@@ -154,6 +154,14 @@ class ProtectConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"ProtectConfig: {message}")
+
+
+def with_family_defaults(config: ProtectConfig, transformer_name: str | None) -> ProtectConfig:
+    """``config`` with the blocks and resolution it leaves open set to those of the model family
+    whose transformer class is ``transformer_name`` (unchanged for an unknown one)."""
+    defaults = FAMILY_DEFAULTS.get(transformer_name, {})
+    return replace(config, blocks=config.blocks or defaults.get("blocks"),
+                   resolution=config.resolution or defaults.get("resolution"))
 
 
 @dataclass
@@ -230,10 +238,8 @@ class Protector:
         self.pipe = pipeline
         self.transformer = pipeline.transformer
         self.calls = edit_calls_for(pipeline)
-        config = config or ProtectConfig()
-        defaults = MODEL_DEFAULTS[type(self.transformer).__name__]
-        self.config = replace(config, blocks=config.blocks or defaults["blocks"],
-                              resolution=config.resolution or defaults["resolution"])
+        self.config = with_family_defaults(config or ProtectConfig(),
+                                           type(self.transformer).__name__)
         self.vae = pipeline.vae
         self.device = self.transformer.device
         self.dtype = self.transformer.dtype
@@ -320,15 +326,25 @@ class Protector:
     def _layout(self, inputs) -> TokenLayout:
         return self._adapter.call_layout(inputs, self._layouts)
 
-    def r_ctx(self, pixels, prompts, timesteps, noise, prompt_images=None) -> torch.Tensor:
-        """Per-photo r_ctx [B] over the attacked blocks; the forward stops after the last one.
+    @contextmanager
+    def attached_r_ctx(self, pixels, prompts, timesteps, noise, prompt_images=None
+                       ) -> Iterator[torch.Tensor]:
+        """Per-photo r_ctx [B] over the attacked blocks (the forward stops after the last one),
+        with ditflow's processors kept on the model until the ``with`` block ends: take its
+        gradient inside, so that gradient checkpointing recomputes the blocks as they ran.
         ``prompt_images``: what the prompt encoder sees ([3, H, W] each), if not ``pixels``
         (Qwen-Image-Edit)."""
         inputs = self._inputs(pixels, prompts, timesteps, noise, prompt_images)
         recorder = StatsRecorder(blocks=self.config.blocks, stop_after_last=True)
         with attach(self.transformer, recorder, self._layout(inputs)) as session:
             session.forward(**inputs)
-        return recorder.mean_r_ctx().float()
+            yield recorder.mean_r_ctx().float()
+
+    def r_ctx(self, pixels, prompts, timesteps, noise, prompt_images=None) -> torch.Tensor:
+        """:meth:`attached_r_ctx`'s values, for evaluation (detached from the model's
+        processors: a gradient through checkpointed blocks must be taken inside that one)."""
+        with self.attached_r_ctx(pixels, prompts, timesteps, noise, prompt_images) as r_ctx:
+            return r_ctx
 
     def at_working_size(self, photos: Sequence[torch.Tensor]) -> torch.Tensor:
         """Photos of one working size (float [3, H, W] in [0, 1]) as the editor sees them:
@@ -404,6 +420,7 @@ class Protector:
         (any H, W; those of a batch must share a working size)."""
         cfg = self.config
         start = time.perf_counter()
+        photos = [pixels_tensor(p, f"photo {n!r}") for n, p in zip(names, photos, strict=True)]
         clean = self.at_working_size(photos)
         size = tuple(clean.shape[-2:])
         gens = [torch.Generator().manual_seed(_photo_seed(cfg.seed, n)) for n in names]
@@ -433,15 +450,16 @@ class Protector:
                 with torch.enable_grad():
                     seen = self._transform(x, jpeg, scale)
                     if cfg.method == "decontext":
-                        loss = self.r_ctx(seen, prompts, ts, noise,
-                                          [clean_photos[i] for i in active]).sum()
+                        with self.attached_r_ctx(seen, prompts, ts, noise,
+                                                 [clean_photos[i] for i in active]) as r_ctx:
+                            (grad,) = torch.autograd.grad(r_ctx.sum(), x)
                         direction = -1.0  # minimise r_ctx
                     else:
                         loss = self._flow_matching_loss(
                             seen, [e[active] for e in edits], [gens[i] for i in active],
                             prompts, ts, noise, [clean_photos[i] for i in active]).sum()
+                        (grad,) = torch.autograd.grad(loss, x)
                         direction = 1.0  # maximise the denoising error
-                    (grad,) = torch.autograd.grad(loss, x)
                 with torch.no_grad():
                     moved = x + direction * alpha * grad.sign()
                     base = clean[active]
@@ -477,10 +495,11 @@ def iter_protect(named_photos: Sequence[tuple[str, torch.Tensor]], pipeline,
                  config: ProtectConfig | None = None,
                  on_step: Callable[[int], None] | None = None) -> Iterator[ProtectResult]:
     """Protect photos batch by batch (photos of one working size share a batch), yielding each
-    result as soon as its batch is done."""
+    result as soon as its batch is done. Photos as :func:`protect` takes them."""
     protector = Protector(pipeline, config)
     by_size: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
     for name, photo in named_photos:
+        photo = pixels_tensor(photo, f"photo {name!r}")  # all checked before any work
         by_size.setdefault(protector.working_size(*photo.shape[-2:]), []).append((name, photo))
     for group in by_size.values():
         for start in range(0, len(group), protector.config.batch_size):
@@ -490,8 +509,9 @@ def iter_protect(named_photos: Sequence[tuple[str, torch.Tensor]], pipeline,
 
 def protect(photos: Sequence[torch.Tensor], pipeline, config: ProtectConfig | None = None
             ) -> list[ProtectResult]:
-    """Protect photos (float [3, H, W] in [0, 1]) with DeContext (or Diff-PGD); results in input
-    order. For files, use ``ditflow protect`` (manifest, resume, image formats)."""
+    """Protect photos (float tensors [3, H, W] in [0, 1], PIL images or uint8 arrays [H, W, 3])
+    with DeContext (or Diff-PGD); results (float [3, H, W]) in input order. For files, use
+    ``ditflow protect`` (manifest, resume, image formats)."""
     named = [(f"photo{i}", p) for i, p in enumerate(photos)]
     results = {r.name: r for r in iter_protect(named, pipeline, config)}
     return [results[name] for name, _ in named]

@@ -61,7 +61,16 @@ def check_blocks(transformer: torch.nn.Module, names, what: str) -> None:
                          f"{known[0]} .. {known[-1]})")
 
 
+# In-context editors (a photo in, its edit out); text-to-image pipelines of the same families
+# share their transformers but never see a context image.
+EDITORS = ("FluxKontextPipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline",
+           "Step1XEditPipeline")
+
+
 def edit_calls_for(pipeline):
     """The builder of direct transformer calls for edits with ``pipeline`` (an in-context
     editor: FLUX.1 Kontext, Qwen-Image-Edit, Qwen-Image-Edit-2509/2511 or Step1X-Edit)."""
+    if not any(cls.__name__ in EDITORS for cls in type(pipeline).__mro__):
+        raise TypeError(f"{type(pipeline).__name__} is not an in-context editor (it edits no "
+                        f"photo); expected one of {', '.join(EDITORS)}")
     return _member(pipeline.transformer, "edit_calls")(pipeline)

@@ -28,8 +28,12 @@ class ProcessorAdapter(ABC):
         """The token layout of one transformer call, from its keyword inputs."""
 
     def install(self, transformer, session: Session) -> list:
-        held = {type(block.attn.processor).__name__ for _, block in self.blocks(transformer)
-                if isinstance(block.attn.processor, torch.nn.Module)}
+        processors = [block.attn.processor for _, block in self.blocks(transformer)]
+        if any(isinstance(p.__dict__.get("session"), Session) for p in processors):
+            # an inner session's processor would answer for the outer one's blocks
+            raise RuntimeError("attach: this model is already attached (attach calls do not "
+                               "nest); combine the interventions into one")
+        held = {type(p).__name__ for p in processors if isinstance(p, torch.nn.Module)}
         if held:  # IP-Adapter's: weighted modules taking inputs ditflow's processors lack
             raise TypeError(f"attach: the attention processors {', '.join(sorted(held))} carry "
                             "weights (an IP-Adapter?); ditflow wraps plain processors only: "
