@@ -1,6 +1,7 @@
 // Flow attention on the CPU: streaming softmax over key tiles (memory O(N), no N x N buffer),
 // group rules, pair masks, attention mass, and the backward with dmass / dlse folded into
-// delta, exactly the math of DESIGN.md. Tile products go through ATen's GEMM (MKL / OpenBLAS)
+// delta, exactly the math of ditflow/reference.py (its flow_attention_reference_backward
+// states the backward). Tile products go through ATen's GEMM (MKL / OpenBLAS)
 // and exponentials through ATen's vectorised exp; rules are applied per run of keys of one group
 // as three scalars (only pair masks are looked up per element). Work is split with
 // at::parallel_for (OpenMP) over batch x heads x query tiles (forward, dq) or key tiles (dk, dv),
