@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     photos = [(p.name, load_photo(p).tensor()) for p in sorted(SAMPLES.glob("*.png"))]
     probe = ProtectConfig(**base)
     by_content = r_ctx_by_content(pipeline, probe)
-    tokens = (SIZE // Protector(pipeline, probe).multiple) ** 2  # the probe's contexts: SIZE²
+    tokens = (SIZE // Protector(pipeline, probe).calls.multiple) ** 2  # the probe's contexts: SIZE²
     context_share = tokens / (probe.max_sequence_length + 2 * tokens)
     print("r_ctx by context content:", by_content, "context share of keys:", context_share)
     rows = []

@@ -28,7 +28,6 @@ class Photo:
     """A loaded photo. ``pixels``: uint8 [H, W, 3] RGB after EXIF orientation; ``alpha``:
     uint8 [H, W] or None; ``icc``: the embedded colour profile (kept on save) or None."""
 
-    path: Path
     pixels: np.ndarray
     alpha: np.ndarray | None
     icc: bytes | None
@@ -92,7 +91,7 @@ def load_photo(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
         alpha = np.asarray(image.getchannel("A")).copy()
     if image.mode not in ("RGB",):
         image = image.convert("RGB")
-    return Photo(path, np.asarray(image).copy(), alpha, icc, "; ".join(notes))
+    return Photo(np.asarray(image).copy(), alpha, icc, "; ".join(notes))
 
 
 def _to_8bit(image):
@@ -167,8 +166,11 @@ def quantize_within_budget(original: np.ndarray, protected: torch.Tensor, epsilo
     return np.clip(values, np.maximum(low, 0), np.minimum(high, 255)).astype(np.uint8)
 
 
+JPEG_QUALITY = 95  # and no chroma subsampling: a JPEG output stays close to the protected pixels
+
+
 def encode_photo(pixels: np.ndarray, alpha: np.ndarray | None = None, icc: bytes | None = None,
-                 jpeg: bool = False, jpeg_quality: int = 95) -> bytes:
+                 jpeg: bool = False) -> bytes:
     """The file bytes of a photo: PNG (lossless) or JPEG. Alpha and ICC kept (JPEG drops
     alpha)."""
     from PIL import Image
@@ -178,7 +180,7 @@ def encode_photo(pixels: np.ndarray, alpha: np.ndarray | None = None, icc: bytes
         image.putalpha(Image.fromarray(alpha))
     options = {"icc_profile": icc} if icc else {}
     if jpeg:
-        options.update(quality=jpeg_quality, subsampling=0)
+        options.update(quality=JPEG_QUALITY, subsampling=0)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG" if jpeg else "PNG", **options)
     return buffer.getvalue()
@@ -211,10 +213,9 @@ def write_file(path: Path, data: bytes) -> None:
         raise
 
 
-def save_photo(path: Path, pixels: np.ndarray, alpha: np.ndarray | None = None,
-               icc: bytes | None = None) -> None:
-    """Save atomically; PNG unless the suffix asks for JPEG (see :func:`encode_photo`)."""
-    write_file(path, encode_photo(pixels, alpha, icc, jpeg=is_jpeg(path)))
+def save_photo(path: Path, pixels: np.ndarray) -> None:
+    """Save uint8 [H, W, 3] atomically; PNG unless the suffix asks for JPEG."""
+    write_file(path, encode_photo(pixels, jpeg=is_jpeg(path)))
 
 
 def linf(a: np.ndarray, b: np.ndarray) -> int:

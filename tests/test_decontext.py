@@ -51,8 +51,8 @@ def test_unknown_blocks_are_refused(pipe):
 
 
 def test_photos_outside_the_unit_range_or_layout_are_refused_by_name(pipe):
-    photo = torch.rand(3, 16, 16)
-    for bad, message in (((photo * 255).round(), "values from 0 to 2"),
+    photo = torch.linspace(0, 1, 3 * 16 * 16).reshape(3, 16, 16)
+    for bad, message in ((photo * 255, "values from 0 to 255"),
                          ((photo * 255).byte(), "dtype torch.uint8"),
                          (photo.permute(1, 2, 0), r"shape \(16, 16, 3\)")):
         with pytest.raises(ValueError, match=f"photo 'photo0': .*{message}"):

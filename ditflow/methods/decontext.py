@@ -5,10 +5,10 @@ Qwen-Image-Edit or Step1X-Edit) stops attending to it: the loss is ``r_ctx``, th
 the edit's target tokens on the photo's context tokens (softmax over all keys), averaged over heads,
 target queries and the attacked blocks (FLUX.1 Kontext and Step1X-Edit: single-stream blocks 0..25,
 the authors'; Qwen-Image-Edit: double.20..46 of 60, at the same depths, our analogue). Each PGD step
-samples an instruction from :data:`PROMPT_POOL`, a timestep in [980, 1000) and fresh target noise,
-takes the gradient of ``r_ctx`` through the fused kernel's mass gradient (the forward stops after
-the last attacked block), and moves the photo by a signed step, projected back into the budget and
-[0, 1].
+samples an instruction from ``config.prompts`` (default :data:`PROMPT_POOL`), a timestep in
+[980, 1000) and fresh target noise, takes the gradient of ``r_ctx`` through the fused kernel's
+mass gradient (the forward stops after the last attacked block), and moves the photo by a signed
+step, projected back into the budget and [0, 1].
 
 Units: ``epsilon`` and ``step_size`` are in 0..255 pixel units. The authors' Kontext budget,
 epsilon 0.1 and step 0.005 in the [-1, 1] range, is 12.75/255 and 0.6375/255 (their Step1X-Edit
@@ -231,11 +231,10 @@ def _checkpointing(transformer, enabled: bool):
 
 
 class Protector:
-    """DeContext / Diff-PGD against an in-context editor pipeline: FluxKontextPipeline or
-    QwenImageEditPipeline (real or tiny). See the module doc."""
+    """DeContext / Diff-PGD against an in-context editor pipeline (real or tiny; any of
+    :data:`ditflow.models.EDITORS`). See the module doc."""
 
     def __init__(self, pipeline, config: ProtectConfig | None = None):
-        self.pipe = pipeline
         self.transformer = pipeline.transformer
         self.calls = edit_calls_for(pipeline)
         self.config = with_family_defaults(config or ProtectConfig(),
@@ -243,7 +242,6 @@ class Protector:
         self.vae = pipeline.vae
         self.device = self.transformer.device
         self.dtype = self.transformer.dtype
-        self.multiple = self.calls.multiple
         self._prompt_cache: dict[tuple[str, str | None], dict] = {}
         self._digests = TensorMemo()  # photo -> content digest, the prompt cache's key
         # Layouts are cached per call shape: their group ids stay the same tensors, so the
@@ -292,9 +290,9 @@ class Protector:
         cfg = self.config
         tokens, channels = self._target_shape(pixels)
         prompts, ts, noise, jpeg, scale = [], [], [], [], []
+        low, high = cfg.timesteps
         for g in gens:
             prompts.append(cfg.prompts[int(torch.randint(len(cfg.prompts), (1,), generator=g))])
-            low, high = cfg.timesteps
             ts.append(low + (high - low) * float(torch.rand((), generator=g)))
             noise.append(torch.randn(tokens, channels, generator=g))
             if cfg.eot_jpeg_quality is not None:
@@ -422,7 +420,6 @@ class Protector:
         start = time.perf_counter()
         photos = [pixels_tensor(p, f"photo {n!r}") for n, p in zip(names, photos, strict=True)]
         clean = self.at_working_size(photos)
-        size = tuple(clean.shape[-2:])
         gens = [torch.Generator().manual_seed(_photo_seed(cfg.seed, n)) for n in names]
         eps, alpha = cfg.epsilon / 255, cfg.step_size / 255
         with _frozen(self.transformer, self.vae), \
@@ -446,49 +443,63 @@ class Protector:
                 if not active:
                     break
                 x = adv[active].clone().requires_grad_()
-                prompts, ts, noise, jpeg, scale = self._draw([gens[i] for i in active], x)
-                with torch.enable_grad():
-                    seen = self._transform(x, jpeg, scale)
-                    if cfg.method == "decontext":
-                        with self.attached_r_ctx(seen, prompts, ts, noise,
-                                                 [clean_photos[i] for i in active]) as r_ctx:
-                            (grad,) = torch.autograd.grad(r_ctx.sum(), x)
-                        direction = -1.0  # minimise r_ctx
-                    else:
-                        loss = self._flow_matching_loss(
-                            seen, [e[active] for e in edits], [gens[i] for i in active],
-                            prompts, ts, noise, [clean_photos[i] for i in active]).sum()
-                        (grad,) = torch.autograd.grad(loss, x)
-                        direction = 1.0  # maximise the denoising error
+                grad, direction = self._step_gradient(x, active, gens, clean_photos, edits)
                 with torch.no_grad():
-                    moved = x + direction * alpha * grad.sign()
-                    base = clean[active]
-                    adv[active] = torch.minimum(torch.maximum(moved, base - eps), base + eps
-                                                ).clamp(0, 1)
+                    adv[active] = _project(x + direction * alpha * grad.sign(), clean[active], eps)
                 for i in active:
                     steps_run[i] += 1
                 if on_step is not None:
                     on_step(step)
                 if cfg.stop_window and (step + 1) % cfg.stop_window == 0:
-                    now = self.evaluate_r_ctx(adv[active])
-                    still = []
-                    for i, r in zip(active, now, strict=True):
-                        if history[i][-1] - r >= cfg.stop_min_gain:
-                            still.append(i)
-                        history[i].append(r)
-                    active = still
+                    active = self._still_improving(adv, active, history)
             after = self.evaluate_r_ctx(adv)
         seconds = (time.perf_counter() - start) / len(photos)
-        results = []
-        for i, (name, photo) in enumerate(zip(names, photos, strict=True)):
-            delta = F.interpolate((adv[i] - clean[i])[None].float().cpu(), size=photo.shape[-2:],
-                                  mode="bilinear")[0]
-            original = photo.float().cpu()
-            protected = torch.minimum(torch.maximum(original + delta, original - eps),
-                                      original + eps).clamp(0, 1)
-            results.append(ProtectResult(name, protected, before[i], after[i], steps_run[i],
-                                         seconds, size, history[i]))
-        return results
+        size = tuple(clean.shape[-2:])
+        return [ProtectResult(name, _at_photo_size(adv[i] - clean[i], photo, eps), before[i],
+                              after[i], steps_run[i], seconds, size, history[i])
+                for i, (name, photo) in enumerate(zip(names, photos, strict=True))]
+
+    def _step_gradient(self, x, active, gens, clean_photos, edits
+                       ) -> tuple[torch.Tensor, float]:
+        """One PGD step's gradient at ``x`` (the photos of ``active``) and the direction to
+        move along it: DeContext lowers r_ctx, Diff-PGD raises the denoising error."""
+        gens = [gens[i] for i in active]
+        prompt_images = [clean_photos[i] for i in active]
+        prompts, ts, noise, jpeg, scale = self._draw(gens, x)
+        with torch.enable_grad():
+            seen = self._transform(x, jpeg, scale)
+            if self.config.method == "decontext":
+                with self.attached_r_ctx(seen, prompts, ts, noise, prompt_images) as r_ctx:
+                    (grad,) = torch.autograd.grad(r_ctx.sum(), x)
+                return grad, -1.0
+            loss = self._flow_matching_loss(seen, [e[active] for e in edits], gens, prompts, ts,
+                                            noise, prompt_images)
+            (grad,) = torch.autograd.grad(loss.sum(), x)
+            return grad, 1.0
+
+    def _still_improving(self, adv, active: list[int], history: list[list[float]]
+                         ) -> list[int]:
+        """The convergence stop: the photos of ``active`` whose r_ctx fell by at least
+        ``stop_min_gain`` since the last check (each photo's r_ctx appended to its history)."""
+        still = []
+        for i, r in zip(active, self.evaluate_r_ctx(adv[active]), strict=True):
+            if history[i][-1] - r >= self.config.stop_min_gain:
+                still.append(i)
+            history[i].append(r)
+        return still
+
+
+def _project(x: torch.Tensor, clean: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x`` in the L-inf ball of radius ``eps`` around ``clean``, and in [0, 1]."""
+    return torch.minimum(torch.maximum(x, clean - eps), clean + eps).clamp(0, 1)
+
+
+def _at_photo_size(delta: torch.Tensor, photo: torch.Tensor, eps: float) -> torch.Tensor:
+    """The protected photo: a perturbation found at the working size, resized (bilinear) to
+    the photo's own and added to it, within the budget."""
+    delta = F.interpolate(delta[None].float().cpu(), size=photo.shape[-2:], mode="bilinear")[0]
+    original = photo.float().cpu()
+    return _project(original + delta, original, eps)
 
 
 def iter_protect(named_photos: Sequence[tuple[str, torch.Tensor]], pipeline,
