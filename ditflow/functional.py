@@ -29,7 +29,8 @@ def resolve_backend(backend: str | None, device: torch.device,
     """The implementation to run: the argument, else ``DITFLOW_BACKEND``, else the best for
     the device (Triton on CUDA; on CPU the C++ kernels when built, else the reference).
     For float64 ``dtype`` that default is the reference, the only exact path; a backend named
-    by the argument or ``DITFLOW_BACKEND`` that is not the reference raises TypeError."""
+    by the argument or ``DITFLOW_BACKEND`` that is not the reference raises TypeError. So does
+    ``"triton"`` for bfloat16 CPU tensors: Triton's interpreter mis-computes bfloat16 dots."""
     pinned = os.environ.get("DITFLOW_BACKEND")
     name = backend or pinned
     if not name:
@@ -44,6 +45,12 @@ def resolve_backend(backend: str | None, device: torch.device,
     if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' with CPU tensors runs the kernels in Triton's "
                          "interpreter: set TRITON_INTERPRET=1 before importing ditflow")
+    if name == "triton" and device.type == "cpu" and dtype == torch.bfloat16:
+        # the interpreter computes tl.dot on bfloat16 operands wrongly (errors of 1e8): refused
+        # rather than returning garbage
+        raise TypeError("backend='triton' with CPU tensors runs in Triton's interpreter, which "
+                        "mis-computes bfloat16: use float16 or float32 q, k, v, or "
+                        "backend='cpp' or 'reference' for bfloat16 on CPU")
     if name == "triton" and device.type not in ("cuda", "cpu"):
         raise ValueError(f"backend='triton' does not run on {device.type} tensors")
     if dtype == torch.float64 and name != "reference":
@@ -142,7 +149,8 @@ def flow_attention(
     """Attention with group rules and attention statistics, differentiable in q, k, v.
 
     Args:
-        q: [B, Nq, H, D]; k, v: [B, Nk, H, D]; fp16, bf16, fp32 (fp64 on the reference).
+        q: [B, Nq, H, D]; k, v: [B, Nk, H, D]; fp16, bf16, fp32 (fp64 on the reference
+            only; bf16 not on ``"triton"`` with CPU tensors, Triton's interpreter).
             Any strides.
         q_groups, k_groups: integer group id of every token, [N] or [B, N], in [0, G).
             ``k_groups`` defaults to ``q_groups`` when Nq == Nk (joint self-attention).
@@ -190,8 +198,9 @@ def flow_attention(
             and rules.max_abs_weight > fp16_max):
         # the Triton kernels cast the weighted probabilities to the inputs' dtype for P @ V
         raise ValueError(f"rules: a weight of {rules.max_abs_weight:g} overflows the Triton "
-                         f"kernels' float16 products (largest {fp16_max:g}): use float32 or "
-                         "bfloat16 q, k, v, or smaller weights")
+                         f"kernels' float16 products (largest {fp16_max:g}): use float32 "
+                         f"{'' if q.device.type == 'cpu' else 'or bfloat16 '}q, k, v, or "
+                         "smaller weights")
     if scale is None:
         scale = head_dim**-0.5
     out, lse, mass = ops.flow_attention_fwd(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TRITON_DEVICE
+from helpers import TRITON_DEVICE, TRITON_ON_CPU
 
 from ditflow import FlowRules, flow_attention
 
@@ -171,3 +171,23 @@ def test_tensors_past_32_bit_offsets_are_refused_by_the_kernels():
     q = torch.zeros(1, 1, 1, 128).expand(90, 8704, 24, 128)
     with pytest.raises(ValueError, match=r"q of shape \(90, 8704, 24, 128\) spans .* split"):
         flow_attention(q, q, q, backend="triton")
+
+
+def test_bfloat16_on_the_triton_interpreter_is_refused(monkeypatch):
+    """Triton's interpreter computes bf16 dots wrongly (errors of 1e8 in out): backend="triton"
+    with bf16 CPU tensors is refused, naming what works; fp16 and fp32 there are right."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = qkv(dtype=torch.bfloat16)
+    for pinned in (dict(backend="triton"), {}):
+        if not pinned:
+            monkeypatch.setenv("DITFLOW_BACKEND", "triton")
+        with pytest.raises(TypeError, match=r"Triton's interpreter, which mis-computes bfloat16:"
+                                            r" use float16 or float32 .* backend='cpp' or "
+                                            "'reference'"):
+            flow_attention(q, k, v, **pinned)
+    monkeypatch.delenv("DITFLOW_BACKEND")
+    flow_attention(q, k, v, backend="reference")  # bf16 on the CPU's other backends: fine
+    if TRITON_ON_CPU:  # the interpreter itself, for fp16
+        want = flow_attention(q.float(), k.float(), v.float(), backend="reference").out
+        got = flow_attention(q.half(), k.half(), v.half(), backend="triton").out
+        torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)
