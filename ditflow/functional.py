@@ -121,6 +121,17 @@ def _normalise_groups(name: str, groups: Tensor, batch: int, n: int,
     return _converted_groups.get((groups,), None, converted)
 
 
+def _check_groups_without_rules(q_groups: Tensor, k_groups: Tensor) -> None:
+    """Without rules there is one group: every id must be 0. Said here, where it is known that
+    no rules were given (the ops' range check speaks of the rules' groups). Reads the ids on the
+    host, only on this path: ditflow's own callers always pass rules."""
+    for name, groups in (("q_groups", q_groups), ("k_groups", k_groups)):
+        if groups.numel() and bool(groups.any()):
+            raise ValueError(f"{name}: group ids other than 0 without rules: pass "
+                             "rules=FlowRules(num_groups=G) for G groups (it changes nothing but "
+                             "gives the per-group mass), or no group ids for plain attention")
+
+
 def _check_pair_mask(pair_mask: Tensor, batch: int, nq: int, nk: int, device) -> None:
     if not isinstance(pair_mask, Tensor) or pair_mask.dtype != torch.bool:
         raise TypeError("pair_mask: expected a bool tensor [Nq, Nk] or [B, Nq, Nk] "
@@ -155,8 +166,9 @@ def flow_attention(
         q_groups, k_groups: integer group id of every token, [N] or [B, N], in [0, G).
             ``k_groups`` defaults to ``q_groups`` when Nq == Nk (joint self-attention).
             Without groups every token is in group 0.
-        rules: :class:`FlowRules` with G groups (G <= 16); None = plain attention, G = 1.
-            Use ``FlowRules(num_groups=G)`` to get per-group mass without changing attention.
+        rules: :class:`FlowRules` with G groups (G <= 16); None = plain attention, G = 1
+            (group ids, if given, all 0). Use ``FlowRules(num_groups=G)`` to get per-group mass
+            without changing attention.
         pair_mask: bool [Nq, Nk] or [B, Nq, Nk], True blocks the pair (query i, key j).
         scale: softmax scale tau; default 1/sqrt(D).
         return_lse, return_mass: also return the row log-sum-exp / the per-group mass.
@@ -189,6 +201,8 @@ def flow_attention(
     if q_groups is not None:
         q_groups = _normalise_groups("q_groups", q_groups, batch, nq, q.device)
         k_groups = _normalise_groups("k_groups", k_groups, batch, nk, q.device)
+        if rules is None and not torch.compiler.is_compiling():
+            _check_groups_without_rules(q_groups, k_groups)
     if pair_mask is not None:
         _check_pair_mask(pair_mask, batch, nq, nk, q.device)
     tables = (None, None, None) if rules is None else rules.tables_on(q.device)

@@ -191,3 +191,16 @@ def test_bfloat16_on_the_triton_interpreter_is_refused(monkeypatch):
         want = flow_attention(q.float(), k.float(), v.float(), backend="reference").out
         got = flow_attention(q.half(), k.half(), v.half(), backend="triton").out
         torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)
+
+
+def test_group_ids_without_rules_ask_for_rules():
+    """Without rules there is one group; ids other than 0 are refused with what to pass, not
+    blamed on rules never given."""
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match=r"q_groups: group ids other than 0 without rules: pass "
+                                         r"rules=FlowRules\(num_groups=G\)"):
+        flow_attention(*qkv(), groups)
+    with pytest.raises(ValueError, match="k_groups: group ids other than 0 without rules"):
+        flow_attention(*qkv(), torch.zeros(8, dtype=torch.long), groups)
+    flow_attention(*qkv(), torch.zeros(8, dtype=torch.long))  # one group, every id 0: fine
+    flow_attention(*qkv(), groups, rules=FlowRules(num_groups=2))
