@@ -122,17 +122,28 @@ class FlowRules:
         """The largest ``|weight|`` of the tables (1.0 without a weight table)."""
         return self._max_abs_weight
 
+    # The tables as copies: rules are immutable, and a write to the table itself would get past
+    # the checks made when they were built (and reach a CPU call but not a device copy made
+    # earlier). The kernels read the tables through tables_on, not through these.
+
     @property
     def scale(self) -> torch.Tensor | None:
-        return self._tables.get("scale")
+        """A copy of the scale table, fp32 [1 or H, G, G] (None when not set: 1 everywhere)."""
+        return self._copy("scale")
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self._tables.get("bias")
+        """A copy of the bias table, fp32 [1 or H, G, G] (None when not set: 0 everywhere)."""
+        return self._copy("bias")
 
     @property
     def weight(self) -> torch.Tensor | None:
-        return self._tables.get("weight")
+        """A copy of the weight table, fp32 [1 or H, G, G] (None when not set: 1 everywhere)."""
+        return self._copy("weight")
+
+    def _copy(self, name: str) -> torch.Tensor | None:
+        table = self._tables.get(name)
+        return None if table is None else table.clone()
 
     def __repr__(self) -> str:
         parts = [f"num_groups={self._num_groups}"]
@@ -222,12 +233,13 @@ class FlowRules:
     # -- kernel side ---------------------------------------------------------------------------
 
     def tables_on(self, device: torch.device) -> tuple[torch.Tensor | None, ...]:
-        """(scale, bias, weight) as fp32 [1 or H, G, G] on ``device``, copied once per device."""
+        """(scale, bias, weight) as fp32 [1 or H, G, G] on ``device``, copied once per device
+        and shared by every call: read-only (the rules' own tables on the CPU)."""
         device = torch.device(device)
         cached = self._on_device.get(device)
         if cached is None:
             with torch.inference_mode(False):  # normal tensors: cache keys, saved for backward
                 cached = tuple(None if t is None else t.to(device)
-                               for t in (self.scale, self.bias, self.weight))
+                               for t in map(self._tables.get, ("scale", "bias", "weight")))
             self._on_device[device] = cached
         return cached

@@ -204,3 +204,19 @@ def test_group_ids_without_rules_ask_for_rules():
         flow_attention(*qkv(), torch.zeros(8, dtype=torch.long), groups)
     flow_attention(*qkv(), torch.zeros(8, dtype=torch.long))  # one group, every id 0: fine
     flow_attention(*qkv(), groups, rules=FlowRules(num_groups=2))
+
+
+def test_rules_tables_read_back_are_copies():
+    """Rules are immutable: writing to a table read from them changes neither the rules nor
+    what the op computes (a write used to get past the NaN, +inf-bias and fp16 checks)."""
+    rules = FlowRules(num_groups=2).weight_probs(0, 1, 0.5).add_bias(1, 0, 1.0)
+    scaled = rules.scale_logits(0, 0, 2.0)
+    inputs = (*qkv(), torch.tensor([0] * 4 + [1] * 4))
+    before = [flow_attention(*inputs, rules=r).out for r in (rules, scaled)]
+    rules.weight[0, 0, 1] = 7e4
+    rules.bias[0, 0, 0] = float("inf")
+    scaled.scale[0, 0, 0] = float("nan")
+    assert rules.weight[0, 0, 1] == 0.5 and rules.bias[0, 0, 0] == 0
+    assert scaled.scale[0, 0, 0] == 2 and rules.max_abs_weight == 1.0
+    for r, want in zip((rules, scaled), before, strict=True):
+        assert torch.equal(flow_attention(*inputs, rules=r).out, want)
