@@ -17,6 +17,7 @@ Rules are immutable; the readable constructors return new rules::
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 
 import torch
@@ -26,20 +27,36 @@ MAX_GROUPS = 16
 # beyond this would overflow there (finfo(float32).min, a common "mask value", does).
 MAX_FINITE_BIAS = 1e30
 
+# ids: ints, numpy integers or integer tensors (one, or several)
 Groups = int | Iterable[int]
 Heads = int | Iterable[int] | None
 
 
+def _id(g) -> int | None:
+    """``g`` as a Python int when it is one integer (an int, a numpy integer, a one-element
+    integer tensor: anything ``operator.index`` takes), else None. Bools are not ids: True
+    would index the tables as a mask."""
+    if isinstance(g, bool) or (isinstance(g, torch.Tensor) and g.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(g)
+    except TypeError:
+        return None
+
+
 def _as_index(groups: Groups, limit: int, what: str) -> list[int]:
     kind = "head" if what == "heads" else "group"
-    items = [groups] if isinstance(groups, int) else list(groups)
+    try:
+        items = [groups] if _id(groups) is not None or isinstance(groups, str) else list(groups)
+    except TypeError:  # neither an id nor iterable: a float, a bool
+        items = [groups]
     if not items:
         raise ValueError(f"{what}={groups!r}: expected at least one {kind} id")
-    for g in items:
-        # bool is an int to Python, but True would index the tables as a mask
-        if isinstance(g, bool) or not isinstance(g, int) or not 0 <= g < limit:
+    ids = [_id(g) for g in items]
+    for i in ids:
+        if i is None or not 0 <= i < limit:
             raise ValueError(f"{what}={groups!r}: expected {kind} ids in [0, {limit})")
-    return items
+    return ids
 
 
 def _check_table(name: str, table: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import TRITON_DEVICE, TRITON_ON_CPU
@@ -220,3 +221,22 @@ def test_rules_tables_read_back_are_copies():
     assert scaled.scale[0, 0, 0] == 2 and rules.max_abs_weight == 1.0
     for r, want in zip((rules, scaled), before, strict=True):
         assert torch.equal(flow_attention(*inputs, rules=r).out, want)
+
+
+@pytest.mark.parametrize("index", [np.int64(1), np.int32(1), torch.tensor(1), torch.tensor([1]),
+                                   [np.int64(1)], torch.tensor([1], dtype=torch.int32),
+                                   np.array([1])], ids=repr)
+def test_rule_edits_take_numpy_and_tensor_ids(index):
+    """Group and head ids are anything operator.index takes (numpy ints, one-element integer
+    tensors), alone or in a list."""
+    want = FlowRules(num_groups=2).weight_probs(1, 0, 0.5).block(0, 1, heads=1, num_heads=2)
+    got = FlowRules(num_groups=2).weight_probs(index, 0, 0.5).block(0, index, heads=index,
+                                                                     num_heads=2)
+    assert torch.equal(got.weight, want.weight) and torch.equal(got.bias, want.bias)
+
+
+@pytest.mark.parametrize("index", [torch.tensor(True), np.bool_(True), 1.0, torch.tensor(1.0),
+                                   "1"], ids=repr)
+def test_rule_edits_refuse_ids_that_are_no_integers(index):
+    with pytest.raises(ValueError, match=r"src=.*: expected group ids in \[0, 2\)"):
+        FlowRules(num_groups=2).block(index, 0)
