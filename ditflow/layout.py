@@ -73,7 +73,8 @@ class TokenLayout:
 
     def with_region(self, name: str, tokens: torch.Tensor) -> TokenLayout:
         """A new group ``name`` made of ``tokens`` (bool [N] or indices) taken from the groups
-        they belonged to."""
+        they belonged to. A mask must be bool: N integer 0/1 values (N > 2) are refused, being
+        no list of distinct token indices."""
         if name in self._names:
             raise ValueError(f"TokenLayout: group {name!r} exists already")
         groups = self._groups.clone()
@@ -81,6 +82,11 @@ class TokenLayout:
         if tokens.dtype == torch.bool and tokens.shape != groups.shape:
             raise ValueError(f"with_region({name!r}): mask of shape {tuple(tokens.shape)}, "
                              f"expected [{groups.numel()}]")
+        if (tokens.dtype != torch.bool and tokens.shape == groups.shape and len(groups) > 2
+                and bool(((tokens == 0) | (tokens == 1)).all())):
+            raise ValueError(f"with_region({name!r}): an integer 0/1 tensor of the layout's "
+                             f"length {len(groups)} would be taken as token indices (tokens 0 "
+                             "and 1): pass a mask as bool (tokens.bool()), or indices")
         groups[tokens] = len(self._names)
         return TokenLayout(groups, (*self._names, name), self._text_len)
 

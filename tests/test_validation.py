@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import TRITON_DEVICE, TRITON_ON_CPU
 
-from ditflow import FlowRules, flow_attention
+from ditflow import FlowRules, TokenLayout, flow_attention
 
 
 def qkv(b=1, n=8, h=2, d=16, dtype=torch.float32, device="cpu"):
@@ -240,3 +240,20 @@ def test_rule_edits_take_numpy_and_tensor_ids(index):
 def test_rule_edits_refuse_ids_that_are_no_integers(index):
     with pytest.raises(ValueError, match=r"src=.*: expected group ids in \[0, 2\)"):
         FlowRules(num_groups=2).block(index, 0)
+
+
+def test_a_region_given_as_an_integer_mask_is_refused():
+    """N integer 0/1 values are a mask (as from .long()), not N token indices: refused rather
+    than moving tokens 0 and 1 (text) into the region."""
+    layout = TokenLayout.from_segments(4, 6, 6)
+    context = layout.mask("context")
+    with pytest.raises(ValueError, match=r"with_region\('r'\): an integer 0/1 tensor of the "
+                                         r"layout's length 16 .* pass a mask as bool"):
+        layout.with_region("r", context.long())
+    by_mask = layout.with_region("r", context)
+    by_index = layout.with_region("r", context.nonzero()[:, 0])
+    assert torch.equal(by_mask.groups(), by_index.groups())
+    assert by_mask.mask("r").sum() == 6 and not by_mask.mask("r")[:4].any()
+    # two tokens, indices [0, 1]: both tokens, as ever (a mask is no likelier)
+    two = TokenLayout.from_segments(1, 1)
+    assert two.with_region("r", torch.tensor([0, 1])).mask("r").all()
