@@ -9,6 +9,7 @@ restores the exact original processors on exit, exceptions included.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -91,6 +92,30 @@ class Intervention:
     def stop_after(self, step: StepInfo, block: BlockId) -> bool:
         return False
 
+    def attached(self, transformer: torch.nn.Module) -> None:
+        """Called by :func:`attach` once the processors are installed, before the model runs:
+        check what the intervention names against ``transformer`` (block names:
+        ``ditflow.models.check_blocks``) and reset state kept per attachment. Raising refuses
+        the attachment (the processors are restored)."""
+
+
+_BLOCK_NAME = re.compile(r"(double|single)\.(\d+)")
+
+
+def _block_names(blocks) -> set[str] | None:
+    """``StatsRecorder.blocks`` as a set of names, refusing what is no block name."""
+    if blocks is None:
+        return None
+    if isinstance(blocks, (str, BlockId)):
+        raise ValueError(f"StatsRecorder: blocks={blocks!r}: expected a list of block names, "
+                         f"e.g. [{str(blocks)!r}]")
+    names = {str(b) for b in blocks}
+    bad = sorted(name for name in names if not _BLOCK_NAME.fullmatch(name))
+    if bad:
+        raise ValueError(f"StatsRecorder: blocks {bad} are no block names: expected "
+                         "'double.<i>' or 'single.<i>' (e.g. 'single.3') or BlockIds")
+    return names
+
 
 def context_ratio(mass: torch.Tensor, layout: TokenLayout, src: int = TARGET,
                   dst: int = CONTEXT) -> torch.Tensor:
@@ -105,16 +130,22 @@ class StatsRecorder(Intervention):
     """Records reductions of the attention mass per (step, block), never anything N x N.
 
     Args:
-        blocks: the blocks to record (``BlockId`` or ``"single.3"`` names); None = all.
+        blocks: the blocks to record, a list of ``BlockId`` or ``"single.3"`` names, checked
+            against the model when attached; None = all.
         src, dst: the query and key groups of ``r_ctx``.
         mass_maps: also keep head-mean mass per query and group ([B, N, G]).
         stop_after_last: end the forward pass after the last recorded block (only with an
-            explicit ``blocks`` list; a loss over blocks 0..k need not pay for the rest).
+            explicit ``blocks`` list; a loss over blocks 0..k need not pay for the rest). The
+            stop is for :meth:`Session.forward`, which returns None then; a pipeline called
+            under it would see the ``EarlyStop`` raised after that block.
         call: which transformer call of each step to record: None, every call (a later call
             at the same step replaces the entry); 0, only the prompt's under true CFG; 1, only
             the negative prompt's (pipelines run it second).
 
-    ``r_ctx[(step, "single.3")]`` is a [B] tensor that keeps its autograd graph.
+    ``r_ctx[(step, "single.3")]`` is a [B] tensor that keeps its autograd graph. Entries are
+    those of the latest :func:`attach`: attaching the recorder again clears them. Steps are
+    counted by timestep change, so attach once per pipeline call: two calls under one attach
+    whose timesteps repeat (two 1-step calls) share step indices and overwrite each other.
     """
 
     blocks: Iterable[str | BlockId] | None = None
@@ -127,7 +158,7 @@ class StatsRecorder(Intervention):
     maps: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
-        self._names = None if self.blocks is None else {str(b) for b in self.blocks}
+        self._names = _block_names(self.blocks)
         if self.stop_after_last and not self._names:
             raise ValueError("StatsRecorder: stop_after_last needs an explicit blocks list")
         # double blocks run before single blocks
@@ -157,6 +188,15 @@ class StatsRecorder(Intervention):
         if not self.r_ctx:
             raise RuntimeError("StatsRecorder: nothing recorded")
         return torch.stack(list(self.r_ctx.values())).mean(dim=0)
+
+    def attached(self, transformer):
+        """Checks ``blocks`` against the model and clears the entries of an earlier attach
+        (step indices restart at 0 with each)."""
+        if self._names:
+            from .models import check_blocks
+
+            check_blocks(transformer, self._names, "StatsRecorder.blocks")
+        self.clear()
 
     def clear(self) -> None:
         self.r_ctx.clear()
@@ -280,8 +320,10 @@ def attach(model, intervention: Intervention, layout: TokenLayout | None = None
     The token layout is read from each transformer call (FLUX: text length and ``img_ids``;
     Qwen-Image: text length and ``img_shapes``) unless ``layout`` is given. Blocks where the
     intervention asks for nothing run the model's own processor unchanged. One attachment at a
-    time per model. With gradient checkpointing, take gradients inside the ``with`` block: the
-    backward recomputes the blocks through the processors installed then.
+    time per model; ``intervention.attached(transformer)`` runs first (its checks and resets).
+    With gradient checkpointing, take gradients inside the ``with`` block: the backward
+    recomputes the blocks through the processors installed then. Steps are counted from 0 by
+    timestep change within one attachment: attach once per pipeline call.
     """
     from .models import adapter_for
 
@@ -289,10 +331,13 @@ def attach(model, intervention: Intervention, layout: TokenLayout | None = None
     adapter = adapter_for(transformer)
     session = Session(transformer, intervention, adapter, layout)
     originals = adapter.install(transformer, session)
-    hook = transformer.register_forward_pre_hook(
-        lambda module, args, kwargs: session.begin_call(kwargs), with_kwargs=True)
+    hook = None
     try:
+        intervention.attached(transformer)
+        hook = transformer.register_forward_pre_hook(
+            lambda module, args, kwargs: session.begin_call(kwargs), with_kwargs=True)
         yield session
     finally:
-        hook.remove()
+        if hook is not None:
+            hook.remove()
         adapter.restore(originals)

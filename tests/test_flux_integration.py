@@ -21,7 +21,7 @@ from helpers import (
 
 from ditflow import FlowRules
 from ditflow.layout import TARGET, TEXT, TokenLayout
-from ditflow.session import Intervention, StatsRecorder, attach
+from ditflow.session import BlockId, Intervention, StatsRecorder, attach
 from ditflow.tiny import flux_inputs, tiny_flux_transformer
 
 # (height, width, context images): T2I, Kontext with one and two contexts, non-square
@@ -319,3 +319,49 @@ def test_early_stop_every_step():
     assert sorted(recorder.r_ctx) == [(0, "double.1"), (0, "single.0"), (1, "double.1"),
                                       (1, "single.0")]
     assert session.blocks_run == 6
+
+
+@pytest.mark.parametrize("blocks, match", [
+    ("single.1", r"blocks='single.1': expected a list of block names, e.g. \['single.1'\]"),
+    (["single1"], r"blocks \['single1'\] are no block names: expected 'double.<i>' or "),
+    (["double.1", "single.x"], r"blocks \['single.x'\] are no block names"),
+], ids=["a str", "no dot", "no index"])
+def test_stats_recorder_refuses_what_is_no_block_list(blocks, match):
+    with pytest.raises(ValueError, match=match):
+        StatsRecorder(blocks=blocks, stop_after_last=True)
+
+
+def test_stats_recorder_blocks_the_model_lacks_are_refused_when_attached():
+    """A block the model lacks (a typo, another model's name) would record nothing, and with
+    stop_after_last the pass would never stop: attach refuses it and installs nothing."""
+    model = tiny_flux_transformer()
+    processors = [b.attn.processor for b in model.single_transformer_blocks]
+    recorder = StatsRecorder(blocks=["double.1", "single.10"], stop_after_last=True)
+    with pytest.raises(ValueError, match=r"StatsRecorder.blocks: \['single.10'\] not in this "
+                                         r"model \(4 blocks: double.0 .. single.1\)"), \
+            attach(model, recorder):
+        pass
+    assert [b.attn.processor for b in model.single_transformer_blocks] == processors
+    assert not model._forward_pre_hooks
+    with attach(model, StatsRecorder(blocks=[BlockId("single", 1, 3)])):  # BlockIds too
+        pass
+
+
+def test_a_stats_recorder_attached_again_starts_empty():
+    """Step indices restart with each attach: a reused recorder's entries are the latest
+    attachment's only, never a mix of two runs (mean_r_ctx averaged two images)."""
+    model = tiny_flux_transformer()
+    recorder = StatsRecorder(blocks=["single.1"], mass_maps=True)
+
+    def run(timesteps, seed):
+        torch.manual_seed(seed)
+        inputs = flux_inputs(2, 2, contexts=1)
+        with attach(model, recorder):
+            for t in timesteps:
+                model(**{**inputs, "timestep": torch.tensor([t])})
+        return {key: r.clone() for key, r in recorder.r_ctx.items()}
+
+    run((0.9, 0.5), seed=0)
+    second = run((0.9,), seed=1)
+    assert list(recorder.r_ctx) == list(recorder.maps) == [(0, "single.1")]
+    torch.testing.assert_close(recorder.mean_r_ctx(), second[(0, "single.1")])
