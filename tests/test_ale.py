@@ -189,6 +189,10 @@ def test_edit_rejects_bad_inputs(editor, two_object_edit):
         (dict(phrases=["the green star", phrases[1]]), "not in the prompt"),
         (dict(call=dict(negative_prompt="blurry")), "no negative prompt"),
         (dict(call=dict(num_images_per_prompt=2)), "one image per call"),
+        # the size comes from resolution= (a duplicate-keyword TypeError before)
+        (dict(call=dict(height=SIZE)), "ALE: height cannot be passed: .* use resolution="),
+        (dict(call=dict(width=SIZE, max_area=SIZE**2)), "ALE: width, max_area cannot be passed"),
+        (dict(call=dict(latents=None)), "ALE: latents cannot be passed: ALE sets it itself"),
         (dict(phrases=phrases * 3, masks=object_masks * 3), "1..4 objects"),
     ]
     for overrides, message in cases:

@@ -209,6 +209,19 @@ def test_generation_on_the_testbed(t2i, editor, tmp_path):
         edit(t2i, render(scenes[0]), caption, anchors)
 
 
+def test_edit_refuses_the_size_in_the_call_arguments(editor):
+    """uvr.edit sets the call's size from resolution= (and the editor's _auto_resize): naming
+    either again is refused with what to do, not a duplicate-keyword TypeError."""
+    photo, anchors = np.zeros((SIZE, SIZE, 3), np.uint8), torch.randn(1, 4, 16)
+    for size in (dict(height=SIZE), dict(width=SIZE), dict(max_area=SIZE * SIZE)):
+        with pytest.raises(ValueError, match=f"UVR: {next(iter(size))} cannot be passed: the "
+                                             "working size .* use resolution="):
+            edit(editor, photo, "make it red", anchors, resolution=SIZE, config=CONFIG, **size)
+    with pytest.raises(ValueError, match="UVR: _auto_resize cannot be passed: UVR sets it"):
+        edit(editor, photo, "make it red", anchors, resolution=SIZE, config=CONFIG,
+             _auto_resize=True)
+
+
 def test_editing_on_the_testbed(editor):
     rng = random.Random(4)
     edits = evaluate._edits_with(rng, "purple", True, 5)

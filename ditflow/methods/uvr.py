@@ -430,11 +430,13 @@ def edit(pipeline, image, prompt: str, anchors: torch.Tensor, *, resolution: int
     """One FluxKontextPipeline or Step1XEditPipeline edit of ``image`` with UVR, at the
     working resolution (about ``resolution``² pixels at the image's aspect ratio, snapped as
     the editor snaps; the context is resized to it): ``(images, mask)``, the mask on the
-    context's tokens."""
+    context's tokens. ``call_kwargs``: more pipeline arguments, not the size (``height``,
+    ``width``, ``max_area``: set from ``resolution``)."""
     if _mode_of(pipeline) != "edit":
         raise TypeError("UVR edit: expected a FluxKontextPipeline or Step1XEditPipeline (for "
                         "FLUX.1 use uvr.generate)")
-    check_one_image_call("UVR", call_kwargs, batches_guidance=_batches_guidance(pipeline))
+    check_one_image_call("UVR", call_kwargs, batches_guidance=_batches_guidance(pipeline),
+                         sized=True, own=("_auto_resize",))
     _check_anchors(anchor_metadata, "edit", config)
     pixels = pixels_tensor(image)
     height, width = edit_calls_for(pipeline).working_size(*pixels.shape[1:], resolution)
