@@ -27,13 +27,18 @@ import numpy as np
 import torch
 
 from .io import DEFAULT_MAX_PIXELS
-from .models import presets
+from .models import UnknownBlocks, presets
 from .models.presets import BUILTIN
 
 if TYPE_CHECKING:
     from .methods.decontext import ProtectConfig
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
+
+
+class UsageError(Exception):
+    """A command that cannot run as given (a bad folder, a model that is not the one asked for,
+    settings an earlier run contradicts): ``error: <message>``, exit status 2."""
 # What every command imports from the diffusers extra: distribution -> module.
 DIFFUSERS_EXTRA = {"diffusers": "diffusers", "transformers": "transformers",
                    "safetensors": "safetensors", "Pillow": "PIL", "tqdm": "tqdm",
@@ -99,9 +104,8 @@ def _pipeline(model: str, device: str, kind: str = "kontext"):
         library.utils.logging.disable_progress_bar()
     try:
         return pipeline_by_name(model, device, kind)
-    except (FileNotFoundError, ValueError) as exc:  # a usage error: exit status 2
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (FileNotFoundError, ValueError) as exc:  # not the model asked for
+        raise UsageError(str(exc)) from None
 
 
 def _model_settings(args) -> dict:
@@ -223,17 +227,13 @@ def _output_folder_problem(outdir: Path, inputs: list[str]) -> str:
     return ""
 
 
-def _blocks_named_by_option(error: Exception, args) -> str:
+def _blocks_named_by_option(error: UnknownBlocks, args) -> str:
     """The protector's refusal of blocks the model lacks (checked once it has loaded), naming
     what set them, ``--blocks`` or the model family's defaults, rather than ProtectConfig's
     field."""
-    message = str(error)
-    if "ProtectConfig.blocks:" not in message:
-        return message
     if args.blocks:
-        return message.replace("ProtectConfig.blocks:", "--blocks:")
-    return (message.replace("ProtectConfig.blocks:", "the default blocks of this model's family,")
-            + "; choose them with --blocks")
+        return error.named("--blocks")
+    return error.named("the default blocks of this model's family") + "; choose them with --blocks"
 
 
 def protect_command(args) -> int:
@@ -251,20 +251,17 @@ def protect_command(args) -> int:
                       "folder for that")
     problem = _output_folder_problem(outdir, args.inputs)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        raise UsageError(problem)
     manifest = Manifest(outdir / "manifest.jsonl", run_fields={"model": _model_id(args.model)})
     finished = any(record.get("status") == "ok" for record in manifest.records.values())
     if finished and not args.resume:
-        print(f"error: {manifest.path} holds photos of an earlier run; pass --resume to continue "
-              "it or choose another output folder", file=sys.stderr)
-        return 2
+        raise UsageError(f"{manifest.path} holds photos of an earlier run; pass --resume to "
+                         "continue it or choose another output folder")
     config = _config(args)
     conflict = _resume_conflict(manifest, _recorded_settings(args.model, config, suffix))
     if conflict:
-        print(f"error: {manifest.path} holds photos protected with {conflict}; resume with the "
-              "earlier run's options, or protect into another folder", file=sys.stderr)
-        return 2
+        raise UsageError(f"{manifest.path} holds photos protected with {conflict}; resume with "
+                         "the earlier run's options, or protect into another folder")
     jobs = bulk.gather(args.inputs, outdir, suffix, manifest)
     if all(job.error for job in jobs):  # nothing to load a model for
         for job in jobs:
@@ -279,9 +276,10 @@ def protect_command(args) -> int:
         else:
             counts = bulk.run(jobs, _pipeline(args.model, args.device, kind="editor"), config,
                               manifest, **options)
-    except (scale.WorkerError, ValueError) as exc:  # no workers; blocks the model lacks
-        print(f"error: {_blocks_named_by_option(exc, args)}", file=sys.stderr)
-        return 2
+    except scale.WorkerError as exc:
+        raise UsageError(str(exc)) from None
+    except UnknownBlocks as exc:
+        raise UsageError(_blocks_named_by_option(exc, args)) from None
     except KeyboardInterrupt:
         if manifest.path.exists():
             print(f"\ninterrupted: finished photos are saved and recorded in {manifest.path}; "
@@ -301,12 +299,12 @@ def protect_command(args) -> int:
 def _evaluation_pairs(clean_dir: Path, protected_dir: Path) -> list[tuple[Path, Path]]:
     """(clean, protected) photo files: as the protected folder's manifest records them where it
     has one (by the clean photo's path, or its file name if the photo has moved), else matched
-    by file stem. Clean photos without a match are named; SystemExit naming a bad folder."""
+    by file stem. Clean photos without a match are named; a bad folder is a UsageError."""
     from .io import Manifest
 
     for name, folder in (("clean", clean_dir), ("protected", protected_dir)):
         if not folder.is_dir():
-            raise SystemExit(f"error: the {name} folder {folder} "
+            raise UsageError(f"the {name} folder {folder} "
                              f"{'is a file' if folder.exists() else 'does not exist'}")
     manifest = Manifest(protected_dir / "manifest.jsonl")
     by_name: dict[str, list[dict]] = {}  # for clean photos moved since they were protected
@@ -324,7 +322,7 @@ def _evaluation_pairs(clean_dir: Path, protected_dir: Path) -> list[tuple[Path, 
             matches = sorted(p for p in protected_dir.iterdir()
                              if p.is_file() and p.stem == clean_path.stem)
         if len(matches) > 1:  # say, a photo protected again with another --format
-            raise SystemExit(f"error: {matches[0]} and {matches[1]} both match {clean_path.name}; "
+            raise UsageError(f"{matches[0]} and {matches[1]} both match {clean_path.name}; "
                              f"move all but one out of {protected_dir}")
         if matches:
             pairs.append((clean_path, matches[0]))
@@ -333,7 +331,7 @@ def _evaluation_pairs(clean_dir: Path, protected_dir: Path) -> list[tuple[Path, 
                   + (f" (none in {manifest.path})" if manifest.records else ""),
                   file=sys.stderr)
     if not pairs:
-        raise SystemExit(f"error: no protected photo in {protected_dir} for a photo in "
+        raise UsageError(f"no protected photo in {protected_dir} for a photo in "
                          f"{clean_dir} (matched " + ("by its manifest)" if manifest.records else
                                                      "by name without extension)"))
     return pairs
@@ -346,9 +344,7 @@ def evaluate_command(args) -> int:
 
     pairs = _evaluation_pairs(Path(args.clean), Path(args.protected))
     if args.json and not os.access(Path(args.json).parent, os.W_OK):
-        print(f"error: --json {args.json}: cannot write into {Path(args.json).parent}",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"--json {args.json}: cannot write into {Path(args.json).parent}")
     faces = None
     if args.face_model:
         from .faces import FaceEmbedder
@@ -356,17 +352,15 @@ def evaluate_command(args) -> int:
         try:
             faces = FaceEmbedder(args.face_model, args.face_size)
         except (FileNotFoundError, ValueError, ImportError) as exc:  # no file, not a model
-            print(f"error: --face-model {exc}", file=sys.stderr)
-            return 2
+            raise UsageError(f"--face-model {exc}") from None
     from tqdm.auto import tqdm
 
     pipeline = _pipeline(args.model, args.device, kind="editor")
     pipeline.set_progress_bar_config(disable=True)  # one bar over the photos instead
     try:
         protector = Protector(pipeline, ProtectConfig(**_model_settings(args)))
-    except ValueError as exc:  # blocks the model lacks
-        print(f"error: {_blocks_named_by_option(exc, args)}", file=sys.stderr)
-        return 2
+    except UnknownBlocks as exc:
+        raise UsageError(_blocks_named_by_option(exc, args)) from None
     prompt = args.prompt or ("make the red circle blue" if args.model == "testbed"
                              else "A photo of this person")
     rows = []
@@ -440,10 +434,13 @@ def demo_command(args) -> int:
     for path, e in zip(scenes, edits, strict=True):
         Image.fromarray(render(e.context)).save(path)
     photos = sorted(SAMPLES.glob("*.png"))
-    args.inputs = [str(p) for p in scenes + photos]
-    args.model, args.format, args.resume, args.quiet = "testbed", "png", False, False
-    args.max_pixels, args.output = DEFAULT_MAX_PIXELS, str(protected_dir)
-    status = protect_command(args)
+    # protect's options the demo has not: the testbed editor, lossless, a fresh start
+    status = protect_command(argparse.Namespace(**{
+        **vars(args), "inputs": [str(p) for p in scenes + photos], "output": str(protected_dir),
+        "model": "testbed", "format": "png", "resume": False, "quiet": False,
+        "max_pixels": DEFAULT_MAX_PIXELS}))
+    if status:
+        return status
     records = Manifest(protected_dir / "manifest.jsonl").records
     resolution = args.resolution or BUILTIN["testbed"].resolution
     print(f"\nsample photos (optimised at the testbed editor's {resolution} px, the perturbation "
@@ -471,7 +468,7 @@ def demo_command(args) -> int:
     Image.fromarray(figure_grid(rows)).save(outdir / "figure.png")
     print(f"\nfigure (context | protected | edit of context | edit of protected): "
           f"{outdir / 'figure.png'}")
-    return status
+    return 0
 
 
 REGION_COLORS = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48),
@@ -543,8 +540,7 @@ def _run_uvr(args, output: Path, run) -> int:
         images, mask = run(anchors, metadata, UVRConfig(block=block,
                                                         threshold=args.uvr_threshold))
     except ValueError as error:  # not an anchors file; anchors of another block, mode, model
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise UsageError(str(error)) from None
     if mask is None:
         print("UVR flagged nothing: the output is the model's own", file=sys.stderr)
         return _save_results(output, images[0])
@@ -559,9 +555,8 @@ def generate_command(args) -> int:
         args.model, "generate-uvr" if args.uvr is not None else "generate"), resolution="size")
     size, text_tokens = settings["resolution"], settings["text_tokens"]
     if size % 16:
-        print(f"error: --size {size}: FLUX.1 makes images of multiples of 16 px (try "
-              f"{size - size % 16})", file=sys.stderr)
-        return 2
+        raise UsageError(f"--size {size}: FLUX.1 makes images of multiples of 16 px (try "
+                         f"{size - size % 16})")
     _note_small_model(args.model, "pass --model with a local FLUX.1 folder for real images")
     pipeline = _pipeline(args.model, args.device, kind="t2i")
     call = dict(num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
@@ -586,8 +581,7 @@ def generate_command(args) -> int:
                                        width=size, config=config,
                                        max_sequence_length=text_tokens, **call)
         except ValueError as error:  # entities not in the prompt, sizes off the latent grid
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+            raise UsageError(str(error)) from None
         if regions is None:
             print(f"warning: the generation ended before block call {config.start_block}: "
                   "DeLeaker made no edits (more --steps or a lower --start-block)",
@@ -631,8 +625,7 @@ def edit_command(args) -> int:
         photo = load_photo(args.image)
         masks = [_load_mask(path) for _, path in args.object]
     except ImageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise UsageError(str(error)) from None
     pipeline = _pipeline(args.model, args.device, kind="kontext")
     call = dict(num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
                 output_type="np", generator=torch.Generator().manual_seed(args.seed))
@@ -654,8 +647,7 @@ def edit_command(args) -> int:
                                    resolution=settings["resolution"], config=config,
                                    max_sequence_length=settings["text_tokens"], **call)
         except ValueError as error:  # phrases not in the prompt, masks of the wrong size
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+            raise UsageError(str(error)) from None
         return _save_results(output, images[0], regions, phrases, "object")
     print("no --object given: plain edit, without ALE", file=sys.stderr)
     # at the working size, as ALE and UVR edit (Kontext would encode the photo at its own size)
@@ -736,7 +728,8 @@ def _uvr_options(p: argparse.ArgumentParser) -> None:
                         "record their block run only there)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``ditflow`` command line and its subcommands' parsers, one per job."""
     from .methods.deleaker import DeLeakerConfig
 
     parser = argparse.ArgumentParser(prog="ditflow", description=__doc__.split("\n\n")[0])
@@ -849,38 +842,56 @@ def main(argv: list[str] | None = None) -> int:
     _uvr_options(p)
     p.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     p.set_defaults(run=edit_command)
-    args = parser.parse_args(argv)
-    command = sub.choices[args.command]  # errors print the subcommand's usage line
+    return parser, sub.choices
+
+
+def _check_args(args) -> str:
+    """What the options say together that no single option's check sees ("" if nothing)."""
     for name in ("eot_jpeg", "eot_resize"):
         low_high = getattr(args, name, None)
         if low_high and low_high[0] > low_high[1]:
-            command.error(f"--{name.replace('_', '-')} {low_high[0]} {low_high[1]}: LOW must not "
-                         "exceed HIGH")
-    if args.command in ("generate", "edit") and not getattr(BUILTIN.get(args.model),
-                                                             "generates", True):
-        command.error(f"--model {args.model} serves protect and evaluate; {args.command} drives "
-                     "FLUX.1 pipelines")
-    other = getattr(args, "entity", None) or getattr(args, "object", None)
-    if getattr(args, "uvr", None) is not None and other:
-        command.error(f"--uvr and --{'entity' if args.command == 'generate' else 'object'} are "
-                     "separate methods; give one")
-    if getattr(args, "uvr", None) is not None and not Path(args.uvr).is_file():
-        command.error(f"--uvr {args.uvr}: no such file (anchors saved with "
-                     "ditflow.methods.uvr.save_anchors)")
-    if args.command in ("generate", "edit"):
-        problem = _output_file_problem(Path(args.output))
-        written = {"-o": Path(args.output), "the region map": regions_path(Path(args.output))}
-        inputs = {"the source photo": getattr(args, "image", None), "--uvr": args.uvr,
-                  **{f"the mask of {phrase!r}": mask for phrase, mask in
-                     getattr(args, "object", None) or []}}
-        for output_name, path in written.items():
-            for input_name, source in inputs.items():
-                if not problem and source and path.resolve() == Path(source).resolve():
-                    problem = f"{output_name} {path} would overwrite {input_name}"
-            if not problem and path.is_dir():
-                problem = f"{output_name} {path} is a folder"
-        if problem:
-            command.error(problem)
+            return (f"--{name.replace('_', '-')} {low_high[0]} {low_high[1]}: LOW must not "
+                    "exceed HIGH")
+    if args.command not in ("generate", "edit"):
+        return ""
+    if not getattr(BUILTIN.get(args.model), "generates", True):
+        return f"--model {args.model} serves protect and evaluate; {args.command} drives FLUX.1 " \
+               "pipelines"
+    if args.uvr is not None:
+        if args.entity if args.command == "generate" else args.object:
+            return (f"--uvr and --{'entity' if args.command == 'generate' else 'object'} are "
+                    "separate methods; give one")
+        if not Path(args.uvr).is_file():
+            return (f"--uvr {args.uvr}: no such file (anchors saved with "
+                    "ditflow.methods.uvr.save_anchors)")
+    return _output_clash(args)
+
+
+def _output_clash(args) -> str:
+    """Why ``generate`` or ``edit`` cannot write ``-o`` and its region map ("" if they can):
+    either would replace an input (the photo, a mask, the anchors) or is a folder."""
+    output = Path(args.output)
+    problem = _output_file_problem(output)
+    if problem:
+        return problem
+    inputs = {"the source photo": getattr(args, "image", None), "--uvr": args.uvr,
+              **{f"the mask of {phrase!r}": mask for phrase, mask in
+                 getattr(args, "object", None) or []}}
+    for output_name, path in (("-o", output), ("the region map", regions_path(output))):
+        for input_name, source in inputs.items():
+            if source and path.resolve() == Path(source).resolve():
+                return f"{output_name} {path} would overwrite {input_name}"
+    if regions_path(output).is_dir():  # -o itself: _output_file_problem
+        return f"the region map {regions_path(output)} is a folder"
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, commands = build_parser()
+    args = parser.parse_args(argv)
+    problem = _check_args(args)
+    if problem:
+        commands[args.command].error(problem)  # with the subcommand's usage line
     missing = [name for name, module in DIFFUSERS_EXTRA.items()
                if importlib.util.find_spec(module) is None]
     if missing:
@@ -889,6 +900,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # protect and evaluate say what they kept; the others keep nothing
         print("\ninterrupted", file=sys.stderr)
         return 130

@@ -15,6 +15,7 @@ from collections import deque
 from .bulk import BatchedProtection, Job, Progress, to_do
 from .io import DEFAULT_MAX_PIXELS, Manifest
 from .methods.decontext import ProtectConfig
+from .models import UnknownBlocks
 
 
 class WorkerError(RuntimeError):
@@ -31,11 +32,11 @@ class _Worker:
             pipeline = pipeline_by_name(model, device, kind="editor")
             self.protection = BatchedProtection(pipeline, config, max_pixels)
         except (FileNotFoundError, ValueError) as exc:  # not the model asked for; blocks it lacks
-            self.error = str(exc)
+            self.error = exc
             return
         self.error = None
 
-    def ready(self) -> str | None:
+    def ready(self) -> Exception | None:
         """None, or why the model did not load."""
         return self.error
 
@@ -72,8 +73,8 @@ def run(jobs: list[Job], model: str, device: str, config: ProtectConfig, manifes
         worker = ray.remote(**{f"num_{kind.lower()}s": 1})(_Worker)
         actors = [worker.remote(model, device, config, max_pixels) for _ in range(workers)]
         errors = [e for e in ray.get([actor.ready.remote() for actor in actors]) if e]
-        if errors:
-            raise WorkerError(errors[0])
+        if errors:  # blocks the model lacks keep their type: the caller says who named them
+            raise errors[0] if isinstance(errors[0], UnknownBlocks) else WorkerError(str(errors[0]))
         queue, finishing, in_flight = deque(to_do(jobs, manifest, resume, written)), set(), {}
 
         def give(actor) -> None:

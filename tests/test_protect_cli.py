@@ -212,9 +212,8 @@ def test_resume_with_a_model_folder_counts_its_defaults(tmp_path, capsys):
     assert main(resume) == 2
     assert f"--resolution 768 (now --resolution {defaults['resolution']})" in (
         capsys.readouterr().err)
-    with pytest.raises(SystemExit) as exit_:
-        main([*resume, "--resolution", "768"])  # the same settings: on to loading the model
-    assert exit_.value.code == 2  # a usage error
+    # the same settings: on to loading the model, a usage error
+    assert main([*resume, "--resolution", "768"]) == 2
     assert "not a complete diffusers pipeline folder" in capsys.readouterr().err
 
 
@@ -240,9 +239,8 @@ def test_a_model_folder_that_is_not_one_is_a_one_line_error(tmp_path, capsys):
     (folder / "step1x-edit-i1258.safetensors").touch()
     for model, message in ((tmp_path / "nowhere", "no such model directory"),
                            (folder, "Step1X-Edit folder; missing: vae.safetensors")):
-        with pytest.raises(SystemExit) as exit_:
-            main(["protect", str(photo), "-o", str(tmp_path / "out"), "--model", str(model)])
-        assert exit_.value.code == 2
+        assert main(["protect", str(photo), "-o", str(tmp_path / "out"),
+                     "--model", str(model)]) == 2
         assert re.search(f"^error: .*{message}", capsys.readouterr().err, re.MULTILINE)
     assert not (tmp_path / "out").exists()  # made only once the model has loaded
 
@@ -303,6 +301,13 @@ def test_help_gives_each_models_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "testbed 32, tiny 32, tiny-qwen 64, tiny-step1x 32" in text
     assert "FLUX.1 Kontext 512, testbed 24, tiny 16" in text
+
+
+def test_a_demo_whose_protection_cannot_run_says_why(tmp_path, capsys):
+    assert main(["demo", "-o", str(tmp_path / "demo"), "--steps", "1", "--scenes", "1",
+                 "--blocks", "single.99"]) == 2
+    assert capsys.readouterr().err.endswith("--blocks: ['single.99'] not in this model "
+                                            "(6 blocks: double.0 .. single.3)\n")
 
 
 def test_demo_protects_and_edits_testbed_scenes(tmp_path, capsys):
@@ -367,14 +372,14 @@ def test_evaluate_refuses_face_models_it_cannot_load(tmp_path, capsys):
         assert "Traceback" not in err
 
 
-def test_evaluate_refuses_two_protected_files_of_one_photo(tmp_path):
+def test_evaluate_refuses_two_protected_files_of_one_photo(tmp_path, capsys):
     """Say, a.png and the a.jpg of a run with another --format: which was meant is unknown."""
     for folder in ("clean", "protected"):
         (tmp_path / folder).mkdir()
         Image.fromarray(_rgb(20, 20)).save(tmp_path / folder / "a.png")
     Image.fromarray(_rgb(20, 20)).save(tmp_path / "protected" / "a.jpg")
-    with pytest.raises(SystemExit, match=r"^error: .*a\.jpg and .*a\.png both match a\.png"):
-        main(["evaluate", str(tmp_path / "clean"), str(tmp_path / "protected")])
+    assert main(["evaluate", str(tmp_path / "clean"), str(tmp_path / "protected")]) == 2
+    assert re.search(r"^error: .*a\.jpg and .*a\.png both match a\.png", capsys.readouterr().err)
 
 
 def test_evaluate_pairs_photos_by_their_whole_stem(tmp_path):
@@ -471,14 +476,15 @@ def _readable_records(out: Path) -> dict[str, dict]:
     return records
 
 
-def test_evaluate_names_missing_folders_and_unmatched_photos(tmp_path):
+def test_evaluate_names_missing_folders_and_unmatched_photos(tmp_path, capsys):
     (tmp_path / "clean").mkdir()
     Image.fromarray(_rgb(20, 20)).save(tmp_path / "clean" / "p[1].png")
     (tmp_path / "protected").mkdir()
-    with pytest.raises(SystemExit, match=r"the protected folder .*nowhere does not exist"):
-        main(["evaluate", str(tmp_path / "clean"), str(tmp_path / "nowhere")])
-    with pytest.raises(SystemExit, match=r"no protected photo in .*protected for a photo in"):
-        main(["evaluate", str(tmp_path / "clean"), str(tmp_path / "protected")])
+    assert main(["evaluate", str(tmp_path / "clean"), str(tmp_path / "nowhere")]) == 2
+    assert re.search(r"the protected folder .*nowhere does not exist", capsys.readouterr().err)
+    assert main(["evaluate", str(tmp_path / "clean"), str(tmp_path / "protected")]) == 2
+    assert re.search(r"no protected photo in .*protected for a photo in",
+                     capsys.readouterr().err)
     Image.fromarray(_rgb(20, 20)).save(tmp_path / "protected" / "p[1].png")  # glob characters
     assert main(["evaluate", str(tmp_path / "clean"), str(tmp_path / "protected"),
                  "--model", "tiny", "--edit-steps", "1", "--resolution", "16",
@@ -741,8 +747,9 @@ def test_refused_default_blocks_are_not_blamed_on_the_option():
     from argparse import Namespace
 
     from ditflow.cli import _blocks_named_by_option
+    from ditflow.models import UnknownBlocks
 
-    error = ValueError("ProtectConfig.blocks: ['single.10'] not in this model")
+    error = UnknownBlocks("ProtectConfig.blocks", ["single.10"], ["single.0", "single.1"])
     assert _blocks_named_by_option(error, Namespace(blocks="single.10")).startswith("--blocks:")
     message = _blocks_named_by_option(error, Namespace(blocks=None))
     assert message.startswith("the default blocks") and message.endswith("with --blocks")

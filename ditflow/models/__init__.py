@@ -51,14 +51,29 @@ def adapter_for(transformer: torch.nn.Module):
     return _member(transformer, "adapter")()
 
 
+class UnknownBlocks(ValueError):
+    """Block names a model lacks; ``what`` set them (a config field, an option)."""
+
+    def __init__(self, what: str, missing: list[str], known: list[str]):
+        super().__init__(what, missing, known)
+        self.what, self.missing, self.known = what, missing, known
+
+    def __str__(self) -> str:
+        return self.named(self.what)
+
+    def named(self, what: str) -> str:
+        """The message, saying that ``what`` set the blocks."""
+        return (f"{what}: {self.missing} not in this model ({len(self.known)} blocks: "
+                f"{self.known[0]} .. {self.known[-1]})")
+
+
 def check_blocks(transformer: torch.nn.Module, names, what: str) -> None:
     """Refuse block names (``"single.3"``) that ``transformer`` lacks, naming ``what`` set
-    them."""
+    them (:class:`UnknownBlocks`)."""
     known = [str(block) for block, _ in adapter_for(transformer).blocks(transformer)]
     missing = sorted(set(names) - set(known))
     if missing:
-        raise ValueError(f"{what}: {missing} not in this model ({len(known)} blocks: "
-                         f"{known[0]} .. {known[-1]})")
+        raise UnknownBlocks(what, missing, known)
 
 
 # In-context editors (a photo in, its edit out); text-to-image pipelines of the same families
