@@ -219,11 +219,10 @@ class Progress:
         self.counts = {"ok": 0, "failed": 0, "skipped": 0}
         self.bar = tqdm(total=total, desc="photos", unit="photo", disable=not progress)
 
-    def start(self, job: Job) -> Job:
+    def start(self, job: Job) -> None:
         """Records that ``job`` may write its output (before it can)."""
         if not job.error:
             self.manifest.append({**_paths(job), "status": "started"})
-        return job
 
     def write(self, records: list[dict]) -> None:
         for record in records:
@@ -239,9 +238,11 @@ class Progress:
         self.bar.close()
 
 
-def to_do(jobs: list[Job], manifest: Manifest, resume: bool, progress: Progress) -> list[Job]:
-    """The jobs a run has left: with ``resume``, those not finished in the manifest (jobs that
-    cannot run are always recorded again)."""
+def remaining_jobs(jobs: list[Job], manifest: Manifest, resume: bool, progress: Progress
+                   ) -> list[Job]:
+    """The jobs a run has left, counting the others as skipped in ``progress``: with
+    ``resume``, those not finished in the manifest (jobs that cannot run are always recorded
+    again)."""
     left = []
     for job in jobs:
         if resume and not job.error and manifest.finished(job.source, job.output):
@@ -256,11 +257,12 @@ def run(jobs: list[Job], pipeline, config: ProtectConfig, manifest: Manifest,
         ) -> dict:
     """Protect every job in this process; returns counts {"ok", "failed", "skipped"}."""
     protection = BatchedProtection(pipeline, config, max_pixels, progress)
-    written = Progress(manifest, len(jobs), progress)
+    recorded = Progress(manifest, len(jobs), progress)
     try:
-        for job in to_do(jobs, manifest, resume, written):
-            written.write(protection.add(written.start(job)))
-        written.write(protection.finish())
+        for job in remaining_jobs(jobs, manifest, resume, recorded):
+            recorded.start(job)
+            recorded.write(protection.add(job))
+        recorded.write(protection.finish())
     finally:
-        written.close()
-    return written.counts
+        recorded.close()
+    return recorded.counts

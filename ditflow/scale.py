@@ -3,7 +3,7 @@ with its own copy of the editor.
 
 The driver hands out photos one at a time to whichever worker is free, writes the manifest as
 records come back (one writer, so ``--resume`` works as in a single process) and never loads the
-model itself. Workers load, batch, protect and save their photos (outputs are written where the
+model itself. Workers load, batch, protect and save their photos (outputs are recorded where the
 driver would write them: workers on other machines need the same file system). Results depend
 only on the seed and each photo's name, so they are the same whatever worker protects a photo.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .bulk import BatchedProtection, Job, Progress, to_do
+from .bulk import BatchedProtection, Job, Progress, remaining_jobs
 from .io import DEFAULT_MAX_PIXELS, Manifest
 from .methods.decontext import ProtectConfig
 from .models import UnknownBlocks
@@ -63,7 +63,7 @@ def run(jobs: list[Job], model: str, device: str, config: ProtectConfig, manifes
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    written = Progress(manifest, len(jobs), progress)
+    recorded = Progress(manifest, len(jobs), progress)
     try:
         kind = "GPU" if device.startswith("cuda") else "CPU"
         available = int(ray.cluster_resources().get(kind, 0))
@@ -75,12 +75,15 @@ def run(jobs: list[Job], model: str, device: str, config: ProtectConfig, manifes
         errors = [e for e in ray.get([actor.ready.remote() for actor in actors]) if e]
         if errors:  # blocks the model lacks keep their type: the caller says who named them
             raise errors[0] if isinstance(errors[0], UnknownBlocks) else WorkerError(str(errors[0]))
-        queue, finishing, in_flight = deque(to_do(jobs, manifest, resume, written)), set(), {}
+        queue = deque(remaining_jobs(jobs, manifest, resume, recorded))
+        finishing, in_flight = set(), {}
 
         def give(actor) -> None:
             """The actor's next call: a photo while any are left, then its partial batches."""
             if queue:
-                in_flight[actor.add.remote(written.start(queue.popleft()))] = actor
+                job = queue.popleft()
+                recorded.start(job)
+                in_flight[actor.add.remote(job)] = actor
             elif actor not in finishing:
                 finishing.add(actor)
                 in_flight[actor.finish.remote()] = actor
@@ -90,10 +93,10 @@ def run(jobs: list[Job], model: str, device: str, config: ProtectConfig, manifes
         while in_flight:
             (done,), _ = ray.wait(list(in_flight), num_returns=1)
             actor = in_flight.pop(done)
-            written.write(ray.get(done))
+            recorded.write(ray.get(done))
             give(actor)
     finally:
-        written.close()
+        recorded.close()
         if started:
             ray.shutdown()
-    return written.counts
+    return recorded.counts
