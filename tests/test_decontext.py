@@ -38,6 +38,8 @@ def test_config_checks_units_and_ranges():
         ProtectConfig(eot_jpeg_quality=(0, 50))
     with pytest.raises(ValueError, match="eval_prompts=0"):
         ProtectConfig(eval_prompts=0)
+    with pytest.raises(ValueError, match=r"blocks='single\.1': expected a sequence of names"):
+        ProtectConfig(blocks="single.1")
 
 
 def test_steps_default_to_the_authors_for_each_method():

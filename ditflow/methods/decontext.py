@@ -133,6 +133,8 @@ class ProtectConfig:
             (self.steps is None or self.steps >= 0, f"steps={self.steps}: expected >= 0"),
             (self.resolution is None or self.resolution >= 16,
              f"resolution={self.resolution}: expected >= 16"),
+            (not isinstance(self.blocks, str), f"blocks={self.blocks!r}: expected a sequence of "
+                                               "names, e.g. ('single.0', 'single.1')"),
             (self.blocks is None or len(self.blocks) > 0, "blocks: expected at least one block"),
             (0 <= self.timesteps[0] < self.timesteps[1] <= 1000,
              f"timesteps={self.timesteps}: expected 0 <= low < high <= 1000"),

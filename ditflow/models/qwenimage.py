@@ -33,7 +33,7 @@ def _hidden_padding(rules: FlowRules) -> FlowRules:
     may build equal rules for every block (the session's identity rules are new each block), and
     the kernels' tile plans key on the device tables, which each object copies once."""
     key = (rules.num_groups, *(None if t is None else (tuple(t.shape), t.numpy().tobytes())
-                               for t in (rules.scale, rules.bias, rules.weight)))
+                               for t in rules.tables_on("cpu")))  # no copies per block
     hidden = _hidden_padding_rules.get(key)
     if hidden is None:
         hidden = _hidden_padding_rules[key] = rules.with_hidden_group()
