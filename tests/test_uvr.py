@@ -224,8 +224,7 @@ def test_edit_refuses_the_size_in_the_call_arguments(editor):
 
 def test_anchor_collection_refuses_what_it_sets_itself(editor):
     photo = np.zeros((SIZE, SIZE, 3), np.uint8)
-    for name, value in (("output_type", "pil"), ("max_area", SIZE * SIZE),
-                        ("_auto_resize", True)):
+    for name, value in (("max_area", SIZE * SIZE), ("_auto_resize", True)):
         with pytest.raises(ValueError, match=f"UVR collect_anchors: {name} cannot be passed"):
             collect_anchors(editor, ["make it red"], images=[photo], height=SIZE, width=SIZE,
                             select=lambda image: image[..., 0] > 0, **{name: value})

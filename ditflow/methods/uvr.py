@@ -194,9 +194,10 @@ def collect_anchors(pipeline, prompts: Sequence[str], *, height: int, width: int
     mode = _mode_of(pipeline)
     if mode == "edit" and (images is None or len(images) != len(prompts)):
         raise ValueError("collect_anchors: an editing pipeline needs one image per prompt")
-    # the image it selects from is the call's own: numpy, at exactly height x width
+    # edits at exactly height x width (the selection is made on the output as numpy, whatever
+    # output_type says)
     check_one_image_call("UVR collect_anchors", call_kwargs, batches_guidance=True,
-                         own=("output_type", "max_area", "_auto_resize"))
+                         own=("max_area", "_auto_resize"))
     grid = _grid(pipeline, height, width)
     anchors = []
     for i, prompt in enumerate(prompts):
