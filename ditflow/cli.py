@@ -339,8 +339,8 @@ def _evaluation_pairs(clean_dir: Path, protected_dir: Path) -> list[tuple[Path, 
 
 def evaluate_command(args) -> int:
     """r_ctx, edit similarity and perturbation quality of protected photos against clean ones."""
-    from .io import ImageError, linf, load_photo, psnr, ssim
-    from .methods.decontext import ProtectConfig, Protector
+    from .io import ImageError, load_photo
+    from .methods.decontext import ProtectConfig, Protector, evaluate_protection
 
     pairs = _evaluation_pairs(Path(args.clean), Path(args.protected))
     if args.json and not os.access(Path(args.json).parent, os.W_OK):
@@ -375,20 +375,8 @@ def evaluate_command(args) -> int:
             if clean.pixels.shape != protected.pixels.shape:
                 print(f"skipped: {clean_path.name}: sizes differ", file=sys.stderr)
                 continue
-            working = protector.at_working_size([clean.tensor(), protected.tensor()])
-            r_clean, r_protected = protector.evaluate_r_ctx(working)
-            edits = [protector.edit(pixels, prompt, args.edit_steps) for pixels in working]
-            rows.append(dict(
-                photo=clean_path.name, r_ctx_clean=r_clean, r_ctx_protected=r_protected,
-                edit_psnr=psnr(*edits), edit_ssim=ssim(*edits),
-                perturbation_psnr=psnr(clean.pixels, protected.pixels),
-                perturbation_ssim=ssim(clean.pixels, protected.pixels),
-                linf=linf(clean.pixels, protected.pixels)))
-            if faces is not None:
-                # identity of the edit against the person in the clean photo (ISM): protection
-                # works when the protected photo's edit no longer shows that person
-                rows[-1].update(face_sim_clean_edit=faces.similarity(clean.pixels, edits[0]),
-                                face_sim_protected_edit=faces.similarity(clean.pixels, edits[1]))
+            rows.append(dict(photo=clean_path.name, **evaluate_protection(
+                protector, clean.pixels, protected.pixels, prompt, args.edit_steps, faces)))
     except KeyboardInterrupt:
         print(f"\ninterrupted: the {len(rows)} photos evaluated so far", file=sys.stderr)
         _evaluation_report(rows, faces is not None, args.json)

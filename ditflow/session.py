@@ -240,8 +240,12 @@ class Session:
     def begin_call(self, kwargs: dict) -> None:
         self._stopped = False
         timestep = kwargs.get("timestep")
-        t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(
-            timestep if timestep is not None else 0.0)
+        if timestep is None:
+            t = 0.0
+        elif isinstance(timestep, torch.Tensor):
+            t = float(timestep.reshape(-1)[0])
+        else:
+            t = float(timestep)
         if self.step is None:
             self.step = StepInfo(0, t)
         elif t != self._last_timestep:

@@ -504,11 +504,33 @@ def _at_photo_size(delta: torch.Tensor, photo: torch.Tensor, eps: float) -> torc
     return _project(original + delta, original, eps)
 
 
+def evaluate_protection(protector: Protector, clean: np.ndarray, protected: np.ndarray,
+                        prompt: str, edit_steps: int, faces=None) -> dict:
+    """The paper's measures of one protected photo (uint8 [H, W, 3], the clean one's size):
+    r_ctx of clean and protected at the working size, how alike the editor's edits of the two
+    are (PSNR, SSIM), the perturbation's PSNR, SSIM and L-inf and, given a
+    :class:`~ditflow.faces.FaceEmbedder`, the identity similarity of each edit to the clean
+    photo's person (protection works when the protected photo's edit no longer shows them)."""
+    from ..io import linf, psnr, ssim
+
+    working = protector.at_working_size([pixels_tensor(clean), pixels_tensor(protected)])
+    r_clean, r_protected = protector.evaluate_r_ctx(working)
+    edits = [protector.edit(pixels, prompt, edit_steps) for pixels in working]
+    row = dict(r_ctx_clean=r_clean, r_ctx_protected=r_protected, edit_psnr=psnr(*edits),
+               edit_ssim=ssim(*edits), perturbation_psnr=psnr(clean, protected),
+               perturbation_ssim=ssim(clean, protected), linf=linf(clean, protected))
+    if faces is not None:
+        row.update(face_sim_clean_edit=faces.similarity(clean, edits[0]),
+                   face_sim_protected_edit=faces.similarity(clean, edits[1]))
+    return row
+
+
 def iter_protect(named_photos: Sequence[tuple[str, torch.Tensor]], pipeline,
                  config: ProtectConfig | None = None,
                  on_step: Callable[[int], None] | None = None) -> Iterator[ProtectResult]:
     """Protect photos batch by batch (photos of one working size share a batch), yielding each
-    result as soon as its batch is done. Photos as :func:`protect` takes them."""
+    result as soon as its batch is done. Photos as :func:`protect` takes them, all in memory
+    (:class:`ditflow.bulk.BatchedProtection` batches files with bounded memory)."""
     protector = Protector(pipeline, config)
     by_size: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
     for name, photo in named_photos:
@@ -530,5 +552,5 @@ def protect(photos: Sequence[torch.Tensor], pipeline, config: ProtectConfig | No
     return [results[name] for name, _ in named]
 
 
-__all__ = ["DEFAULT_BLOCKS", "ProtectConfig", "ProtectResult", "Protector", "iter_protect",
-           "protect"]
+__all__ = ["DEFAULT_BLOCKS", "ProtectConfig", "ProtectResult", "Protector", "evaluate_protection",
+           "iter_protect", "protect"]
