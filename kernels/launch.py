@@ -95,6 +95,12 @@ def _common_args(inputs: FlowInputs, q: torch.Tensor):
     return pointers, strides
 
 
+def _token_strides(*tensors: torch.Tensor) -> list[int]:
+    """The batch, token and head strides of ``[B, N, H, D]`` tensors, in order (the kernels
+    take head dims contiguous)."""
+    return [stride for t in tensors for stride in t.stride()[:3]]
+
+
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -148,10 +154,7 @@ def flow_attention_forward(
     _fwd_kernel[grid](
         q, k_tiles, v_tiles, out, lse, mass_arg, *pointers,
         plan.q_uniform_group, plan.row_counts, plan.row_tiles, plan.row_groups,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        *_token_strides(q, k, v, out),
         *strides,
         int(plan.batched), heads, nq, nk, head_dim, softmax_scale * LOG2E_FLOAT,
         **inputs.flags(), RETURN_MASS=return_mass, EVEN_D=head_dim == block_d,
@@ -191,7 +194,7 @@ def flow_attention_backward(
     _bwd_preprocess_kernel[(triton.cdiv(nq, pre_block), batch * heads)](
         out, dout, lse, dummy if dlse is None else dlse.contiguous(),
         mass if has_dmass else dummy, dmass_arg, delta, lse2,
-        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
+        *_token_strides(out, dout),
         heads, nq, head_dim,
         NUM_GROUPS=inputs.num_groups, HAS_DMASS=has_dmass, HAS_DLSE=dlse is not None,
         BLOCK_M=pre_block, BLOCK_D=block_d,
@@ -210,11 +213,7 @@ def flow_attention_backward(
         q_tiles, k, v, dout_tiles, dk, dv, lse2, delta, dmass_arg, *pointers,
         dkdv_plan.k_uniform_group, dkdv_plan.col_counts, dkdv_plan.col_tiles,
         dkdv_plan.col_groups,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
+        *_token_strides(q, k, v, dout, dk),
         *strides,
         int(dkdv_plan.batched), heads, nq, nk, head_dim, softmax_scale * LOG2E_FLOAT, softmax_scale,
         **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma,
@@ -225,11 +224,7 @@ def flow_attention_backward(
     _bwd_dq_kernel[(triton.cdiv(nq, cfg.block_m), batch * heads)](
         q, k_tiles, v_tiles, dout, dq, lse2, delta, dmass_arg, *pointers,
         dq_plan.q_uniform_group, dq_plan.row_counts, dq_plan.row_tiles, dq_plan.row_groups,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
+        *_token_strides(q, k, v, dout, dq),
         *strides,
         int(dq_plan.batched), heads, nq, nk, head_dim, softmax_scale * LOG2E_FLOAT, softmax_scale,
         **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma,
