@@ -39,6 +39,8 @@ SAMPLES = Path(__file__).resolve().parent / "samples"
 class UsageError(Exception):
     """A command that cannot run as given (a bad folder, a model that is not the one asked for,
     settings an earlier run contradicts): ``error: <message>``, exit status 2."""
+
+
 # What every command imports from the diffusers extra: distribution -> module.
 DIFFUSERS_EXTRA = {"diffusers": "diffusers", "transformers": "transformers",
                    "safetensors": "safetensors", "Pillow": "PIL", "tqdm": "tqdm",
