@@ -50,8 +50,10 @@ def random_rules(num_groups: int, kinds: set[str], heads: int | None = None) -> 
         tables["scale"] = torch.rand(shape) * 1.5 + 0.25
     if "bias" in kinds or "block" in kinds:
         bias = torch.randn(shape) if "bias" in kinds else torch.zeros(shape)
-        if "block" in kinds:
-            bias = bias.masked_fill(torch.rand(shape) < 0.3, float("-inf"))
+        if "block" in kinds:  # at least one blocked pair (a random 3x3 draw may have none)
+            blocked = torch.rand(shape) < 0.3
+            blocked[..., 0, -1] = num_groups > 1
+            bias = bias.masked_fill(blocked, float("-inf"))
         tables["bias"] = bias
     if "weight" in kinds:
         tables["weight"] = torch.rand(shape) * 2

@@ -65,7 +65,7 @@ def test_qwen_image_edit_2511_sees_the_photo_as_picture_1_at_384_squared(monkeyp
 
     monkeypatch.setattr(plus, "encode_prompt", spy)
     photo = torch.rand(3, 40, 80)
-    (result,) = protect([photo], plus, qwen_config(steps=6))
+    (result,) = protect([photo], plus, qwen_config(steps=10))  # a clear margin, as above
     assert result.r_ctx_after < result.r_ctx_before
     assert all(isinstance(images, list) and len(images) == 1 for images in seen)
     assert seen[0][0].size == calculate_dimensions(CONDITION_IMAGE_SIZE, 96 / 32)

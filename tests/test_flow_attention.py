@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from conftest import SEED
 from helpers import (
     assert_within_rule,
     floor_for,
@@ -20,7 +21,7 @@ from helpers import (
     segment_groups,
     weighted_loss,
 )
-from hypothesis import given, settings
+from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 
 from ditflow import FlowRules, flow_attention
@@ -187,8 +188,8 @@ def test_noncontiguous_inputs(device):
         res = flow_attention(q, k, v, groups, rules=rules, return_mass=True, backend=backend)
         loss = (res.out * d_out).sum() + (res.mass * torch.arange(3, device=device)).sum()
         results.append((res.out, res.mass, *torch.autograd.grad(loss, (qkv, v_t))))
-    for got, want in zip(*results, strict=True):
-        assert max_error(got, want) < 1e-5
+    for got, want in zip(*results, strict=True):  # gradients reach ~10: relative tolerance too
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_rules_without_group_ids_put_every_token_in_group_0(device):
@@ -279,7 +280,8 @@ def test_tma_configs_take_empty_keys(monkeypatch, device):
     assert all(g is not None for g in torch.autograd.grad(res.out.sum(), (q, k, v)))
 
 
-@settings(max_examples=12, deadline=None, derandomize=False)
+@seed(SEED)  # new examples each session, replayed with DITFLOW_TEST_SEED
+@settings(max_examples=12, deadline=None)
 @given(
     nq=st.sampled_from([1, 16, 33, 70]),
     nk=st.sampled_from([1, 16, 33, 70]),
