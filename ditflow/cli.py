@@ -69,6 +69,26 @@ def _number(kind: type, low: float | None = None, high: float | None = None,
     return parse
 
 
+def _block_names(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated block names, ``single.0,single.1`` (spaces allowed)."""
+    from .session import is_block_name
+
+    names = tuple(name.strip() for name in text.split(","))
+    bad = [name for name in names if not is_block_name(name)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{text}: {bad[0]!r} is no block name (double.<i> or "
+                                         "single.<i>, e.g. single.0,single.1)")
+    return names
+
+
+def _block_name(text: str) -> str:
+    """An argparse type: one block name."""
+    names = _block_names(text)
+    if len(names) > 1:
+        raise argparse.ArgumentTypeError(f"{text}: one block, e.g. single.10")
+    return names[0]
+
+
 def _device(text: str) -> str:
     """An argparse type: a torch device this machine has."""
     try:
@@ -117,7 +137,7 @@ def _model_settings(args) -> dict:
     if args.resolution:
         settings["resolution"] = args.resolution
     if args.blocks:
-        settings["blocks"] = tuple(args.blocks.split(","))
+        settings["blocks"] = args.blocks
     if args.text_tokens:
         settings["max_sequence_length"] = args.text_tokens
     return settings
@@ -172,14 +192,18 @@ def _recorded_settings(model: str, config: ProtectConfig, suffix: str) -> dict:
     the config with the model's defaults filled in as the protector fills them (a model
     folder's working resolution and blocks from its family, read from its files; left out
     where the folder holds no editor, whose loading fails next)."""
-    from .methods.decontext import with_family_defaults
+    from .methods.decontext import T5_FAMILIES, with_family_defaults
     from .models.loading import editor_transformer_name
 
-    if model not in BUILTIN:
-        config = with_family_defaults(config, editor_transformer_name(model))
+    if model in BUILTIN:
+        family = BUILTIN[model].family
+    else:
+        family = editor_transformer_name(model)
+        config = with_family_defaults(config, family)
+    # the text length changes nothing where no T5 reads the instruction
+    ignored = _RESUMABLE_CHANGES | (set() if family in T5_FAMILIES else {"max_sequence_length"})
     settings = {key: json.loads(json.dumps(value)) for key, value in asdict(config).items()
-                if key not in _RESUMABLE_CHANGES
-                and not (key in ("resolution", "blocks") and value is None)}
+                if key not in ignored and not (key in ("resolution", "blocks") and value is None)}
     return {"model": _model_id(model), "format": suffix.lstrip("."), **settings}
 
 
@@ -248,9 +272,10 @@ def protect_command(args) -> int:
         print("warning: JPEG recompresses the protected photo: it weakens the perturbation, can "
               "take pixels past --epsilon (the manifest records the saved file's L-inf) and drops "
               "transparency; PNG (the default) keeps all three", file=sys.stderr)
-    _note_small_model(args.model, "its perturbation does not protect against real editors: "
-                      "pass --model with a local FLUX.1 Kontext, Qwen-Image-Edit or Step1X-Edit "
-                      "folder for that")
+    if args.command == "protect":  # not for the demo's testbed run
+        _note_small_model(args.model, "its perturbation does not protect against real editors: "
+                          "pass --model with a local FLUX.1 Kontext, Qwen-Image-Edit or "
+                          "Step1X-Edit folder for that")
     problem = _output_folder_problem(outdir, args.inputs)
     if problem:
         raise UsageError(problem)
@@ -283,11 +308,13 @@ def protect_command(args) -> int:
     except UnknownBlocks as exc:
         raise UsageError(_blocks_named_by_option(exc, args)) from None
     except KeyboardInterrupt:
-        if manifest.path.exists():
+        again = ("rerun with --resume to continue" if args.command == "protect"
+                 else "the demo starts over when run again")
+        if any(record.get("status") == "ok" for record in manifest.records.values()):
             print(f"\ninterrupted: finished photos are saved and recorded in {manifest.path}; "
-                  "rerun with --resume to continue", file=sys.stderr)
+                  f"{again}", file=sys.stderr)
         else:
-            print("\ninterrupted before any photo finished", file=sys.stderr)
+            print(f"\ninterrupted before any photo finished; {again}", file=sys.stderr)
         return 130
     print(f"{counts['ok']} protected, {counts['skipped']} already done, {counts['failed']} "
           f"failed; manifest: {manifest.path}")
@@ -345,8 +372,10 @@ def evaluate_command(args) -> int:
     from .methods.decontext import ProtectConfig, Protector, evaluate_protection
 
     pairs = _evaluation_pairs(Path(args.clean), Path(args.protected))
-    if args.json and not os.access(Path(args.json).parent, os.W_OK):
-        raise UsageError(f"--json {args.json}: cannot write into {Path(args.json).parent}")
+    if args.json:
+        problem = _json_output_problem(Path(args.json), pairs, Path(args.protected))
+        if problem:
+            raise UsageError(f"--json {args.json}: {problem}")
     faces = None
     if args.face_model:
         from .faces import FaceEmbedder
@@ -365,7 +394,7 @@ def evaluate_command(args) -> int:
         raise UsageError(_blocks_named_by_option(exc, args)) from None
     prompt = args.prompt or ("make the red circle blue" if args.model == "testbed"
                              else "A photo of this person")
-    rows = []
+    rows, skipped = [], 0
     try:
         for clean_path, protected_path in tqdm(pairs, desc="photos", unit="photo", leave=False):
             try:
@@ -373,9 +402,14 @@ def evaluate_command(args) -> int:
                 protected = load_photo(protected_path, args.max_pixels)
             except ImageError as exc:
                 print(f"skipped: {exc}", file=sys.stderr)
+                skipped += 1
                 continue
             if clean.pixels.shape != protected.pixels.shape:
-                print(f"skipped: {clean_path.name}: sizes differ", file=sys.stderr)
+                sizes = [f"{p.pixels.shape[1]}x{p.pixels.shape[0]}" for p in (clean, protected)]
+                print(f"skipped: {clean_path} is {sizes[0]}, {protected_path} {sizes[1]} (a "
+                      "protected photo keeps its original's size: not its protection?)",
+                      file=sys.stderr)
+                skipped += 1
                 continue
             rows.append(dict(photo=clean_path.name, **evaluate_protection(
                 protector, clean.pixels, protected.pixels, prompt, args.edit_steps, faces)))
@@ -383,12 +417,27 @@ def evaluate_command(args) -> int:
         print(f"\ninterrupted: the {len(rows)} photos evaluated so far", file=sys.stderr)
         _evaluation_report(rows, faces is not None, args.json)
         return 130
-    _evaluation_report(rows, faces is not None, args.json)
-    return 0 if rows else 1
+    status = _evaluation_report(rows, faces is not None, args.json)
+    return status or (1 if skipped or not rows else 0)
 
 
-def _evaluation_report(rows: list[dict], with_faces: bool, json_path: str | None) -> None:
-    from .io import to_json
+def _json_output_problem(path: Path, pairs: list[tuple[Path, Path]], protected_dir: Path) -> str:
+    """Why evaluate cannot write its rows to ``path`` ("" if it can): a folder, an unwritable
+    place, or a file it reads (a photo, the manifest)."""
+    if path.is_dir():
+        return "is a folder; name a file"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"cannot write into {path.parent}"
+    read = {p.resolve() for pair in pairs for p in pair} | {
+        (protected_dir / "manifest.jsonl").resolve()}
+    if path.resolve() in read:
+        return "would overwrite a file evaluate reads; choose another file"
+    return ""
+
+
+def _evaluation_report(rows: list[dict], with_faces: bool, json_path: str | None) -> int:
+    """Print the rows and write them to ``json_path``; 1 if that write fails, else 0."""
+    from .io import to_json, write_file
 
     face_header = f" {'ID clean':>9} {'ID prot.':>9}" if with_faces else ""
     print(f"{'photo':<24} {'r_ctx clean':>11} {'protected':>10} {'edit PSNR':>10} "
@@ -400,7 +449,12 @@ def _evaluation_report(rows: list[dict], with_faces: bool, json_path: str | None
               f"{r['edit_psnr']:>10.2f} {r['edit_ssim']:>10.4f} {r['perturbation_psnr']:>11.2f} "
               f"{r['perturbation_ssim']:>11.4f} {r['linf']:>6}{face}")
     if json_path:
-        Path(json_path).write_text(to_json(rows, indent=1))
+        try:
+            write_file(Path(json_path), to_json(rows, indent=1).encode())
+        except OSError as error:
+            print(f"error: cannot write {json_path}: {error.strerror or error}", file=sys.stderr)
+            return 1
+    return 0
 
 
 def demo_command(args) -> int:
@@ -414,11 +468,25 @@ def demo_command(args) -> int:
 
     outdir = Path(args.output)
     scenes_dir, protected_dir = outdir / "scenes", outdir / "protected"
-    scenes_dir.mkdir(parents=True, exist_ok=True)
-    earlier = Manifest(protected_dir / "manifest.jsonl")  # the demo always starts over
+    for folder in (outdir, scenes_dir, protected_dir):
+        problem = _output_folder_problem(folder, [])
+        if problem:
+            raise UsageError(problem)
+    # the demo always starts over, removing what its earlier run wrote, and only that
+    earlier = Manifest(protected_dir / "manifest.jsonl")
+    demo_inputs = {str(p.resolve()) for p in (*scenes_dir.glob("scene*.png"),
+                                               *SAMPLES.glob("*.png"))}
+    others = sorted(set(earlier.records) - demo_inputs)
+    if others:
+        raise UsageError(f"{protected_dir} holds photos protected by another run (of "
+                         f"{others[0]}{' and others' if len(others) > 1 else ''}); choose "
+                         "another -o for the demo")
     for name in earlier.output_names():
         (protected_dir / name).unlink(missing_ok=True)
     earlier.path.unlink(missing_ok=True)
+    for scene in scenes_dir.glob("scene*.png"):
+        scene.unlink()
+    scenes_dir.mkdir(parents=True, exist_ok=True)
     edits = held_out_edits(args.scenes)
     scenes = [scenes_dir / f"scene{i}.png" for i in range(len(edits))]
     for path, e in zip(scenes, edits, strict=True):
@@ -529,7 +597,11 @@ def _run_uvr(args, output: Path, run) -> int:
         block = args.uvr_block or metadata.get("block", UVRConfig.block)
         images, mask = run(anchors, metadata, UVRConfig(block=block,
                                                         threshold=args.uvr_threshold))
-    except ValueError as error:  # not an anchors file; anchors of another block, mode, model
+    except UnknownBlocks as error:
+        raise UsageError(error.named("--uvr-block") if args.uvr_block else error.named(
+            f"the block of --uvr {args.uvr}'s anchors") + "; collect anchors with this model "
+            "or pass --uvr-block") from None
+    except ValueError as error:  # not an anchors file; anchors of another mode, model
         raise UsageError(str(error)) from None
     if mask is None:
         print("UVR flagged nothing: the output is the model's own", file=sys.stderr)
@@ -544,9 +616,6 @@ def generate_command(args) -> int:
     settings = _settings(args, presets.defaults(
         args.model, "generate-uvr" if args.uvr is not None else "generate"), resolution="size")
     size, text_tokens = settings["resolution"], settings["text_tokens"]
-    if size % 16:
-        raise UsageError(f"--size {size}: FLUX.1 makes images of multiples of 16 px (try "
-                         f"{size - size % 16})")
     _note_small_model(args.model, "pass --model with a local FLUX.1 folder for real images")
     pipeline = _pipeline(args.model, args.device, kind="t2i")
     call = dict(num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
@@ -684,9 +753,11 @@ def _protect_options(p: argparse.ArgumentParser, steps_default: int | None = Non
                    help=f"PGD steps (default {steps_default})" if steps_default else
                    "PGD steps (default: the authors', 800 for decontext, 600 for diff-pgd)")
     p.add_argument("--resolution", type=SIDE, default=None, help=RESOLUTION_HELP)
-    p.add_argument("--blocks", default=None,
+    p.add_argument("--blocks", type=_block_names, default=None,
                    help="attacked blocks, e.g. single.0,single.1 (default: FLUX.1 Kontext and "
-                        "Step1X-Edit single.0..single.25, Qwen-Image-Edit double.20..double.46)")
+                        "Step1X-Edit single.0..single.25, Qwen-Image-Edit double.20..double.46; "
+                        + "; ".join(f"{name} {','.join(preset.blocks)}"
+                                    for name, preset in BUILTIN.items()) + ")")
     p.add_argument("--batch-size", type=COUNT, default=1)
     p.add_argument("--workers", type=COUNT, default=1,
                    help="protect on this many devices at once with Ray (one GPU each with "
@@ -713,7 +784,7 @@ def _uvr_options(p: argparse.ArgumentParser) -> None:
                         "(.safetensors from ditflow.methods.uvr.save_anchors)")
     p.add_argument("--uvr-threshold", type=FINITE, default=0.6,
                    help="UVR: flag tokens scoring above this (1 = as close as the anchors)")
-    p.add_argument("--uvr-block", default=None,
+    p.add_argument("--uvr-block", type=_block_name, default=None,
                    help="UVR: the localisation block (default: the anchors' own; anchors that "
                         "record their block run only there)")
 
@@ -740,15 +811,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     p = sub.add_parser("evaluate", help="compare protected photos with the clean ones")
     p.add_argument("clean", help="folder of clean photos")
-    p.add_argument("protected", help="folder of protected photos (same file stems)")
+    p.add_argument("protected", help="folder of protected photos (paired through its "
+                                     "manifest, or by file name without extension)")
     p.add_argument("--model", default="testbed", help="as for protect")
     p.add_argument("--prompt", default=None,
                    help="the edit (default: a testbed edit for --model testbed, else "
                         "the paper's 'A photo of this person', which is not among the "
                         "instructions protect optimises on)")
-    p.add_argument("--edit-steps", type=COUNT, default=20)
+    p.add_argument("--edit-steps", type=COUNT, default=20, help="the edits' steps (default 20)")
     p.add_argument("--resolution", type=SIDE, default=None, help=RESOLUTION_HELP)
-    p.add_argument("--blocks", default=None, help="blocks r_ctx is measured on (as for protect)")
+    p.add_argument("--blocks", type=_block_names, default=None,
+                   help="blocks r_ctx is measured on (as for protect)")
     p.add_argument("--text-tokens", type=COUNT, default=None, help=TEXT_TOKENS_HELP)
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--max-pixels", type=COUNT, default=DEFAULT_MAX_PIXELS,
@@ -763,7 +836,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     # the demo runs the bundled testbed editor: no --model
     p = sub.add_parser("demo", help="protect testbed scenes and edit them, offline")
     _protect_options(p, steps_default=200, output_default="demo-output")
-    p.add_argument("--scenes", type=COUNT, default=4)
+    p.add_argument("--scenes", type=COUNT, default=4,
+                   help="held-out testbed scenes to protect and edit (default 4)")
     p.set_defaults(run=demo_command)
 
     p = sub.add_parser("generate", help="text-to-image with DeLeaker (semantic-leakage "
@@ -847,13 +921,24 @@ def _check_args(args) -> str:
     if not getattr(BUILTIN.get(args.model), "generates", True):
         return f"--model {args.model} serves protect and evaluate; {args.command} drives FLUX.1 " \
                "pipelines"
+    if getattr(args, "size", None) and args.size % 16:
+        return (f"--size {args.size}: FLUX.1 makes images of multiples of 16 px (try "
+                f"{args.size - args.size % 16})")
+    option, given = (("--entity", args.entity) if args.command == "generate"
+                     else ("--object", args.object))
     if args.uvr is not None:
-        if args.entity if args.command == "generate" else args.object:
-            return (f"--uvr and --{'entity' if args.command == 'generate' else 'object'} are "
-                    "separate methods; give one")
+        if given:
+            return f"--uvr and {option} are separate methods; give one"
         if not Path(args.uvr).is_file():
-            return (f"--uvr {args.uvr}: no such file (anchors saved with "
-                    "ditflow.methods.uvr.save_anchors)")
+            folder = args.uvr and Path(args.uvr).is_dir()  # ('' is no file, not '.')
+            return (f"--uvr {args.uvr}: " + ("a folder" if folder else "no such file") +
+                    " (anchors are a file saved with ditflow.methods.uvr.save_anchors)")
+    from .methods.ale import MAX_OBJECTS
+    from .methods.deleaker import MAX_ENTITIES
+
+    most = MAX_ENTITIES if args.command == "generate" else MAX_OBJECTS
+    if len(given) > most:
+        return f"{option}: at most {most}, got {len(given)}"
     return _output_clash(args)
 
 
@@ -879,15 +964,15 @@ def _output_clash(args) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser, commands = build_parser()
     args = parser.parse_args(argv)
-    problem = _check_args(args)
-    if problem:
-        commands[args.command].error(problem)  # with the subcommand's usage line
     missing = [name for name, module in DIFFUSERS_EXTRA.items()
                if importlib.util.find_spec(module) is None]
     if missing:
         print(f"error: ditflow {args.command} needs the diffusers extra ({', '.join(missing)} "
               'missing): pip install -e ".[diffusers]" in the ditflow checkout', file=sys.stderr)
         return 2
+    problem = _check_args(args)
+    if problem:
+        commands[args.command].error(problem)  # with the subcommand's usage line
     try:
         return args.run(args)
     except UsageError as error:

@@ -16,6 +16,7 @@ portrait crops protection papers evaluate on).
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -44,21 +45,29 @@ class FaceEmbedder:
             name = session.get_inputs()[0].name
             self._run = lambda x: session.run(None, {name: x.numpy()})[0]
         elif suffix == ".pt2":
+            if not zipfile.is_zipfile(self.path):  # torch.export would log a traceback first
+                raise ValueError(f"{self.path}: not a torch.export program (a .pt2 archive is a "
+                                 "zip file; save one with torch.export.save)")
             module = self._load(lambda: torch.export.load(str(self.path)).module())
             self._run = lambda x: module(x).detach().numpy()
         else:
             raise ValueError(f"{self.path}: expected an .onnx model or a torch.export program "
                              "(.pt2, saved with torch.export.save)")
+        # one image through the model now: a model of another input size or output shape is
+        # refused here, not after the editor has run
+        self._load(lambda: self.embed([np.zeros((input_size, input_size, 3), np.uint8)]),
+                   f"does not take [1, 3, {input_size}, {input_size}] to an embedding [1, E] "
+                   "(check its input size, --face-size)")
 
-    def _load(self, load):
-        """``load()``; a file its loader cannot read is a ValueError naming it (onnxruntime and
-        torch.export each raise their own kinds)."""
+    def _load(self, load, problem: str = "cannot load this face model"):
+        """``load()``; any failure is a ValueError naming the file and the ``problem``
+        (onnxruntime and torch.export each raise their own kinds)."""
         try:
             return load()
         except Exception as exc:
             first_line = str(exc).partition("\n")[0]
-            raise ValueError(f"{self.path}: cannot load this face model "
-                             f"({type(exc).__name__}: {first_line})") from None
+            raise ValueError(f"{self.path}: {problem} ({type(exc).__name__}: {first_line})"
+                             ) from None
 
     def embed(self, images: list[np.ndarray]) -> np.ndarray:
         """Unit-norm embeddings ``[len(images), E]`` of uint8 ``[H, W, 3]`` RGB images."""

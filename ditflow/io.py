@@ -8,7 +8,6 @@ import json
 import math
 import os
 import secrets
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,16 +46,16 @@ def load_photo(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
         raise ImageError(f"{path}: " + ("a folder, not a photo" if path.is_dir()
                                          else "no such file"))
     old_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    Image.MAX_IMAGE_PIXELS = None  # checked below against max_pixels itself, before decoding
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(path)
-            decoder_args = image.tile[0][3] if image.tile else ""  # gone once loaded
-            image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{path}: {exc} (the decompression-bomb guard; raise --max-pixels if "
-                         "the photo is genuine)") from None
+        image = Image.open(path)  # reads the header only
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(f"{path}: {width}x{height} = {width * height} pixels, over the "
+                             f"limit of {max_pixels} (the decompression-bomb guard; raise "
+                             "--max-pixels if the photo is genuine)")
+        decoder_args = image.tile[0][3] if image.tile else ""  # gone once loaded
+        image.load()
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as exc:

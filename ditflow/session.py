@@ -102,6 +102,11 @@ class Intervention:
 _BLOCK_NAME = re.compile(r"(double|single)\.(\d+)")
 
 
+def is_block_name(name: str) -> bool:
+    """Whether ``name`` is written as a block's name: ``double.<i>`` or ``single.<i>``."""
+    return _BLOCK_NAME.fullmatch(name) is not None
+
+
 def _block_names(blocks) -> set[str] | None:
     """``StatsRecorder.blocks`` as a set of names, refusing what is no block name."""
     if blocks is None:
@@ -110,7 +115,7 @@ def _block_names(blocks) -> set[str] | None:
         raise ValueError(f"StatsRecorder: blocks={blocks!r}: expected a list of block names, "
                          f"e.g. [{str(blocks)!r}]")
     names = {str(b) for b in blocks}
-    bad = sorted(name for name in names if not _BLOCK_NAME.fullmatch(name))
+    bad = sorted(name for name in names if not is_block_name(name))
     if bad:
         raise ValueError(f"StatsRecorder: blocks {bad} are no block names: expected "
                          "'double.<i>' or 'single.<i>' (e.g. 'single.3') or BlockIds")

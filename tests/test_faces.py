@@ -82,13 +82,23 @@ def test_bad_model_files_are_clear_errors(tmp_path):
     legacy.write_bytes(b"a state dict, say")
     with pytest.raises(ValueError, match=r"expected an \.onnx model or a torch\.export"):
         FaceEmbedder(legacy)
+    corrupt = tmp_path / "face.pt2"
+    corrupt.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"face\.pt2: not a torch\.export program"):
+        FaceEmbedder(corrupt)
 
 
-def test_wrong_output_shape_is_a_clear_error(tmp_path):
+def test_a_model_that_does_not_fit_is_refused_when_loaded(tmp_path, exported_model):
+    """Before the editor runs: an output of another shape, or another input size."""
+
     class Flat(torch.nn.Module):
         def forward(self, x):
             return x.flatten()
 
     path = _export(Flat(), tmp_path / "flat.pt2")
-    with pytest.raises(ValueError, match=r"expected an embedding \[1, E\].*got shape \(37632,\)"):
-        FaceEmbedder(path).embed([_flat((1, 2, 3))])
+    with pytest.raises(ValueError, match=r"flat\.pt2: does not take \[1, 3, 112, 112\] to an "
+                                         r"embedding \[1, E\].*got shape \(37632,\)"):
+        FaceEmbedder(path)
+    with pytest.raises(ValueError, match=r"face\.pt2: does not take \[1, 3, 64, 64\] .*"
+                                         r"--face-size"):
+        FaceEmbedder(exported_model, input_size=64)

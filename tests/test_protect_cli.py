@@ -96,7 +96,8 @@ def test_folder_with_every_kind_of_input(photo_folder, tmp_path, capsys):
     assert "corrupt or truncated" in errors["corrupt.png"]
     assert "not an image" in errors["notes.txt"]
     assert "too small" in errors["tiny.png"]
-    assert "decompression-bomb guard" in errors["huge.png"]
+    assert "100x100 = 10000 pixels, over the limit of 5000 (the decompression-bomb guard" in (
+        errors["huge.png"])
     for name in ok:
         record = records[name]
         assert record["linf"] <= 12 and record["r_ctx_after"] < record["r_ctx_before"] + 1e-3
@@ -310,6 +311,18 @@ def test_a_demo_whose_protection_cannot_run_says_why(tmp_path, capsys):
                                             "(6 blocks: double.0 .. single.3)\n")
 
 
+def test_the_demo_refuses_folders_it_cannot_use(tmp_path, capsys):
+    Image.fromarray(_rgb(20, 20)).save(tmp_path / "a.png")
+    assert main(["demo", "-o", str(tmp_path / "a.png"), "--steps", "1", "--scenes", "1"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    # a folder holding a protect run's photos: the demo would remove them as its own
+    assert main(["protect", str(tmp_path / "a.png"), "-o", str(tmp_path / "demo" / "protected"),
+                 *FAST]) == 0
+    assert main(["demo", "-o", str(tmp_path / "demo"), "--steps", "1", "--scenes", "1"]) == 2
+    assert "holds photos protected by another run" in capsys.readouterr().err
+    assert (tmp_path / "demo" / "protected" / "a.png").is_file()
+
+
 def test_demo_protects_and_edits_testbed_scenes(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "-o", str(out), "--steps", "3", "--scenes", "2"]) == 0
@@ -328,6 +341,7 @@ def test_demo_protects_and_edits_testbed_scenes(tmp_path, capsys):
     # run again: the demo starts over, replacing the protected photos it wrote itself
     assert main(["demo", "-o", str(out), "--steps", "1", "--scenes", "1"]) == 0
     assert all(r["status"] == "ok" for r in _records(out / "protected").values())
+    assert sorted(p.name for p in (out / "scenes").iterdir()) == ["scene0.png"]  # not scene1
 
 
 def test_evaluate(tmp_path):
@@ -354,6 +368,73 @@ def test_evaluate(tmp_path):
     assert row["face_sim_clean_edit"] != row["face_sim_protected_edit"]  # two edits
 
 
+def test_evaluate_refuses_a_json_file_it_cannot_or_must_not_write(tmp_path, capsys):
+    """Before the model loads: a folder, or a file it reads (a photo, the manifest)."""
+    clean, out = tmp_path / "clean", tmp_path / "out"
+    clean.mkdir()
+    Image.fromarray(_rgb(20, 20)).save(clean / "a.png")
+    assert main(["protect", str(clean), "-o", str(out), *FAST]) == 0
+    for target, message in ((out, "is a folder"),
+                            (clean / "a.png", "would overwrite a file evaluate reads"),
+                            (out / "manifest.jsonl", "would overwrite a file evaluate reads")):
+        assert main(["evaluate", str(clean), str(out), "--json", str(target)]) == 2
+        assert f"--json {target}: {message}" in capsys.readouterr().err
+    assert Image.open(clean / "a.png").size == (20, 20)
+
+
+def test_evaluate_fails_when_a_pair_is_skipped(tmp_path, capsys):
+    clean, out = tmp_path / "clean", tmp_path / "out"
+    clean.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(_rgb(20, 20)).save(clean / name)
+    assert main(["protect", str(clean), "-o", str(out), *FAST]) == 0
+    Image.fromarray(_rgb(20, 24)).save(clean / "b.png")  # not the photo protected
+    assert main(["evaluate", str(clean), str(out), "--model", "tiny", "--edit-steps", "1",
+                 "--resolution", "16", "--text-tokens", "8"]) == 1
+    err = capsys.readouterr().err
+    assert f"skipped: {clean / 'b.png'} is 24x20, {out / 'b.png'} 20x20" in err
+
+
+def test_an_interrupted_protection_says_what_it_kept(tmp_path, monkeypatch, capsys):
+    from ditflow import bulk
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bulk, "run", interrupted)
+    photo = tmp_path / "a.png"
+    Image.fromarray(_rgb(20, 20)).save(photo)
+    assert main(["protect", str(photo), "-o", str(tmp_path / "out"), *FAST]) == 130
+    assert "interrupted before any photo finished; rerun with --resume" in (
+        capsys.readouterr().err)
+
+
+def test_resume_lets_the_text_length_change_where_the_editor_ignores_it(tmp_path, capsys):
+    photo, out = tmp_path / "a.png", tmp_path / "out"
+    Image.fromarray(_rgb(20, 20)).save(photo)
+    qwen = ["--model", "tiny-qwen", "--steps", "1", "--quiet"]
+    assert main(["protect", str(photo), "-o", str(out), *qwen]) == 0
+    assert main(["protect", str(photo), "-o", str(out), *qwen, "--resume",
+                 "--text-tokens", "32"]) == 0
+    assert main(["protect", str(photo), "-o", str(tmp_path / "flux"), *FAST]) == 0
+    assert main(["protect", str(photo), "-o", str(tmp_path / "flux"), *FAST, "--resume",
+                 "--text-tokens", "12"]) == 2  # T5 reads FLUX.1 Kontext's instruction
+    assert "--text-tokens 8 (now --text-tokens 12)" in capsys.readouterr().err
+
+
+def test_block_options_take_spaces_and_refuse_what_is_no_block(tmp_path, capsys):
+    from ditflow.cli import build_parser
+
+    parser, _ = build_parser()
+    args = parser.parse_args(["protect", "x", "-o", "y", "--blocks", "single.0, single.1"])
+    assert args.blocks == ("single.0", "single.1")
+    for argv in (["protect", "x", "-o", "y", "--blocks", "single.0,single1"],
+                 ["generate", "a cow", "-o", "y.png", "--uvr-block", "single.1,single.2"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "argument --" in capsys.readouterr().err
+
+
 def test_evaluate_refuses_face_models_it_cannot_load(tmp_path, capsys):
     """Before the editor loads: a missing file, another kind of file, one its loader cannot
     read, each a one-line error naming the option."""
@@ -364,7 +445,7 @@ def test_evaluate_refuses_face_models_it_cannot_load(tmp_path, capsys):
     (tmp_path / "face.pt2").write_text("not an exported program")
     for name, message in (("missing.onnx", "no face-recognition model file there"),
                           ("face.txt", "expected an .onnx model or a torch.export program"),
-                          ("face.pt2", "cannot load this face model")):
+                          ("face.pt2", "not a torch.export program")):
         assert main(["evaluate", str(tmp_path / "clean"), str(tmp_path / "protected"),
                      "--face-model", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
@@ -537,7 +618,15 @@ def test_generate_and_edit_refuse_outputs_they_cannot_write(tmp_path, capsys):
             (["edit", str(photo), "make it blue", "--dilation", "1", "-o", str(tmp_path / "x.png")],
              "--dilation: 1: expected a number >= 0 and < 1"),
             (["generate", "a red circle", "--text-tokens", "600", "-o", str(tmp_path / "x.png")],
-             "--text-tokens: 600: expected an integer >= 1 and <= 512")):
+             "--text-tokens: 600: expected an integer >= 1 and <= 512"),
+            (["generate", "a red circle", "--size", "40", "-o", str(tmp_path / "x.png")],
+             "generate: error: --size 40: FLUX.1 makes images of multiples of 16 px (try 32)"),
+            (["generate", "a b c d e f g", *[a for e in "abcdefg" for a in ("--entity", e)],
+              "-o", str(tmp_path / "x.png")], "generate: error: --entity: at most 6, got 7"),
+            (["edit", str(photo), "x", *[a for e in "abcde" for a in ("--object", e, "m.png")],
+              "-o", str(tmp_path / "x.png")], "edit: error: --object: at most 4, got 5"),
+            (["generate", "x", "--uvr", str(tmp_path), "-o", str(tmp_path / "x.png")],
+             f"--uvr {tmp_path}: a folder")):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err

@@ -285,6 +285,16 @@ def test_uvr_commands(tmp_path, capsys):
               "--entity", "red circle", "-o", str(tmp_path / "x.png")])
     assert "--uvr and --entity are separate methods" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+    # a block the model lacks, named for what set it: the anchors, or --uvr-block
+    save_anchors(tmp_path / "far.safetensors", anchors, "purple", "single.9", "generate")
+    common = ["generate", "a red circle", "--model", "tiny", "--size", "16", "--steps", "1",
+              "-o", str(tmp_path / "x.png")]
+    assert main([*common, "--uvr", str(tmp_path / "far.safetensors")]) == 2
+    assert (f"error: the block of --uvr {tmp_path / 'far.safetensors'}'s anchors: ['single.9'] "
+            "not in this model") in capsys.readouterr().err
+    assert main([*common, "--uvr", str(tmp_path / "far.safetensors"), "--uvr-block",
+                 "single.9"]) == 2
+    assert "error: --uvr-block: ['single.9'] not in this model" in capsys.readouterr().err
 
 
 def test_editing_with_step1x_edit():

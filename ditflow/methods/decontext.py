@@ -64,6 +64,9 @@ FAMILY_DEFAULTS = {
                                         resolution=1024),
     "Step1XEditTransformer": dict(blocks=DEFAULT_BLOCKS, resolution=512),
 }
+# Families whose instruction goes through T5: the only ones max_sequence_length changes
+# (Qwen-Image-Edit and Step1X-Edit embed it with Qwen2.5-VL).
+T5_FAMILIES = ("FluxTransformer2DModel",)
 METHODS = ("decontext", "diff-pgd")
 AUTHORS_STEPS = {"decontext": 800, "diff-pgd": 600}
 

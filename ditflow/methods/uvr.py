@@ -51,7 +51,7 @@ from ..layout import TARGET, TEXT, TokenLayout
 from ..models import check_blocks, edit_calls_for
 from ..models.flux import token_coverage, vae_scale_factor
 from ..rules import FlowRules
-from ..session import BlockId, Intervention, StepInfo, attach
+from ..session import BlockId, Intervention, StepInfo, attach, is_block_name
 from .calls import check_one_image_call
 
 MODES = ("generate", "edit")
@@ -78,8 +78,7 @@ class UVRConfig:
     seed: int = 0  # the replacement noise
 
     def __post_init__(self):
-        kind, _, index = self.block.partition(".")
-        if kind not in ("double", "single") or not index.isdigit():
+        if not is_block_name(self.block):
             raise ValueError(f"UVRConfig: block={self.block!r}; expected 'double.N' or "
                              "'single.N'")
         if not 0 <= self.keep <= 1 or not 0 < self.keep_share <= 1:

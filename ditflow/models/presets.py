@@ -16,8 +16,7 @@ class Preset:
         text_tokens: T5 tokens of the prompt or instruction.
         blocks: the blocks DeContext attacks (small sets for the tiny models; the testbed's
             front single-stream blocks, as DeContext's single.0..25 of FLUX.1's 38).
-        generates: whether ``generate`` and ``edit`` can drive it (they run FLUX.1 pipelines;
-            the tiny Qwen-Image-Edit and Step1X-Edit only protect and evaluate).
+        family: its transformer's class, as :data:`ditflow.models.FAMILIES` names it.
         own_instructions: whether the model has its own instruction pool (the testbed editor
             knows only its scenes' vocabulary), used for DeContext instead of the 60 of
             :data:`~ditflow.methods.prompts.PROMPT_POOL`.
@@ -26,10 +25,16 @@ class Preset:
     resolution: int
     text_tokens: int
     blocks: tuple[str, ...]
+    family: str = "FluxTransformer2DModel"
     guidance: float = 1.0
     steps: int = 20
-    generates: bool = True
     own_instructions: bool = False
+
+    @property
+    def generates(self) -> bool:
+        """Whether ``generate`` and ``edit`` can drive it: they run FLUX.1 pipelines (the tiny
+        Qwen-Image-Edit and Step1X-Edit only protect and evaluate)."""
+        return self.family == "FluxTransformer2DModel"
 
     def instructions(self) -> tuple[str, ...] | None:
         """The model's own DeContext instruction pool, or None for the default one."""
@@ -44,8 +49,8 @@ TINY_BLOCKS = ("double.0", "double.1", "single.0", "single.1")
 BUILTIN = {
     "testbed": Preset(32, 24, ("single.0", "single.1", "single.2"), own_instructions=True),
     "tiny": Preset(32, 16, TINY_BLOCKS),
-    "tiny-qwen": Preset(64, 16, ("double.0", "double.1"), generates=False),
-    "tiny-step1x": Preset(32, 16, TINY_BLOCKS, generates=False),
+    "tiny-qwen": Preset(64, 16, ("double.0", "double.1"), "QwenImageTransformer2DModel"),
+    "tiny-step1x": Preset(32, 16, TINY_BLOCKS, "Step1XEditTransformer"),
 }
 
 # A real FLUX.1 model's settings per command: the authors' (DeLeaker and a plain generation:
