@@ -474,9 +474,8 @@ def demo_command(args) -> int:
             raise UsageError(problem)
     # the demo always starts over, removing what its earlier run wrote, and only that
     earlier = Manifest(protected_dir / "manifest.jsonl")
-    demo_inputs = {str(p.resolve()) for p in (*scenes_dir.glob("scene*.png"),
-                                               *SAMPLES.glob("*.png"))}
-    others = sorted(set(earlier.records) - demo_inputs)
+    ours = (scenes_dir.resolve(), SAMPLES)  # the scenes (even if removed since) and samples
+    others = sorted(p for p in earlier.records if Path(p).parent not in ours)
     if others:
         raise UsageError(f"{protected_dir} holds photos protected by another run (of "
                          f"{others[0]}{' and others' if len(others) > 1 else ''}); choose "
