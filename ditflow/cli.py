@@ -740,7 +740,10 @@ TEXT_TOKENS_HELP = ("FLUX's T5 tokens of the instruction (default by model: FLUX
 
 
 def _protect_options(p: argparse.ArgumentParser, steps_default: int | None = None,
-                     output_default: str | None = None) -> None:
+                     output_default: str | None = None, model: str | None = None) -> None:
+    """protect's options; ``model``: the one model a command runs (the demo's), whose defaults
+    the help gives."""
+    preset = BUILTIN.get(model)
     p.add_argument("-o", "--output", required=output_default is None, default=output_default,
                    help="output folder")
     p.add_argument("--method", default="decontext", choices=["decontext", "diff-pgd"])
@@ -751,18 +754,23 @@ def _protect_options(p: argparse.ArgumentParser, steps_default: int | None = Non
     p.add_argument("--steps", type=COUNT, default=steps_default,
                    help=f"PGD steps (default {steps_default})" if steps_default else
                    "PGD steps (default: the authors', 800 for decontext, 600 for diff-pgd)")
-    p.add_argument("--resolution", type=SIDE, default=None, help=RESOLUTION_HELP)
+    p.add_argument("--resolution", type=SIDE, default=None,
+                   help=f"working resolution (default {preset.resolution})" if preset
+                   else RESOLUTION_HELP)
+    blocks_default = (",".join(preset.blocks) if preset else
+                      "FLUX.1 Kontext and Step1X-Edit single.0..single.25, Qwen-Image-Edit "
+                      "double.20..double.46; " + "; ".join(
+                          f"{name} {','.join(b.blocks)}" for name, b in BUILTIN.items()))
     p.add_argument("--blocks", type=_block_names, default=None,
-                   help="attacked blocks, e.g. single.0,single.1 (default: FLUX.1 Kontext and "
-                        "Step1X-Edit single.0..single.25, Qwen-Image-Edit double.20..double.46; "
-                        + "; ".join(f"{name} {','.join(preset.blocks)}"
-                                    for name, preset in BUILTIN.items()) + ")")
+                   help=f"attacked blocks, e.g. single.0,single.1 (default: {blocks_default})")
     p.add_argument("--batch-size", type=COUNT, default=1)
     p.add_argument("--workers", type=COUNT, default=1,
                    help="protect on this many devices at once with Ray (one GPU each with "
                         "--device cuda, else one CPU core each; pip install -e '.[scale]')")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text-tokens", type=COUNT, default=None, help=TEXT_TOKENS_HELP)
+    p.add_argument("--text-tokens", type=COUNT, default=None,
+                   help=f"T5 tokens of the instruction (default {preset.text_tokens})" if preset
+                   else TEXT_TOKENS_HELP)
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     p.add_argument("--eot-jpeg", type=_number(int, low=1, high=100), nargs=2,
                    metavar=("LOW", "HIGH"),
@@ -834,7 +842,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     # the demo runs the bundled testbed editor: no --model
     p = sub.add_parser("demo", help="protect testbed scenes and edit them, offline")
-    _protect_options(p, steps_default=200, output_default="demo-output")
+    _protect_options(p, steps_default=200, output_default="demo-output", model="testbed")
     p.add_argument("--scenes", type=COUNT, default=4,
                    help="held-out testbed scenes to protect and edit (default 4)")
     p.set_defaults(run=demo_command)

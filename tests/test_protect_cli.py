@@ -302,6 +302,11 @@ def test_help_gives_each_models_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "testbed 32, tiny 32, tiny-qwen 64, tiny-step1x 32" in text
     assert "FLUX.1 Kontext 512, testbed 24, tiny 16" in text
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])  # the demo runs the testbed only
+    text = " ".join(capsys.readouterr().out.split())
+    assert "working resolution (default 32)" in text and "tiny-qwen" not in text
+    assert "(default: single.0,single.1,single.2)" in text
 
 
 def test_a_demo_whose_protection_cannot_run_says_why(tmp_path, capsys):
