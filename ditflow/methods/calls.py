@@ -8,11 +8,12 @@ from collections.abc import Iterable
 SIZE_ARGUMENTS = ("height", "width", "max_area")
 
 
-def check_one_image_call(method: str, call_kwargs: dict, batches_guidance: bool = False, *,
+def check_one_image_call(method: str, call_kwargs: dict, negative_prompt_ok: bool = False, *,
                          sized: bool = False, own: Iterable[str] = ()) -> None:
     """The methods' per-image state allows one image per call and no negative prompt (true CFG
-    would run a second, differently tokenised prompt through the same rules), except in a
-    pipeline that always batches one with the prompt (``batches_guidance``: Step1X-Edit).
+    would run a second, differently tokenised prompt through the same rules), unless
+    ``negative_prompt_ok``: a pipeline that always batches one with the prompt (Step1X-Edit),
+    or a method that records the prompt's call only.
 
     ``sized``: the method sets the pipeline's height, width and max_area itself, from its
     ``resolution=``; ``own``: other pipeline arguments the method passes itself. Either in
@@ -28,7 +29,7 @@ def check_one_image_call(method: str, call_kwargs: dict, batches_guidance: bool 
                          f"{'it' if len(given) == 1 else 'them'} itself")
     if call_kwargs.get("num_images_per_prompt", 1) != 1:
         raise ValueError(f"{method}: one image per call (num_images_per_prompt=1)")
-    if batches_guidance:
+    if negative_prompt_ok:
         return
     if call_kwargs.get("negative_prompt") is not None or call_kwargs.get(
             "negative_prompt_embeds") is not None:

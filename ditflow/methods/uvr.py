@@ -194,8 +194,8 @@ def collect_anchors(pipeline, prompts: Sequence[str], *, height: int, width: int
     if mode == "edit" and (images is None or len(images) != len(prompts)):
         raise ValueError("collect_anchors: an editing pipeline needs one image per prompt")
     # edits at exactly height x width (the selection is made on the output as numpy, whatever
-    # output_type says)
-    check_one_image_call("UVR collect_anchors", call_kwargs, batches_guidance=True,
+    # output_type says); anchors come from the prompt's call only
+    check_one_image_call("UVR collect_anchors", call_kwargs, negative_prompt_ok=True,
                          own=("max_area", "_auto_resize"))
     grid = _grid(pipeline, height, width)
     anchors = []
@@ -438,7 +438,7 @@ def edit(pipeline, image, prompt: str, anchors: torch.Tensor, *, resolution: int
     if _mode_of(pipeline) != "edit":
         raise TypeError("UVR edit: expected a FluxKontextPipeline or Step1XEditPipeline (for "
                         "FLUX.1 use uvr.generate)")
-    check_one_image_call("UVR", call_kwargs, batches_guidance=_batches_guidance(pipeline),
+    check_one_image_call("UVR", call_kwargs, negative_prompt_ok=_batches_guidance(pipeline),
                          sized=True, own=("_auto_resize",))
     _check_anchors(anchor_metadata, "edit", config)
     pixels = pixels_tensor(image)
