@@ -6,7 +6,9 @@
 Full-size FLUX.1 architecture with random weights (timing does not depend on the weights, but
 needs a GPU), random prompt embeddings instead of the text encoders; ``--model tiny`` is the
 random tiny FLUX pipeline, which runs anywhere. Providers: stock diffusers (SDPA); ditflow
-attached with rules in every block and step (text -> image logits x1.2, image -> image
+attached with nothing active (every block takes the processors' plain-attention path: what an
+intervention costs in the blocks and steps it leaves alone); ditflow attached with rules in
+every block and step (text -> image logits x1.2, image -> image
 probabilities x0.9); ditflow attached with per-group mass recorded in every block; DeLeaker
 with two entities (text tokens 1-2 and 4-5; regions from the attention, pair masks in every
 edited block); UVR with random anchors and every token flagged (the most it can cost: noise in
@@ -107,6 +109,7 @@ def main(argv=None) -> Path:
     rows = []
     for name, factory in (
         ("stock diffusers (SDPA)", nullcontext),
+        ("ditflow, attached with nothing active", lambda: attach(pipe, Intervention())),
         ("ditflow, rules in every block and step", lambda: attach(pipe, AlwaysOnRules())),
         ("ditflow, mass recorded in every block", lambda: attach(pipe, StatsRecorder())),
         ("ditflow, DeLeaker (2 entities)", deleaker),

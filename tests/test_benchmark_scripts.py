@@ -174,7 +174,7 @@ def test_protect_step_builds_the_model_once_and_records_a_failing_recipe(tmp_pat
 def test_generation_benchmark_reports_overhead_against_stock(tmp_path):
     rows = _rows(generation.main(["--model", "tiny", "--size", "32", "--steps", "2",
                                   "--repeats", "1", "--out", str(tmp_path)]))
-    assert len(rows) == 5 and rows[0]["overhead"] == 0
+    assert len(rows) == 6 and rows[0]["overhead"] == 0
     assert all(r["seconds"] > 0 and math.isfinite(r["overhead"]) for r in rows)
 
 
@@ -194,11 +194,12 @@ def test_generation_benchmark_records_a_failing_provider_and_keeps_rows_when_cut
     (path,) = tmp_path.iterdir()  # one file, rewritten after every provider
     rows = _rows(path)
     assert [r["provider"] for r in rows] == [
-        "stock diffusers (SDPA)", "ditflow, rules in every block and step",
-        "ditflow, mass recorded in every block", "ditflow, DeLeaker (2 entities)"]
-    assert all(r["seconds"] > 0 and math.isfinite(r["overhead"]) for r in rows[:3])
-    assert math.isnan(rows[3]["seconds"]) and math.isnan(rows[3]["overhead"])
-    assert rows[3]["note"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+        "stock diffusers (SDPA)", "ditflow, attached with nothing active",
+        "ditflow, rules in every block and step", "ditflow, mass recorded in every block",
+        "ditflow, DeLeaker (2 entities)"]
+    assert all(r["seconds"] > 0 and math.isfinite(r["overhead"]) for r in rows[:4])
+    assert math.isnan(rows[4]["seconds"]) and math.isnan(rows[4]["overhead"])
+    assert rows[4]["note"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
 
 
 def test_testbed_deleaker_benchmark_scores_every_variant(tmp_path):
