@@ -230,6 +230,19 @@ def test_anchor_collection_refuses_what_it_sets_itself(editor):
                             select=lambda image: image[..., 0] > 0, **{name: value})
 
 
+def test_anchor_collection_refuses_a_block_the_model_lacks_before_it_runs(editor):
+    """A wrong UVRConfig.block is named before any edit runs (it ran every prompt's edit, then
+    blamed the start-up stage)."""
+    photo = np.zeros((SIZE, SIZE, 3), np.uint8)
+    selected = []
+    with pytest.raises(ValueError, match=r"UVRConfig.block: \['single.99'\] not in this model"):
+        collect_anchors(editor, ["make it red"], images=[photo], height=SIZE, width=SIZE,
+                        select=lambda image: selected.append(image) or image[..., 0] > 0,
+                        config=UVRConfig(block="single.99"), max_sequence_length=24,
+                        **_options())
+    assert not selected
+
+
 def test_editing_on_the_testbed(editor):
     rng = random.Random(4)
     edits = evaluate._edits_with(rng, "purple", True, 5)

@@ -162,6 +162,9 @@ class _AnchorRecorder(Intervention):
         self.mode, self.config = mode, config
         self.outputs: list[torch.Tensor] = []
 
+    def attached(self, transformer):
+        check_blocks(transformer, [self.config.block], "UVRConfig.block")
+
     def wants_mass(self, step, block):
         return (str(block) == self.config.block and step.call == 0
                 and _in_start_up(step, self.mode, self.config))
@@ -206,8 +209,8 @@ def collect_anchors(pipeline, prompts: Sequence[str], *, height: int, width: int
             out = _call(pipeline, prompt, source, height, width,
                         **{**call_kwargs, "output_type": "np"}).images[0]
         if not recorder.outputs:
-            raise ValueError(f"collect_anchors: no {config.block} output in the start-up stage "
-                             f"(t >= {config.start_up * 1000:.0f}); check the block name")
+            raise ValueError(f"collect_anchors: no step reached the start-up stage (t >= "
+                             f"{config.start_up * 1000:.0f}; editing: at the first step)")
         shown = to_uint8(out) if mode == "generate" else np.asarray(source)
         # tokens at least half covered by the selected pixels
         chosen = token_coverage(torch.from_numpy(np.asarray(select(shown), dtype=bool))[None],
@@ -265,6 +268,9 @@ class UVR(Intervention):
         self._reset()
         self._plan: tuple[TokenLayout, TokenLayout, torch.Tensor, FlowRules] | None = None
         self._noise: torch.Generator | None = None
+
+    def attached(self, transformer):
+        check_blocks(transformer, [self.config.block], "UVRConfig.block")
 
     def _reset(self) -> None:
         self.scores: torch.Tensor | None = None
@@ -421,7 +427,6 @@ def generate(pipeline, prompt: str, anchors: torch.Tensor, *, height: int, width
     check_one_image_call("UVR", call_kwargs)
     _check_anchors(anchor_metadata, "generate", config)
     uvr = UVR(anchors, _grid(pipeline, height, width), "generate", config)
-    check_blocks(pipeline.transformer, [config.block], "UVRConfig.block")
     with attach(pipeline, uvr):
         images = _call(pipeline, prompt, None, height, width, **call_kwargs).images
     return images, uvr.mask
@@ -445,7 +450,6 @@ def edit(pipeline, image, prompt: str, anchors: torch.Tensor, *, resolution: int
     height, width = edit_calls_for(pipeline).working_size(*pixels.shape[1:], resolution)
     uvr = UVR(anchors, _grid(pipeline, height, width), "edit", config,
               guidance_batch=_batches_guidance(pipeline))
-    check_blocks(pipeline.transformer, [config.block], "UVRConfig.block")
     with attach(pipeline, uvr):
         images = _call(pipeline, prompt, _working_image(pixels, height, width), height, width,
                        **call_kwargs).images
