@@ -193,6 +193,9 @@ def test_edit_rejects_bad_inputs(editor, two_object_edit):
         (dict(call=dict(height=SIZE)), "ALE: height cannot be passed: .* use resolution="),
         (dict(call=dict(width=SIZE, max_area=SIZE**2)), "ALE: width, max_area cannot be passed"),
         (dict(call=dict(latents=None)), "ALE: latents cannot be passed: ALE sets it itself"),
+        # background blending is a step-end callback (a caller's one was silently dropped)
+        (dict(call=dict(callback_on_step_end=lambda pipe, i, t, tensors: {})),
+         "ALE: callback_on_step_end cannot be passed"),
         (dict(phrases=phrases * 3, masks=object_masks * 3), "1..4 objects"),
     ]
     for overrides, message in cases:

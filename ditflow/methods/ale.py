@@ -229,7 +229,8 @@ def edit(pipeline, image, prompt: str, phrases: Sequence[str], masks, *,
         masks: per object, where it is in ``image`` ([H, W], nonzero = inside).
         call_kwargs: more FluxKontextPipeline arguments (``num_inference_steps``,
             ``guidance_scale``, ``output_type``...); not the size (``height``, ``width``,
-            ``max_area``: set from ``resolution``).
+            ``max_area``: set from ``resolution``), nor a step-end callback while blending
+            the background (the blending is one).
     """
     from diffusers import FluxKontextPipeline
 
@@ -239,8 +240,10 @@ def edit(pipeline, image, prompt: str, phrases: Sequence[str], masks, *,
         raise ValueError(f"ALE: {len(phrases)} phrases but {len(masks)} masks")
     if not 1 <= len(phrases) <= MAX_OBJECTS:
         raise ValueError(f"ALE: 1..{MAX_OBJECTS} objects, got {len(phrases)}")
+    blending = ("callback_on_step_end", "callback_on_step_end_tensor_inputs")
     check_one_image_call("ALE", call_kwargs, sized=True,
-                         own=("prompt_embeds", "pooled_prompt_embeds", "latents"))
+                         own=("prompt_embeds", "pooled_prompt_embeds", "latents",
+                              *(blending if config.blend_background else ())))
     pixels = pixels_tensor(image)
     object_masks = _as_masks(masks, phrases, tuple(pixels.shape[1:]))
     patch = 2 * vae_scale_factor(pipeline.vae)
