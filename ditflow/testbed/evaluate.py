@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ..io import psnr, to_uint8
+from ..io import linf, pixels_tensor, psnr, to_uint8
 from ..models.flux import token_coverage
 from .models import TEXT_TOKENS
 from .scenes import (
@@ -55,7 +55,7 @@ def edit(pipeline, context: np.ndarray, instruction: str, steps: int = 20,
     """The editor's output (uint8 [SIZE, SIZE, 3]) for a context image and an instruction."""
     out = pipeline(image=Image.fromarray(context), prompt=instruction, height=SIZE, width=SIZE,
                    max_area=SIZE * SIZE, _auto_resize=False, num_inference_steps=steps,
-                   max_sequence_length=24, guidance_scale=1.0, output_type="np",
+                   max_sequence_length=TEXT_TOKENS, guidance_scale=1.0, output_type="np",
                    generator=torch.Generator().manual_seed(seed)).images[0]
     return to_uint8(out)
 
@@ -135,8 +135,7 @@ def protection_efficacy(pipeline, config, n: int = 16, steps: int = 20) -> dict:
 
     edits = held_out_edits(n, HELD_OUT_SEED + 2)
     cleans = [render(e.context) for e in edits]
-    named = [(f"scene{i}", torch.from_numpy(c).permute(2, 0, 1).float() / 255)
-             for i, c in enumerate(cleans)]
+    named = [(f"scene{i}", pixels_tensor(clean)) for i, clean in enumerate(cleans)]
     results = {r.name: r for r in iter_protect(named, pipeline, config)}
     rows, figures = [], []
     for i, (e, clean) in enumerate(zip(edits, cleans, strict=True)):
@@ -152,7 +151,7 @@ def protection_efficacy(pipeline, config, n: int = 16, steps: int = 20) -> dict:
             leak_protected=object_agreement(out_protected, kept)["color"],
             target_clean=object_agreement(out_clean, e.target)["color"],
             target_protected=object_agreement(out_protected, e.target)["color"],
-            linf=int(np.abs(protected.astype(int) - clean.astype(int)).max()),
+            linf=linf(clean, protected),
             seconds_per_photo=result.seconds,
         ))
         figures.append(np.concatenate([clean, protected, out_clean, out_protected], axis=1))
@@ -164,21 +163,20 @@ def r_ctx_by_content(pipeline, config, n: int = 8) -> dict:
     """r_ctx per attacked block and overall, for held-out contexts and for contexts without
     content (uniform noise, flat grey, black): how much of the target's attention to the context
     depends on what the context shows, which bounds what a perturbation can move."""
-    from ..methods.decontext import ProtectConfig, Protector
+    from ..methods.decontext import Protector
 
     g = torch.Generator().manual_seed(0)
     contexts = {
-        "held-out scenes": torch.stack([torch.from_numpy(render(e.context)).permute(2, 0, 1)
-                                        for e in held_out_edits(n, HELD_OUT_SEED + 2)]) / 255,
+        "held-out scenes": torch.stack([pixels_tensor(render(e.context))
+                                        for e in held_out_edits(n, HELD_OUT_SEED + 2)]),
         "uniform noise": torch.rand(n, 3, SIZE, SIZE, generator=g),
         "flat grey": torch.full((n, 3, SIZE, SIZE), 0.5),
         "black": torch.zeros(n, 3, SIZE, SIZE),
     }
-    settings = {k: v for k, v in asdict(config).items() if k != "blocks"}
     table = {}
     for blocks in [config.blocks, *((b,) for b in config.blocks)]:
-        protector = Protector(pipeline, ProtectConfig(**settings, blocks=blocks))
-        table[",".join(blocks)] = {name: float(np.mean(protector.evaluate_r_ctx(x.float())))
+        protector = Protector(pipeline, replace(config, blocks=blocks))
+        table[",".join(blocks)] = {name: float(np.mean(protector.evaluate_r_ctx(x)))
                                    for name, x in contexts.items()}
     return table
 
@@ -302,7 +300,7 @@ def attribute_leakage(pipeline, configs: dict, n: int = 32, steps: int = 20,
                 recolor_edits(n, objects, HELD_OUT_SEED + 5 + objects)):
             clean = render(source)
             edited = [j for j, s in enumerate(source.shapes) if s not in target.shapes]
-            kept = replace(target, shapes=tuple(s for s in target.shapes if s in source.shapes))
+            kept = untouched(Edit(source, instruction, target))
             new_colors = {s.color for s in target.shapes} - {s.color for s in kept.shapes}
             object_masks = masks(source)
             background = ~np.any(object_masks, axis=0)
@@ -316,7 +314,7 @@ def attribute_leakage(pipeline, configs: dict, n: int = 32, steps: int = 20,
                 else:
                     images_out, _ = ale_edit(
                         pipeline, clean, instruction, phrases, [object_masks[j] for j in edited],
-                        resolution=SIZE, config=configs[name], max_sequence_length=24,
+                        resolution=SIZE, config=configs[name], max_sequence_length=TEXT_TOKENS,
                         generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
                         guidance_scale=1.0, output_type="np")
                     out = to_uint8(images_out[0])
@@ -410,7 +408,7 @@ def concept_removal(t2i, editor, configs: dict, n: int = 32, anchors: int = 16,
     edit_anchors = collect_anchors(
         editor, [e.instruction for e in anchor_edits], height=SIZE, width=SIZE,
         images=[render(e.context) for e in anchor_edits], select=select, config=probe,
-        max_sequence_length=24, **seeded(0))
+        max_sequence_length=TEXT_TOKENS, **seeded(0))
     summary, rows, figures = {}, [], []
     for task in ("generation", "editing"):
         for present in (True, False):
@@ -456,7 +454,7 @@ def concept_removal(t2i, editor, configs: dict, n: int = 32, anchors: int = 16,
                     else:
                         out, mask = uvr_edit(editor, shown, prompt, edit_anchors,
                                              resolution=SIZE, config=config,
-                                             max_sequence_length=24, **seeded(i))
+                                             max_sequence_length=TEXT_TOKENS, **seeded(i))
                     seconds = time.perf_counter() - start
                     out = to_uint8(out[0])
                     images.append(out)

@@ -25,7 +25,7 @@ VOCABULARY = tuple(dict.fromkeys(
 
 def build_text_encoders(seed: int = 0):
     """(clip, clip_tokenizer, t5, t5_tokenizer), frozen random encoders over the vocabulary."""
-    return tiny_text_encoders(VOCABULARY, TEXT_TOKENS, 64, seed)
+    return tiny_text_encoders(VOCABULARY, TEXT_TOKENS, feed_forward=64, seed=seed)
 
 
 def build_vae(seed: int = 0):

@@ -129,8 +129,8 @@ def random_edit(rng: random.Random) -> Edit:
         instruction = f"move the {shape.color} {shape.kind} to the {row} {column}"
     elif kind == "add":
         column, row = rng.choice(free)
-        kind_, color = rng.choice([(k, c) for k in SHAPES for c in COLORS if (k, c) not in taken])
-        new = Shape(kind_, color, column, row)
+        look = rng.choice([(k, c) for k in SHAPES for c in COLORS if (k, c) not in taken])
+        new = Shape(*look, column, row)
         shapes.append(new)
         instruction = f"add {new.phrase()} {row} {column}"
     else:
@@ -183,14 +183,14 @@ def object_agreement(image: np.ndarray, scene: Scene) -> dict[str, float]:
     nearest = _nearest_names(pixels, candidates)  # each pixel's palette entry or background
     color_hits, ious = [], []
     all_masks = masks(scene)
+    covered = np.any(all_masks, axis=0)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     for shape, mask in zip(scene.shapes, all_masks, strict=True):
-        others = np.any([m for m in all_masks if m is not mask], axis=0) if len(all_masks) > 1 \
-            else np.zeros_like(mask)
+        others = covered & ~mask  # the masks do not overlap
         mean = pixels[mask].mean(0)
         best = min(candidates, key=lambda n: np.linalg.norm(mean - candidates[n]))
         color_hits.append(best == shape.color)
         cx, cy = shape.center
-        yy, xx = np.mgrid[0:SIZE, 0:SIZE]
         window = (np.abs(xx - cx) <= RADIUS + 2) & (np.abs(yy - cy) <= RADIUS + 2)
         predicted = (nearest == shape.color) & window & ~others
         union = (predicted | mask).sum()

@@ -25,8 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..io import pixels_tensor
 from ..models.flux import encode_image, image_ids, pack_latents
 from .models import (
+    TEXT_TOKENS,
     WEIGHTS,
     assemble,
     build_text_encoders,
@@ -38,7 +40,7 @@ from .scenes import SIZE, random_edit, random_scene, render
 
 
 def _pixels(images: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    return torch.stack([pixels_tensor(image) for image in images])
 
 
 def train_vae(steps: int, batch: int, out: Path, seed: int) -> None:
@@ -78,7 +80,8 @@ class _TextCache:
         if missing:
             with torch.no_grad():
                 embeds, pooled, _ = self.pipeline.encode_prompt(
-                    prompt=missing, prompt_2=None, device=device, max_sequence_length=24)
+                    prompt=missing, prompt_2=None, device=device,
+                    max_sequence_length=TEXT_TOKENS)
             for i, text in enumerate(missing):
                 self.cache[text] = (embeds[i], pooled[i])
         embeds, pooled = zip(*(self.cache[t] for t in texts), strict=True)
@@ -179,8 +182,10 @@ def train_transformer(kind: str, minutes: float, steps: int | None, batch: int, 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["vae", "editor", "t2i"])
-    parser.add_argument("--minutes", type=float, default=30.0)
-    parser.add_argument("--steps", type=int, default=None, help="instead of --minutes")
+    parser.add_argument("--minutes", type=float, default=30.0,
+                        help="editor, t2i: minutes of training (default 30)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="steps instead of --minutes (vae: its only budget, default 600)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
