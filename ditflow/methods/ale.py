@@ -42,7 +42,7 @@ from ..models.flux import (
     encode_image,
     pack_latents,
     token_coverage,
-    vae_scale_factor,
+    token_side,
     working_size,
 )
 from ..rules import MAX_GROUPS, FlowRules
@@ -246,7 +246,7 @@ def edit(pipeline, image, prompt: str, phrases: Sequence[str], masks, *,
                               *(blending if config.blend_background else ())))
     pixels = pixels_tensor(image)
     object_masks = _as_masks(masks, phrases, tuple(pixels.shape[1:]))
-    patch = 2 * vae_scale_factor(pipeline.vae)
+    patch = token_side(pipeline.vae)
     height, width = working_size(*pixels.shape[1:], resolution, patch)
     if (height, width) != tuple(pixels.shape[1:]):
         pixels = resize_pixels(pixels, (height, width))

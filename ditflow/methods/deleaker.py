@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import BASE_GROUPS, TokenLayout
+from ..models.flux import token_grid
 from ..rules import MAX_GROUPS, FlowRules
 from ..session import BlockId, Intervention, StepInfo, attach
 from .calls import check_one_image_call
@@ -140,15 +141,11 @@ class DeLeaker(Intervention):
                      width: int, max_sequence_length: int = 512,
                      config: DeLeakerConfig = DeLeakerConfig()) -> DeLeaker:
         """DeLeaker for a FluxPipeline call with this prompt, entity phrases and image size."""
-        patch = pipeline.vae_scale_factor * 2  # latent downsampling x FLUX's 2x2 packing
-        if height % patch or width % patch:
-            raise ValueError(f"DeLeaker: height and width must be multiples of {patch}, "
-                             f"got {height}x{width}")
+        grid = token_grid(pipeline.vae, height, width, "DeLeaker")
         positions = phrase_token_positions(pipeline.tokenizer_2, prompt, entities,
                                            max_sequence_length)
         model = pipeline.transformer.config
-        return cls(positions, (height // patch, width // patch),
-                   model.num_layers + model.num_single_layers, config)
+        return cls(positions, grid, model.num_layers + model.num_single_layers, config)
 
     def _reset(self) -> None:
         self.masks: torch.Tensor | None = None

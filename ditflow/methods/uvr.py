@@ -49,7 +49,7 @@ import torch
 from ..io import pixels_tensor, resize_pixels, to_pil, to_uint8
 from ..layout import TARGET, TEXT, TokenLayout
 from ..models import check_blocks, edit_calls_for
-from ..models.flux import token_coverage, vae_scale_factor
+from ..models.flux import token_coverage, token_grid
 from ..rules import FlowRules
 from ..session import BlockId, Intervention, StepInfo, attach, is_block_name
 from .calls import check_one_image_call
@@ -200,7 +200,7 @@ def collect_anchors(pipeline, prompts: Sequence[str], *, height: int, width: int
     # output_type says); anchors come from the prompt's call only
     check_one_image_call("UVR collect_anchors", call_kwargs, negative_prompt_ok=True,
                          own=("max_area", "_auto_resize"))
-    grid = _grid(pipeline, height, width)
+    grid = token_grid(pipeline.vae, height, width, "UVR")
     anchors = []
     for i, prompt in enumerate(prompts):
         recorder = _AnchorRecorder(mode, config)
@@ -386,14 +386,6 @@ def _batches_guidance(pipeline) -> bool:
     return isinstance(pipeline, Step1XEditPipeline)
 
 
-def _grid(pipeline, height: int, width: int) -> tuple[int, int]:
-    patch = 2 * vae_scale_factor(pipeline.vae)
-    if height % patch or width % patch:
-        raise ValueError(f"UVR: height and width must be multiples of {patch}, got "
-                         f"{height}x{width}")
-    return height // patch, width // patch
-
-
 def _working_image(image, height: int, width: int):
     """The source as a PIL image of exactly ``height x width``."""
     return to_pil(resize_pixels(pixels_tensor(image), (height, width)))
@@ -426,7 +418,7 @@ def generate(pipeline, prompt: str, anchors: torch.Tensor, *, height: int, width
         raise TypeError("UVR generate: expected a FluxPipeline (for Kontext use uvr.edit)")
     check_one_image_call("UVR", call_kwargs)
     _check_anchors(anchor_metadata, "generate", config)
-    uvr = UVR(anchors, _grid(pipeline, height, width), "generate", config)
+    uvr = UVR(anchors, token_grid(pipeline.vae, height, width, "UVR"), "generate", config)
     with attach(pipeline, uvr):
         images = _call(pipeline, prompt, None, height, width, **call_kwargs).images
     return images, uvr.mask
@@ -448,7 +440,7 @@ def edit(pipeline, image, prompt: str, anchors: torch.Tensor, *, resolution: int
     _check_anchors(anchor_metadata, "edit", config)
     pixels = pixels_tensor(image)
     height, width = edit_calls_for(pipeline).working_size(*pixels.shape[1:], resolution)
-    uvr = UVR(anchors, _grid(pipeline, height, width), "edit", config,
+    uvr = UVR(anchors, token_grid(pipeline.vae, height, width, "UVR"), "edit", config,
               guidance_batch=_batches_guidance(pipeline))
     with attach(pipeline, uvr):
         images = _call(pipeline, prompt, _working_image(pixels, height, width), height, width,

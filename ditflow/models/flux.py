@@ -121,7 +121,7 @@ class KontextCalls:
         self.pipe = pipeline
         self.transformer = pipeline.transformer
         self.vae = pipeline.vae
-        self.multiple = 2 * vae_scale_factor(self.vae)
+        self.multiple = token_side(self.vae)
         self._ids: dict[tuple[int, int], torch.Tensor] = {}
 
     def working_size(self, height: int, width: int, resolution: int) -> tuple[int, int]:
@@ -235,8 +235,19 @@ def token_coverage(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return torch.nn.functional.adaptive_avg_pool2d(masks.float()[:, None], grid)[:, 0]
 
 
-def vae_scale_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+def token_side(vae) -> int:
+    """Pixels per image-token side: the VAE's downsampling x FLUX's 2x2 packing (16)."""
+    return 2 ** len(vae.config.block_out_channels)
+
+
+def token_grid(vae, height: int, width: int, method: str) -> tuple[int, int]:
+    """(rows, columns) of the image tokens of a ``height x width`` image; a ValueError naming
+    ``method`` where the size is off the token grid."""
+    side = token_side(vae)
+    if height % side or width % side:
+        raise ValueError(f"{method}: height and width must be multiples of {side}, got "
+                         f"{height}x{width}")
+    return height // side, width // side
 
 
 def encode_image(vae, pixels: torch.Tensor) -> torch.Tensor:

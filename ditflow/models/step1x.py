@@ -41,7 +41,7 @@ from .flux import (
     encode_image,
     image_ids,
     pack_latents,
-    vae_scale_factor,
+    token_side,
 )
 
 VERSIONS = ("v1.0", "v1.1")
@@ -317,7 +317,7 @@ class Step1XEditPipeline(DiffusionPipeline):
     @property
     def multiple(self) -> int:
         """Pixels per image token side: the VAE factor times FLUX's 2x2 packing."""
-        return 2 * vae_scale_factor(self.vae)
+        return token_side(self.vae)
 
     def encode_prompt(self, prompts: list[str], images: list) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden states [B, max_text_tokens, C], mask [B, max_text_tokens]) of each
