@@ -22,6 +22,7 @@ from .io import (
     Photo,
     decode_pixels,
     encode_photo,
+    folder_files,
     is_jpeg,
     linf,
     load_photo,
@@ -51,8 +52,7 @@ def gather(inputs: Iterable[str], outdir: Path, suffix: str = ".png",
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            sources = sorted(p for p in path.iterdir() if p.is_file()
-                             and not p.name.startswith("."))
+            sources = folder_files(path)
             if not sources:
                 jobs.append(Job(path, outdir / (path.name + suffix),
                                 f"{item}: no photos in this folder"))

@@ -329,7 +329,7 @@ def _evaluation_pairs(clean_dir: Path, protected_dir: Path) -> list[tuple[Path, 
     """(clean, protected) photo files: as the protected folder's manifest records them where it
     has one (by the clean photo's path, or its file name if the photo has moved), else matched
     by file stem. Clean photos without a match are named; a bad folder is a UsageError."""
-    from .io import Manifest
+    from .io import Manifest, folder_files
 
     for name, folder in (("clean", clean_dir), ("protected", protected_dir)):
         if not folder.is_dir():
@@ -339,8 +339,8 @@ def _evaluation_pairs(clean_dir: Path, protected_dir: Path) -> list[tuple[Path, 
     by_name: dict[str, list[dict]] = {}  # for clean photos moved since they were protected
     for input_path, record in manifest.records.items():
         by_name.setdefault(Path(input_path).name, []).append(record)
-    pairs = []
-    for clean_path in sorted(p for p in clean_dir.iterdir() if p.is_file()):
+    pairs, protected_files = [], folder_files(protected_dir)
+    for clean_path in folder_files(clean_dir):
         if manifest.records:
             named = by_name.get(clean_path.name, [])
             record = manifest.records.get(str(clean_path.resolve()),
@@ -348,8 +348,7 @@ def _evaluation_pairs(clean_dir: Path, protected_dir: Path) -> list[tuple[Path, 
             output = protected_dir / Path(record["output"]).name if "output" in record else None
             matches = [output] if record.get("status") == "ok" and output.is_file() else []
         else:
-            matches = sorted(p for p in protected_dir.iterdir()
-                             if p.is_file() and p.stem == clean_path.stem)
+            matches = [p for p in protected_files if p.stem == clean_path.stem]
         if len(matches) > 1:  # say, a photo protected again with another --format
             raise UsageError(f"{matches[0]} and {matches[1]} both match {clean_path.name}; "
                              f"move all but one out of {protected_dir}")

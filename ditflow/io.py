@@ -37,6 +37,12 @@ class Photo:
         return pixels_tensor(self.pixels)
 
 
+def folder_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` that commands take for photos, sorted: not recursive, and not
+    hidden ones (``.DS_Store``, macOS's ``._IMG_0001.jpg``), which file browsers leave there."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
 def load_photo(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
     """Load a photo for protection, or raise :class:`ImageError` naming the problem."""
     from PIL import Image, ImageOps, UnidentifiedImageError

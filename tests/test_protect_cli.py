@@ -481,6 +481,20 @@ def test_evaluate_pairs_photos_by_their_whole_stem(tmp_path):
                                                    ("a.v2.png", "a.v2.png")]
 
 
+def test_evaluate_leaves_hidden_files_out_as_protect_does(tmp_path, capsys):
+    """.DS_Store and ._a.png (macOS) are no photos: evaluate neither pairs nor names them."""
+    from ditflow.cli import _evaluation_pairs
+
+    for folder in ("clean", "protected"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(_rgb(20, 20)).save(tmp_path / folder / "a.png")
+        (tmp_path / folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+        (tmp_path / folder / "._a.png").write_bytes(b"\0\5\26\7")
+    pairs = _evaluation_pairs(tmp_path / "clean", tmp_path / "protected")
+    assert [(c.name, p.name) for c, p in pairs] == [("a.png", "a.png")]
+    assert capsys.readouterr().err == ""
+
+
 class MeanColour(torch.nn.Module):
     """A stand-in face recogniser for the --face-model plumbing."""
 
