@@ -40,7 +40,7 @@ class FaceEmbedder:
             except ImportError as exc:
                 raise ImportError(f"{self.path}: ONNX face models need onnxruntime: "
                                   'pip install -e ".[faces]" in the ditflow checkout') from exc
-            session = self._load(lambda: onnxruntime.InferenceSession(
+            session = self._checked(lambda: onnxruntime.InferenceSession(
                 str(self.path), providers=["CPUExecutionProvider"]))
             name = session.get_inputs()[0].name
             self._run = lambda x: session.run(None, {name: x.numpy()})[0]
@@ -48,22 +48,22 @@ class FaceEmbedder:
             if not zipfile.is_zipfile(self.path):  # torch.export would log a traceback first
                 raise ValueError(f"{self.path}: not a torch.export program (a .pt2 archive is a "
                                  "zip file; save one with torch.export.save)")
-            module = self._load(lambda: torch.export.load(str(self.path)).module())
+            module = self._checked(lambda: torch.export.load(str(self.path)).module())
             self._run = lambda x: module(x).detach().numpy()
         else:
             raise ValueError(f"{self.path}: expected an .onnx model or a torch.export program "
                              "(.pt2, saved with torch.export.save)")
         # one image through the model now: a model of another input size or output shape is
         # refused here, not after the editor has run
-        self._load(lambda: self.embed([np.zeros((input_size, input_size, 3), np.uint8)]),
-                   f"does not take [1, 3, {input_size}, {input_size}] to an embedding [1, E] "
-                   "(check its input size, --face-size)")
+        self._checked(lambda: self.embed([np.zeros((input_size, input_size, 3), np.uint8)]),
+                      f"does not take [1, 3, {input_size}, {input_size}] to an embedding [1, E] "
+                      "(check its input size, --face-size)")
 
-    def _load(self, load, problem: str = "cannot load this face model"):
-        """``load()``; any failure is a ValueError naming the file and the ``problem``
+    def _checked(self, call, problem: str = "cannot load this face model"):
+        """``call()``; any failure is a ValueError naming the file and the ``problem``
         (onnxruntime and torch.export each raise their own kinds)."""
         try:
-            return load()
+            return call()
         except Exception as exc:
             first_line = str(exc).partition("\n")[0]
             raise ValueError(f"{self.path}: {problem} ({type(exc).__name__}: {first_line})"
