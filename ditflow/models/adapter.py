@@ -1,4 +1,5 @@
-"""What every model adapter shares: installing a ditflow processor on each attention block."""
+"""What every model adapter shares: the processor protocol, and installing a processor on each
+attention block."""
 
 from __future__ import annotations
 
@@ -8,7 +9,46 @@ import torch
 
 from .._memo import TensorMemo
 from ..layout import TokenLayout
-from ..session import BlockId, Session
+from ..session import AttentionPlan, BlockId, EarlyStop, Session
+
+
+class FlowProcessor:
+    """What every ditflow attention processor shares: the model's ``original`` processor where
+    the intervention asks for nothing, ditflow's attention (:meth:`_flow`, the model-specific
+    part) elsewhere, and the intervention's early stop after either."""
+
+    def __init__(self, session: Session, block: BlockId, original):
+        self.session = session
+        self.block = block
+        self.original = original
+
+    def _run(self, attn, *args):
+        """One processor call; ``args``: its arguments after ``attn``, in the order of the
+        model's own processor (``__call__`` spells them out: diffusers passes a processor only
+        the keywords its signature names)."""
+        plan = self.session.attention_plan(self.block)
+        out = self.original(attn, *args) if plan is None else self._flow(attn, *args, plan)
+        if self.session.should_stop(self.block):
+            raise EarlyStop(str(self.block))
+        return out
+
+    def _flow(self, attn, *args):
+        raise NotImplementedError
+
+    def _check_length(self, tokens: int, plan: AttentionPlan) -> None:
+        if tokens != len(plan.layout):
+            raise ValueError(f"{self.block}: the joint sequence has {tokens} tokens but the "
+                             f"layout has {len(plan.layout)}")
+
+    @staticmethod
+    def _joint_output(attn, out: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A dual-stream block's attention output ``[text | image]`` [B, N, C] as (image, text),
+        each through its stream's output projection (and the image's dropout)."""
+        text, image = out.split_with_sizes([text_len, out.shape[1] - text_len], dim=1)
+        image = attn.to_out[0](image.contiguous())
+        if len(attn.to_out) > 1:
+            image = attn.to_out[1](image)  # dropout
+        return image, attn.to_add_out(text.contiguous())
 
 
 class ProcessorAdapter(ABC):

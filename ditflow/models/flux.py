@@ -17,8 +17,8 @@ from diffusers.models.embeddings import apply_rotary_emb
 from .._memo import TensorMemo
 from ..functional import flow_attention
 from ..layout import TokenLayout
-from ..session import AttentionPlan, BlockId, EarlyStop, Session
-from .adapter import ProcessorAdapter
+from ..session import AttentionPlan, BlockId
+from .adapter import FlowProcessor, ProcessorAdapter
 
 
 def _projections(attn, hidden_states, encoder_hidden_states):
@@ -35,32 +35,19 @@ def _projections(attn, hidden_states, encoder_hidden_states):
     return (q, k, v), enc
 
 
-class FlowFluxAttnProcessor:
+class FlowFluxAttnProcessor(FlowProcessor):
     """Processor for one FLUX attention module (double- or single-stream block)."""
-
-    def __init__(self, session: Session, block: BlockId, original):
-        self.session = session
-        self.block = block
-        self.original = original
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):
-        plan = self.session.attention_plan(self.block)
-        if plan is None:
-            out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
-                                image_rotary_emb)
-        else:
-            out = self._flow(attn, hidden_states, encoder_hidden_states, attention_mask,
-                             image_rotary_emb, plan)
-        if self.session.should_stop(self.block):
-            raise EarlyStop(str(self.block))
-        return out
+        return self._run(attn, hidden_states, encoder_hidden_states, attention_mask,
+                         image_rotary_emb)
 
     def _flow(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
               plan: AttentionPlan):
         if attention_mask is not None:
             raise ValueError("ditflow's FLUX processor takes no attention_mask "
-                                      "(express masks as groups or a pair mask)")
+                             "(express masks as groups or a pair mask)")
         (q, k, v), enc = _projections(attn, hidden_states, encoder_hidden_states)
         q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
         q, k = attn.norm_q(q), attn.norm_k(k)
@@ -72,19 +59,14 @@ class FlowFluxAttnProcessor:
         if image_rotary_emb is not None:
             q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
             k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        if q.shape[1] != len(plan.layout):
-            raise ValueError(f"{self.block}: the joint sequence has {q.shape[1]} tokens but the "
-                             f"layout has {len(plan.layout)}")
+        self._check_length(q.shape[1], plan)
         result = flow_attention(q, k, v, plan.layout.groups(q.device), rules=plan.rules,
                                 pair_mask=self.session.pair_mask(self.block, plan, q, k),
                                 return_mass=plan.return_mass)
         out = self.session.after_attention(self.block, plan, result).flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is None:  # single-stream block: the block projects the output
             return out
-        text, image = out.split_with_sizes(
-            [encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]], dim=1)
-        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
-        return image, attn.to_add_out(text.contiguous())
+        return self._joint_output(attn, out, encoder_hidden_states.shape[1])
 
 
 class FluxAdapter(ProcessorAdapter):
@@ -115,7 +97,6 @@ class KontextCalls:
     embeddings depend on the instruction only."""
 
     prompt_sees_image = False
-    adapter = FluxAdapter
 
     def __init__(self, pipeline):
         self.pipe = pipeline

@@ -22,8 +22,8 @@ from .._memo import TensorMemo
 from ..functional import flow_attention
 from ..layout import TokenLayout
 from ..rules import FlowRules
-from ..session import AttentionPlan, BlockId, EarlyStop, Session
-from .adapter import ProcessorAdapter
+from ..session import AttentionPlan, BlockId, Session
+from .adapter import FlowProcessor, ProcessorAdapter
 
 _hidden_padding_rules: OrderedDict[tuple, FlowRules] = OrderedDict()
 
@@ -54,26 +54,13 @@ def padded_key_groups(groups: torch.Tensor, text_mask: torch.Tensor, padding_gro
     return keys
 
 
-class FlowQwenAttnProcessor:
+class FlowQwenAttnProcessor(FlowProcessor):
     """Processor for one Qwen-Image attention module (a dual-stream block)."""
-
-    def __init__(self, session: Session, block: BlockId, original):
-        self.session = session
-        self.block = block
-        self.original = original
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None,
                  encoder_hidden_states_mask=None, attention_mask=None, image_rotary_emb=None):
-        plan = self.session.attention_plan(self.block)
-        if plan is None:
-            out = self.original(attn, hidden_states, encoder_hidden_states,
-                                encoder_hidden_states_mask, attention_mask, image_rotary_emb)
-        else:
-            out = self._flow(attn, hidden_states, encoder_hidden_states,
-                             encoder_hidden_states_mask, attention_mask, image_rotary_emb, plan)
-        if self.session.should_stop(self.block):
-            raise EarlyStop(str(self.block))
-        return out
+        return self._run(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                         attention_mask, image_rotary_emb)
 
     @torch.compiler.disable
     def _with_padding(self, groups: torch.Tensor, text_mask: torch.Tensor, rules: FlowRules
@@ -115,9 +102,7 @@ class FlowQwenAttnProcessor:
             q, k = (apply_rotary_emb_qwen(t, image_freqs, use_real=False) for t in (q, k))
             tq, tk = (apply_rotary_emb_qwen(t, text_freqs, use_real=False) for t in (tq, tk))
         q, k, v = torch.cat([tq, q], dim=1), torch.cat([tk, k], dim=1), torch.cat([tv, v], dim=1)
-        if q.shape[1] != len(plan.layout):
-            raise ValueError(f"{self.block}: the joint sequence has {q.shape[1]} tokens but the "
-                             f"layout has {len(plan.layout)}")
+        self._check_length(q.shape[1], plan)
 
         groups = plan.layout.groups(q.device)
         key_groups, rules = (groups, plan.rules) if text_mask is None else self._with_padding(
@@ -128,13 +113,7 @@ class FlowQwenAttnProcessor:
         if text_mask is not None and result.mass is not None:
             result = result._replace(mass=result.mass[..., :plan.layout.num_groups])
         out = self.session.after_attention(self.block, plan, result).flatten(2, 3).to(q.dtype)
-
-        text, image = out.split_with_sizes(
-            [encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]], dim=1)
-        image = attn.to_out[0](image.contiguous())
-        if len(attn.to_out) > 1:
-            image = attn.to_out[1](image)  # dropout
-        return image, attn.to_add_out(text.contiguous())
+        return self._joint_output(attn, out, encoder_hidden_states.shape[1])
 
 
 class QwenImageAdapter(ProcessorAdapter):

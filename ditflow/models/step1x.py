@@ -438,7 +438,6 @@ class Step1XEditCalls(KontextCalls):
     ``encode_prompt``."""
 
     prompt_sees_image = True
-    adapter = Step1XAdapter
 
     def _context_ids(self, rows: int, columns: int) -> torch.Tensor:
         return reference_ids(rows, columns, self.transformer.config.version)
