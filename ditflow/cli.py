@@ -150,6 +150,13 @@ def _settings(args, defaults: dict, **option_names) -> dict:
     return {key: defaults[key] if value is None else value for key, value in chosen.items()}
 
 
+def _sampling(settings: dict, seed: int) -> dict:
+    """The pipeline arguments of a ``generate`` or ``edit`` run: its steps and guidance, the
+    seed's generator, float images out."""
+    return dict(num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+                output_type="np", generator=torch.Generator().manual_seed(seed))
+
+
 def _note_small_model(model: str, instead: str) -> None:
     """Say that a built-in ``model`` is for demos and tests, and what to pass ``instead``."""
     if model in BUILTIN:
@@ -456,6 +463,26 @@ def _evaluation_report(rows: list[dict], with_faces: bool, json_path: str | None
     return 0
 
 
+def _start_demo_over(scenes_dir: Path, protected_dir: Path) -> None:
+    """Remove what an earlier demo wrote in its folders, and only that: its scenes, and the
+    manifest and protected photos of its scenes and of the sample photos. Another run's
+    protected photos in ``protected_dir`` are a UsageError, not deleted."""
+    from .io import Manifest
+
+    earlier = Manifest(protected_dir / "manifest.jsonl")
+    ours = (scenes_dir.resolve(), SAMPLES)  # the scenes (even if removed since) and samples
+    others = sorted(p for p in earlier.records if Path(p).parent not in ours)
+    if others:
+        raise UsageError(f"{protected_dir} holds photos protected by another run (of "
+                         f"{others[0]}{' and others' if len(others) > 1 else ''}); choose "
+                         "another -o for the demo")
+    for name in earlier.output_names():
+        (protected_dir / name).unlink(missing_ok=True)
+    earlier.path.unlink(missing_ok=True)
+    for scene in scenes_dir.glob("scene*.png"):
+        scene.unlink()
+
+
 def demo_command(args) -> int:
     """Protect held-out testbed scenes and the sample photos, then edit the clean and the
     protected scenes."""
@@ -471,19 +498,7 @@ def demo_command(args) -> int:
         problem = _output_folder_problem(folder, [])
         if problem:
             raise UsageError(problem)
-    # the demo always starts over, removing what its earlier run wrote, and only that
-    earlier = Manifest(protected_dir / "manifest.jsonl")
-    ours = (scenes_dir.resolve(), SAMPLES)  # the scenes (even if removed since) and samples
-    others = sorted(p for p in earlier.records if Path(p).parent not in ours)
-    if others:
-        raise UsageError(f"{protected_dir} holds photos protected by another run (of "
-                         f"{others[0]}{' and others' if len(others) > 1 else ''}); choose "
-                         "another -o for the demo")
-    for name in earlier.output_names():
-        (protected_dir / name).unlink(missing_ok=True)
-    earlier.path.unlink(missing_ok=True)
-    for scene in scenes_dir.glob("scene*.png"):
-        scene.unlink()
+    _start_demo_over(scenes_dir, protected_dir)
     scenes_dir.mkdir(parents=True, exist_ok=True)
     edits = held_out_edits(args.scenes)
     scenes = [scenes_dir / f"scene{i}.png" for i in range(len(edits))]
@@ -504,7 +519,8 @@ def demo_command(args) -> int:
     print(f"{'photo':<16} {'size':>9} {'r_ctx before':>12} {'after':>7}")
     for path in photos:
         record = records[str(path.resolve())]
-        h, w = np.asarray(Image.open(path)).shape[:2]
+        with Image.open(path) as image:
+            w, h = image.size
         print(f"{path.name:<16} {f'{w}x{h}':>9} {record['r_ctx_before']:>12.3f} "
               f"{record['r_ctx_after']:>7.3f}")
     pipeline = _pipeline("testbed", args.device)
@@ -616,8 +632,7 @@ def generate_command(args) -> int:
     size, text_tokens = settings["resolution"], settings["text_tokens"]
     _note_small_model(args.model, "pass --model with a local FLUX.1 folder for real images")
     pipeline = _pipeline(args.model, args.device, kind="t2i")
-    call = dict(num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
-                output_type="np", generator=torch.Generator().manual_seed(args.seed))
+    call = _sampling(settings, args.seed)
     output = Path(args.output)
     if args.uvr is not None:
         from .methods.uvr import generate as uvr_generate
@@ -684,8 +699,7 @@ def edit_command(args) -> int:
     except ImageError as error:
         raise UsageError(str(error)) from None
     pipeline = _pipeline(args.model, args.device, kind="kontext")
-    call = dict(num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
-                output_type="np", generator=torch.Generator().manual_seed(args.seed))
+    call = _sampling(settings, args.seed)
     output = Path(args.output)
     if args.uvr is not None:
         from .methods.uvr import edit as uvr_edit
