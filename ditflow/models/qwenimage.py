@@ -24,6 +24,7 @@ from ..layout import TokenLayout
 from ..rules import FlowRules
 from ..session import AttentionPlan, BlockId, Session
 from .adapter import FlowProcessor, ProcessorAdapter
+from .flux import pack_latents, working_size
 
 _hidden_padding_rules: OrderedDict[tuple, FlowRules] = OrderedDict()
 
@@ -183,8 +184,6 @@ class QwenEditCalls:
 
     def working_size(self, height: int, width: int, resolution: int) -> tuple[int, int]:
         """About ``resolution``² pixels at the photo's aspect ratio, multiples of 32."""
-        from .flux import working_size
-
         return working_size(height, width, resolution, self.multiple)
 
     def _grid(self, height: int, width: int) -> tuple[int, int]:
@@ -211,8 +210,6 @@ class QwenEditCalls:
 
     def context_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """Packed, normalised latents of photos in [0, 1], [B, 3, H, W] (differentiable)."""
-        from .flux import pack_latents
-
         video = (pixels.to(self.vae.dtype) * 2 - 1)[:, :, None]  # one frame
         latents = self.vae.encode(video).latent_dist.mode()
         mean = self._latents_mean.to(latents.device, latents.dtype)
