@@ -77,7 +77,8 @@ def test_editor_folders_are_told_apart_by_their_pipeline_class(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "QwenImagePipeline"}')
     with pytest.raises(ValueError, match="holds a QwenImagePipeline; ditflow's editors are "
                                          "FluxKontextPipeline, QwenImageEditPipeline, "
-                                         "QwenImageEditPlusPipeline"):
+                                         r"QwenImageEditPlusPipeline \(diffusers folders\) "
+                                         "and Step1X-Edit"):
         load_editor(tmp_path)
     (tmp_path / "model_index.json").write_text(
         '{"_class_name": "QwenImageEditPipeline", "vae": ["diffusers", "AutoencoderKLQwenImage"]}')

@@ -60,8 +60,9 @@ def _pipeline_name(kind: str, pipelines: dict[str, str]) -> str:
     return pipelines[kind]
 
 
-# The in-context editors ditflow protects against, by pipeline class (diffusers folders).
-EDITORS = ("FluxKontextPipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
+# The in-context editors ditflow loads from diffusers folders, by pipeline class (Step1X-Edit
+# comes as the authors' release files; ditflow.models.EDITORS lists every editor pipeline).
+DIFFUSERS_EDITORS = ("FluxKontextPipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline")
 
 
 def load_editor(path: str | Path, dtype: torch.dtype = torch.bfloat16):
@@ -77,9 +78,11 @@ def load_editor(path: str | Path, dtype: torch.dtype = torch.bfloat16):
         return load_step1x_pipeline(path, dtype)
     # without a model_index.json the loader explains what is missing
     indexed = (folder / "model_index.json").is_file()
-    name = model_index(folder).get("_class_name") if indexed else EDITORS[0]
-    if name not in EDITORS:
-        raise ValueError(f"{path} holds a {name}; ditflow's editors are {', '.join(EDITORS)}")
+    name = model_index(folder).get("_class_name") if indexed else DIFFUSERS_EDITORS[0]
+    if name not in DIFFUSERS_EDITORS:
+        raise ValueError(f"{path} holds a {name}; ditflow's editors are "
+                         f"{', '.join(DIFFUSERS_EDITORS)} (diffusers folders) and Step1X-Edit "
+                         f"(the authors' release: {STEP1X_CHECKPOINTS})")
     return _load_local(path, name, "black-forest-labs/FLUX.1-Kontext-dev or Qwen/Qwen-Image-Edit",
                        dtype)
 
@@ -98,7 +101,7 @@ def editor_transformer_name(path: str | Path) -> str | None:
     except ValueError:
         return None
     transformer = index.get("transformer")
-    if index.get("_class_name") not in EDITORS or not isinstance(transformer, list):
+    if index.get("_class_name") not in DIFFUSERS_EDITORS or not isinstance(transformer, list):
         return None
     return transformer[-1]
 
