@@ -430,14 +430,24 @@ def evaluate_command(args) -> int:
 def _json_output_problem(path: Path, pairs: list[tuple[Path, Path]], protected_dir: Path) -> str:
     """Why evaluate cannot write its rows to ``path`` ("" if it can): a folder, an unwritable
     place, or a file it reads (a photo, the manifest)."""
-    if path.is_dir():
-        return "is a folder; name a file"
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        return f"cannot write into {path.parent}"
+    problem = _file_place_problem(path)
+    if problem:
+        return problem
     read = {p.resolve() for pair in pairs for p in pair} | {
         (protected_dir / "manifest.jsonl").resolve()}
     if path.resolve() in read:
         return "would overwrite a file evaluate reads; choose another file"
+    return ""
+
+
+def _file_place_problem(path: Path) -> str:
+    """Why no file can be written at ``path`` ("" if one can): a folder is there, or the folder
+    it goes into is missing or not writable."""
+    if path.is_dir():
+        return "is a folder; name a file in it"
+    folder = path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write into {folder} (create it, or choose another place)"
     return ""
 
 
@@ -551,12 +561,8 @@ def _output_file_problem(path: Path) -> str:
     """Why an image cannot be written to ``path`` ("" if it can)."""
     if path.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         return f"-o {path}: name a .png or .jpg file"
-    if path.is_dir():
-        return f"-o {path} is a folder; name an image file in it"
-    folder = path.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        return f"-o {path}: cannot write into {folder} (create it, or choose another place)"
-    return ""
+    problem = _file_place_problem(path)
+    return f"-o {path}: {problem}" if problem else ""
 
 
 def regions_path(output: Path) -> Path:

@@ -380,6 +380,8 @@ def test_evaluate_refuses_a_json_file_it_cannot_or_must_not_write(tmp_path, caps
     Image.fromarray(_rgb(20, 20)).save(clean / "a.png")
     assert main(["protect", str(clean), "-o", str(out), *FAST]) == 0
     for target, message in ((out, "is a folder"),
+                            (tmp_path / "no" / "rows.json",
+                             f"cannot write into {tmp_path / 'no'} (create it"),
                             (clean / "a.png", "would overwrite a file evaluate reads"),
                             (out / "manifest.jsonl", "would overwrite a file evaluate reads")):
         assert main(["evaluate", str(clean), str(out), "--json", str(target)]) == 2
