@@ -81,7 +81,7 @@ class ProtectConfig:
         step_size: signed-gradient step per iteration, 0..255 units.
         steps: PGD iterations; None = the authors' for the method (DeContext 800, Diff-PGD 600).
         resolution: working resolution: the photo is optimised at about resolution² pixels;
-            None = the model's (FLUX.1 Kontext 512, Qwen-Image-Edit 1024).
+            None = the model's (FLUX.1 Kontext and Step1X-Edit 512, Qwen-Image-Edit 1024).
         blocks: attacked blocks (``"single.3"``, ``"double.7"``); the forward stops after the
             last one. None = the model's (see ``FAMILY_DEFAULTS``).
         timesteps: the range t is drawn from, in the scheduler's 0..1000 units.
@@ -89,7 +89,8 @@ class ProtectConfig:
         batch_size: photos optimised together (same working resolution).
         seed: every random draw of a photo comes from (seed, photo name): results do not depend
             on batching or on resuming.
-        max_sequence_length: T5 tokens of the instruction.
+        max_sequence_length: T5 tokens of the instruction (FLUX.1 Kontext; the editors that
+            embed it with Qwen2.5-VL ignore it).
         prompts: the instruction pool (the testbed editor has its own, in its vocabulary).
         gradient_checkpointing: trade compute for memory in the attacked blocks.
         eot_jpeg_quality: (low, high) JPEG quality drawn per step (straight-through gradient)
@@ -192,6 +193,11 @@ def _photo_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def _choice(n: int, generator: torch.Generator) -> int:
+    """A uniform draw from 0..n-1."""
+    return int(torch.randint(n, (1,), generator=generator))
+
+
 def _digest(image: torch.Tensor) -> str:
     return hashlib.sha256(image.detach().float().cpu().numpy().tobytes()).hexdigest()
 
@@ -268,7 +274,7 @@ class Protector:
 
     def _prompt(self, text: str, image: torch.Tensor) -> dict:
         """An instruction's embeddings; for editors whose text encoder sees the photo
-        (Qwen-Image-Edit), those of ``image`` ([3, H, W] in [0, 1]) with it."""
+        (Qwen-Image-Edit, Step1X-Edit), those of ``image`` ([3, H, W] in [0, 1]) with it."""
         key = (text, self._digests.get((image,), "sha256", lambda: _digest(image))
                if self.calls.prompt_sees_image else None)
         cached = self._prompt_cache.get(key)
@@ -297,7 +303,7 @@ class Protector:
         prompts, ts, noise, jpeg, scale = [], [], [], [], []
         low, high = cfg.timesteps
         for g in gens:
-            prompts.append(cfg.prompts[int(torch.randint(len(cfg.prompts), (1,), generator=g))])
+            prompts.append(cfg.prompts[_choice(len(cfg.prompts), g)])
             ts.append(low + (high - low) * float(torch.rand((), generator=g)))
             noise.append(torch.randn(tokens, channels, generator=g))
             if cfg.eot_jpeg_quality is not None:
@@ -336,7 +342,7 @@ class Protector:
         with ditflow's processors kept on the model until the ``with`` block ends: take its
         gradient inside, so that gradient checkpointing recomputes the blocks as they ran.
         ``prompt_images``: what the prompt encoder sees ([3, H, W] each), if not ``pixels``
-        (Qwen-Image-Edit)."""
+        (editors whose prompt encoder sees the photo)."""
         inputs = self._inputs(pixels, prompts, timesteps, noise, prompt_images)
         recorder = StatsRecorder(blocks=self.config.blocks, stop_after_last=True)
         with attach(self.transformer, recorder, self._layout(inputs)) as session:
@@ -380,14 +386,14 @@ class Protector:
         return np.asarray(image.convert("RGB"))
 
     def _clean_edits(self, pixels, gens) -> list[torch.Tensor]:
-        """Diff-PGD targets: packed latents of clean edits of each photo [K, B, N, C]."""
+        """Diff-PGD targets: K = ``diffpgd_edits`` packed latents [B, N, C] of clean edits of
+        the photos."""
         cfg = self.config
         size = tuple(pixels.shape[-2:])
         images = [to_pil(p) for p in pixels]
         edits = []
         for _ in range(cfg.diffpgd_edits):
-            prompts = [cfg.prompts[int(torch.randint(len(cfg.prompts), (1,), generator=g))]
-                       for g in gens]
+            prompts = [cfg.prompts[_choice(len(cfg.prompts), g)] for g in gens]
             latents = [self.calls.edit(image, prompt, size, cfg.diffpgd_edit_steps, cfg.guidance,
                                        cfg.max_sequence_length, g, output_type="latent")
                        for image, prompt, g in zip(images, prompts, gens, strict=True)]
@@ -396,7 +402,7 @@ class Protector:
 
     def _flow_matching_loss(self, pixels, edits, gens, prompts, timesteps, noise, prompt_images):
         """Per-photo MSE of the velocity prediction against a clean edit (to be maximised)."""
-        picks = [int(torch.randint(len(edits), (1,), generator=g)) for g in gens]
+        picks = [_choice(len(edits), g) for g in gens]
         target = torch.stack([edits[k][i] for i, k in enumerate(picks)])
         # in fp32: bf16 rounds sigma = 0.99 to 0.9921875 (1 - sigma off by 22 %) and t >= 998 to 1
         sigma = torch.tensor(timesteps, device=self.device)[:, None, None] / 1000
