@@ -40,6 +40,10 @@ def test_config_checks_units_and_ranges():
         ProtectConfig(eval_prompts=0)
     with pytest.raises(ValueError, match=r"blocks='single\.1': expected a sequence of names"):
         ProtectConfig(blocks="single.1")
+    # one instruction as a string was a pool of its characters
+    with pytest.raises(ValueError, match=r"prompts='Make it red': expected a sequence of "
+                                         "instructions"):
+        ProtectConfig(prompts="Make it red")
 
 
 def test_steps_default_to_the_authors_for_each_method():

@@ -143,6 +143,8 @@ class ProtectConfig:
             (0 <= self.timesteps[0] < self.timesteps[1] <= 1000,
              f"timesteps={self.timesteps}: expected 0 <= low < high <= 1000"),
             (self.batch_size >= 1, f"batch_size={self.batch_size}: expected >= 1"),
+            (not isinstance(self.prompts, str), f"prompts={self.prompts!r}: expected a sequence "
+                                                "of instructions, e.g. ('Make it red',)"),
             (len(self.prompts) > 0, "prompts: expected at least one instruction"),
             (self.stop_window is None or self.stop_window >= 1,
              f"stop_window={self.stop_window}: expected >= 1 or None"),
