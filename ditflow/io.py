@@ -75,7 +75,8 @@ def load_photo(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Photo:
     if decoder_args == "RGB;16B":  # a 16-bit RGB PNG, which Pillow reads as 8-bit RGB
         notes.append("16-bit input written as 8-bit")
     icc = image.info.get("icc_profile")
-    image = ImageOps.exif_transpose(image)
+    with image:  # closes the file, which Pillow keeps open for a multi-frame image's frames
+        image = ImageOps.exif_transpose(image)  # a copy
     if image.width < MIN_SIDE or image.height < MIN_SIDE:
         raise ImageError(f"{path}: {image.width}x{image.height} is too small (at least "
                          f"{MIN_SIDE} px per side)")

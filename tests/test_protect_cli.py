@@ -696,6 +696,22 @@ def test_commands_without_the_diffusers_extra_say_how_to_install_it(monkeypatch,
                    'pip install -e ".[diffusers]" in the ditflow checkout\n')
 
 
+@pytest.mark.parametrize("name", ["animated.gif", "pages.tiff"])
+def test_a_multi_frame_photo_is_closed_once_loaded(name, tmp_path):
+    """Pillow keeps such a file open for its other frames; a bulk run must not leave that to
+    the garbage collector."""
+    import warnings
+
+    from ditflow.io import load_photo
+
+    frames = [Image.fromarray(_rgb(20, 20, seed)) for seed in range(2)]
+    frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        assert load_photo(tmp_path / name).note == "first of 2 frames protected"
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
 def test_float_images_load_by_their_range_and_thin_photos_have_an_ssim(tmp_path):
     from ditflow.io import load_photo, ssim
 
