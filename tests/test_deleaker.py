@@ -50,6 +50,14 @@ def test_phrase_token_errors(tokenizer, entities, max_length, message):
         phrase_token_positions(tokenizer, PROMPT, entities, max_length)
 
 
+def test_phrases_are_a_sequence(tokenizer):
+    """One phrase as a string was read as phrases of one character each (and refused for
+    sharing tokens)."""
+    with pytest.raises(TypeError, match=r"phrases='red circle': expected a sequence of "
+                                        r"phrases, e.g. \['red circle'\]"):
+        phrase_token_positions(tokenizer, PROMPT, "red circle", 24)
+
+
 def test_phrase_tokens_need_offsets():
     class SlowTokenizer:
         is_fast = False

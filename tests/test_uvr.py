@@ -228,6 +228,10 @@ def test_anchor_collection_refuses_what_it_sets_itself(editor):
         with pytest.raises(ValueError, match=f"UVR collect_anchors: {name} cannot be passed"):
             collect_anchors(editor, ["make it red"], images=[photo], height=SIZE, width=SIZE,
                             select=lambda image: image[..., 0] > 0, **{name: value})
+    # one prompt as a string was a prompt per character
+    with pytest.raises(TypeError, match="prompts='make it red': expected a sequence of prompts"):
+        collect_anchors(editor, "make it red", images=[photo], height=SIZE, width=SIZE,
+                        select=lambda image: image[..., 0] > 0)
 
 
 def test_anchor_collection_refuses_a_block_the_model_lacks_before_it_runs(editor):

@@ -10,6 +10,9 @@ def phrase_token_positions(tokenizer, prompt: str, phrases: Sequence[str],
     """Token positions of each phrase in ``prompt`` as ``tokenizer`` encodes it (FLUX: the T5
     tokenizer, ``max_length`` = the pipeline's ``max_sequence_length``): the tokens whose
     characters overlap the phrase's first occurrence. Phrases must not share tokens."""
+    if isinstance(phrases, str):
+        raise TypeError(f"phrases={phrases!r}: expected a sequence of phrases, e.g. "
+                        f"[{phrases!r}]")
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(f"phrase_token_positions: {type(tokenizer).__name__} gives no "
                         "character offsets; use a fast tokenizer (FLUX's T5TokenizerFast)")

@@ -193,6 +193,9 @@ def collect_anchors(pipeline, prompts: Sequence[str], *, height: int, width: int
     ``select`` marking it in each image. ``select``: uint8 [H, W, 3] -> bool [H, W] (a
     detector, or masks you drew). Prompts whose selection is empty give no anchor; an anchor
     over the whole image would be zero (outputs are centred on their image's mean)."""
+    if isinstance(prompts, str):
+        raise TypeError(f"collect_anchors: prompts={prompts!r}: expected a sequence of prompts, "
+                        f"e.g. [{prompts!r}]")
     mode = _mode_of(pipeline)
     if mode == "edit" and (images is None or len(images) != len(prompts)):
         raise ValueError("collect_anchors: an editing pipeline needs one image per prompt")
