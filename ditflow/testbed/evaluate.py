@@ -409,8 +409,26 @@ def concept_removal(t2i, editor, configs: dict, n: int = 32, anchors: int = 16,
         editor, [e.instruction for e in anchor_edits], height=SIZE, width=SIZE,
         images=[render(e.context) for e in anchor_edits], select=select, config=probe,
         max_sequence_length=TEXT_TOKENS, **seeded(0))
+
+    def run(task: str, prompt: str, shown: np.ndarray, seed: int, config=None):
+        """The task's output (uint8) and UVR's flagged tokens: without UVR where ``config``
+        is None (no flags)."""
+        if config is None:
+            return (generate(t2i, prompt, steps, seed) if task == "generation"
+                    else edit(editor, shown, prompt, steps, seed)), None
+        if task == "generation":
+            out, mask = uvr_generate(t2i, prompt, t2i_anchors, height=SIZE, width=SIZE,
+                                     config=config, max_sequence_length=TEXT_TOKENS,
+                                     **seeded(seed))
+        else:
+            out, mask = uvr_edit(editor, shown, prompt, edit_anchors, resolution=SIZE,
+                                 config=config, max_sequence_length=TEXT_TOKENS, **seeded(seed))
+        return to_uint8(out[0]), mask
+
     summary, rows, figures = {}, [], []
     for task in ("generation", "editing"):
+        pipeline, task_anchors = ((t2i, t2i_anchors) if task == "generation"
+                                  else (editor, edit_anchors))
         for present in (True, False):
             label = f"{task}, {'with' if present else 'without'} {concept}"
             cases = (_scenes_with(rng, concept, present, n) if task == "generation"
@@ -419,12 +437,10 @@ def concept_removal(t2i, editor, configs: dict, n: int = 32, anchors: int = 16,
             for i, case in enumerate(cases):
                 if task == "generation":
                     scene, shown, prompt = case, render(case), case.caption()
-                    start = time.perf_counter()
-                    stock = generate(t2i, prompt, steps, seed=i)
                 else:
                     scene, shown, prompt = case.target, render(case.context), case.instruction
-                    start = time.perf_counter()
-                    stock = edit(editor, shown, prompt, steps, seed=i)
+                start = time.perf_counter()
+                stock, _ = run(task, prompt, shown, i)
                 others = replace(scene, shapes=tuple(s for s in scene.shapes
                                                      if s.color != concept))
                 row = dict(kind=label, prompt=prompt, none=dict(
@@ -432,14 +448,11 @@ def concept_removal(t2i, editor, configs: dict, n: int = 32, anchors: int = 16,
                     others_color=object_agreement(stock, others)["color"], change=0.0,
                     seconds=time.perf_counter() - start))
                 # the localisation scores alone: UVR attached with nothing flagged
-                scorer = UVR(t2i_anchors if task == "generation" else edit_anchors,
-                             (SIZE // 2, SIZE // 2), "generate" if task == "generation"
-                             else "edit", replace(probe, threshold=float("inf")))
-                with attach(t2i if task == "generation" else editor, scorer):
-                    if task == "generation":
-                        generate(t2i, prompt, steps, seed=i)
-                    else:
-                        edit(editor, shown, prompt, steps, seed=i)
+                scorer = UVR(task_anchors, (SIZE // 2, SIZE // 2),
+                             "generate" if task == "generation" else "edit",
+                             replace(probe, threshold=float("inf")))
+                with attach(pipeline, scorer):
+                    run(task, prompt, shown, i)
                 truth = _on_token_grid(palette_mask(stock if task == "generation" else shown,
                                                     concept)[None])[0]
                 row["scores"] = dict(concept=scorer.scores[truth].tolist(),
@@ -447,16 +460,8 @@ def concept_removal(t2i, editor, configs: dict, n: int = 32, anchors: int = 16,
                 images = [shown, stock]
                 for name, config in configs.items():
                     start = time.perf_counter()
-                    if task == "generation":
-                        out, mask = uvr_generate(t2i, prompt, t2i_anchors, height=SIZE,
-                                                 width=SIZE, config=config,
-                                                 max_sequence_length=TEXT_TOKENS, **seeded(i))
-                    else:
-                        out, mask = uvr_edit(editor, shown, prompt, edit_anchors,
-                                             resolution=SIZE, config=config,
-                                             max_sequence_length=TEXT_TOKENS, **seeded(i))
+                    out, mask = run(task, prompt, shown, i, config)
                     seconds = time.perf_counter() - start
-                    out = to_uint8(out[0])
                     images.append(out)
                     row[name] = dict(
                         shows=_shows(out, concept),
