@@ -37,6 +37,8 @@ from .methods.decontext import ProtectConfig, Protector
 
 @dataclass
 class Job:
+    """A photo file to protect into ``output``; ``error``: why it cannot be ("" if it can)."""
+
     source: Path
     output: Path
     error: str = ""

@@ -25,7 +25,9 @@ class ImageError(Exception):
 @dataclass
 class Photo:
     """A loaded photo. ``pixels``: uint8 [H, W, 3] RGB after EXIF orientation; ``alpha``:
-    uint8 [H, W] or None; ``icc``: the embedded colour profile (kept on save) or None."""
+    uint8 [H, W] or None; ``icc``: the embedded colour profile (kept on save) or None;
+    ``note``: what loading changed that the output cannot keep (frames, bit depth, CMYK, a
+    profile dropped), for the manifest; "" if nothing."""
 
     pixels: np.ndarray
     alpha: np.ndarray | None
@@ -314,6 +316,7 @@ class Manifest:
         return self._protected_from.get(output.name)
 
     def finished(self, source: Path, output: Path) -> bool:
+        """Whether ``source`` was protected into ``output`` (by name) and that file is there."""
         record = self.records.get(str(source.resolve()))
         return bool(record and record.get("status") == "ok"
                     and Path(record["output"]).name == output.name and output.exists())
