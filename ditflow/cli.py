@@ -374,7 +374,6 @@ def _evaluation_pairs(clean_dir: Path, protected_dir: Path) -> list[tuple[Path, 
 
 def evaluate_command(args) -> int:
     """r_ctx, edit similarity and perturbation quality of protected photos against clean ones."""
-    from .io import ImageError, load_photo
     from .methods.decontext import ProtectConfig, Protector, evaluate_protection
 
     pairs = _evaluation_pairs(Path(args.clean), Path(args.protected))
@@ -403,28 +402,38 @@ def evaluate_command(args) -> int:
     rows, skipped = [], 0
     try:
         for clean_path, protected_path in tqdm(pairs, desc="photos", unit="photo", leave=False):
-            try:
-                clean = load_photo(clean_path, args.max_pixels)
-                protected = load_photo(protected_path, args.max_pixels)
-            except ImageError as exc:
-                print(f"skipped: {exc}", file=sys.stderr)
-                skipped += 1
-                continue
-            if clean.pixels.shape != protected.pixels.shape:
-                sizes = [f"{p.pixels.shape[1]}x{p.pixels.shape[0]}" for p in (clean, protected)]
-                print(f"skipped: {clean_path} is {sizes[0]}, {protected_path} {sizes[1]} (a "
-                      "protected photo keeps its original's size: not its protection?)",
-                      file=sys.stderr)
+            pixels = _load_pair(clean_path, protected_path, args.max_pixels)
+            if pixels is None:
                 skipped += 1
                 continue
             rows.append(dict(photo=clean_path.name, **evaluate_protection(
-                protector, clean.pixels, protected.pixels, prompt, args.edit_steps, faces)))
+                protector, *pixels, prompt, args.edit_steps, faces)))
     except KeyboardInterrupt:
         print(f"\ninterrupted: the {len(rows)} photos evaluated so far", file=sys.stderr)
         _evaluation_report(rows, faces is not None, args.json)
         return 130
     status = _evaluation_report(rows, faces is not None, args.json)
     return status or (1 if skipped or not rows else 0)
+
+
+def _load_pair(clean_path: Path, protected_path: Path, max_pixels: int
+               ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The clean and the protected photo's pixels, or None after saying why the pair is
+    skipped (unreadable, or of different sizes)."""
+    from .io import ImageError, load_photo
+
+    try:
+        clean = load_photo(clean_path, max_pixels)
+        protected = load_photo(protected_path, max_pixels)
+    except ImageError as exc:
+        print(f"skipped: {exc}", file=sys.stderr)
+        return None
+    if clean.pixels.shape != protected.pixels.shape:
+        sizes = [f"{p.pixels.shape[1]}x{p.pixels.shape[0]}" for p in (clean, protected)]
+        print(f"skipped: {clean_path} is {sizes[0]}, {protected_path} {sizes[1]} (a protected "
+              "photo keeps its original's size: not its protection?)", file=sys.stderr)
+        return None
+    return clean.pixels, protected.pixels
 
 
 def _json_output_problem(path: Path, pairs: list[tuple[Path, Path]], protected_dir: Path) -> str:
