@@ -71,11 +71,10 @@ def load_editor(path: str | Path, dtype: torch.dtype = torch.bfloat16):
     release files (:func:`load_step1x_pipeline`); an error names what the folder holds
     otherwise."""
     folder = Path(path).expanduser()
-    if folder.is_file() and not folder.match(STEP1X_CHECKPOINTS):
-        raise ValueError(f"{path} is a file; give the model's folder")
-    if folder.is_file() or (not (folder / "model_index.json").is_file()
-                            and list(folder.glob(STEP1X_CHECKPOINTS))):
+    if _is_step1x_release(folder):
         return load_step1x_pipeline(path, dtype)
+    if folder.is_file():
+        raise ValueError(f"{path} is a file; give the model's folder")
     # without a model_index.json the loader explains what is missing
     indexed = (folder / "model_index.json").is_file()
     name = model_index(folder).get("_class_name") if indexed else DIFFUSERS_EDITORS[0]
@@ -92,10 +91,10 @@ def editor_transformer_name(path: str | Path) -> str | None:
     ``QwenImageTransformer2DModel``, ``Step1XEditTransformer``), read from the folder's files
     without loading anything; None where ``path`` holds no editor (loading it says why)."""
     folder = Path(path).expanduser()
-    if folder.is_file():
-        return "Step1XEditTransformer" if folder.match(STEP1X_CHECKPOINTS) else None
+    if _is_step1x_release(folder):
+        return "Step1XEditTransformer"
     if not (folder / "model_index.json").is_file():
-        return "Step1XEditTransformer" if list(folder.glob(STEP1X_CHECKPOINTS)) else None
+        return None
     try:
         index = model_index(folder)
     except ValueError:
@@ -104,6 +103,14 @@ def editor_transformer_name(path: str | Path) -> str | None:
     if index.get("_class_name") not in DIFFUSERS_EDITORS or not isinstance(transformer, list):
         return None
     return transformer[-1]
+
+
+def _is_step1x_release(path: Path) -> bool:
+    """Whether ``path`` is a Step1X-Edit checkpoint, or a folder of the authors' release files
+    (a checkpoint and no model_index.json)."""
+    if path.is_file():
+        return path.match(STEP1X_CHECKPOINTS)
+    return not (path / "model_index.json").is_file() and any(path.glob(STEP1X_CHECKPOINTS))
 
 
 def load_flux_pipeline(path: str | Path, kind: str = "kontext",
