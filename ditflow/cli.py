@@ -517,6 +517,10 @@ def demo_command(args) -> int:
         problem = _output_folder_problem(folder, [])
         if problem:
             raise UsageError(problem)
+    figure = outdir / "figure.png"
+    if figure.is_dir():
+        raise UsageError(f"{figure} is a folder: the demo writes its figure there; move it or "
+                         "choose another -o")
     _start_demo_over(scenes_dir, protected_dir)
     scenes_dir.mkdir(parents=True, exist_ok=True)
     edits = held_out_edits(args.scenes)
@@ -556,9 +560,8 @@ def demo_command(args) -> int:
         print(f"scene{i:<3} {e.instruction:<42} {record['r_ctx_before']:>6.3f} -> "
               f"{record['r_ctx_after']:<6.3f} {kept[0]:>33.2f} -> {kept[1]:.2f}")
         rows.append(np.concatenate([clean, protected, *edited], axis=1))
-    Image.fromarray(figure_grid(rows)).save(outdir / "figure.png")
-    print(f"\nfigure (context | protected | edit of context | edit of protected): "
-          f"{outdir / 'figure.png'}")
+    Image.fromarray(figure_grid(rows)).save(figure)
+    print(f"\nfigure (context | protected | edit of context | edit of protected): {figure}")
     return 0
 
 

@@ -326,6 +326,11 @@ def test_the_demo_refuses_folders_it_cannot_use(tmp_path, capsys):
     assert main(["demo", "-o", str(tmp_path / "demo"), "--steps", "1", "--scenes", "1"]) == 2
     assert "holds photos protected by another run" in capsys.readouterr().err
     assert (tmp_path / "demo" / "protected" / "a.png").is_file()
+    # where the figure goes, before the run rather than with a traceback after it
+    (tmp_path / "other" / "figure.png").mkdir(parents=True)
+    assert main(["demo", "-o", str(tmp_path / "other"), "--steps", "1", "--scenes", "1"]) == 2
+    assert f"{tmp_path / 'other' / 'figure.png'} is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "other" / "protected").exists()
 
 
 def test_demo_protects_and_edits_testbed_scenes(tmp_path, capsys):
