@@ -58,6 +58,15 @@ def test_phrases_are_a_sequence(tokenizer):
         phrase_token_positions(tokenizer, PROMPT, "red circle", 24)
 
 
+def test_config_names_the_bad_setting():
+    with pytest.raises(ValueError, match="DeLeakerConfig: alpha=0: expected > 0"):
+        DeLeakerConfig(alpha=0)
+    with pytest.raises(ValueError, match="DeLeakerConfig: mask_steps=0: expected >= 1"):
+        DeLeakerConfig(mask_steps=0)
+    with pytest.raises(ValueError, match="DeLeakerConfig: record_from=-1: expected >= 0"):
+        DeLeakerConfig(record_from=-1)
+
+
 def test_phrase_tokens_need_offsets():
     class SlowTokenizer:
         is_fast = False

@@ -45,6 +45,19 @@ def test_anchors_of_another_model_are_refused_by_shape():
         token_scores(torch.randn(6, 2, 16), torch.randn(3, 4, 16))
 
 
+def test_config_names_the_bad_setting():
+    # start_up is t / 1000: the paper's "t >= 850" as 850 never reached the start-up stage
+    with pytest.raises(ValueError, match=r"UVRConfig: start_up=850: expected the model's "
+                                         r"timestep t / 1000, in \[0, 1\]"):
+        UVRConfig(start_up=850)
+    with pytest.raises(ValueError, match="UVRConfig: keep_share=0: expected 0 < keep_share"):
+        UVRConfig(keep_share=0)
+    with pytest.raises(ValueError, match="UVRConfig: ring_radius=-1: expected >= 0"):
+        UVRConfig(ring_radius=-1)
+    with pytest.raises(ValueError, match="UVRConfig: block='single10'"):
+        UVRConfig(block="single10")
+
+
 def test_token_scores_are_relative_to_the_anchors_and_centred():
     anchor = torch.randn(2, 8)
     outputs = torch.stack([anchor, -anchor, torch.zeros(2, 8)]) + torch.randn(2, 8)  # + common

@@ -1,4 +1,4 @@
-"""Checks on the pipeline-call arguments the methods pass through."""
+"""Checks on the methods' settings and on the pipeline-call arguments they pass through."""
 
 from __future__ import annotations
 
@@ -35,3 +35,10 @@ def check_one_image_call(method: str, call_kwargs: dict, negative_prompt_ok: boo
             "negative_prompt_embeds") is not None:
         raise ValueError(f"{method}: no negative prompt (true CFG would run the method's rules "
                          "on the negative prompt's tokens too)")
+
+
+def check_settings(owner: str, checks: Iterable[tuple[bool, str]]) -> None:
+    """Refuse the first failed ``(ok, message)`` check: ``ValueError("owner: message")``."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"{owner}: {message}")

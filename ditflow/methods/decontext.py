@@ -51,6 +51,7 @@ from ..io import pixels_tensor, resize_pixels, to_pil
 from ..layout import TokenLayout
 from ..models import adapter_for, check_blocks, edit_calls_for
 from ..session import StatsRecorder, attach
+from .calls import check_settings
 from .prompts import PROMPT_POOL
 
 # The attacked blocks and working resolution when the config leaves them to the model. FLUX.1
@@ -159,9 +160,7 @@ class ProtectConfig:
             low, high = self.eot_resize
             checks.append((0 < low <= high,
                            f"eot_resize={self.eot_resize}: expected 0 < low <= high"))
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"ProtectConfig: {message}")
+        check_settings("ProtectConfig", checks)
 
 
 def with_family_defaults(config: ProtectConfig, transformer_name: str | None) -> ProtectConfig:

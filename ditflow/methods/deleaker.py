@@ -44,7 +44,7 @@ from ..layout import BASE_GROUPS, TokenLayout
 from ..models.flux import token_grid
 from ..rules import MAX_GROUPS, FlowRules
 from ..session import BlockId, Intervention, StepInfo, attach
-from .calls import check_one_image_call
+from .calls import check_one_image_call, check_settings
 from .phrases import phrase_token_positions
 
 MAX_ENTITIES = (MAX_GROUPS - len(BASE_GROUPS)) // 2  # each entity adds a text and an image group
@@ -68,12 +68,13 @@ class DeLeakerConfig:
     suppress_image: bool = True
 
     def __post_init__(self):
-        if self.alpha <= 0:
-            raise ValueError(f"DeLeakerConfig: alpha={self.alpha} must be positive")
-        if min(self.mask_steps - 1, self.record_from, self.start_block, self.open_iterations,
-               self.close_iterations) < 0:
-            raise ValueError("DeLeakerConfig: mask_steps >= 1; record_from, start_block, "
-                             "open_iterations, close_iterations >= 0")
+        check_settings("DeLeakerConfig", [
+            (self.alpha > 0, f"alpha={self.alpha}: expected > 0"),
+            (self.mask_steps >= 1, f"mask_steps={self.mask_steps}: expected >= 1"),
+            *((getattr(self, name) >= 0, f"{name}={getattr(self, name)}: expected >= 0")
+              for name in ("record_from", "start_block", "open_iterations",
+                           "close_iterations")),
+        ])
 
 
 def _dilate(mask: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,7 @@ from ..models import check_blocks, edit_calls_for
 from ..models.flux import token_coverage, token_grid
 from ..rules import FlowRules
 from ..session import BlockId, Intervention, StepInfo, attach, is_block_name
-from .calls import check_one_image_call
+from .calls import check_one_image_call, check_settings
 
 MODES = ("generate", "edit")
 
@@ -78,15 +78,19 @@ class UVRConfig:
     seed: int = 0  # the replacement noise
 
     def __post_init__(self):
-        if not is_block_name(self.block):
-            raise ValueError(f"UVRConfig: block={self.block!r}; expected 'double.N' or "
-                             "'single.N'")
-        if not 0 <= self.keep <= 1 or not 0 < self.keep_share <= 1:
-            raise ValueError("UVRConfig: keep in [0, 1], keep_share in (0, 1]")
-        if min(self.min_area_generate, self.min_area_edit, self.keep_regions - 1,
-               self.ring_radius, self.ring_dilations) < 0:
-            raise ValueError("UVRConfig: min_area_*, ring_radius, ring_dilations >= 0 and "
-                             "keep_regions >= 1")
+        check_settings("UVRConfig", [
+            (is_block_name(self.block),
+             f"block={self.block!r}; expected 'double.N' or 'single.N'"),
+            (0 <= self.start_up <= 1, f"start_up={self.start_up}: expected the model's "
+                                      "timestep t / 1000, in [0, 1] (0.85: the paper's t >= 850)"),
+            (0 <= self.keep <= 1, f"keep={self.keep}: expected 0 <= keep <= 1"),
+            (0 < self.keep_share <= 1, f"keep_share={self.keep_share}: expected 0 < keep_share "
+                                       "<= 1"),
+            (self.keep_regions >= 1, f"keep_regions={self.keep_regions}: expected >= 1"),
+            *((getattr(self, name) >= 0, f"{name}={getattr(self, name)}: expected >= 0")
+              for name in ("min_area_generate", "min_area_edit", "ring_radius",
+                           "ring_dilations")),
+        ])
 
 
 # -- anchors and localisation ----------------------------------------------------------------
