@@ -61,6 +61,13 @@ def test_t2i_draws_what_the_caption_says(t2i):
     assert summary["shape_iou"] >= summary["shape_iou_other"] + 0.2
 
 
+def test_generation_quality_needs_another_scene_to_compare_with():
+    """With one caption, the 'other' scene would be the caption's own: a baseline equal to the
+    score it is meant to sit under."""
+    with pytest.raises(ValueError, match="at least 2 captions"):
+        generation_quality(None, n=1)
+
+
 def test_missing_weights_are_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"python -m ditflow\.testbed\.train editor"):
         load_testbed("editor", weights=tmp_path)

@@ -112,6 +112,9 @@ def generation_quality(pipeline, n: int = 32, steps: int = 20) -> dict:
     held-out scene, the level a model that ignored its caption would reach; ``color_bleed`` is
     the leakage between objects (``scenes.color_bleed``, 0 on the scenes themselves).
     ``figure``: rows of (scene as described | generation)."""
+    if n < 2:  # each image's other scene is the one before it
+        raise ValueError(f"generation_quality needs at least 2 captions (n={n}): *_other scores "
+                         "each image against another caption's scene")
     rng = random.Random(HELD_OUT_SEED + 3)
     scenes = [random_scene(rng) for _ in range(n)]
     rows, figures = [], []
