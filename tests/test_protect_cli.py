@@ -673,6 +673,16 @@ def test_results_that_cannot_be_written_are_one_line_errors(tmp_path, capsys):
     assert err.startswith(f"error: cannot write {tmp_path / 'x-regions.png'}") and err[-1] == "\n"
 
 
+def test_region_maps_have_a_colour_for_every_region_a_command_takes():
+    """_save_results pairs colours and regions without strict: a region past the last colour
+    would go undrawn."""
+    from ditflow.cli import REGION_COLORS
+    from ditflow.methods.ale import MAX_OBJECTS
+    from ditflow.methods.deleaker import MAX_ENTITIES
+
+    assert len({tuple(color) for color in REGION_COLORS}) >= max(MAX_ENTITIES, MAX_OBJECTS)
+
+
 def test_an_image_without_regions_removes_an_earlier_runs_map(tmp_path, capsys):
     from ditflow.cli import _save_results
 
