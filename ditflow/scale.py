@@ -51,9 +51,9 @@ def run(jobs: list[Job], model: str, device: str, config: ProtectConfig, manifes
         workers: int, resume: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
         progress: bool = True) -> dict:
     """Protect every job on ``workers`` Ray workers, each loading ``model`` (as ``--model``
-    names it) on ``device`` ("cuda": one GPU per worker; "cpu": one core). Starts a local Ray
-    instance unless one is running (``ray.init`` it yourself to use a cluster). Returns counts
-    {"ok", "failed", "skipped"}."""
+    names it) on ``device`` ("cuda", any index: the GPU Ray gives each worker; "cpu": one core
+    each). Starts a local Ray instance unless one is running (``ray.init`` it yourself to use a
+    cluster). Returns counts {"ok", "failed", "skipped"}."""
     try:
         import ray
     except ImportError as exc:
@@ -71,7 +71,10 @@ def run(jobs: list[Job], model: str, device: str, config: ProtectConfig, manifes
             raise WorkerError(f"{workers} workers on {device} need {workers} {kind}s; the Ray "
                               f"cluster has {available}")
         worker = ray.remote(**{f"num_{kind.lower()}s": 1})(_Worker)
-        actors = [worker.remote(model, device, config, max_pixels) for _ in range(workers)]
+        # Ray shows a worker only the GPU it gives it, as cuda:0, whatever index --device names
+        worker_device = "cuda" if kind == "GPU" else device
+        actors = [worker.remote(model, worker_device, config, max_pixels)
+                  for _ in range(workers)]
         errors = [e for e in ray.get([actor.ready.remote() for actor in actors]) if e]
         if errors:  # blocks the model lacks keep their type: the caller says who named them
             raise errors[0] if isinstance(errors[0], UnknownBlocks) else WorkerError(str(errors[0]))

@@ -3,6 +3,9 @@ Ray workers (CPU processes here; one GPU each on a GPU machine)."""
 
 from __future__ import annotations
 
+import sys
+import types
+
 import numpy as np
 import pytest
 
@@ -58,3 +61,42 @@ def test_workers_that_cannot_start_are_a_one_line_error(tmp_path, capsys):
     assert main([*common, "--workers", "2", "--blocks", "single.99"]) == 2  # checked on load
     assert "\nerror: --blocks: ['single.99'] not in this model" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_each_gpu_worker_loads_the_model_on_the_gpu_ray_gives_it(tmp_path, monkeypatch):
+    """Ray shows a worker only its own GPU, as cuda:0, so --device cuda:1 is no device there.
+    A stand-in Ray (no GPU here) records the device each worker is given."""
+    from ditflow import scale
+    from ditflow.io import Manifest
+    from ditflow.methods.decontext import ProtectConfig
+
+    class Ref:  # what a Ray call returns: here, its value
+        def __init__(self, value):
+            self.value = value
+
+    class Call:  # a Ray actor's method
+        def __init__(self, value):
+            self.remote = lambda: Ref(value)
+
+    class Worker:  # a Ray actor with no photos to protect
+        def __init__(self):
+            self.ready, self.finish = Call(None), Call([])
+
+    devices = []
+
+    def start_worker(model, device, config, max_pixels):
+        devices.append(device)
+        return Worker()
+
+    def remote(**resources):
+        assert resources == {"num_gpus": 1}
+        return lambda worker_class: types.SimpleNamespace(remote=start_worker)
+
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(
+        is_initialized=lambda: True, cluster_resources=lambda: {"GPU": 2}, remote=remote,
+        get=lambda refs: [r.value for r in refs] if isinstance(refs, list) else refs.value,
+        wait=lambda refs, num_returns: (refs[:num_returns], refs[num_returns:])))
+    counts = scale.run([], "tiny", "cuda:1", ProtectConfig(), Manifest(tmp_path / "m.jsonl"),
+                       workers=2, progress=False)
+    assert counts == {"ok": 0, "failed": 0, "skipped": 0}
+    assert devices == ["cuda", "cuda"]
