@@ -54,19 +54,19 @@ def edit(pipeline, context: np.ndarray, instruction: str, steps: int = 20,
          seed: int = 0) -> np.ndarray:
     """The editor's output (uint8 [SIZE, SIZE, 3]) for a context image and an instruction."""
     out = pipeline(image=Image.fromarray(context), prompt=instruction, height=SIZE, width=SIZE,
-                   max_area=SIZE * SIZE, _auto_resize=False, num_inference_steps=steps,
-                   max_sequence_length=TEXT_TOKENS, guidance_scale=1.0, output_type="np",
-                   generator=torch.Generator().manual_seed(seed)).images[0]
+                   max_area=SIZE * SIZE, _auto_resize=False, **_sampling(steps, seed)).images[0]
     return to_uint8(out)
 
 
 def generate(pipeline, caption: str, steps: int = 20, seed: int = 0) -> np.ndarray:
     """The text-to-image model's output (uint8 [SIZE, SIZE, 3]) for a caption."""
-    out = pipeline(prompt=caption, height=SIZE, width=SIZE, **_t2i_options(steps, seed))
+    out = pipeline(prompt=caption, height=SIZE, width=SIZE, **_sampling(steps, seed))
     return to_uint8(out.images[0])
 
 
-def _t2i_options(steps: int, seed: int) -> dict:
+def _sampling(steps: int, seed: int) -> dict:
+    """The testbed models' pipeline arguments, with or without a method: no guidance, their
+    text length, the seed's generator, float images out."""
     return dict(num_inference_steps=steps, max_sequence_length=TEXT_TOKENS, guidance_scale=1.0,
                 output_type="np", generator=torch.Generator().manual_seed(seed))
 
@@ -241,12 +241,12 @@ def leakage_mitigation(pipeline, configs: dict, n: int = 32, steps: int = 20,
             start = time.perf_counter()
             if name == "none":
                 out = pipeline(prompt=scene.caption(), height=SIZE, width=SIZE,
-                               **_t2i_options(steps, seed=i)).images
+                               **_sampling(steps, seed=i)).images
                 regions = None
             else:
                 out, regions = deleaker_generate(
                     pipeline, scene.caption(), entities(scene), height=SIZE, width=SIZE,
-                    config=configs[name], **_t2i_options(steps, seed=i))
+                    config=configs[name], **_sampling(steps, seed=i))
             seconds = time.perf_counter() - start
             image = to_uint8(out[0])
             images.append(image)
@@ -317,9 +317,7 @@ def attribute_leakage(pipeline, configs: dict, n: int = 32, steps: int = 20,
                 else:
                     images_out, _ = ale_edit(
                         pipeline, clean, instruction, phrases, [object_masks[j] for j in edited],
-                        resolution=SIZE, config=configs[name], max_sequence_length=TEXT_TOKENS,
-                        generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
-                        guidance_scale=1.0, output_type="np")
+                        resolution=SIZE, config=configs[name], **_sampling(steps, seed=0))
                     out = to_uint8(images_out[0])
                 seconds = time.perf_counter() - start
                 images.append(out)
@@ -396,22 +394,17 @@ def concept_removal(t2i, editor, configs: dict, n: int = 32, anchors: int = 16,
     (block,) = {config.block for config in configs.values()}
     probe = next(iter(configs.values()))
     rng = random.Random(HELD_OUT_SEED + 8)
-    options = dict(num_inference_steps=steps, guidance_scale=1.0, output_type="np")
-
-    def seeded(seed: int) -> dict:
-        return dict(options, generator=torch.Generator().manual_seed(seed))
-
     def select(image: np.ndarray) -> np.ndarray:
         return palette_mask(image, concept)
 
     t2i_anchors = collect_anchors(
         t2i, [s.caption() for s in _scenes_with(rng, concept, True, anchors)], height=SIZE,
-        width=SIZE, select=select, config=probe, max_sequence_length=TEXT_TOKENS, **seeded(0))
+        width=SIZE, select=select, config=probe, **_sampling(steps, seed=0))
     anchor_edits = _edits_with(rng, concept, True, anchors)
     edit_anchors = collect_anchors(
         editor, [e.instruction for e in anchor_edits], height=SIZE, width=SIZE,
         images=[render(e.context) for e in anchor_edits], select=select, config=probe,
-        max_sequence_length=TEXT_TOKENS, **seeded(0))
+        **_sampling(steps, seed=0))
 
     def run(task: str, prompt: str, shown: np.ndarray, seed: int, config=None):
         """The task's output (uint8) and UVR's flagged tokens: without UVR where ``config``
@@ -421,11 +414,10 @@ def concept_removal(t2i, editor, configs: dict, n: int = 32, anchors: int = 16,
                     else edit(editor, shown, prompt, steps, seed)), None
         if task == "generation":
             out, mask = uvr_generate(t2i, prompt, t2i_anchors, height=SIZE, width=SIZE,
-                                     config=config, max_sequence_length=TEXT_TOKENS,
-                                     **seeded(seed))
+                                     config=config, **_sampling(steps, seed))
         else:
             out, mask = uvr_edit(editor, shown, prompt, edit_anchors, resolution=SIZE,
-                                 config=config, max_sequence_length=TEXT_TOKENS, **seeded(seed))
+                                 config=config, **_sampling(steps, seed))
         return to_uint8(out[0]), mask
 
     summary, rows, figures = {}, [], []
