@@ -46,10 +46,11 @@ class Job:
 
 def gather(inputs: Iterable[str], outdir: Path, suffix: str = ".png",
            manifest: Manifest | None = None) -> list[Job]:
-    """Files, folders (their files, not recursive) and glob patterns (``**`` recursive) -> jobs
-    with output paths ``outdir/<name><suffix>``. Missing inputs and outputs that would replace
-    a file become failed jobs: another input's output, an input photo, or any file in
-    ``outdir`` that ``manifest`` does not record as this photo's protection."""
+    """Files, folders (:func:`~ditflow.io.folder_files`: not recursive, no hidden files) and
+    glob patterns (``**`` recursive) -> jobs with output paths ``outdir/<name><suffix>``.
+    Missing inputs and outputs that would replace a file become failed jobs: another input's
+    output, an input photo, or any file in ``outdir`` that ``manifest`` does not record as this
+    photo's protection."""
     jobs: list[Job] = []
     for item in inputs:
         path = Path(item)
