@@ -627,8 +627,8 @@ def _run_uvr(args, output: Path, run) -> int:
     try:
         anchors, metadata = load_anchors(args.uvr)
         block = args.uvr_block or metadata.get("block", UVRConfig.block)
-        images, mask = run(anchors, metadata, UVRConfig(block=block,
-                                                        threshold=args.uvr_threshold))
+        threshold = UVRConfig.threshold if args.uvr_threshold is None else args.uvr_threshold
+        images, mask = run(anchors, metadata, UVRConfig(block=block, threshold=threshold))
     except UnknownBlocks as error:
         raise UsageError(error.named("--uvr-block") if args.uvr_block else error.named(
             f"the block of --uvr {args.uvr}'s anchors") + "; collect anchors with this model "
@@ -817,11 +817,14 @@ def _protect_options(p: argparse.ArgumentParser, steps_default: int | None = Non
 
 
 def _uvr_options(p: argparse.ArgumentParser) -> None:
+    from .methods.uvr import UVRConfig
+
     p.add_argument("--uvr", default=None, metavar="ANCHORS",
                    help="restrict an unsafe concept's flow (UVR) with these anchors "
                         "(.safetensors from ditflow.methods.uvr.save_anchors)")
-    p.add_argument("--uvr-threshold", type=FINITE, default=0.6,
-                   help="UVR: flag tokens scoring above this (1 = as close as the anchors)")
+    p.add_argument("--uvr-threshold", type=FINITE, default=None,
+                   help="UVR: flag tokens scoring above this (1 = as close as the anchors; "
+                        f"default {UVRConfig.threshold})")
     p.add_argument("--uvr-block", type=_block_name, default=None,
                    help="UVR: the localisation block (default: the anchors' own; anchors that "
                         "record their block run only there)")
@@ -831,7 +834,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     """The ``ditflow`` command line and its subcommands' parsers, one per job."""
     from .methods.deleaker import DeLeakerConfig
 
-    parser = argparse.ArgumentParser(prog="ditflow", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(  # the docstring's first paragraph, without its markup
+        prog="ditflow", description=__doc__.split("\n\n")[0].replace("``", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("protect", help="protect photos against in-context editing (DeContext)")
@@ -964,7 +968,12 @@ def _check_args(args) -> str:
                 f"{args.size - args.size % 16})")
     option, given = (("--entity", args.entity) if args.command == "generate"
                      else ("--object", args.object))
-    if args.uvr is not None:
+    if args.uvr is None:
+        uvr_only = [name for name, value in (("--uvr-threshold", args.uvr_threshold),
+                                             ("--uvr-block", args.uvr_block)) if value is not None]
+        if uvr_only:
+            return f"{' and '.join(uvr_only)} set UVR, which runs with --uvr ANCHORS only"
+    else:
         if given:
             return f"--uvr and {option} are separate methods; give one"
         if not Path(args.uvr).is_file():

@@ -652,7 +652,10 @@ def test_generate_and_edit_refuse_outputs_they_cannot_write(tmp_path, capsys):
             (["edit", str(photo), "x", *[a for e in "abcde" for a in ("--object", e, "m.png")],
               "-o", str(tmp_path / "x.png")], "edit: error: --object: at most 4, got 5"),
             (["generate", "x", "--uvr", str(tmp_path), "-o", str(tmp_path / "x.png")],
-             f"--uvr {tmp_path}: a folder")):
+             f"--uvr {tmp_path}: a folder"),
+            (["edit", str(photo), "x", "--uvr-threshold", "0.3", "--uvr-block", "single.1",
+              "-o", str(tmp_path / "x.png")],
+             "--uvr-threshold and --uvr-block set UVR, which runs with --uvr ANCHORS only")):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
