@@ -122,6 +122,11 @@ def _record(job: Job, config: ProtectConfig, **fields) -> dict:
             "config": {k: v for k, v in asdict(config).items() if k != "prompts"}, **fields}
 
 
+def failure_record(job: Job, config: ProtectConfig, message: str) -> dict:
+    """The manifest record of a photo that could not be protected (``--resume`` retries it)."""
+    return _record(job, config, status="error", error=message)
+
+
 class BatchedProtection:
     """Protects photo files in batches of one working size: :meth:`add` loads a job's photo
     and queues it (a full batch is protected and its photos saved); :meth:`finish` protects the
@@ -159,7 +164,7 @@ class BatchedProtection:
         return [record for size in list(self._pending) for record in self._flush(size)]
 
     def failed(self, job: Job, message: str) -> dict:
-        return _record(job, self.config, status="error", error=message)
+        return failure_record(job, self.config, message)
 
     def _flush(self, size: tuple[int, int]) -> list[dict]:
         batch = self._pending.pop(size)

@@ -6,20 +6,23 @@ records come back (one writer, so ``--resume`` works as in a single process) and
 model itself. Workers load, batch, protect and save their photos (outputs are recorded where the
 driver would write them: workers on other machines need the same file system). Results depend
 only on the seed and each photo's name, so they are the same whatever worker protects a photo.
+A worker that dies (killed for memory, say) fails the photos it held, which ``--resume``
+retries; the others go on with the rest.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from .bulk import BatchedProtection, Job, Progress, remaining_jobs
+from .bulk import BatchedProtection, Job, Progress, failure_record, remaining_jobs
 from .io import DEFAULT_MAX_PIXELS, Manifest
 from .methods.decontext import ProtectConfig
 from .models import UnknownBlocks
 
 
 class WorkerError(RuntimeError):
-    """The workers cannot start: no Ray, fewer devices than workers, or no such model."""
+    """The workers cannot start (no Ray, fewer devices than workers, no such model) or all
+    died."""
 
 
 class _Worker:
@@ -80,12 +83,14 @@ def run(jobs: list[Job], model: str, device: str, config: ProtectConfig, manifes
             raise errors[0] if isinstance(errors[0], UnknownBlocks) else WorkerError(str(errors[0]))
         queue = deque(remaining_jobs(jobs, manifest, resume, recorded))
         finishing, in_flight = set(), {}
+        held = {actor: {} for actor in actors}  # per actor: its photos not yet recorded
 
         def give(actor) -> None:
             """The actor's next call: a photo while any are left, then its partial batches."""
             if queue:
                 job = queue.popleft()
                 recorded.start(job)
+                held[actor][str(job.source.resolve())] = job
                 in_flight[actor.add.remote(job)] = actor
             elif actor not in finishing:
                 finishing.add(actor)
@@ -96,7 +101,20 @@ def run(jobs: list[Job], model: str, device: str, config: ProtectConfig, manifes
         while in_flight:
             (done,), _ = ray.wait(list(in_flight), num_returns=1)
             actor = in_flight.pop(done)
-            recorded.write(ray.get(done))
+            try:
+                records = ray.get(done)
+            except ray.exceptions.RayActorError as exc:
+                lost = held.pop(actor).values()
+                recorded.write([failure_record(job, config, f"{job.source}: the worker "
+                                               f"protecting it died ({type(exc).__name__}; "
+                                               "out of memory?)") for job in lost])
+                if not held and queue:
+                    raise WorkerError(f"every worker died; {len(queue)} photos were not "
+                                      "started (rerun with --resume)") from None
+                continue
+            for record in records:
+                held[actor].pop(record["input"], None)
+            recorded.write(records)
             give(actor)
     finally:
         recorded.close()

@@ -100,3 +100,54 @@ def test_each_gpu_worker_loads_the_model_on_the_gpu_ray_gives_it(tmp_path, monke
                        workers=2, progress=False)
     assert counts == {"ok": 0, "failed": 0, "skipped": 0}
     assert devices == ["cuda", "cuda"]
+
+
+@pytest.mark.parametrize("killed", [1, 2])
+def test_a_dead_worker_fails_the_photos_it_held_and_the_others_go_on(tmp_path, monkeypatch,
+                                                                       capsys, killed):
+    """Workers killed mid-run (say, for memory): the photos they held are recorded as failed,
+    a surviving worker protects the rest (with none left: a one-line error), and --resume
+    redoes them."""
+    import ray
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((20, 20, 3), 40 * i, dtype=np.uint8)).save(photos / f"p{i}.png")
+    actors, real_remote, real_wait = [], ray.remote, ray.wait
+
+    def remote(**resources):
+        def wrap(cls):
+            actor_class = real_remote(**resources)(cls)
+
+            class Recording:
+                @staticmethod
+                def remote(*args):
+                    actors.append(actor_class.remote(*args))
+                    return actors[-1]
+
+            return Recording
+        return wrap
+
+    def wait(refs, num_returns):
+        while len(actors) > 2 - killed:  # at the first wait, when each worker holds a photo
+            ray.kill(actors.pop())
+        return real_wait(refs, num_returns=num_returns)
+
+    monkeypatch.setattr(ray, "remote", remote)
+    monkeypatch.setattr(ray, "wait", wait)
+    out = tmp_path / "out"
+    status = main(["protect", str(photos), "-o", str(out), *FAST, "--workers", "2"])
+    records = _records(out)
+    failed = [r for r in records.values() if r["status"] == "error"]
+    assert len(failed) == killed
+    assert all("the worker protecting it died (ActorDiedError" in r["error"] for r in failed)
+    if killed == 1:
+        assert status == 1 and len(records) == 3
+    else:
+        assert status == 2 and len(records) == 2
+        assert "error: every worker died; 1 photos were not started (rerun with --resume)" \
+            in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["protect", str(photos), "-o", str(out), *FAST, "--resume"]) == 0
+    assert all(r["status"] == "ok" for r in _records(out).values())
