@@ -232,6 +232,9 @@ def test_edit_pipeline_with_an_intervention():
     assert latents.shape == (1, 60, 4)
     with pytest.raises(ValueError, match="expected multiples of 2"):
         pipe(**{**call, "height": 13})
+    # one of the two was silently ignored for the size_level snapping
+    with pytest.raises(ValueError, match="height=12, width=None: give both or neither"):
+        pipe(**{**call, "width": None})
 
 
 def test_unknown_models_name_step1x_among_the_supported():

@@ -363,7 +363,7 @@ class Step1XEditPipeline(DiffusionPipeline):
                  size_level: int = 512, height: int | None = None, width: int | None = None,
                  rescale_above: float = 0.93, generator: torch.Generator | None = None,
                  output_type: str = "pil"):
-        """Edit ``image`` (PIL) by ``prompt``. ``height``/``width`` (multiples of
+        """Edit ``image`` (PIL) by ``prompt``. ``height`` and ``width`` (both, multiples of
         :attr:`multiple`, 16) replace the ``size_level`` snapping. ``output_type``: ``"pil"``
         (at the photo's own size), ``"pt"`` ([1, 3, h, w] in [0, 1] at the working size),
         ``"np"`` (the same as [1, h, w, 3]) or ``"latent"`` (packed [1, N, C])."""
@@ -371,7 +371,10 @@ class Step1XEditPipeline(DiffusionPipeline):
             raise ValueError(f"output_type={output_type!r}: expected one of "
                              f"{', '.join(OUTPUT_TYPES)}")
         device, dtype = self._execution_device, self.transformer.dtype
-        if height is None or width is None:
+        if (height is None) != (width is None):
+            raise ValueError(f"height={height}, width={width}: give both or neither (the "
+                             "size_level snapping)")
+        if height is None:
             height, width = step1x_size(image.height, image.width, size_level, self.multiple)
         if height % self.multiple or width % self.multiple:
             raise ValueError(f"height={height}, width={width}: expected multiples of "
