@@ -399,12 +399,11 @@ def _working_image(image, height: int, width: int):
 
 
 def _call(pipeline, prompt: str, source, height: int, width: int, **call_kwargs):
+    """A generation, or an edit of ``source`` (PIL) at exactly ``height x width``."""
     if source is None:
         return pipeline(prompt=prompt, height=height, width=width, **call_kwargs)
-    if _batches_guidance(pipeline):  # Step1X-Edit edits at exactly height x width
-        return pipeline(image=source, prompt=prompt, height=height, width=width, **call_kwargs)
-    return pipeline(image=source, prompt=prompt, height=height, width=width,
-                    max_area=height * width, _auto_resize=False, **call_kwargs)
+    return pipeline(image=source, prompt=prompt,
+                    **edit_calls_for(pipeline).size_arguments(height, width), **call_kwargs)
 
 
 def _check_anchors(metadata: dict[str, str] | None, mode: str, config: UVRConfig) -> None:

@@ -168,14 +168,19 @@ class KontextCalls:
         """The context photo's position ids: FLUX.1 Kontext's index 1 on the first axis."""
         return image_ids(rows, columns, 1)
 
+    @staticmethod
+    def size_arguments(height: int, width: int) -> dict:
+        """The pipeline-call arguments that edit an image of ``height x width`` at that size:
+        without them FLUX.1 Kontext snaps to its preferred resolutions (about 1 MP)."""
+        return dict(height=height, width=width, max_area=height * width, _auto_resize=False)
+
     def edit(self, image, prompt: str, size: tuple[int, int], steps: int, guidance: float,
              max_sequence_length: int, generator, output_type: str = "pil"):
         """The pipeline's edit of ``image`` (PIL, at ``size``: without its auto-resize the
         pipeline encodes the context at the image's own size): ``.images`` of the call
         (``output_type="latent"``: packed latents [1, N, C])."""
-        h, w = size
-        return self.pipe(image=image, prompt=prompt, height=h, width=w, max_area=h * w,
-                         _auto_resize=False, num_inference_steps=steps, guidance_scale=guidance,
+        return self.pipe(image=image, prompt=prompt, **self.size_arguments(*size),
+                         num_inference_steps=steps, guidance_scale=guidance,
                          output_type=output_type, max_sequence_length=max_sequence_length,
                          generator=generator).images
 

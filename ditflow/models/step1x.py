@@ -463,11 +463,15 @@ class Step1XEditCalls(KontextCalls):
             encoder_attention_mask=torch.stack([p["encoder_attention_mask"] for p in prompts]),
         )
 
+    @staticmethod
+    def size_arguments(height: int, width: int) -> dict:
+        """The pipeline-call arguments that edit at ``height x width`` exactly."""
+        return dict(height=height, width=width)
+
     def edit(self, image, prompt: str, size: tuple[int, int], steps: int, guidance: float,
              max_sequence_length: int, generator, output_type: str = "pil"):
         """The pipeline's edit of ``image`` (PIL) at ``size`` with its own guidance scale
         (``guidance`` is FLUX's embedding): ``.images`` of the call."""
-        h, w = size
-        return self.pipe(image=image, prompt=prompt, height=h, width=w,
+        return self.pipe(image=image, prompt=prompt, **self.size_arguments(*size),
                          num_inference_steps=steps, generator=generator,
                          output_type=output_type).images
