@@ -214,6 +214,21 @@ def _as_masks(masks, phrases: Sequence[str], size: tuple[int, int]) -> torch.Ten
     return torch.stack(out)
 
 
+def _background_blending(source: torch.Tensor, noise: torch.Tensor, edited: torch.Tensor
+                         ) -> dict:
+    """The call arguments of background blending: after every step, the target tokens outside
+    the regions (``edited`` False, [N]) become the packed ``source`` latents [1, N, C] noised to
+    the next step's level with the generation's own ``noise``."""
+    inside = edited[None, :, None]
+
+    def blend(pipe, i, t, tensors):
+        sigma = float(pipe.scheduler.sigmas[i + 1])
+        background = (1 - sigma) * source + sigma * noise
+        return {"latents": torch.where(inside, tensors["latents"], background)}
+
+    return dict(callback_on_step_end=blend, callback_on_step_end_tensor_inputs=["latents"])
+
+
 def edit(pipeline, image, prompt: str, phrases: Sequence[str], masks, *,
          resolution: int = 1024, config: ALEConfig = ALEConfig(),
          max_sequence_length: int = 512, generator: torch.Generator | None = None,
@@ -233,6 +248,7 @@ def edit(pipeline, image, prompt: str, phrases: Sequence[str], masks, *,
             the background (the blending is one).
     """
     from diffusers import FluxKontextPipeline
+    from diffusers.utils.torch_utils import randn_tensor
 
     if not isinstance(pipeline, FluxKontextPipeline):
         raise TypeError(f"ALE: expected a FluxKontextPipeline, got {type(pipeline).__name__}")
@@ -260,23 +276,14 @@ def edit(pipeline, image, prompt: str, phrases: Sequence[str], masks, *,
     device, dtype = text.embeds.device, text.embeds.dtype
     with torch.no_grad():
         source = encode_image(pipeline.vae, pixels[None].to(device, pipeline.vae.dtype))
-    from diffusers.utils.torch_utils import randn_tensor
-
     noise = pack_latents(randn_tensor(source.shape, generator=generator, device=device,
                                       dtype=dtype))
     call = dict(image=source.to(dtype), prompt_embeds=text.embeds, pooled_prompt_embeds=text.pooled,
                 height=height, width=width, max_area=height * width, latents=noise,
                 generator=generator, max_sequence_length=max_sequence_length, **call_kwargs)
     if config.blend_background:
-        packed_source = pack_latents(source.to(dtype))
-        edited = regions.any(0).flatten().to(device)[None, :, None]
-
-        def blend(pipe, i, t, tensors):
-            sigma = float(pipe.scheduler.sigmas[i + 1])
-            background = (1 - sigma) * packed_source + sigma * noise
-            return {"latents": torch.where(edited, tensors["latents"], background)}
-
-        call.update(callback_on_step_end=blend, callback_on_step_end_tensor_inputs=["latents"])
+        call.update(_background_blending(pack_latents(source.to(dtype)), noise,
+                                         regions.any(0).flatten().to(device)))
     # RGB-CAM restricts the phrases to their regions, ORE the objects' own end-of-sequence tokens
     object_tails = text.object_tails or [[] for _ in phrases]
     object_tokens = [(phrase if config.mask_attention else []) + tail
