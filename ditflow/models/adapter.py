@@ -55,7 +55,7 @@ class ProcessorAdapter(ABC):
     """Installs ``processor(session, block_id, original)`` on every attention block that
     :meth:`blocks` names, and restores the originals."""
 
-    processor: type
+    processor: type[FlowProcessor]
 
     @staticmethod
     @abstractmethod
@@ -69,7 +69,7 @@ class ProcessorAdapter(ABC):
 
     def install(self, transformer, session: Session) -> list:
         processors = [block.attn.processor for _, block in self.blocks(transformer)]
-        if any(isinstance(p.__dict__.get("session"), Session) for p in processors):
+        if any(isinstance(p, FlowProcessor) for p in processors):
             # an inner session's processor would answer for the outer one's blocks
             raise RuntimeError("attach: this model is already attached (attach calls do not "
                                "nest); combine the interventions into one")
