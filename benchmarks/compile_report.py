@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     if not available():
         parser.exit(1, f"this Triton has no NVIDIA compiler tools under {_bin_dir()}\n")
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[args.dtype]
-    defaults = select_configs(args.head_dim, dtype, torch.device("cuda"))
+    defaults = select_configs(args.head_dim, dtype, torch.device("cuda"), args.arch)
     configs = ([FlowConfigs(*[parse_config(spec)] * 3) for spec in args.config]
                if args.config else [defaults])
     rows = [row for cfg in configs

@@ -4,10 +4,12 @@
         --shape kontext-1024 --dtype bfloat16
     python -m benchmarks.render_table benchmarks/results/cpu-kernel-<device>-<date>.json
     python -m benchmarks.render_table benchmarks/results/compile-sm90-<device>-<date>.json
+    python -m benchmarks.render_table benchmarks/results/sweep-<device>-<date>.json
 
 Prints Markdown, then the file's provenance: for benchmarks.attention one row per (shape, dtype,
-direction, provider); for benchmarks.cpu_kernel one row per (N, backend); for
-benchmarks.compile_report one row per (kernel, variant, config).
+direction, provider), for its ``--sweep`` one per (shape, dtype, config); for
+benchmarks.cpu_kernel one row per (N, backend); for benchmarks.compile_report one row per
+(kernel, variant, config).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def render(path: Path, dtype: str | None = None, shape: str | None = None) -> st
         lines = _cpu_kernel_rows(rows)
     elif "registers" in rows[0]:
         lines = _compile_rows(rows)
+    elif "config" in rows[0]:
+        lines = _sweep_rows(rows, dtype, shape)
     else:
         lines = _attention_rows(rows, dtype, shape)
     lines.append("")
@@ -48,6 +52,23 @@ def _compile_rows(rows: list[dict]) -> list[str]:
                      f"{r['spill_stack_bytes']} | {r['local_loads']} / {r['local_stores']} | "
                      f"{r['shared_bytes'] // 1024}{'' if r['fits'] else ' (too large)'} | "
                      f"{r['wgmma']} | {r['score_ops']} |")
+    return lines
+
+
+def _sweep_rows(rows: list[dict], dtype: str | None, shape: str | None) -> list[str]:
+    lines = ["| shape | dtype | config | forward ms | TFLOP/s | forward + backward ms "
+             "| backward TFLOP/s | max err forward / backward |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if (dtype and r["dtype"] != dtype) or (shape and r["shape"] != shape):
+            continue
+        if "fwd_bwd_ms" not in r:  # a config that failed: its note
+            lines.append(f"| {r['shape']} (N={r['n']}) | {r['dtype']} | {r['config']} | "
+                         f"{r.get('note', 'n/a')} | | | | |")
+            continue
+        lines.append(f"| {r['shape']} (N={r['n']}) | {r['dtype']} | {r['config']} | "
+                     f"{r['fwd_ms']:.3f} | {r['fwd_tflops']:.0f} | {r['fwd_bwd_ms']:.3f} | "
+                     f"{r['bwd_tflops']:.0f} | {r['fwd_max_err']:.1e} / {r['bwd_max_err']:.1e} |")
     return lines
 
 

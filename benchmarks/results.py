@@ -14,11 +14,14 @@ import torch
 
 
 def _git_commit() -> str:
+    """``DITFLOW_COMMIT`` where set (a copy of the checkout may carry a stale .git), else git's."""
+    if os.environ.get("DITFLOW_COMMIT"):
+        return os.environ["DITFLOW_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("DITFLOW_COMMIT", "unknown")
+        return "unknown"
 
 
 def device_name() -> str:

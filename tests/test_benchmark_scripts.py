@@ -34,6 +34,15 @@ def test_attention_table_filters_by_dtype_and_shape():
     assert "commit" in table.splitlines()[-1]
 
 
+def test_sweep_tables_have_one_row_per_shape_and_config():
+    path = RESULTS / "sweep-NVIDIA-H200-2026-11-29-chosen.json"
+    lines = render(path, shape="kontext-1024").splitlines()
+    assert lines[0].startswith("| shape | dtype | config | forward ms |")
+    rows = [line for line in lines if line.startswith("| kontext-1024")]
+    assert [row.split(" | ")[2] for row in rows] == [
+        "default", "forward=128x128:8:5:tma,backward_dkdv=64x64:4:3:tma,backward_dq=64x64:4:3:tma"]
+
+
 def test_cpu_kernel_tables_have_one_row_per_backend_and_size():
     sweep = max(p for p in RESULTS.glob("cpu-kernel-*.json") if "testbed" not in p.name)
     lines = render(sweep).splitlines()

@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not compile_report.available(),
                                 reason="this Triton ships no NVIDIA compiler tools")
 
-# Most spill-stack bytes of any variant at the default configs, by Triton release (measured:
-# forward 56 / dk-dv 272 / dq 0 with 3.9, 0 / 432 / 0 with 3.6). The kernels with per-element
+# Most spill-stack bytes of any variant at the default configs, by Triton release (measured at
+# the TMA defaults: forward 80 / dk-dv 296 / dq 0 with 3.9, 8 / 352 / 24 with 3.6; with pointer
+# loads 56 / 272 / 0 and 0 / 432 / 0). The kernels with per-element
 # table gathers in unpipelined mixed tiles spilled 1160 / 1152 / 416 (3.9), 1240 / 736 / 200 (3.6).
 SPILL_BUDGET = {
     "3.9": {"forward": 128, "dkdv": 384, "dq": 64},
@@ -84,8 +85,21 @@ def test_tma_configs_load_tiles_through_tma(tmp_path):
 
 def test_launches_are_recorded_and_the_kernels_restored():
     kernel = launchers._fwd_kernel
-    configs = select_configs(128, torch.float16, torch.device("cuda"))
+    configs = select_configs(128, torch.float16, torch.device("cuda"), arch=90)
     launches = compile_report.capture(torch.float16, configs, "rules+mass")
     assert set(launches) == {"forward", "dkdv", "dq"}
     assert launches["forward"].kwargs["RETURN_MASS"] and launches["dkdv"].kwargs["HAS_DMASS"]
     assert launchers._fwd_kernel is kernel
+
+
+def test_hopper_defaults_read_tiles_through_tma_and_older_gpus_keep_pointer_loads(monkeypatch):
+    """The Hopper table's 5-stage forward needs 224 KiB of shared memory, more than an A100's."""
+    monkeypatch.delenv("DITFLOW_TRITON_CONFIG", raising=False)
+    cuda = torch.device("cuda")
+    hopper = select_configs(128, torch.bfloat16, cuda, arch=90)
+    assert hopper.forward.num_stages == 5
+    assert all(cfg.tma for cfg in (hopper.forward, hopper.backward_dkdv, hopper.backward_dq))
+    ampere = select_configs(128, torch.bfloat16, cuda, arch=80)
+    assert ampere.forward.num_stages == 2
+    assert not any(cfg.tma for cfg in (ampere.forward, ampere.backward_dkdv, ampere.backward_dq))
+
