@@ -309,6 +309,24 @@ def test_help_gives_each_models_defaults(capsys):
     assert "(default: single.0,single.1,single.2)" in text
 
 
+def test_help_states_the_real_editors_defaults_as_decontext_has_them(capsys):
+    """The help spells the real editors' defaults out in words: it must say what
+    decontext.FAMILY_DEFAULTS says."""
+    from ditflow.methods.decontext import FAMILY_DEFAULTS
+
+    with pytest.raises(SystemExit):
+        main(["protect", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for family, editors in (("FluxTransformer2DModel", "FLUX.1 Kontext and Step1X-Edit"),
+                            ("Step1XEditTransformer", "FLUX.1 Kontext and Step1X-Edit"),
+                            ("QwenImageTransformer2DModel", "Qwen-Image-Edit")):
+        defaults = FAMILY_DEFAULTS[family]
+        assert f"{editors} {defaults['resolution']}" in text
+        assert f"{editors} {defaults['blocks'][0]}..{defaults['blocks'][-1]}" in text
+        assert len(defaults["blocks"]) == int(defaults["blocks"][-1].split(".")[1]) - int(
+            defaults["blocks"][0].split(".")[1]) + 1  # "a..b" names every block between
+
+
 def test_a_demo_whose_protection_cannot_run_says_why(tmp_path, capsys):
     assert main(["demo", "-o", str(tmp_path / "demo"), "--steps", "1", "--scenes", "1",
                  "--blocks", "single.99"]) == 2
