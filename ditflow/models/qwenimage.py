@@ -19,7 +19,7 @@ import torch
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
 from .._memo import TensorMemo
-from ..functional import flow_attention
+from ..functional import FlowAttentionOutput, flow_attention
 from ..layout import TokenLayout
 from ..rules import FlowRules
 from ..session import AttentionPlan, BlockId, Session
@@ -112,7 +112,10 @@ class FlowQwenAttnProcessor(FlowProcessor):
                                 pair_mask=self.session.pair_mask(self.block, plan, q, k),
                                 return_mass=plan.return_mass)
         if text_mask is not None and result.mass is not None:
-            result = result._replace(mass=result.mass[..., :plan.layout.num_groups])
+            # built anew, not result._replace(mass=...): Dynamo (torch 2.11) cannot rebuild a
+            # _replace'd NamedTuple at after_attention's graph break
+            result = FlowAttentionOutput(result.out, result.lse,
+                                         result.mass[..., :plan.layout.num_groups])
         out = self.session.after_attention(self.block, plan, result).flatten(2, 3).to(q.dtype)
         return self._joint_output(attn, out, encoder_hidden_states.shape[1])
 
