@@ -4,6 +4,7 @@ Ray workers (CPU processes here; one GPU each on a GPU machine)."""
 from __future__ import annotations
 
 import sys
+import time
 import types
 
 import numpy as np
@@ -107,14 +108,15 @@ def test_a_dead_worker_fails_the_photos_it_held_and_the_others_go_on(tmp_path, m
                                                                        capsys, killed):
     """Workers killed mid-run (say, for memory): the photos they held are recorded as failed,
     a surviving worker protects the rest (with none left: a one-line error), and --resume
-    redoes them."""
+    redoes them. The workers are killed once loaded, and known dead before any photo is
+    handed out, so each is handed one photo that it cannot finish."""
     import ray
 
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(3):
         Image.fromarray(np.full((20, 20, 3), 40 * i, dtype=np.uint8)).save(photos / f"p{i}.png")
-    actors, real_remote, real_wait = [], ray.remote, ray.wait
+    actors, real_remote, real_get = [], ray.remote, ray.get
 
     def remote(**resources):
         def wrap(cls):
@@ -129,13 +131,23 @@ def test_a_dead_worker_fails_the_photos_it_held_and_the_others_go_on(tmp_path, m
             return Recording
         return wrap
 
-    def wait(refs, num_returns):
-        while len(actors) > 2 - killed:  # at the first wait, when each worker holds a photo
-            ray.kill(actors.pop())
-        return real_wait(refs, num_returns=num_returns)
+    def get(refs):
+        result = real_get(refs)
+        if isinstance(refs, list):  # the check that every worker loaded its model
+            for actor in actors[2 - killed:]:
+                ray.kill(actor)  # asynchronous: calls made just after may still run
+                for _ in range(600):
+                    try:
+                        real_get(actor.ready.remote())
+                    except ray.exceptions.RayActorError:
+                        break
+                    time.sleep(0.05)
+                else:
+                    pytest.fail("a killed worker still answers after 30 s")
+        return result
 
     monkeypatch.setattr(ray, "remote", remote)
-    monkeypatch.setattr(ray, "wait", wait)
+    monkeypatch.setattr(ray, "get", get)
     out = tmp_path / "out"
     status = main(["protect", str(photos), "-o", str(out), *FAST, "--workers", "2"])
     records = _records(out)
