@@ -66,9 +66,11 @@ def _sweep_rows(rows: list[dict], dtype: str | None, shape: str | None) -> list[
             lines.append(f"| {r['shape']} (N={r['n']}) | {r['dtype']} | {r['config']} | "
                          f"{r.get('note', 'n/a')} | | | | |")
             continue
+        errors = " / ".join(f"{r[key]:.1e}" if key in r else "n/a"  # older sweeps: unchecked
+                            for key in ("fwd_max_err", "bwd_max_err"))
         lines.append(f"| {r['shape']} (N={r['n']}) | {r['dtype']} | {r['config']} | "
                      f"{r['fwd_ms']:.3f} | {r['fwd_tflops']:.0f} | {r['fwd_bwd_ms']:.3f} | "
-                     f"{r['bwd_tflops']:.0f} | {r['fwd_max_err']:.1e} / {r['bwd_max_err']:.1e} |")
+                     f"{r['bwd_tflops']:.0f} | {errors} |")
     return lines
 
 

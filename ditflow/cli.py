@@ -817,14 +817,12 @@ def _protect_options(p: argparse.ArgumentParser, steps_default: int | None = Non
 
 
 def _uvr_options(p: argparse.ArgumentParser) -> None:
-    from .methods.uvr import UVRConfig
-
     p.add_argument("--uvr", default=None, metavar="ANCHORS",
                    help="restrict an unsafe concept's flow (UVR) with these anchors "
                         "(.safetensors from ditflow.methods.uvr.save_anchors)")
     p.add_argument("--uvr-threshold", type=FINITE, default=None,
                    help="UVR: flag tokens scoring above this (1 = as close as the anchors; "
-                        f"default {UVRConfig.threshold})")
+                        "default 0.6, UVRConfig's)")
     p.add_argument("--uvr-block", type=_block_name, default=None,
                    help="UVR: the localisation block (default: the anchors' own; anchors that "
                         "record their block run only there)")

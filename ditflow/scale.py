@@ -7,11 +7,12 @@ model itself. Workers load, batch, protect and save their photos (outputs are re
 driver would write them: workers on other machines need the same file system). Results depend
 only on the seed and each photo's name, so they are the same whatever worker protects a photo.
 A worker that dies (killed for memory, say) fails the photos it held, which ``--resume``
-retries; the others go on with the rest.
+retries; the others go on with the rest. One that dies loading the model is left out.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import deque
 
 from .bulk import BatchedProtection, Job, Progress, failure_record, remaining_jobs
@@ -50,6 +51,29 @@ class _Worker:
         return self.protection.finish()
 
 
+def _loaded(ray, actors: list) -> list:
+    """The actors that loaded their model. Any that could not is why the run cannot start
+    (blocks the model lacks keep their type: the caller says who named them); actors that died
+    loading (killed for memory, say) are left out, and if none is left, that is the error."""
+    alive = []
+    for actor in actors:
+        try:
+            error = ray.get(actor.ready.remote())
+        except ray.exceptions.RayActorError as exc:
+            died = exc
+            continue
+        if error:
+            raise error if isinstance(error, UnknownBlocks) else WorkerError(str(error))
+        alive.append(actor)
+    if not alive:
+        raise WorkerError(f"every worker died loading the model ({type(died).__name__}; out of "
+                          "memory?)")
+    if len(alive) < len(actors):
+        print(f"{len(actors) - len(alive)} of {len(actors)} workers died loading the model "
+              f"({type(died).__name__}); going on with {len(alive)}", file=sys.stderr)
+    return alive
+
+
 def run(jobs: list[Job], model: str, device: str, config: ProtectConfig, manifest: Manifest,
         workers: int, resume: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
         progress: bool = True) -> dict:
@@ -76,11 +100,8 @@ def run(jobs: list[Job], model: str, device: str, config: ProtectConfig, manifes
         worker = ray.remote(**{f"num_{kind.lower()}s": 1})(_Worker)
         # Ray shows a worker only the GPU it gives it, as cuda:0, whatever index --device names
         worker_device = "cuda" if kind == "GPU" else device
-        actors = [worker.remote(model, worker_device, config, max_pixels)
-                  for _ in range(workers)]
-        errors = [e for e in ray.get([actor.ready.remote() for actor in actors]) if e]
-        if errors:  # blocks the model lacks keep their type: the caller says who named them
-            raise errors[0] if isinstance(errors[0], UnknownBlocks) else WorkerError(str(errors[0]))
+        actors = _loaded(ray, [worker.remote(model, worker_device, config, max_pixels)
+                               for _ in range(workers)])
         queue = deque(remaining_jobs(jobs, manifest, resume, recorded))
         finishing, in_flight = set(), {}
         held = {actor: {} for actor in actors}  # per actor: its photos not yet recorded

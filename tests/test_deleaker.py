@@ -287,6 +287,9 @@ def test_generation_on_a_tiny_pipeline():
     torch.testing.assert_close(second, edited, rtol=0, atol=0)
     with pytest.raises(ValueError, match="multiples of 2"):
         generate(pipe, prompt, ["red circle"], height=13, width=8)
+    pipe.vae = None  # a pipeline for latents only: FLUX's 16-pixel tokens, as diffusers assumes
+    assert DeLeaker.for_pipeline(pipe, prompt, ["red circle", "blue square"], 64, 32,
+                                 16).token_grid == (4, 2)
     with pytest.raises(ValueError, match="no negative prompt"):
         generate(pipe, prompt, ["red circle"], height=12, width=8, negative_prompt="blurry")
     with pytest.raises(ValueError, match="one image per call"):

@@ -309,11 +309,17 @@ def test_help_gives_each_models_defaults(capsys):
     assert "(default: single.0,single.1,single.2)" in text
 
 
-def test_help_states_the_real_editors_defaults_as_decontext_has_them(capsys):
-    """The help spells the real editors' defaults out in words: it must say what
-    decontext.FAMILY_DEFAULTS says."""
+def test_help_states_defaults_as_the_library_has_them(capsys):
+    """The help spells some defaults out in words (the parser is built without importing the
+    methods, which need diffusers): they must be what UVRConfig and decontext.FAMILY_DEFAULTS
+    say."""
     from ditflow.methods.decontext import FAMILY_DEFAULTS
+    from ditflow.methods.uvr import UVRConfig
 
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert f"default {UVRConfig.threshold}, UVRConfig's" in " ".join(
+        capsys.readouterr().out.split())
     with pytest.raises(SystemExit):
         main(["protect", "--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -724,12 +730,21 @@ def test_a_missing_uvr_anchors_file_is_named(tmp_path, capsys):
     assert err.startswith("usage: ditflow generate") and "ditflow generate: error:" in err
 
 
-def test_commands_without_the_diffusers_extra_say_how_to_install_it(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
-    assert main(["demo"]) == 2
-    err = capsys.readouterr().err
-    assert err == ('error: ditflow demo needs the diffusers extra (diffusers missing): '
-                   'pip install -e ".[diffusers]" in the ditflow checkout\n')
+def test_commands_without_the_diffusers_extra_say_how_to_install_it():
+    """In a fresh process, so that no module imported by an earlier test hides an import of
+    diffusers on the way to the command (building the parser, say)."""
+    def without_diffusers(argv: list[str]) -> subprocess.CompletedProcess:
+        script = ("import sys; sys.modules['diffusers'] = None; from ditflow.cli import main; "
+                  f"sys.exit(main({argv!r}))")
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+
+    run = without_diffusers(["demo"])
+    assert run.returncode == 2
+    assert run.stderr == ('error: ditflow demo needs the diffusers extra (diffusers missing): '
+                          'pip install -e ".[diffusers]" in the ditflow checkout\n')
+    for argv in (["--help"], ["generate", "--help"], ["edit", "--help"]):
+        run = without_diffusers(argv)
+        assert run.returncode == 0 and run.stdout.startswith("usage: ditflow"), run.stderr
 
 
 @pytest.mark.parametrize("name", ["animated.gif", "pages.tiff"])

@@ -103,19 +103,24 @@ def test_each_gpu_worker_loads_the_model_on_the_gpu_ray_gives_it(tmp_path, monke
     assert devices == ["cuda", "cuda"]
 
 
-@pytest.mark.parametrize("killed", [1, 2])
-def test_a_dead_worker_fails_the_photos_it_held_and_the_others_go_on(tmp_path, monkeypatch,
-                                                                       capsys, killed):
-    """Workers killed mid-run (say, for memory): the photos they held are recorded as failed,
-    a surviving worker protects the rest (with none left: a one-line error), and --resume
-    redoes them. The workers are killed once loaded, and known dead before any photo is
-    handed out, so each is handed one photo that it cannot finish."""
+def _kill(ray, actor, get) -> None:
+    """Kill a Ray actor and return once it is dead (ray.kill is asynchronous: a call made just
+    after it could still run); ``get``: Ray's own ``ray.get``."""
+    ray.kill(actor)
+    for _ in range(600):
+        try:
+            get(actor.ready.remote())
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.05)
+    pytest.fail("a killed worker still answers after 30 s")
+
+
+def _kill_workers(monkeypatch, killed: int, when: str) -> None:
+    """Kill ``killed`` of the run's workers as soon as they exist ("created") or once they
+    loaded the model, before any photo is handed out ("loaded")."""
     import ray
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(3):
-        Image.fromarray(np.full((20, 20, 3), 40 * i, dtype=np.uint8)).save(photos / f"p{i}.png")
     actors, real_remote, real_get = [], ray.remote, ray.get
 
     def remote(**resources):
@@ -126,29 +131,43 @@ def test_a_dead_worker_fails_the_photos_it_held_and_the_others_go_on(tmp_path, m
                 @staticmethod
                 def remote(*args):
                     actors.append(actor_class.remote(*args))
+                    if when == "created" and len(actors) <= killed:
+                        _kill(ray, actors[-1], real_get)
                     return actors[-1]
 
             return Recording
         return wrap
 
+    gets = []
+
     def get(refs):
         result = real_get(refs)
-        if isinstance(refs, list):  # the check that every worker loaded its model
-            for actor in actors[2 - killed:]:
-                ray.kill(actor)  # asynchronous: calls made just after may still run
-                for _ in range(600):
-                    try:
-                        real_get(actor.ready.remote())
-                    except ray.exceptions.RayActorError:
-                        break
-                    time.sleep(0.05)
-                else:
-                    pytest.fail("a killed worker still answers after 30 s")
+        gets.append(refs)
+        if when == "loaded" and len(gets) == 2:  # the run checked that both workers loaded
+            for actor in actors[:killed]:
+                _kill(ray, actor, real_get)
         return result
 
     monkeypatch.setattr(ray, "remote", remote)
     monkeypatch.setattr(ray, "get", get)
-    out = tmp_path / "out"
+
+
+def _photos(tmp_path, count: int):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(count):
+        Image.fromarray(np.full((20, 20, 3), 40 * i, dtype=np.uint8)).save(photos / f"p{i}.png")
+    return photos
+
+
+@pytest.mark.parametrize("killed", [1, 2])
+def test_a_dead_worker_fails_the_photos_it_held_and_the_others_go_on(tmp_path, monkeypatch,
+                                                                       capsys, killed):
+    """Workers killed mid-run (say, for memory), each holding one photo: those photos are
+    recorded as failed, a surviving worker protects the rest (with none left: a one-line
+    error), and --resume redoes them."""
+    photos, out = _photos(tmp_path, 3), tmp_path / "out"
+    _kill_workers(monkeypatch, killed, "loaded")
     status = main(["protect", str(photos), "-o", str(out), *FAST, "--workers", "2"])
     records = _records(out)
     failed = [r for r in records.values() if r["status"] == "error"]
@@ -163,3 +182,19 @@ def test_a_dead_worker_fails_the_photos_it_held_and_the_others_go_on(tmp_path, m
     monkeypatch.undo()
     assert main(["protect", str(photos), "-o", str(out), *FAST, "--resume"]) == 0
     assert all(r["status"] == "ok" for r in _records(out).values())
+
+
+@pytest.mark.parametrize("killed", [1, 2])
+def test_workers_that_die_loading_the_model_leave_the_others_or_a_one_line_error(
+        tmp_path, monkeypatch, capsys, killed):
+    photos, out = _photos(tmp_path, 2), tmp_path / "out"
+    _kill_workers(monkeypatch, killed, "created")
+    status = main(["protect", str(photos), "-o", str(out), *FAST, "--workers", "2"])
+    err = capsys.readouterr().err
+    if killed == 1:
+        assert status == 0 and len(_records(out)) == 2
+        assert "1 of 2 workers died loading the model (ActorDiedError); going on with 1" in err
+    else:
+        assert status == 2 and not out.exists()
+        assert "error: every worker died loading the model (ActorDiedError; out of memory?)" \
+            in err

@@ -32,6 +32,7 @@ from ditflow.session import BlockId, StepInfo
 from ditflow.testbed import evaluate
 from ditflow.testbed.models import TEXT_TOKENS
 from ditflow.testbed.scenes import SIZE, palette_mask, render
+from ditflow.tiny import tiny_flux_pipeline
 
 CONFIG = UVRConfig(block="single.1")
 START_UP = StepInfo(1, 0.95)
@@ -251,13 +252,18 @@ def test_anchor_collection_refuses_a_block_the_model_lacks_before_it_runs(editor
     """A wrong UVRConfig.block is named before any edit runs (it ran every prompt's edit, then
     blamed the start-up stage)."""
     photo = np.zeros((SIZE, SIZE, 3), np.uint8)
-    selected = []
-    with pytest.raises(ValueError, match=r"UVRConfig.block: \['single.99'\] not in this model"):
-        collect_anchors(editor, ["make it red"], images=[photo], height=SIZE, width=SIZE,
-                        select=lambda image: selected.append(image) or image[..., 0] > 0,
-                        config=UVRConfig(block="single.99"), max_sequence_length=24,
-                        **_options())
-    assert not selected
+    calls = []
+    hook = editor.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        with pytest.raises(ValueError,
+                           match=r"UVRConfig.block: \['single.99'\] not in this model"):
+            collect_anchors(editor, ["make it red"], images=[photo], height=SIZE, width=SIZE,
+                            select=lambda image: image[..., 0] > 0,
+                            config=UVRConfig(block="single.99"), max_sequence_length=24,
+                            **_options())
+    finally:
+        hook.remove()
+    assert not calls
 
 
 def test_editing_on_the_testbed(editor):
@@ -365,3 +371,16 @@ def _pil(pixels):
     from PIL import Image
 
     return Image.fromarray(pixels)
+
+
+def test_anchors_from_an_editor_whose_transformer_is_compiled():
+    """torch.compile wraps the transformer; attach and the edit-call builder see through it."""
+    pipe = tiny_flux_pipeline("kontext")
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager")
+    photo = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    anchors = collect_anchors(pipe, ["make it red"], images=[photo], height=32, width=32,
+                              select=lambda image: np.arange(32)[:, None].repeat(32, 1) < 16,
+                              config=UVRConfig(block="single.0", start_up=0.0),
+                              num_inference_steps=1, max_sequence_length=8)
+    assert anchors.shape[0] == 1
+

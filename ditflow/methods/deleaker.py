@@ -41,7 +41,6 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import BASE_GROUPS, TokenLayout
-from ..models.flux import token_grid
 from ..rules import MAX_GROUPS, FlowRules
 from ..session import BlockId, Intervention, StepInfo, attach
 from .calls import check_one_image_call, check_settings
@@ -142,6 +141,8 @@ class DeLeaker(Intervention):
                      width: int, max_sequence_length: int = 512,
                      config: DeLeakerConfig = DeLeakerConfig()) -> DeLeaker:
         """DeLeaker for a FluxPipeline call with this prompt, entity phrases and image size."""
+        from ..models.flux import token_grid  # diffusers: the CLI imports this module without
+
         grid = token_grid(pipeline.vae, height, width, "DeLeaker")
         positions = phrase_token_positions(pipeline.tokenizer_2, prompt, entities,
                                            max_sequence_length)

@@ -32,8 +32,14 @@ FAMILIES = {
 }
 
 
+def _compiled_from(transformer: torch.nn.Module) -> torch.nn.Module:
+    """The module ``torch.compile`` wrapped (or ``transformer`` itself): its class names the
+    family and its modules the blocks."""
+    return getattr(transformer, "_orig_mod", transformer)
+
+
 def _member(transformer: torch.nn.Module, member: str):
-    name = type(transformer).__name__
+    name = type(_compiled_from(transformer)).__name__
     family = FAMILIES.get(name)
     if family is None:
         supported = "; ".join(f"{cls} ({f.models})" for cls, f in FAMILIES.items())
@@ -70,6 +76,7 @@ class UnknownBlocks(ValueError):
 def check_blocks(transformer: torch.nn.Module, names, what: str) -> None:
     """Refuse block names (``"single.3"``) that ``transformer`` lacks, naming ``what`` set
     them (:class:`UnknownBlocks`)."""
+    transformer = _compiled_from(transformer)
     known = [str(block) for block, _ in adapter_for(transformer).blocks(transformer)]
     missing = sorted(set(names) - set(known))
     if missing:

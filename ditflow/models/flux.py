@@ -222,8 +222,9 @@ def token_coverage(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def token_side(vae) -> int:
-    """Pixels per image-token side: the VAE's downsampling x FLUX's 2x2 packing (16)."""
-    return 2 ** len(vae.config.block_out_channels)
+    """Pixels per image-token side: the VAE's downsampling x FLUX's 2x2 packing (16; for a
+    pipeline built without a VAE, FLUX's, as diffusers' pipelines assume)."""
+    return 16 if vae is None else 2 ** len(vae.config.block_out_channels)
 
 
 def token_grid(vae, height: int, width: int, method: str) -> tuple[int, int]:
