@@ -12,7 +12,7 @@ from ..layout import TokenLayout
 from ..session import AttentionPlan, BlockId, EarlyStop, Session
 
 
-class FlowProcessor:
+class FlowProcessor(ABC):
     """What every ditflow attention processor shares: the model's ``original`` processor where
     the intervention asks for nothing, ditflow's attention (:meth:`_flow`, the model-specific
     part) elsewhere, and the intervention's early stop after either."""
@@ -32,8 +32,10 @@ class FlowProcessor:
             raise EarlyStop(str(self.block))
         return out
 
+    @abstractmethod
     def _flow(self, attn, *args):
-        raise NotImplementedError
+        """ditflow's attention for this block: ``args`` as :meth:`_run` takes them, then the
+        block's :class:`~ditflow.session.AttentionPlan`."""
 
     def _check_length(self, tokens: int, plan: AttentionPlan) -> None:
         if tokens != len(plan.layout):
