@@ -34,7 +34,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from benchmarks.results import save
 from kernels import launch as launchers
-from kernels.configs import FlowConfigs, parse_config, select_configs
+from kernels.configs import FlowConfigs, pin_configs, select_configs
 from kernels.launch import FlowInputs
 
 KERNELS = {"forward": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel"}
@@ -112,22 +112,24 @@ def _variants() -> dict[str, tuple[FlowInputs, bool]]:
 
 def capture(dtype: torch.dtype, configs: FlowConfigs, variant: str, head_dim: int = 128,
             heads: int = 24) -> dict[str, Launch]:
-    """The forward, dk/dv and dq launches of one variant, by kernel."""
+    """The forward, dk/dv and dq launches of one variant, by kernel (no dq with
+    ``backward_dq=atomic``)."""
     inputs, with_mass = _variants()[variant]
     n = sum(LAYOUT)
     q, k, v = (torch.empty(1, n, heads, head_dim, dtype=dtype) for _ in range(3))
     lse = torch.empty(1, heads, n)
     mass = torch.empty(1, heads, n, inputs.num_groups) if with_mass else None
     plans = {name: launchers.plan_for(inputs, n, n, getattr(configs, name), q.device)
-             for name in ("forward", "backward_dkdv", "backward_dq")}
+             for name in ("forward", "backward_dkdv", "backward_dq")
+             if getattr(configs, name) is not None}
     with recorded_launches() as launches:
         launchers.flow_attention_forward(q, k, v, inputs, head_dim**-0.5, with_mass,
                                          plans["forward"], configs.forward)
         launchers.flow_attention_backward(torch.empty_like(q), None, mass, q, k, v, q, lse, mass,
                                           inputs, head_dim**-0.5, plans["backward_dkdv"],
-                                          plans["backward_dq"], configs)
+                                          plans.get("backward_dq"), configs)
     by_name = {launch.kernel.__name__: launch for launch in launches}
-    return {kernel: by_name[name] for kernel, name in KERNELS.items()}
+    return {kernel: by_name[name] for kernel, name in KERNELS.items() if name in by_name}
 
 
 def _argument(value) -> tuple[str, bool]:
@@ -162,8 +164,22 @@ def compile_launch(launch: Launch, arch: int = 90):
                           target=GPUTarget("cuda", arch, 32), options=options)
 
 
+def uniform_loop(sass: str) -> list[str]:
+    """The SASS instructions of the kernel's first loop, the uniform tiles' (the first backward
+    branch closes it; the mixed tiles' loop follows)."""
+    code = [(int(addr, 16), text) for addr, text in
+            re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    for addr, text in code:
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr:
+            start = int(target.group(1), 16)
+            return [t for a, t in code if start <= a <= addr]
+    raise ValueError("no loop found in the SASS")
+
+
 def resources(compiled) -> dict:
-    """Registers, spill stack, local-memory instructions, shared memory, wgmma and TMA-load
+    """Registers, spill stack, local-memory instructions (in all and in the uniform-tile loop),
+    the uniform-tile loop's length, shared memory, wgmma, TMA-load and atomic-reduction
     counts."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
@@ -173,14 +189,18 @@ def resources(compiled) -> dict:
         sass = subprocess.run([_bin_dir() / "cuobjdump", "--dump-sass", cubin],
                               capture_output=True, text=True, check=True).stdout
     registers, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+    loop = uniform_loop(sass)
     return dict(
         registers=int(registers),
         spill_stack_bytes=int(stack),
         local_loads=len(re.findall(r"\bLDL\b", sass)),
         local_stores=len(re.findall(r"\bSTL\b", sass)),
+        loop_instructions=len(loop),
+        loop_local_accesses=sum(bool(re.search(r"\b(LDL|STL)\b", t)) for t in loop),
         shared_bytes=compiled.metadata.shared,
         wgmma=len(re.findall(r"\bHGMMA\b", sass)),
         tma_loads=len(re.findall(r"\bUTMALDG\b", sass)),
+        atomic_reductions=len(re.findall(r"\bREDG\b", sass)),
     )
 
 
@@ -208,10 +228,11 @@ def report(dtype: torch.dtype, configs: FlowConfigs, kernels: list[str], variant
     rows = []
     for variant in variants:
         launches = capture(dtype, configs, variant, head_dim)
-        for kernel in kernels:
+        for kernel in filter(launches.__contains__, kernels):
             launch = launches[kernel]
             config = "{BLOCK_M}x{BLOCK_N}:{num_warps}:{num_stages}".format(**launch.kwargs)
             config += ":tma" if launch.kwargs["TMA"] else ""
+            config += ":atomic-dq" if launch.kwargs.get("ATOMIC_DQ") else ""
             compiled = compile_launch(launch, arch)
             tile = (launch.kwargs["BLOCK_M"], launch.kwargs["BLOCK_N"])
             row = dict(kernel=kernel, variant=variant, dtype=str(dtype).removeprefix("torch."),
@@ -227,9 +248,10 @@ def _line(row: dict) -> str:
     spills = (f"spills {row['spill_stack_bytes']} B ({row['local_loads']} LDL / "
               f"{row['local_stores']} STL)" if row["spill_stack_bytes"] else "no spills")
     shared = f"shared {row['shared_bytes'] // 1024} KiB" + ("" if row["fits"] else " TOO LARGE")
-    return (f"{row['kernel']:8} {row['variant']:15} {row['config']:17} regs {row['registers']:3}  "
+    return (f"{row['kernel']:8} {row['variant']:15} {row['config']:27} regs {row['registers']:3}  "
             f"{spills:34} {shared}  wgmma {row['wgmma']:3}  TMA loads {row['tma_loads']:2}  "
-            f"ops/score {row['score_ops']}")
+            f"uniform loop {row['loop_instructions']:4} instr, {row['loop_local_accesses']:2} "
+            f"LDL/STL  ops/score {row['score_ops']}")
 
 
 def main(argv: list[str] | None = None) -> Path | None:
@@ -242,8 +264,11 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--kernel", nargs="+", default=list(KERNELS), choices=list(KERNELS))
     parser.add_argument("--variant", nargs="+", default=["plain", "rules+mass"],
                         choices=["plain", "rules+mass", "bias+pair-mask"])
-    parser.add_argument("--config", nargs="+", default=None, metavar="BMxBN:WARPS:STAGES[:tma]",
-                        help="block shapes to compile for every kernel (default: the GPU table)")
+    parser.add_argument("--config", nargs="+", default=None, metavar="SPEC",
+                        help="DITFLOW_TRITON_CONFIG specs to compile, each over the GPU table: "
+                             "BMxBN:WARPS:STAGES[:tma] for every kernel, or per kernel as "
+                             "backward_dkdv=64x64:4:3:tma,backward_dq=atomic; "
+                             "default: the GPU table")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -253,8 +278,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         parser.exit(1, f"this Triton has no NVIDIA compiler tools under {_bin_dir()}\n")
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[args.dtype]
     defaults = select_configs(args.head_dim, dtype, torch.device("cuda"), args.arch)
-    configs = ([FlowConfigs(*[parse_config(spec)] * 3) for spec in args.config]
-               if args.config else [defaults])
+    configs = [defaults if spec == "default" else pin_configs(defaults, spec, "--config")
+               for spec in args.config or ["default"]]
     rows = [row for cfg in configs
             for row in report(dtype, cfg, args.kernel, args.variant, args.arch, args.head_dim)]
     if args.out is None:

@@ -46,11 +46,14 @@ def _cpu_kernel_rows(rows: list[dict]) -> list[str]:
 
 def _compile_rows(rows: list[dict]) -> list[str]:
     lines = ["| kernel | variant | config | registers | spilled bytes | local ld / st "
-             "| shared KiB | wgmma | ops / score |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| uniform loop: instructions, local ld / st | shared KiB | wgmma | ops / score |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        loop = (f"{r['loop_instructions']}, {r['loop_local_accesses']}"
+                if "loop_instructions" in r else "n/a")  # older reports did not count it
         lines.append(f"| {r['kernel']} | {r['variant']} | {r['config']} | {r['registers']} | "
                      f"{r['spill_stack_bytes']} | {r['local_loads']} / {r['local_stores']} | "
-                     f"{r['shared_bytes'] // 1024}{'' if r['fits'] else ' (too large)'} | "
+                     f"{loop} | {r['shared_bytes'] // 1024}{'' if r['fits'] else ' (too large)'} | "
                      f"{r['wgmma']} | {r['score_ops']} |")
     return lines
 

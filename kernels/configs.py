@@ -31,19 +31,28 @@ class KernelConfig:
 
 @dataclass(frozen=True)
 class FlowConfigs:
+    """Block shapes of the three kernels. ``backward_dq`` None (``atomic`` in
+    ``DITFLOW_TRITON_CONFIG``): no dq kernel; the dk/dv kernel adds each tile's share of dq into
+    an fp32 buffer with atomics, one dot per tile pair instead of the dq kernel's three (it
+    recomputes the scores and dO.v), at the price of bit-reproducible dq."""
+
     forward: KernelConfig
     backward_dkdv: KernelConfig
-    backward_dq: KernelConfig
+    backward_dq: KernelConfig | None
 
 
 def parse_config(spec: str) -> KernelConfig:
     """``BMxBN[:warps[:stages[:tma]]]``, e.g. ``128x64:8:3`` or ``128x128:8:2:tma``."""
     blocks, *rest = spec.split(":")
-    if len(rest) > 3 or (len(rest) == 3 and rest[2] != "tma"):
-        raise ValueError(f"kernel config {spec!r}: expected BMxBN[:warps[:stages[:tma]]]")
-    block_m, block_n = (int(x) for x in blocks.lower().split("x"))
-    num_warps = int(rest[0]) if rest else 4
-    num_stages = int(rest[1]) if len(rest) > 1 else 1
+    try:
+        if len(rest) > 3 or (len(rest) == 3 and rest[2] != "tma"):
+            raise ValueError
+        block_m, block_n = (int(x) for x in blocks.lower().split("x"))
+        num_warps = int(rest[0]) if rest else 4
+        num_stages = int(rest[1]) if len(rest) > 1 else 1
+    except ValueError:
+        raise ValueError(f"kernel config {spec!r}: expected BMxBN[:warps[:stages[:tma]]], "
+                         "e.g. 128x64:8:3") from None
     return KernelConfig(block_m, block_n, num_warps, num_stages, tma=len(rest) == 3)
 
 
@@ -82,21 +91,26 @@ def select_configs(head_dim: int, dtype: torch.dtype, device: torch.device,
     for sm_90; default: the device's own).
 
     Plans are built per block shape, so this is a small table rather than a Triton autotuner.
-    ``DITFLOW_TRITON_CONFIG`` pins it: ``BMxBN[:warps[:stages[:tma]]]`` for every kernel, or
-    ``forward=...,backward_dkdv=...,backward_dq=...`` per kernel (unnamed ones keep the table).
+    ``DITFLOW_TRITON_CONFIG`` pins it (:func:`pin_configs`; unnamed kernels keep the table).
     """
     configs = _default_configs(head_dim, dtype, device, arch)
     pinned = os.environ.get("DITFLOW_TRITON_CONFIG")
-    if not pinned:
-        return configs
-    if "=" not in pinned:
-        cfg = parse_config(pinned)
+    return pin_configs(configs, pinned, "DITFLOW_TRITON_CONFIG") if pinned else configs
+
+
+def pin_configs(configs: FlowConfigs, spec: str, source: str = "config") -> FlowConfigs:
+    """``configs`` with the kernels ``spec`` names replaced: ``BMxBN[:warps[:stages[:tma]]]``
+    for every kernel, or ``forward=...,backward_dkdv=...,backward_dq=...`` per kernel
+    (``backward_dq=atomic``: no dq kernel). ``source`` names the spec in errors."""
+    if "=" not in spec:
+        cfg = parse_config(spec)
         return FlowConfigs(cfg, cfg, cfg)
     chosen = {}
-    for item in pinned.split(","):
-        name, _, spec = item.partition("=")
+    for item in spec.split(","):
+        name, _, kernel_spec = item.partition("=")
         if name not in FlowConfigs.__dataclass_fields__:
-            raise ValueError(f"DITFLOW_TRITON_CONFIG: unknown kernel {name!r} "
+            raise ValueError(f"{source}: unknown kernel {name!r} "
                              "(forward, backward_dkdv, backward_dq)")
-        chosen[name] = parse_config(spec)
+        atomic = (name, kernel_spec) == ("backward_dq", "atomic")
+        chosen[name] = None if atomic else parse_config(kernel_spec)
     return replace(configs, **chosen)

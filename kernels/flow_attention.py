@@ -339,14 +339,14 @@ def _bwd_preprocess_kernel(
 @triton.jit
 def _bwd_dkdv_tile(
     dk, dv, k, v, k_grp, n_start, m_start, gq, gk, scale_vec, bias_vec, weight_vec,
-    Q, DOut, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
-    b, h, q_base, do_base, row_base, qg_base, table_base, bits_base,
-    stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
+    Q, DOut, DQAcc, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
+    b, h, q_base, do_base, dq_base, row_base, qg_base, table_base, bits_base,
+    stride_qn, stride_don, stride_dqn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
     NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     HAS_DMASS: tl.constexpr, MIXED: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -398,26 +398,39 @@ def _bwd_dkdv_tile(
         if HAS_DMASS:
             per_query += weight * tl.load(DMass + (row_base + offs_m) * NUM_GROUPS + gk)
         ds = p * (dw * (weight * scale) + (per_query * scale)[None, :])
-    dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    ds = ds.to(q.dtype)
+    dk = tl.dot(ds, q, dk, input_precision=DOT_PRECISION)
+    if ATOMIC_DQ:
+        offs_d = tl.arange(0, BLOCK_D)
+        dq = tl.dot(tl.trans(ds), k, input_precision=DOT_PRECISION)
+        ptrs = DQAcc + dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :]
+        if MIXED:
+            tl.atomic_add(ptrs, dq, mask=(offs_m < Nq)[:, None] & (offs_d < head_dim)[None, :],
+                          sem="relaxed")
+        elif EVEN_D:
+            tl.atomic_add(ptrs, dq, sem="relaxed")
+        else:
+            tl.atomic_add(ptrs, dq, mask=(offs_d < head_dim)[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DOut, DK, DV, Lse2, Delta, DMass, QG, KG, Scale, Bias, Weight, PairBits,
+    Q, K, V, DOut, DK, DV, DQAcc, Lse2, Delta, DMass, QG, KG, Scale, Bias, Weight, PairBits,
     KUniform, ColCounts, ColTiles, ColGroups,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_dob, stride_don, stride_doh,
     stride_dkb, stride_dkn, stride_dkh,
+    stride_dqb, stride_dqn, stride_dqh,
     stride_qgb, stride_kgb, stride_table_h, stride_bits_b, stride_bits_n,
     per_batch_plans, H, Nq, Nk, head_dim, qk_scale, sm_scale,
     NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     HAS_DMASS: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -443,6 +456,7 @@ def _bwd_dkdv_kernel(
 
     q_base = b * stride_qb + h * stride_qh
     do_base = b * stride_dob + h * stride_doh
+    dq_base = b * stride_dqb + h * stride_dqh
     row_base = pid_bh * Nq
     qg_base = b * stride_qgb
     table_base = h * stride_table_h
@@ -460,21 +474,21 @@ def _bwd_dkdv_kernel(
         dk, dv = _bwd_dkdv_tile(
             dk, dv, k, v, k_grp, pid_n * BLOCK_N, m * BLOCK_M, gq, gk, scale_vec, bias_vec,
             weight_vec,
-            Q, DOut, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
-            b, h, q_base, do_base, row_base, qg_base, table_base, bits_base,
-            stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
+            Q, DOut, DQAcc, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
+            b, h, q_base, do_base, dq_base, row_base, qg_base, table_base, bits_base,
+            stride_qn, stride_don, stride_dqn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
-            False, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA)
+            False, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA, ATOMIC_DQ)
     for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=2 if HAS_GROUPS else 1):
         m = tl.load(tiles + i)
         dk, dv = _bwd_dkdv_tile(
             dk, dv, k, v, k_grp, pid_n * BLOCK_N, m * BLOCK_M, 0, 0, scale_vec, bias_vec,
             weight_vec,
-            Q, DOut, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
-            b, h, q_base, do_base, row_base, qg_base, table_base, bits_base,
-            stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
+            Q, DOut, DQAcc, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
+            b, h, q_base, do_base, dq_base, row_base, qg_base, table_base, bits_base,
+            stride_qn, stride_don, stride_dqn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
-            True, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA)
+            True, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA, ATOMIC_DQ)
 
     mask = (offs_n < Nk)[:, None] & (offs_d < head_dim)[None, :]
     base = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]

@@ -178,10 +178,12 @@ def flow_attention_backward(
     inputs: FlowInputs,
     softmax_scale: float,
     dkdv_plan: TilePlan,
-    dq_plan: TilePlan,
+    dq_plan: TilePlan | None,
     configs: FlowConfigs,
 ):
-    """Gradients dq, dk, dv from dO and the optional mass / LSE cotangents."""
+    """Gradients dq, dk, dv from dO and the optional mass / LSE cotangents. With
+    ``configs.backward_dq`` None the dk/dv kernel also adds each tile's dq into an fp32 buffer
+    (atomics, no dq kernel: ``dq_plan`` is unused)."""
     batch, nq, heads, head_dim = q.shape
     nk = k.shape[1]
     block_d = _block_d(head_dim)
@@ -199,7 +201,10 @@ def flow_attention_backward(
         NUM_GROUPS=inputs.num_groups, HAS_DMASS=has_dmass, HAS_DLSE=dlse is not None,
         BLOCK_M=pre_block, BLOCK_D=block_d,
     )
+    atomic_dq = configs.backward_dq is None
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    # fp32 partial sums of dq, scaled and cast once every key tile has added its share
+    dq_acc = torch.zeros_like(dq, dtype=torch.float32) if atomic_dq else dq
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     pointers, strides = _common_args(inputs, q)
@@ -210,15 +215,17 @@ def flow_attention_backward(
     cfg = configs.backward_dkdv
     (q_tiles, dout_tiles), tma = _tile_operands(cfg, cfg.block_m, block_d, q, dout)
     _bwd_dkdv_kernel[(triton.cdiv(nk, cfg.block_n), batch * heads)](
-        q_tiles, k, v, dout_tiles, dk, dv, lse2, delta, dmass_arg, *pointers,
+        q_tiles, k, v, dout_tiles, dk, dv, dq_acc, lse2, delta, dmass_arg, *pointers,
         dkdv_plan.k_uniform_group, dkdv_plan.col_counts, dkdv_plan.col_tiles,
         dkdv_plan.col_groups,
-        *_token_strides(q, k, v, dout, dk),
+        *_token_strides(q, k, v, dout, dk, dq_acc),
         *strides,
         int(dkdv_plan.batched), heads, nq, nk, head_dim, softmax_scale * LOG2E_FLOAT, softmax_scale,
-        **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma,
+        **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, ATOMIC_DQ=atomic_dq,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if atomic_dq:
+        return dq.copy_(dq_acc.mul_(softmax_scale)), dk, dv
     cfg = configs.backward_dq
     (k_tiles, v_tiles), tma = _tile_operands(cfg, cfg.block_n, block_d, k, v)
     _bwd_dq_kernel[(triton.cdiv(nq, cfg.block_m), batch * heads)](

@@ -235,6 +235,33 @@ def test_each_kernel_walks_the_plan_of_its_own_block_shape(monkeypatch, device):
     run_case(Case(192, head_dim=16, groups=3, kinds=ALL, aligned=True), torch.float32, device)
 
 
+ATOMIC_DQ_CASES = [
+    Case(97, head_dim=40, groups=3, kinds=ALL, pair_mask=True),  # ragged tiles, padded head dim
+    Case(17, 130, head_dim=32, groups=3, kinds=ALL),
+    Case(70, head_dim=32, groups=3, kinds=ALL, per_batch_groups=True),
+    Case(192, head_dim=16, groups=3, kinds=ALL, aligned=True),  # uniform tiles only
+    Case(97, head_dim=32, groups=16, kinds=ALL, shuffle=True),
+]
+
+
+class _NotLaunched:
+    """Stands in for a kernel that must not run."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("the dq kernel ran with backward_dq=atomic")
+
+
+@pytest.mark.parametrize("case", ATOMIC_DQ_CASES, ids=str)
+def test_atomic_dq(case, monkeypatch, device):
+    """``backward_dq=atomic``: the dk/dv kernel adds each tile's dq into an fp32 buffer and no
+    dq kernel runs; gradients match the spec (rows past the end, fully blocked rows and a
+    padded head dim included)."""
+    options = ":4:2" if device.type == "cuda" else ""
+    monkeypatch.setenv("DITFLOW_TRITON_CONFIG", f"backward_dkdv=32x64{options},backward_dq=atomic")
+    monkeypatch.setattr(launchers, "_bwd_dq_kernel", _NotLaunched())
+    run_case(case, torch.float32, device)
+
+
 @pytest.fixture
 def tma_launches(monkeypatch):
     """Whether each kernel launch read its per-tile operands through TMA descriptors."""

@@ -1,0 +1,44 @@
+"""Block-shape specs (``DITFLOW_TRITON_CONFIG``, ``--config``, ``--sweep``): what they pin, and
+the errors a mistyped one gets."""
+
+import pytest
+import torch
+
+from kernels.configs import KernelConfig, parse_config, pin_configs, select_configs
+
+HOPPER = select_configs(128, torch.bfloat16, torch.device("cuda"), arch=90)
+
+
+def test_one_spec_pins_every_kernel():
+    pinned = pin_configs(HOPPER, "128x64:8:3")
+    assert pinned.forward == pinned.backward_dkdv == pinned.backward_dq == KernelConfig(128, 64, 8, 3)
+
+
+def test_named_kernels_are_pinned_and_the_others_keep_the_table():
+    pinned = pin_configs(HOPPER, "backward_dkdv=32x128:8:3:tma,backward_dq=atomic")
+    assert pinned.forward == HOPPER.forward
+    assert pinned.backward_dkdv == KernelConfig(32, 128, 8, 3, tma=True)
+    assert pinned.backward_dq is None  # dq added by the dk/dv kernel
+
+
+def test_environment_pins_the_table(monkeypatch):
+    monkeypatch.setenv("DITFLOW_TRITON_CONFIG", "forward=64x64:4:2")
+    pinned = select_configs(128, torch.bfloat16, torch.device("cuda"), arch=90)
+    assert pinned.forward == KernelConfig(64, 64, 4, 2)
+    assert pinned.backward_dq == HOPPER.backward_dq
+
+
+@pytest.mark.parametrize("spec", ["default", "64x", "64x64:4:3:fast", "64x64:a", "forward=atomic"])
+def test_a_malformed_spec_names_itself_and_the_form(spec):
+    with pytest.raises(ValueError, match=r"expected BMxBN\[:warps\[:stages\[:tma\]\]\]"):
+        pin_configs(HOPPER, spec)
+
+
+def test_an_unknown_kernel_is_named_with_the_spec_source():
+    with pytest.raises(ValueError, match="DITFLOW_TRITON_CONFIG: unknown kernel 'dq'"):
+        pin_configs(HOPPER, "dq=64x64", "DITFLOW_TRITON_CONFIG")
+
+
+def test_block_sizes_must_be_powers_of_two():
+    with pytest.raises(ValueError, match="block_n must be a power of two >= 32, got 48"):
+        parse_config("64x48")
