@@ -6,7 +6,11 @@ Math: ``s' = scale[gi,gj] * tau * q.k + bias[gi,gj]`` (-inf where the pair mask 
 group c``. Scores live in the log2 domain (log2(e) folded into the scales) so the kernels use
 exp2. The backward folds the mass and LSE cotangents into the per-row ``delta`` term:
 ``dS' = P * (weight * (dO.v + dmass[i, gj]) - delta)``, ``delta = dO.O + dmass.mass - dlse``
-(the closed form ``ditflow.reference.flow_attention_reference_backward`` states and tests).
+(the closed form ``ditflow.reference.flow_attention_reference_backward`` states and tests). Its
+preprocess kernel forms what of ``dS = scale * dS'`` does not depend on the key, once per query
+and key group: ``dS = P * (scale * weight * dO.v + term[i, gj])``, ``term[i, c] = scale[gi, c] *
+(weight[gi, c] * dmass[i, c] - delta_i)`` (one column, ``-delta``, without mass gradient or
+scale rule), so the tile loops read one per-query vector for it instead of delta and dmass.
 
 Tiles are visited through a :class:`~.tile_plan.TilePlan`: uniform tiles read the rules as three
 scalars and skip bounds checks, mixed tiles build them per element (one select per key group),
@@ -301,13 +305,16 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    Out, DOut, Lse, DLse, Mass, DMass, Delta, Lse2,
-    stride_ob, stride_on, stride_oh, stride_dob, stride_don, stride_doh,
-    H, Nq, head_dim,
-    NUM_GROUPS: tl.constexpr, HAS_DMASS: tl.constexpr, HAS_DLSE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    Out, DOut, Lse, DLse, Mass, DMass, QG, Scale, Weight, Term, Lse2,
+    stride_ob, stride_on, stride_oh, stride_dob, stride_don, stride_doh, stride_qgb,
+    stride_table_h, H, Nq, head_dim,
+    NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_DMASS: tl.constexpr, HAS_DLSE: tl.constexpr,
+    PER_KEY_GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """delta = dO.O + dmass.mass - dlse, and the LSE in log2 units (+inf for blocked rows)."""
+    """The per-query terms of dS (module docstring): with ``PER_KEY_GROUP`` ``term[i, c]`` for
+    each key group c, else ``-delta_i``; ``delta = dO.O + dmass.mass - dlse``. And the LSE in
+    log2 units (+inf for blocked rows)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -322,29 +329,44 @@ def _bwd_preprocess_kernel(
                  + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
     row = pid_bh * Nq + offs_m
+    cols = tl.arange(0, GROUP_PAD)
+    gmask = row_ok[:, None] & (cols < NUM_GROUPS)[None, :]
+    offs = row[:, None] * NUM_GROUPS + cols[None, :]
     if HAS_DMASS:
-        cols = tl.arange(0, GROUP_PAD)
-        gmask = row_ok[:, None] & (cols < NUM_GROUPS)[None, :]
-        offs = row[:, None] * NUM_GROUPS + cols[None, :]
         mass = tl.load(Mass + offs, mask=gmask, other=0.0)
         dmass = tl.load(DMass + offs, mask=gmask, other=0.0)
         delta += tl.sum(mass * dmass, 1)
     if HAS_DLSE:
         delta -= tl.load(DLse + row, mask=row_ok, other=0.0)
     lse = tl.load(Lse + row, mask=row_ok, other=float("-inf"))
-    tl.store(Delta + row, delta, mask=row_ok)
+    if PER_KEY_GROUP:
+        if HAS_GROUPS:
+            q_grp = tl.load(QG + b * stride_qgb + offs_m, mask=row_ok, other=0)
+        else:
+            q_grp = tl.zeros([BLOCK_M], dtype=tl.int32)
+        rule = h * stride_table_h + q_grp[:, None] * NUM_GROUPS + cols[None, :]
+        term = tl.zeros([BLOCK_M, GROUP_PAD], dtype=tl.float32) - delta[:, None]
+        if HAS_DMASS:
+            if HAS_WEIGHT:
+                dmass *= tl.load(Weight + rule, mask=gmask, other=1.0)
+            term += dmass
+        if HAS_SCALE:
+            term *= tl.load(Scale + rule, mask=gmask, other=1.0)
+        tl.store(Term + offs, term, mask=gmask)
+    else:
+        tl.store(Term + row, -delta, mask=row_ok)
     tl.store(Lse2 + row, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E), mask=row_ok)
 
 
 @triton.jit
 def _bwd_dkdv_tile(
     dk, dv, k, v, k_grp, n_start, m_start, gq, gk, scale_vec, bias_vec, weight_vec,
-    Q, DOut, DQAcc, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
+    Q, DOut, DQAcc, Lse2, Term, QG, Scale, Bias, Weight, PairBits,
     b, h, q_base, do_base, dq_base, row_base, qg_base, table_base, bits_base,
     stride_qn, stride_don, stride_dqn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
     NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
-    HAS_DMASS: tl.constexpr, MIXED: tl.constexpr, EVEN_D: tl.constexpr,
+    PER_KEY_GROUP: tl.constexpr, MIXED: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
@@ -356,10 +378,8 @@ def _bwd_dkdv_tile(
                     BLOCK_M, BLOCK_D, TMA)
     if MIXED:
         lse2 = tl.load(Lse2 + row_base + offs_m, mask=offs_m < Nq, other=float("inf"))
-        delta = tl.load(Delta + row_base + offs_m, mask=offs_m < Nq, other=0.0)
     else:
         lse2 = tl.load(Lse2 + row_base + offs_m)
-        delta = tl.load(Delta + row_base + offs_m)
     if MIXED and HAS_GROUPS:
         q_grp = tl.load(QG + qg_base + offs_m, mask=offs_m < Nq, other=0)
     else:
@@ -383,21 +403,21 @@ def _bwd_dkdv_tile(
         weight = 1.0
     dv = tl.dot((p * weight).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dw = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    # dS = scale * dS', dS' = P * (weight * (dw + dmass[i, group of j]) - delta_i), the closed
-    # form of ditflow.reference.flow_attention_reference_backward
+    # dS = P * (scale * weight * dw + term[i, group of j]) (module docstring)
     if MIXED:
-        if HAS_DMASS:
-            dw += _table_tile(DMass, 0, (row_base + tl.minimum(offs_m, Nq - 1))[None, :],
-                              k_tile, NUM_GROUPS)
-        ds = p * (weight * dw - delta[None, :])
         if HAS_SCALE:
-            ds *= _table_tile(Scale, table_base, q_tile, k_tile, NUM_GROUPS)
-    else:  # scalar rules fold into a factor on dw and a per-query term: one FMA per element
+            weight *= _table_tile(Scale, table_base, q_tile, k_tile, NUM_GROUPS)
+        if PER_KEY_GROUP:
+            term = _table_tile(Term, 0, (row_base + tl.minimum(offs_m, Nq - 1))[None, :], k_tile,
+                               NUM_GROUPS)
+        else:
+            term = tl.load(Term + row_base + offs_m, mask=offs_m < Nq, other=0.0)[None, :]
+        ds = p * (dw * weight + term)
+    else:  # scalar rules: one FMA per element
         scale = _select(scale_vec, gq) if HAS_SCALE else 1.0
-        per_query = -delta
-        if HAS_DMASS:
-            per_query += weight * tl.load(DMass + (row_base + offs_m) * NUM_GROUPS + gk)
-        ds = p * (dw * (weight * scale) + (per_query * scale)[None, :])
+        rows = row_base + offs_m
+        term = tl.load(Term + rows * NUM_GROUPS + gk) if PER_KEY_GROUP else tl.load(Term + rows)
+        ds = p * (dw * (weight * scale) + term[None, :])
     ds = ds.to(q.dtype)
     dk = tl.dot(ds, q, dk, input_precision=DOT_PRECISION)
     if ATOMIC_DQ:
@@ -416,7 +436,7 @@ def _bwd_dkdv_tile(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DOut, DK, DV, DQAcc, Lse2, Delta, DMass, QG, KG, Scale, Bias, Weight, PairBits,
+    Q, K, V, DOut, DK, DV, DQAcc, Lse2, Term, QG, KG, Scale, Bias, Weight, PairBits,
     KUniform, ColCounts, ColTiles, ColGroups,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
@@ -428,7 +448,7 @@ def _bwd_dkdv_kernel(
     per_batch_plans, H, Nq, Nk, head_dim, qk_scale, sm_scale,
     NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
-    HAS_DMASS: tl.constexpr, EVEN_D: tl.constexpr,
+    PER_KEY_GROUP: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
@@ -474,21 +494,21 @@ def _bwd_dkdv_kernel(
         dk, dv = _bwd_dkdv_tile(
             dk, dv, k, v, k_grp, pid_n * BLOCK_N, m * BLOCK_M, gq, gk, scale_vec, bias_vec,
             weight_vec,
-            Q, DOut, DQAcc, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
+            Q, DOut, DQAcc, Lse2, Term, QG, Scale, Bias, Weight, PairBits,
             b, h, q_base, do_base, dq_base, row_base, qg_base, table_base, bits_base,
             stride_qn, stride_don, stride_dqn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
-            NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
-            False, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA, ATOMIC_DQ)
+            NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK,
+            PER_KEY_GROUP, False, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA, ATOMIC_DQ)
     for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=2 if HAS_GROUPS else 1):
         m = tl.load(tiles + i)
         dk, dv = _bwd_dkdv_tile(
             dk, dv, k, v, k_grp, pid_n * BLOCK_N, m * BLOCK_M, 0, 0, scale_vec, bias_vec,
             weight_vec,
-            Q, DOut, DQAcc, Lse2, Delta, DMass, QG, Scale, Bias, Weight, PairBits,
+            Q, DOut, DQAcc, Lse2, Term, QG, Scale, Bias, Weight, PairBits,
             b, h, q_base, do_base, dq_base, row_base, qg_base, table_base, bits_base,
             stride_qn, stride_don, stride_dqn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
-            NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
-            True, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA, ATOMIC_DQ)
+            NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK,
+            PER_KEY_GROUP, True, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA, ATOMIC_DQ)
 
     mask = (offs_n < Nk)[:, None] & (offs_d < head_dim)[None, :]
     base = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
@@ -498,13 +518,13 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_tile(
-    dq, q, do, lse2, delta, q_grp, offs_m, n_start, gk, scale_vec, bias_vec, weight_vec,
-    K, V, KG, DMass, Scale, Bias, Weight, PairBits,
+    dq, q, do, lse2, term, q_grp, offs_m, n_start, gk, scale_vec, bias_vec, weight_vec,
+    K, V, KG, Term, Scale, Bias, Weight, PairBits,
     b, h, k_base, v_base, kg_base, row_base, table_base, bits_base,
     stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
     NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
-    HAS_DMASS: tl.constexpr, MIXED: tl.constexpr, EVEN_D: tl.constexpr,
+    PER_KEY_GROUP: tl.constexpr, MIXED: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr,
 ):
@@ -529,31 +549,30 @@ def _bwd_dq_tile(
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dw = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    # dS = scale * dS', dS' = P * (weight * (dw + dmass[i, group of j]) - delta_i), the closed
-    # form of ditflow.reference.flow_attention_reference_backward
+    # dS = P * (scale * weight * dw + term[i, group of j]) (module docstring)
+    rows = row_base + tl.minimum(offs_m, Nq - 1)
     if MIXED:
-        if HAS_DMASS:
-            dw += _table_tile(DMass, 0, (row_base + tl.minimum(offs_m, Nq - 1))[:, None],
-                              k_tile, NUM_GROUPS)
         if HAS_WEIGHT:
             dw *= _table_tile(Weight, table_base, q_tile, k_tile, NUM_GROUPS)
-        ds = p * (dw - delta[:, None])
         if HAS_SCALE:
-            ds *= _table_tile(Scale, table_base, q_tile, k_tile, NUM_GROUPS)
-    else:  # scalar rules fold into a factor on dw and a per-query term: one FMA per element
+            dw *= _table_tile(Scale, table_base, q_tile, k_tile, NUM_GROUPS)
+        if PER_KEY_GROUP:
+            term = _table_tile(Term, 0, rows[:, None], k_tile, NUM_GROUPS)
+        else:
+            term = term[:, None]
+        ds = p * (dw + term)
+    else:  # scalar rules: one FMA per element
         weight = _select(weight_vec, gk) if HAS_WEIGHT else 1.0
         scale = _select(scale_vec, gk) if HAS_SCALE else 1.0
-        per_query = -delta
-        if HAS_DMASS:
-            per_query += weight * tl.load(DMass + (row_base + offs_m) * NUM_GROUPS + gk,
-                                          mask=offs_m < Nq, other=0.0)
-        ds = p * (dw * (weight * scale) + (per_query * scale)[:, None])
+        if PER_KEY_GROUP:
+            term = tl.load(Term + rows * NUM_GROUPS + gk)
+        ds = p * (dw * (weight * scale) + term[:, None])
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DOut, DQ, Lse2, Delta, DMass, QG, KG, Scale, Bias, Weight, PairBits,
+    Q, K, V, DOut, DQ, Lse2, Term, QG, KG, Scale, Bias, Weight, PairBits,
     QUniform, RowCounts, RowTiles, RowGroups,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
@@ -564,7 +583,7 @@ def _bwd_dq_kernel(
     per_batch_plans, H, Nq, Nk, head_dim, qk_scale, sm_scale,
     NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
-    HAS_DMASS: tl.constexpr, EVEN_D: tl.constexpr,
+    PER_KEY_GROUP: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
@@ -584,7 +603,9 @@ def _bwd_dq_kernel(
                     head_dim, True, EVEN_D, BLOCK_M, BLOCK_D, False)
     row_base = pid_bh * Nq
     lse2 = tl.load(Lse2 + row_base + offs_m, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + row_base + offs_m, mask=row_ok, other=0.0)
+    # one column for every key group, or read per tile
+    term = tl.zeros([BLOCK_M], dtype=tl.float32) if PER_KEY_GROUP else tl.load(
+        Term + row_base + offs_m, mask=row_ok, other=0.0)
     if HAS_GROUPS:
         q_grp = tl.load(QG + b * stride_qgb + offs_m, mask=row_ok, other=0)
     else:
@@ -609,21 +630,21 @@ def _bwd_dq_kernel(
         n = tl.load(tiles + i)
         gk = tl.load(tile_groups + i)
         dq = _bwd_dq_tile(
-            dq, q, do, lse2, delta, q_grp, offs_m, n * BLOCK_N, gk, scale_vec, bias_vec, weight_vec,
-            K, V, KG, DMass, Scale, Bias, Weight, PairBits,
+            dq, q, do, lse2, term, q_grp, offs_m, n * BLOCK_N, gk, scale_vec, bias_vec, weight_vec,
+            K, V, KG, Term, Scale, Bias, Weight, PairBits,
             b, h, k_base, v_base, kg_base, row_base, table_base, bits_base,
             stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
-            NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
-            False, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA)
+            NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK,
+            PER_KEY_GROUP, False, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA)
     for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=2 if HAS_GROUPS else 1):
         n = tl.load(tiles + i)
         dq = _bwd_dq_tile(
-            dq, q, do, lse2, delta, q_grp, offs_m, n * BLOCK_N, 0, scale_vec, bias_vec, weight_vec,
-            K, V, KG, DMass, Scale, Bias, Weight, PairBits,
+            dq, q, do, lse2, term, q_grp, offs_m, n * BLOCK_N, 0, scale_vec, bias_vec, weight_vec,
+            K, V, KG, Term, Scale, Bias, Weight, PairBits,
             b, h, k_base, v_base, kg_base, row_base, table_base, bits_base,
             stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
-            NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK, HAS_DMASS,
-            True, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA)
+            NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK,
+            PER_KEY_GROUP, True, EVEN_D, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA)
 
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :]
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty),

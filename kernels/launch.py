@@ -187,18 +187,25 @@ def flow_attention_backward(
     batch, nq, heads, head_dim = q.shape
     nk = k.shape[1]
     block_d = _block_d(head_dim)
-    delta = torch.empty(batch, heads, nq, device=q.device, dtype=torch.float32)
-    lse2 = torch.empty_like(delta)
+    lse2 = torch.empty(batch, heads, nq, device=q.device, dtype=torch.float32)
     has_dmass = dmass is not None
-    dummy = delta.new_empty(1)
+    # dS's per-query term (kernels' docstring): a column per key group where it depends on one
+    per_key_group = has_dmass or inputs.scale is not None
+    term = lse2.new_empty(batch, heads, nq, *([inputs.num_groups] if per_key_group else []))
+    dummy = lse2.new_empty(1)
+    pointers, strides = _common_args(inputs, q)
+    q_groups, _, scale, _, weight, _ = pointers
+    stride_qgb, _, stride_table_h, _, _ = strides
+    flags = inputs.flags()
     pre_block = 64
-    dmass_arg = dmass.contiguous() if has_dmass else dummy
     _bwd_preprocess_kernel[(triton.cdiv(nq, pre_block), batch * heads)](
         out, dout, lse, dummy if dlse is None else dlse.contiguous(),
-        mass if has_dmass else dummy, dmass_arg, delta, lse2,
-        *_token_strides(out, dout),
+        mass if has_dmass else dummy, dmass.contiguous() if has_dmass else dummy,
+        q_groups, scale, weight, term, lse2,
+        *_token_strides(out, dout), stride_qgb, stride_table_h,
         heads, nq, head_dim,
-        NUM_GROUPS=inputs.num_groups, HAS_DMASS=has_dmass, HAS_DLSE=dlse is not None,
+        **{key: flags[key] for key in ("NUM_GROUPS", "HAS_GROUPS", "HAS_SCALE", "HAS_WEIGHT")},
+        HAS_DMASS=has_dmass, HAS_DLSE=dlse is not None, PER_KEY_GROUP=per_key_group,
         BLOCK_M=pre_block, BLOCK_D=block_d,
     )
     atomic_dq = configs.backward_dq is None
@@ -207,15 +214,14 @@ def flow_attention_backward(
     dq_acc = torch.zeros_like(dq, dtype=torch.float32) if atomic_dq else dq
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    pointers, strides = _common_args(inputs, q)
     shared = dict(
-        **inputs.flags(), HAS_DMASS=has_dmass, EVEN_D=head_dim == block_d, BLOCK_D=block_d,
+        **flags, PER_KEY_GROUP=per_key_group, EVEN_D=head_dim == block_d, BLOCK_D=block_d,
         DOT_PRECISION=_dot_precision(q.dtype),
     )
     cfg = configs.backward_dkdv
     (q_tiles, dout_tiles), tma = _tile_operands(cfg, cfg.block_m, block_d, q, dout)
     _bwd_dkdv_kernel[(triton.cdiv(nk, cfg.block_n), batch * heads)](
-        q_tiles, k, v, dout_tiles, dk, dv, dq_acc, lse2, delta, dmass_arg, *pointers,
+        q_tiles, k, v, dout_tiles, dk, dv, dq_acc, lse2, term, *pointers,
         dkdv_plan.k_uniform_group, dkdv_plan.col_counts, dkdv_plan.col_tiles,
         dkdv_plan.col_groups,
         *_token_strides(q, k, v, dout, dk, dq_acc),
@@ -229,7 +235,7 @@ def flow_attention_backward(
     cfg = configs.backward_dq
     (k_tiles, v_tiles), tma = _tile_operands(cfg, cfg.block_n, block_d, k, v)
     _bwd_dq_kernel[(triton.cdiv(nq, cfg.block_m), batch * heads)](
-        q, k_tiles, v_tiles, dout, dq, lse2, delta, dmass_arg, *pointers,
+        q, k_tiles, v_tiles, dout, dq, lse2, term, *pointers,
         dq_plan.q_uniform_group, dq_plan.row_counts, dq_plan.row_tiles, dq_plan.row_groups,
         *_token_strides(q, k, v, dout, dq),
         *strides,

@@ -11,7 +11,8 @@ HOPPER = select_configs(128, torch.bfloat16, torch.device("cuda"), arch=90)
 
 def test_one_spec_pins_every_kernel():
     pinned = pin_configs(HOPPER, "128x64:8:3")
-    assert pinned.forward == pinned.backward_dkdv == pinned.backward_dq == KernelConfig(128, 64, 8, 3)
+    expected = KernelConfig(128, 64, 8, 3)
+    assert pinned.forward == pinned.backward_dkdv == pinned.backward_dq == expected
 
 
 def test_named_kernels_are_pinned_and_the_others_keep_the_table():
