@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_runs.sh attention  OUTDIR   # the provider sweep at the FLUX and Qwen shapes
 #   bash benchmarks/gpu_runs.sh configs    OUTDIR   # block-shape candidates against the default
 #   bash benchmarks/gpu_runs.sh end-to-end OUTDIR   # DeContext PGD step (Kontext, Qwen), generation overhead
+#   bash benchmarks/gpu_runs.sh essentials OUTDIR   # the first ~9 minutes of a short GPU loan
 #
 # Results go to OUTDIR (default benchmarks/results), named by device and date like every other
 # result; render the README tables from them with benchmarks.render_table. Each script rewrites
@@ -16,7 +17,7 @@
 # of it will do). In a copy of the checkout, set DITFLOW_COMMIT=<sha> (it wins over a stale .git) so the
 # results name the commit they measured.
 set -euo pipefail
-stage=${1:?usage: gpu_runs.sh tests|attention|configs|end-to-end [OUTDIR]}
+stage=${1:?usage: gpu_runs.sh tests|attention|configs|end-to-end|essentials [OUTDIR]}
 out=${2:-benchmarks/results}
 mkdir -p "$out"
 python=${PYTHON:-python3}
@@ -25,7 +26,7 @@ if ! $python -c "import ditflow.kernels" 2>/dev/null; then
     || { echo "cannot install this checkout in place: import ditflow.kernels fails" >&2; exit 2; }
 fi
 if ! $python -c "import diffusers" 2>/dev/null; then
-  if [ "$stage" = end-to-end ]; then
+  if [ "$stage" = end-to-end ] || [ "$stage" = essentials ]; then
     echo "the end-to-end stage needs diffusers (pip install diffusers, or PYTHONPATH to a copy)" >&2
     exit 2
   fi
@@ -69,8 +70,25 @@ case "$stage" in
     $python -m benchmarks.protect_step --model step1x --out "$out"
     $python -m benchmarks.generation --out "$out"
     ;;
+  essentials)
+    # What is measured least and matters most, each part under its own time limit so that a
+    # slow one cannot starve the rest (a part cut short keeps the rows it wrote): the kernel
+    # suite compiled (bf16 included), the backward candidates at Kontext 1024², and one
+    # DeContext PGD step on the full-size Kontext architecture against the authors' recipe.
+    log="$out/gpu-tests-$device-$today.txt"
+    {
+      echo "# GPU kernel suite, commit $DITFLOW_COMMIT"
+      $python -c "import torch, triton; print('#', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
+      timeout 240 $python -m pytest tests/test_flow_attention.py tests/test_gpu_flux_shapes.py \
+        tests/test_ops.py -q -p no:cacheprovider -rfEs 2>&1
+    } | tee "$log" || true
+    timeout 150 $python -m benchmarks.attention --shape kontext-1024 --dtype bf16 --out "$out" \
+      --sweep default "backward_dq=atomic,backward_dkdv=64x128:8:2:tma" \
+        "backward_dq=atomic,backward_dkdv=32x128:8:3:tma" "backward_dq=atomic" || true
+    timeout 180 $python -m benchmarks.protect_step --out "$out" || true
+    ;;
   *)
-    echo "unknown stage $stage: tests, attention, configs or end-to-end" >&2
+    echo "unknown stage $stage: tests, attention, configs, end-to-end or essentials" >&2
     exit 2
     ;;
 esac
