@@ -112,7 +112,10 @@ def train_transformer(kind: str, minutes: float, steps: int | None, batch: int, 
                                 "(python -m ditflow.testbed.train vae)")
     vae = AutoencoderKL.from_pretrained(vae_folder).to(device).eval().requires_grad_(False)
     folder = out / kind
-    if resume and (folder / "transformer").is_dir():
+    if resume and not (folder / "transformer").is_dir():
+        raise FileNotFoundError(f"--resume: no saved {kind} model in {folder}: leave out "
+                                "--resume to train one from scratch")
+    if resume:
         # continue the saved model, text encoders included; --seed then only draws new data
         saved = testbed_pipeline(kind, out)
         transformer = build_transformer(seed)  # fresh config: no local path saved into it
@@ -179,20 +182,33 @@ def train_transformer(kind: str, minutes: float, steps: int | None, batch: int, 
     print(f"{kind}: {step} steps in {(time.perf_counter() - start) / 60:.1f} min -> {folder}")
 
 
+def _positive(kind: type):
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid value" errors
+    return parse
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["vae", "editor", "t2i"])
-    parser.add_argument("--minutes", type=float, default=30.0,
+    parser.add_argument("--minutes", type=_positive(float), default=30.0,
                         help="editor, t2i: minutes of training (default 30)")
-    parser.add_argument("--steps", type=int, default=None,
+    parser.add_argument("--steps", type=_positive(int), default=None,
                         help="steps instead of --minutes (vae: its only budget, default 600)")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--batch", type=_positive(int), default=32)
+    parser.add_argument("--lr", type=_positive(float), default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=WEIGHTS)
-    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--resume", action="store_true",
+                        help="editor, t2i: continue the model saved in --out")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.resume and args.what == "vae":
+        parser.error("--resume continues a transformer (editor, t2i); the VAE trains from scratch")
     torch.manual_seed(args.seed)
     if args.what == "vae":
         train_vae(args.steps or 600, args.batch, args.out, args.seed)
