@@ -278,8 +278,11 @@ def main(argv: list[str] | None = None) -> Path | None:
         parser.exit(1, f"this Triton has no NVIDIA compiler tools under {_bin_dir()}\n")
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)[args.dtype]
     defaults = select_configs(args.head_dim, dtype, torch.device("cuda"), args.arch)
-    configs = [defaults if spec == "default" else pin_configs(defaults, spec, "--config")
-               for spec in args.config or ["default"]]
+    try:
+        configs = [defaults if spec == "default" else pin_configs(defaults, spec, "--config")
+                   for spec in args.config or ["default"]]
+    except ValueError as exc:
+        parser.error(str(exc))
     rows = [row for cfg in configs
             for row in report(dtype, cfg, args.kernel, args.variant, args.arch, args.head_dim)]
     if args.out is None:

@@ -46,7 +46,7 @@ def _cpu_kernel_rows(rows: list[dict]) -> list[str]:
 
 def _compile_rows(rows: list[dict]) -> list[str]:
     lines = ["| kernel | variant | config | registers | spilled bytes | local ld / st "
-             "| uniform loop: instructions, local ld / st | shared KiB | wgmma | ops / score |",
+             "| uniform loop: instructions, local accesses | shared KiB | wgmma | ops / score |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         loop = (f"{r['loop_instructions']}, {r['loop_local_accesses']}"

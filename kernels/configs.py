@@ -101,16 +101,18 @@ def select_configs(head_dim: int, dtype: torch.dtype, device: torch.device,
 def pin_configs(configs: FlowConfigs, spec: str, source: str = "config") -> FlowConfigs:
     """``configs`` with the kernels ``spec`` names replaced: ``BMxBN[:warps[:stages[:tma]]]``
     for every kernel, or ``forward=...,backward_dkdv=...,backward_dq=...`` per kernel
-    (``backward_dq=atomic``: no dq kernel). ``source`` names the spec in errors."""
-    if "=" not in spec:
-        cfg = parse_config(spec)
-        return FlowConfigs(cfg, cfg, cfg)
-    chosen = {}
-    for item in spec.split(","):
-        name, _, kernel_spec = item.partition("=")
-        if name not in FlowConfigs.__dataclass_fields__:
-            raise ValueError(f"{source}: unknown kernel {name!r} "
-                             "(forward, backward_dkdv, backward_dq)")
-        atomic = (name, kernel_spec) == ("backward_dq", "atomic")
-        chosen[name] = None if atomic else parse_config(kernel_spec)
-    return replace(configs, **chosen)
+    (``backward_dq=atomic``: no dq kernel). Errors name ``source``, where the spec came from."""
+    try:
+        if "=" not in spec:
+            cfg = parse_config(spec)
+            return FlowConfigs(cfg, cfg, cfg)
+        chosen = {}
+        for item in spec.split(","):
+            name, _, kernel_spec = item.partition("=")
+            if name not in FlowConfigs.__dataclass_fields__:
+                raise ValueError(f"unknown kernel {name!r} (forward, backward_dkdv, backward_dq)")
+            atomic = (name, kernel_spec) == ("backward_dq", "atomic")
+            chosen[name] = None if atomic else parse_config(kernel_spec)
+        return replace(configs, **chosen)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None

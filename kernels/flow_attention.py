@@ -54,9 +54,9 @@ def _load_tile(X, base, stride_n, b, h, start, n_rows, head_dim, MASK_ROWS: tl.c
         offs_d = tl.arange(0, BLOCK_D)
         ptrs = X + base + rows[:, None] * stride_n + offs_d[None, :]
         if MASK_ROWS and EVEN_D:
-            tile = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+            tile = tl.load(ptrs, mask=_in_range(rows, n_rows)[:, None], other=0.0)
         elif MASK_ROWS:
-            tile = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (offs_d < head_dim)[None, :],
+            tile = tl.load(ptrs, mask=_in_range(rows, n_rows)[:, None] & (offs_d < head_dim)[None, :],
                            other=0.0)
         elif EVEN_D:
             tile = tl.load(ptrs)
@@ -84,6 +84,18 @@ def _select(vector, index):
 
 
 @triton.jit
+def _in_range(offs, n):
+    """Which positions of a tile lie in [0, n): a plan's first tiles may start before the
+    sequence (its offsets, :mod:`.tile_plan`), its last ones run past the end."""
+    return (offs >= 0) & (offs < n)
+
+
+@triton.jit
+def _clamped(offs, n):
+    return tl.minimum(tl.maximum(offs, 0), n - 1)
+
+
+@triton.jit
 def _table_tile(Table, base, rows, k_grp, NUM_GROUPS: tl.constexpr):
     """``Table[row, key group]`` (rows of NUM_GROUPS entries from ``base``) over a mixed tile,
     ``rows`` and ``k_grp`` broadcastable index tiles: one select per key group between columns
@@ -103,7 +115,8 @@ def _rule(Table, table_base, q_grp, k_grp, vector, tile_group, NUM_GROUPS: tl.co
     preloaded in ``vector``; for mixed tiles per element from the broadcastable group-id tiles
     ``q_grp``/``k_grp``. Callers fetch each rule where it is first used, so a mixed tile's
     per-element values are not held in registers across the tile's dots, with one exception:
-    the dk/dv tile's weight, fetched for the dv dot and kept across the dw dot for dS."""
+    the dk/dv tile's weight, fetched for the dv dot and kept across the dw dot for dS (times
+    the scale there)."""
     if MIXED:
         value = _table_tile(Table, table_base, q_grp, k_grp, NUM_GROUPS)
     else:
@@ -177,17 +190,17 @@ def _fwd_tile(
                    BLOCK_D, TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MIXED and HAS_GROUPS:
-        k_grp = tl.load(KG + kg_base + offs_n, mask=offs_n < Nk, other=0)
+        k_grp = tl.load(KG + kg_base + offs_n, mask=_in_range(offs_n, Nk), other=0)
     else:
         k_grp = tl.zeros([BLOCK_N], dtype=tl.int32) + gk
     q_tile, k_tile = q_grp[:, None], k_grp[None, :]
     s = _logits(qk, Scale, Bias, table_base, q_tile, k_tile, scale_vec, bias_vec, gk, qk_scale,
                 NUM_GROUPS, HAS_SCALE, HAS_BIAS, MIXED)
     if MIXED:
-        keep = (offs_n < Nk)[None, :]
+        keep = _in_range(offs_n, Nk)[None, :]
         if HAS_PAIR_MASK:
             keep = keep & ~_pair_blocked(PairBits, bits_base, stride_bits_n,
-                                         tl.minimum(offs_m, Nq - 1), n_start, Nk, BLOCK_N)
+                                         _clamped(offs_m, Nq), n_start, Nk, BLOCK_N)
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row blocked so far stays at zero
@@ -223,7 +236,7 @@ def _fwd_kernel(
     stride_vb, stride_vn, stride_vh,
     stride_ob, stride_on, stride_oh,
     stride_qgb, stride_kgb, stride_table_h, stride_bits_b, stride_bits_n,
-    per_batch_plans, H, Nq, Nk, head_dim, qk_scale,
+    per_batch_plans, q_offset, k_offset, H, Nq, Nk, head_dim, qk_scale,
     NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     RETURN_MASS: tl.constexpr, EVEN_D: tl.constexpr,
@@ -235,14 +248,15 @@ def _fwd_kernel(
     b = pid_bh // H
     h = pid_bh % H
     n_row_tiles = tl.num_programs(0)
-    n_col_tiles = tl.cdiv(Nk, BLOCK_N)
+    n_col_tiles = tl.cdiv(Nk + k_offset, BLOCK_N)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_start = pid_m * BLOCK_M - q_offset
+    offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q, b * stride_qb + h * stride_qh, stride_qn, b, h, pid_m * BLOCK_M, Nq,
+    q = _load_tile(Q, b * stride_qb + h * stride_qh, stride_qn, b, h, m_start, Nq,
                    head_dim, True, EVEN_D, BLOCK_M, BLOCK_D, False)
     if HAS_GROUPS:
-        q_grp = tl.load(QG + b * stride_qgb + offs_m, mask=offs_m < Nq, other=0)
+        q_grp = tl.load(QG + b * stride_qgb + offs_m, mask=_in_range(offs_m, Nq), other=0)
     else:
         q_grp = tl.zeros([BLOCK_M], dtype=tl.int32)
 
@@ -268,7 +282,8 @@ def _fwd_kernel(
         n = tl.load(tiles + i)
         gk = tl.load(tile_groups + i)
         acc, l_i, m_i, mass = _fwd_tile(
-            acc, l_i, m_i, mass, q, q_grp, offs_m, n * BLOCK_N, gk, scale_vec, bias_vec, weight_vec,
+            acc, l_i, m_i, mass, q, q_grp, offs_m, n * BLOCK_N - k_offset, gk, scale_vec,
+            bias_vec, weight_vec,
             K, V, KG, Scale, Bias, Weight, PairBits,
             b, h, k_base, v_base, kg_base, table_base, bits_base,
             stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
@@ -277,7 +292,8 @@ def _fwd_kernel(
     for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=2 if HAS_GROUPS else 1):
         n = tl.load(tiles + i)
         acc, l_i, m_i, mass = _fwd_tile(
-            acc, l_i, m_i, mass, q, q_grp, offs_m, n * BLOCK_N, 0, scale_vec, bias_vec, weight_vec,
+            acc, l_i, m_i, mass, q, q_grp, offs_m, n * BLOCK_N - k_offset, 0, scale_vec,
+            bias_vec, weight_vec,
             K, V, KG, Scale, Bias, Weight, PairBits,
             b, h, k_base, v_base, kg_base, table_base, bits_base,
             stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
@@ -286,7 +302,7 @@ def _fwd_kernel(
 
     # Rows with every key blocked have l_i == 0: out = 0, mass = 0, lse = -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    row_ok = offs_m < Nq
+    row_ok = _in_range(offs_m, Nq)
     out = acc / l_safe[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty),
@@ -376,12 +392,15 @@ def _bwd_dkdv_tile(
                    BLOCK_D, TMA)
     do = _load_tile(DOut, do_base, stride_don, b, h, m_start, Nq, head_dim, MIXED, EVEN_D,
                     BLOCK_M, BLOCK_D, TMA)
+    # Uniform tiles address per-query vectors as a scalar base plus constant offsets: no
+    # per-element address arithmetic (NOTES v9).
+    row_start = row_base + m_start
     if MIXED:
-        lse2 = tl.load(Lse2 + row_base + offs_m, mask=offs_m < Nq, other=float("inf"))
+        lse2 = tl.load(Lse2 + row_base + offs_m, mask=_in_range(offs_m, Nq), other=float("inf"))
     else:
-        lse2 = tl.load(Lse2 + row_base + offs_m)
+        lse2 = tl.load(Lse2 + row_start + tl.arange(0, BLOCK_M))
     if MIXED and HAS_GROUPS:
-        q_grp = tl.load(QG + qg_base + offs_m, mask=offs_m < Nq, other=0)
+        q_grp = tl.load(QG + qg_base + offs_m, mask=_in_range(offs_m, Nq), other=0)
     else:
         q_grp = tl.zeros([BLOCK_M], dtype=tl.int32)
     # Transposed tile: rows are keys, columns are queries.
@@ -390,10 +409,10 @@ def _bwd_dkdv_tile(
     s = _logits(qk, Scale, Bias, table_base, q_tile, k_tile, scale_vec, bias_vec, gq, qk_scale,
                 NUM_GROUPS, HAS_SCALE, HAS_BIAS, MIXED)
     if MIXED:
-        keep = (offs_n < Nk)[:, None]
+        keep = _in_range(offs_n, Nk)[:, None]
         if HAS_PAIR_MASK:
             keep = keep & ~tl.trans(_pair_blocked(PairBits, bits_base, stride_bits_n,
-                                                  tl.minimum(offs_m, Nq - 1), n_start, Nk,
+                                                  _clamped(offs_m, Nq), n_start, Nk,
                                                   BLOCK_N))
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[None, :])
@@ -405,18 +424,21 @@ def _bwd_dkdv_tile(
     dw = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     # dS = P * (scale * weight * dw + term[i, group of j]) (module docstring)
     if MIXED:
+        factor = weight
         if HAS_SCALE:
-            weight *= _table_tile(Scale, table_base, q_tile, k_tile, NUM_GROUPS)
+            factor *= _table_tile(Scale, table_base, q_tile, k_tile, NUM_GROUPS)
         if PER_KEY_GROUP:
-            term = _table_tile(Term, 0, (row_base + tl.minimum(offs_m, Nq - 1))[None, :], k_tile,
+            term = _table_tile(Term, 0, (row_base + _clamped(offs_m, Nq))[None, :], k_tile,
                                NUM_GROUPS)
         else:
-            term = tl.load(Term + row_base + offs_m, mask=offs_m < Nq, other=0.0)[None, :]
-        ds = p * (dw * weight + term)
-    else:  # scalar rules: one FMA per element
+            term = tl.load(Term + row_base + offs_m, mask=_in_range(offs_m, Nq), other=0.0)[None, :]
+        ds = p * (dw * factor + term)
+    else:  # scalar rules: one FMA per element (loaded here, after the dots: shorter loops)
         scale = _select(scale_vec, gq) if HAS_SCALE else 1.0
-        rows = row_base + offs_m
-        term = tl.load(Term + rows * NUM_GROUPS + gk) if PER_KEY_GROUP else tl.load(Term + rows)
+        if PER_KEY_GROUP:
+            term = tl.load(Term + row_start * NUM_GROUPS + gk + tl.arange(0, BLOCK_M) * NUM_GROUPS)
+        else:
+            term = tl.load(Term + row_start + tl.arange(0, BLOCK_M))
         ds = p * (dw * (weight * scale) + term[None, :])
     ds = ds.to(q.dtype)
     dk = tl.dot(ds, q, dk, input_precision=DOT_PRECISION)
@@ -425,7 +447,7 @@ def _bwd_dkdv_tile(
         dq = tl.dot(tl.trans(ds), k, input_precision=DOT_PRECISION)
         ptrs = DQAcc + dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :]
         if MIXED:
-            tl.atomic_add(ptrs, dq, mask=(offs_m < Nq)[:, None] & (offs_d < head_dim)[None, :],
+            tl.atomic_add(ptrs, dq, mask=_in_range(offs_m, Nq)[:, None] & (offs_d < head_dim)[None, :],
                           sem="relaxed")
         elif EVEN_D:
             tl.atomic_add(ptrs, dq, sem="relaxed")
@@ -445,7 +467,7 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkn, stride_dkh,
     stride_dqb, stride_dqn, stride_dqh,
     stride_qgb, stride_kgb, stride_table_h, stride_bits_b, stride_bits_n,
-    per_batch_plans, H, Nq, Nk, head_dim, qk_scale, sm_scale,
+    per_batch_plans, q_offset, k_offset, H, Nq, Nk, head_dim, qk_scale, sm_scale,
     NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     PER_KEY_GROUP: tl.constexpr, EVEN_D: tl.constexpr,
@@ -457,16 +479,17 @@ def _bwd_dkdv_kernel(
     b = pid_bh // H
     h = pid_bh % H
     n_col_tiles = tl.num_programs(0)
-    n_row_tiles = tl.cdiv(Nq, BLOCK_M)
+    n_row_tiles = tl.cdiv(Nq + q_offset, BLOCK_M)
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_start = pid_n * BLOCK_N - k_offset
+    offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K, b * stride_kb + h * stride_kh, stride_kn, b, h, pid_n * BLOCK_N, Nk,
+    k = _load_tile(K, b * stride_kb + h * stride_kh, stride_kn, b, h, n_start, Nk,
                    head_dim, True, EVEN_D, BLOCK_N, BLOCK_D, False)
-    v = _load_tile(V, b * stride_vb + h * stride_vh, stride_vn, b, h, pid_n * BLOCK_N, Nk,
+    v = _load_tile(V, b * stride_vb + h * stride_vh, stride_vn, b, h, n_start, Nk,
                    head_dim, True, EVEN_D, BLOCK_N, BLOCK_D, False)
     if HAS_GROUPS:
-        k_grp = tl.load(KG + b * stride_kgb + offs_n, mask=offs_n < Nk, other=0)
+        k_grp = tl.load(KG + b * stride_kgb + offs_n, mask=_in_range(offs_n, Nk), other=0)
     else:
         k_grp = tl.zeros([BLOCK_N], dtype=tl.int32)
 
@@ -492,7 +515,7 @@ def _bwd_dkdv_kernel(
         m = tl.load(tiles + i)
         gq = tl.load(tile_groups + i)
         dk, dv = _bwd_dkdv_tile(
-            dk, dv, k, v, k_grp, pid_n * BLOCK_N, m * BLOCK_M, gq, gk, scale_vec, bias_vec,
+            dk, dv, k, v, k_grp, n_start, m * BLOCK_M - q_offset, gq, gk, scale_vec, bias_vec,
             weight_vec,
             Q, DOut, DQAcc, Lse2, Term, QG, Scale, Bias, Weight, PairBits,
             b, h, q_base, do_base, dq_base, row_base, qg_base, table_base, bits_base,
@@ -502,7 +525,7 @@ def _bwd_dkdv_kernel(
     for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=2 if HAS_GROUPS else 1):
         m = tl.load(tiles + i)
         dk, dv = _bwd_dkdv_tile(
-            dk, dv, k, v, k_grp, pid_n * BLOCK_N, m * BLOCK_M, 0, 0, scale_vec, bias_vec,
+            dk, dv, k, v, k_grp, n_start, m * BLOCK_M - q_offset, 0, 0, scale_vec, bias_vec,
             weight_vec,
             Q, DOut, DQAcc, Lse2, Term, QG, Scale, Bias, Weight, PairBits,
             b, h, q_base, do_base, dq_base, row_base, qg_base, table_base, bits_base,
@@ -510,7 +533,7 @@ def _bwd_dkdv_kernel(
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK,
             PER_KEY_GROUP, True, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA, ATOMIC_DQ)
 
-    mask = (offs_n < Nk)[:, None] & (offs_d < head_dim)[None, :]
+    mask = _in_range(offs_n, Nk)[:, None] & (offs_d < head_dim)[None, :]
     base = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]
     tl.store(DK + base, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + base, dv.to(DV.dtype.element_ty), mask=mask)
@@ -518,7 +541,7 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_tile(
-    dq, q, do, lse2, term, q_grp, offs_m, n_start, gk, scale_vec, bias_vec, weight_vec,
+    dq, q, do, lse2, row_term, q_grp, offs_m, n_start, gk, scale_vec, bias_vec, weight_vec,
     K, V, KG, Term, Scale, Bias, Weight, PairBits,
     b, h, k_base, v_base, kg_base, row_base, table_base, bits_base,
     stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
@@ -534,7 +557,7 @@ def _bwd_dq_tile(
     v = _load_tile(V, v_base, stride_vn, b, h, n_start, Nk, head_dim, MIXED, EVEN_D, BLOCK_N,
                    BLOCK_D, TMA)
     if MIXED and HAS_GROUPS:
-        k_grp = tl.load(KG + kg_base + offs_n, mask=offs_n < Nk, other=0)
+        k_grp = tl.load(KG + kg_base + offs_n, mask=_in_range(offs_n, Nk), other=0)
     else:
         k_grp = tl.zeros([BLOCK_N], dtype=tl.int32)
     q_tile, k_tile = q_grp[:, None], k_grp[None, :]
@@ -542,15 +565,15 @@ def _bwd_dq_tile(
     s = _logits(qk, Scale, Bias, table_base, q_tile, k_tile, scale_vec, bias_vec, gk, qk_scale,
                 NUM_GROUPS, HAS_SCALE, HAS_BIAS, MIXED)
     if MIXED:
-        keep = (offs_n < Nk)[None, :]
+        keep = _in_range(offs_n, Nk)[None, :]
         if HAS_PAIR_MASK:
             keep = keep & ~_pair_blocked(PairBits, bits_base, stride_bits_n,
-                                         tl.minimum(offs_m, Nq - 1), n_start, Nk, BLOCK_N)
+                                         _clamped(offs_m, Nq), n_start, Nk, BLOCK_N)
         s = tl.where(keep, s, float("-inf"))
     p = tl.exp2(s - lse2[:, None])
     dw = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     # dS = P * (scale * weight * dw + term[i, group of j]) (module docstring)
-    rows = row_base + tl.minimum(offs_m, Nq - 1)
+    rows = row_base + _clamped(offs_m, Nq)
     if MIXED:
         if HAS_WEIGHT:
             dw *= _table_tile(Weight, table_base, q_tile, k_tile, NUM_GROUPS)
@@ -559,13 +582,12 @@ def _bwd_dq_tile(
         if PER_KEY_GROUP:
             term = _table_tile(Term, 0, rows[:, None], k_tile, NUM_GROUPS)
         else:
-            term = term[:, None]
+            term = row_term[:, None]
         ds = p * (dw + term)
     else:  # scalar rules: one FMA per element
         weight = _select(weight_vec, gk) if HAS_WEIGHT else 1.0
         scale = _select(scale_vec, gk) if HAS_SCALE else 1.0
-        if PER_KEY_GROUP:
-            term = tl.load(Term + rows * NUM_GROUPS + gk)
+        term = tl.load(Term + rows * NUM_GROUPS + gk) if PER_KEY_GROUP else row_term
         ds = p * (dw * (weight * scale) + term[:, None])
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
@@ -580,7 +602,7 @@ def _bwd_dq_kernel(
     stride_dob, stride_don, stride_doh,
     stride_dqb, stride_dqn, stride_dqh,
     stride_qgb, stride_kgb, stride_table_h, stride_bits_b, stride_bits_n,
-    per_batch_plans, H, Nq, Nk, head_dim, qk_scale, sm_scale,
+    per_batch_plans, q_offset, k_offset, H, Nq, Nk, head_dim, qk_scale, sm_scale,
     NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     PER_KEY_GROUP: tl.constexpr, EVEN_D: tl.constexpr,
@@ -592,19 +614,21 @@ def _bwd_dq_kernel(
     b = pid_bh // H
     h = pid_bh % H
     n_row_tiles = tl.num_programs(0)
-    n_col_tiles = tl.cdiv(Nk, BLOCK_N)
+    n_col_tiles = tl.cdiv(Nk + k_offset, BLOCK_N)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_start = pid_m * BLOCK_M - q_offset
+    offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < Nq
-    q = _load_tile(Q, b * stride_qb + h * stride_qh, stride_qn, b, h, pid_m * BLOCK_M, Nq,
+    row_ok = _in_range(offs_m, Nq)
+    q = _load_tile(Q, b * stride_qb + h * stride_qh, stride_qn, b, h, m_start, Nq,
                    head_dim, True, EVEN_D, BLOCK_M, BLOCK_D, False)
-    do = _load_tile(DOut, b * stride_dob + h * stride_doh, stride_don, b, h, pid_m * BLOCK_M, Nq,
+    do = _load_tile(DOut, b * stride_dob + h * stride_doh, stride_don, b, h, m_start, Nq,
                     head_dim, True, EVEN_D, BLOCK_M, BLOCK_D, False)
     row_base = pid_bh * Nq
     lse2 = tl.load(Lse2 + row_base + offs_m, mask=row_ok, other=float("inf"))
-    # one column for every key group, or read per tile
-    term = tl.zeros([BLOCK_M], dtype=tl.float32) if PER_KEY_GROUP else tl.load(
+    # -delta per query, loaded once (with PER_KEY_GROUP each tile reads its key group's column
+    # instead, and this is unused)
+    row_term = tl.zeros([BLOCK_M], dtype=tl.float32) if PER_KEY_GROUP else tl.load(
         Term + row_base + offs_m, mask=row_ok, other=0.0)
     if HAS_GROUPS:
         q_grp = tl.load(QG + b * stride_qgb + offs_m, mask=row_ok, other=0)
@@ -630,7 +654,8 @@ def _bwd_dq_kernel(
         n = tl.load(tiles + i)
         gk = tl.load(tile_groups + i)
         dq = _bwd_dq_tile(
-            dq, q, do, lse2, term, q_grp, offs_m, n * BLOCK_N, gk, scale_vec, bias_vec, weight_vec,
+            dq, q, do, lse2, row_term, q_grp, offs_m, n * BLOCK_N - k_offset, gk, scale_vec,
+            bias_vec, weight_vec,
             K, V, KG, Term, Scale, Bias, Weight, PairBits,
             b, h, k_base, v_base, kg_base, row_base, table_base, bits_base,
             stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
@@ -639,7 +664,8 @@ def _bwd_dq_kernel(
     for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=2 if HAS_GROUPS else 1):
         n = tl.load(tiles + i)
         dq = _bwd_dq_tile(
-            dq, q, do, lse2, term, q_grp, offs_m, n * BLOCK_N, 0, scale_vec, bias_vec, weight_vec,
+            dq, q, do, lse2, row_term, q_grp, offs_m, n * BLOCK_N - k_offset, 0, scale_vec,
+            bias_vec, weight_vec,
             K, V, KG, Term, Scale, Bias, Weight, PairBits,
             b, h, k_base, v_base, kg_base, row_base, table_base, bits_base,
             stride_kn, stride_vn, stride_bits_n, Nq, Nk, head_dim, qk_scale,

@@ -23,7 +23,7 @@ from .flow_attention import (
     _bwd_preprocess_kernel,
     _fwd_kernel,
 )
-from .tile_plan import TilePlan, build_tile_plan
+from .tile_plan import TilePlan, aligned_offset, build_tile_plan
 
 
 @dataclass(frozen=True)
@@ -74,9 +74,14 @@ def _batch_stride(t: torch.Tensor | None) -> int:
 
 
 def plan_for(inputs: FlowInputs, nq: int, nk: int, cfg: KernelConfig, device) -> TilePlan:
-    """The tile plan of ``inputs``' layout at ``cfg``'s block shape (callers cache it)."""
+    """The tile plan of ``inputs``' layout at ``cfg``'s block shape (callers cache it), its tiles
+    shifted to put group boundaries between them where no pair mask is set."""
+    offsets = (0, 0) if inputs.pair_bits is not None else (
+        aligned_offset(inputs.q_groups, nq, cfg.block_m),
+        aligned_offset(inputs.k_groups, nk, cfg.block_n))
     return build_tile_plan(nq, nk, cfg.block_m, cfg.block_n, device, inputs.num_groups,
-                           inputs.q_groups, inputs.k_groups, inputs.allowed_pairs(), inputs.pair_bits)
+                           inputs.q_groups, inputs.k_groups, inputs.allowed_pairs(), inputs.pair_bits,
+                           *offsets)
 
 
 def _common_args(inputs: FlowInputs, q: torch.Tensor):
@@ -149,14 +154,15 @@ def flow_attention_forward(
     mass_arg = mass if return_mass else lse.new_empty(1)  # kernels get a real pointer
     pointers, strides = _common_args(inputs, q)
     block_d = _block_d(head_dim)
-    grid = (triton.cdiv(nq, cfg.block_m), batch * heads)
+    grid = (triton.cdiv(nq + plan.q_offset, cfg.block_m), batch * heads)
     (k_tiles, v_tiles), tma = _tile_operands(cfg, cfg.block_n, block_d, k, v)
     _fwd_kernel[grid](
         q, k_tiles, v_tiles, out, lse, mass_arg, *pointers,
         plan.q_uniform_group, plan.row_counts, plan.row_tiles, plan.row_groups,
         *_token_strides(q, k, v, out),
         *strides,
-        int(plan.batched), heads, nq, nk, head_dim, softmax_scale * LOG2E_FLOAT,
+        int(plan.batched), plan.q_offset, plan.k_offset, heads, nq, nk, head_dim,
+        softmax_scale * LOG2E_FLOAT,
         **inputs.flags(), RETURN_MASS=return_mass, EVEN_D=head_dim == block_d,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
         DOT_PRECISION=_dot_precision(q.dtype), TMA=tma,
@@ -184,6 +190,12 @@ def flow_attention_backward(
     """Gradients dq, dk, dv from dO and the optional mass / LSE cotangents. With
     ``configs.backward_dq`` None the dk/dv kernel also adds each tile's dq into an fp32 buffer
     (atomics, no dq kernel: ``dq_plan`` is unused)."""
+    atomic_dq = configs.backward_dq is None
+    if atomic_dq and torch.are_deterministic_algorithms_enabled():
+        raise RuntimeError("flow attention's backward with backward_dq=atomic does not have a "
+                           "deterministic implementation, but you set "
+                           "'torch.use_deterministic_algorithms(True)': pin backward_dq to a "
+                           "block shape in DITFLOW_TRITON_CONFIG, or leave it to the table")
     batch, nq, heads, head_dim = q.shape
     nk = k.shape[1]
     block_d = _block_d(head_dim)
@@ -193,53 +205,54 @@ def flow_attention_backward(
     per_key_group = has_dmass or inputs.scale is not None
     term = lse2.new_empty(batch, heads, nq, *([inputs.num_groups] if per_key_group else []))
     dummy = lse2.new_empty(1)
-    pointers, strides = _common_args(inputs, q)
-    q_groups, _, scale, _, weight, _ = pointers
-    stride_qgb, _, stride_table_h, _, _ = strides
+    (scale, _, weight), stride_table_h = _table_args(inputs, q)
     flags = inputs.flags()
     pre_block = 64
     _bwd_preprocess_kernel[(triton.cdiv(nq, pre_block), batch * heads)](
         out, dout, lse, dummy if dlse is None else dlse.contiguous(),
         mass if has_dmass else dummy, dmass.contiguous() if has_dmass else dummy,
-        q_groups, scale, weight, term, lse2,
-        *_token_strides(out, dout), stride_qgb, stride_table_h,
+        q.new_empty(1, dtype=torch.int32) if inputs.q_groups is None else inputs.q_groups,
+        scale, weight, term, lse2,
+        *_token_strides(out, dout), _batch_stride(inputs.q_groups), stride_table_h,
         heads, nq, head_dim,
         **{key: flags[key] for key in ("NUM_GROUPS", "HAS_GROUPS", "HAS_SCALE", "HAS_WEIGHT")},
         HAS_DMASS=has_dmass, HAS_DLSE=dlse is not None, PER_KEY_GROUP=per_key_group,
         BLOCK_M=pre_block, BLOCK_D=block_d,
     )
-    atomic_dq = configs.backward_dq is None
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     # fp32 partial sums of dq, scaled and cast once every key tile has added its share
     dq_acc = torch.zeros_like(dq, dtype=torch.float32) if atomic_dq else dq
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    pointers, strides = _common_args(inputs, q)
     shared = dict(
         **flags, PER_KEY_GROUP=per_key_group, EVEN_D=head_dim == block_d, BLOCK_D=block_d,
         DOT_PRECISION=_dot_precision(q.dtype),
     )
     cfg = configs.backward_dkdv
     (q_tiles, dout_tiles), tma = _tile_operands(cfg, cfg.block_m, block_d, q, dout)
-    _bwd_dkdv_kernel[(triton.cdiv(nk, cfg.block_n), batch * heads)](
+    _bwd_dkdv_kernel[(triton.cdiv(nk + dkdv_plan.k_offset, cfg.block_n), batch * heads)](
         q_tiles, k, v, dout_tiles, dk, dv, dq_acc, lse2, term, *pointers,
         dkdv_plan.k_uniform_group, dkdv_plan.col_counts, dkdv_plan.col_tiles,
         dkdv_plan.col_groups,
         *_token_strides(q, k, v, dout, dk, dq_acc),
         *strides,
-        int(dkdv_plan.batched), heads, nq, nk, head_dim, softmax_scale * LOG2E_FLOAT, softmax_scale,
+        int(dkdv_plan.batched), dkdv_plan.q_offset, dkdv_plan.k_offset, heads, nq, nk, head_dim,
+        softmax_scale * LOG2E_FLOAT, softmax_scale,
         **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, ATOMIC_DQ=atomic_dq,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if atomic_dq:
-        return dq.copy_(dq_acc.mul_(softmax_scale)), dk, dv
+        return torch.mul(dq_acc, softmax_scale, out=dq), dk, dv
     cfg = configs.backward_dq
     (k_tiles, v_tiles), tma = _tile_operands(cfg, cfg.block_n, block_d, k, v)
-    _bwd_dq_kernel[(triton.cdiv(nq, cfg.block_m), batch * heads)](
+    _bwd_dq_kernel[(triton.cdiv(nq + dq_plan.q_offset, cfg.block_m), batch * heads)](
         q, k_tiles, v_tiles, dout, dq, lse2, term, *pointers,
         dq_plan.q_uniform_group, dq_plan.row_counts, dq_plan.row_tiles, dq_plan.row_groups,
         *_token_strides(q, k, v, dout, dq),
         *strides,
-        int(dq_plan.batched), heads, nq, nk, head_dim, softmax_scale * LOG2E_FLOAT, softmax_scale,
+        int(dq_plan.batched), dq_plan.q_offset, dq_plan.k_offset, heads, nq, nk, head_dim,
+        softmax_scale * LOG2E_FLOAT, softmax_scale,
         **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -29,10 +29,12 @@ def test_environment_pins_the_table(monkeypatch):
     assert pinned.backward_dq == HOPPER.backward_dq
 
 
-@pytest.mark.parametrize("spec", ["default", "64x", "64x64:4:3:fast", "64x64:a", "forward=atomic"])
-def test_a_malformed_spec_names_itself_and_the_form(spec):
-    with pytest.raises(ValueError, match=r"expected BMxBN\[:warps\[:stages\[:tma\]\]\]"):
-        pin_configs(HOPPER, spec)
+@pytest.mark.parametrize("spec", ["default", "64x", "64x64:4:3:fast", "forward=64x64:a",
+                                  "forward=atomic"])
+def test_a_malformed_spec_names_its_source_itself_and_the_form(spec):
+    with pytest.raises(ValueError, match=r"^DITFLOW_TRITON_CONFIG: kernel config '.*': expected "
+                                         r"BMxBN\[:warps\[:stages\[:tma\]\]\]"):
+        pin_configs(HOPPER, spec, "DITFLOW_TRITON_CONFIG")
 
 
 def test_an_unknown_kernel_is_named_with_the_spec_source():

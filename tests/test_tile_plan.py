@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ditflow.kernels import BLOCKED, MIXED, UNIFORM, build_tile_plan
+from ditflow.kernels.tile_plan import aligned_offset
 from ditflow.ops import pack_pair_mask
 
 TEXT, TARGET, CONTEXT = 0, 1, 2
@@ -53,6 +55,44 @@ def test_ragged_tails_and_group_boundaries_are_mixed():
     assert (classes[1, :] == MIXED).all()  # the tile holding the boundary
     assert (classes[:, 2] == MIXED).all()  # the ragged last column tile
     assert (classes[2, :] == MIXED).all()  # the ragged last row tile
+
+
+def _layout(*lengths: int) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32),
+                                   torch.tensor(lengths))[None]
+
+
+def test_offsets_put_group_boundaries_between_tiles():
+    """Qwen-Image-Edit at 1 MP: 1390 text tokens, two 4096-token images. From token 0, both
+    boundaries and the end fall inside 128-token tiles (three rows and columns of mixed tiles);
+    shifted by 18, only the first (ragged) row and column are mixed."""
+    groups = _layout(1390, 4096, 4096)
+    n = groups.shape[1]
+    assert aligned_offset(groups, n, 128) == 18
+    mixed = {}
+    for offset in (0, 18):
+        plan = build_tile_plan(n, n, 128, 128, torch.device("cpu"), 3, groups, groups,
+                               q_offset=offset, k_offset=offset)
+        mixed[offset] = int(plan.row_counts[..., 1].sum())
+    assert mixed == {0: 441, 18: 149}  # 3 rows and columns of 75 tiles, then 1 (9600 = 75 x 128)
+    plan = build_tile_plan(n, n, 128, 128, torch.device("cpu"), 3, groups, groups,
+                           q_offset=18, k_offset=18)
+    assert plan.q_uniform_group[0, :12].tolist() == [-1] + [0] * 10 + [1]  # 18 + 1390 = 11 x 128
+
+
+def test_aligned_layouts_keep_offset_zero():
+    assert aligned_offset(_layout(512, 4096, 4096), 8704, 128) == 0  # Kontext
+    assert aligned_offset(_layout(512, 1024, 1027), 2563, 128) == 0  # a ragged end alone
+    assert aligned_offset(None, 97, 32) == 0
+    # per-batch layouts: the offset serving most boundaries over the batch
+    groups = torch.cat([_layout(13, 64, 64), _layout(45, 32, 64)])
+    assert aligned_offset(groups, 141, 32) == 19
+
+
+def test_a_pair_mask_needs_offsets_zero():
+    bits = pack_pair_mask(torch.zeros(1, 64, 64, dtype=torch.bool))
+    with pytest.raises(ValueError, match="pair mask needs tile offsets 0"):
+        build_tile_plan(64, 64, 32, 32, torch.device("cpu"), pair_bits=bits, q_offset=3)
 
 
 def test_pair_mask_blocks_and_mixes_tiles():
