@@ -34,6 +34,9 @@ if ! $python -c "import diffusers" 2>/dev/null; then
   fi
   echo "warning: diffusers is missing: the model integration tests and PGD steps are skipped" >&2
 fi
+# The kernel suite compiles a few hundred kernel variants: in parallel where pytest-xdist is
+# importable (it is in the test extra; carry its wheel to a bare machine)
+parallel=$($python -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 export DITFLOW_COMMIT=${DITFLOW_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 device=$($python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
 today=$(date -u +%F)
@@ -46,7 +49,7 @@ case "$stage" in
       $python -c "import torch, triton; print('#', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
       $python -m pytest tests/test_flow_attention.py tests/test_gpu_flux_shapes.py tests/test_ops.py \
         tests/test_deleaker.py tests/test_flux_integration.py tests/test_qwenimage_integration.py \
-        tests/test_step1x_integration.py -v -p no:cacheprovider -rfEs 2>&1
+        tests/test_step1x_integration.py -v $parallel -p no:cacheprovider -rfEs 2>&1
     } | tee "$log"
     ;;
   attention)
@@ -85,7 +88,7 @@ case "$stage" in
       echo "# GPU kernel suite, commit $DITFLOW_COMMIT"
       $python -c "import torch, triton; print('#', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
       timeout -s INT -k 15 180 $python -m pytest tests/test_flow_attention.py \
-        tests/test_gpu_flux_shapes.py tests/test_ops.py -q -p no:cacheprovider -rfEs 2>&1
+        tests/test_gpu_flux_shapes.py tests/test_ops.py -q $parallel -p no:cacheprovider -rfEs 2>&1
     } | tee "$log" || failed=1
     timeout -s INT -k 15 120 $python -m benchmarks.attention --shape kontext-1024 --dtype bf16 \
       --out "$out" --sweep default "backward_dq=atomic,backward_dkdv=64x128:8:2:tma" \
