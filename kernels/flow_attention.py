@@ -16,7 +16,8 @@ Tiles are visited through a :class:`~.tile_plan.TilePlan`: uniform tiles read th
 scalars and skip bounds checks, mixed tiles build them per element (one select per key group),
 blocked tiles are never visited. Each kernel walks its uniform tiles, then its mixed ones; the
 mixed-tile loop is pipelined two deep when groups are present, where it spills less, and one
-deep without them, where mixed tiles are only the ragged tail and one stage spills nothing
+deep without them, where mixed tiles are only the ragged tail (plans shift tiles only for
+groups) and one stage spills nothing
 (benchmarks/NOTES.md, v4). A config with ``tma`` reads the operands loaded per tile through TMA
 descriptors (Hopper on). ``python -m benchmarks.compile_report`` shows what each kernel costs in
 registers, spills and shared memory on a GPU architecture, without a GPU.
@@ -44,9 +45,9 @@ def _load_tile(X, base, stride_n, b, h, start, n_rows, head_dim, MASK_ROWS: tl.c
                EVEN_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
                TMA: tl.constexpr):
     """Rows ``start .. start + BLOCK`` of ``X[b, :, h, :]`` as ``[BLOCK, BLOCK_D]``. With TMA, one
-    box of a ``[B, N, H, D]`` descriptor (rows past the end and columns past the head dim read
-    zero; the copy engine computes the addresses); else pointer loads from ``X + base``, masked
-    where rows may run past ``n_rows`` or the head dim is padded."""
+    box of a ``[B, N, H, D]`` descriptor (rows before 0 or past the end and columns past the head
+    dim read zero; the copy engine computes the addresses); else pointer loads from ``X + base``,
+    masked where rows may lie outside [0, n_rows) or the head dim is padded."""
     if TMA:  # (an early return would still compile the pointer code below for a descriptor)
         tile = tl.reshape(X.load([b, start, h, 0]), [BLOCK, BLOCK_D])
     else:

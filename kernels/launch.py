@@ -9,6 +9,7 @@ Imports only torch and triton: validation, caching of plans and autograd live in
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -192,10 +193,13 @@ def flow_attention_backward(
     (atomics, no dq kernel: ``dq_plan`` is unused)."""
     atomic_dq = configs.backward_dq is None
     if atomic_dq and torch.are_deterministic_algorithms_enabled():
-        raise RuntimeError("flow attention's backward with backward_dq=atomic does not have a "
-                           "deterministic implementation, but you set "
-                           "'torch.use_deterministic_algorithms(True)': pin backward_dq to a "
-                           "block shape in DITFLOW_TRITON_CONFIG, or leave it to the table")
+        message = ("flow attention's backward with backward_dq=atomic does not have a "
+                   "deterministic implementation, but you set "
+                   "'torch.use_deterministic_algorithms(True)': pin backward_dq to a block shape "
+                   "in DITFLOW_TRITON_CONFIG, or leave it to the table")
+        if not torch.is_deterministic_algorithms_warn_only_enabled():
+            raise RuntimeError(message)
+        warnings.warn(message, stacklevel=2)
     batch, nq, heads, head_dim = q.shape
     nk = k.shape[1]
     block_d = _block_d(head_dim)

@@ -5,7 +5,8 @@ Every (query tile, key tile) pair of one batch element is put in one of three cl
 * ``UNIFORM``: one query group and one key group and no pair-mask bit inside the tile; the rules
   are three scalars and the tile is full (no bounds checks).
 * ``MIXED``: anything else that is not blocked (group boundaries inside the tile, pair-mask bits,
-  the ragged last tile of either dimension); the rules are gathered per element.
+  the ragged last tile of either dimension, and the first when tiles are shifted); the rules are
+  gathered per element.
 * ``BLOCKED``: every pair is blocked for every head (bias ``-inf`` or pair mask); the tile is
   skipped in forward and backward.
 
@@ -15,7 +16,7 @@ group pairs, pair mask) and the block shape, so callers cache them.
 
 Tiles need not start at token 0: a plan may shift them by an offset per dimension (tile ``t``
 covers tokens ``t * block - offset`` onwards), chosen by :func:`aligned_offset` so that group
-boundaries fall between tiles. Qwen-Image-Edit's 1390 text tokens before two 4096-token images
+boundaries fall between tiles where that saves work. Qwen-Image-Edit's 1390 text tokens before two 4096-token images
 put both boundaries and the end inside 128-token tiles: three rows and three columns of mixed
 tiles, 7.8% of all; shifted by 18 tokens, only the first row and column are (2.6%).
 """
@@ -84,18 +85,34 @@ def _tile_groups(groups: torch.Tensor | None, n: int, block: int, offset: int, n
     return present, uniform
 
 
+# What a mixed tile costs beyond a uniform one, in uniform tiles (their loops are 2.3-3.2x longer;
+# Qwen-Image-Edit's forward: benchmarks/NOTES.md, v9)
+MIXED_TILE_EXTRA = 1.5
+
+
 def aligned_offset(groups: torch.Tensor | None, n: int, block: int) -> int:
-    """The tile offset in [0, block) that puts the most group boundaries of ``groups`` ([P, N],
-    every batch element's layout counted), the sequence's end included, between tiles; an
-    offset other than 0 makes the first tile ragged, which counts against it. 0 on ties."""
+    """The tile offset in [0, block) whose tiles cost least along this dimension, counted over
+    every batch element's layout ``groups`` ([P, N]) as if the other dimension were tiled alike:
+    T tiles of which M are mixed (holding a group boundary, or ragged: the first when the offset
+    is not 0, the last when the end falls inside a tile) cost T² uniform tile pairs plus
+    ``MIXED_TILE_EXTRA`` for each of the M (2T - M) mixed ones. 0 on ties."""
     if groups is None:
         return 0
-    changes = (groups[:, 1:] != groups[:, :-1]).nonzero()[:, 1] + 1
-    boundaries = torch.cat([changes, torch.full((groups.shape[0],), n, device=groups.device)])
-    candidates = torch.arange(block, device=groups.device)
-    aligned = ((boundaries[None, :] + candidates[:, None]) % block == 0).sum(1)
-    aligned[0] += groups.shape[0]  # offset 0 keeps every start aligned
-    return int(aligned.argmax())  # the first of the best: 0 on ties
+    device = groups.device
+    batch_rows, cols = (groups[:, 1:] != groups[:, :-1]).nonzero(as_tuple=True)
+    offsets = torch.arange(block, device=device)
+    starts = cols[None, :] + 1 + offsets[:, None]  # [offset, boundary]: a group's first token
+    mixed = torch.zeros(block, groups.shape[0], _cdiv(n, block) + 1, dtype=torch.bool,
+                        device=device)
+    offset, boundary = (starts % block != 0).nonzero(as_tuple=True)
+    mixed[offset, batch_rows[boundary], starts[offset, boundary] // block] = True
+    mixed[1:, :, 0] = True
+    ragged_end = (n + offsets) % block != 0
+    mixed[offsets[ragged_end], :, ((n + offsets - 1) // block)[ragged_end]] = True
+    tiles = (n + offsets + block - 1) // block
+    m = mixed.sum(dim=2).double()  # [offset, P]
+    cost = (tiles[:, None] ** 2 + MIXED_TILE_EXTRA * m * (2 * tiles[:, None] - m)).sum(1)
+    return int(cost.argmin())  # the first of the cheapest: 0 on ties
 
 
 def _popcount(words: torch.Tensor) -> torch.Tensor:

@@ -46,14 +46,16 @@ class Case:
     shuffle: bool = False
     aligned: bool = False  # equal segments on tile boundaries: uniform tiles of every group pair
     segments: tuple[int, ...] | None = None  # group lengths in order (MM-DiT layouts)
+    k_segments: tuple[int, ...] | None = None  # the keys' (cross-attention), else as segments
 
     def __str__(self):
         parts = [f"{self.nq}x{self.nk or self.nq}", f"d{self.head_dim}", f"g{self.groups}"]
         parts += sorted(self.kinds)
         parts += [flag for flag in ("pair_mask", "per_head", "per_batch_groups", "shuffle",
                                     "aligned") if getattr(self, flag)]
-        if self.segments:
-            parts.append("segments" + "_".join(map(str, self.segments)))
+        for name in ("segments", "k_segments"):
+            if getattr(self, name):
+                parts.append(name + "_".join(map(str, getattr(self, name))))
         return "-".join(parts)
 
 
@@ -79,6 +81,9 @@ CASES = [
     Case(33, head_dim=8, groups=2, kinds=ALL, batch=1),  # below the 16-wide dot minimum
     Case(33, head_dim=256, groups=2, kinds=ALL, batch=1, heads=1),
     Case(141, head_dim=32, groups=3, kinds=ALL, segments=(13, 64, 64)),  # tiles shifted by 19
+    # shifted by 19, one tile more than unshifted; queries and keys shifted apart (19 and 31)
+    Case(256, head_dim=16, groups=5, kinds=ALL, segments=(13, 64, 64, 64, 51)),
+    Case(141, 65, head_dim=32, groups=3, kinds=ALL, segments=(13, 64, 64), k_segments=(1, 32, 32)),
 ]
 
 
@@ -96,7 +101,12 @@ def _inputs(case: Case, dtype, device):
                                 for _ in range(case.batch)])
     else:
         q_groups = segment_groups(case.nq, case.groups, device, case.shuffle)
-    k_groups = None if case.nk is None else segment_groups(nk, case.groups, device, case.shuffle)
+    if case.k_segments:
+        k_groups = torch.arange(case.groups, device=device).repeat_interleave(
+            torch.tensor(case.k_segments, device=device))
+    else:
+        k_groups = None if case.nk is None else segment_groups(nk, case.groups, device,
+                                                                case.shuffle)
     rules = random_rules(case.groups, set(case.kinds), case.heads if case.per_head else None)
     pair_mask = None
     if case.pair_mask:
@@ -306,13 +316,16 @@ def test_atomic_dq_through_tma(uses, monkeypatch, device):
              device, uses=uses)
 
 
-def test_atomic_dq_is_refused_in_deterministic_mode(monkeypatch, device):
+def test_atomic_dq_in_deterministic_mode_raises_or_warns(monkeypatch, device):
     monkeypatch.setenv("DITFLOW_TRITON_CONFIG", "backward_dq=atomic")
     q, k, v = random_qkv(1, 33, 33, 1, 16, torch.float32, device)
     out = flow_attention(q, k, v, backend="triton").out
     torch.use_deterministic_algorithms(True)
     try:
         with pytest.raises(RuntimeError, match="backward_dq=atomic does not have a deterministic"):
+            out.sum().backward(retain_graph=True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="backward_dq=atomic does not have a deterministic"):
             out.sum().backward()
     finally:
         torch.use_deterministic_algorithms(False)

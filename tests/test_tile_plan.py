@@ -80,6 +80,36 @@ def test_offsets_put_group_boundaries_between_tiles():
     assert plan.q_uniform_group[0, :12].tolist() == [-1] + [0] * 10 + [1]  # 18 + 1390 = 11 x 128
 
 
+def test_an_offset_may_add_a_tile_when_it_aligns_enough_boundaries():
+    groups = _layout(13, 64, 64, 64, 51)  # 256 tokens: 8 tiles of 32, 4 holding a boundary
+    assert aligned_offset(groups, 256, 32) == 19
+    plan = build_tile_plan(256, 256, 32, 32, torch.device("cpu"), 5, groups, groups,
+                           q_offset=19, k_offset=19)
+    assert plan.q_uniform_group[0].tolist() == [-1, 1, 1, 2, 2, 3, 3, 4, -1]  # 9 tiles
+
+
+def _work(groups, n, block, offset):
+    """Tile pairs a self-attention plan visits, a mixed one counted 2.5 (NOTES v9)."""
+    plan = build_tile_plan(n, n, block, block, torch.device("cpu"), int(groups.max()) + 1,
+                           groups, groups, q_offset=offset, k_offset=offset)
+    uniform, mixed = plan.row_counts.sum(dim=(0, 1)).tolist()
+    return uniform + 2.5 * mixed
+
+
+def test_the_chosen_offset_never_costs_more_than_none():
+    """Short runs (ALE's object regions cut from image rows): shifting can split two boundaries
+    that shared a tile; the choice counts tiles, not boundaries."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        runs = torch.randint(1, 40, (30,), generator=generator)
+        ids = torch.randint(0, 5, (30,), generator=generator, dtype=torch.int32)
+        groups = torch.repeat_interleave(ids, runs)[None]
+        n = groups.shape[1]
+        offset = aligned_offset(groups, n, 32)
+        assert _work(groups, n, 32, offset) <= _work(groups, n, 32, 0)
+    assert aligned_offset(_layout(97, 3, 10, 54), 164, 32) == 0  # 0 would lose here
+
+
 def test_aligned_layouts_keep_offset_zero():
     assert aligned_offset(_layout(512, 4096, 4096), 8704, 128) == 0  # Kontext
     assert aligned_offset(_layout(512, 1024, 1027), 2563, 128) == 0  # a ragged end alone
