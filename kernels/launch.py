@@ -78,8 +78,8 @@ def plan_for(inputs: FlowInputs, nq: int, nk: int, cfg: KernelConfig, device) ->
     """The tile plan of ``inputs``' layout at ``cfg``'s block shape (callers cache it), its tiles
     shifted to put group boundaries between them where no pair mask is set."""
     offsets = (0, 0) if inputs.pair_bits is not None else (
-        aligned_offset(inputs.q_groups, nq, cfg.block_m),
-        aligned_offset(inputs.k_groups, nk, cfg.block_n))
+        aligned_offset(inputs.q_groups, nq, cfg.block_m, inputs.num_groups),
+        aligned_offset(inputs.k_groups, nk, cfg.block_n, inputs.num_groups))
     return build_tile_plan(nq, nk, cfg.block_m, cfg.block_n, device, inputs.num_groups,
                            inputs.q_groups, inputs.k_groups, inputs.allowed_pairs(), inputs.pair_bits,
                            *offsets)

@@ -90,29 +90,20 @@ def _tile_groups(groups: torch.Tensor | None, n: int, block: int, offset: int, n
 MIXED_TILE_EXTRA = 1.5
 
 
-def aligned_offset(groups: torch.Tensor | None, n: int, block: int) -> int:
+def aligned_offset(groups: torch.Tensor | None, n: int, block: int, num_groups: int) -> int:
     """The tile offset in [0, block) whose tiles cost least along this dimension, counted over
     every batch element's layout ``groups`` ([P, N]) as if the other dimension were tiled alike:
-    T tiles of which M are mixed (holding a group boundary, or ragged: the first when the offset
-    is not 0, the last when the end falls inside a tile) cost T² uniform tile pairs plus
-    ``MIXED_TILE_EXTRA`` for each of the M (2T - M) mixed ones. 0 on ties."""
+    T tiles of which M are mixed (:func:`_tile_groups`: several groups, or ragged) cost T²
+    uniform tile pairs plus ``MIXED_TILE_EXTRA`` for each of the M (2T - M) mixed ones. 0 on
+    ties."""
     if groups is None:
         return 0
-    device = groups.device
-    batch_rows, cols = (groups[:, 1:] != groups[:, :-1]).nonzero(as_tuple=True)
-    offsets = torch.arange(block, device=device)
-    starts = cols[None, :] + 1 + offsets[:, None]  # [offset, boundary]: a group's first token
-    mixed = torch.zeros(block, groups.shape[0], _cdiv(n, block) + 1, dtype=torch.bool,
-                        device=device)
-    offset, boundary = (starts % block != 0).nonzero(as_tuple=True)
-    mixed[offset, batch_rows[boundary], starts[offset, boundary] // block] = True
-    mixed[1:, :, 0] = True
-    ragged_end = (n + offsets) % block != 0
-    mixed[offsets[ragged_end], :, ((n + offsets - 1) // block)[ragged_end]] = True
-    tiles = (n + offsets + block - 1) // block
-    m = mixed.sum(dim=2).double()  # [offset, P]
-    cost = (tiles[:, None] ** 2 + MIXED_TILE_EXTRA * m * (2 * tiles[:, None] - m)).sum(1)
-    return int(cost.argmin())  # the first of the cheapest: 0 on ties
+    costs = []
+    for offset in range(block):
+        _, uniform = _tile_groups(groups, n, block, offset, num_groups, groups.device)
+        tiles, mixed = uniform.shape[1], (uniform < 0).sum(1).double()
+        costs.append((tiles**2 + MIXED_TILE_EXTRA * mixed * (2 * tiles - mixed)).sum())
+    return int(torch.stack(costs).argmin())  # the first of the cheapest: 0 on ties
 
 
 def _popcount(words: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,7 @@ def test_offsets_put_group_boundaries_between_tiles():
     shifted by 18, only the first (ragged) row and column are mixed."""
     groups = _layout(1390, 4096, 4096)
     n = groups.shape[1]
-    assert aligned_offset(groups, n, 128) == 18
+    assert aligned_offset(groups, n, 128, 3) == 18
     mixed = {}
     for offset in (0, 18):
         plan = build_tile_plan(n, n, 128, 128, torch.device("cpu"), 3, groups, groups,
@@ -82,7 +82,7 @@ def test_offsets_put_group_boundaries_between_tiles():
 
 def test_an_offset_may_add_a_tile_when_it_aligns_enough_boundaries():
     groups = _layout(13, 64, 64, 64, 51)  # 256 tokens: 8 tiles of 32, 4 holding a boundary
-    assert aligned_offset(groups, 256, 32) == 19
+    assert aligned_offset(groups, 256, 32, 5) == 19
     plan = build_tile_plan(256, 256, 32, 32, torch.device("cpu"), 5, groups, groups,
                            q_offset=19, k_offset=19)
     assert plan.q_uniform_group[0].tolist() == [-1, 1, 1, 2, 2, 3, 3, 4, -1]  # 9 tiles
@@ -105,18 +105,18 @@ def test_the_chosen_offset_never_costs_more_than_none():
         ids = torch.randint(0, 5, (30,), generator=generator, dtype=torch.int32)
         groups = torch.repeat_interleave(ids, runs)[None]
         n = groups.shape[1]
-        offset = aligned_offset(groups, n, 32)
+        offset = aligned_offset(groups, n, 32, 5)
         assert _work(groups, n, 32, offset) <= _work(groups, n, 32, 0)
-    assert aligned_offset(_layout(97, 3, 10, 54), 164, 32) == 0  # 0 would lose here
+    assert aligned_offset(_layout(97, 3, 10, 54), 164, 32, 4) == 0  # 0 would lose here
 
 
 def test_aligned_layouts_keep_offset_zero():
-    assert aligned_offset(_layout(512, 4096, 4096), 8704, 128) == 0  # Kontext
-    assert aligned_offset(_layout(512, 1024, 1027), 2563, 128) == 0  # a ragged end alone
-    assert aligned_offset(None, 97, 32) == 0
+    assert aligned_offset(_layout(512, 4096, 4096), 8704, 128, 3) == 0  # Kontext
+    assert aligned_offset(_layout(512, 1024, 1027), 2563, 128, 3) == 0  # a ragged end alone
+    assert aligned_offset(None, 97, 32, 1) == 0
     # per-batch layouts: the offset serving most boundaries over the batch
     groups = torch.cat([_layout(13, 64, 64), _layout(45, 32, 64)])
-    assert aligned_offset(groups, 141, 32) == 19
+    assert aligned_offset(groups, 141, 32, 3) == 19
 
 
 def test_a_pair_mask_needs_offsets_zero():
