@@ -57,15 +57,15 @@ case "$stage" in
       --dtype bf16 fp16 --out "$out"
     ;;
   configs)
-    # Against the Hopper defaults (NOTES v7, v8), most promising first: dq added by the dk/dv
-    # kernel with atomics (no dq kernel: five matrix products per tile pair instead of seven) at
-    # the default dk/dv tiles, at FA3's 64 x 128 over 8 warps, and at 32 x 128 (spill-free in
-    # the uniform loop); then shapes the compile report finds spill-free with rules + mass (a
+    # Against the Hopper defaults (NOTES v7, v8): dq added by the dk/dv kernel with atomics (no
+    # dq kernel: five matrix products per tile pair instead of seven) at FA3's 64 x 128 over 8
+    # warps (v8's predicted best), at 32 x 128 (spill-free in the uniform loop) and at the
+    # default dk/dv tiles; then shapes the compile report finds spill-free with rules + mass (a
     # 128 x 64 forward at 5 stages, dk/dv over 32 queries x 64 keys, dq over 128 queries) and
     # 2-stage backward tiles. Qwen's text length leaves mixed tiles.
     $python -m benchmarks.attention --shape kontext-1024 qwen-edit-1024 --dtype bf16 --out "$out" \
-      --sweep default "backward_dq=atomic" "backward_dq=atomic,backward_dkdv=64x128:8:2:tma" \
-        "backward_dq=atomic,backward_dkdv=32x128:8:3:tma" \
+      --sweep default "backward_dq=atomic,backward_dkdv=64x128:8:2:tma" \
+        "backward_dq=atomic,backward_dkdv=32x128:8:3:tma" "backward_dq=atomic" \
         "forward=128x64:8:5:tma" "backward_dkdv=32x64:4:3:tma" "backward_dq=128x64:8:3:tma" \
         "backward_dkdv=64x64:4:2:tma,backward_dq=64x64:4:2:tma"
     ;;
