@@ -37,44 +37,71 @@ from benchmarks.results import ResultsFile, failure_note
 from benchmarks.timing import bench
 
 
-class RandomTextPipeline:
-    """What Protector needs from a pipeline: transformer, vae, encode_prompt."""
-
-    def __init__(self, transformer, vae):
-        self.transformer, self.vae = transformer, vae
-
-    def encode_prompt(self, prompt, prompt_2=None, device=None, max_sequence_length=512):
-        g = torch.Generator(device=device).manual_seed(hash(prompt) % 2**31)
-        embeds = torch.randn(1, max_sequence_length, 4096, device=device, generator=g)
-        pooled = torch.randn(1, 768, device=device, generator=g)
-        return embeds.bfloat16(), pooled.bfloat16(), None
+def _prompt_generator(prompt: str, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(hash(prompt) % 2**31)
 
 
-class RandomQwenTextPipeline:
-    """What Protector needs from a Qwen-Image-Edit pipeline, with random embeddings of the
-    length Qwen2.5-VL gives a 1 MP photo plus an instruction (about 1390 tokens)."""
+def kontext_editor(transformer, vae):
+    """A FluxKontextPipeline around ``transformer`` and ``vae`` whose prompts are random
+    embeddings of the transformer's widths (no text encoders)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
 
-    def __init__(self, transformer, vae):
-        self.transformer, self.vae = transformer, vae
+    pipe = FluxKontextPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                               text_encoder=None, tokenizer=None, text_encoder_2=None,
+                               tokenizer_2=None, transformer=transformer)
+    config = transformer.config
 
-    def encode_prompt(self, prompt, image=None, device=None):
-        g = torch.Generator(device=device).manual_seed(hash(prompt) % 2**31)
-        return torch.randn(1, 1390, 3584, device=device, generator=g).bfloat16(), None
+    def encode_prompt(prompt, prompt_2=None, device=None, max_sequence_length=512):
+        g = _prompt_generator(prompt, device)
+        embeds = torch.randn(1, max_sequence_length, config.joint_attention_dim, device=device,
+                             generator=g)
+        pooled = torch.randn(1, config.pooled_projection_dim, device=device, generator=g)
+        return embeds.to(transformer.dtype), pooled.to(transformer.dtype), None
+
+    pipe.encode_prompt = encode_prompt
+    return pipe
 
 
-class RandomStep1XTextPipeline:
-    """What Protector needs from a Step1X-Edit pipeline: random Qwen2.5-VL hidden states, the
-    640 tokens Step1X-Edit always uses, about 400 of them unpadded."""
+def qwen_editor(transformer, vae, text_tokens: int = 1390):
+    """A QwenImageEditPipeline around ``transformer`` and ``vae`` whose prompts are random
+    embeddings: ``text_tokens`` of them, by default the length Qwen2.5-VL gives a 1 MP photo
+    plus an instruction."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline
 
-    def __init__(self, transformer, vae):
-        self.transformer, self.vae = transformer, vae
+    pipe = QwenImageEditPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                 text_encoder=None, tokenizer=None, processor=None,
+                                 transformer=transformer)
 
-    def encode_prompt(self, prompts, images):
-        device = self.transformer.device
-        g = torch.Generator(device=device).manual_seed(hash(prompts[0]) % 2**31)
-        embeds = torch.randn(len(prompts), 640, 3584, device=device, generator=g).bfloat16()
-        mask = (torch.arange(640, device=device) < 400).long().expand(len(prompts), -1)
-        return embeds, mask
+    def encode_prompt(prompt, image=None, device=None):
+        g = _prompt_generator(prompt, device)
+        embeds = torch.randn(1, text_tokens, transformer.config.joint_attention_dim,
+                             device=device, generator=g)
+        return embeds.to(transformer.dtype), None
+
+    pipe.encode_prompt = encode_prompt
+    return pipe
+
+
+def step1x_editor(transformer, vae, max_text_tokens: int = 640):
+    """A Step1XEditPipeline around ``transformer`` and ``vae`` whose prompts are random
+    Qwen2.5-VL hidden states: ``max_text_tokens`` (Step1X-Edit always uses 640), the last 3/8
+    of them padding (about 400 of 640 unpadded)."""
+    from ditflow.models.step1x import Step1XEditPipeline
+
+    pipe = Step1XEditPipeline(transformer=transformer, vae=vae, text_encoder=None,
+                              processor=None, max_text_tokens=max_text_tokens)
+
+    def encode_prompt(prompts, images):
+        device = transformer.device
+        g = _prompt_generator(prompts[0], device)
+        embeds = torch.randn(len(prompts), max_text_tokens, transformer.config.llm_channels,
+                             device=device, generator=g)
+        kept = max_text_tokens * 5 // 8
+        mask = (torch.arange(max_text_tokens, device=device) < kept).long()
+        return embeds.to(transformer.dtype), mask.expand(len(prompts), -1)
+
+    pipe.encode_prompt = encode_prompt
+    return pipe
 
 
 def full_size_step1x_models():
@@ -176,24 +203,28 @@ def ditflow_step(protector, pixels, prompts, timesteps, noise):
 
 
 def _pipeline(model: str):
-    """The pipeline of ``model``, built once per run (the full-size models take tens of GiB)."""
+    """The pipeline of ``model``, built once per run (the full-size models take tens of GiB).
+    The tiny models go through the same random-text editors as the full-size ones."""
     if model == "tiny":
         from ditflow.tiny import tiny_flux_pipeline
 
-        return tiny_flux_pipeline("kontext")
+        tiny = tiny_flux_pipeline("kontext")
+        return kontext_editor(tiny.transformer, tiny.vae)
     if model == "tiny-qwen":
         from ditflow.tiny import tiny_qwen_edit_pipeline
 
-        return tiny_qwen_edit_pipeline()
+        tiny = tiny_qwen_edit_pipeline()
+        return qwen_editor(tiny.transformer, tiny.vae, text_tokens=24)
     if model == "tiny-step1x":
         from ditflow.tiny import tiny_step1x_edit_pipeline
 
-        return tiny_step1x_edit_pipeline()
+        tiny = tiny_step1x_edit_pipeline()
+        return step1x_editor(tiny.transformer, tiny.vae, tiny.config.max_text_tokens)
     if model == "step1x":
-        return RandomStep1XTextPipeline(*full_size_step1x_models())
+        return step1x_editor(*full_size_step1x_models())
     if model == "qwen-edit":
-        return RandomQwenTextPipeline(*full_size_qwen_models())
-    return RandomTextPipeline(*full_size_models())
+        return qwen_editor(*full_size_qwen_models())
+    return kontext_editor(*full_size_models())
 
 
 def _config(model: str, resolution: int):
