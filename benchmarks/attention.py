@@ -365,7 +365,8 @@ def _timed(row: dict, fn: Callable[[], object], flops: float, device: torch.devi
 
 
 def run_shape(shape: str, dtype: torch.dtype, backward: bool, device: torch.device,
-              rows: list[dict]) -> None:
+              rows: list[dict], results: ResultsFile) -> None:
+    """Time every provider at ``shape``; ``results`` is rewritten after each row."""
     torch._dynamo.reset()  # FlexAttention recompiles per shape; stay under the recompile limit
     p = Problem.random(SHAPES[shape], dtype, device)
     truths = _fp32_truths(p)
@@ -381,10 +382,12 @@ def run_shape(shape: str, dtype: torch.dtype, backward: bool, device: torch.devi
         with torch.no_grad():
             rows.append(_timed(dict(base, provider=name, direction="forward"), fn, p.flops,
                                device, truths.get(truth)))
+            results.write(rows=rows)
     if backward:
         for name, (fn, truth) in backward_providers.items():
             rows.append(_timed(dict(base, provider=name, direction="forward+backward"), fn,
                                3.5 * p.flops, device, truths.get(truth)))
+            results.write(rows=rows)
 
 
 def sweep_configs(shape: str, dtype: torch.dtype, specs: list[str], device: torch.device,
@@ -457,8 +460,7 @@ def main(argv: list[str] | None = None) -> Path:
             if args.sweep is not None:
                 sweep_configs(shape, DTYPES[dtype], args.sweep, device, rows, results)
             else:
-                run_shape(shape, DTYPES[dtype], not args.no_backward, device, rows)
-            results.write(rows=rows)
+                run_shape(shape, DTYPES[dtype], not args.no_backward, device, rows, results)
     if args.sweep is None:
         print(_table(rows))
     return results.path
