@@ -57,17 +57,12 @@ case "$stage" in
       --dtype bf16 fp16 --out "$out"
     ;;
   configs)
-    # Against the Hopper defaults (NOTES v7, v8): dq added by the dk/dv kernel with atomics (no
-    # dq kernel: five matrix products per tile pair instead of seven) at FA3's 64 x 128 over 8
-    # warps (v8's predicted best), at 32 x 128 (spill-free in the uniform loop) and at the
-    # default dk/dv tiles; then shapes the compile report finds spill-free with rules + mass (a
-    # 128 x 64 forward at 5 stages, dk/dv over 32 queries x 64 keys, dq over 128 queries) and
-    # 2-stage backward tiles. Qwen's text length leaves mixed tiles.
+    # Against the Hopper defaults (NOTES v7, v10): shapes the compile report finds spill-free
+    # with rules + mass (a 128 x 64 forward at 5 stages, dk/dv over 32 queries x 64 keys, dq over
+    # 128 queries) and 2-stage backward tiles. Qwen's text length leaves mixed tiles.
     $python -m benchmarks.attention --shape kontext-1024 qwen-edit-1024 --dtype bf16 --out "$out" \
-      --sweep default "backward_dq=atomic,backward_dkdv=64x128:8:2:tma" \
-        "backward_dq=atomic,backward_dkdv=32x128:8:3:tma" "backward_dq=atomic" \
-        "forward=128x64:8:5:tma" "backward_dkdv=32x64:4:3:tma" "backward_dq=128x64:8:3:tma" \
-        "backward_dkdv=64x64:4:2:tma,backward_dq=64x64:4:2:tma"
+      --sweep default "forward=128x64:8:5:tma" "backward_dkdv=32x64:4:3:tma" \
+        "backward_dq=128x64:8:3:tma" "backward_dkdv=64x64:4:2:tma,backward_dq=64x64:4:2:tma"
     ;;
   end-to-end)
     $python -m benchmarks.protect_step --out "$out"
@@ -76,25 +71,26 @@ case "$stage" in
     $python -m benchmarks.generation --out "$out"
     ;;
   essentials)
-    # What is measured least and matters most, about nine minutes, each part under its own time
-    # limit so that a slow one cannot starve the rest (SIGINT: pytest still prints which tests
-    # failed; the benchmarks keep the rows they wrote): the kernel suite compiled (bf16
-    # included), the backward candidates at Kontext 1024² (NOTES v8's predicted best first),
-    # and the DeContext PGD step on the full-size Kontext architecture against the authors'
-    # recipe (512², the speed target, then 1024², the memory one). Exits 1 if a part failed.
+    # What is measured least and matters most, in under ten minutes, each part under its own
+    # time limit so that a slow one cannot starve the rest (SIGINT: pytest still prints which
+    # tests failed; the benchmarks keep the rows they wrote): the kernel suite compiled (bf16
+    # included), the default kernels with rules + mass at Kontext and Qwen-Image-Edit 1024², the
+    # DeContext PGD step on the full-size Kontext architecture against the authors' recipe (512²,
+    # the speed target, then 1024², the memory one), and the overhead of interventions on a
+    # 28-step generation. Exits 1 if a part failed.
     failed=0
     log="$out/gpu-essentials-$device-$today.txt"
     {
       echo "# GPU kernel suite, commit $DITFLOW_COMMIT"
       $python -c "import torch, triton; print('#', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
-      timeout -s INT -k 15 180 $python -m pytest tests/test_flow_attention.py \
+      timeout -s INT -k 15 170 $python -m pytest tests/test_flow_attention.py \
         tests/test_gpu_flux_shapes.py tests/test_ops.py -q $parallel -p no:cacheprovider -rfEs 2>&1
     } | tee "$log" || failed=1
-    timeout -s INT -k 15 120 $python -m benchmarks.attention --shape kontext-1024 --dtype bf16 \
-      --out "$out" --sweep default "backward_dq=atomic,backward_dkdv=64x128:8:2:tma" \
-        "backward_dq=atomic,backward_dkdv=32x128:8:3:tma" "backward_dq=atomic" || failed=1
+    timeout -s INT -k 15 60 $python -m benchmarks.attention --shape kontext-1024 qwen-edit-1024 \
+      --dtype bf16 --out "$out" --sweep default || failed=1
     if [ "$has_diffusers" = 1 ]; then
-      timeout -s INT -k 15 240 $python -m benchmarks.protect_step --out "$out" || failed=1
+      timeout -s INT -k 15 150 $python -m benchmarks.protect_step --out "$out" || failed=1
+      timeout -s INT -k 15 180 $python -m benchmarks.generation --repeats 2 --out "$out" || failed=1
     fi
     exit $failed
     ;;

@@ -5,11 +5,15 @@
     python -m benchmarks.render_table benchmarks/results/cpu-kernel-<device>-<date>.json
     python -m benchmarks.render_table benchmarks/results/compile-sm90-<device>-<date>.json
     python -m benchmarks.render_table benchmarks/results/sweep-<device>-<date>.json
+    python -m benchmarks.render_table benchmarks/results/protect-step-full-<device>-<date>.json
+    python -m benchmarks.render_table benchmarks/results/generation-<device>-<date>.json
 
 Prints Markdown, then the file's provenance: for benchmarks.attention one row per (shape, dtype,
-direction, provider), for its ``--sweep`` one per (shape, dtype, config); for
-benchmarks.cpu_kernel one row per (N, backend); for benchmarks.compile_report one row per
-(kernel, variant, config).
+direction, provider) (providers not installed where it ran are named under the table, not
+given rows), for its ``--sweep`` one per (shape, dtype, config); for benchmarks.cpu_kernel one
+row per (N, backend); for benchmarks.compile_report one row per (kernel, variant, config); for
+benchmarks.protect_step one per (resolution, provider), with the speed-up over the authors' (or
+eager) recipe; for benchmarks.generation one per provider.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ def render(path: Path, dtype: str | None = None, shape: str | None = None) -> st
     meta, rows = data["meta"], data["rows"]
     if "backend" in rows[0]:
         lines = _cpu_kernel_rows(rows)
+    elif "resolution" in rows[0]:
+        lines = _protect_step_rows(rows)
+    elif "steps" in rows[0]:
+        lines = _generation_rows(rows)
     elif "registers" in rows[0]:
         lines = _compile_rows(rows)
     elif "config" in rows[0]:
@@ -41,6 +49,34 @@ def _cpu_kernel_rows(rows: list[dict]) -> list[str]:
     lines = ["| N | backend | forward + backward s | peak MiB |", "|---:|---|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["n"], r["backend"])):
         lines.append(f"| {r['n']} | {r['backend']} | {r['seconds']:.3f} | {r['peak_mib']:.0f} |")
+    return lines
+
+
+def _protect_step_rows(rows: list[dict]) -> list[str]:
+    lines = ["| model | resolution | tokens | provider | ms per step | peak MiB | speed-up |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        # the recipe ditflow is measured against: the authors' (or, on Qwen, the eager one)
+        recipe = next(o["ms"] for o in rows if o["resolution"] == r["resolution"]
+                      and o["provider"].endswith("recipe"))
+        if math.isnan(r["ms"]):
+            lines.append(f"| {r['model']} | {r['resolution']}² | {r['tokens']} | "
+                         f"{r['provider']} | {r.get('note', 'n/a')} | | |")
+            continue
+        lines.append(f"| {r['model']} | {r['resolution']}² | {r['tokens']} | {r['provider']} | "
+                     f"{r['ms']:.0f} | {r['peak_mib']:.0f} | {recipe / r['ms']:.2f}x |")
+    return lines
+
+
+def _generation_rows(rows: list[dict]) -> list[str]:
+    lines = ["| size | steps | provider | seconds | overhead |", "|---:|---:|---|---:|---:|"]
+    for r in rows:
+        if math.isnan(r["seconds"]):
+            lines.append(f"| {r['size']}² | {r['steps']} | {r['provider']} | "
+                         f"{r.get('note', 'n/a')} | |")
+            continue
+        lines.append(f"| {r['size']}² | {r['steps']} | {r['provider']} | {r['seconds']:.2f} | "
+                     f"{r['overhead']:+.1%} |")
     return lines
 
 
@@ -82,8 +118,12 @@ def _attention_rows(rows: list[dict], dtype: str | None, shape: str | None) -> l
         "| shape | dtype | pass | provider | ms | TFLOP/s | peak MiB | max err |",
         "|---|---|---|---|---:|---:|---:|---:|",
     ]
+    missing = []
     for r in rows:
         if (dtype and r["dtype"] != dtype) or (shape and r["shape"] != shape):
+            continue
+        if r.get("note") == "not installed":
+            missing.append(r["provider"])
             continue
         ms = r["ms"]
         cells = ("OOM" if r.get("note") == "OOM" else "n/a") if math.isnan(ms) else None
@@ -92,6 +132,8 @@ def _attention_rows(rows: list[dict], dtype: str | None, shape: str | None) -> l
             f"| {r['shape']} (N={r['n']}) | {r['dtype']} | {r['direction']} | {r['provider']} | "
             + (f"{cells} | | | |" if cells else
                f"{ms:.3f} | {r['tflops']:.0f} | {r['peak_mib']:.0f} | {error} |"))
+    if missing:
+        lines += ["", "Not installed there: " + ", ".join(dict.fromkeys(missing)) + "."]
     return lines
 
 

@@ -34,6 +34,39 @@ def test_attention_table_filters_by_dtype_and_shape():
     assert "commit" in table.splitlines()[-1]
 
 
+def test_attention_table_names_providers_not_installed_instead_of_giving_them_rows():
+    table = render(RESULTS / "attention-NVIDIA-H200-2026-11-29-v9.json")
+    assert "not installed" not in table.split("Not installed there:")[0]
+    assert "Not installed there: flash-attn, fa4 (plain)," in table
+    assert sum(line.startswith("| kontext-1024") for line in table.splitlines()) == 16
+
+
+def test_protect_step_table_gives_the_speed_up_over_the_recipe_at_each_resolution():
+    lines = render(RESULTS / "protect-step-full-NVIDIA-H200-2026-11-29.json").splitlines()
+    assert lines[0].startswith("| model | resolution | tokens | provider | ms per step |")
+    recipes = [line for line in lines if "authors' recipe" in line]
+    assert len(recipes) == 2 and all(line.endswith("| 1.00x |") for line in recipes)
+    rows = _rows(RESULTS / "protect-step-full-NVIDIA-H200-2026-11-29.json")
+    fused = [r for r in rows if r["provider"].startswith("ditflow (early stop")]
+    recipe = [r for r in rows if r["provider"] == "authors' recipe"]
+    for ours, theirs in zip(fused, recipe, strict=True):
+        assert f"| {theirs['ms'] / ours['ms']:.2f}x |" in "\n".join(lines)
+
+
+def test_generation_table_gives_each_provider_s_overhead(tmp_path):
+    lines = render(RESULTS / "generation-NVIDIA-H200-2026-11-29.json").splitlines()
+    assert lines[0] == "| size | steps | provider | seconds | overhead |"
+    assert "| stock diffusers (SDPA) | 4.89 | +0.0% |" in lines[2]
+    # a provider that failed shows its note
+    data = json.loads((RESULTS / "generation-NVIDIA-H200-2026-11-29.json").read_text())
+    data["rows"].append(dict(data["rows"][-1], provider="broken", seconds=math.nan,
+                             note="RuntimeError: boom"))
+    data["rows"][-1].pop("overhead")
+    path = tmp_path / "generation.json"
+    path.write_text(json.dumps(data))
+    assert "| broken | RuntimeError: boom | |" in render(path)
+
+
 def test_sweep_tables_have_one_row_per_shape_and_config():
     path = RESULTS / "sweep-NVIDIA-H200-2026-11-29-chosen.json"
     lines = render(path, shape="kontext-1024").splitlines()
