@@ -112,24 +112,22 @@ def _variants() -> dict[str, tuple[FlowInputs, bool]]:
 
 def capture(dtype: torch.dtype, configs: FlowConfigs, variant: str, head_dim: int = 128,
             heads: int = 24) -> dict[str, Launch]:
-    """The forward, dk/dv and dq launches of one variant, by kernel (no dq with
-    ``backward_dq=atomic``)."""
+    """The forward, dk/dv and dq launches of one variant, by kernel."""
     inputs, with_mass = _variants()[variant]
     n = sum(LAYOUT)
     q, k, v = (torch.empty(1, n, heads, head_dim, dtype=dtype) for _ in range(3))
     lse = torch.empty(1, heads, n)
     mass = torch.empty(1, heads, n, inputs.num_groups) if with_mass else None
     plans = {name: launchers.plan_for(inputs, n, n, getattr(configs, name), q.device)
-             for name in ("forward", "backward_dkdv", "backward_dq")
-             if getattr(configs, name) is not None}
+             for name in ("forward", "backward_dkdv", "backward_dq")}
     with recorded_launches() as launches:
         launchers.flow_attention_forward(q, k, v, inputs, head_dim**-0.5, with_mass,
                                          plans["forward"], configs.forward)
         launchers.flow_attention_backward(torch.empty_like(q), None, mass, q, k, v, q, lse, mass,
                                           inputs, head_dim**-0.5, plans["backward_dkdv"],
-                                          plans.get("backward_dq"), configs)
+                                          plans["backward_dq"], configs)
     by_name = {launch.kernel.__name__: launch for launch in launches}
-    return {kernel: by_name[name] for kernel, name in KERNELS.items() if name in by_name}
+    return {kernel: by_name[name] for kernel, name in KERNELS.items()}
 
 
 def _argument(value) -> tuple[str, bool]:
@@ -179,8 +177,7 @@ def uniform_loop(sass: str) -> list[str]:
 
 def resources(compiled) -> dict:
     """Registers, spill stack, local-memory instructions (in all and in the uniform-tile loop),
-    the uniform-tile loop's length, shared memory, wgmma, TMA-load and atomic-reduction
-    counts."""
+    the uniform-tile loop's length, shared memory, wgmma and TMA-load counts."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
@@ -200,7 +197,6 @@ def resources(compiled) -> dict:
         shared_bytes=compiled.metadata.shared,
         wgmma=len(re.findall(r"\bHGMMA\b", sass)),
         tma_loads=len(re.findall(r"\bUTMALDG\b", sass)),
-        atomic_reductions=len(re.findall(r"\bREDG\b", sass)),
     )
 
 
@@ -228,11 +224,10 @@ def report(dtype: torch.dtype, configs: FlowConfigs, kernels: list[str], variant
     rows = []
     for variant in variants:
         launches = capture(dtype, configs, variant, head_dim)
-        for kernel in filter(launches.__contains__, kernels):
+        for kernel in kernels:
             launch = launches[kernel]
             config = "{BLOCK_M}x{BLOCK_N}:{num_warps}:{num_stages}".format(**launch.kwargs)
             config += ":tma" if launch.kwargs["TMA"] else ""
-            config += ":atomic-dq" if launch.kwargs.get("ATOMIC_DQ") else ""
             compiled = compile_launch(launch, arch)
             tile = (launch.kwargs["BLOCK_M"], launch.kwargs["BLOCK_N"])
             row = dict(kernel=kernel, variant=variant, dtype=str(dtype).removeprefix("torch."),
@@ -248,7 +243,7 @@ def _line(row: dict) -> str:
     spills = (f"spills {row['spill_stack_bytes']} B ({row['local_loads']} LDL / "
               f"{row['local_stores']} STL)" if row["spill_stack_bytes"] else "no spills")
     shared = f"shared {row['shared_bytes'] // 1024} KiB" + ("" if row["fits"] else " TOO LARGE")
-    return (f"{row['kernel']:8} {row['variant']:15} {row['config']:27} regs {row['registers']:3}  "
+    return (f"{row['kernel']:8} {row['variant']:15} {row['config']:17} regs {row['registers']:3}  "
             f"{spills:34} {shared}  wgmma {row['wgmma']:3}  TMA loads {row['tma_loads']:2}  "
             f"uniform loop {row['loop_instructions']:4} instr, {row['loop_local_accesses']:2} "
             f"LDL/STL  ops/score {row['score_ops']}")
@@ -267,7 +262,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     parser.add_argument("--config", nargs="+", default=None, metavar="SPEC",
                         help="DITFLOW_TRITON_CONFIG specs to compile, each over the GPU table: "
                              "BMxBN:WARPS:STAGES[:tma] for every kernel, or per kernel as "
-                             "backward_dkdv=64x64:4:3:tma,backward_dq=atomic; "
+                             "backward_dkdv=64x64:4:3:tma,backward_dq=64x128:8:2:tma; "
                              "default: the GPU table")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     argv = sys.argv[1:] if argv is None else argv

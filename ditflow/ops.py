@@ -172,8 +172,7 @@ def _triton_backward(dout, dlse, dmass, q, k, v, out, lse, mass, q_groups, k_gro
     configs = kernels.select_configs(q.shape[-1], q.dtype, q.device)
     nq, nk = q.shape[1], k.shape[1]
     dkdv_plan = _plan(inputs, plan_key, nq, nk, configs.backward_dkdv, q.device)
-    dq_plan = (None if configs.backward_dq is None else
-               _plan(inputs, plan_key, nq, nk, configs.backward_dq, q.device))
+    dq_plan = _plan(inputs, plan_key, nq, nk, configs.backward_dq, q.device)
     return kernels.flow_attention_backward(dout, dlse, dmass, q, k, v, out, lse, mass, inputs,
                                            softmax_scale, dkdv_plan, dq_plan, configs)
 

@@ -31,14 +31,11 @@ class KernelConfig:
 
 @dataclass(frozen=True)
 class FlowConfigs:
-    """Block shapes of the three kernels. ``backward_dq`` None (``atomic`` in
-    ``DITFLOW_TRITON_CONFIG``): no dq kernel; the dk/dv kernel adds each tile's share of dq into
-    an fp32 buffer with atomics, one dot per tile pair instead of the dq kernel's three (it
-    recomputes the scores and dO.v), at the price of bit-reproducible dq."""
+    """Block shapes of the three kernels: the forward, the backward's dk/dv and its dq."""
 
     forward: KernelConfig
     backward_dkdv: KernelConfig
-    backward_dq: KernelConfig | None
+    backward_dq: KernelConfig
 
 
 def parse_config(spec: str) -> KernelConfig:
@@ -100,8 +97,8 @@ def select_configs(head_dim: int, dtype: torch.dtype, device: torch.device,
 
 def pin_configs(configs: FlowConfigs, spec: str, source: str = "config") -> FlowConfigs:
     """``configs`` with the kernels ``spec`` names replaced: ``BMxBN[:warps[:stages[:tma]]]``
-    for every kernel, or ``forward=...,backward_dkdv=...,backward_dq=...`` per kernel
-    (``backward_dq=atomic``: no dq kernel). Errors name ``source``, where the spec came from."""
+    for every kernel, or ``forward=...,backward_dkdv=...,backward_dq=...`` per kernel. Errors
+    name ``source``, where the spec came from."""
     try:
         if "=" not in spec:
             cfg = parse_config(spec)
@@ -111,8 +108,7 @@ def pin_configs(configs: FlowConfigs, spec: str, source: str = "config") -> Flow
             name, _, kernel_spec = item.partition("=")
             if name not in FlowConfigs.__dataclass_fields__:
                 raise ValueError(f"unknown kernel {name!r} (forward, backward_dkdv, backward_dq)")
-            atomic = (name, kernel_spec) == ("backward_dq", "atomic")
-            chosen[name] = None if atomic else parse_config(kernel_spec)
+            chosen[name] = parse_config(kernel_spec)
         return replace(configs, **chosen)
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from None

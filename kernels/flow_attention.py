@@ -378,14 +378,14 @@ def _bwd_preprocess_kernel(
 @triton.jit
 def _bwd_dkdv_tile(
     dk, dv, k, v, k_grp, n_start, m_start, gq, gk, scale_vec, bias_vec, weight_vec,
-    Q, DOut, DQAcc, Lse2, Term, QG, Scale, Bias, Weight, PairBits,
-    b, h, q_base, do_base, dq_base, row_base, qg_base, table_base, bits_base,
-    stride_qn, stride_don, stride_dqn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
+    Q, DOut, Lse2, Term, QG, Scale, Bias, Weight, PairBits,
+    b, h, q_base, do_base, row_base, qg_base, table_base, bits_base,
+    stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
     NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     PER_KEY_GROUP: tl.constexpr, MIXED: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_n = n_start + tl.arange(0, BLOCK_N)
@@ -443,37 +443,25 @@ def _bwd_dkdv_tile(
         ds = p * (dw * (weight * scale) + term[None, :])
     ds = ds.to(q.dtype)
     dk = tl.dot(ds, q, dk, input_precision=DOT_PRECISION)
-    if ATOMIC_DQ:
-        offs_d = tl.arange(0, BLOCK_D)
-        dq = tl.dot(tl.trans(ds), k, input_precision=DOT_PRECISION)
-        ptrs = DQAcc + dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :]
-        if MIXED:
-            tl.atomic_add(ptrs, dq, mask=_in_range(offs_m, Nq)[:, None] & (offs_d < head_dim)[None, :],
-                          sem="relaxed")
-        elif EVEN_D:
-            tl.atomic_add(ptrs, dq, sem="relaxed")
-        else:
-            tl.atomic_add(ptrs, dq, mask=(offs_d < head_dim)[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DOut, DK, DV, DQAcc, Lse2, Term, QG, KG, Scale, Bias, Weight, PairBits,
+    Q, K, V, DOut, DK, DV, Lse2, Term, QG, KG, Scale, Bias, Weight, PairBits,
     KUniform, ColCounts, ColTiles, ColGroups,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_dob, stride_don, stride_doh,
     stride_dkb, stride_dkn, stride_dkh,
-    stride_dqb, stride_dqn, stride_dqh,
     stride_qgb, stride_kgb, stride_table_h, stride_bits_b, stride_bits_n,
     per_batch_plans, q_offset, k_offset, H, Nq, Nk, head_dim, qk_scale, sm_scale,
     NUM_GROUPS: tl.constexpr, HAS_GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_PAIR_MASK: tl.constexpr,
     PER_KEY_GROUP: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -500,7 +488,6 @@ def _bwd_dkdv_kernel(
 
     q_base = b * stride_qb + h * stride_qh
     do_base = b * stride_dob + h * stride_doh
-    dq_base = b * stride_dqb + h * stride_dqh
     row_base = pid_bh * Nq
     qg_base = b * stride_qgb
     table_base = h * stride_table_h
@@ -518,21 +505,21 @@ def _bwd_dkdv_kernel(
         dk, dv = _bwd_dkdv_tile(
             dk, dv, k, v, k_grp, n_start, m * BLOCK_M - q_offset, gq, gk, scale_vec, bias_vec,
             weight_vec,
-            Q, DOut, DQAcc, Lse2, Term, QG, Scale, Bias, Weight, PairBits,
-            b, h, q_base, do_base, dq_base, row_base, qg_base, table_base, bits_base,
-            stride_qn, stride_don, stride_dqn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
+            Q, DOut, Lse2, Term, QG, Scale, Bias, Weight, PairBits,
+            b, h, q_base, do_base, row_base, qg_base, table_base, bits_base,
+            stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK,
-            PER_KEY_GROUP, False, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA, ATOMIC_DQ)
+            PER_KEY_GROUP, False, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA)
     for i in tl.range(n_uniform, n_uniform + n_mixed, num_stages=2 if HAS_GROUPS else 1):
         m = tl.load(tiles + i)
         dk, dv = _bwd_dkdv_tile(
             dk, dv, k, v, k_grp, n_start, m * BLOCK_M - q_offset, 0, 0, scale_vec, bias_vec,
             weight_vec,
-            Q, DOut, DQAcc, Lse2, Term, QG, Scale, Bias, Weight, PairBits,
-            b, h, q_base, do_base, dq_base, row_base, qg_base, table_base, bits_base,
-            stride_qn, stride_don, stride_dqn, stride_bits_n, Nq, Nk, head_dim, qk_scale,
+            Q, DOut, Lse2, Term, QG, Scale, Bias, Weight, PairBits,
+            b, h, q_base, do_base, row_base, qg_base, table_base, bits_base,
+            stride_qn, stride_don, stride_bits_n, Nq, Nk, head_dim, qk_scale,
             NUM_GROUPS, HAS_GROUPS, HAS_SCALE, HAS_BIAS, HAS_WEIGHT, HAS_PAIR_MASK,
-            PER_KEY_GROUP, True, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA, ATOMIC_DQ)
+            PER_KEY_GROUP, True, EVEN_D, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, TMA)
 
     mask = _in_range(offs_n, Nk)[:, None] & (offs_d < head_dim)[None, :]
     base = b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :]

@@ -9,7 +9,6 @@ Imports only torch and triton: validation, caching of plans and autograd live in
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -185,21 +184,10 @@ def flow_attention_backward(
     inputs: FlowInputs,
     softmax_scale: float,
     dkdv_plan: TilePlan,
-    dq_plan: TilePlan | None,
+    dq_plan: TilePlan,
     configs: FlowConfigs,
 ):
-    """Gradients dq, dk, dv from dO and the optional mass / LSE cotangents. With
-    ``configs.backward_dq`` None the dk/dv kernel also adds each tile's dq into an fp32 buffer
-    (atomics, no dq kernel: ``dq_plan`` is unused)."""
-    atomic_dq = configs.backward_dq is None
-    if atomic_dq and torch.are_deterministic_algorithms_enabled():
-        message = ("flow attention's backward with backward_dq=atomic does not have a "
-                   "deterministic implementation, but you set "
-                   "'torch.use_deterministic_algorithms(True)': pin backward_dq to a block shape "
-                   "in DITFLOW_TRITON_CONFIG, or leave it to the table")
-        if not torch.is_deterministic_algorithms_warn_only_enabled():
-            raise RuntimeError(message)
-        warnings.warn(message, stacklevel=2)
+    """Gradients dq, dk, dv from dO and the optional mass / LSE cotangents."""
     batch, nq, heads, head_dim = q.shape
     nk = k.shape[1]
     block_d = _block_d(head_dim)
@@ -224,8 +212,6 @@ def flow_attention_backward(
         BLOCK_M=pre_block, BLOCK_D=block_d,
     )
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    # fp32 partial sums of dq, scaled and cast once every key tile has added its share
-    dq_acc = torch.zeros_like(dq, dtype=torch.float32) if atomic_dq else dq
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     pointers, strides = _common_args(inputs, q)
@@ -236,18 +222,16 @@ def flow_attention_backward(
     cfg = configs.backward_dkdv
     (q_tiles, dout_tiles), tma = _tile_operands(cfg, cfg.block_m, block_d, q, dout)
     _bwd_dkdv_kernel[(triton.cdiv(nk + dkdv_plan.k_offset, cfg.block_n), batch * heads)](
-        q_tiles, k, v, dout_tiles, dk, dv, dq_acc, lse2, term, *pointers,
+        q_tiles, k, v, dout_tiles, dk, dv, lse2, term, *pointers,
         dkdv_plan.k_uniform_group, dkdv_plan.col_counts, dkdv_plan.col_tiles,
         dkdv_plan.col_groups,
-        *_token_strides(q, k, v, dout, dk, dq_acc),
+        *_token_strides(q, k, v, dout, dk),
         *strides,
         int(dkdv_plan.batched), dkdv_plan.q_offset, dkdv_plan.k_offset, heads, nq, nk, head_dim,
         softmax_scale * LOG2E_FLOAT, softmax_scale,
-        **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma, ATOMIC_DQ=atomic_dq,
+        **shared, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, TMA=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if atomic_dq:
-        return torch.mul(dq_acc, softmax_scale, out=dq), dk, dv
     cfg = configs.backward_dq
     (k_tiles, v_tiles), tma = _tile_operands(cfg, cfg.block_n, block_d, k, v)
     _bwd_dq_kernel[(triton.cdiv(nq + dq_plan.q_offset, cfg.block_m), batch * heads)](

@@ -100,20 +100,18 @@ def test_tma_configs_load_tiles_through_tma(tmp_path):
         assert row["fits"] and row["wgmma"] > 0, row
 
 
-def test_atomic_dq_adds_dq_in_the_dkdv_kernel(tmp_path):
-    """``backward_dq=atomic``: no dq kernel is launched, and the dk/dv kernel compiles to atomic
-    reductions (REDG) beside its wgmma."""
+def test_a_per_kernel_config_pins_that_kernel_over_the_table(tmp_path):
+    """``--config`` takes ``DITFLOW_TRITON_CONFIG`` specs: ``default`` is the GPU table, a named
+    kernel's shape replaces the table's for that kernel only."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--variant", "rules+mass",
-                    "--kernel", "dkdv", "dq", "--config", "default", "backward_dq=atomic",
+    subprocess.run([sys.executable, "-m", "benchmarks.compile_report", "--variant", "plain",
+                    "--kernel", "dkdv", "dq", "--config", "default", "backward_dq=64x128:8:2:tma",
                     "--out", str(tmp_path)],
                    cwd=ROOT, env=env, check=True, capture_output=True)
     rows = json.loads(next(tmp_path.glob("compile-sm90-configs-*.json")).read_text())["rows"]
-    split, atomic = rows[:2], rows[2:]
-    assert [row["kernel"] for row in split] == ["dkdv", "dq"]
-    assert [row["kernel"] for row in atomic] == ["dkdv"]
-    assert split[0]["atomic_reductions"] == 0 < atomic[0]["atomic_reductions"]
-    assert atomic[0]["config"].endswith(":atomic-dq") and atomic[0]["wgmma"] > split[0]["wgmma"]
+    assert [(row["kernel"], row["config"]) for row in rows] == [
+        ("dkdv", "64x64:4:3:tma"), ("dq", "64x64:4:3:tma"),
+        ("dkdv", "64x64:4:3:tma"), ("dq", "64x128:8:2:tma")]
 
 
 def test_launches_are_recorded_and_the_kernels_restored():

@@ -275,69 +275,12 @@ def test_each_kernel_walks_the_plan_of_its_own_block_shape(monkeypatch, device):
     run_case(Case(192, head_dim=16, groups=3, kinds=ALL, aligned=True), torch.float32, device)
 
 
-ATOMIC_DQ_CASES = [
-    Case(97, head_dim=40, groups=3, kinds=ALL, pair_mask=True),  # ragged tiles, padded head dim
-    Case(17, 130, head_dim=32, groups=3, kinds=ALL),
-    Case(130, 17, head_dim=16, groups=3, kinds=ALL),
-    Case(97, head_dim=32, groups=4, kinds=ALL, per_head=True, heads=3),
-    Case(70, head_dim=32, groups=3, kinds=ALL, per_batch_groups=True),
-    Case(192, head_dim=16, groups=3, kinds=ALL, aligned=True),  # uniform tiles only
-    Case(97, head_dim=32, groups=16, kinds=ALL, shuffle=True),
-]
-
-
-class _NotLaunched:
-    """Stands in for a kernel that must not run."""
-
-    def __getitem__(self, grid):
-        raise AssertionError("the dq kernel ran with backward_dq=atomic")
-
-
-@pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
-@pytest.mark.parametrize("case", ATOMIC_DQ_CASES, ids=str)
-def test_atomic_dq(case, dtype, monkeypatch, device):
-    """``backward_dq=atomic``: the dk/dv kernel adds each tile's dq into an fp32 buffer and no
-    dq kernel runs; gradients match the spec (rows past the end, fully blocked rows and a
-    padded head dim included). (Without the kernel's masks the rows and columns past the end
-    would add exact zeros: only a GPU memory checker sees those.)"""
-    options = ":4:2" if device.type == "cuda" else ""
-    monkeypatch.setenv("DITFLOW_TRITON_CONFIG", f"backward_dkdv=32x64{options},backward_dq=atomic")
-    monkeypatch.setattr(launchers, "_bwd_dq_kernel", _NotLaunched())
-    run_case(case, dtype, device)
-
-
-@pytest.mark.parametrize("uses", [(), ("lse", "mass")], ids=["out", "out+lse+mass"])
-def test_atomic_dq_through_tma(uses, monkeypatch, device):
-    if device.type == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs a Hopper or later GPU")
-    monkeypatch.setenv("DITFLOW_TRITON_CONFIG", "backward_dkdv=32x64:4:2:tma,backward_dq=atomic")
-    monkeypatch.setattr(launchers, "_bwd_dq_kernel", _NotLaunched())
-    run_case(Case(97, head_dim=40, groups=3, kinds=ALL, per_head=True, heads=3), torch.float32,
-             device, uses=uses)
-
-
-def test_atomic_dq_in_deterministic_mode_raises_or_warns(monkeypatch, device):
-    monkeypatch.setenv("DITFLOW_TRITON_CONFIG", "backward_dq=atomic")
-    q, k, v = random_qkv(1, 33, 33, 1, 16, torch.float32, device)
-    out = flow_attention(q, k, v, backend="triton").out
-    torch.use_deterministic_algorithms(True)
-    try:
-        with pytest.raises(RuntimeError, match="backward_dq=atomic does not have a deterministic"):
-            out.sum().backward(retain_graph=True)
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        with pytest.warns(UserWarning, match="backward_dq=atomic does not have a deterministic"):
-            out.sum().backward()
-    finally:
-        torch.use_deterministic_algorithms(False)
-
-
-@pytest.mark.parametrize("config", ["default", "32x64:4:2:tma",
-                                    "backward_dkdv=32x64:4:2,backward_dq=atomic"])
+@pytest.mark.parametrize("config", ["default", "32x64:4:2:tma"])
 def test_tiles_shifted_to_group_boundaries(config, monkeypatch, device):
     """A text segment that is not a whole number of tiles before two image segments that are:
     the plans shift their tiles (the first ones start before token 0) so the boundaries fall
     between tiles, and every kernel masks the positions before the sequence (TMA boxes there
-    read zeros; dq by atomics adds nothing there)."""
+    read zeros)."""
     if config != "default":
         monkeypatch.setenv("DITFLOW_TRITON_CONFIG", config)
     plans = []
