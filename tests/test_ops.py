@@ -77,6 +77,19 @@ def test_rules_built_afresh_per_call_share_device_tables_and_plan(device):
     assert ops._plans.misses == misses
 
 
+def test_a_new_pair_mask_is_planned_without_checking_the_group_ids_again(device, monkeypatch):
+    """Group ids are read back (range check) once per layout, not with every new pair mask."""
+    q, k, v = random_qkv(1, 70, 70, 2, 16, torch.float32, device)
+    groups = segment_groups(70, 2, device)
+    rules = FlowRules(num_groups=2).block(0, 1)
+    checks = []
+    monkeypatch.setattr(ops, "_check_group_ids", lambda *args: checks.append(args))
+    for _ in range(2):
+        mask = torch.rand(70, 70, device=device) < 0.2
+        flow_attention(q, k, v, groups, rules=rules, pair_mask=mask, backend="triton")
+    assert len(checks) == 1
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_compile_fullgraph(backend, device):
     """torch.compile(fullgraph=True) of a function calling the op: forward and gradients."""
