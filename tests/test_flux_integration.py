@@ -6,13 +6,13 @@ import functools
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("diffusers")
 
 import diffusers.models.transformers.transformer_flux as flux_module
 from helpers import (
     TRITON_DEVICE,
+    HostReads,
     assert_checkpointing_keeps_the_gradient,
     assert_compiled_matches_eager,
     assert_rules_and_pair_masks_reach_the_attention,
@@ -129,27 +129,6 @@ def test_r_ctx_matches_explicit_probabilities():
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
-class _HostReads(TorchDispatchMode):
-    """Records the ops that, on a GPU, wait for it: reads of tensor data on the host (.item(),
-    bool(), nonzero and bool-mask indexing, whose output size is data) and host data made into
-    tensors (torch.tensor: a blocking host-to-device copy)."""
-
-    SYNCS = frozenset({"aten._local_scalar_dense", "aten.nonzero", "aten.equal",
-                       "aten.is_nonzero", "aten.masked_select", "aten.lift_fresh"})
-    INDEXING = frozenset({"aten.index", "aten.index_put", "aten.index_put_"})
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func.overloadpacket)
-        if name in self.SYNCS or (name in self.INDEXING and any(
-                i is not None and i.dtype == torch.bool for i in args[1])):
-            self.ops.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("intervention", [
     lambda: StatsRecorder(),
     lambda: rules_everywhere(functools.cache(edit_rules)),  # one rules object per layout
@@ -160,7 +139,7 @@ def test_attention_calls_read_nothing_back_from_the_device(intervention, monkeyp
     monkeypatch.setenv("DITFLOW_BACKEND", "triton")
     model = tiny_flux_transformer().to(TRITON_DEVICE)
     inputs = flux_inputs(3, 5, text_len=6, contexts=1, device=TRITON_DEVICE)
-    reads = _HostReads()
+    reads = HostReads()
     run = FlowProcessor._run
 
     def logged_run(self, attn, *args):
