@@ -48,6 +48,7 @@ class TokenLayout:
         self._names = names
         self._text_len = text_len
         self._on_device: dict[torch.device, torch.Tensor] = {}
+        self._tokens: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     # -- construction --------------------------------------------------------------------------
 
@@ -121,6 +122,18 @@ class TokenLayout:
     def mask(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """bool [N]: the tokens of group ``name``."""
         return self.groups(device) == self.group(name)
+
+    def tokens(self, group: str | int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """int64 [n]: the positions of the tokens of ``group`` (a name or an id), found on the
+        host and copied once per device: indexing with them reads no data-dependent count back
+        from the GPU, as a bool mask or ``nonzero`` there would on every call."""
+        key = (group if isinstance(group, int) else self.group(group), torch.device(device))
+        cached = self._tokens.get(key)
+        if cached is None:
+            with torch.inference_mode(False):  # a normal tensor: autograd saves index tensors
+                cached = (self._groups == key[0]).nonzero().squeeze(1).to(key[1])
+            self._tokens[key] = cached
+        return cached
 
     def groups(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """int32 [N] group ids on ``device``, copied once per device (so kernels cache plans)."""

@@ -32,6 +32,7 @@ BACKENDS = ("triton", "cpp", "reference")
 
 _plans = TensorMemo(max_entries=128)
 _packed_masks = TensorMemo()
+_checked_groups = TensorMemo()
 
 
 _cpp_built: bool | None = None
@@ -118,10 +119,12 @@ def _unit_stride(t: Tensor) -> Tensor:
 def _plan(inputs, plan_key: tuple, nq: int, nk: int, cfg, device):
     """The tile plan, cached on ``plan_key`` (see :func:`_flow_inputs`) and the block shape.
 
-    The group ids are range-checked when a plan is built, once per layout: under
+    The group ids are range-checked when a plan is built, once per group ids (not per pair mask:
+    a mask made per block would read them back from the device in every block): under
     ``torch.compile`` flow_attention cannot check them, and the kernels index tables by them."""
     def checked_plan():
-        _check_group_ids(inputs.q_groups, inputs.k_groups, inputs.num_groups)
+        _checked_groups.get(plan_key[:2], inputs.num_groups, lambda: _check_group_ids(
+            inputs.q_groups, inputs.k_groups, inputs.num_groups))
         return _kernels().plan_for(inputs, nq, nk, cfg, device)
 
     # G too: ids valid for more groups must be checked again for fewer

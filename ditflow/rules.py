@@ -18,6 +18,7 @@ Rules are immutable; the readable constructors return new rules::
 from __future__ import annotations
 
 import operator
+from collections import OrderedDict
 from collections.abc import Iterable
 
 import torch
@@ -26,6 +27,13 @@ MAX_GROUPS = 16
 # The Triton kernels scale biases by log2(e) in fp32 and subtract row maxima: a finite bias
 # beyond this would overflow there (finfo(float32).min, a common "mask value", does).
 MAX_FINITE_BIAS = 1e30
+
+# Device copies of tables, by content and shared by all rules: rules built afresh for every block
+# (``layout.rules().scale_logits(...)`` in ``Intervention.rules``) then copy no table per call (a
+# blocking host-to-device copy waits for the GPU), and the tile plans, which key on the device
+# bias table, are built once.
+_device_tables: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_MAX_DEVICE_TABLES = 64
 
 # ids: ints, numpy integers or integer tensors (one, or several)
 Groups = int | Iterable[int]
@@ -251,12 +259,27 @@ class FlowRules:
 
     def tables_on(self, device: torch.device) -> tuple[torch.Tensor | None, ...]:
         """(scale, bias, weight) as fp32 [1 or H, G, G] on ``device``, copied once per device
-        and shared by every call: read-only (the rules' own tables on the CPU)."""
+        and content and shared by every call and every rules object with equal tables:
+        read-only."""
         device = torch.device(device)
         cached = self._on_device.get(device)
         if cached is None:
-            with torch.inference_mode(False):  # normal tensors: cache keys, saved for backward
-                cached = tuple(None if t is None else t.to(device)
-                               for t in map(self._tables.get, ("scale", "bias", "weight")))
+            cached = tuple(None if t is None else _table_on(t, device)
+                           for t in map(self._tables.get, ("scale", "bias", "weight")))
             self._on_device[device] = cached
         return cached
+
+
+def _table_on(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The shared copy of ``table`` on ``device`` (on the CPU, the first such table itself)."""
+    with torch.inference_mode(False):  # normal tensors: cache keys, saved for backward
+        if torch.compiler.is_compiling():  # traced: the copy is made in the graph
+            return table.to(device)
+        key = (device, tuple(table.shape), table.numpy().tobytes())
+        copy = _device_tables.get(key)
+        if copy is None:
+            copy = _device_tables[key] = table.to(device)
+            if len(_device_tables) > _MAX_DEVICE_TABLES:
+                _device_tables.popitem(last=False)
+        _device_tables.move_to_end(key)
+        return copy

@@ -126,8 +126,8 @@ def context_ratio(mass: torch.Tensor, layout: TokenLayout, src: int = TARGET,
                   dst: int = CONTEXT) -> torch.Tensor:
     """r_ctx per batch element [B]: attention mass of ``src`` queries on ``dst`` keys, averaged
     over heads and ``src`` queries (DeContext's statistic; softmax over all keys)."""
-    queries = layout.groups(mass.device) == src
-    return mass[:, :, queries, dst].mean(dim=(1, 2))
+    queries = layout.tokens(src, mass.device)
+    return mass[..., dst].index_select(2, queries).mean(dim=(1, 2))
 
 
 @dataclass

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ditflow import FlowRules
 
@@ -17,6 +18,27 @@ TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
 needs_triton_on_cpu = pytest.mark.skipif(
     not TRITON_ON_CPU, reason="Triton on CPU tensors runs in the interpreter (TRITON_INTERPRET=1)")
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops that, on a GPU, wait for it: reads of tensor data on the host (.item(),
+    bool(), nonzero and bool-mask indexing, whose output size is data) and host data made into
+    tensors (torch.tensor: a blocking host-to-device copy)."""
+
+    SYNCS = frozenset({"aten._local_scalar_dense", "aten.nonzero", "aten.equal",
+                       "aten.is_nonzero", "aten.masked_select", "aten.lift_fresh"})
+    INDEXING = frozenset({"aten.index", "aten.index_put", "aten.index_put_"})
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name in self.SYNCS or (name in self.INDEXING and any(
+                i is not None and i.dtype == torch.bool for i in args[1])):
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
 
 
 def random_qkv(batch, nq, nk, heads, head_dim, dtype, device, requires_grad=True):

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from helpers import needs_triton_on_cpu
+from helpers import HostReads, needs_triton_on_cpu
 
 from ditflow import flow_attention, ops
 from ditflow.functional import FlowAttentionOutput
@@ -247,6 +247,29 @@ def test_regions_are_scored_on_the_unedited_attention_once_edits_start():
     expected = torch.stack([plain[:, [1, 2]].mean(-1), plain[:, [4]].mean(-1)])
     torch.testing.assert_close(leaker._score_sum.double(), expected.reshape(2, 4, 5),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_cuts_and_scores_read_nothing_back_from_the_device():
+    """Once the regions are planned, a block's cuts, unedited scores and statistics ask the
+    device for nothing on the host (on a GPU each such read waits for every queued kernel)."""
+    torch.manual_seed(0)
+    leaker = _leaker()
+    leaker.masks = torch.zeros(2, 4, 5, dtype=torch.bool)
+    leaker.masks[0, :2, :3] = True
+    leaker.masks[1, 2:, 1:] = True
+    leaker._masks_from = leaker._score_count = 1  # the regions are current: no rebuild
+    leaker._score_sum = torch.zeros(2, 4, 5)
+    layout = leaker.layout(*LATE, TokenLayout.from_segments(6, 20))
+    q, k, v = (torch.randn(1, 26, 3, 8) for _ in range(3))
+    reads = HostReads()
+    for mode in (torch.no_grad(), reads):  # the first block copies token positions once
+        with mode:
+            mask = leaker.pair_mask(*LATE, layout, q, k)
+        result = flow_attention(q, k, v, layout.groups(), rules=leaker.rules(*LATE, layout),
+                                pair_mask=mask, return_mass=True, backend="reference")
+        with mode:
+            leaker.observe(*LATE, layout, result)
+    assert mask.any() and reads.ops == []
 
 
 def test_the_grid_border_erodes_nothing():

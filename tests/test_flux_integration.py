@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -9,6 +11,8 @@ pytest.importorskip("diffusers")
 
 import diffusers.models.transformers.transformer_flux as flux_module
 from helpers import (
+    TRITON_DEVICE,
+    HostReads,
     assert_checkpointing_keeps_the_gradient,
     assert_compiled_matches_eager,
     assert_rules_and_pair_masks_reach_the_attention,
@@ -21,6 +25,7 @@ from helpers import (
 
 from ditflow import FlowRules
 from ditflow.layout import TARGET, TEXT, TokenLayout
+from ditflow.models.adapter import FlowProcessor
 from ditflow.session import BlockId, Intervention, StatsRecorder, attach
 from ditflow.tiny import flux_inputs, tiny_flux_transformer
 
@@ -122,6 +127,30 @@ def test_r_ctx_matches_explicit_probabilities():
                                                       "single.1")]
     for got, want in zip(engine, eager, strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("intervention", [
+    lambda: StatsRecorder(),
+    lambda: rules_everywhere(functools.cache(edit_rules)),  # one rules object per layout
+], ids=["mass", "rules"])
+def test_attention_calls_read_nothing_back_from_the_device(intervention, monkeypatch):
+    """Once layouts are planned, a block running ditflow's attention with rules or mass asks the
+    device for nothing on the host: on a GPU each such read waits for every queued kernel."""
+    monkeypatch.setenv("DITFLOW_BACKEND", "triton")
+    model = tiny_flux_transformer().to(TRITON_DEVICE)
+    inputs = flux_inputs(3, 5, text_len=6, contexts=1, device=TRITON_DEVICE)
+    reads = HostReads()
+    run = FlowProcessor._run
+
+    def logged_run(self, attn, *args):
+        with reads:
+            return run(self, attn, *args)
+
+    with attach(model, intervention()):
+        model(**inputs)  # plans the layout
+        monkeypatch.setattr(FlowProcessor, "_run", logged_run)
+        model(**inputs)
+    assert reads.ops == []
 
 
 def test_attach_round_trip_and_exception_restore():

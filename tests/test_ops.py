@@ -60,6 +60,36 @@ def test_reused_layout_is_converted_and_planned_once(device):
     assert ops._plans.misses > misses[0] and functional._converted_groups.misses > misses[1]
 
 
+def test_rules_built_afresh_per_call_share_device_tables_and_plan(device):
+    """An intervention may build equal rules for every block: their tables are copied to the
+    device once (a blocking copy waits for the GPU) and the layout is planned once."""
+    q, k, v = random_qkv(1, 70, 70, 2, 16, torch.float32, device)
+    groups = segment_groups(70, 2, device)
+
+    def rules():
+        return FlowRules(num_groups=2).block(0, 1).scale_logits(1, 0, 2.0)
+
+    assert all(a is b for a, b in zip(rules().tables_on(device), rules().tables_on(device),
+                                      strict=True))
+    flow_attention(q, k, v, groups, rules=rules(), backend="triton")
+    misses = ops._plans.misses
+    flow_attention(q, k, v, groups, rules=rules(), backend="triton")
+    assert ops._plans.misses == misses
+
+
+def test_a_new_pair_mask_is_planned_without_checking_the_group_ids_again(device, monkeypatch):
+    """Group ids are read back (range check) once per layout, not with every new pair mask."""
+    q, k, v = random_qkv(1, 70, 70, 2, 16, torch.float32, device)
+    groups = segment_groups(70, 2, device)
+    rules = FlowRules(num_groups=2).block(0, 1)
+    checks = []
+    monkeypatch.setattr(ops, "_check_group_ids", lambda *args: checks.append(args))
+    for _ in range(2):
+        mask = torch.rand(70, 70, device=device) < 0.2
+        flow_attention(q, k, v, groups, rules=rules, pair_mask=mask, backend="triton")
+    assert len(checks) == 1
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_compile_fullgraph(backend, device):
     """torch.compile(fullgraph=True) of a function calling the op: forward and gradients."""

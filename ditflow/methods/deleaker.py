@@ -129,6 +129,7 @@ class DeLeaker(Intervention):
                              f"steps' last block call ({config.mask_steps} steps x "
                              f"{blocks_per_step} blocks): no region would ever be found")
         self.entity_tokens = [torch.as_tensor(list(t), dtype=torch.long) for t in entity_tokens]
+        self._on_device: dict[torch.device, tuple[list[torch.Tensor], torch.Tensor]] = {}
         self.token_grid = tuple(token_grid)
         self.blocks_per_step = blocks_per_step
         self.config = config
@@ -158,6 +159,15 @@ class DeLeaker(Intervention):
         self._masks_from = 0  # blocks the current masks were built from
 
     # -- the intervention ----------------------------------------------------------------------
+
+    def _entity_tokens_on(self, device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The entities' text-token positions and their counts on ``device``, copied once (a
+        copy in every block would wait for the GPU)."""
+        if device not in self._on_device:
+            self._on_device[device] = ([t.to(device) for t in self.entity_tokens],
+                                       torch.tensor([len(t) for t in self.entity_tokens],
+                                                    device=device))
+        return self._on_device[device]
 
     def _call(self, step: StepInfo, block: BlockId) -> int:
         return step.index * self.blocks_per_step + block.order
@@ -227,9 +237,9 @@ class DeLeaker(Intervention):
         if result.mass.shape[0] != 1:
             raise ValueError(f"DeLeaker: one image per transformer call, got a batch of "
                              f"{result.mass.shape[0]} (call the pipeline once per image)")
-        groups = [layout.group(f"entity{i}.text") for i in range(len(self.entity_tokens))]
-        counts = torch.tensor([len(t) for t in self.entity_tokens], device=result.mass.device)
-        image_mass = result.mass[0, :, layout.text_len:][..., groups].detach().float()
+        first = layout.group("entity0.text")  # _build adds the entities' text groups in order
+        _, counts = self._entity_tokens_on(result.mass.device)
+        image_mass = result.mass[0, :, layout.text_len:, first:first + len(counts)].detach().float()
         scores = (image_mass.mean(0) / counts).T
         if self._unedited is not None:  # the region tokens' attention was edited
             rows, unedited = self._unedited
@@ -249,14 +259,13 @@ class DeLeaker(Intervention):
         cuts = self.config.suppress_image and len(self.masks) > 1
         if not (records or cuts):
             return None
-        regions = [layout.mask(f"entity{i}.image", q.device).nonzero().squeeze(1)
-                   for i in range(len(self.masks))]
+        regions = [layout.tokens(f"entity{i}.image", q.device) for i in range(len(self.masks))]
         all_probs = [_head_mean_probs(q[0, rows], k[0]) for rows in regions]
         if records:
             rows = torch.cat(regions)
             probs = torch.cat(all_probs)
-            scores = torch.stack([probs[:, tokens.to(q.device)].mean(-1)
-                                  for tokens in self.entity_tokens])
+            scores = torch.stack([probs[:, tokens].mean(-1)
+                                  for tokens in self._entity_tokens_on(q.device)[0]])
             self._unedited = (rows - layout.text_len, scores)
         if not cuts:
             return None
@@ -268,10 +277,13 @@ class DeLeaker(Intervention):
                 if i == j or not len(cols):
                     continue
                 pair = probs[:, cols]
-                nonzero = pair[pair > 0]
-                if nonzero.numel() < 2:
-                    continue
-                cut = pair > nonzero.mean() + self.config.pair_threshold * nonzero.std()
+                # mean and std of the non-zero probabilities, without gathering them (a size
+                # read back from the GPU): with fewer than two they are NaN and nothing is cut
+                nonzero = pair > 0
+                count = nonzero.sum()
+                mean = (pair * nonzero).sum() / count
+                std = ((pair - mean).square() * nonzero).sum().div(count - 1).sqrt()
+                cut = pair > mean + self.config.pair_threshold * std
                 mask[0, rows[:, None], cols[None, :]] = cut
         return mask
 
