@@ -14,8 +14,10 @@ from ditflow import flow_attention, ops
 from ditflow.functional import FlowAttentionOutput
 from ditflow.layout import TokenLayout
 from ditflow.methods.deleaker import (
+    HEADS_AT_ONCE,
     DeLeaker,
     DeLeakerConfig,
+    _head_mean_probs,
     entity_masks,
     generate,
 )
@@ -270,6 +272,13 @@ def test_cuts_and_scores_read_nothing_back_from_the_device():
         with mode:
             leaker.observe(*LATE, layout, result)
     assert mask.any() and reads.ops == []
+
+
+@pytest.mark.parametrize("heads", [1, HEADS_AT_ONCE, 2 * HEADS_AT_ONCE + 3])
+def test_head_mean_probabilities_batch_heads_without_changing_them(heads):
+    q, k = torch.randn(7, heads, 16), torch.randn(11, heads, 16)
+    per_head = torch.einsum("ihd,jhd->hij", q.double(), k.double()).mul(16 ** -0.5).softmax(-1)
+    torch.testing.assert_close(_head_mean_probs(q, k).double(), per_head.mean(0))
 
 
 def test_the_grid_border_erodes_nothing():
