@@ -55,16 +55,17 @@ def _cpu_kernel_rows(rows: list[dict]) -> list[str]:
 def _protect_step_rows(rows: list[dict]) -> list[str]:
     lines = ["| model | resolution | tokens | provider | ms per step | peak MiB | speed-up |",
              "|---|---:|---:|---|---:|---:|---:|"]
+    # the recipe ditflow is measured against: the authors' (or, on Qwen, the eager one)
+    recipes = {r["resolution"]: r["ms"] for r in rows if r["provider"].endswith("recipe")}
     for r in rows:
-        # the recipe ditflow is measured against: the authors' (or, on Qwen, the eager one)
-        recipe = next(o["ms"] for o in rows if o["resolution"] == r["resolution"]
-                      and o["provider"].endswith("recipe"))
         if math.isnan(r["ms"]):
             lines.append(f"| {r['model']} | {r['resolution']}² | {r['tokens']} | "
                          f"{r['provider']} | {r.get('note', 'n/a')} | | |")
             continue
+        recipe = recipes.get(r["resolution"], math.nan)  # a run cut short before the recipe
+        speed_up = "n/a" if math.isnan(recipe) else f"{recipe / r['ms']:.2f}x"
         lines.append(f"| {r['model']} | {r['resolution']}² | {r['tokens']} | {r['provider']} | "
-                     f"{r['ms']:.0f} | {r['peak_mib']:.0f} | {recipe / r['ms']:.2f}x |")
+                     f"{r['ms']:.0f} | {r['peak_mib']:.0f} | {speed_up} |")
     return lines
 
 

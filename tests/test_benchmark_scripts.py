@@ -41,7 +41,7 @@ def test_attention_table_names_providers_not_installed_instead_of_giving_them_ro
     assert sum(line.startswith("| kontext-1024") for line in table.splitlines()) == 16
 
 
-def test_protect_step_table_gives_the_speed_up_over_the_recipe_at_each_resolution():
+def test_protect_step_table_gives_the_speed_up_over_the_recipe_at_each_resolution(tmp_path):
     lines = render(RESULTS / "protect-step-full-NVIDIA-H200-2026-11-29.json").splitlines()
     assert lines[0].startswith("| model | resolution | tokens | provider | ms per step |")
     recipes = [line for line in lines if "authors' recipe" in line]
@@ -51,6 +51,13 @@ def test_protect_step_table_gives_the_speed_up_over_the_recipe_at_each_resolutio
     recipe = [r for r in rows if r["provider"] == "authors' recipe"]
     for ours, theirs in zip(fused, recipe, strict=True):
         assert f"| {theirs['ms'] / ours['ms']:.2f}x |" in "\n".join(lines)
+    # a run cut short before the recipe's row, or whose recipe failed
+    data = json.loads((RESULTS / "protect-step-full-NVIDIA-H200-2026-11-29.json").read_text())
+    data["rows"] = [*data["rows"][:2], dict(data["rows"][2], ms=math.nan, note="OOM")]
+    path = tmp_path / "protect-step.json"
+    path.write_text(json.dumps(data))
+    cut = render(path).splitlines()
+    assert cut[2].endswith("| n/a |") and cut[4].endswith("| OOM | | |")
 
 
 def test_generation_table_gives_each_provider_s_overhead(tmp_path):

@@ -227,18 +227,24 @@ def test_edits_equal_the_papers_rule_computed_densely(backend, dtype, tol):
     assert leaker.pair_mask(*EARLY, early, q, k) is None
 
 
+def _editing_leaker() -> tuple[DeLeaker, TokenLayout]:
+    """A DeLeaker in its mask steps with two current regions on a 4 x 5 grid (no rebuild), and
+    the layout of a late block call (6 text tokens)."""
+    leaker = _leaker()
+    leaker.masks = torch.zeros(2, 4, 5, dtype=torch.bool)
+    leaker.masks[0, :2, :3] = True
+    leaker.masks[1, 2:, 1:] = True
+    leaker._masks_from = leaker._score_count = 1
+    leaker._score_sum = torch.zeros(2, 4, 5)
+    return leaker, leaker.layout(*LATE, TokenLayout.from_segments(6, 20))
+
+
 def test_regions_are_scored_on_the_unedited_attention_once_edits_start():
     """In the mask steps after block call 18 the region tokens' attention is edited; their
     scores still come from the plain softmax (as the authors record it before their edits),
     so the edits never feed back into the regions."""
     torch.manual_seed(0)
-    leaker = _leaker()
-    leaker.masks = torch.zeros(2, 4, 5, dtype=torch.bool)
-    leaker.masks[0, :2, :3] = True
-    leaker.masks[1, 2:, 1:] = True
-    leaker._masks_from = leaker._score_count = 1  # the regions are current: no rebuild
-    leaker._score_sum = torch.zeros(2, 4, 5)
-    layout = leaker.layout(*LATE, TokenLayout.from_segments(6, 20))
+    leaker, layout = _editing_leaker()
     assert leaker.wants_mass(*LATE) and leaker.rules(*LATE, layout) is not None
     q, k, v = (torch.randn(1, 26, 3, 8, dtype=torch.float64) * 2 for _ in range(3))
     result = flow_attention(q, k, v, layout.groups(), rules=leaker.rules(*LATE, layout),
@@ -255,13 +261,7 @@ def test_cuts_and_scores_read_nothing_back_from_the_device():
     """Once the regions are planned, a block's cuts, unedited scores and statistics ask the
     device for nothing on the host (on a GPU each such read waits for every queued kernel)."""
     torch.manual_seed(0)
-    leaker = _leaker()
-    leaker.masks = torch.zeros(2, 4, 5, dtype=torch.bool)
-    leaker.masks[0, :2, :3] = True
-    leaker.masks[1, 2:, 1:] = True
-    leaker._masks_from = leaker._score_count = 1  # the regions are current: no rebuild
-    leaker._score_sum = torch.zeros(2, 4, 5)
-    layout = leaker.layout(*LATE, TokenLayout.from_segments(6, 20))
+    leaker, layout = _editing_leaker()
     q, k, v = (torch.randn(1, 26, 3, 8) for _ in range(3))
     reads = HostReads()
     for mode in (torch.no_grad(), reads):  # the first block copies token positions once
