@@ -8,12 +8,15 @@ architecture (random weights).
 
 ditflow's step: forward through the last attacked block only (early stop: FLUX.1 Kontext's and
 Step1X-Edit's single block 25, Qwen-Image-Edit's block 39), r_ctx from the fused kernel's mass,
-backward through its mass gradient. The authors' recipe (FLUX.1 Kontext and Step1X-Edit; the
-"eager recipe" on Qwen-Image-Edit): all blocks, softmax probabilities of the target queries over
-all keys materialised in every attacked block, gradient checkpointing. Both differentiate r_ctx
-with respect to the photo's pixels through the VAE encoder. Random text embeddings stand in for
-the text encoders (computed once per prompt in real runs, so outside the step). Each step is
-timed as the median of three runs after a warm-up.
+backward through its mass gradient; the same with the transformer's blocks compiled (diffusers'
+regional compilation, ``compile_repeated_blocks``: each block class compiled once; ditflow's
+session hooks run between the compiled pieces). The authors' recipe (FLUX.1 Kontext and
+Step1X-Edit; the "eager recipe" on Qwen-Image-Edit): all blocks, softmax probabilities of the
+target queries over all keys materialised in every attacked block, gradient checkpointing. Both
+differentiate r_ctx with respect to the photo's pixels through the VAE encoder. Random text
+embeddings stand in for the text encoders (computed once per prompt in real runs, so outside
+the step). Each step is timed as the median of three runs after a warm-up (which compiles, in
+the compiled row).
 
 Writes ``protect-step-<model>-<device>-<date>.json`` (``<model>``: the ``--model`` argument),
 rewritten after every row, so a run cut short keeps what it finished; a row that fails (OOM, a
@@ -29,6 +32,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -278,6 +282,21 @@ def _once(make: Callable[[], object]) -> Callable[[], object]:
     return get
 
 
+@contextmanager
+def _compiled_blocks(transformer, backend: str | None):
+    """The transformer's blocks compiled (diffusers' regional compilation: each block class
+    compiled once, for all its blocks) while the context lasts; ``backend`` None: eager."""
+    if backend is None:
+        yield
+        return
+    transformer.compile_repeated_blocks(backend=backend)
+    try:
+        yield
+    finally:
+        for module in transformer.modules():
+            module._compiled_call_impl = None  # what Module.compile set: the other rows run eager
+
+
 def main(argv=None) -> Path:
     from ditflow.methods.decontext import _checkpointing, _frozen
 
@@ -289,25 +308,32 @@ def main(argv=None) -> Path:
                         help="full: FLUX.1 Kontext; qwen-edit: Qwen-Image-Edit; step1x: "
                              "Step1X-Edit")
     parser.add_argument("--resolution", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the compiled-blocks row (aot_eager: "
+                             "checks the path without generating code)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     results = ResultsFile(args.out, f"protect-step-{args.model}", "protect_step", argv)
     eager = "eager recipe" if "qwen" in args.model else "authors' recipe"
-    providers = (("ditflow (early stop, fused mass)", ditflow_step, False),
-                 ("ditflow, gradient checkpointing", ditflow_step, True),
-                 (eager, eager_step, True))
+    # (name, step, gradient checkpointing, compile backend)
+    providers = (("ditflow (early stop, fused mass)", ditflow_step, False, None),
+                 ("ditflow, compiled blocks", ditflow_step, False, args.compile_backend),
+                 ("ditflow, gradient checkpointing", ditflow_step, True, None),
+                 (eager, eager_step, True, None))
     pipeline = _once(lambda: _pipeline(args.model))
     rows = []
     for resolution in args.resolution:
         step_inputs = _once(lambda r=resolution: _step_inputs(pipeline(), _config(args.model, r)))
-        for name, step, checkpointing in providers:
+        for name, step, checkpointing, backend in providers:
             row = dict(model=args.model, resolution=resolution, tokens=None, provider=name)
             try:
                 pipe = pipeline()
                 inputs, row["tokens"] = step_inputs()
                 with _frozen(pipe.transformer, pipe.vae), \
-                        _checkpointing(pipe.transformer, checkpointing):
-                    # steps of seconds: a few runs, not do_bench's hundreds of milliseconds
+                        _checkpointing(pipe.transformer, checkpointing), \
+                        _compiled_blocks(pipe.transformer, backend):
+                    # steps of seconds: a few runs, not do_bench's hundreds of milliseconds;
+                    # the warm-up run compiles
                     row["ms"], row["peak_mib"] = bench(lambda s=step, a=inputs: s(*a),
                                                        pipe.transformer.device, runs=3)
             except Exception as exc:  # OOM, a kernel that cannot compile, a CUDA error

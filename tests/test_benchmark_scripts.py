@@ -173,22 +173,25 @@ def test_compile_report_table_has_a_row_per_kernel_variant_and_config():
         r["kernel"] == "dkdv" for r in rows) > 0
 
 
-RECIPES = ["ditflow (early stop, fused mass)", "ditflow, gradient checkpointing",
-           "authors' recipe"]
+RECIPES = ["ditflow (early stop, fused mass)", "ditflow, compiled blocks",
+           "ditflow, gradient checkpointing", "authors' recipe"]
 
 
 def test_protect_step_benchmark_runs_every_recipe(tmp_path):
-    path = protect_step.main(["--model", "tiny", "--resolution", "32", "--out", str(tmp_path)])
+    # aot_eager: the compiled row's tracing and autograd without inductor's minutes of codegen
+    compiled = ["--compile-backend", "aot_eager"]
+    path = protect_step.main(["--model", "tiny", "--resolution", "32", "--out", str(tmp_path),
+                              *compiled])
     rows = _rows(path)
     assert [r["provider"] for r in rows] == RECIPES
     assert all(r["ms"] > 0 and r["tokens"] == 8 + 2 * 16 * 16 for r in rows)
     qwen_path = protect_step.main(["--model", "tiny-qwen", "--resolution", "64",
-                                   "--out", str(tmp_path)])
+                                   "--out", str(tmp_path), *compiled])
     rows = _rows(qwen_path)
-    assert [r["provider"] for r in rows] == [*RECIPES[:2], "eager recipe"]
+    assert [r["provider"] for r in rows] == [*RECIPES[:3], "eager recipe"]
     assert all(r["ms"] > 0 and r["tokens"] > 2 * 4 * 4 for r in rows)
     step1x_path = protect_step.main(["--model", "tiny-step1x", "--resolution", "32",
-                                     "--out", str(tmp_path)])
+                                     "--out", str(tmp_path), *compiled])
     rows = _rows(step1x_path)
     assert [r["provider"] for r in rows] == RECIPES
     assert all(r["ms"] > 0 and r["tokens"] == 64 + 2 * 16 * 16 for r in rows)
@@ -196,6 +199,21 @@ def test_protect_step_benchmark_runs_every_recipe(tmp_path):
     assert [p.name.split("-CPU")[0] for p in (path, qwen_path, step1x_path)] == [
         "protect-step-tiny", "protect-step-tiny-qwen", "protect-step-tiny-step1x"]
     assert sorted(tmp_path.glob("protect-step-*.json")) == sorted([path, qwen_path, step1x_path])
+
+
+def test_compiled_blocks_give_the_eager_gradient_and_are_undone_afterwards():
+    from ditflow.methods.decontext import _frozen
+
+    pipe = protect_step._pipeline("tiny")
+    inputs, _ = protect_step._step_inputs(pipe, protect_step._config("tiny", 32))
+    modules = list(pipe.transformer.modules())
+    with _frozen(pipe.transformer, pipe.vae):
+        eager = protect_step.ditflow_step(*inputs)
+        with protect_step._compiled_blocks(pipe.transformer, "aot_eager"):
+            assert sum(m._compiled_call_impl is not None for m in modules) == 4  # 2 + 2 blocks
+            compiled = protect_step.ditflow_step(*inputs)
+        assert all(m._compiled_call_impl is None for m in modules)
+    torch.testing.assert_close(compiled, eager)
 
 
 def test_protect_step_builds_the_model_once_and_records_a_failing_recipe(tmp_path, monkeypatch):
@@ -213,7 +231,7 @@ def test_protect_step_builds_the_model_once_and_records_a_failing_recipe(tmp_pat
 
     monkeypatch.setattr(protect_step, "eager_step", failing_recipe)
     rows = _rows(protect_step.main(["--model", "tiny", "--resolution", "32", "48",
-                                    "--out", str(tmp_path)]))
+                                    "--out", str(tmp_path), "--compile-backend", "aot_eager"]))
     assert builds == ["tiny"]
     assert [(r["resolution"], r["provider"]) for r in rows] == [
         (resolution, recipe) for resolution in (32, 48) for recipe in RECIPES]

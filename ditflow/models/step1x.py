@@ -124,6 +124,8 @@ class Step1XEditTransformer(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # diffusers' regional compilation (compile_repeated_blocks): the FLUX part's blocks
+    _repeated_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 
     @register_to_config
     def __init__(self, in_channels: int = 64, num_layers: int = 19, num_single_layers: int = 38,
