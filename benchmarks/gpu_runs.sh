@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_runs.sh attention  OUTDIR   # the provider sweep at the FLUX and Qwen shapes
 #   bash benchmarks/gpu_runs.sh configs    OUTDIR   # block-shape candidates against the default
 #   bash benchmarks/gpu_runs.sh end-to-end OUTDIR   # DeContext PGD step (Kontext, Qwen), generation overhead
-#   bash benchmarks/gpu_runs.sh essentials OUTDIR   # the first ~9 minutes of a short GPU loan
+#   bash benchmarks/gpu_runs.sh essentials OUTDIR   # what matters most, in under ten minutes
 #
 # Results go to OUTDIR (default benchmarks/results), named by device and date like every other
 # result; render the README tables from them with benchmarks.render_table. Each script rewrites
