@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The measurements that need a GPU, in three stages:
+# The measurements that need a GPU, in stages:
 #
 #   bash benchmarks/gpu_runs.sh tests      OUTDIR   # compiled kernel suite, FLUX shapes, compile, offload (FLUX, Qwen)
 #   bash benchmarks/gpu_runs.sh attention  OUTDIR   # the provider sweep at the FLUX and Qwen shapes
