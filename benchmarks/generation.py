@@ -9,12 +9,12 @@ random tiny FLUX pipeline, which runs anywhere. Providers: stock diffusers (SDPA
 attached with nothing active (every block takes the processors' plain-attention path: what an
 intervention costs in the blocks and steps it leaves alone); ditflow attached with rules in
 every block and step (text -> image logits x1.2, image -> image
-probabilities x0.9); ditflow attached with per-group mass recorded in every block; DeLeaker
-with two entities (text tokens 1-2 and 4-5; regions from the attention, pair masks in every
-edited block); UVR with random anchors and every token flagged (the most it can cost: noise in
-every block of the start-up steps). Writes ``generation-<device>-<date>.json``, rewritten after
-every provider, so a run cut short keeps what it finished; a provider that fails is recorded as
-NaN with a note.
+probabilities x0.9); ditflow attached with per-group mass recorded in every block; UVR with
+random anchors and every token flagged (the most it can cost: noise in every block of the
+start-up steps); DeLeaker with two entities (text tokens 1-2 and 4-5; regions from the
+attention, pair masks in every edited block), the slowest, last. Writes
+``generation-<device>-<date>.json``, rewritten after every provider, so a run cut short keeps
+what it finished; a provider that fails is recorded as NaN with a note.
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ def main(argv=None) -> Path:
         ("ditflow, attached with nothing active", lambda: attach(pipe, Intervention())),
         ("ditflow, rules in every block and step", lambda: attach(pipe, AlwaysOnRules())),
         ("ditflow, mass recorded in every block", lambda: attach(pipe, StatsRecorder())),
-        ("ditflow, DeLeaker (2 entities)", deleaker),
         ("ditflow, UVR (every token flagged)", uvr),
+        ("ditflow, DeLeaker (2 entities)", deleaker),  # the slowest, last
     ):
         row = dict(model=args.model, provider=name, seconds=math.nan, size=args.size,
                    steps=args.steps)

@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_runs.sh tests      OUTDIR   # compiled kernel suite, FLUX shapes, compile, offload (FLUX, Qwen)
 #   bash benchmarks/gpu_runs.sh attention  OUTDIR   # the provider sweep at the FLUX and Qwen shapes
 #   bash benchmarks/gpu_runs.sh configs    OUTDIR   # block-shape candidates against the default
-#   bash benchmarks/gpu_runs.sh end-to-end OUTDIR   # DeContext PGD step (Kontext, Qwen), generation overhead
+#   bash benchmarks/gpu_runs.sh end-to-end OUTDIR   # DeContext PGD step (Kontext, Qwen, Step1X), generation overhead
 #   bash benchmarks/gpu_runs.sh essentials OUTDIR   # what matters most, in under ten minutes
 #
 # Results go to OUTDIR (default benchmarks/results), named by device and date like every other
@@ -65,7 +65,7 @@ case "$stage" in
         "backward_dq=128x64:8:3:tma" "backward_dkdv=64x64:4:2:tma,backward_dq=64x64:4:2:tma"
     ;;
   end-to-end)
-    $python -m benchmarks.protect_step --out "$out"
+    $python -m benchmarks.protect_step --profile --out "$out"
     $python -m benchmarks.protect_step --model qwen-edit --out "$out"
     $python -m benchmarks.protect_step --model step1x --out "$out"
     $python -m benchmarks.generation --out "$out"
@@ -73,26 +73,23 @@ case "$stage" in
   essentials)
     # What is measured least and matters most, in under ten minutes, each part under its own
     # time limit so that a slow one cannot starve the rest (SIGINT: pytest still prints which
-    # tests failed; the benchmarks keep the rows they wrote): the kernel suite compiled (bf16
-    # included), the default kernels with rules + mass at Kontext and Qwen-Image-Edit 1024², the
-    # DeContext PGD step on the full-size Kontext architecture against the authors' recipe (512²,
-    # the speed target, then 1024², the memory one), and the overhead of interventions on a
-    # 28-step generation. Exits 1 if a part failed.
+    # tests failed; the benchmarks keep the rows they wrote): the DeContext PGD step on the
+    # full-size Kontext architecture against the authors' recipe (512², the speed target, then
+    # 1024², the memory one; each row profiled once; the compiled-blocks row compiles FLUX's
+    # two block classes at each resolution), the overhead of interventions on a 28-step
+    # generation, and the kernel suite compiled (bf16 included). Exits 1 if a part failed.
     failed=0
+    if [ "$has_diffusers" = 1 ]; then
+      timeout -s INT -k 15 270 $python -m benchmarks.protect_step --profile --out "$out" || failed=1
+      timeout -s INT -k 15 150 $python -m benchmarks.generation --repeats 2 --out "$out" || failed=1
+    fi
     log="$out/gpu-essentials-$device-$today.txt"
     {
       echo "# GPU kernel suite, commit $DITFLOW_COMMIT"
       $python -c "import torch, triton; print('#', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
-      timeout -s INT -k 15 150 $python -m pytest tests/test_flow_attention.py \
+      timeout -s INT -k 15 120 $python -m pytest tests/test_flow_attention.py \
         tests/test_gpu_flux_shapes.py tests/test_ops.py -q $parallel -p no:cacheprovider -rfEs 2>&1
     } | tee "$log" || failed=1
-    timeout -s INT -k 15 50 $python -m benchmarks.attention --shape kontext-1024 qwen-edit-1024 \
-      --dtype bf16 --out "$out" --sweep default || failed=1
-    if [ "$has_diffusers" = 1 ]; then
-      # the compiled-blocks row compiles FLUX's two block classes at each resolution
-      timeout -s INT -k 15 240 $python -m benchmarks.protect_step --out "$out" || failed=1
-      timeout -s INT -k 15 150 $python -m benchmarks.generation --repeats 2 --out "$out" || failed=1
-    fi
     exit $failed
     ;;
   *)

@@ -18,6 +18,9 @@ embeddings stand in for the text encoders (computed once per prompt in real runs
 the step). Each step is timed as the median of three runs after a warm-up (which compiles, in
 the compiled row).
 
+``--profile`` adds one profiled step per row: where its device time goes (ditflow's attention,
+matrix products, convolutions, compiled kernels, the rest) and its top kernels.
+
 Writes ``protect-step-<model>-<device>-<date>.json`` (``<model>``: the ``--model`` argument),
 rewritten after every row, so a run cut short keeps what it finished; a row that fails (OOM, a
 kernel that cannot compile, a CUDA error) is recorded as NaN with a note. The full-size models
@@ -32,13 +35,12 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from benchmarks.results import ResultsFile, failure_note
-from benchmarks.timing import bench
+from benchmarks.timing import bench, device_time_profile
 
 
 def _prompt_generator(prompt: str, device) -> torch.Generator:
@@ -282,23 +284,8 @@ def _once(make: Callable[[], object]) -> Callable[[], object]:
     return get
 
 
-@contextmanager
-def _compiled_blocks(transformer, backend: str | None):
-    """The transformer's blocks compiled (diffusers' regional compilation: each block class
-    compiled once, for all its blocks) while the context lasts; ``backend`` None: eager."""
-    if backend is None:
-        yield
-        return
-    transformer.compile_repeated_blocks(backend=backend)
-    try:
-        yield
-    finally:
-        for module in transformer.modules():
-            module._compiled_call_impl = None  # what Module.compile set: the other rows run eager
-
-
 def main(argv=None) -> Path:
-    from ditflow.methods.decontext import _checkpointing, _frozen
+    from ditflow.methods.decontext import _checkpointing, _compiled_blocks, _frozen
 
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -311,6 +298,9 @@ def main(argv=None) -> Path:
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of the compiled-blocks row (aot_eager: "
                              "checks the path without generating code)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one step per row: device time by kernel class and "
+                             "the top kernels, in the row's \"profile\"")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     results = ResultsFile(args.out, f"protect-step-{args.model}", "protect_step", argv)
@@ -334,10 +324,16 @@ def main(argv=None) -> Path:
                         _compiled_blocks(pipe.transformer, backend):
                     # steps of seconds: a few runs, not do_bench's hundreds of milliseconds;
                     # the warm-up run compiles
-                    row["ms"], row["peak_mib"] = bench(lambda s=step, a=inputs: s(*a),
-                                                       pipe.transformer.device, runs=3)
+                    run = lambda s=step, a=inputs: s(*a)  # noqa: E731
+                    row["ms"], row["peak_mib"] = bench(run, pipe.transformer.device, runs=3)
+                    if args.profile:
+                        row["profile"] = device_time_profile(run, pipe.transformer.device)
             except Exception as exc:  # OOM, a kernel that cannot compile, a CUDA error
                 row.update(ms=math.nan, peak_mib=math.nan, note=failure_note(exc))
+            if backend is not None:
+                # the next resolution compiles for its own shapes, as a run at one resolution
+                # does (else Dynamo recompiles with dynamic shapes)
+                torch.compiler.reset()
             rows.append(row)
             print(row, flush=True)
             results.write(rows=rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -47,3 +48,42 @@ def bench(fn: Callable[[], object], device: torch.device, runs: int | None = Non
     if runs is not None:
         return _median_wall_ms(fn, device, runs), peak
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"), peak
+
+
+# Where a step's device time goes, by the kernel names each source gives its kernels: ditflow's
+# Triton kernels, cuBLAS / CUTLASS matrix products, cuDNN convolutions (the VAE), the kernels
+# torch.compile's Inductor generates, and the rest (eager elementwise work, reductions, copies).
+_KERNEL_CLASSES = (
+    ("ditflow attention", re.compile(r"^_(fwd|bwd)_\w*kernel")),
+    ("convolution", re.compile(r"conv|cudnn|dgrad|wgrad", re.I)),
+    ("matrix products", re.compile(r"gemm|nvjet|xmma|cutlass|aten::(mm|addmm|bmm)$", re.I)),
+    ("compiled (Inductor)", re.compile(r"^triton_")),
+)
+
+
+def _kernel_class(name: str) -> str:
+    return next((label for label, pattern in _KERNEL_CLASSES if pattern.search(name)), "other")
+
+
+def device_time_profile(fn: Callable[[], object], device: torch.device, top: int = 12) -> dict:
+    """One call of ``fn`` under the profiler: its device kernels' total time, that time by
+    kernel class, and the ``top`` kernels by time (ms; on a CPU, aten ops' self time)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    events = [(e.key, e.count, (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3)
+              for e in prof.key_averages()
+              if e.device_type == (DeviceType.CUDA if cuda else DeviceType.CPU)]
+    events = sorted((e for e in events if e[2] > 0), key=lambda e: -e[2])
+    by_class: dict[str, float] = {}
+    for name, _, ms in events:
+        by_class[_kernel_class(name)] = by_class.get(_kernel_class(name), 0.0) + ms
+    return dict(total_ms=sum(ms for *_, ms in events),
+                by_class=dict(sorted(by_class.items(), key=lambda kv: -kv[1])),
+                top=[dict(name=name[:120], calls=calls, ms=ms) for name, calls, ms in events[:top]])

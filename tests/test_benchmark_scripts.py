@@ -181,10 +181,15 @@ def test_protect_step_benchmark_runs_every_recipe(tmp_path):
     # aot_eager: the compiled row's tracing and autograd without inductor's minutes of codegen
     compiled = ["--compile-backend", "aot_eager"]
     path = protect_step.main(["--model", "tiny", "--resolution", "32", "--out", str(tmp_path),
-                              *compiled])
+                              "--profile", *compiled])
     rows = _rows(path)
     assert [r["provider"] for r in rows] == RECIPES
     assert all(r["ms"] > 0 and r["tokens"] == 8 + 2 * 16 * 16 for r in rows)
+    for profile in (r["profile"] for r in rows):
+        assert sum(profile["by_class"].values()) == pytest.approx(profile["total_ms"])
+        assert profile["by_class"]["matrix products"] > 0  # aten::mm / addmm on a CPU
+        top = [k["ms"] for k in profile["top"]]
+        assert top == sorted(top, reverse=True) and 0 < sum(top) <= profile["total_ms"]
     qwen_path = protect_step.main(["--model", "tiny-qwen", "--resolution", "64",
                                    "--out", str(tmp_path), *compiled])
     rows = _rows(qwen_path)
@@ -202,14 +207,14 @@ def test_protect_step_benchmark_runs_every_recipe(tmp_path):
 
 
 def test_compiled_blocks_give_the_eager_gradient_and_are_undone_afterwards():
-    from ditflow.methods.decontext import _frozen
+    from ditflow.methods.decontext import _compiled_blocks, _frozen
 
     pipe = protect_step._pipeline("tiny")
     inputs, _ = protect_step._step_inputs(pipe, protect_step._config("tiny", 32))
     modules = list(pipe.transformer.modules())
     with _frozen(pipe.transformer, pipe.vae):
         eager = protect_step.ditflow_step(*inputs)
-        with protect_step._compiled_blocks(pipe.transformer, "aot_eager"):
+        with _compiled_blocks(pipe.transformer, "aot_eager"):
             assert sum(m._compiled_call_impl is not None for m in modules) == 4  # 2 + 2 blocks
             compiled = protect_step.ditflow_step(*inputs)
         assert all(m._compiled_call_impl is None for m in modules)
@@ -257,8 +262,8 @@ def test_generation_benchmark_records_a_failing_provider_and_keeps_rows_when_cut
     def interrupted(*args, **kwargs):  # what a timeout does to the run
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(generation, "DeLeaker", failing)
-    monkeypatch.setattr(generation, "UVR", interrupted)
+    monkeypatch.setattr(generation, "UVR", failing)
+    monkeypatch.setattr(generation, "DeLeaker", interrupted)
     with pytest.raises(KeyboardInterrupt):
         generation.main(["--model", "tiny", "--size", "32", "--steps", "2", "--repeats", "1",
                          "--out", str(tmp_path)])
@@ -267,7 +272,7 @@ def test_generation_benchmark_records_a_failing_provider_and_keeps_rows_when_cut
     assert [r["provider"] for r in rows] == [
         "stock diffusers (SDPA)", "ditflow, attached with nothing active",
         "ditflow, rules in every block and step", "ditflow, mass recorded in every block",
-        "ditflow, DeLeaker (2 entities)"]
+        "ditflow, UVR (every token flagged)"]
     assert all(r["seconds"] > 0 and math.isfinite(r["overhead"]) for r in rows[:4])
     assert math.isnan(rows[4]["seconds"]) and math.isnan(rows[4]["overhead"])
     assert rows[4]["note"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
