@@ -156,6 +156,16 @@ def full_size_models(transformer: bool = True):
     return transformer, vae
 
 
+def _token_run(layout, name: str) -> slice:
+    """Group ``name``'s tokens as a slice: every editor lays out each group as one run, and the
+    authors' code slices (indexing by a bool mask instead bills the recipe for a backward that
+    sorts: 2 of its 3.7 s at 1024²)."""
+    tokens = layout.tokens(name).tolist()
+    if tokens != list(range(tokens[0], tokens[-1] + 1)):
+        raise ValueError(f"the {name} tokens are not one run: {layout}")
+    return slice(tokens[0], tokens[-1] + 1)
+
+
 def eager_step(protector, pixels, prompts, timesteps, noise):
     """The authors' recipe (for FLUX.1 Kontext; the same recipe on any editor): all blocks,
     eager probabilities of the target queries over all keys in the attacked blocks, gradient
@@ -169,7 +179,7 @@ def eager_step(protector, pixels, prompts, timesteps, noise):
     # The module whose processors call dispatch_attention_fn (FLUX's or Qwen-Image's).
     model_module = importlib.import_module(type(blocks[0][1].attn.processor).__module__)
     layout = protector._layout(protector._inputs(pixels.detach(), prompts, timesteps, noise))
-    target, context = layout.mask("target", pixels.device), layout.mask("context", pixels.device)
+    target, context = (_token_run(layout, name) for name in ("target", "context"))
     attacked = set(protector.config.blocks)
     ratios, current = [], [None]
     original = model_module.dispatch_attention_fn
@@ -284,6 +294,9 @@ def _once(make: Callable[[], object]) -> Callable[[], object]:
     return get
 
 
+ROWS = ["ditflow", "compiled", "checkpointing", "recipe"]
+
+
 def main(argv=None) -> Path:
     from ditflow.methods.decontext import _checkpointing, _compiled_blocks, _frozen
 
@@ -295,6 +308,9 @@ def main(argv=None) -> Path:
                         help="full: FLUX.1 Kontext; qwen-edit: Qwen-Image-Edit; step1x: "
                              "Step1X-Edit")
     parser.add_argument("--resolution", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS,
+                        help="which steps to time (default all): ditflow's, with compiled "
+                             "blocks, with gradient checkpointing, the authors' recipe")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of the compiled-blocks row (aot_eager: "
                              "checks the path without generating code)")
@@ -305,11 +321,13 @@ def main(argv=None) -> Path:
     args = parser.parse_args(argv)
     results = ResultsFile(args.out, f"protect-step-{args.model}", "protect_step", argv)
     eager = "eager recipe" if "qwen" in args.model else "authors' recipe"
-    # (name, step, gradient checkpointing, compile backend)
-    providers = (("ditflow (early stop, fused mass)", ditflow_step, False, None),
-                 ("ditflow, compiled blocks", ditflow_step, False, args.compile_backend),
-                 ("ditflow, gradient checkpointing", ditflow_step, True, None),
-                 (eager, eager_step, True, None))
+    # row: (name, step, gradient checkpointing, compile backend)
+    providers = {"ditflow": ("ditflow (early stop, fused mass)", ditflow_step, False, None),
+                 "compiled": ("ditflow, compiled blocks", ditflow_step, False,
+                              args.compile_backend),
+                 "checkpointing": ("ditflow, gradient checkpointing", ditflow_step, True, None),
+                 "recipe": (eager, eager_step, True, None)}
+    providers = [providers[row] for row in args.rows]
     pipeline = _once(lambda: _pipeline(args.model))
     rows = []
     for resolution in args.resolution:
