@@ -53,19 +53,26 @@ def _cpu_kernel_rows(rows: list[dict]) -> list[str]:
 
 
 def _protect_step_rows(rows: list[dict]) -> list[str]:
-    lines = ["| model | resolution | tokens | provider | ms per step | peak MiB | speed-up |",
-             "|---|---:|---:|---|---:|---:|---:|"]
+    # a run with --profile: the kernels' time in one profiled step, next to the wall time (a
+    # step whose wall time exceeds it waits on the host)
+    profiled = any("profile" in r for r in rows)
+    device = " device ms |" if profiled else ""
+    lines = [f"| model | resolution | tokens | provider | ms per step |{device} peak MiB | "
+             "speed-up |", "|---|---:|---:|---|---:|" + "---:|" * (3 if profiled else 2)]
     # the recipe ditflow is measured against: the authors' (or, on Qwen, the eager one)
     recipes = {r["resolution"]: r["ms"] for r in rows if r["provider"].endswith("recipe")}
     for r in rows:
         if math.isnan(r["ms"]):
             lines.append(f"| {r['model']} | {r['resolution']}² | {r['tokens']} | "
-                         f"{r['provider']} | {r.get('note', 'n/a')} | | |")
+                         f"{r['provider']} | {r.get('note', 'n/a')} |" + " |" * (
+                             3 if profiled else 2))
             continue
         recipe = recipes.get(r["resolution"], math.nan)  # a run cut short before the recipe
         speed_up = "n/a" if math.isnan(recipe) else f"{recipe / r['ms']:.2f}x"
+        busy = f" {r['profile']['total_ms']:.0f} |" if "profile" in r else " |"
         lines.append(f"| {r['model']} | {r['resolution']}² | {r['tokens']} | {r['provider']} | "
-                     f"{r['ms']:.0f} | {r['peak_mib']:.0f} | {speed_up} |")
+                     f"{r['ms']:.0f} |{busy if profiled else ''} {r['peak_mib']:.0f} | "
+                     f"{speed_up} |")
     return lines
 
 

@@ -171,6 +171,7 @@ def _config(args) -> ProtectConfig:
         method=args.method, epsilon=args.epsilon, step_size=args.step_size, steps=args.steps,
         batch_size=args.batch_size, seed=args.seed, **_model_settings(args),
         gradient_checkpointing=args.checkpointing,
+        compile_backend="inductor" if args.compile else None,
         eot_jpeg_quality=tuple(args.eot_jpeg) if args.eot_jpeg else None,
         eot_resize=tuple(args.eot_resize) if args.eot_resize else None,
         stop_window=args.stop_window, stop_min_gain=args.stop_min_gain)
@@ -178,7 +179,7 @@ def _config(args) -> ProtectConfig:
 
 # Settings that do not change a protected photo (results depend on the seed and the file name,
 # not on batching); the prompt pool is the model's.
-_RESUMABLE_CHANGES = {"batch_size", "gradient_checkpointing", "prompts"}
+_RESUMABLE_CHANGES = {"batch_size", "gradient_checkpointing", "compile_backend", "prompts"}
 # The protect options that set a recorded setting (the others are ProtectConfig's own defaults).
 _OPTIONS = {"model": "--model", "format": "--format", "method": "--method",
             "epsilon": "--epsilon", "step_size": "--step-size", "steps": "--steps",
@@ -803,6 +804,10 @@ def _protect_options(p: argparse.ArgumentParser, steps_default: int | None = Non
                    help=f"T5 tokens of the instruction (default {preset.text_tokens})" if preset
                    else TEXT_TOKENS_HELP)
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the transformer's blocks (torch.compile, Inductor; a GPU): "
+                        "the first steps compile for a minute or two, later ones run faster "
+                        "where the GPU is busy (large photos, batches)")
     p.add_argument("--eot-jpeg", type=_number(int, low=1, high=100), nargs=2,
                    metavar=("LOW", "HIGH"),
                    help="JPEG quality range for expectation over transformations")

@@ -58,6 +58,16 @@ def test_protect_step_table_gives_the_speed_up_over_the_recipe_at_each_resolutio
     path.write_text(json.dumps(data))
     cut = render(path).splitlines()
     assert cut[2].endswith("| n/a |") and cut[4].endswith("| OOM | | |")
+    # a profiled run: the kernels' time of a step next to its wall time
+    profiled = render(RESULTS / "protect-step-full-NVIDIA-H200-2026-11-29-sliced-recipe.json")
+    assert "| ms per step | device ms | peak MiB |" in profiled
+    assert "| ditflow (early stop, fused mass) | 279 | 177 | 9487 | 1.93x |" in profiled
+
+
+def test_protect_step_times_the_rows_asked_for(tmp_path):
+    rows = _rows(protect_step.main(["--model", "tiny", "--resolution", "32", "--out",
+                                    str(tmp_path), "--rows", "recipe", "ditflow"]))
+    assert [r["provider"] for r in rows] == [RECIPES[3], RECIPES[0]]
 
 
 def test_generation_table_gives_each_provider_s_overhead(tmp_path):

@@ -92,6 +92,27 @@ def test_gradient_checkpointing_protects_as_without_it(pipe, method):
     assert plain.r_ctx_after == checkpointed.r_ctx_after
 
 
+def test_compiled_blocks_protect_as_eager_and_are_undone_afterwards(pipe):
+    # aot_eager: Dynamo's graphs and AOT autograd without Inductor's code generation
+    from torch._dynamo.utils import counters
+
+    photos = [torch.rand(3, 16, 16)]
+    (eager,) = protect(photos, pipe, tiny_config(steps=2))
+    torch.compiler.reset()
+    counters.clear()
+    (compiled,) = protect(photos, pipe, tiny_config(steps=2, compile_backend="aot_eager"))
+    assert counters["stats"]["unique_graphs"] > 0
+    torch.testing.assert_close(compiled.image, eager.image, atol=1 / 255, rtol=0)
+    assert compiled.r_ctx_after == pytest.approx(eager.r_ctx_after, abs=1e-4)
+    assert all(m._compiled_call_impl is None for m in pipe.transformer.modules())
+
+
+def test_compiling_a_transformer_without_repeated_blocks_is_refused(pipe, monkeypatch):
+    monkeypatch.setattr(type(pipe.transformer), "_repeated_blocks", [])
+    with pytest.raises(ValueError, match="FluxTransformer2DModel names no repeated blocks"):
+        protect([torch.rand(3, 16, 16)], pipe, tiny_config(steps=1, compile_backend="inductor"))
+
+
 def test_working_size_keeps_aspect_and_snaps(pipe):
     protector = Protector(pipe, tiny_config(resolution=32))
     assert protector.working_size(100, 200) == (22, 46)  # multiples of 2 for the tiny VAE

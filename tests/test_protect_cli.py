@@ -158,6 +158,22 @@ def test_resume_refuses_other_settings(tmp_path, capsys):
     assert main(["protect", str(src), "-o", str(out), "--resume", *FAST, "--batch-size", "2"]) == 0
 
 
+def test_compile_option_compiles_the_blocks_and_may_change_on_resume(tmp_path, monkeypatch):
+    from ditflow import cli
+
+    configs = []
+    config = cli._config
+    monkeypatch.setattr(cli, "_config", lambda args: configs.append(config(args)) or configs[-1])
+    src = tmp_path / "a.png"
+    Image.fromarray(_rgb(20, 20)).save(src)
+    out = tmp_path / "out"
+    assert main(["protect", str(src), "-o", str(out), *FAST]) == 0
+    # Inductor would generate C++ for minutes here: the resumed run has nothing left to do,
+    # and the option reaches the config
+    assert main(["protect", str(src), "-o", str(out), "--resume", "--compile", *FAST]) == 0
+    assert [c.compile_backend for c in configs] == [None, "inductor"]
+
+
 def test_resume_compares_options_left_out_and_the_format(tmp_path, capsys):
     """Options left out on resume take their defaults, as the manifest records them: an
     option the first run gave is missed, and so is a defaulted one it set otherwise."""
