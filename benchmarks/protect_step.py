@@ -10,7 +10,9 @@ ditflow's step: forward through the last attacked block only (early stop: FLUX.1
 Step1X-Edit's single block 25, Qwen-Image-Edit's block 39), r_ctx from the fused kernel's mass,
 backward through its mass gradient; the same with the transformer's blocks compiled (diffusers'
 regional compilation, ``compile_repeated_blocks``: each block class compiled once; ditflow's
-session hooks run between the compiled pieces). The authors' recipe (FLUX.1 Kontext and
+session hooks run between the compiled pieces); the same over ``--batch`` photos, timed per
+photo (what bulk protection with ``--batch-size`` gets: the host's work per step is shared by
+the batch). The authors' recipe (FLUX.1 Kontext and
 Step1X-Edit; the "eager recipe" on Qwen-Image-Edit): all blocks, softmax probabilities of the
 target queries over all keys materialised in every attacked block, gradient checkpointing. Both
 differentiate r_ctx with respect to the photo's pixels through the VAE encoder. Random text
@@ -24,9 +26,8 @@ matrix products, convolutions, compiled kernels, the rest) and its top kernels.
 Writes ``protect-step-<model>-<device>-<date>.json`` (``<model>``: the ``--model`` argument),
 rewritten after every row, so a run cut short keeps what it finished; a row that fails (OOM, a
 kernel that cannot compile, a CUDA error) is recorded as NaN with a note. The full-size models
-need a GPU; ``--model tiny``,
-``tiny-qwen`` and ``tiny-step1x`` (random tiny models, two blocks attacked) run on any device,
-which is how the tests keep the script working between GPU runs.
+need a GPU; ``--model tiny``, ``tiny-qwen`` and ``tiny-step1x`` (random tiny models, two blocks
+attacked) run on any device, which is how the tests keep the script working between GPU runs.
 """
 
 from __future__ import annotations
@@ -256,18 +257,20 @@ def _config(model: str, resolution: int):
     return ProtectConfig(resolution=resolution)
 
 
-def _step_inputs(pipe, config) -> tuple[tuple, int]:
-    """The arguments of a step at ``config.resolution`` (protector, pixels, prompts, timesteps,
-    noise) and the length of the joint sequence: text, target and context tokens."""
+def _step_inputs(pipe, config, photos: int = 1) -> tuple[tuple, int]:
+    """The arguments of a step over ``photos`` photos at ``config.resolution`` (protector,
+    pixels, prompts, timesteps, noise) and the length of the joint sequence: text, target and
+    context tokens."""
     from ditflow.methods.decontext import Protector
 
     protector = Protector(pipe, config)
     device = protector.device
     h, w = protector.working_size(config.resolution, config.resolution)
-    pixels = torch.rand(1, 3, h, w, device=device)
+    pixels = torch.rand(photos, 3, h, w, device=device)
     tokens, channels = protector._target_shape(pixels)
-    noise = torch.randn(1, tokens, channels, device=device)
-    prompts, timesteps = [config.prompts[0]], [990.0]
+    noise = torch.randn(photos, tokens, channels, device=device)
+    prompts = [config.prompts[i % len(config.prompts)] for i in range(photos)]
+    timesteps = [990.0] * photos
     with torch.no_grad():
         sequence = len(protector._layout(protector._inputs(pixels, prompts, timesteps, noise)))
     return (protector, pixels, prompts, timesteps, noise), sequence
@@ -294,7 +297,7 @@ def _once(make: Callable[[], object]) -> Callable[[], object]:
     return get
 
 
-ROWS = ["ditflow", "compiled", "checkpointing", "recipe"]
+ROWS = ["ditflow", "compiled", "checkpointing", "recipe", "batched"]
 
 
 def main(argv=None) -> Path:
@@ -310,7 +313,10 @@ def main(argv=None) -> Path:
     parser.add_argument("--resolution", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS,
                         help="which steps to time (default all): ditflow's, with compiled "
-                             "blocks, with gradient checkpointing, the authors' recipe")
+                             "blocks, with gradient checkpointing, the authors' recipe, "
+                             "ditflow's over --batch photos (time per photo)")
+    parser.add_argument("--batch", type=int, default=4,
+                        help="photos per step of the batched row (default 4)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of the compiled-blocks row (aot_eager: "
                              "checks the path without generating code)")
@@ -321,22 +327,26 @@ def main(argv=None) -> Path:
     args = parser.parse_args(argv)
     results = ResultsFile(args.out, f"protect-step-{args.model}", "protect_step", argv)
     eager = "eager recipe" if "qwen" in args.model else "authors' recipe"
-    # row: (name, step, gradient checkpointing, compile backend)
-    providers = {"ditflow": ("ditflow (early stop, fused mass)", ditflow_step, False, None),
+    # row: (name, step, gradient checkpointing, compile backend, photos per step)
+    batched = f"ditflow, {args.batch} photos per step (ms per photo)"
+    providers = {"ditflow": ("ditflow (early stop, fused mass)", ditflow_step, False, None, 1),
                  "compiled": ("ditflow, compiled blocks", ditflow_step, False,
-                              args.compile_backend),
-                 "checkpointing": ("ditflow, gradient checkpointing", ditflow_step, True, None),
-                 "recipe": (eager, eager_step, True, None)}
+                              args.compile_backend, 1),
+                 "checkpointing": ("ditflow, gradient checkpointing", ditflow_step, True, None,
+                                   1),
+                 "recipe": (eager, eager_step, True, None, 1),
+                 "batched": (batched, ditflow_step, False, None, args.batch)}
     providers = [providers[row] for row in args.rows]
     pipeline = _once(lambda: _pipeline(args.model))
     rows = []
     for resolution in args.resolution:
-        step_inputs = _once(lambda r=resolution: _step_inputs(pipeline(), _config(args.model, r)))
-        for name, step, checkpointing, backend in providers:
+        step_inputs = {photos: _once(lambda r=resolution, n=photos: _step_inputs(
+            pipeline(), _config(args.model, r), n)) for *_, photos in providers}
+        for name, step, checkpointing, backend, photos in providers:
             row = dict(model=args.model, resolution=resolution, tokens=None, provider=name)
             try:
                 pipe = pipeline()
-                inputs, row["tokens"] = step_inputs()
+                inputs, row["tokens"] = step_inputs[photos]()
                 with _frozen(pipe.transformer, pipe.vae), \
                         _checkpointing(pipe.transformer, checkpointing), \
                         _compiled_blocks(pipe.transformer, backend):
@@ -344,6 +354,7 @@ def main(argv=None) -> Path:
                     # the warm-up run compiles
                     run = lambda s=step, a=inputs: s(*a)  # noqa: E731
                     row["ms"], row["peak_mib"] = bench(run, pipe.transformer.device, runs=3)
+                    row["ms"] /= photos
                     if args.profile:
                         row["profile"] = device_time_profile(run, pipe.transformer.device)
             except Exception as exc:  # OOM, a kernel that cannot compile, a CUDA error

@@ -64,10 +64,27 @@ def test_protect_step_table_gives_the_speed_up_over_the_recipe_at_each_resolutio
     assert "| ditflow (early stop, fused mass) | 279 | 177 | 9487 | 1.93x |" in profiled
 
 
-def test_protect_step_times_the_rows_asked_for(tmp_path):
+def test_protect_step_times_the_rows_asked_for_and_batches_per_photo(tmp_path):
     rows = _rows(protect_step.main(["--model", "tiny", "--resolution", "32", "--out",
-                                    str(tmp_path), "--rows", "recipe", "ditflow"]))
-    assert [r["provider"] for r in rows] == [RECIPES[3], RECIPES[0]]
+                                    str(tmp_path), "--rows", "recipe", "ditflow", "batched",
+                                    "--batch", "3"]))
+    assert [r["provider"] for r in rows] == [
+        RECIPES[3], RECIPES[0], "ditflow, 3 photos per step (ms per photo)"]
+    assert rows[1]["tokens"] == rows[2]["tokens"]  # one photo's sequence
+
+
+def test_a_batched_step_gives_each_photo_its_own_gradient():
+    from ditflow.methods.decontext import _frozen
+
+    pipe = protect_step._pipeline("tiny")
+    config = protect_step._config("tiny", 32)
+    (protector, pixels, prompts, timesteps, noise), _ = protect_step._step_inputs(pipe, config, 2)
+    with _frozen(pipe.transformer, pipe.vae):
+        together = protect_step.ditflow_step(protector, pixels, prompts, timesteps, noise)
+        for i in range(2):
+            alone = protect_step.ditflow_step(protector, pixels[i:i + 1], prompts[i:i + 1],
+                                              timesteps[i:i + 1], noise[i:i + 1])
+            torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-4, atol=1e-7)
 
 
 def test_generation_table_gives_each_provider_s_overhead(tmp_path):
@@ -184,7 +201,8 @@ def test_compile_report_table_has_a_row_per_kernel_variant_and_config():
 
 
 RECIPES = ["ditflow (early stop, fused mass)", "ditflow, compiled blocks",
-           "ditflow, gradient checkpointing", "authors' recipe"]
+           "ditflow, gradient checkpointing", "authors' recipe",
+           "ditflow, 4 photos per step (ms per photo)"]
 
 
 def test_protect_step_benchmark_runs_every_recipe(tmp_path):
@@ -203,7 +221,7 @@ def test_protect_step_benchmark_runs_every_recipe(tmp_path):
     qwen_path = protect_step.main(["--model", "tiny-qwen", "--resolution", "64",
                                    "--out", str(tmp_path), *compiled])
     rows = _rows(qwen_path)
-    assert [r["provider"] for r in rows] == [*RECIPES[:3], "eager recipe"]
+    assert [r["provider"] for r in rows] == [*RECIPES[:3], "eager recipe", RECIPES[4]]
     assert all(r["ms"] > 0 and r["tokens"] > 2 * 4 * 4 for r in rows)
     step1x_path = protect_step.main(["--model", "tiny-step1x", "--resolution", "32",
                                      "--out", str(tmp_path), *compiled])
