@@ -17,8 +17,9 @@ Step1X-Edit; the "eager recipe" on Qwen-Image-Edit): all blocks, softmax probabi
 target queries over all keys materialised in every attacked block, gradient checkpointing. Both
 differentiate r_ctx with respect to the photo's pixels through the VAE encoder. Random text
 embeddings stand in for the text encoders (computed once per prompt in real runs, so outside
-the step). Each step is timed as the median of three runs after a warm-up (which compiles, in
-the compiled row).
+the step). Steps are timed chained as a protection run chains them (``--chain`` steps per run,
+each starting from the last one's photos, nothing read back in between), per step, the median
+of three runs after a warm-up (which compiles, in the compiled row).
 
 ``--profile`` adds one profiled step per row: where its device time goes (ditflow's attention,
 matrix products, convolutions, compiled kernels, the rest) and its top kernels.
@@ -179,7 +180,9 @@ def eager_step(protector, pixels, prompts, timesteps, noise):
     blocks = adapter_for(transformer).blocks(transformer)
     # The module whose processors call dispatch_attention_fn (FLUX's or Qwen-Image's).
     model_module = importlib.import_module(type(blocks[0][1].attn.processor).__module__)
-    layout = protector._layout(protector._inputs(pixels.detach(), prompts, timesteps, noise))
+    x = pixels.clone().requires_grad_()
+    inputs = protector._inputs(x, prompts, timesteps, noise)
+    layout = protector._layout(inputs)  # cached per size: no work per step
     target, context = (_token_run(layout, name) for name in ("target", "context"))
     attacked = set(protector.config.blocks)
     ratios, current = [], [None]
@@ -201,8 +204,6 @@ def eager_step(protector, pixels, prompts, timesteps, noise):
         for block_id, block in blocks]
     model_module.dispatch_attention_fn = probe
     try:
-        x = pixels.clone().requires_grad_()
-        inputs = protector._inputs(x, prompts, timesteps, noise)
         transformer(**inputs)
         (grad,) = torch.autograd.grad(torch.stack(ratios).mean(), x)
     finally:
@@ -217,6 +218,23 @@ def ditflow_step(protector, pixels, prompts, timesteps, noise):
     with protector.attached_r_ctx(x, prompts, timesteps, noise) as r_ctx:
         (grad,) = torch.autograd.grad(r_ctx.sum(), x)
     return grad
+
+
+def pgd_steps(step, inputs, steps: int) -> torch.Tensor:
+    """``steps`` PGD steps of ``step`` chained as ``Protector.run`` chains them: each step's
+    photos are the last step's moved by the signed gradient and projected (the authors'
+    step size and budget), nothing read back in between, so the host may queue a step while
+    the GPU runs the last one. Returns the last photos."""
+    from ditflow.methods.decontext import _project
+
+    protector, clean, *draws = inputs
+    eps, alpha = protector.config.epsilon / 255, protector.config.step_size / 255
+    x = clean
+    for _ in range(steps):
+        grad = step(protector, x, *draws)
+        with torch.no_grad():
+            x = _project(x - alpha * grad.sign(), clean, eps)
+    return x
 
 
 def _pipeline(model: str):
@@ -315,6 +333,9 @@ def main(argv=None) -> Path:
                         help="which steps to time (default all): ditflow's, with compiled "
                              "blocks, with gradient checkpointing, the authors' recipe, "
                              "ditflow's over --batch photos (time per photo)")
+    parser.add_argument("--chain", type=int, default=3,
+                        help="PGD steps per timed run, chained as in a protection run "
+                             "(default 3); times are per step")
     parser.add_argument("--batch", type=int, default=4,
                         help="photos per step of the batched row (default 4)")
     parser.add_argument("--compile-backend", default="inductor",
@@ -352,11 +373,12 @@ def main(argv=None) -> Path:
                         _compiled_blocks(pipe.transformer, backend):
                     # steps of seconds: a few runs, not do_bench's hundreds of milliseconds;
                     # the warm-up run compiles
-                    run = lambda s=step, a=inputs: s(*a)  # noqa: E731
+                    run = lambda s=step, a=inputs: pgd_steps(s, a, args.chain)  # noqa: E731
                     row["ms"], row["peak_mib"] = bench(run, pipe.transformer.device, runs=3)
-                    row["ms"] /= photos
+                    row["ms"] /= args.chain * photos
                     if args.profile:
-                        row["profile"] = device_time_profile(run, pipe.transformer.device)
+                        row["profile"] = device_time_profile(run, pipe.transformer.device,
+                                                             per=args.chain * photos)
             except Exception as exc:  # OOM, a kernel that cannot compile, a CUDA error
                 row.update(ms=math.nan, peak_mib=math.nan, note=failure_note(exc))
             if backend is not None:

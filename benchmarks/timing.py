@@ -65,9 +65,11 @@ def _kernel_class(name: str) -> str:
     return next((label for label, pattern in _KERNEL_CLASSES if pattern.search(name)), "other")
 
 
-def device_time_profile(fn: Callable[[], object], device: torch.device, top: int = 12) -> dict:
+def device_time_profile(fn: Callable[[], object], device: torch.device, top: int = 12,
+                        per: int = 1) -> dict:
     """One call of ``fn`` under the profiler: its device kernels' total time, that time by
-    kernel class, and the ``top`` kernels by time (ms; on a CPU, aten ops' self time)."""
+    kernel class, and the ``top`` kernels by time (ms; on a CPU, aten ops' self time); all
+    divided by ``per`` (``fn`` runs that many steps: times and calls per step)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -77,7 +79,8 @@ def device_time_profile(fn: Callable[[], object], device: torch.device, top: int
         fn()
         if cuda:
             torch.cuda.synchronize()
-    events = [(e.key, e.count, (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3)
+    events = [(e.key, e.count / per,
+               (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / per)
               for e in prof.key_averages()
               if e.device_type == (DeviceType.CUDA if cuda else DeviceType.CPU)]
     events = sorted((e for e in events if e[2] > 0), key=lambda e: -e[2])

@@ -1,4 +1,5 @@
-"""A small cache for values derived from tensors (tile plans, packed masks, validated groups).
+"""A small cache for values derived from tensors (tile plans, packed masks, validated groups),
+and host data copied to the device without waiting for it.
 
 Entries are keyed by the identity of the source tensors and remembered with their version
 counters, so an in-place change through torch or a new tensor at a recycled address never
@@ -62,3 +63,47 @@ class TensorMemo:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+# id of a tensor made by copy_to_device -> (a weak reference to it, its values as a list, its
+# version then). Keyed by id, not by the tensor: a tensor's == compares its elements.
+_host_values: dict[int, tuple[weakref.ref, list, int]] = {}
+
+
+def _forget(ref: weakref.ref, key: int) -> None:
+    entry = _host_values.get(key)
+    if entry is not None and entry[0] is ref:
+        del _host_values[key]
+
+
+def copy_to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``host`` (a CPU tensor) on ``device``, without waiting for the work queued there.
+
+    A plain copy from pageable memory waits for every kernel queued before it, so a per-step
+    timestep or noise made on the host would stop the host from queueing a step while the GPU
+    runs the last one; this copy goes through pinned memory, asynchronously (the pinned block
+    is not reused before the copy ends). The values are remembered (:func:`host_values`), so
+    reading them back needs no wait either."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        out = host
+    elif device.type == "cuda":
+        out = host.pin_memory().to(device, non_blocking=True)
+    else:
+        out = host.to(device)
+    if not (torch.compiler.is_compiling() or out.is_inference()):
+        key = id(out)
+        ref = weakref.ref(out, lambda r, key=key: _forget(r, key))
+        _host_values[key] = (ref, host.tolist(), out._version)
+    return out
+
+
+def host_values(tensor: torch.Tensor) -> list | float | None:
+    """The values of a tensor made by :func:`copy_to_device` and unchanged since, read on the
+    host (``tolist``'s nested lists); None for any other tensor."""
+    if torch.compiler.is_compiling() or tensor.is_inference():
+        return None
+    entry = _host_values.get(id(tensor))
+    if entry is None or entry[0]() is not tensor or entry[2] != tensor._version:
+        return None
+    return entry[1]

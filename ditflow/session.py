@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._memo import TensorMemo
+from ._memo import TensorMemo, host_values
 from .functional import FlowAttentionOutput
 from .layout import CONTEXT, TARGET, TokenLayout
 from .rules import FlowRules
@@ -248,7 +248,12 @@ class Session:
         if timestep is None:
             t = 0.0
         elif isinstance(timestep, torch.Tensor):
-            t = float(timestep.reshape(-1)[0])
+            # the timesteps ditflow makes carry their values on the host: no wait for the device
+            t = host_values(timestep)
+            if t is None:
+                t = float(timestep.reshape(-1)[0])
+            while isinstance(t, list):
+                t = t[0]
         else:
             t = float(timestep)
         if self.step is None:

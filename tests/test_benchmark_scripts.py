@@ -67,7 +67,7 @@ def test_protect_step_table_gives_the_speed_up_over_the_recipe_at_each_resolutio
 def test_protect_step_times_the_rows_asked_for_and_batches_per_photo(tmp_path):
     rows = _rows(protect_step.main(["--model", "tiny", "--resolution", "32", "--out",
                                     str(tmp_path), "--rows", "recipe", "ditflow", "batched",
-                                    "--batch", "3"]))
+                                    "--batch", "3", "--chain", "1"]))
     assert [r["provider"] for r in rows] == [
         RECIPES[3], RECIPES[0], "ditflow, 3 photos per step (ms per photo)"]
     assert rows[1]["tokens"] == rows[2]["tokens"]  # one photo's sequence
@@ -209,7 +209,7 @@ def test_protect_step_benchmark_runs_every_recipe(tmp_path):
     # aot_eager: the compiled row's tracing and autograd without inductor's minutes of codegen
     compiled = ["--compile-backend", "aot_eager"]
     path = protect_step.main(["--model", "tiny", "--resolution", "32", "--out", str(tmp_path),
-                              "--profile", *compiled])
+                              "--profile", "--chain", "2", *compiled])
     rows = _rows(path)
     assert [r["provider"] for r in rows] == RECIPES
     assert all(r["ms"] > 0 and r["tokens"] == 8 + 2 * 16 * 16 for r in rows)
@@ -219,12 +219,12 @@ def test_protect_step_benchmark_runs_every_recipe(tmp_path):
         top = [k["ms"] for k in profile["top"]]
         assert top == sorted(top, reverse=True) and 0 < sum(top) <= profile["total_ms"]
     qwen_path = protect_step.main(["--model", "tiny-qwen", "--resolution", "64",
-                                   "--out", str(tmp_path), *compiled])
+                                   "--out", str(tmp_path), "--chain", "1", *compiled])
     rows = _rows(qwen_path)
     assert [r["provider"] for r in rows] == [*RECIPES[:3], "eager recipe", RECIPES[4]]
     assert all(r["ms"] > 0 and r["tokens"] > 2 * 4 * 4 for r in rows)
     step1x_path = protect_step.main(["--model", "tiny-step1x", "--resolution", "32",
-                                     "--out", str(tmp_path), *compiled])
+                                     "--out", str(tmp_path), "--chain", "1", *compiled])
     rows = _rows(step1x_path)
     assert [r["provider"] for r in rows] == RECIPES
     assert all(r["ms"] > 0 and r["tokens"] == 64 + 2 * 16 * 16 for r in rows)
@@ -264,7 +264,8 @@ def test_protect_step_builds_the_model_once_and_records_a_failing_recipe(tmp_pat
 
     monkeypatch.setattr(protect_step, "eager_step", failing_recipe)
     rows = _rows(protect_step.main(["--model", "tiny", "--resolution", "32", "48",
-                                    "--out", str(tmp_path), "--compile-backend", "aot_eager"]))
+                                    "--out", str(tmp_path), "--compile-backend", "aot_eager",
+                                    "--chain", "1"]))
     assert builds == ["tiny"]
     assert [(r["resolution"], r["provider"]) for r in rows] == [
         (resolution, recipe) for resolution in (32, 48) for recipe in RECIPES]

@@ -10,6 +10,8 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from helpers import HostReads, needs_triton_on_cpu
+
 from ditflow.methods.decontext import ProtectConfig, Protector, protect
 from ditflow.tiny import tiny_flux_pipeline
 
@@ -111,6 +113,40 @@ def test_compiling_a_transformer_without_repeated_blocks_is_refused(pipe, monkey
     monkeypatch.setattr(type(pipe.transformer), "_repeated_blocks", [])
     with pytest.raises(ValueError, match="FluxTransformer2DModel names no repeated blocks"):
         protect([torch.rand(3, 16, 16)], pipe, tiny_config(steps=1, compile_backend="inductor"))
+
+
+@needs_triton_on_cpu
+def test_a_pgd_step_waits_for_nothing_on_the_device(pipe, monkeypatch):
+    """Once the layout is planned, a PGD step's forward and backward read nothing back from
+    the device, and what it makes from host data (the timesteps) goes through copy_to_device:
+    on a GPU the host can then queue a step while the last one runs."""
+    from ditflow.methods.decontext import _frozen
+    from ditflow.models import flux
+
+    monkeypatch.setenv("DITFLOW_BACKEND", "triton")
+    protector = Protector(pipe, tiny_config(blocks=("double.0",)))  # one block interpreted
+    photos = torch.rand(2, 3, 16, 16)
+    prompts, timesteps, noise, _, _ = protector._draw(
+        [torch.Generator().manual_seed(i) for i in range(2)], photos)  # CPU generators
+    reads = HostReads()
+    copy = flux.copy_to_device
+
+    def staged(host, device):
+        assert reads.ops[-1:] == ["aten.lift_fresh"]  # the host tensor, made just before
+        reads.ops.pop()
+        return copy(host, device)
+
+    def step():
+        x = photos.clone().requires_grad_()
+        with protector.attached_r_ctx(x, prompts, timesteps, noise) as r_ctx:
+            return torch.autograd.grad(r_ctx.sum(), x)[0]
+
+    with _frozen(pipe.transformer, pipe.vae):
+        step()  # plans the layout and the tiles
+        monkeypatch.setattr(flux, "copy_to_device", staged)
+        with reads:
+            step()
+    assert reads.ops == []
 
 
 def test_working_size_keeps_aspect_and_snaps(pipe):

@@ -6,7 +6,8 @@ import gc
 
 import torch
 
-from ditflow._memo import TensorMemo
+from ditflow import _memo
+from ditflow._memo import TensorMemo, copy_to_device, host_values
 
 
 def test_memo_hits_recomputes_on_change_and_forgets_freed_sources():
@@ -52,3 +53,17 @@ def test_inference_tensors_are_never_cached():
     assert memo.get((source,), "x", lambda: 1) == 1
     assert memo.get((source,), "x", lambda: 2) == 2 and memo.misses == 2
     assert not memo._entries
+
+
+def test_tensors_copied_to_the_device_keep_their_values_on_the_host():
+    host = torch.tensor([990.0, 985.0], dtype=torch.bfloat16) / 1000
+    made = copy_to_device(host, "cpu")
+    assert host_values(made) == host.tolist() == [0.9921875, 0.984375]
+    assert host_values(torch.tensor([0.5])) is None  # not made by copy_to_device
+    made.mul_(2)  # changed since: its values must be read from it again
+    assert host_values(made) is None
+    again = copy_to_device(torch.zeros(2), "cpu")
+    key = id(again)
+    del again
+    gc.collect()
+    assert key not in _memo._host_values  # forgotten with the tensor

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._memo import TensorMemo
+from .._memo import TensorMemo, copy_to_device
 from ..io import pixels_tensor, resize_pixels, to_pil
 from ..layout import TokenLayout
 from ..models import adapter_for, check_blocks, edit_calls_for
@@ -338,7 +338,7 @@ class Protector:
             if cfg.eot_resize is not None:
                 sl, sh = cfg.eot_resize
                 scale.append(sl + (sh - sl) * float(torch.rand((), generator=g)))
-        return prompts, ts, torch.stack(noise).to(self.device), jpeg, scale
+        return prompts, ts, copy_to_device(torch.stack(noise), self.device), jpeg, scale
 
     def _transform(self, x, jpeg: list[int], scale: list[float]) -> torch.Tensor:
         """Expectation over transformations: per-photo resize round trip and JPEG."""
@@ -431,7 +431,7 @@ class Protector:
         picks = [_choice(len(edits), g) for g in gens]
         target = torch.stack([edits[k][i] for i, k in enumerate(picks)])
         # in fp32: bf16 rounds sigma = 0.99 to 0.9921875 (1 - sigma off by 22 %) and t >= 998 to 1
-        sigma = torch.tensor(timesteps, device=self.device)[:, None, None] / 1000
+        sigma = copy_to_device(torch.tensor(timesteps)[:, None, None] / 1000, self.device)
         noisy = ((1 - sigma) * target.float() + sigma * noise.float()).to(self.dtype)
         inputs = self._inputs(pixels, prompts, timesteps, noisy, prompt_images)
         pred = self.transformer(**inputs)[0][:, : target.shape[1]]

@@ -14,7 +14,7 @@ import math
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .._memo import TensorMemo
+from .._memo import TensorMemo, copy_to_device
 from ..functional import flow_attention
 from ..layout import TokenLayout
 from ..session import AttentionPlan, BlockId
@@ -135,7 +135,7 @@ class KontextCalls:
         device, dtype = self.transformer.device, self.transformer.dtype
         return dict(
             hidden_states=torch.cat([noise.to(dtype), context], dim=1),
-            timestep=torch.tensor(timesteps, device=device, dtype=dtype) / 1000,
+            timestep=copy_to_device(torch.tensor(timesteps, dtype=dtype) / 1000, device),
             img_ids=self._image_ids(size),
             return_dict=False,
             **self._prompt_inputs(prompts, guidance),

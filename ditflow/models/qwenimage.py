@@ -18,7 +18,7 @@ from collections import OrderedDict
 import torch
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
-from .._memo import TensorMemo
+from .._memo import TensorMemo, copy_to_device
 from ..functional import FlowAttentionOutput, flow_attention
 from ..layout import TokenLayout
 from ..rules import FlowRules
@@ -235,7 +235,7 @@ class QwenEditCalls:
             hidden_states=torch.cat([noise.to(dtype), context], dim=1),
             encoder_hidden_states=padded,
             encoder_hidden_states_mask=None if mask.all() else mask,
-            timestep=torch.tensor(timesteps, device=device, dtype=dtype) / 1000,
+            timestep=copy_to_device(torch.tensor(timesteps, dtype=dtype) / 1000, device),
             img_shapes=[[grid, grid]] * len(prompts),
             guidance=(torch.full((len(prompts),), guidance, device=device)
                       if self.transformer.config.guidance_embeds else None),
