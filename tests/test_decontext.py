@@ -149,6 +149,27 @@ def test_a_pgd_step_waits_for_nothing_on_the_device(pipe, monkeypatch):
     assert reads.ops == []
 
 
+def test_the_pgd_loop_picks_its_photos_by_an_index_made_once(pipe):
+    """The loop's own indexing of the photos still optimised waits for nothing: a list index
+    would be made on the host (and copied to the device, blocking) in every step."""
+    import traceback
+
+    class LoopReads(HostReads):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            flagged = len(self.ops)
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            if len(self.ops) > flagged:  # where: the innermost function of ditflow's
+                frames = [f.name for f in traceback.extract_stack() if "/ditflow/" in f.filename]
+                self.ops[-1] = (self.ops[-1], frames[-1])
+            return out
+
+    reads = LoopReads()
+    with reads:
+        protect([torch.rand(3, 16, 16)] * 2, pipe,
+                tiny_config(steps=3, blocks=("double.0",), batch_size=2))
+    assert [op for op, where in reads.ops if where == "run"] == ["aten.lift_fresh"]  # the index
+
+
 def test_working_size_keeps_aspect_and_snaps(pipe):
     protector = Protector(pipe, tiny_config(resolution=32))
     assert protector.working_size(100, 200) == (22, 46)  # multiples of 2 for the tiny VAE

@@ -475,21 +475,26 @@ class Protector:
             edits = self._clean_edits(clean, gens) if cfg.method == "diff-pgd" else None
             adv = clean.clone()
             active = list(range(len(photos)))
+            # the photos still optimised, as an index on the device (a list index is copied
+            # there in every step, waiting for the queued work)
+            rows = copy_to_device(torch.tensor(active), self.device)
             steps_run = [0] * len(photos)
             history: list[list[float]] = [[r] for r in before]
             for step in range(cfg.steps):
                 if not active:
                     break
-                x = adv[active].clone().requires_grad_()
-                grad, direction = self._step_gradient(x, active, gens, clean_photos, edits)
+                x = adv.index_select(0, rows).requires_grad_()
+                grad, direction = self._step_gradient(x, active, rows, gens, clean_photos, edits)
                 with torch.no_grad():
-                    adv[active] = _project(x + direction * alpha * grad.sign(), clean[active], eps)
+                    adv.index_copy_(0, rows, _project(x + direction * alpha * grad.sign(),
+                                                      clean.index_select(0, rows), eps))
                 for i in active:
                     steps_run[i] += 1
                 if on_step is not None:
                     on_step(step)
                 if cfg.stop_window and (step + 1) % cfg.stop_window == 0:
                     active = self._still_improving(adv, active, history)
+                    rows = copy_to_device(torch.tensor(active, dtype=torch.long), self.device)
             after = self.evaluate_r_ctx(adv)
         seconds = (time.perf_counter() - start) / len(photos)
         size = tuple(clean.shape[-2:])
@@ -497,10 +502,11 @@ class Protector:
                               after[i], steps_run[i], seconds, size, history[i])
                 for i, (name, photo) in enumerate(zip(names, photos, strict=True))]
 
-    def _step_gradient(self, x, active, gens, clean_photos, edits
+    def _step_gradient(self, x, active, rows, gens, clean_photos, edits
                        ) -> tuple[torch.Tensor, float]:
-        """One PGD step's gradient at ``x`` (the photos of ``active``) and the direction to
-        move along it: DeContext lowers r_ctx, Diff-PGD raises the denoising error."""
+        """One PGD step's gradient at ``x`` (the photos of ``active``, at ``rows`` of the
+        batch) and the direction to move along it: DeContext lowers r_ctx, Diff-PGD raises the
+        denoising error."""
         gens = [gens[i] for i in active]
         prompt_images = [clean_photos[i] for i in active]
         prompts, ts, noise, jpeg, scale = self._draw(gens, x)
@@ -510,8 +516,8 @@ class Protector:
                 with self.attached_r_ctx(seen, prompts, ts, noise, prompt_images) as r_ctx:
                     (grad,) = torch.autograd.grad(r_ctx.sum(), x)
                 return grad, -1.0
-            loss = self._flow_matching_loss(seen, [e[active] for e in edits], gens, prompts, ts,
-                                            noise, prompt_images)
+            loss = self._flow_matching_loss(seen, [e.index_select(0, rows) for e in edits],
+                                            gens, prompts, ts, noise, prompt_images)
             (grad,) = torch.autograd.grad(loss.sum(), x)
             return grad, 1.0
 
