@@ -35,10 +35,11 @@ if ! $python -c "import diffusers" 2>/dev/null; then
   echo "warning: diffusers is missing: the model integration tests and PGD steps are skipped" >&2
 fi
 # The kernel suite compiles a few hundred kernel variants: in parallel where pytest-xdist is
-# importable (it is in the test extra; carry its wheel to a bare machine). Inductor compiles
-# in-process: its worker pools kept the xdist workers from exiting past a stage's time limit.
+# importable (it is in the test extra; carry its wheel to a bare machine). In the tests Inductor
+# compiles in-process ($in_process): its worker pools kept the xdist workers from exiting past
+# a stage's time limit.
 parallel=$($python -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-export TORCHINDUCTOR_COMPILE_THREADS=1
+in_process="env TORCHINDUCTOR_COMPILE_THREADS=1"
 export DITFLOW_COMMIT=${DITFLOW_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 device=$($python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
 today=$(date -u +%F)
@@ -49,8 +50,8 @@ case "$stage" in
     {
       echo "# GPU correctness run, commit $DITFLOW_COMMIT"
       $python -c "import torch, triton; print('#', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
-      $python -m pytest tests/test_flow_attention.py tests/test_gpu_flux_shapes.py tests/test_ops.py \
-        tests/test_deleaker.py tests/test_flux_integration.py tests/test_qwenimage_integration.py \
+      $in_process $python -m pytest tests/test_flow_attention.py tests/test_gpu_flux_shapes.py \
+        tests/test_ops.py tests/test_deleaker.py tests/test_flux_integration.py tests/test_qwenimage_integration.py \
         tests/test_step1x_integration.py -v $parallel -p no:cacheprovider -rfEs 2>&1
     } | tee "$log"
     ;;
@@ -89,7 +90,7 @@ case "$stage" in
     {
       echo "# GPU kernel suite, commit $DITFLOW_COMMIT"
       $python -c "import torch, triton; print('#', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
-      timeout -s INT -k 15 110 $python -m pytest tests/test_flow_attention.py \
+      timeout -s INT -k 15 110 $in_process $python -m pytest tests/test_flow_attention.py \
         tests/test_gpu_flux_shapes.py tests/test_ops.py -q $parallel -p no:cacheprovider -rfEs 2>&1
     } | tee "$log" || failed=1
     exit $failed
