@@ -76,14 +76,15 @@ def _forget(ref: weakref.ref, key: int) -> None:
         del _host_values[key]
 
 
-def copy_to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+def copy_to_device(host: torch.Tensor, device: torch.device | str, *,
+                   keep_values: bool = False) -> torch.Tensor:
     """``host`` (a CPU tensor) on ``device``, without waiting for the work queued there.
 
     A plain copy from pageable memory waits for every kernel queued before it, so a per-step
     timestep or noise made on the host would stop the host from queueing a step while the GPU
     runs the last one; this copy goes through pinned memory, asynchronously (the pinned block
-    is not reused before the copy ends). The values are remembered (:func:`host_values`), so
-    reading them back needs no wait either."""
+    is not reused before the copy ends). ``keep_values``: remember the values (a few, such as
+    timesteps) for :func:`host_values`, so that reading them back needs no wait either."""
     device = torch.device(device)
     if device.type == "cpu":
         out = host
@@ -91,7 +92,7 @@ def copy_to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tens
         out = host.pin_memory().to(device, non_blocking=True)
     else:
         out = host.to(device)
-    if not (torch.compiler.is_compiling() or out.is_inference()):
+    if keep_values and not (torch.compiler.is_compiling() or out.is_inference()):
         key = id(out)
         ref = weakref.ref(out, lambda r, key=key: _forget(r, key))
         _host_values[key] = (ref, host.tolist(), out._version)

@@ -131,10 +131,10 @@ def test_a_pgd_step_waits_for_nothing_on_the_device(pipe, monkeypatch):
     reads = HostReads()
     copy = flux.copy_to_device
 
-    def staged(host, device):
+    def staged(host, device, **kwargs):
         assert reads.ops[-1:] == ["aten.lift_fresh"]  # the host tensor, made just before
         reads.ops.pop()
-        return copy(host, device)
+        return copy(host, device, **kwargs)
 
     def step():
         x = photos.clone().requires_grad_()

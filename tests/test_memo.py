@@ -57,12 +57,13 @@ def test_inference_tensors_are_never_cached():
 
 def test_tensors_copied_to_the_device_keep_their_values_on_the_host():
     host = torch.tensor([990.0, 985.0], dtype=torch.bfloat16) / 1000
-    made = copy_to_device(host, "cpu")
+    made = copy_to_device(host, "cpu", keep_values=True)
     assert host_values(made) == host.tolist() == [0.9921875, 0.984375]
+    assert host_values(copy_to_device(torch.ones(2), "cpu")) is None  # not asked to keep them
     assert host_values(torch.tensor([0.5])) is None  # not made by copy_to_device
     made.mul_(2)  # changed since: its values must be read from it again
     assert host_values(made) is None
-    again = copy_to_device(torch.zeros(2), "cpu")
+    again = copy_to_device(torch.zeros(2), "cpu", keep_values=True)
     key = id(again)
     del again
     gc.collect()

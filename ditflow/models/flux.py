@@ -135,7 +135,8 @@ class KontextCalls:
         device, dtype = self.transformer.device, self.transformer.dtype
         return dict(
             hidden_states=torch.cat([noise.to(dtype), context], dim=1),
-            timestep=copy_to_device(torch.tensor(timesteps, dtype=dtype) / 1000, device),
+            timestep=copy_to_device(torch.tensor(timesteps, dtype=dtype) / 1000, device,
+                                    keep_values=True),  # the session reads them
             img_ids=self._image_ids(size),
             return_dict=False,
             **self._prompt_inputs(prompts, guidance),

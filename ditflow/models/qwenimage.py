@@ -235,7 +235,8 @@ class QwenEditCalls:
             hidden_states=torch.cat([noise.to(dtype), context], dim=1),
             encoder_hidden_states=padded,
             encoder_hidden_states_mask=None if mask.all() else mask,
-            timestep=copy_to_device(torch.tensor(timesteps, dtype=dtype) / 1000, device),
+            timestep=copy_to_device(torch.tensor(timesteps, dtype=dtype) / 1000, device,
+                                    keep_values=True),  # the session reads them
             img_shapes=[[grid, grid]] * len(prompts),
             guidance=(torch.full((len(prompts),), guidance, device=device)
                       if self.transformer.config.guidance_embeds else None),
