@@ -46,6 +46,8 @@ def test_config_checks_units_and_ranges():
     with pytest.raises(ValueError, match=r"prompts='Make it red': expected a sequence of "
                                          "instructions"):
         ProtectConfig(prompts="Make it red")
+    with pytest.raises(ValueError, match=r"compile_backend=True: expected a torch\.compile"):
+        ProtectConfig(compile_backend=True)
 
 
 def test_steps_default_to_the_authors_for_each_method():

@@ -153,6 +153,9 @@ class ProtectConfig:
             (not isinstance(self.prompts, str), f"prompts={self.prompts!r}: expected a sequence "
                                                 "of instructions, e.g. ('Make it red',)"),
             (len(self.prompts) > 0, "prompts: expected at least one instruction"),
+            (self.compile_backend is None or isinstance(self.compile_backend, str),
+             f"compile_backend={self.compile_backend!r}: expected a torch.compile backend name "
+             "such as 'inductor', or None"),
             (self.stop_window is None or self.stop_window >= 1,
              f"stop_window={self.stop_window}: expected >= 1 or None"),
             *((getattr(self, name) >= 1, f"{name}={getattr(self, name)}: expected >= 1")
@@ -477,7 +480,7 @@ class Protector:
             active = list(range(len(photos)))
             # the photos still optimised, as an index on the device (a list index is copied
             # there in every step, waiting for the queued work)
-            rows = copy_to_device(torch.tensor(active), self.device)
+            rows = copy_to_device(torch.tensor(active, dtype=torch.long), self.device)
             steps_run = [0] * len(photos)
             history: list[list[float]] = [[r] for r in before]
             for step in range(cfg.steps):
