@@ -21,8 +21,9 @@ the step). Steps are timed chained as a protection run chains them (``--chain`` 
 each starting from the last one's photos, nothing read back in between), per step, the median
 of three runs after a warm-up (which compiles, in the compiled row).
 
-``--profile`` adds one profiled step per row: where its device time goes (ditflow's attention,
-matrix products, convolutions, compiled kernels, the rest) and its top kernels.
+``--profile`` profiles one more run per row: where a step's device time goes (ditflow's
+attention, matrix products, convolutions, compiled kernels, the rest) and its top kernels, per
+step (per photo in the batched row, as its times).
 
 Writes ``protect-step-<model>-<device>-<date>.json`` (``<model>``: the ``--model`` argument),
 rewritten after every row, so a run cut short keeps what it finished; a row that fails (OOM, a
@@ -342,8 +343,8 @@ def main(argv=None) -> Path:
                         help="torch.compile backend of the compiled-blocks row (aot_eager: "
                              "checks the path without generating code)")
     parser.add_argument("--profile", action="store_true",
-                        help="also profile one step per row: device time by kernel class and "
-                             "the top kernels, in the row's \"profile\"")
+                        help="also profile one run per row: a step's device time by kernel "
+                             "class and its top kernels, in the row's \"profile\"")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     results = ResultsFile(args.out, f"protect-step-{args.model}", "protect_step", argv)
