@@ -14,7 +14,9 @@ random anchors and every token flagged (the most it can cost: noise in every blo
 start-up steps); DeLeaker with two entities (text tokens 1-2 and 4-5; regions from the
 attention, pair masks in every edited block), the slowest, last. Writes
 ``generation-<device>-<date>.json``, rewritten after every provider, so a run cut short keeps
-what it finished; a provider that fails is recorded as NaN with a note.
+what it finished; a provider that fails is recorded as NaN with a note. ``--profile`` adds one
+profiled generation per provider: its device time by kernel class and its top kernels (a wall
+time above the device time is time the GPU waited on the host).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 
 from benchmarks.protect_step import full_size_models
 from benchmarks.results import ResultsFile, failure_note
+from benchmarks.timing import device_time_profile
 from ditflow.layout import TARGET, TEXT
 from ditflow.methods.deleaker import DeLeaker
 from ditflow.methods.uvr import UVR, UVRConfig
@@ -67,6 +70,9 @@ def main(argv=None) -> Path:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one generation per provider: its device time by "
+                             "kernel class and its top kernels, in the row's \"profile\"")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     results = ResultsFile(args.out, "generation", "generation", argv)
@@ -119,6 +125,9 @@ def main(argv=None) -> Path:
                    steps=args.steps)
         try:
             row["seconds"] = timed(factory)
+            if args.profile:
+                with factory():
+                    row["profile"] = device_time_profile(generate, device)
         except Exception as exc:  # OOM, a kernel that cannot compile, a CUDA error
             row["note"] = failure_note(exc)
         stock = rows[0] if rows else row  # the first provider, stock diffusers

@@ -71,7 +71,7 @@ case "$stage" in
     $python -m benchmarks.protect_step --profile --out "$out"
     $python -m benchmarks.protect_step --model qwen-edit --out "$out"
     $python -m benchmarks.protect_step --model step1x --out "$out"
-    $python -m benchmarks.generation --out "$out"
+    $python -m benchmarks.generation --profile --out "$out"
     ;;
   essentials)
     # What is measured least and matters most, in under ten minutes, each part under its own
@@ -80,17 +80,19 @@ case "$stage" in
     # full-size Kontext architecture against the authors' recipe (512², the speed target, then
     # 1024², the memory one; each row profiled once; the compiled-blocks row compiles FLUX's
     # two block classes at each resolution), the overhead of interventions on a 28-step
-    # generation, and the kernel suite compiled (bf16 included). Exits 1 if a part failed.
+    # generation (each profiled once), and the kernel suite compiled (bf16 included). Exits 1
+    # if a part failed.
     failed=0
     if [ "$has_diffusers" = 1 ]; then
-      timeout -s INT -k 15 300 $python -m benchmarks.protect_step --profile --out "$out" || failed=1
-      timeout -s INT -k 15 150 $python -m benchmarks.generation --repeats 2 --out "$out" || failed=1
+      timeout -s INT -k 15 290 $python -m benchmarks.protect_step --profile --out "$out" || failed=1
+      timeout -s INT -k 15 180 $python -m benchmarks.generation --repeats 2 --profile \
+        --out "$out" || failed=1
     fi
     log="$out/gpu-essentials-$device-$today.txt"
     {
       echo "# GPU kernel suite, commit $DITFLOW_COMMIT"
       $python -c "import torch, triton; print('#', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
-      timeout -s INT -k 15 110 $in_process $python -m pytest tests/test_flow_attention.py \
+      timeout -s INT -k 15 100 $in_process $python -m pytest tests/test_flow_attention.py \
         tests/test_gpu_flux_shapes.py tests/test_ops.py -q $parallel -p no:cacheprovider -rfEs 2>&1
     } | tee "$log" || failed=1
     exit $failed

@@ -77,14 +77,19 @@ def _protect_step_rows(rows: list[dict]) -> list[str]:
 
 
 def _generation_rows(rows: list[dict]) -> list[str]:
-    lines = ["| size | steps | provider | seconds | overhead |", "|---:|---:|---|---:|---:|"]
+    # a run with --profile: the kernels' time of a generation next to its wall time
+    profiled = any("profile" in r for r in rows)
+    device = " device s |" if profiled else ""
+    lines = [f"| size | steps | provider | seconds |{device} overhead |",
+             "|---:|---:|---|---:|" + "---:|" * (2 if profiled else 1)]
     for r in rows:
         if math.isnan(r["seconds"]):
             lines.append(f"| {r['size']}² | {r['steps']} | {r['provider']} | "
-                         f"{r.get('note', 'n/a')} | |")
+                         f"{r.get('note', 'n/a')} |" + " |" * (2 if profiled else 1))
             continue
-        lines.append(f"| {r['size']}² | {r['steps']} | {r['provider']} | {r['seconds']:.2f} | "
-                     f"{r['overhead']:+.1%} |")
+        busy = f" {r['profile']['total_ms'] / 1e3:.2f} |" if "profile" in r else " |"
+        lines.append(f"| {r['size']}² | {r['steps']} | {r['provider']} | {r['seconds']:.2f} |"
+                     f"{busy if profiled else ''} {r['overhead']:+.1%} |")
     return lines
 
 

@@ -50,12 +50,15 @@ def bench(fn: Callable[[], object], device: torch.device, runs: int | None = Non
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median"), peak
 
 
-# Where a step's device time goes, by the kernel names each source gives its kernels: ditflow's
-# Triton kernels, cuBLAS / CUTLASS matrix products, cuDNN convolutions (the VAE), the kernels
-# torch.compile's Inductor generates, and the rest (eager elementwise work, reductions, copies).
+# Where a step's device time goes, by the kernel names each source gives its kernels, first
+# match wins: ditflow's Triton kernels, PyTorch's SDPA (cuDNN's, flash, memory-efficient: the
+# blocks ditflow leaves alone, the VAE's attention), convolutions (cuDNN's implicit GEMMs),
+# cuBLAS / CUTLASS matrix products, the kernels torch.compile's Inductor generates, and the rest
+# (eager elementwise work, reductions, copies).
 _KERNEL_CLASSES = (
     ("ditflow attention", re.compile(r"^_(fwd|bwd)_\w*kernel")),
-    ("convolution", re.compile(r"conv|cudnn|dgrad|wgrad", re.I)),
+    ("SDPA", re.compile(r"sdpa|fmha|flash|attention", re.I)),
+    ("convolution", re.compile(r"conv|implicit|fprop|dgrad|wgrad", re.I)),
     ("matrix products", re.compile(r"gemm|nvjet|xmma|cutlass|aten::(mm|addmm|bmm)$", re.I)),
     ("compiled (Inductor)", re.compile(r"^triton_")),
 )

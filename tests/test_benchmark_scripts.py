@@ -64,6 +64,22 @@ def test_protect_step_table_gives_the_speed_up_over_the_recipe_at_each_resolutio
     assert "| ditflow (early stop, fused mass) | 279 | 177 | 9487 | 1.93x |" in profiled
 
 
+@pytest.mark.parametrize(("kernel", "kind"), [
+    ("_bwd_dkdv_kernel", "ditflow attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128",
+     "SDPA"),  # a cuDNN kernel, but attention
+    ("fmha_cutlassB_bf16_aligned_128x64_k65536_sm80", "SDPA"),  # a CUTLASS one
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),
+    ("nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_bias_TNT", "matrix products"),
+    ("triton_poi_fused_add_mul_0", "compiled (Inductor)"),
+    ("void at::native::elementwise_kernel<128, 2>", "other"),
+])
+def test_profiled_kernels_are_classed_by_what_they_compute(kernel, kind):
+    from benchmarks.timing import _kernel_class
+
+    assert _kernel_class(kernel) == kind
+
+
 def test_protect_step_times_the_rows_asked_for_and_batches_per_photo(tmp_path):
     rows = _rows(protect_step.main(["--model", "tiny", "--resolution", "32", "--out",
                                     str(tmp_path), "--rows", "recipe", "ditflow", "batched",
@@ -277,10 +293,13 @@ def test_protect_step_builds_the_model_once_and_records_a_failing_recipe(tmp_pat
 
 
 def test_generation_benchmark_reports_overhead_against_stock(tmp_path):
-    rows = _rows(generation.main(["--model", "tiny", "--size", "32", "--steps", "2",
-                                  "--repeats", "1", "--out", str(tmp_path)]))
+    path = generation.main(["--model", "tiny", "--size", "32", "--steps", "2", "--repeats", "1",
+                            "--profile", "--out", str(tmp_path)])
+    rows = _rows(path)
     assert len(rows) == 6 and rows[0]["overhead"] == 0
     assert all(r["seconds"] > 0 and math.isfinite(r["overhead"]) for r in rows)
+    assert all(r["profile"]["total_ms"] > 0 for r in rows)
+    assert "| seconds | device s | overhead |" in render(path)
 
 
 def test_generation_benchmark_records_a_failing_provider_and_keeps_rows_when_cut_short(
