@@ -56,7 +56,7 @@ def bench(fn: Callable[[], object], device: torch.device, runs: int | None = Non
 # cuBLAS / CUTLASS matrix products, the kernels torch.compile's Inductor generates, and the rest
 # (eager elementwise work, reductions, copies).
 _KERNEL_CLASSES = (
-    ("ditflow attention", re.compile(r"^_(fwd|bwd)_\w*kernel")),
+    ("ditflow attention", re.compile(r"^_(fwd|bwd)_\w*kernel|flow_attention")),  # GPU, CPU
     ("SDPA", re.compile(r"sdpa|fmha|flash|attention", re.I)),
     ("convolution", re.compile(r"conv|implicit|fprop|dgrad|wgrad", re.I)),
     ("matrix products", re.compile(r"gemm|nvjet|xmma|cutlass|aten::(mm|addmm|bmm)$", re.I)),

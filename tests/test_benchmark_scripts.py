@@ -66,6 +66,7 @@ def test_protect_step_table_gives_the_speed_up_over_the_recipe_at_each_resolutio
 
 @pytest.mark.parametrize(("kernel", "kind"), [
     ("_bwd_dkdv_kernel", "ditflow attention"),
+    ("ditflow_cpp::flow_attention_bwd", "ditflow attention"),  # the C++ kernels, on a CPU
     ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128",
      "SDPA"),  # a cuDNN kernel, but attention
     ("fmha_cutlassB_bf16_aligned_128x64_k65536_sm80", "SDPA"),  # a CUTLASS one
