@@ -65,8 +65,8 @@ class TensorMemo:
         self._entries.clear()
 
 
-# id of a tensor made by copy_to_device -> (a weak reference to it, its values as a list, its
-# version then). Keyed by id, not by the tensor: a tensor's == compares its elements.
+# id of a tensor made by copy_to_device -> (a weak reference to it, its values as a flat list,
+# its version then). Keyed by id, not by the tensor: a tensor's == compares its elements.
 _host_values: dict[int, tuple[weakref.ref, list, int]] = {}
 
 
@@ -95,13 +95,13 @@ def copy_to_device(host: torch.Tensor, device: torch.device | str, *,
     if keep_values and not (torch.compiler.is_compiling() or out.is_inference()):
         key = id(out)
         ref = weakref.ref(out, lambda r, key=key: _forget(r, key))
-        _host_values[key] = (ref, host.tolist(), out._version)
+        _host_values[key] = (ref, host.reshape(-1).tolist(), out._version)
     return out
 
 
-def host_values(tensor: torch.Tensor) -> list | float | None:
-    """The values of a tensor made by :func:`copy_to_device` and unchanged since, read on the
-    host (``tolist``'s nested lists); None for any other tensor."""
+def host_values(tensor: torch.Tensor) -> list | None:
+    """The values of a tensor made by :func:`copy_to_device` and unchanged since, flattened,
+    read on the host; None for any other tensor."""
     if torch.compiler.is_compiling() or tensor.is_inference():
         return None
     entry = _host_values.get(id(tensor))

@@ -249,11 +249,8 @@ class Session:
             t = 0.0
         elif isinstance(timestep, torch.Tensor):
             # the timesteps ditflow makes carry their values on the host: no wait for the device
-            t = host_values(timestep)
-            if t is None:
-                t = float(timestep.reshape(-1)[0])
-            while isinstance(t, list):
-                t = t[0]
+            values = host_values(timestep)
+            t = float(timestep.reshape(-1)[0]) if values is None else values[0]
         else:
             t = float(timestep)
         if self.step is None:
