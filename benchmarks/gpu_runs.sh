@@ -92,8 +92,9 @@ case "$stage" in
     {
       echo "# GPU kernel suite, commit $DITFLOW_COMMIT"
       $python -c "import torch, triton; print('#', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
-      timeout -s INT -k 15 100 $in_process $python -m pytest tests/test_flow_attention.py \
-        tests/test_gpu_flux_shapes.py tests/test_ops.py -q $parallel -p no:cacheprovider -rfEs 2>&1
+      suite="$python -m pytest tests/test_flow_attention.py tests/test_gpu_flux_shapes.py tests/test_ops.py -q $parallel -p no:cacheprovider -rfEs"
+      echo "# $suite"
+      timeout -s INT -k 15 100 $in_process $suite 2>&1
     } | tee "$log" || failed=1
     exit $failed
     ;;
