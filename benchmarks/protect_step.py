@@ -5,6 +5,7 @@ architecture (random weights).
     python -m benchmarks.protect_step --model step1x --resolution 512 1024
     python -m benchmarks.protect_step --model qwen-edit --resolution 512 1024
     python -m benchmarks.protect_step --model tiny --resolution 32   # the script itself, on a CPU
+    python -m benchmarks.protect_step --model host --resolution 64 --rows ditflow recipe
 
 ditflow's step: forward through the last attacked block only (early stop: FLUX.1 Kontext's and
 Step1X-Edit's single block 25, Qwen-Image-Edit's block 39), r_ctx from the fused kernel's mass,
@@ -30,6 +31,13 @@ rewritten after every row, so a run cut short keeps what it finished; a row that
 kernel that cannot compile, a CUDA error) is recorded as NaN with a note. The full-size models
 need a GPU; ``--model tiny``, ``tiny-qwen`` and ``tiny-step1x`` (random tiny models, two blocks
 attacked) run on any device, which is how the tests keep the script working between GPU runs.
+
+``--model host`` (on the CPU, at a small ``--resolution`` such as 64) runs FLUX.1 Kontext's every
+block and VAE layer on almost no data: what its rows time is the host's work per step, Python
+and PyTorch's dispatch. At 512² on a GPU both ditflow's step and the recipe are bound by that
+work, so the ratio of these rows predicts theirs there, and changes to the host's work can be
+measured without a GPU. (ditflow's attention runs its C++ kernels there, whose compute at these
+sizes, about 0.1 ms per block, the rows also count.)
 """
 
 from __future__ import annotations
@@ -140,7 +148,7 @@ def full_size_qwen_models():
 
 def full_size_models(transformer: bool = True):
     """FLUX.1 Kontext's transformer (None without ``transformer``) and VAE, random, in bf16."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
 
     with torch.device("cuda"):
         default = torch.get_default_dtype()
@@ -148,15 +156,38 @@ def full_size_models(transformer: bool = True):
         try:
             transformer = FluxTransformer2DModel(guidance_embeds=True).eval() if transformer \
                 else None
-            vae = AutoencoderKL(
-                in_channels=3, out_channels=3, latent_channels=16,
-                block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, shift_factor=0.1159,
-                scaling_factor=0.3611, use_quant_conv=False, use_post_quant_conv=False).eval()
+            vae = _flux_vae(block_out_channels=(128, 256, 512, 512), norm_num_groups=32)
         finally:
             torch.set_default_dtype(default)
     return transformer, vae
+
+
+def _flux_vae(block_out_channels: tuple[int, ...], norm_num_groups: int):
+    """FLUX.1's VAE at the given widths (its own: 128, 256, 512, 512 in groups of 32)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=block_out_channels,
+        layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=norm_num_groups,
+        shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False,
+        use_post_quant_conv=False).eval()
+
+
+def host_models():
+    """FLUX.1 Kontext's transformer and VAE at their full depth (19 double and 38 single
+    blocks; four VAE levels of two layers) but a few channels wide, in float32 on the CPU: a
+    step runs every operation of the full-size one, each on almost no data, so its time is
+    the host's work (Python, PyTorch's dispatch and autograd), which bounds the full-size step
+    at 512² on a GPU."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8], guidance_embeds=True).eval()
+    return transformer, _flux_vae(block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
 
 
 def _token_run(layout, name: str) -> slice:
@@ -260,6 +291,8 @@ def _pipeline(model: str):
         return step1x_editor(*full_size_step1x_models())
     if model == "qwen-edit":
         return qwen_editor(*full_size_qwen_models())
+    if model == "host":
+        return kontext_editor(*host_models())
     return kontext_editor(*full_size_models())
 
 
@@ -269,6 +302,8 @@ def _config(model: str, resolution: int):
     if model == "tiny":
         return ProtectConfig(resolution=resolution, blocks=("single.0", "single.1"),
                              max_sequence_length=8)
+    if model == "host":  # the full-size step's blocks, over a few text tokens
+        return ProtectConfig(resolution=resolution, max_sequence_length=8)
     if model == "tiny-qwen":
         return ProtectConfig(resolution=resolution, blocks=("double.0", "double.1"))
     if model == "tiny-step1x":
@@ -326,9 +361,10 @@ def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="full",
                         choices=["full", "tiny", "qwen-edit", "tiny-qwen", "step1x",
-                                 "tiny-step1x"],
+                                 "tiny-step1x", "host"],
                         help="full: FLUX.1 Kontext; qwen-edit: Qwen-Image-Edit; step1x: "
-                             "Step1X-Edit")
+                             "Step1X-Edit; host: FLUX.1 Kontext's depth at tiny widths, "
+                             "on the CPU (the step's host time)")
     parser.add_argument("--resolution", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS,
                         help="which steps to time (default all): ditflow's, with compiled "

@@ -90,6 +90,25 @@ def test_protect_step_times_the_rows_asked_for_and_batches_per_photo(tmp_path):
     assert rows[1]["tokens"] == rows[2]["tokens"]  # one photo's sequence
 
 
+def test_the_host_model_runs_every_block_of_the_full_size_step(tmp_path):
+    """``--model host``: FLUX.1 Kontext's depth at tiny widths, so its step runs the full-size
+    step's every operation (the default attacked blocks, the recipe's 57)."""
+    import inspect
+
+    from diffusers import FluxTransformer2DModel
+
+    transformer, vae = protect_step.host_models()
+    full_size = inspect.signature(FluxTransformer2DModel).parameters
+    for depth in ("num_layers", "num_single_layers"):
+        assert transformer.config[depth] == full_size[depth].default
+    assert len(vae.encoder.down_blocks) == 4
+    rows = _rows(protect_step.main(["--model", "host", "--resolution", "32", "--rows",
+                                    "ditflow", "recipe", "--chain", "1", "--out",
+                                    str(tmp_path)]))
+    assert [r["tokens"] for r in rows] == [8 + 4 + 4] * 2  # text, target, context
+    assert all(math.isfinite(r["ms"]) for r in rows)
+
+
 def test_a_batched_step_gives_each_photo_its_own_gradient():
     from ditflow.methods.decontext import _frozen
 

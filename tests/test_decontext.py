@@ -151,6 +151,33 @@ def test_a_pgd_step_waits_for_nothing_on_the_device(pipe, monkeypatch):
     assert reads.ops == []
 
 
+def test_a_pgd_step_does_not_walk_the_model(pipe, monkeypatch):
+    """diffusers finds a model's device and dtype by walking its modules (a few milliseconds
+    for FLUX.1's, per read): a step reads them from its editor calls, which read them once."""
+    from ditflow.methods.decontext import _frozen
+
+    protector = Protector(pipe, tiny_config(blocks=("double.0",)))
+    photos = torch.rand(1, 3, 16, 16)
+    prompts, timesteps, noise, _, _ = protector._draw([torch.Generator().manual_seed(0)], photos)
+    walks = []
+    named_modules = torch.nn.Module.named_modules
+
+    def counted(module, *args, **kwargs):
+        walks.append(type(module).__name__)
+        return named_modules(module, *args, **kwargs)
+
+    def step():
+        x = photos.clone().requires_grad_()
+        with protector.attached_r_ctx(x, prompts, timesteps, noise) as r_ctx:
+            return torch.autograd.grad(r_ctx.sum(), x)[0]
+
+    with _frozen(pipe.transformer, pipe.vae):
+        step()  # the prompt's embeddings, computed once
+        monkeypatch.setattr(torch.nn.Module, "named_modules", counted)
+        step()
+    assert walks == []
+
+
 def test_the_pgd_loop_picks_its_photos_by_an_index_made_once(pipe):
     """The loop's own indexing of the photos still optimised waits for nothing: a list index
     would be made on the host (and copied to the device, blocking) in every step."""

@@ -280,8 +280,7 @@ class Protector:
         self.config = with_family_defaults(config or ProtectConfig(),
                                            type(self.transformer).__name__)
         self.vae = pipeline.vae
-        self.device = self.transformer.device
-        self.dtype = self.transformer.dtype
+        self.device, self.dtype = self.calls.device, self.calls.dtype
         self._prompt_cache: dict[tuple[str, str | None], dict] = {}
         self._digests = TensorMemo()  # photo -> content digest, the prompt cache's key
         # Layouts are cached per call shape: their group ids stay the same tensors, so the

@@ -179,6 +179,9 @@ class QwenEditCalls:
         self.pipe = pipeline
         self.transformer = pipeline.transformer
         self.vae = pipeline.vae
+        # Read once, as KontextCalls does.
+        self.device, self.dtype = self.transformer.device, self.transformer.dtype
+        self.vae_dtype = self.vae.dtype
         self.vae_scale_factor = 2 ** len(self.vae.temperal_downsample)
         self.multiple = 4 * self.vae_scale_factor
         channels = self.vae.config.z_dim
@@ -202,10 +205,10 @@ class QwenEditCalls:
         """One instruction's embeddings for one photo (PIL), no batch dimension
         (``max_sequence_length`` is FLUX's: Qwen's pipelines keep every token)."""
         embeds, mask = self.pipe.encode_prompt(prompt=text, image=self._encoder_image(image),
-                                               device=self.transformer.device)
+                                               device=self.device)
         if mask is not None:
             embeds = embeds[:, mask[0].bool()]
-        return dict(encoder_hidden_states=embeds[0].to(self.transformer.dtype))
+        return dict(encoder_hidden_states=embeds[0].to(self.dtype))
 
     def _encoder_image(self, image):
         """What the pipeline's prompt encoder is given for the photo."""
@@ -213,18 +216,18 @@ class QwenEditCalls:
 
     def context_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """Packed, normalised latents of photos in [0, 1], [B, 3, H, W] (differentiable)."""
-        video = (pixels.to(self.vae.dtype) * 2 - 1)[:, :, None]  # one frame
+        video = (pixels.to(self.vae_dtype) * 2 - 1)[:, :, None]  # one frame
         latents = self.vae.encode(video).latent_dist.mode()
         mean = self._latents_mean.to(latents.device, latents.dtype)
         std = self._latents_std.to(latents.device, latents.dtype)
-        return pack_latents(((latents - mean) / std)[:, :, 0]).to(self.transformer.dtype)
+        return pack_latents(((latents - mean) / std)[:, :, 0]).to(self.dtype)
 
     def inputs(self, noise: torch.Tensor, context: torch.Tensor, prompts: list[dict],
                timesteps: list[float], guidance: float, size: tuple[int, int]) -> dict:
         """Keyword inputs of one transformer call: target ``noise`` [B, N, C] and ``context``
         tokens of ``size`` (pixels), one prompt and timestep (0..1000) per batch element;
         prompts of different lengths are padded and masked."""
-        device, dtype = self.transformer.device, self.transformer.dtype
+        device, dtype = self.device, self.dtype
         embeds = [p["encoder_hidden_states"] for p in prompts]
         longest = max(e.shape[0] for e in embeds)
         padded = torch.stack([torch.nn.functional.pad(e, (0, 0, 0, longest - e.shape[0]))
