@@ -217,7 +217,7 @@ def flow_attention(
                          "smaller weights")
     if scale is None:
         scale = head_dim**-0.5
-    out, lse, mass = ops.flow_attention_fwd(
+    out, lse, mass = ops.flow_attention_op(
         q, k, v, q_groups, k_groups, *tables, pair_mask, float(scale), num_groups, return_mass,
         name)
     return FlowAttentionOutput(out, lse if return_lse else None, mass if return_mass else None)

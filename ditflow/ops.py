@@ -1,7 +1,8 @@
 """Registered torch.library ops for flow attention, their fake impls and autograd.
 
 ``ditflow::flow_attention_fwd`` / ``ditflow::flow_attention_bwd`` are opaque custom ops, so
-``torch.compile`` treats them as single nodes on CPU and GPU alike. Each picks its
+``torch.compile`` treats them as single nodes on CPU and GPU alike; the forward op's autograd
+is the backward op. :func:`flow_attention_op` is the differentiable call. Each op picks its
 implementation from the ``backend`` argument:
 
 * ``triton``: the fused kernels in ``ditflow.kernels`` (CUDA tensors, or CPU tensors under
@@ -20,6 +21,8 @@ and the Triton kernels a tile plan, built once per layout and block shape.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -194,8 +197,7 @@ def _upcast(*tensors):
 # ------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("ditflow::flow_attention_fwd", mutates_args=())
-def flow_attention_fwd(
+def _forward(
     q: Tensor, k: Tensor, v: Tensor,
     q_groups: Tensor | None, k_groups: Tensor | None,
     scale_table: Tensor | None, bias_table: Tensor | None, weight_table: Tensor | None,
@@ -223,6 +225,10 @@ def flow_attention_fwd(
     return out.to(q.dtype), lse.to(stat), mass
 
 
+flow_attention_fwd = torch.library.custom_op("ditflow::flow_attention_fwd", _forward,
+                                             mutates_args=())
+
+
 @flow_attention_fwd.register_fake
 def _(q, k, v, q_groups, k_groups, scale_table, bias_table, weight_table, pair_mask,
       softmax_scale, num_groups, return_mass, backend):
@@ -235,8 +241,7 @@ def _(q, k, v, q_groups, k_groups, scale_table, bias_table, weight_table, pair_m
     return out, lse, mass
 
 
-@torch.library.custom_op("ditflow::flow_attention_bwd", mutates_args=())
-def flow_attention_bwd(
+def _backward(
     dout: Tensor, dlse: Tensor | None, dmass: Tensor | None,
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mass: Tensor | None,
     q_groups: Tensor | None, k_groups: Tensor | None,
@@ -262,6 +267,10 @@ def flow_attention_bwd(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+flow_attention_bwd = torch.library.custom_op("ditflow::flow_attention_bwd", _backward,
+                                             mutates_args=())
+
+
 @flow_attention_bwd.register_fake
 def _(dout, dlse, dmass, q, k, v, out, lse, mass, q_groups, k_groups, scale_table, bias_table,
       weight_table, pair_mask, softmax_scale, num_groups, backend):
@@ -274,23 +283,46 @@ def _setup_context(ctx, inputs, output):
     (q, k, v, q_groups, k_groups, scale_table, bias_table, weight_table, pair_mask,
      softmax_scale, num_groups, return_mass, backend) = inputs
     out, lse, mass = output
-    ctx.save_for_backward(q, k, v, out, lse, mass, q_groups, k_groups, scale_table, bias_table,
-                          weight_table, pair_mask)
-    ctx.softmax_scale = softmax_scale
-    ctx.num_groups = num_groups
-    ctx.return_mass = return_mass
-    ctx.backend = backend
+    ctx.save_for_backward(q, k, v, out, lse, mass if return_mass else None, q_groups, k_groups,
+                          scale_table, bias_table, weight_table, pair_mask)
+    ctx.softmax_scale, ctx.num_groups, ctx.backend = softmax_scale, num_groups, backend
 
 
-def _backward(ctx, dout, dlse, dmass):
+def _gradients(backward, ctx, dout, dlse, dmass):
+    """(dq, dk, dv, None...) by ``backward``: the backward op, or its implementation."""
     (q, k, v, out, lse, mass, q_groups, k_groups, scale_table, bias_table, weight_table,
      pair_mask) = ctx.saved_tensors
-    if not ctx.return_mass:
-        dmass, mass = None, None
-    dq, dk, dv = flow_attention_bwd(
-        dout, dlse, dmass, q, k, v, out, lse, mass, q_groups, k_groups, scale_table,
-        bias_table, weight_table, pair_mask, ctx.softmax_scale, ctx.num_groups, ctx.backend)
+    dq, dk, dv = backward(dout, dlse, None if mass is None else dmass, q, k, v, out, lse, mass,
+                          q_groups, k_groups, scale_table, bias_table, weight_table, pair_mask,
+                          ctx.softmax_scale, ctx.num_groups, ctx.backend)
     return (dq, dk, dv) + (None,) * 10
 
 
-flow_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+flow_attention_fwd.register_autograd(functools.partial(_gradients, flow_attention_bwd),
+                                     setup_context=_setup_context)
+
+
+class _EagerFlowAttention(torch.autograd.Function):
+    """The registered op's autograd, without the ops: in eager code a custom op's Python
+    dispatch and autograd wrapper cost about 0.1 ms per call on the host, as much as a small
+    block's whole attention."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    backward = staticmethod(functools.partial(_gradients, _backward))
+
+
+def flow_attention_op(q, k, v, q_groups, k_groups, scale_table, bias_table, weight_table,
+                      pair_mask, softmax_scale, num_groups, return_mass, backend):
+    """Differentiable (out, lse, mass) in q, k, v: arguments as :func:`flow_attention_fwd`'s.
+    Under torch.compile the registered op, an opaque node with a fake (Dynamo cannot trace an
+    autograd function given one tensor twice, as self-attention gives its group ids)."""
+    args = (q, k, v, q_groups, k_groups, scale_table, bias_table, weight_table, pair_mask,
+            softmax_scale, num_groups, return_mass, backend)
+    if torch.compiler.is_compiling():
+        return flow_attention_fwd(*args)
+    return _EagerFlowAttention.apply(*args)
