@@ -122,8 +122,7 @@ def test_a_pgd_step_waits_for_nothing_on_the_device(pipe, monkeypatch):
     """Once the layout is planned, a PGD step's forward and backward read nothing back from
     the device, and what it makes from host data (the timesteps) goes through copy_to_device:
     on a GPU the host can then queue a step while the last one runs."""
-    from ditflow.methods.decontext import _frozen
-    from ditflow.models import flux
+    from ditflow.methods import decontext
 
     monkeypatch.setenv("DITFLOW_BACKEND", "triton")
     protector = Protector(pipe, tiny_config(blocks=("double.0",)))  # one block interpreted
@@ -131,7 +130,7 @@ def test_a_pgd_step_waits_for_nothing_on_the_device(pipe, monkeypatch):
     prompts, timesteps, noise, _, _ = protector._draw(
         [torch.Generator().manual_seed(i) for i in range(2)], photos)  # CPU generators
     reads = HostReads()
-    copy = flux.copy_to_device
+    copy = decontext.copy_to_device
 
     def staged(host, device, **kwargs):
         assert reads.ops[-1:] == ["aten.lift_fresh"]  # the host tensor, made just before
@@ -143,9 +142,9 @@ def test_a_pgd_step_waits_for_nothing_on_the_device(pipe, monkeypatch):
         with protector.attached_r_ctx(x, prompts, timesteps, noise) as r_ctx:
             return torch.autograd.grad(r_ctx.sum(), x)[0]
 
-    with _frozen(pipe.transformer, pipe.vae):
+    with decontext._frozen(pipe.transformer, pipe.vae):
         step()  # plans the layout and the tiles
-        monkeypatch.setattr(flux, "copy_to_device", staged)
+        monkeypatch.setattr(decontext, "copy_to_device", staged)
         with reads:
             step()
     assert reads.ops == []

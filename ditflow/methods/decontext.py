@@ -318,8 +318,19 @@ class Protector:
         prompt encoder sees ``prompt_images`` (default: the photos themselves)."""
         seen = pixels.detach() if prompt_images is None else prompt_images
         embeds = [self._prompt(p, image) for p, image in zip(prompts, seen, strict=True)]
-        return self.calls.inputs(noise, self.calls.context_tokens(pixels), embeds, timesteps,
+        return self._model_inputs(pixels, embeds, self._timestep(timesteps), noise)
+
+    def _model_inputs(self, pixels, embeds: list[dict], timestep: torch.Tensor, noise) -> dict:
+        """Transformer keyword inputs from the photos, their instructions' embeddings, the
+        timestep tensor and the target noise."""
+        return self.calls.inputs(noise, self.calls.context_tokens(pixels), embeds, timestep,
                                  self.config.guidance, tuple(pixels.shape[-2:]))
+
+    def _timestep(self, timesteps: Sequence[float]) -> torch.Tensor:
+        """The transformer's timestep input: per photo, the scheduler's t (0..1000) / 1000, its
+        values also kept on the host, where the session reads them."""
+        return copy_to_device(torch.tensor(timesteps, dtype=self.dtype) / 1000, self.device,
+                              keep_values=True)
 
     def _target_shape(self, pixels) -> tuple[int, int]:
         return self.calls.target_shape(*pixels.shape[-2:])
@@ -371,7 +382,13 @@ class Protector:
         gradient inside, so that gradient checkpointing recomputes the blocks as they ran.
         ``prompt_images``: what the prompt encoder sees ([3, H, W] each), if not ``pixels``
         (editors whose prompt encoder sees the photo)."""
-        inputs = self._inputs(pixels, prompts, timesteps, noise, prompt_images)
+        with self._r_ctx_of(self._inputs(pixels, prompts, timesteps, noise, prompt_images)
+                            ) as r_ctx:
+            yield r_ctx
+
+    @contextmanager
+    def _r_ctx_of(self, inputs: dict) -> Iterator[torch.Tensor]:
+        """:meth:`attached_r_ctx` of the transformer's keyword inputs."""
         recorder = StatsRecorder(blocks=self.config.blocks, stop_after_last=True)
         with attach(self.transformer, recorder, self._layout(inputs)) as session:
             session.forward(**inputs)

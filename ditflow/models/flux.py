@@ -14,7 +14,7 @@ import math
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .._memo import TensorMemo, copy_to_device
+from .._memo import TensorMemo
 from ..functional import flow_attention
 from ..layout import TokenLayout
 from ..session import AttentionPlan, BlockId
@@ -132,13 +132,13 @@ class KontextCalls:
         return pack_latents(latents).to(self.dtype)
 
     def inputs(self, noise: torch.Tensor, context: torch.Tensor, prompts: list[dict],
-               timesteps: list[float], guidance: float, size: tuple[int, int]) -> dict:
+               timestep: torch.Tensor, guidance: float, size: tuple[int, int]) -> dict:
         """Keyword inputs of one transformer call: target ``noise`` [B, N, C] and ``context``
-        tokens of ``size`` (pixels), one prompt and timestep (0..1000) per batch element."""
+        tokens of ``size`` (pixels), one prompt and ``timestep`` (in 0..1, on the device) per
+        batch element."""
         return dict(
             hidden_states=torch.cat([noise.to(self.dtype), context], dim=1),
-            timestep=copy_to_device(torch.tensor(timesteps, dtype=self.dtype) / 1000, self.device,
-                                    keep_values=True),  # the session reads them
+            timestep=timestep,
             img_ids=self._image_ids(size),
             return_dict=False,
             **self._prompt_inputs(prompts, guidance),

@@ -18,7 +18,7 @@ from collections import OrderedDict
 import torch
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
-from .._memo import TensorMemo, copy_to_device
+from .._memo import TensorMemo
 from ..functional import FlowAttentionOutput, flow_attention
 from ..layout import TokenLayout
 from ..rules import FlowRules
@@ -223,10 +223,10 @@ class QwenEditCalls:
         return pack_latents(((latents - mean) / std)[:, :, 0]).to(self.dtype)
 
     def inputs(self, noise: torch.Tensor, context: torch.Tensor, prompts: list[dict],
-               timesteps: list[float], guidance: float, size: tuple[int, int]) -> dict:
+               timestep: torch.Tensor, guidance: float, size: tuple[int, int]) -> dict:
         """Keyword inputs of one transformer call: target ``noise`` [B, N, C] and ``context``
-        tokens of ``size`` (pixels), one prompt and timestep (0..1000) per batch element;
-        prompts of different lengths are padded and masked."""
+        tokens of ``size`` (pixels), one prompt and ``timestep`` (in 0..1, on the device) per
+        batch element; prompts of different lengths are padded and masked."""
         device, dtype = self.device, self.dtype
         embeds = [p["encoder_hidden_states"] for p in prompts]
         longest = max(e.shape[0] for e in embeds)
@@ -238,8 +238,7 @@ class QwenEditCalls:
             hidden_states=torch.cat([noise.to(dtype), context], dim=1),
             encoder_hidden_states=padded,
             encoder_hidden_states_mask=None if mask.all() else mask,
-            timestep=copy_to_device(torch.tensor(timesteps, dtype=dtype) / 1000, device,
-                                    keep_values=True),  # the session reads them
+            timestep=timestep,
             img_shapes=[[grid, grid]] * len(prompts),
             guidance=(torch.full((len(prompts),), guidance, device=device)
                       if self.transformer.config.guidance_embeds else None),
