@@ -78,21 +78,24 @@ case "$stage" in
     # time limit so that a slow one cannot starve the rest (SIGINT: pytest still prints which
     # tests failed; the benchmarks keep the rows they wrote): the DeContext PGD step on the
     # full-size Kontext architecture against the authors' recipe (512², the speed target, then
-    # 1024², the memory one; each row profiled once; the compiled-blocks row compiles FLUX's
-    # two block classes at each resolution), the overhead of interventions on a 28-step
-    # generation (each profiled once), and the kernel suite compiled (bf16 included). Exits 1
-    # if a part failed.
+    # 1024², the memory one; each row profiled once: eager, replayed from a CUDA graph, the
+    # recipe, four photos per step), the overhead of interventions on a 28-step generation
+    # (each profiled once), and the kernel suite compiled (bf16 included) with the CUDA-graph
+    # step's test. Exits 1 if a part failed.
     failed=0
     if [ "$has_diffusers" = 1 ]; then
-      timeout -s INT -k 15 290 $python -m benchmarks.protect_step --profile --out "$out" || failed=1
+      timeout -s INT -k 15 290 $python -m benchmarks.protect_step --profile \
+        --rows ditflow graphed recipe batched --out "$out" || failed=1
       timeout -s INT -k 15 180 $python -m benchmarks.generation --repeats 2 --profile \
         --out "$out" || failed=1
     fi
     log="$out/gpu-essentials-$device-$today.txt"
+    graphed_step_test=$([ "$has_diffusers" = 1 ] && echo \
+      "tests/test_decontext.py::test_a_graphed_step_gives_the_eager_gradient_and_protection")
     {
       echo "# GPU kernel suite, commit $DITFLOW_COMMIT"
       $python -c "import torch, triton; print('#', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
-      suite="$python -m pytest tests/test_flow_attention.py tests/test_gpu_flux_shapes.py tests/test_ops.py -q $parallel -p no:cacheprovider -rfEs"
+      suite="$python -m pytest tests/test_flow_attention.py tests/test_gpu_flux_shapes.py tests/test_ops.py $graphed_step_test -q $parallel -p no:cacheprovider -rfEs"
       echo "# $suite"
       timeout -s INT -k 15 100 $in_process $suite 2>&1
     } | tee "$log" || failed=1

@@ -46,6 +46,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -252,6 +253,12 @@ def ditflow_step(protector, pixels, prompts, timesteps, noise):
     return grad
 
 
+def graphed_step(protector, pixels, prompts, timesteps, noise):
+    """ditflow's step replayed from a CUDA graph (``ProtectConfig.cuda_graph``; the warm-up
+    run captures it)."""
+    return protector._graphed(pixels, prompts, timesteps, noise)
+
+
 def pgd_steps(step, inputs, steps: int) -> torch.Tensor:
     """``steps`` PGD steps of ``step`` chained as ``Protector.run`` chains them: each step's
     photos are the last step's moved by the signed gradient and projected (the authors'
@@ -351,7 +358,7 @@ def _once(make: Callable[[], object]) -> Callable[[], object]:
     return get
 
 
-ROWS = ["ditflow", "compiled", "checkpointing", "recipe", "batched"]
+ROWS = ["ditflow", "graphed", "compiled", "checkpointing", "recipe", "batched"]
 
 
 def main(argv=None) -> Path:
@@ -366,10 +373,12 @@ def main(argv=None) -> Path:
                              "Step1X-Edit; host: FLUX.1 Kontext's depth at tiny widths, "
                              "on the CPU (the step's host time)")
     parser.add_argument("--resolution", type=int, nargs="+", default=[512, 1024])
-    parser.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS,
-                        help="which steps to time (default all): ditflow's, with compiled "
-                             "blocks, with gradient checkpointing, the authors' recipe, "
-                             "ditflow's over --batch photos (time per photo)")
+    parser.add_argument("--rows", nargs="+", choices=ROWS,
+                        default=[r for r in ROWS if r != "graphed" or torch.cuda.is_available()],
+                        help="which steps to time (default all; the CUDA graph's on a GPU): "
+                             "ditflow's, replayed from a CUDA graph, with compiled blocks, with "
+                             "gradient checkpointing, the authors' recipe, ditflow's over "
+                             "--batch photos (time per photo)")
     parser.add_argument("--chain", type=int, default=3,
                         help="PGD steps per timed run, chained as in a protection run "
                              "(default 3); times are per step")
@@ -388,6 +397,7 @@ def main(argv=None) -> Path:
     # row: (name, step, gradient checkpointing, compile backend, photos per step)
     batched = f"ditflow, {args.batch} photos per step (ms per photo)"
     providers = {"ditflow": ("ditflow (early stop, fused mass)", ditflow_step, False, None, 1),
+                 "graphed": ("ditflow, CUDA graph", graphed_step, False, None, 1),
                  "compiled": ("ditflow, compiled blocks", ditflow_step, False,
                               args.compile_backend, 1),
                  "checkpointing": ("ditflow, gradient checkpointing", ditflow_step, True, None,
@@ -398,13 +408,16 @@ def main(argv=None) -> Path:
     pipeline = _once(lambda: _pipeline(args.model))
     rows = []
     for resolution in args.resolution:
-        step_inputs = {photos: _once(lambda r=resolution, n=photos: _step_inputs(
-            pipeline(), _config(args.model, r), n)) for *_, photos in providers}
+        # per (photos, graphed): the graphed row's Protector keeps its graph
+        step_inputs = {(photos, step is graphed_step): _once(
+            lambda r=resolution, n=photos, g=step is graphed_step: _step_inputs(
+                pipeline(), replace(_config(args.model, r), cuda_graph=g), n))
+            for _, step, *_, photos in providers}
         for name, step, checkpointing, backend, photos in providers:
             row = dict(model=args.model, resolution=resolution, tokens=None, provider=name)
             try:
                 pipe = pipeline()
-                inputs, row["tokens"] = step_inputs[photos]()
+                inputs, row["tokens"] = step_inputs[(photos, step is graphed_step)]()
                 with _frozen(pipe.transformer, pipe.vae), \
                         _checkpointing(pipe.transformer, checkpointing), \
                         _compiled_blocks(pipe.transformer, backend):
@@ -418,6 +431,8 @@ def main(argv=None) -> Path:
                                                              per=args.chain * photos)
             except Exception as exc:  # OOM, a kernel that cannot compile, a CUDA error
                 row.update(ms=math.nan, peak_mib=math.nan, note=failure_note(exc))
+            if step is graphed_step and row["tokens"] is not None:
+                inputs[0]._graphed.release()  # its memory, before the next rows
             if backend is not None:
                 # the next resolution compiles for its own shapes, as a run at one resolution
                 # does (else Dynamo recompiles with dynamic shapes)

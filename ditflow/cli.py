@@ -171,7 +171,7 @@ def _config(args) -> ProtectConfig:
         method=args.method, epsilon=args.epsilon, step_size=args.step_size, steps=args.steps,
         batch_size=args.batch_size, seed=args.seed, **_model_settings(args),
         gradient_checkpointing=args.checkpointing,
-        compile_backend="inductor" if args.compile else None,
+        compile_backend="inductor" if args.compile else None, cuda_graph=args.cuda_graph,
         eot_jpeg_quality=tuple(args.eot_jpeg) if args.eot_jpeg else None,
         eot_resize=tuple(args.eot_resize) if args.eot_resize else None,
         stop_window=args.stop_window, stop_min_gain=args.stop_min_gain)
@@ -179,7 +179,8 @@ def _config(args) -> ProtectConfig:
 
 # Settings that do not change a protected photo (results depend on the seed and the file name,
 # not on batching); the prompt pool is the model's.
-_RESUMABLE_CHANGES = {"batch_size", "gradient_checkpointing", "compile_backend", "prompts"}
+_RESUMABLE_CHANGES = {"batch_size", "gradient_checkpointing", "compile_backend", "cuda_graph",
+                      "prompts"}
 # The protect options that set a recorded setting (the others are ProtectConfig's own defaults).
 _OPTIONS = {"model": "--model", "format": "--format", "method": "--method",
             "epsilon": "--epsilon", "step_size": "--step-size", "steps": "--steps",
@@ -273,6 +274,7 @@ def _blocks_named_by_option(error: UnknownBlocks, args) -> str:
 def protect_command(args) -> int:
     from . import bulk, scale
     from .io import Manifest
+    from .methods.decontext import UnsupportedSetting
 
     outdir = Path(args.output)
     suffix = ".jpg" if args.format == "jpg" else ".png"
@@ -315,6 +317,8 @@ def protect_command(args) -> int:
         raise UsageError(str(exc)) from None
     except UnknownBlocks as exc:
         raise UsageError(_blocks_named_by_option(exc, args)) from None
+    except UnsupportedSetting as exc:
+        raise UsageError(f"--{exc.setting.replace('_', '-')}: {exc.reason}") from None
     except KeyboardInterrupt:
         again = ("rerun with --resume to continue" if args.command == "protect"
                  else "the demo starts over when run again")
@@ -808,6 +812,10 @@ def _protect_options(p: argparse.ArgumentParser, steps_default: int | None = Non
                    help="compile the transformer's blocks (torch.compile, Inductor; a GPU): "
                         "the first steps compile for a minute or two, later ones run faster "
                         "where the GPU is busy (large photos, batches)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each PGD step from a CUDA graph (FLUX.1 Kontext, DeContext, a "
+                        "GPU): the host stops bounding small steps (512²); holds a second "
+                        "copy of the step's memory")
     p.add_argument("--eot-jpeg", type=_number(int, low=1, high=100), nargs=2,
                    metavar=("LOW", "HIGH"),
                    help="JPEG quality range for expectation over transformations")
@@ -961,6 +969,14 @@ def _check_args(args) -> str:
         if low_high and low_high[0] > low_high[1]:
             return (f"--{name.replace('_', '-')} {low_high[0]} {low_high[1]}: LOW must not "
                     "exceed HIGH")
+    if getattr(args, "cuda_graph", False):
+        clash = [option for option, given in (
+            ("--method diff-pgd", args.method == "diff-pgd"), ("--compile", args.compile),
+            ("--eot-jpeg", args.eot_jpeg), ("--eot-resize", args.eot_resize)) if given]
+        if clash:
+            return f"--cuda-graph replays DeContext steps as they are: not with {clash[0]}"
+        if torch.device(args.device).type != "cuda":
+            return f"--cuda-graph needs a GPU (--device cuda), not --device {args.device}"
     if args.command not in ("generate", "edit"):
         return ""
     if not getattr(BUILTIN.get(args.model), "generates", True):

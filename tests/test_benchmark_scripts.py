@@ -88,6 +88,12 @@ def test_protect_step_times_the_rows_asked_for_and_batches_per_photo(tmp_path):
     assert [r["provider"] for r in rows] == [
         RECIPES[3], RECIPES[0], "ditflow, 3 photos per step (ms per photo)"]
     assert rows[1]["tokens"] == rows[2]["tokens"]  # one photo's sequence
+    # the CUDA graph's row, asked for without a GPU: recorded as failed, with the reason
+    (graphed,) = _rows(protect_step.main(["--model", "tiny", "--resolution", "32", "--out",
+                                          str(tmp_path), "--rows", "graphed"]))
+    assert graphed["provider"] == "ditflow, CUDA graph" and math.isnan(graphed["ms"])
+    assert graphed["note"] == ("UnsupportedSetting: cuda_graph: the model is on cpu; CUDA graphs "
+                               "need it on a GPU")
 
 
 def test_the_host_model_runs_every_block_of_the_full_size_step(tmp_path):

@@ -198,6 +198,82 @@ def test_the_pgd_loop_picks_its_photos_by_an_index_made_once(pipe):
     assert [op for op, where in reads.ops if where == "run"] == ["aten.lift_fresh"]  # the index
 
 
+def test_cuda_graph_is_refused_where_it_cannot_hold(pipe):
+    from ditflow.methods.decontext import UnsupportedSetting
+    from ditflow.tiny import tiny_qwen_edit_pipeline, tiny_step1x_edit_pipeline
+
+    for clash, match in ((dict(method="diff-pgd"), "DeContext steps only"),
+                         (dict(eot_jpeg_quality=(60, 90)), "not with eot_jpeg_quality"),
+                         (dict(eot_resize=(0.5, 1.0)), "not with eot_jpeg_quality"),
+                         (dict(compile_backend="inductor"), "not with compile_backend")):
+        with pytest.raises(ValueError, match=f"cuda_graph: {match}"):
+            tiny_config(cuda_graph=True, **clash)
+    with pytest.raises(UnsupportedSetting, match="the model is on cpu"):
+        Protector(pipe, tiny_config(cuda_graph=True))
+    # instructions embedded to their own lengths (Qwen) or paddings (Step1X), whatever the device
+    for editor, name in ((tiny_qwen_edit_pipeline, "QwenImageTransformer2DModel"),
+                         (tiny_step1x_edit_pipeline, "Step1XEditTransformer")):
+        with pytest.raises(UnsupportedSetting, match=f"not for {name}"):
+            Protector(editor(), ProtectConfig(cuda_graph=True, resolution=32,
+                                              blocks=("double.0",)))
+
+
+def test_the_graphed_step_reads_each_step_from_its_own_inputs(pipe):
+    """What a CUDA graph replays reads every per-step input from the graph's own tensors,
+    which each step fills: staged with one step's draws and filled with another's, it gives
+    the other's eager gradient (checked here without the graph, which needs a GPU)."""
+    from ditflow.methods.decontext import _frozen
+    from ditflow.methods.step_graph import GraphedGradient
+
+    protector = Protector(pipe, tiny_config())
+    photos = torch.rand(2, 3, 16, 16)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    graphed = GraphedGradient(protector)
+
+    def parts(x, prompts, timesteps, noise):
+        return (x, [protector._prompt(p, image) for p, image in zip(prompts, x, strict=True)],
+                protector._timestep(timesteps), noise)
+
+    with _frozen(pipe.transformer, pipe.vae):
+        first = protector._draw(gens, photos)[:3]
+        graphed._stage(*parts(photos, *first))
+        for step in range(3):
+            prompts, timesteps, noise, _, _ = protector._draw(gens, photos)
+            x = (photos + 0.01 * step).requires_grad_()
+            with protector.attached_r_ctx(x, prompts, timesteps, noise) as r_ctx:
+                (want,) = torch.autograd.grad(r_ctx.sum(), x)
+            graphed._fill(*parts(x.detach(), prompts, timesteps, noise))
+            torch.testing.assert_close(graphed._gradient(), want)
+
+
+@pytest.mark.gpu
+def test_a_graphed_step_gives_the_eager_gradient_and_protection():
+    """Replayed from its CUDA graph, a step reads each call's photos, instruction, timestep
+    and noise: its gradients are the eager step's, and so is a protection run."""
+    from ditflow.methods.decontext import _frozen
+
+    cuda_pipe = tiny_flux_pipeline("kontext").to("cuda")
+    eager = Protector(cuda_pipe, tiny_config())
+    graphed = Protector(cuda_pipe, tiny_config(cuda_graph=True))
+    photos = torch.rand(2, 3, 16, 16, device="cuda")
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    with _frozen(cuda_pipe.transformer, cuda_pipe.vae):
+        for step in range(3):  # the first captures, the others replay
+            prompts, timesteps, noise, _, _ = eager._draw(gens, photos)
+            x = photos + 0.01 * step
+            x_eager = x.clone().requires_grad_()
+            with eager.attached_r_ctx(x_eager, prompts, timesteps, noise) as r_ctx:
+                (want,) = torch.autograd.grad(r_ctx.sum(), x_eager)
+            got = graphed._graphed(x, prompts, timesteps, noise).clone()
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    sample = [torch.rand(3, 20, 24), torch.rand(3, 24, 20)]
+    want = protect(sample, cuda_pipe, tiny_config(steps=3))
+    got = protect(sample, cuda_pipe, tiny_config(steps=3, cuda_graph=True))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.image, b.image, rtol=0, atol=1e-6)
+        assert a.r_ctx_after == pytest.approx(b.r_ctx_after, abs=1e-5)
+
+
 def test_working_size_keeps_aspect_and_snaps(pipe):
     protector = Protector(pipe, tiny_config(resolution=32))
     assert protector.working_size(100, 200) == (22, 46)  # multiples of 2 for the tiny VAE

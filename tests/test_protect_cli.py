@@ -174,6 +174,23 @@ def test_compile_option_compiles_the_blocks_and_may_change_on_resume(tmp_path, m
     assert [c.compile_backend for c in configs] == [None, "inductor"]
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    (["--method", "diff-pgd"], "not with --method diff-pgd"),
+    (["--compile"], "not with --compile"),
+    (["--eot-resize", "0.5", "1"], "not with --eot-resize"),
+    (["--device", "cpu"], "--cuda-graph needs a GPU (--device cuda), not --device cpu"),
+])
+def test_cuda_graph_is_refused_with_options_it_cannot_replay(tmp_path, capsys, options,
+                                                            message):
+    src = tmp_path / "a.png"
+    Image.fromarray(_rgb(20, 20)).save(src)
+    with pytest.raises(SystemExit) as exit_:
+        main(["protect", str(src), "-o", str(tmp_path / "out"), "--cuda-graph", *options,
+              *FAST])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_resume_compares_options_left_out_and_the_format(tmp_path, capsys):
     """Options left out on resume take their defaults, as the manifest records them: an
     option the first run gave is missed, and so is a defaulted one it set otherwise."""

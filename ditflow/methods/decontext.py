@@ -53,6 +53,7 @@ from ..models import adapter_for, check_blocks, edit_calls_for
 from ..session import StatsRecorder, attach
 from .calls import check_settings
 from .prompts import PROMPT_POOL
+from .step_graph import GraphedGradient
 
 # The attacked blocks and working resolution when the config leaves them to the model. FLUX.1
 # Kontext and Step1X-Edit (the same transformer layout): the authors'. Qwen-Image-Edit: ours
@@ -70,6 +71,14 @@ FAMILY_DEFAULTS = {
 T5_FAMILIES = ("FluxTransformer2DModel",)
 METHODS = ("decontext", "diff-pgd")
 AUTHORS_STEPS = {"decontext": 800, "diff-pgd": 600}
+
+
+class UnsupportedSetting(ValueError):
+    """A :class:`ProtectConfig` setting that the model, or the device it is on, cannot run."""
+
+    def __init__(self, setting: str, reason: str):
+        super().__init__(f"{setting}: {reason}")
+        self.setting, self.reason = setting, reason
 
 
 @dataclass(frozen=True)
@@ -99,6 +108,11 @@ class ProtectConfig:
             its blocks; ``"inductor"`` fuses FLUX's elementwise work on a GPU). The first
             steps compile (a minute or two); later batches reuse the compiled code. None =
             eager.
+        cuda_graph: replay each DeContext step from a CUDA graph (FLUX.1 Kontext on a GPU):
+            the host no longer launches the step's kernels one by one, which bounds the step
+            at 512². Captured on the first step of each batch shape; holds another copy of the
+            step's memory. Not with Diff-PGD, expectation over transformations or
+            ``compile_backend``.
         eot_jpeg_quality: (low, high) JPEG quality drawn per step (straight-through gradient)
             so the protection survives recompression; None = off.
         eot_resize: (low, high) scale drawn per step, down- and up-sampled; None = off.
@@ -125,6 +139,7 @@ class ProtectConfig:
     prompts: tuple[str, ...] = PROMPT_POOL
     gradient_checkpointing: bool = False
     compile_backend: str | None = None
+    cuda_graph: bool = False
     eot_jpeg_quality: tuple[int, int] | None = None
     eot_resize: tuple[float, float] | None = None
     stop_window: int | None = None
@@ -156,6 +171,13 @@ class ProtectConfig:
             (self.compile_backend is None or isinstance(self.compile_backend, str),
              f"compile_backend={self.compile_backend!r}: expected a torch.compile backend name "
              "such as 'inductor', or None"),
+            (not self.cuda_graph or self.method == "decontext",
+             "cuda_graph: DeContext steps only (Diff-PGD's clean edits are made per photo)"),
+            (not self.cuda_graph or (self.eot_jpeg_quality is None and self.eot_resize is None),
+             "cuda_graph: not with eot_jpeg_quality or eot_resize (they change the step on "
+             "the host, in every step)"),
+            (not self.cuda_graph or self.compile_backend is None,
+             "cuda_graph: not with compile_backend (choose one)"),
             (self.stop_window is None or self.stop_window >= 1,
              f"stop_window={self.stop_window}: expected >= 1 or None"),
             *((getattr(self, name) >= 1, f"{name}={getattr(self, name)}: expected >= 1")
@@ -288,7 +310,19 @@ class Protector:
         self._adapter = adapter_for(self.transformer)
         self._layouts = TensorMemo(max_entries=64)
         check_blocks(self.transformer, map(str, self.config.blocks), "ProtectConfig.blocks")
+        self._graphed = self._graphed_gradient() if self.config.cuda_graph else None
         self.eval_prompts = self.config.prompts[: self.config.eval_prompts]
+
+    def _graphed_gradient(self) -> GraphedGradient:
+        if not self.calls.prompts_share_one_graph:
+            raise UnsupportedSetting(
+                "cuda_graph", f"not for {type(self.transformer).__name__}: its instructions' "
+                "embeddings differ in length or padding, and a graph holds for one; protect "
+                "without it")
+        if self.device.type != "cuda":
+            raise UnsupportedSetting("cuda_graph", f"the model is on {self.device}; CUDA graphs "
+                                     "need it on a GPU")
+        return GraphedGradient(self)
 
     # -- geometry ------------------------------------------------------------------------------
 
@@ -531,6 +565,8 @@ class Protector:
         prompts, ts, noise, jpeg, scale = self._draw(gens, x)
         with torch.enable_grad():
             seen = self._transform(x, jpeg, scale)
+            if self._graphed is not None:  # DeContext without transformations
+                return self._graphed(x, prompts, ts, noise, prompt_images), -1.0
             if self.config.method == "decontext":
                 with self.attached_r_ctx(seen, prompts, ts, noise, prompt_images) as r_ctx:
                     (grad,) = torch.autograd.grad(r_ctx.sum(), x)
@@ -613,5 +649,5 @@ def protect(photos: Sequence[torch.Tensor], pipeline, config: ProtectConfig | No
     return [results[name] for name, _ in named]
 
 
-__all__ = ["DEFAULT_BLOCKS", "ProtectConfig", "ProtectResult", "Protector", "evaluate_protection",
-           "iter_protect", "protect"]
+__all__ = ["DEFAULT_BLOCKS", "ProtectConfig", "ProtectResult", "Protector", "UnsupportedSetting",
+           "evaluate_protection", "iter_protect", "protect"]

@@ -97,6 +97,9 @@ class KontextCalls:
     embeddings depend on the instruction only."""
 
     prompt_sees_image = False
+    # Every instruction embeds to one shape without a mask, so one CUDA graph of a PGD step
+    # holds for all of them (the token layout and tile plans do not depend on it).
+    prompts_share_one_graph = True
 
     def __init__(self, pipeline):
         self.pipe = pipeline

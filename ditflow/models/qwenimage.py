@@ -174,6 +174,8 @@ class QwenEditCalls:
     """
 
     prompt_sees_image = True
+    # Each instruction embeds to its own length: a CUDA graph of a step would hold for one.
+    prompts_share_one_graph = False
 
     def __init__(self, pipeline):
         self.pipe = pipeline
