@@ -70,9 +70,9 @@ def _protect_step_rows(rows: list[dict]) -> list[str]:
         recipe = recipes.get(r["resolution"], math.nan)  # a run cut short before the recipe
         speed_up = "n/a" if math.isnan(recipe) else f"{recipe / r['ms']:.2f}x"
         busy = f" {r['profile']['total_ms']:.0f} |" if "profile" in r else " |"
+        peak = "n/a" if math.isnan(r["peak_mib"]) else f"{r['peak_mib']:.0f}"  # on a CPU
         lines.append(f"| {r['model']} | {r['resolution']}² | {r['tokens']} | {r['provider']} | "
-                     f"{r['ms']:.0f} |{busy if profiled else ''} {r['peak_mib']:.0f} | "
-                     f"{speed_up} |")
+                     f"{r['ms']:.0f} |{busy if profiled else ''} {peak} | {speed_up} |")
     return lines
 
 
