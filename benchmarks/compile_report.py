@@ -162,6 +162,24 @@ def compile_launch(launch: Launch, arch: int = 90):
                           target=GPUTarget("cuda", arch, 32), options=options)
 
 
+def rotary_memory_accesses(arch: int = 90) -> dict[str, list[str]]:
+    """The global and local memory instructions of the rotary kernel's forward and backward
+    (bf16, FLUX's 24 heads x 128 at Kontext 512²) compiled for ``sm_<arch>``, by pass."""
+    x = torch.empty(1, 2560, 24, 128, dtype=torch.bfloat16)
+    freqs = torch.empty(2560, 128)
+    launches: list[Launch] = []
+    kernel = launchers._rotary_kernel
+    launchers._rotary_kernel = _Recorder(kernel, launches)
+    try:
+        for transpose in (False, True):
+            launchers.rotary_embedding(x, freqs, freqs, transpose=transpose)
+    finally:
+        launchers._rotary_kernel = kernel
+    return {("backward" if launch.kwargs["TRANSPOSE"] else "forward"): sorted(set(re.findall(
+        r"(?:ld|st)\.(?:global|local)[.\w]*", compile_launch(launch, arch).asm["ptx"])))
+        for launch in launches}
+
+
 def uniform_loop(sass: str) -> list[str]:
     """The SASS instructions of the kernel's first loop, the uniform tiles' (the first backward
     branch closes it; the mixed tiles' loop follows)."""

@@ -1,12 +1,19 @@
 """Triton kernels and launchers of ditflow (installed as ``ditflow.kernels``).
 
-``flow_attention`` holds the ``@triton.jit`` code, ``launch`` the launchers that marshal
-arguments into it, ``configs`` the block shapes, ``tile_plan`` the tile classification. Imports
-only torch and triton. Autograd, validation and dispatch live in ``ditflow.ops``.
+``flow_attention`` and ``rotary`` hold the ``@triton.jit`` code, ``launch`` the launchers that
+marshal arguments into it, ``configs`` the block shapes, ``tile_plan`` the tile
+classification. Imports only torch and triton. Autograd, validation and dispatch live in
+``ditflow.ops`` and ``ditflow.rotary``.
 """
 
 from .configs import FlowConfigs, KernelConfig, select_configs
-from .launch import FlowInputs, flow_attention_backward, flow_attention_forward, plan_for
+from .launch import (
+    FlowInputs,
+    flow_attention_backward,
+    flow_attention_forward,
+    plan_for,
+    rotary_embedding,
+)
 from .tile_plan import BLOCKED, MIXED, UNIFORM, TilePlan, build_tile_plan
 
 __all__ = [
@@ -21,5 +28,6 @@ __all__ = [
     "flow_attention_backward",
     "flow_attention_forward",
     "plan_for",
+    "rotary_embedding",
     "select_configs",
 ]

@@ -1,7 +1,8 @@
 """Launchers of the flow-attention kernels: :class:`FlowInputs` (everything but q/k/v that
 shapes the computation), the tile plan for a block shape (:func:`plan_for`), and
 :func:`flow_attention_forward` / :func:`flow_attention_backward`, which marshal tensors, strides
-and flags into the ``@triton.jit`` kernels of :mod:`.flow_attention`.
+and flags into the ``@triton.jit`` kernels of :mod:`.flow_attention`; and
+:func:`rotary_embedding`, the launcher of :mod:`.rotary`.
 
 Imports only torch and triton: validation, caching of plans and autograd live in
 ``ditflow.ops``.
@@ -23,6 +24,7 @@ from .flow_attention import (
     _bwd_preprocess_kernel,
     _fwd_kernel,
 )
+from .rotary import _rotary_kernel
 from .tile_plan import TilePlan, aligned_offset, build_tile_plan
 
 
@@ -245,3 +247,22 @@ def flow_attention_backward(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return dq, dk, dv
+
+
+# Tokens per program of the rotary kernel: 16 rows of 128 channels (FLUX's head dim) per load.
+ROTARY_BLOCK_S = 16
+
+
+def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     transpose: bool = False) -> torch.Tensor:
+    """FLUX's rotary embedding of ``x`` [B, S, H, D] (last dimension contiguous, D a power of 2) by
+    ``cos``, ``sin`` [S, D] fp32 (contiguous), into a new tensor of ``x``'s dtype;
+    ``transpose``: the backward's rotation."""
+    batch, seq_len, heads, head_dim = x.shape
+    out = torch.empty(batch, seq_len, heads, head_dim, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(seq_len, ROTARY_BLOCK_S), batch * heads)
+    _rotary_kernel[grid](
+        x, out, cos, sin, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
+        out.stride(2), cos.stride(0), seq_len, heads, HEAD_DIM=head_dim,
+        BLOCK_S=ROTARY_BLOCK_S, TRANSPOSE=transpose)
+    return out

@@ -134,3 +134,14 @@ def test_hopper_defaults_read_tiles_through_tma_and_older_gpus_keep_pointer_load
     assert ampere.forward.num_stages == 2
     assert not any(cfg.tma for cfg in (ampere.forward, ampere.backward_dkdv, ampere.backward_dq))
 
+
+
+def test_the_rotary_kernel_moves_whole_rows_on_hopper():
+    """FLUX's RoPE kernel reads and writes 16-byte vectors, without local memory: it splits
+    each row into channel pairs in registers."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", "import json; from benchmarks.compile_report "
+                           "import rotary_memory_accesses as r; print(json.dumps(r()))"],
+                          cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    assert json.loads(done.stdout) == {"forward": ["ld.global.v4.b32", "st.global.v4.b32"],
+                                       "backward": ["ld.global.v4.b32", "st.global.v4.b32"]}

@@ -3,7 +3,8 @@
 The processor does what diffusers' ``FluxAttnProcessor`` does (projections, QK RMS-norm,
 ``[text, image]`` concatenation in double blocks, RoPE, output split and projections, dtype casts),
 written against the module's public layers, with the attention call replaced by
-:func:`ditflow.flow_attention`. Blocks where the intervention asks for nothing run the model's
+:func:`ditflow.flow_attention` and RoPE by :func:`ditflow.rotary.apply_rotary` (one kernel where
+the attention runs Triton's). Blocks where the intervention asks for nothing run the model's
 original processor, untouched.
 """
 
@@ -12,11 +13,11 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers.models.embeddings import apply_rotary_emb
 
 from .._memo import TensorMemo
 from ..functional import flow_attention
 from ..layout import TokenLayout
+from ..rotary import apply_rotary
 from ..session import AttentionPlan, BlockId
 from .adapter import FlowProcessor, ProcessorAdapter
 
@@ -57,8 +58,7 @@ class FlowFluxAttnProcessor(FlowProcessor):
             k = torch.cat([attn.norm_added_k(ek), k], dim=1)
             v = torch.cat([ev, v], dim=1)
         if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+            q, k = apply_rotary(q, image_rotary_emb), apply_rotary(k, image_rotary_emb)
         self._check_length(q.shape[1], plan)
         result = flow_attention(q, k, v, plan.layout.groups(q.device), rules=plan.rules,
                                 pair_mask=self.session.pair_mask(self.block, plan, q, k),
