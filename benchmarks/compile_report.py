@@ -21,7 +21,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,10 +76,11 @@ class _Recorder:
 
 
 @contextmanager
-def recorded_launches() -> Iterator[list[Launch]]:
-    """Within the block, the launchers record their kernel launches instead of running them
-    (the kernels are swapped where the launchers look them up: in ``kernels.launch``)."""
-    names = [*KERNELS.values(), "_bwd_preprocess_kernel"]
+def recorded_launches(names: Sequence[str] = (*KERNELS.values(), "_bwd_preprocess_kernel")
+                      ) -> Iterator[list[Launch]]:
+    """Within the block, the launchers record their launches of the kernels called ``names``
+    (default: flow attention's) instead of running them (the kernels are swapped where the
+    launchers look them up: in ``kernels.launch``)."""
     originals = {name: getattr(launchers, name) for name in names}
     launches: list[Launch] = []
     try:
@@ -162,22 +163,39 @@ def compile_launch(launch: Launch, arch: int = 90):
                           target=GPUTarget("cuda", arch, 32), options=options)
 
 
+def _compiled(names: Sequence[str], launch_them: Callable[[], object], arch: int) -> list:
+    """(launch, compiled kernel) for each launch ``launch_them`` makes of the kernels called
+    ``names``, compiled for ``sm_<arch>`` instead of run."""
+    with recorded_launches(names) as launches:
+        launch_them()
+    return [(launch, compile_launch(launch, arch)) for launch in launches]
+
+
+def _memory_accesses(ptx: str) -> list[str]:
+    return sorted(set(re.findall(r"(?:ld|st)\.(?:global|local)[.\w]*", ptx)))
+
+
 def rotary_memory_accesses(arch: int = 90) -> dict[str, list[str]]:
     """The global and local memory instructions of the rotary kernel's forward and backward
     (bf16, FLUX's 24 heads x 128 at Kontext 512²) compiled for ``sm_<arch>``, by pass."""
     x = torch.empty(1, 2560, 24, 128, dtype=torch.bfloat16)
     freqs = torch.empty(2560, 128)
-    launches: list[Launch] = []
-    kernel = launchers._rotary_kernel
-    launchers._rotary_kernel = _Recorder(kernel, launches)
-    try:
-        for transpose in (False, True):
-            launchers.rotary_embedding(x, freqs, freqs, transpose=transpose)
-    finally:
-        launchers._rotary_kernel = kernel
-    return {("backward" if launch.kwargs["TRANSPOSE"] else "forward"): sorted(set(re.findall(
-        r"(?:ld|st)\.(?:global|local)[.\w]*", compile_launch(launch, arch).asm["ptx"])))
-        for launch in launches}
+    compiled = _compiled(["_rotary_kernel"], lambda: [
+        launchers.rotary_embedding(x, freqs, freqs, transpose=t) for t in (False, True)], arch)
+    return {("backward" if launch.kwargs["TRANSPOSE"] else "forward"):
+            _memory_accesses(kernel.asm["ptx"]) for launch, kernel in compiled}
+
+
+def head_mean_probs_report(arch: int = 90) -> dict[str, dict]:
+    """Per kernel of the head-mean probabilities (bf16, 2048 region queries over FLUX's 4608
+    tokens, 24 heads x 128) compiled for ``sm_<arch>``: local memory instructions and wgmma."""
+    q = torch.empty(2048, 24, 128, dtype=torch.bfloat16)
+    k = torch.empty(4608, 24, 128, dtype=torch.bfloat16)
+    compiled = _compiled(["_head_lse_kernel", "_head_mean_probs_kernel"],
+                         lambda: launchers.head_mean_probs(q, k, 128**-0.5), arch)
+    return {launch.kernel.__name__: dict(
+        local=[a for a in _memory_accesses(kernel.asm["ptx"]) if ".local" in a],
+        wgmma=kernel.asm["ptx"].count("wgmma.mma_async")) for launch, kernel in compiled}
 
 
 def uniform_loop(sass: str) -> list[str]:

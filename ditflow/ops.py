@@ -115,7 +115,9 @@ def _kernels():
     return kernels
 
 
-def _unit_stride(t: Tensor) -> Tensor:
+def unit_channel_stride(t: Tensor) -> Tensor:
+    """``t``, or a contiguous copy where its last dimension is strided (the kernels read head
+    dims contiguous)."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -162,7 +164,7 @@ def _triton_forward(q, k, v, q_groups, k_groups, scale_table, bias_table, weight
     inputs, plan_key = _flow_inputs(num_groups, q_groups, k_groups, scale_table, bias_table,
                                     weight_table, pair_mask)
     _check_32bit_offsets(q=q, k=k, v=v)
-    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    q, k, v = (unit_channel_stride(t) for t in (q, k, v))
     configs = kernels.select_configs(q.shape[-1], q.dtype, q.device)
     plan = _plan(inputs, plan_key, q.shape[1], k.shape[1], configs.forward, q.device)
     return kernels.flow_attention_forward(q, k, v, inputs, softmax_scale, return_mass, plan,
@@ -174,7 +176,7 @@ def _triton_backward(dout, dlse, dmass, q, k, v, out, lse, mass, q_groups, k_gro
     kernels = _kernels()
     inputs, plan_key = _flow_inputs(num_groups, q_groups, k_groups, scale_table, bias_table,
                                     weight_table, pair_mask)
-    q, k, v, dout = _unit_stride(q), _unit_stride(k), _unit_stride(v), _unit_stride(dout)
+    q, k, v, dout = (unit_channel_stride(t) for t in (q, k, v, dout))
     configs = kernels.select_configs(q.shape[-1], q.dtype, q.device)
     nq, nk = q.shape[1], k.shape[1]
     dkdv_plan = _plan(inputs, plan_key, nq, nk, configs.backward_dkdv, q.device)

@@ -26,13 +26,10 @@ class _FusedRotary(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor):
         cos, sin = ctx.saved_tensors
-        dx = ops._kernels().rotary_embedding(_unit_channel_stride(dout), cos, sin,
+        dx = ops._kernels().rotary_embedding(ops.unit_channel_stride(dout), cos, sin,
                                              transpose=True)
         return dx, None, None
 
-
-def _unit_channel_stride(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _fused_here(x: Tensor, cos: Tensor) -> bool:
@@ -52,4 +49,4 @@ def apply_rotary(x: Tensor, freqs: tuple[Tensor, Tensor]) -> Tensor:
     if not _fused_here(x, cos):
         return apply_rotary_emb(x, freqs, sequence_dim=1)
     cos, sin = cos.to(x.device).contiguous(), sin.to(x.device).contiguous()
-    return _FusedRotary.apply(_unit_channel_stride(x), cos, sin)
+    return _FusedRotary.apply(ops.unit_channel_stride(x), cos, sin)

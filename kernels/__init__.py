@@ -1,9 +1,9 @@
 """Triton kernels and launchers of ditflow (installed as ``ditflow.kernels``).
 
-``flow_attention`` and ``rotary`` hold the ``@triton.jit`` code, ``launch`` the launchers that
-marshal arguments into it, ``configs`` the block shapes, ``tile_plan`` the tile
-classification. Imports only torch and triton. Autograd, validation and dispatch live in
-``ditflow.ops`` and ``ditflow.rotary``.
+``flow_attention``, ``rotary`` and ``head_mean_probs`` hold the ``@triton.jit`` code,
+``launch`` the launchers that marshal arguments into it, ``configs`` the block shapes,
+``tile_plan`` the tile classification. Imports only torch and triton. Autograd, validation and
+dispatch live in ``ditflow.ops``, ``ditflow.rotary`` and DeLeaker.
 """
 
 from .configs import FlowConfigs, KernelConfig, select_configs
@@ -11,6 +11,7 @@ from .launch import (
     FlowInputs,
     flow_attention_backward,
     flow_attention_forward,
+    head_mean_probs,
     plan_for,
     rotary_embedding,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "build_tile_plan",
     "flow_attention_backward",
     "flow_attention_forward",
+    "head_mean_probs",
     "plan_for",
     "rotary_embedding",
     "select_configs",

@@ -2,7 +2,8 @@
 shapes the computation), the tile plan for a block shape (:func:`plan_for`), and
 :func:`flow_attention_forward` / :func:`flow_attention_backward`, which marshal tensors, strides
 and flags into the ``@triton.jit`` kernels of :mod:`.flow_attention`; and
-:func:`rotary_embedding`, the launcher of :mod:`.rotary`.
+:func:`rotary_embedding` and :func:`head_mean_probs`, the launchers of :mod:`.rotary` and
+:mod:`.head_mean_probs`.
 
 Imports only torch and triton: validation, caching of plans and autograd live in
 ``ditflow.ops``.
@@ -24,6 +25,7 @@ from .flow_attention import (
     _bwd_preprocess_kernel,
     _fwd_kernel,
 )
+from .head_mean_probs import _head_lse_kernel, _head_mean_probs_kernel
 from .rotary import _rotary_kernel
 from .tile_plan import TilePlan, aligned_offset, build_tile_plan
 
@@ -265,4 +267,28 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         x, out, cos, sin, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
         out.stride(2), cos.stride(0), seq_len, heads, HEAD_DIM=head_dim,
         BLOCK_S=ROTARY_BLOCK_S, TRANSPOSE=transpose)
+    return out
+
+
+# Tiles of the head-mean probabilities: 64 queries x 64 keys, the whole head dim per dot.
+HEAD_MEAN_BLOCK = 64
+
+
+def head_mean_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """``mean_h softmax_j(scale q_ih . k_jh)`` [Nq, Nk] fp32 of ``q`` [Nq, H, D] and ``k``
+    [Nk, H, D] (head dims contiguous; Nk >= 1)."""
+    nq, heads, head_dim = q.shape
+    nk = k.shape[0]
+    lse = torch.empty(heads, nq, dtype=torch.float32, device=q.device)
+    out = torch.empty(nq, nk, dtype=torch.float32, device=q.device)
+    common = dict(BLOCK_M=HEAD_MEAN_BLOCK, BLOCK_N=HEAD_MEAN_BLOCK,
+                  BLOCK_D=_block_d(head_dim), DOT_PRECISION=_dot_precision(q.dtype))
+    qk_scale = scale * LOG2E_FLOAT
+    rows = triton.cdiv(nq, HEAD_MEAN_BLOCK)
+    _head_lse_kernel[(rows, heads)](
+        q, k, lse, q.stride(0), q.stride(1), k.stride(0), k.stride(1), nq, nk, head_dim,
+        qk_scale, **common)
+    _head_mean_probs_kernel[(rows, triton.cdiv(nk, HEAD_MEAN_BLOCK))](
+        q, k, lse, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), nq, nk, heads,
+        head_dim, qk_scale, **common)
     return out

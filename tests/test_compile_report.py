@@ -145,3 +145,16 @@ def test_the_rotary_kernel_moves_whole_rows_on_hopper():
                           cwd=ROOT, env=env, check=True, capture_output=True, text=True)
     assert json.loads(done.stdout) == {"forward": ["ld.global.v4.b32", "st.global.v4.b32"],
                                        "backward": ["ld.global.v4.b32", "st.global.v4.b32"]}
+
+
+def test_the_head_mean_probability_kernels_use_wgmma_without_spills():
+    """DeLeaker's head-mean probabilities at FLUX's shape: tensor-core products (wgmma) and no
+    local memory in either kernel."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", "import json; from benchmarks.compile_report "
+                           "import head_mean_probs_report as r; print(json.dumps(r()))"],
+                          cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    report = json.loads(done.stdout)
+    assert set(report) == {"_head_lse_kernel", "_head_mean_probs_kernel"}
+    for kernel in report.values():
+        assert kernel["local"] == [] and kernel["wgmma"] > 0, report

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from helpers import HostReads, needs_triton_on_cpu
+from helpers import TRITON_DEVICE, HostReads, needs_triton_on_cpu
 
 from ditflow import flow_attention, ops
 from ditflow.functional import FlowAttentionOutput
@@ -274,11 +274,37 @@ def test_cuts_and_scores_read_nothing_back_from_the_device():
     assert mask.any() and reads.ops == []
 
 
+def _exact_head_mean_probs(q, k):
+    scale = q.shape[-1] ** -0.5
+    return torch.einsum("ihd,jhd->hij", q.double(), k.double()).mul(scale).softmax(-1).mean(0)
+
+
 @pytest.mark.parametrize("heads", [1, HEADS_AT_ONCE, 2 * HEADS_AT_ONCE + 3])
-def test_head_mean_probabilities_batch_heads_without_changing_them(heads):
+def test_head_mean_probabilities_batch_heads_without_changing_them(heads, monkeypatch):
+    monkeypatch.setenv("DITFLOW_BACKEND", "reference")
     q, k = torch.randn(7, heads, 16), torch.randn(11, heads, 16)
-    per_head = torch.einsum("ihd,jhd->hij", q.double(), k.double()).mul(16 ** -0.5).softmax(-1)
-    torch.testing.assert_close(_head_mean_probs(q, k).double(), per_head.mean(0))
+    torch.testing.assert_close(_head_mean_probs(q, k).double(), _exact_head_mean_probs(q, k))
+
+
+KERNEL_DTYPES = [torch.float32, torch.float16] + (
+    [torch.bfloat16] if TRITON_DEVICE.type == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize(("nq", "nk", "heads", "head_dim"),
+                         [(1, 1, 1, 8), (7, 11, 3, 16), (70, 130, 5, 8), (65, 64, 24, 128)])
+def test_head_mean_probability_kernels_give_the_exact_means(monkeypatch, dtype, nq, nk, heads,
+                                                            head_dim):
+    """The two kernels against float64 over the same (rounded) inputs: queries and keys of
+    every tile position, odd sizes, one head and FLUX's 24 x 128; strided query rows, as
+    DeLeaker gathers them."""
+    monkeypatch.setenv("DITFLOW_BACKEND", "triton")
+    q = torch.randn(nq, heads, 2 * head_dim, device=TRITON_DEVICE).to(dtype)[..., ::2]
+    k = torch.randn(nk, heads, head_dim, device=TRITON_DEVICE).to(dtype)
+    got = _head_mean_probs(q, k)
+    assert got.dtype == torch.float32 and got.shape == (nq, nk)
+    torch.testing.assert_close(got.double(), _exact_head_mean_probs(q, k), rtol=2e-5,
+                               atol=1e-7)
 
 
 def test_the_grid_border_erodes_nothing():

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import ops
+from ..functional import resolve_backend
 from ..layout import BASE_GROUPS, TokenLayout
 from ..rules import MAX_GROUPS, FlowRules
 from ..session import BlockId, Intervention, StepInfo, attach
@@ -288,14 +290,25 @@ class DeLeaker(Intervention):
         return mask
 
 
-# Heads per batched product in _head_mean_probs: a few kernels per block rather than several per
-# head (launches dominated a per-head loop), holding this many [Nq, Nk] fp32 blocks.
+# Heads per batched product in _head_mean_probs_reference: a few kernels per block rather than
+# several per head (launches dominated a per-head loop), holding this many [Nq, Nk] fp32 blocks.
 HEADS_AT_ONCE = 8
 
 
 def _head_mean_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Head-mean softmax probabilities [Nq, Nk] of queries ``q`` [Nq, H, D] over keys ``k``
-    [Nk, H, D] (plain attention), :data:`HEADS_AT_ONCE` heads at a time."""
+    """Head-mean softmax probabilities [Nq, Nk] fp32 of queries ``q`` [Nq, H, D] over keys
+    ``k`` [Nk, H, D] (plain attention): two Triton kernels where flow attention runs Triton's
+    (no [H, Nq, Nk] scores, the products on tensor cores), else
+    :func:`_head_mean_probs_reference`."""
+    if resolve_backend(None, q.device, q.dtype) != "triton":
+        return _head_mean_probs_reference(q, k)
+    q, k = ops.unit_channel_stride(q), ops.unit_channel_stride(k)
+    return ops._kernels().head_mean_probs(q, k, q.shape[-1] ** -0.5)
+
+
+
+def _head_mean_probs_reference(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """:func:`_head_mean_probs` in fp32 PyTorch, :data:`HEADS_AT_ONCE` heads at a time."""
     scale = q.shape[-1] ** -0.5
     q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)  # [H, N, D]
     total = torch.zeros(q.shape[1], k.shape[1], device=q.device)
