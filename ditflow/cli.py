@@ -813,9 +813,9 @@ def _protect_options(p: argparse.ArgumentParser, steps_default: int | None = Non
                         "the first steps compile for a minute or two, later ones run faster "
                         "where the GPU is busy (large photos, batches)")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="replay each PGD step from a CUDA graph (FLUX.1 Kontext, DeContext, a "
-                        "GPU): the host stops bounding small steps (512²); holds a second "
-                        "copy of the step's memory")
+                   help="replay each PGD step from a CUDA graph (DeContext on FLUX.1 Kontext "
+                        "or Step1X-Edit, a GPU): the host stops bounding small steps (512²); "
+                        "holds a second copy of the step's memory")
     p.add_argument("--eot-jpeg", type=_number(int, low=1, high=100), nargs=2,
                    metavar=("LOW", "HIGH"),
                    help="JPEG quality range for expectation over transformations")

@@ -210,22 +210,30 @@ def test_cuda_graph_is_refused_where_it_cannot_hold(pipe):
             tiny_config(cuda_graph=True, **clash)
     with pytest.raises(UnsupportedSetting, match="the model is on cpu"):
         Protector(pipe, tiny_config(cuda_graph=True))
-    # instructions embedded to their own lengths (Qwen) or paddings (Step1X), whatever the device
-    for editor, name in ((tiny_qwen_edit_pipeline, "QwenImageTransformer2DModel"),
-                         (tiny_step1x_edit_pipeline, "Step1XEditTransformer")):
-        with pytest.raises(UnsupportedSetting, match=f"not for {name}"):
-            Protector(editor(), ProtectConfig(cuda_graph=True, resolution=32,
-                                              blocks=("double.0",)))
+    # instructions embedded to their own lengths, whatever the device
+    with pytest.raises(UnsupportedSetting, match="not for QwenImageTransformer2DModel"):
+        Protector(tiny_qwen_edit_pipeline(), ProtectConfig(cuda_graph=True, resolution=32,
+                                                           blocks=("double.0",)))
+    with pytest.raises(UnsupportedSetting, match="the model is on cpu"):  # Step1X-Edit's are not
+        Protector(tiny_step1x_edit_pipeline(), ProtectConfig(cuda_graph=True, resolution=32,
+                                                             blocks=("single.0",)))
 
 
-def test_the_graphed_step_reads_each_step_from_its_own_inputs(pipe):
+@pytest.mark.parametrize("editor", ["kontext", "step1x"])
+def test_the_graphed_step_reads_each_step_from_its_own_inputs(pipe, editor):
     """What a CUDA graph replays reads every per-step input from the graph's own tensors,
     which each step fills: staged with one step's draws and filled with another's, it gives
-    the other's eager gradient (checked here without the graph, which needs a GPU)."""
+    the other's eager gradient (checked here without the graph, which needs a GPU). Step1X-Edit
+    embeds each instruction with the photo, to 640 tokens and a padding mask."""
     from ditflow.methods.decontext import _frozen
     from ditflow.methods.step_graph import GraphedGradient
+    from ditflow.tiny import tiny_step1x_edit_pipeline
 
-    protector = Protector(pipe, tiny_config())
+    if editor == "step1x":
+        pipe = tiny_step1x_edit_pipeline()
+        protector = Protector(pipe, ProtectConfig(steps=4, resolution=16, blocks=("single.0",)))
+    else:
+        protector = Protector(pipe, tiny_config())
     photos = torch.rand(2, 3, 16, 16)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     graphed = GraphedGradient(protector)
@@ -235,26 +243,35 @@ def test_the_graphed_step_reads_each_step_from_its_own_inputs(pipe):
                 protector._timestep(timesteps), noise)
 
     with _frozen(pipe.transformer, pipe.vae):
-        first = protector._draw(gens, photos)[:3]
-        graphed._stage(*parts(photos, *first))
+        _, timesteps, noise, _, _ = protector._draw(gens, photos)
+        shortest = min(protector.config.prompts, key=len)  # Step1X-Edit: the most padding
+        graphed._stage(*parts(photos, [shortest] * 2, timesteps, noise))
         for step in range(3):
             prompts, timesteps, noise, _, _ = protector._draw(gens, photos)
             x = (photos + 0.01 * step).requires_grad_()
             with protector.attached_r_ctx(x, prompts, timesteps, noise) as r_ctx:
                 (want,) = torch.autograd.grad(r_ctx.sum(), x)
             graphed._fill(*parts(x.detach(), prompts, timesteps, noise))
-            torch.testing.assert_close(graphed._gradient(), want)
+            assert torch.equal(graphed._gradient(), want)  # the same operations
 
 
 @pytest.mark.gpu
-def test_a_graphed_step_gives_the_eager_gradient_and_protection():
+@pytest.mark.parametrize("editor", ["kontext", "step1x"])
+def test_a_graphed_step_gives_the_eager_gradient_and_protection(editor):
     """Replayed from its CUDA graph, a step reads each call's photos, instruction, timestep
-    and noise: its gradients are the eager step's, and so is a protection run."""
+    and noise (and Step1X-Edit's padding mask): its gradients are the eager step's, and so is
+    a protection run."""
     from ditflow.methods.decontext import _frozen
+    from ditflow.tiny import tiny_step1x_edit_pipeline
 
-    cuda_pipe = tiny_flux_pipeline("kontext").to("cuda")
-    eager = Protector(cuda_pipe, tiny_config())
-    graphed = Protector(cuda_pipe, tiny_config(cuda_graph=True))
+    if editor == "step1x":
+        cuda_pipe = tiny_step1x_edit_pipeline().to("cuda")
+        config = ProtectConfig(steps=3, resolution=16, blocks=("single.0",), eval_prompts=2)
+    else:
+        cuda_pipe = tiny_flux_pipeline("kontext").to("cuda")
+        config = tiny_config(steps=3)
+    eager = Protector(cuda_pipe, config)
+    graphed = Protector(cuda_pipe, replace(config, cuda_graph=True))
     photos = torch.rand(2, 3, 16, 16, device="cuda")
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     with _frozen(cuda_pipe.transformer, cuda_pipe.vae):
@@ -267,8 +284,8 @@ def test_a_graphed_step_gives_the_eager_gradient_and_protection():
             got = graphed._graphed(x, prompts, timesteps, noise).clone()
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     sample = [torch.rand(3, 20, 24), torch.rand(3, 24, 20)]
-    want = protect(sample, cuda_pipe, tiny_config(steps=3))
-    got = protect(sample, cuda_pipe, tiny_config(steps=3, cuda_graph=True))
+    want = protect(sample, cuda_pipe, config)
+    got = protect(sample, cuda_pipe, replace(config, cuda_graph=True))
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.image, b.image, rtol=0, atol=1e-6)
         assert a.r_ctx_after == pytest.approx(b.r_ctx_after, abs=1e-5)

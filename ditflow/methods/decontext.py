@@ -108,11 +108,11 @@ class ProtectConfig:
             its blocks; ``"inductor"`` fuses FLUX's elementwise work on a GPU). The first
             steps compile (a minute or two); later batches reuse the compiled code. None =
             eager.
-        cuda_graph: replay each DeContext step from a CUDA graph (FLUX.1 Kontext on a GPU):
-            the host no longer launches the step's kernels one by one, which bounds the step
-            at 512². Captured on the first step of each batch shape; holds another copy of the
-            step's memory. Not with Diff-PGD, expectation over transformations or
-            ``compile_backend``.
+        cuda_graph: replay each DeContext step from a CUDA graph (FLUX.1 Kontext and
+            Step1X-Edit, on a GPU): the host no longer launches the step's kernels one by one,
+            which bounds the step at 512². Captured on the first step of each batch shape;
+            holds another copy of the step's memory. Not with Diff-PGD, expectation over
+            transformations or ``compile_backend``.
         eot_jpeg_quality: (low, high) JPEG quality drawn per step (straight-through gradient)
             so the protection survives recompression; None = off.
         eot_resize: (low, high) scale drawn per step, down- and up-sampled; None = off.

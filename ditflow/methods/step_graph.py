@@ -3,7 +3,8 @@
 At 512² a FLUX.1 Kontext step launches about ten thousand kernels, and the host takes longer to
 launch them (Python, PyTorch's dispatch and autograd) than the GPU takes to run them: the step
 is bound by the host. A CUDA graph of the step launches them all at once, so a step costs its
-kernels' time.
+kernels' time. For editors whose instructions embed to one shape (FLUX.1 Kontext, Step1X-Edit;
+not Qwen-Image-Edit, whose lengths differ).
 
 The graph is captured on the first step of a batch shape, after warm-up steps that compile and
 plan everything, and reads its inputs from tensors of its own, which each step fills: the

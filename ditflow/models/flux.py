@@ -97,8 +97,9 @@ class KontextCalls:
     embeddings depend on the instruction only."""
 
     prompt_sees_image = False
-    # Every instruction embeds to one shape without a mask, so one CUDA graph of a PGD step
-    # holds for all of them (the token layout and tile plans do not depend on it).
+    # Every instruction embeds to one shape (Step1X-Edit's: padded to 640 tokens, its mask read
+    # by the connector as data, not by the attention's layout), so one CUDA graph of a PGD step
+    # holds for all of them.
     prompts_share_one_graph = True
 
     def __init__(self, pipeline):

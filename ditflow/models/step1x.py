@@ -443,9 +443,6 @@ class Step1XEditCalls(KontextCalls):
     ``encode_prompt``."""
 
     prompt_sees_image = True
-    # Each instruction pads its embeddings differently, and the padding shapes the attention's
-    # tile plans, which a CUDA graph of a step would keep from its capture.
-    prompts_share_one_graph = False
 
     def _context_ids(self, rows: int, columns: int) -> torch.Tensor:
         return reference_ids(rows, columns, self.transformer.config.version)
