@@ -1,4 +1,5 @@
-"""FLUX's rotary embedding, fused: diffusers' apply_rotary_emb is the specification."""
+"""Rotary embeddings, fused: diffusers' apply_rotary_emb (FLUX) and apply_rotary_emb_qwen
+(Qwen-Image) are the specification."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 pytest.importorskip("diffusers")
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 from helpers import TRITON_DEVICE, TRITON_ON_CPU
 
 from ditflow import rotary
@@ -48,6 +50,23 @@ def test_fused_rotary_is_diffusers_forward_and_backward(triton_backend, dtype, b
                                atol=torch.finfo(dtype).eps * 8)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_complex_rotary_is_qwen_images(triton_backend, dtype):
+    """Qwen-Image's complex frequencies [S, D / 2] rotate the same pairs."""
+    tokens, heads, head_dim = 37, 3, 16
+    angles = torch.rand(tokens, head_dim // 2, device=TRITON_DEVICE) * 6.3
+    freqs = torch.polar(torch.ones_like(angles), angles)  # complex64
+    x = torch.randn(2, tokens, heads, head_dim, device=TRITON_DEVICE).to(dtype)
+    ours, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = rotary.apply_rotary_complex(ours, freqs)
+    want = apply_rotary_emb_qwen(theirs, freqs, use_real=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=torch.finfo(dtype).eps * 4)
+    dout = torch.randn_like(want)
+    got.backward(dout)
+    want.backward(dout)
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=0, atol=torch.finfo(dtype).eps * 8)
+
+
 def test_the_kernel_runs_where_flow_attention_runs_triton(triton_backend, monkeypatch):
     cos, sin = (f.to(TRITON_DEVICE) for f in _freqs(5))
     x = torch.randn(1, 5, 2, 16, device=TRITON_DEVICE)
@@ -70,3 +89,6 @@ def test_other_backends_use_diffusers(monkeypatch):
     x = torch.randn(1, 5, 2, 16)
     assert torch.equal(rotary.apply_rotary(x, (cos, sin)),
                        apply_rotary_emb(x, (cos, sin), sequence_dim=1))
+    freqs = torch.polar(torch.ones(5, 8), torch.rand(5, 8))
+    assert torch.equal(rotary.apply_rotary_complex(x, freqs),
+                       apply_rotary_emb_qwen(x, freqs, use_real=False))

@@ -16,11 +16,11 @@ import math
 from collections import OrderedDict
 
 import torch
-from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
 from .._memo import TensorMemo
 from ..functional import FlowAttentionOutput, flow_attention
 from ..layout import TokenLayout
+from ..rotary import apply_rotary_complex
 from ..rules import FlowRules
 from ..session import AttentionPlan, BlockId, Session
 from .adapter import FlowProcessor, ProcessorAdapter
@@ -100,8 +100,8 @@ class FlowQwenAttnProcessor(FlowProcessor):
         tq, tk = normed(attn.norm_added_q, tq), normed(attn.norm_added_k, tk)
         if image_rotary_emb is not None:
             image_freqs, text_freqs = image_rotary_emb
-            q, k = (apply_rotary_emb_qwen(t, image_freqs, use_real=False) for t in (q, k))
-            tq, tk = (apply_rotary_emb_qwen(t, text_freqs, use_real=False) for t in (tq, tk))
+            q, k = (apply_rotary_complex(t, image_freqs) for t in (q, k))
+            tq, tk = (apply_rotary_complex(t, text_freqs) for t in (tq, tk))
         q, k, v = torch.cat([tq, q], dim=1), torch.cat([tk, k], dim=1), torch.cat([tv, v], dim=1)
         self._check_length(q.shape[1], plan)
 
