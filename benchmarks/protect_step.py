@@ -214,7 +214,12 @@ def eager_step(protector, pixels, prompts, timesteps, noise):
     # The module whose processors call dispatch_attention_fn (FLUX's or Qwen-Image's).
     model_module = importlib.import_module(type(blocks[0][1].attn.processor).__module__)
     x = pixels.clone().requires_grad_()
-    inputs = protector._inputs(x, prompts, timesteps, noise)
+    # the VAE's own attention, as the authors' code runs it
+    wide, protector.wide_vae_attention = protector.wide_vae_attention, False
+    try:
+        inputs = protector._inputs(x, prompts, timesteps, noise)
+    finally:
+        protector.wide_vae_attention = wide
     layout = protector._layout(inputs)  # cached per size: no work per step
     target, context = (_token_run(layout, name) for name in ("target", "context"))
     attacked = set(protector.config.blocks)

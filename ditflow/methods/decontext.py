@@ -39,7 +39,7 @@ import hashlib
 import io
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -51,6 +51,7 @@ from ..io import pixels_tensor, resize_pixels, to_pil
 from ..layout import TokenLayout
 from ..models import adapter_for, check_blocks, edit_calls_for
 from ..session import StatsRecorder, attach
+from ..wide_attention import wide_heads_sdpa
 from .calls import check_settings
 from .prompts import PROMPT_POOL
 from .step_graph import GraphedGradient
@@ -311,6 +312,9 @@ class Protector:
         self._layouts = TensorMemo(max_entries=64)
         check_blocks(self.transformer, map(str, self.config.blocks), "ProtectConfig.blocks")
         self._graphed = self._graphed_gradient() if self.config.cuda_graph else None
+        # The VAE encoder's mid-block attention (one head of 384 or 512 channels) as matrix
+        # products on a GPU: SDPA's only kernel for such heads is slow (ditflow.wide_attention).
+        self.wide_vae_attention = self.device.type == "cuda"
         self.eval_prompts = self.config.prompts[: self.config.eval_prompts]
 
     def _graphed_gradient(self) -> GraphedGradient:
@@ -357,8 +361,10 @@ class Protector:
     def _model_inputs(self, pixels, embeds: list[dict], timestep: torch.Tensor, noise) -> dict:
         """Transformer keyword inputs from the photos, their instructions' embeddings, the
         timestep tensor and the target noise."""
-        return self.calls.inputs(noise, self.calls.context_tokens(pixels), embeds, timestep,
-                                 self.config.guidance, tuple(pixels.shape[-2:]))
+        with wide_heads_sdpa() if self.wide_vae_attention else nullcontext():
+            context = self.calls.context_tokens(pixels)
+        return self.calls.inputs(noise, context, embeds, timestep, self.config.guidance,
+                                 tuple(pixels.shape[-2:]))
 
     def _timestep(self, timesteps: Sequence[float]) -> torch.Tensor:
         """The transformer's timestep input: per photo, the scheduler's t (0..1000) / 1000, its
