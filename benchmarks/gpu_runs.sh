@@ -50,7 +50,7 @@ case "$stage" in
     {
       echo "# GPU correctness run, commit $DITFLOW_COMMIT"
       $python -c "import torch, triton; print('#', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
-      $in_process $python -m pytest tests/test_flow_attention.py tests/test_gpu_flux_shapes.py tests/test_rotary.py \
+      $in_process $python -m pytest tests/test_flow_attention.py tests/test_gpu_flux_shapes.py tests/test_rotary.py tests/test_wide_attention.py \
         tests/test_ops.py tests/test_deleaker.py tests/test_flux_integration.py tests/test_qwenimage_integration.py \
         tests/test_step1x_integration.py -v $parallel -p no:cacheprovider -rfEs 2>&1
     } | tee "$log"
@@ -95,7 +95,7 @@ case "$stage" in
     {
       echo "# GPU kernel suite, commit $DITFLOW_COMMIT"
       $python -c "import torch, triton; print('#', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
-      suite="$python -m pytest tests/test_flow_attention.py tests/test_gpu_flux_shapes.py tests/test_ops.py tests/test_rotary.py $graphed_step_test -q $parallel -p no:cacheprovider -rfEs"
+      suite="$python -m pytest tests/test_flow_attention.py tests/test_gpu_flux_shapes.py tests/test_ops.py tests/test_rotary.py tests/test_wide_attention.py $graphed_step_test -q $parallel -p no:cacheprovider -rfEs"
       echo "# $suite"
       timeout -s INT -k 15 100 $in_process $suite 2>&1
     } | tee "$log" || failed=1
