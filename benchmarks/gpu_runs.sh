@@ -84,7 +84,7 @@ case "$stage" in
     # step's test. Exits 1 if a part failed.
     failed=0
     if [ "$has_diffusers" = 1 ]; then
-      timeout -s INT -k 15 290 $python -m benchmarks.protect_step --profile \
+      timeout -s INT -k 15 240 $python -m benchmarks.protect_step --profile \
         --rows ditflow graphed recipe batched --out "$out" || failed=1
       timeout -s INT -k 15 180 $python -m benchmarks.generation --repeats 2 --profile \
         --out "$out" || failed=1
@@ -97,7 +97,7 @@ case "$stage" in
       $python -c "import torch, triton; print('#', torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
       suite="$python -m pytest tests/test_flow_attention.py tests/test_gpu_flux_shapes.py tests/test_ops.py tests/test_rotary.py tests/test_wide_attention.py $graphed_step_test -q $parallel -p no:cacheprovider -rfEs"
       echo "# $suite"
-      timeout -s INT -k 15 100 $in_process $suite 2>&1
+      timeout -s INT -k 15 150 $in_process $suite 2>&1
     } | tee "$log" || failed=1
     exit $failed
     ;;
