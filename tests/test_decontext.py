@@ -255,12 +255,38 @@ def test_the_graphed_step_reads_each_step_from_its_own_inputs(pipe, editor):
             assert torch.equal(graphed._gradient(), want)  # the same operations
 
 
+def test_a_failed_capture_warns_once_and_the_run_goes_on_without_graphs(pipe, monkeypatch):
+    """A step CUDA graphs cannot hold (here: a capture that raises, on the CPU) costs a warning,
+    not the run: it goes on eagerly, to the eager run's result."""
+    import warnings
+
+    from ditflow.methods.step_graph import GraphedGradient
+
+    def unsupported(*args):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(GraphedGradient, "_capture", unsupported)
+    photos = [torch.rand(3, 16, 16)]
+    (want,) = Protector(pipe, tiny_config(steps=3)).run(["a"], photos)
+    protector = Protector(pipe, tiny_config(steps=3))
+    protector._graphed = GraphedGradient(protector)  # what cuda_graph=True sets on a GPU
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (got,) = protector.run(["a"], photos)
+    assert [str(w.message) for w in caught] == [
+        "cuda_graph: capturing the PGD step failed (operation not permitted when stream is "
+        "capturing); this run goes on without CUDA graphs"]
+    assert torch.equal(got.image, want.image)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("editor", ["kontext", "step1x"])
 def test_a_graphed_step_gives_the_eager_gradient_and_protection(editor):
     """Replayed from its CUDA graph, a step reads each call's photos, instruction, timestep
     and noise (and Step1X-Edit's padding mask): its gradients are the eager step's, and so is
     a protection run."""
+    import warnings
+
     from ditflow.methods.decontext import _frozen
     from ditflow.tiny import tiny_step1x_edit_pipeline
 
@@ -283,9 +309,12 @@ def test_a_graphed_step_gives_the_eager_gradient_and_protection(editor):
                 (want,) = torch.autograd.grad(r_ctx.sum(), x_eager)
             got = graphed._graphed(x, prompts, timesteps, noise).clone()
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert graphed._graphed._graph is not None  # captured, not fallen back to eager
     sample = [torch.rand(3, 20, 24), torch.rand(3, 24, 20)]
     want = protect(sample, cuda_pipe, config)
-    got = protect(sample, cuda_pipe, replace(config, cuda_graph=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed capture fails the test
+        got = protect(sample, cuda_pipe, replace(config, cuda_graph=True))
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.image, b.image, rtol=0, atol=1e-6)
         assert a.r_ctx_after == pytest.approx(b.r_ctx_after, abs=1e-5)

@@ -572,7 +572,9 @@ class Protector:
         with torch.enable_grad():
             seen = self._transform(x, jpeg, scale)
             if self._graphed is not None:  # DeContext without transformations
-                return self._graphed(x, prompts, ts, noise, prompt_images), -1.0
+                grad = self._graphed(x, prompts, ts, noise, prompt_images)
+                if grad is not None:  # else the capture failed: eagerly, as without it
+                    return grad, -1.0
             if self.config.method == "decontext":
                 with self.attached_r_ctx(seen, prompts, ts, noise, prompt_images) as r_ctx:
                     (grad,) = torch.autograd.grad(r_ctx.sum(), x)

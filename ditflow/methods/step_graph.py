@@ -11,11 +11,13 @@ plan everything, and reads its inputs from tensors of its own, which each step f
 photos, the target noise, the timesteps and the instructions' embeddings. Everything else the
 step reads (weights, token layout, position ids) stays put while a :class:`Protector` lives.
 One graph is kept: another batch shape (a convergence stop shrinking the batch, another working
-size) captures anew.
+size) captures anew. Should a capture fail (an operation CUDA graphs cannot hold), the run goes
+on without graphs, with a warning: a bulk job does not die of it.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -24,16 +26,20 @@ import torch
 class GraphedGradient:
     """The gradient of the summed r_ctx of a DeContext step with respect to the photos, as
     :meth:`Protector.attached_r_ctx` gives it, replayed from a CUDA graph. The gradient it
-    returns is overwritten by the next call."""
+    returns is overwritten by the next call; None once a capture has failed (the caller then
+    steps without the graph)."""
 
     warmup_steps = 2
 
     def __init__(self, protector):
         self.protector = protector
+        self.failed = False
         self.release()
 
     def __call__(self, pixels: torch.Tensor, prompts: Sequence[str], timesteps: Sequence[float],
-                 noise: torch.Tensor, prompt_images=None) -> torch.Tensor:
+                 noise: torch.Tensor, prompt_images=None) -> torch.Tensor | None:
+        if self.failed:
+            return None
         protector = self.protector
         seen = pixels.detach() if prompt_images is None else prompt_images
         embeds = [protector._prompt(p, image) for p, image in zip(prompts, seen, strict=True)]
@@ -41,7 +47,15 @@ class GraphedGradient:
         key = (tuple(pixels.shape), tuple(noise.shape),
                tuple((name, tuple(t.shape)) for e in embeds for name, t in e.items()))
         if key != self._key:
-            self._capture(key, pixels, embeds, timestep, noise)
+            try:
+                self._capture(key, pixels, embeds, timestep, noise)
+            except RuntimeError as exc:
+                self.release()
+                self.failed = True
+                warnings.warn(f"cuda_graph: capturing the PGD step failed "
+                              f"({str(exc).splitlines()[0]}); this run goes on without CUDA "
+                              "graphs", RuntimeWarning, stacklevel=2)
+                return None
         self._fill(pixels, embeds, timestep, noise)
         self._graph.replay()
         return self._grad
