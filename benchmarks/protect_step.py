@@ -11,9 +11,10 @@ ditflow's step: forward through the last attacked block only (early stop: FLUX.1
 Step1X-Edit's single block 25, Qwen-Image-Edit's block 39), r_ctx from the fused kernel's mass,
 backward through its mass gradient; the same with the transformer's blocks compiled (diffusers'
 regional compilation, ``compile_repeated_blocks``: each block class compiled once; ditflow's
-session hooks run between the compiled pieces); the same over ``--batch`` photos, timed per
-photo (what bulk protection with ``--batch-size`` gets: the host's work per step is shared by
-the batch). The authors' recipe (FLUX.1 Kontext and
+session hooks run between the compiled pieces); the same replayed from a CUDA graph
+(``--cuda-graph``; with and without compiled blocks; on a GPU, not for Qwen-Image-Edit); the
+same over ``--batch`` photos, timed per photo (what bulk protection with ``--batch-size`` gets:
+the host's work per step is shared by the batch). The authors' recipe (FLUX.1 Kontext and
 Step1X-Edit; the "eager recipe" on Qwen-Image-Edit): all blocks, softmax probabilities of the
 target queries over all keys materialised in every attacked block, gradient checkpointing. Both
 differentiate r_ctx with respect to the photo's pixels through the VAE encoder. Random text
@@ -363,7 +364,8 @@ def _once(make: Callable[[], object]) -> Callable[[], object]:
     return get
 
 
-ROWS = ["ditflow", "graphed", "compiled", "checkpointing", "recipe", "batched"]
+ROWS = ["ditflow", "graphed", "compiled", "graphed-compiled", "checkpointing", "recipe",
+        "batched"]
 
 
 def main(argv=None) -> Path:
@@ -379,11 +381,12 @@ def main(argv=None) -> Path:
                              "on the CPU (the step's host time)")
     parser.add_argument("--resolution", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--rows", nargs="+", choices=ROWS,
-                        default=[r for r in ROWS if r != "graphed" or torch.cuda.is_available()],
-                        help="which steps to time (default all; the CUDA graph's on a GPU): "
-                             "ditflow's, replayed from a CUDA graph, with compiled blocks, with "
-                             "gradient checkpointing, the authors' recipe, ditflow's over "
-                             "--batch photos (time per photo)")
+                        default=[r for r in ROWS
+                                 if not r.startswith("graphed") or torch.cuda.is_available()],
+                        help="which steps to time (default all; the CUDA graphs' on a GPU): "
+                             "ditflow's, replayed from a CUDA graph, with compiled blocks, "
+                             "both, with gradient checkpointing, the authors' recipe, "
+                             "ditflow's over --batch photos (time per photo)")
     parser.add_argument("--chain", type=int, default=3,
                         help="PGD steps per timed run, chained as in a protection run "
                              "(default 3); times are per step")
@@ -405,6 +408,8 @@ def main(argv=None) -> Path:
                  "graphed": ("ditflow, CUDA graph", graphed_step, False, None, 1),
                  "compiled": ("ditflow, compiled blocks", ditflow_step, False,
                               args.compile_backend, 1),
+                 "graphed-compiled": ("ditflow, CUDA graph, compiled blocks", graphed_step,
+                                      False, args.compile_backend, 1),
                  "checkpointing": ("ditflow, gradient checkpointing", ditflow_step, True, None,
                                    1),
                  "recipe": (eager, eager_step, True, None, 1),

@@ -971,8 +971,8 @@ def _check_args(args) -> str:
                     "exceed HIGH")
     if getattr(args, "cuda_graph", False):
         clash = [option for option, given in (
-            ("--method diff-pgd", args.method == "diff-pgd"), ("--compile", args.compile),
-            ("--eot-jpeg", args.eot_jpeg), ("--eot-resize", args.eot_resize)) if given]
+            ("--method diff-pgd", args.method == "diff-pgd"), ("--eot-jpeg", args.eot_jpeg),
+            ("--eot-resize", args.eot_resize)) if given]
         if clash:
             return f"--cuda-graph replays DeContext steps as they are: not with {clash[0]}"
         if torch.device(args.device).type != "cuda":

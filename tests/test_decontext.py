@@ -204,8 +204,7 @@ def test_cuda_graph_is_refused_where_it_cannot_hold(pipe):
 
     for clash, match in ((dict(method="diff-pgd"), "DeContext steps only"),
                          (dict(eot_jpeg_quality=(60, 90)), "not with eot_jpeg_quality"),
-                         (dict(eot_resize=(0.5, 1.0)), "not with eot_jpeg_quality"),
-                         (dict(compile_backend="inductor"), "not with compile_backend")):
+                         (dict(eot_resize=(0.5, 1.0)), "not with eot_jpeg_quality")):
         with pytest.raises(ValueError, match=f"cuda_graph: {match}"):
             tiny_config(cuda_graph=True, **clash)
     with pytest.raises(UnsupportedSetting, match="the model is on cpu"):
@@ -280,14 +279,16 @@ def test_a_failed_capture_warns_once_and_the_run_goes_on_without_graphs(pipe, mo
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("editor", ["kontext", "step1x"])
-def test_a_graphed_step_gives_the_eager_gradient_and_protection(editor):
+@pytest.mark.parametrize(("editor", "compile_backend"), [
+    ("kontext", None), ("step1x", None), ("kontext", "aot_eager")])
+def test_a_graphed_step_gives_the_eager_gradient_and_protection(editor, compile_backend):
     """Replayed from its CUDA graph, a step reads each call's photos, instruction, timestep
     and noise (and Step1X-Edit's padding mask): its gradients are the eager step's, and so is
-    a protection run."""
+    a protection run; also with the blocks compiled (aot_eager: Dynamo's and AOTAutograd's
+    graphs, without Inductor's minutes of code generation)."""
     import warnings
 
-    from ditflow.methods.decontext import _frozen
+    from ditflow.methods.decontext import _compiled_blocks, _frozen
     from ditflow.tiny import tiny_step1x_edit_pipeline
 
     if editor == "step1x":
@@ -296,11 +297,13 @@ def test_a_graphed_step_gives_the_eager_gradient_and_protection(editor):
     else:
         cuda_pipe = tiny_flux_pipeline("kontext").to("cuda")
         config = tiny_config(steps=3)
+    config = replace(config, compile_backend=compile_backend)
     eager = Protector(cuda_pipe, config)
     graphed = Protector(cuda_pipe, replace(config, cuda_graph=True))
     photos = torch.rand(2, 3, 16, 16, device="cuda")
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    with _frozen(cuda_pipe.transformer, cuda_pipe.vae):
+    with _frozen(cuda_pipe.transformer, cuda_pipe.vae), \
+            _compiled_blocks(cuda_pipe.transformer, compile_backend):
         for step in range(3):  # the first captures, the others replay
             prompts, timesteps, noise, _, _ = eager._draw(gens, photos)
             x = photos + 0.01 * step

@@ -176,7 +176,6 @@ def test_compile_option_compiles_the_blocks_and_may_change_on_resume(tmp_path, m
 
 @pytest.mark.parametrize(("options", "message"), [
     (["--method", "diff-pgd"], "not with --method diff-pgd"),
-    (["--compile"], "not with --compile"),
     (["--eot-resize", "0.5", "1"], "not with --eot-resize"),
     (["--device", "cpu"], "--cuda-graph needs a GPU (--device cuda), not --device cpu"),
 ])

@@ -111,9 +111,10 @@ class ProtectConfig:
             eager.
         cuda_graph: replay each DeContext step from a CUDA graph (FLUX.1 Kontext and
             Step1X-Edit, on a GPU): the host no longer launches the step's kernels one by one,
-            which bounds the step at 512². Captured on the first step of each batch shape;
-            holds another copy of the step's memory. Not with Diff-PGD, expectation over
-            transformations or ``compile_backend``.
+            which bounds the step at 512². Captured on the first step of each batch shape
+            (after the compilation, with ``compile_backend``, whose host time the graph then
+            hides); holds another copy of the step's memory. Not with Diff-PGD or expectation
+            over transformations.
         eot_jpeg_quality: (low, high) JPEG quality drawn per step (straight-through gradient)
             so the protection survives recompression; None = off.
         eot_resize: (low, high) scale drawn per step, down- and up-sampled; None = off.
@@ -177,8 +178,6 @@ class ProtectConfig:
             (not self.cuda_graph or (self.eot_jpeg_quality is None and self.eot_resize is None),
              "cuda_graph: not with eot_jpeg_quality or eot_resize (they change the step on "
              "the host, in every step)"),
-            (not self.cuda_graph or self.compile_backend is None,
-             "cuda_graph: not with compile_backend (choose one)"),
             (self.stop_window is None or self.stop_window >= 1,
              f"stop_window={self.stop_window}: expected >= 1 or None"),
             *((getattr(self, name) >= 1, f"{name}={getattr(self, name)}: expected >= 1")
