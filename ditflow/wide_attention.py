@@ -26,12 +26,14 @@ from torch.overrides import TorchFunctionMode
 WIDEST_FUSED_HEAD = 256
 # fp32 score elements per query chunk (64 MiB)
 CHUNK_SCORES = 1 << 24
+# half-precision products with fp32 outputs (torch 2.8 on); before, inputs are upcast
+_FP32_OUT = torch.__version__ >= "2.8"
 
 
 def _scores(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` ([G, M, K] x [G, K, N]) in fp32 at least: half-precision inputs multiply
     exactly and accumulate in fp32 on a GPU's tensor cores; elsewhere upcast."""
-    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+    if _FP32_OUT and a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
         return torch.bmm(a, b, out_dtype=torch.float32)
     wide = torch.promote_types(a.dtype, torch.float32)
     return torch.bmm(a.to(wide), b.to(wide))
