@@ -40,7 +40,6 @@ class _FusedRotary(torch.autograd.Function):
         return dx, None, None
 
 
-
 def _fused_here(x: Tensor, freqs: Tensor, channels: int) -> bool:
     """Whether the kernel serves ``x`` [B, S, H, D]: flow attention's Triton backend for its
     device and dtype, a head dim of 2^k (k >= 1: a row is one load), frequencies of ``x``'s
