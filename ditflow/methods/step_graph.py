@@ -52,9 +52,9 @@ class GraphedGradient:
             except RuntimeError as exc:
                 self.release()
                 self.failed = True
-                warnings.warn(f"cuda_graph: capturing the PGD step failed "
-                              f"({str(exc).splitlines()[0]}); this run goes on without CUDA "
-                              "graphs", RuntimeWarning, stacklevel=2)
+                reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+                warnings.warn(f"cuda_graph: capturing the PGD step failed ({reason}); this run "
+                              "goes on without CUDA graphs", RuntimeWarning, stacklevel=2)
                 return None
         self._fill(pixels, embeds, timestep, noise)
         self._graph.replay()
