@@ -274,21 +274,26 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 HEAD_MEAN_BLOCK = 64
 
 
-def head_mean_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """``mean_h softmax_j(scale q_ih . k_jh)`` [Nq, Nk] fp32 of ``q`` [Nq, H, D] and ``k``
-    [Nk, H, D] (head dims contiguous; Nk >= 1)."""
+def head_mean_probs(q: torch.Tensor, k: torch.Tensor, scale: float,
+                    k_out: torch.Tensor | None = None) -> torch.Tensor:
+    """``mean_h softmax_j(scale q_ih . k_jh)`` fp32 of ``q`` [Nq, H, D] and ``k`` [Nk, H, D]
+    (head dims contiguous; Nk >= 1), normalised over ``k`` and taken at the keys ``k_out``
+    [No, H, D] (default ``k``): [Nq, No]."""
     nq, heads, head_dim = q.shape
-    nk = k.shape[0]
+    k_out = k if k_out is None else k_out
+    nk, n_out = k.shape[0], k_out.shape[0]
     lse = torch.empty(heads, nq, dtype=torch.float32, device=q.device)
-    out = torch.empty(nq, nk, dtype=torch.float32, device=q.device)
+    out = torch.empty(nq, n_out, dtype=torch.float32, device=q.device)
     common = dict(BLOCK_M=HEAD_MEAN_BLOCK, BLOCK_N=HEAD_MEAN_BLOCK,
                   BLOCK_D=_block_d(head_dim), DOT_PRECISION=_dot_precision(q.dtype))
+    if nq == 0 or n_out == 0:
+        return out
     qk_scale = scale * LOG2E_FLOAT
     rows = triton.cdiv(nq, HEAD_MEAN_BLOCK)
     _head_lse_kernel[(rows, heads)](
         q, k, lse, q.stride(0), q.stride(1), k.stride(0), k.stride(1), nq, nk, head_dim,
         qk_scale, **common)
-    _head_mean_probs_kernel[(rows, triton.cdiv(nk, HEAD_MEAN_BLOCK))](
-        q, k, lse, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), nq, nk, heads,
-        head_dim, qk_scale, **common)
+    _head_mean_probs_kernel[(rows, triton.cdiv(n_out, HEAD_MEAN_BLOCK))](
+        q, k_out, lse, out, q.stride(0), q.stride(1), k_out.stride(0), k_out.stride(1), nq, n_out,
+        heads, head_dim, qk_scale, **common)
     return out

@@ -283,7 +283,9 @@ def _exact_head_mean_probs(q, k):
 def test_head_mean_probabilities_batch_heads_without_changing_them(heads, monkeypatch):
     monkeypatch.setenv("DITFLOW_BACKEND", "reference")
     q, k = torch.randn(7, heads, 16), torch.randn(11, heads, 16)
-    torch.testing.assert_close(_head_mean_probs(q, k).double(), _exact_head_mean_probs(q, k))
+    columns = torch.tensor([3, 0, 10, 3])
+    torch.testing.assert_close(_head_mean_probs(q, k, columns).double(),
+                               _exact_head_mean_probs(q, k)[:, columns])
 
 
 KERNEL_DTYPES = [torch.float32, torch.float16] + (
@@ -297,14 +299,16 @@ def test_head_mean_probability_kernels_give_the_exact_means(monkeypatch, dtype, 
                                                             head_dim):
     """The two kernels against float64 over the same (rounded) inputs: queries and keys of
     every tile position, odd sizes, one head and FLUX's 24 x 128; strided query rows, as
-    DeLeaker gathers them."""
+    DeLeaker gathers them; every key, then some keys (normalised over all), then none."""
     monkeypatch.setenv("DITFLOW_BACKEND", "triton")
     q = torch.randn(nq, heads, 2 * head_dim, device=TRITON_DEVICE).to(dtype)[..., ::2]
     k = torch.randn(nk, heads, head_dim, device=TRITON_DEVICE).to(dtype)
-    got = _head_mean_probs(q, k)
-    assert got.dtype == torch.float32 and got.shape == (nq, nk)
-    torch.testing.assert_close(got.double(), _exact_head_mean_probs(q, k), rtol=2e-5,
-                               atol=1e-7)
+    exact = _exact_head_mean_probs(q, k)
+    some = torch.randperm(nk, device=TRITON_DEVICE)[: (nk + 1) // 2].repeat(2)
+    for columns in (torch.arange(nk, device=TRITON_DEVICE), some, some[:0]):
+        got = _head_mean_probs(q, k, columns)
+        assert got.dtype == torch.float32 and got.shape == (nq, len(columns))
+        torch.testing.assert_close(got.double(), exact[:, columns], rtol=2e-5, atol=1e-7)
 
 
 def test_the_grid_border_erodes_nothing():

@@ -263,22 +263,27 @@ class DeLeaker(Intervention):
             return None
         regions = [layout.tokens(f"entity{i}.image", q.device) for i in range(len(self.masks))]
         rows = torch.cat(regions)
-        probs = _head_mean_probs(q[0, rows], k[0])  # all regions in one pass
-        all_probs = probs.split([len(region) for region in regions])
+        # The regions' rows, in one pass, over the keys read below: the regions (the cuts) and
+        # the entities' text tokens (the scores), normalised over all keys.
+        texts = self._entity_tokens_on(q.device)[0] if records else []
+        keys = [*(regions if cuts else []), *texts]
+        by_key = _head_mean_probs(q[0, rows], k[0], torch.cat(keys)).split(
+            [len(tokens) for tokens in keys], dim=1)
         if records:
-            scores = torch.stack([probs[:, tokens].mean(-1)
-                                  for tokens in self._entity_tokens_on(q.device)[0]])
+            scores = torch.stack([probs.mean(-1) for probs in by_key[len(keys) - len(texts):]])
             self._unedited = (rows - layout.text_len, scores)
         if not cuts:
             return None
         mask = torch.zeros(1, q.shape[1], k.shape[1], dtype=torch.bool, device=q.device)
-        for i, (rows, probs) in enumerate(zip(regions, all_probs, strict=True)):
+        for i, (rows, from_rows) in enumerate(zip(regions, torch.cat(by_key[:len(regions)], 1)
+                                                 .split([len(r) for r in regions]),
+                                                 strict=True)):
             if not len(rows):
                 continue
-            for j, cols in enumerate(regions):
+            for j, (cols, pair) in enumerate(zip(regions, from_rows.split(
+                    [len(c) for c in regions], dim=1), strict=True)):
                 if i == j or not len(cols):
                     continue
-                pair = probs[:, cols]
                 # mean and std of the non-zero probabilities, without gathering them (a size
                 # read back from the GPU): with fewer than two they are NaN and nothing is cut
                 nonzero = pair > 0
@@ -295,15 +300,16 @@ class DeLeaker(Intervention):
 HEADS_AT_ONCE = 8
 
 
-def _head_mean_probs(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Head-mean softmax probabilities [Nq, Nk] fp32 of queries ``q`` [Nq, H, D] over keys
-    ``k`` [Nk, H, D] (plain attention): two Triton kernels where flow attention runs Triton's
-    (no [H, Nq, Nk] scores, the products on tensor cores), else
+def _head_mean_probs(q: torch.Tensor, k: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Head-mean softmax probabilities [Nq, len(columns)] fp32 of queries ``q`` [Nq, H, D] over
+    keys ``k`` [Nk, H, D] (plain attention over all of them), at the keys ``columns``: two
+    Triton kernels where flow attention runs Triton's (no [H, Nq, Nk] scores, the products on
+    tensor cores, the probabilities of the other keys never made), else
     :func:`_head_mean_probs_reference`."""
     if resolve_backend(None, q.device, q.dtype) != "triton":
-        return _head_mean_probs_reference(q, k)
+        return _head_mean_probs_reference(q, k)[:, columns]
     q, k = ops.unit_channel_stride(q), ops.unit_channel_stride(k)
-    return ops._kernels().head_mean_probs(q, k, q.shape[-1] ** -0.5)
+    return ops._kernels().head_mean_probs(q, k, q.shape[-1] ** -0.5, k[columns])
 
 
 
