@@ -254,6 +254,46 @@ def test_the_graphed_step_reads_each_step_from_its_own_inputs(pipe, editor):
             assert torch.equal(graphed._gradient(), want)  # the same operations
 
 
+@needs_triton_on_cpu
+@pytest.mark.parametrize("editor", ["kontext", "step1x"])
+def test_the_graphed_step_makes_nothing_from_host_data_and_reads_nothing_back(pipe, editor,
+                                                                           monkeypatch):
+    """What a CUDA graph captures may neither wait for the device nor copy host data to it
+    (a capture fails on either): once warmed up, the graph's step does neither, with the
+    Triton kernels as on a GPU and the VAE's attention routed as there. A Python scalar stored
+    into a tensor (Step1X-Edit's token refiner sets its mask's first column so) is a fill
+    kernel on a GPU, which a graph holds."""
+    from ditflow.methods.decontext import _frozen
+    from ditflow.methods.step_graph import GraphedGradient
+    from ditflow.tiny import tiny_step1x_edit_pipeline
+
+    monkeypatch.setenv("DITFLOW_BACKEND", "triton")
+    if editor == "step1x":
+        pipe = tiny_step1x_edit_pipeline()
+        protector = Protector(pipe, ProtectConfig(steps=1, resolution=16, blocks=("single.0",)))
+    else:
+        protector = Protector(pipe, tiny_config(blocks=("double.0",)))
+    protector.wide_vae_attention = True
+    photos = torch.rand(1, 3, 16, 16)
+    prompts, timesteps, noise, _, _ = protector._draw([torch.Generator().manual_seed(0)], photos)
+    graphed = GraphedGradient(protector)
+    embeds = [protector._prompt(p, image) for p, image in zip(prompts, photos, strict=True)]
+    with _frozen(pipe.transformer, pipe.vae):
+        graphed._stage(photos, embeds, protector._timestep(timesteps), noise)
+        graphed._gradient()  # the warm-up: plans the layout and the tiles
+        reads = ScalarStoresAllowed()
+        with reads:
+            graphed._gradient()
+    assert reads.ops == []
+
+
+class ScalarStoresAllowed(HostReads):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) == "aten.lift_fresh" and args[0].dim() == 0:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
 def test_a_failed_capture_warns_once_and_the_run_goes_on_without_graphs(pipe, monkeypatch):
     """A step CUDA graphs cannot hold (here: a capture that raises, on the CPU) costs a warning,
     not the run: it goes on eagerly, to the eager run's result."""
