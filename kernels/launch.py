@@ -262,6 +262,8 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     ``transpose``: the backward's rotation."""
     batch, seq_len, heads, head_dim = x.shape
     out = torch.empty(batch, seq_len, heads, head_dim, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
     grid = (triton.cdiv(seq_len, ROTARY_BLOCK_S), batch * heads)
     _rotary_kernel[grid](
         x, out, cos, sin, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
@@ -284,10 +286,10 @@ def head_mean_probs(q: torch.Tensor, k: torch.Tensor, scale: float,
     nk, n_out = k.shape[0], k_out.shape[0]
     lse = torch.empty(heads, nq, dtype=torch.float32, device=q.device)
     out = torch.empty(nq, n_out, dtype=torch.float32, device=q.device)
-    common = dict(BLOCK_M=HEAD_MEAN_BLOCK, BLOCK_N=HEAD_MEAN_BLOCK,
-                  BLOCK_D=_block_d(head_dim), DOT_PRECISION=_dot_precision(q.dtype))
     if nq == 0 or n_out == 0:
         return out
+    common = dict(BLOCK_M=HEAD_MEAN_BLOCK, BLOCK_N=HEAD_MEAN_BLOCK,
+                  BLOCK_D=_block_d(head_dim), DOT_PRECISION=_dot_precision(q.dtype))
     qk_scale = scale * LOG2E_FLOAT
     rows = triton.cdiv(nq, HEAD_MEAN_BLOCK)
     _head_lse_kernel[(rows, heads)](
