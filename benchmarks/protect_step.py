@@ -33,10 +33,11 @@ kernel that cannot compile, a CUDA error) is recorded as NaN with a note. The fu
 need a GPU; ``--model tiny``, ``tiny-qwen`` and ``tiny-step1x`` (random tiny models, two blocks
 attacked) run on any device, which is how the tests keep the script working between GPU runs.
 
-``--model host`` (on the CPU, at a small ``--resolution`` such as 64) runs FLUX.1 Kontext's every
-block and VAE layer on almost no data: what its rows time is the host's work per step, Python
-and PyTorch's dispatch. At 512² on a GPU both ditflow's step and the recipe are bound by that
-work, so the ratio of these rows predicts theirs there, and changes to the host's work can be
+``--model host`` (on the CPU, at a small ``--resolution`` such as 64; ``host-step1x`` and
+``host-qwen`` for the other editors, with 8 text tokens) runs FLUX.1 Kontext's every block and
+VAE layer on almost no data: what its rows time is the host's work per step, Python and
+PyTorch's dispatch. At 512² on a GPU both ditflow's step and the recipe are bound by that work,
+so the ratio of these rows predicts theirs there, and changes to the host's work can be
 measured without a GPU. (ditflow's attention runs its C++ kernels there, whose compute at these
 sizes, about 0.1 ms per block, the rows also count.)
 """
@@ -192,6 +193,33 @@ def host_models():
     return transformer, _flux_vae(block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
 
 
+def host_step1x_models():
+    """Step1X-Edit's transformer at its full depth (FLUX.1's blocks, the two-block connector),
+    a few channels wide, and :func:`host_models`' VAE: the host's work of its step."""
+    from ditflow.models.step1x import Step1XEditTransformer
+
+    _, vae = host_models()
+    torch.manual_seed(0)
+    transformer = Step1XEditTransformer(
+        in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=16,
+        num_attention_heads=2, axes_dims_rope=(4, 4, 8), llm_channels=16, connector_heads=2,
+        connector_head_dim=16, pooled_dim=32).eval()
+    return transformer, vae
+
+
+def host_qwen_models():
+    """Qwen-Image-Edit's transformer (60 blocks) and VAE (four levels of two blocks) at their
+    full depth, a few channels wide: the host's work of its step."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = QwenImageTransformer2DModel(
+        in_channels=64, out_channels=16, num_layers=60, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(8, 4, 4)).eval()
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16).eval()
+    return transformer, vae
+
+
 def _token_run(layout, name: str) -> slice:
     """Group ``name``'s tokens as a slice: every editor lays out each group as one run, and the
     authors' code slices (indexing by a bool mask instead bills the recipe for a backward that
@@ -306,6 +334,11 @@ def _pipeline(model: str):
         return qwen_editor(*full_size_qwen_models())
     if model == "host":
         return kontext_editor(*host_models())
+    # the host proxies: a few text tokens (the operations are the same for any length)
+    if model == "host-step1x":
+        return step1x_editor(*host_step1x_models(), max_text_tokens=8)
+    if model == "host-qwen":
+        return qwen_editor(*host_qwen_models(), text_tokens=8)
     return kontext_editor(*full_size_models())
 
 
@@ -317,6 +350,8 @@ def _config(model: str, resolution: int):
                              max_sequence_length=8)
     if model == "host":  # the full-size step's blocks, over a few text tokens
         return ProtectConfig(resolution=resolution, max_sequence_length=8)
+    if model.startswith("host-"):  # the full-size step's blocks
+        return ProtectConfig(resolution=resolution)
     if model == "tiny-qwen":
         return ProtectConfig(resolution=resolution, blocks=("double.0", "double.1"))
     if model == "tiny-step1x":
@@ -375,10 +410,10 @@ def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="full",
                         choices=["full", "tiny", "qwen-edit", "tiny-qwen", "step1x",
-                                 "tiny-step1x", "host"],
+                                 "tiny-step1x", "host", "host-step1x", "host-qwen"],
                         help="full: FLUX.1 Kontext; qwen-edit: Qwen-Image-Edit; step1x: "
-                             "Step1X-Edit; host: FLUX.1 Kontext's depth at tiny widths, "
-                             "on the CPU (the step's host time)")
+                             "Step1X-Edit; host, host-step1x, host-qwen: their depth at tiny "
+                             "widths, on the CPU (the step's host time)")
     parser.add_argument("--resolution", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--rows", nargs="+", choices=ROWS,
                         default=[r for r in ROWS
