@@ -87,6 +87,33 @@ def test_a_flux_vae_encoder_through_the_mode_gives_its_own_gradient():
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
 
 
+def test_a_qwen_image_vae_encoder_through_the_mode_gives_its_own_gradient():
+    """Qwen-Image's VAE (its attention reads q, k, v as strided chunks of one projection, one
+    frame at a time), narrowed to a 288-channel head: the encoding and its gradient are
+    SDPA's."""
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(base_dim=72, z_dim=4, latents_mean=[0.0] * 4,
+                                 latents_std=[1.0] * 4).eval().to(DEVICE)
+    pixels = torch.rand(1, 3, 1, 64, 64, device=DEVICE)
+
+    def encoded(x):
+        return vae.encode(x).latent_dist.mode()
+
+    x = pixels.clone().requires_grad_()
+    want = encoded(x)
+    (want_grad,) = torch.autograd.grad(want.square().sum(), x)
+    x = pixels.clone().requires_grad_()
+    with wide.wide_heads_sdpa() as mode:
+        got = encoded(x)
+    (got_grad,) = torch.autograd.grad(got.square().sum(), x)
+    assert mode.routed >= 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_a_protector_step_through_wide_vae_attention_keeps_its_gradient(monkeypatch):
     """What a Protector does on a GPU (``wide_vae_attention``), here on the CPU: FLUX.1
     Kontext's step with a VAE whose mid-block head is wider than SDPA's fused kernels take
