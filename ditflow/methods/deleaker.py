@@ -275,14 +275,10 @@ class DeLeaker(Intervention):
         if not cuts:
             return None
         mask = torch.zeros(1, q.shape[1], k.shape[1], dtype=torch.bool, device=q.device)
-        for i, (rows, from_rows) in enumerate(zip(regions, torch.cat(by_key[:len(regions)], 1)
-                                                 .split([len(r) for r in regions]),
-                                                 strict=True)):
-            if not len(rows):
-                continue
-            for j, (cols, pair) in enumerate(zip(regions, from_rows.split(
-                    [len(c) for c in regions], dim=1), strict=True)):
-                if i == j or not len(cols):
+        sizes = [len(region) for region in regions]
+        for j, (cols, to_cols) in enumerate(zip(regions, by_key[:len(regions)], strict=True)):
+            for i, (rows, pair) in enumerate(zip(regions, to_cols.split(sizes), strict=True)):
+                if i == j or not len(rows) or not len(cols):
                     continue
                 # mean and std of the non-zero probabilities, without gathering them (a size
                 # read back from the GPU): with fewer than two they are NaN and nothing is cut
@@ -310,7 +306,6 @@ def _head_mean_probs(q: torch.Tensor, k: torch.Tensor, columns: torch.Tensor) ->
         return _head_mean_probs_reference(q, k)[:, columns]
     q, k = ops.unit_channel_stride(q), ops.unit_channel_stride(k)
     return ops._kernels().head_mean_probs(q, k, q.shape[-1] ** -0.5, k[columns])
-
 
 
 def _head_mean_probs_reference(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
