@@ -289,8 +289,13 @@ def ditflow_step(protector, pixels, prompts, timesteps, noise):
 
 def graphed_step(protector, pixels, prompts, timesteps, noise):
     """ditflow's step replayed from a CUDA graph (``ProtectConfig.cuda_graph``; the warm-up
-    run captures it)."""
-    return protector._graphed(pixels, prompts, timesteps, noise)
+    run captures it). A failed capture fails the row, with its reason (a protection run goes
+    on eagerly instead)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        return protector._graphed(pixels, prompts, timesteps, noise)
 
 
 def pgd_steps(step, inputs, steps: int) -> torch.Tensor:

@@ -238,8 +238,7 @@ def test_the_graphed_step_reads_each_step_from_its_own_inputs(pipe, editor):
     graphed = GraphedGradient(protector)
 
     def parts(x, prompts, timesteps, noise):
-        return (x, [protector._prompt(p, image) for p, image in zip(prompts, x, strict=True)],
-                protector._timestep(timesteps), noise)
+        return x, protector._embeddings(x, prompts), protector._timestep(timesteps), noise
 
     with _frozen(pipe.transformer, pipe.vae):
         _, timesteps, noise, _, _ = protector._draw(gens, photos)
@@ -277,9 +276,9 @@ def test_the_graphed_step_makes_nothing_from_host_data_and_reads_nothing_back(pi
     photos = torch.rand(1, 3, 16, 16)
     prompts, timesteps, noise, _, _ = protector._draw([torch.Generator().manual_seed(0)], photos)
     graphed = GraphedGradient(protector)
-    embeds = [protector._prompt(p, image) for p, image in zip(prompts, photos, strict=True)]
     with _frozen(pipe.transformer, pipe.vae):
-        graphed._stage(photos, embeds, protector._timestep(timesteps), noise)
+        graphed._stage(photos, protector._embeddings(photos, prompts),
+                       protector._timestep(timesteps), noise)
         graphed._gradient()  # the warm-up: plans the layout and the tiles
         reads = ScalarStoresAllowed()
         with reads:

@@ -353,9 +353,14 @@ class Protector:
     def _inputs(self, pixels, prompts, timesteps, noise, prompt_images=None):
         """Transformer keyword inputs: target noise, then the photos' context tokens; the
         prompt encoder sees ``prompt_images`` (default: the photos themselves)."""
+        return self._model_inputs(pixels, self._embeddings(pixels, prompts, prompt_images),
+                                  self._timestep(timesteps), noise)
+
+    def _embeddings(self, pixels, prompts, prompt_images=None) -> list[dict]:
+        """Each photo's instruction embeddings; the prompt encoder sees ``prompt_images``
+        (default: the photos themselves)."""
         seen = pixels.detach() if prompt_images is None else prompt_images
-        embeds = [self._prompt(p, image) for p, image in zip(prompts, seen, strict=True)]
-        return self._model_inputs(pixels, embeds, self._timestep(timesteps), noise)
+        return [self._prompt(p, image) for p, image in zip(prompts, seen, strict=True)]
 
     def _model_inputs(self, pixels, embeds: list[dict], timestep: torch.Tensor, noise) -> dict:
         """Transformer keyword inputs from the photos, their instructions' embeddings, the

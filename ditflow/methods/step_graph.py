@@ -40,10 +40,8 @@ class GraphedGradient:
                  noise: torch.Tensor, prompt_images=None) -> torch.Tensor | None:
         if self.failed:
             return None
-        protector = self.protector
-        seen = pixels.detach() if prompt_images is None else prompt_images
-        embeds = [protector._prompt(p, image) for p, image in zip(prompts, seen, strict=True)]
-        timestep = protector._timestep(timesteps)
+        embeds = self.protector._embeddings(pixels, prompts, prompt_images)
+        timestep = self.protector._timestep(timesteps)
         key = (tuple(pixels.shape), tuple(noise.shape),
                tuple((name, tuple(t.shape)) for e in embeds for name, t in e.items()))
         if key != self._key:
